@@ -1,0 +1,179 @@
+"""The domain interface both daemons program against.
+
+Two hypervisors stand behind it: the simulated one (``xenbind.sim``), the
+embedded default, and real Xen (``xenbind.xenctrl``). The sender and the
+receiver need exactly what is here and nothing more:
+
+    look up          Hypervisor.lookup(domid | name | uuid) -> Domain
+    list             Hypervisor.list() -> [DomainInfo]
+    create backup    Hypervisor.create_backup(DomainConfig) -> Domain (paused)
+    pause/unpause    Domain.pause() / Domain.unpause()  (counted, as Xen counts)
+    log-dirty        Domain.enable_logdirty() / disable_logdirty()
+                     Domain.read_and_clear_dirty() -> sorted uint64 PFNs
+    pages            Domain.gather(pfns, out) / Domain.scatter(pfns, pages)
+    context          Domain.get_context() / Domain.set_context(ctx)
+    output buffer    Domain.output_barrier() / output_release() / output_unplug()
+                     (the two operations of Linux's ``plug`` qdisc that Remus
+                     drove on a real dom0, plus "release everything")
+    destroy          Domain.destroy()
+
+Rules this interface keeps (every implementation enforces them):
+- Errors are ``DomainError`` (or a subclass) naming the domain and operation.
+- ``gather``/``scatter`` take a whole batch in one call (vectorised); a PFN at
+  or past ``pages`` is refused before anything is read or written.
+- Pauses are counted: a domain paused twice runs again only after two
+  unpauses. ``pause`` returns only once the guest has stopped writing.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+#: Page contents are passed as uint8 arrays of shape (n, PAGE_SIZE).
+PageArray = np.ndarray
+#: PFN lists are 1-D uint64 arrays.
+PfnArray = np.ndarray
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """What a lookup tells about a domain."""
+
+    domid: int
+    name: str
+    uuid: str
+    pages: int  # p2m_size: number of guest pages, PFNs are 0 .. pages-1
+    vcpus: int
+    state: str  # "running", "paused", "shutdown", "dying"
+    hvm: bool = True
+    extra: dict = field(default_factory=dict)  # hypervisor-specific (sim: workload, seed)
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """What the backup needs to create its domain (travels in the handshake)."""
+
+    name: str
+    uuid: str
+    pages: int
+    vcpus: int
+    hvm: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    """The state that travels in a checkpoint's tail.
+
+    ``magic_pfns``: the three HVM "magic" PFNs (ioreq, buffered ioreq,
+    xenstore) in that order. ``hvm_context``: the HVM context blob (for the
+    simulator: the workload's registers). ``device_model``: the device model
+    record's payload.
+    """
+
+    magic_pfns: tuple[int, int, int]
+    hvm_context: bytes
+    device_model: bytes
+
+
+class Domain(abc.ABC):
+    """One domain on one hypervisor."""
+
+    domid: int
+
+    @abc.abstractmethod
+    def info(self) -> DomainInfo: ...
+
+    @abc.abstractmethod
+    def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    def unpause(self) -> None: ...
+
+    @abc.abstractmethod
+    def enable_logdirty(self) -> None: ...
+
+    @abc.abstractmethod
+    def disable_logdirty(self) -> None: ...
+
+    @abc.abstractmethod
+    def read_and_clear_dirty(self) -> PfnArray:
+        """The PFNs written since the last call (or since enable), sorted,
+        and clear the bitmap, in one step."""
+
+    @abc.abstractmethod
+    def gather(self, pfns: PfnArray, out: PageArray) -> None:
+        """Copy pages ``pfns`` into ``out[:len(pfns)]`` (uint8, (n, 4096))."""
+
+    @abc.abstractmethod
+    def scatter(self, pfns: PfnArray, pages: PageArray) -> None:
+        """Write ``pages[i]`` to page ``pfns[i]`` for every i."""
+
+    @abc.abstractmethod
+    def get_context(self) -> Context: ...
+
+    @abc.abstractmethod
+    def set_context(self, ctx: Context) -> None: ...
+
+    @abc.abstractmethod
+    def output_barrier(self) -> None:
+        """Insert a barrier in the guest's output buffer (at a checkpoint,
+        while paused): output produced before it belongs to that checkpoint."""
+
+    @abc.abstractmethod
+    def output_release(self) -> None:
+        """Release to the outside world all output up to the oldest barrier,
+        and drop that barrier (after the backup acknowledged the checkpoint)."""
+
+    @abc.abstractmethod
+    def output_unplug(self) -> None:
+        """Release everything buffered and stop buffering (unprotected)."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Drop local resources (mappings, sockets); the domain lives on."""
+
+
+class Hypervisor(abc.ABC):
+    """One host's hypervisor."""
+
+    kind: str  # "sim" or "xen"
+
+    @abc.abstractmethod
+    def lookup(self, ref: int | str) -> Domain:
+        """A domain by domid, name or UUID; DomainError if there is none."""
+
+    @abc.abstractmethod
+    def list(self) -> list[DomainInfo]: ...
+
+    @abc.abstractmethod
+    def create_backup(self, config: DomainConfig) -> Domain:
+        """Create a paused domain ready to receive a checkpoint stream."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def open_hypervisor(sim_dir: str | os.PathLike | None = None) -> Hypervisor:
+    """The simulated host whose directory is ``sim_dir``, or real Xen.
+
+    Real Xen raises ``HypervisorUnavailable`` off a dom0, with a message
+    naming what is missing.
+    """
+    if sim_dir is not None:
+        from .sim.client import SimHypervisor
+
+        if not os.path.isdir(sim_dir):
+            raise ConfigError(f"simulated host directory {sim_dir} does not exist")
+        return SimHypervisor(sim_dir)
+    from .xenctrl import XenHypervisor
+
+    return XenHypervisor()
