@@ -1,0 +1,190 @@
+"""Compressor and Decompressor: one batch of pages <-> one COMPRESSED_DATA payload.
+
+    c = Compressor("xen")                      # or "seed"; cache_pages=8192
+    blob = c.compress(pfns, pages, pagetable)  # pages: (n, 4096) uint8
+    d = Decompressor("xen")
+    pages = d.decompress(blob, pfns)           # (k, 4096), k pages in blob
+
+Rules:
+    - Both sides hold a PageCache of the same capacity and run the same LRU
+      operations page by page (cache.py), so the receiver's mirror equals
+      the sender's cache and needs no other base.
+    - Page-table pages (pagetable[i] True) are always sent whole, and (like
+      every page sent) leave their contents in the cache. The receiver can
+      therefore keep its mirror from the blob alone, without page types.
+    - decompress() returns k <= len(pfns) pages; a blob holding more pages
+      than pfns given, or anything malformed, raises CodecError naming the
+      byte offset in the blob, the page index and the reason. Pages before
+      the fault have reached the mirror, so a Decompressor that raised is
+      out of step with its sender: it refuses every later call (the session
+      ends; a new session starts with new caches).
+    - No allocation is sized by the data's content: the output holds at most
+      min(len(pfns), len(data) // smallest page encoding) pages.
+    - Codec "none" (Format A) has no compressed form: ConfigError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xenbind import PAGE_SIZE
+from xenbind._codec import ffi, lib
+from xenbind.compress.cache import DEFAULT_CACHE_PAGES, PageCache
+from xenbind.compress.formats import (
+    CODEC_IDS,
+    ERROR_REASONS,
+    MAX_ENCODED_PAGE,
+    MIN_ENCODED_PAGE,
+)
+from xenbind.errors import CodecError, ConfigError
+
+CODECS = ("seed", "xen", "none")
+
+
+@dataclass
+class CodecStats:
+    """Running totals of one Compressor or Decompressor.
+
+    hits/misses/evictions: cache lookups (a page sent whole for a pfn already
+    cached counts as a hit). bytes_in/bytes_out: what went in and came out
+    (page bytes -> blob bytes when compressing, the reverse when decompressing).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    pages: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Page bytes per compressed byte (0.0 before any data)."""
+        page_bytes = self.pages * PAGE_SIZE
+        blob_bytes = self.bytes_out if self.bytes_in == page_bytes else self.bytes_in
+        return page_bytes / blob_bytes if blob_bytes else 0.0
+
+
+def _codec_id(codec: str) -> int:
+    if codec == "none":
+        raise ConfigError(
+            "codec 'none' sends pages uncompressed (Format A page data); "
+            "it has no Compressor/Decompressor"
+        )
+    if codec not in CODEC_IDS:
+        raise ConfigError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
+    return CODEC_IDS[codec]
+
+
+def _pfn_array(pfns: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(pfns, dtype=np.uint64)
+    if a.ndim != 1:
+        raise ValueError(f"pfns must be one-dimensional, got shape {a.shape}")
+    return a
+
+
+class Compressor:
+    """The sender's side: encodes batches of pages against its page cache."""
+
+    def __init__(self, codec: str, cache_pages: int = DEFAULT_CACHE_PAGES) -> None:
+        self.codec = codec
+        self._id = _codec_id(codec)
+        self.cache = PageCache(cache_pages)
+        self.stats = CodecStats()
+        self._out = np.empty(0, dtype=np.uint8)
+
+    def compress(
+        self,
+        pfns: np.ndarray,
+        pages: np.ndarray,
+        pagetable: np.ndarray | None = None,
+    ) -> bytes:
+        """Encode `pages` (row i belongs to pfns[i]) in order; the payload of one
+        COMPRESSED_DATA chunk. Updates the cache page by page."""
+        pfns = _pfn_array(pfns)
+        pages = np.ascontiguousarray(pages, dtype=np.uint8)
+        n = len(pfns)
+        if pages.ndim != 2 or pages.shape != (n, PAGE_SIZE):
+            raise ValueError(f"pages must have shape ({n}, {PAGE_SIZE}), got {pages.shape}")
+        pt = ffi.NULL
+        if pagetable is not None:
+            pt_arr = np.ascontiguousarray(pagetable, dtype=np.bool_)
+            if pt_arr.shape != (n,):
+                raise ValueError(f"pagetable must have shape ({n},), got {pt_arr.shape}")
+            pt = ffi.from_buffer("uint8_t[]", pt_arr.view(np.uint8))
+        need = n * MAX_ENCODED_PAGE[self.codec]
+        if len(self._out) < need:
+            self._out = np.empty(need, dtype=np.uint8)
+        size = lib.xb_encode(
+            self.cache.c,
+            self._id,
+            ffi.from_buffer("uint64_t[]", pfns),
+            ffi.from_buffer("uint8_t[]", pages),
+            pt,
+            n,
+            ffi.from_buffer("uint8_t[]", self._out),
+        )
+        self._account(n, n * PAGE_SIZE, size)
+        return self._out[:size].tobytes()
+
+    def _account(self, pages: int, bytes_in: int, bytes_out: int) -> None:
+        s = self.stats
+        s.hits, s.misses, s.evictions = self.cache.hits, self.cache.misses, self.cache.evictions
+        s.pages += pages
+        s.bytes_in += bytes_in
+        s.bytes_out += bytes_out
+
+
+class Decompressor:
+    """The receiver's side: decodes blobs against a mirror of the sender's cache."""
+
+    def __init__(self, codec: str, cache_pages: int = DEFAULT_CACHE_PAGES) -> None:
+        self.codec = codec
+        self._id = _codec_id(codec)
+        self.cache = PageCache(cache_pages)
+        self.stats = CodecStats()
+        self.failed: str | None = None  # the error that put this decoder out of step
+
+    def decompress(self, data: bytes | bytearray | memoryview, pfns: np.ndarray) -> np.ndarray:
+        """Decode the pages in `data`; the i-th belongs to pfns[i]. Returns a
+        (k, 4096) uint8 array, k = pages in data (<= len(pfns))."""
+        if self.failed is not None:
+            raise CodecError(f"decompressor out of step since an earlier error ({self.failed})")
+        pfns = _pfn_array(pfns)
+        src = ffi.from_buffer("uint8_t[]", data)
+        length = len(src)
+        rows = min(len(pfns), length // MIN_ENCODED_PAGE[self.codec])
+        out = np.empty((rows, PAGE_SIZE), dtype=np.uint8)
+        err = ffi.new("xb_error *")
+        k = lib.xb_decode(
+            self.cache.c,
+            self._id,
+            src,
+            length,
+            ffi.from_buffer("uint64_t[]", pfns),
+            len(pfns),
+            ffi.from_buffer("uint8_t[]", out),
+            rows,
+            err,
+        )
+        if k < 0:
+            page = int(err.page)
+            where = f"page {page}" + (f", pfn {int(pfns[page]):#x}" if page < len(pfns) else "")
+            reason = ERROR_REASONS.get(err.code, "error code {detail}").format(
+                detail=int(err.detail)
+            )
+            message = f"{self.codec} data byte {int(err.offset)} ({where}): {reason}"
+            self.failed = message
+            self._account(0, 0)
+            raise CodecError(message)
+        self._account(k, length)
+        return out[:k]
+
+    def _account(self, pages: int, bytes_in: int) -> None:
+        s = self.stats
+        s.hits, s.misses, s.evictions = self.cache.hits, self.cache.misses, self.cache.evictions
+        s.pages += pages
+        s.bytes_in += bytes_in
+        s.bytes_out += pages * PAGE_SIZE

@@ -1,0 +1,547 @@
+/*
+ * xenbind/compress/kernel.c: the page cache and both codecs' hot loops.
+ *
+ * Built by xenbind/_codec_build.py (cffi API mode) into xenbind._codec.
+ * Python owns every buffer (numpy arrays, bytes); this file owns no memory.
+ *
+ * The cache (one per Compressor, one mirror per Decompressor)
+ *   data[cap][4096]  the last contents sent for the pfn held by each slot
+ *   pfn[cap]         the pfn a slot holds (valid for slots < used)
+ *   prev/next[cap]   doubly linked LRU list of slots, head = most recently
+ *                    used, tail = least recently used; NIL ends it
+ *   table[tsize]     open-addressing hash pfn -> slot+1 (0 = empty),
+ *                    linear probing, backward-shift deletion, tsize a power
+ *                    of two >= 2 * cap
+ * Rules: lookup of a present pfn moves it to the head ("touch"). A missing
+ * pfn takes slot `used` while the cache is not full, else the tail slot
+ * (evicting its pfn), and goes to the head. Encoder and decoder run exactly
+ * these operations in exactly the same order, page by page, so the mirror
+ * equals the sender's cache, slot for slot.
+ *
+ * Codec ids: XB_SEED = 1, XB_XEN = 2 (layouts in xenbind/compress/formats.py,
+ * repeated beside the functions below).
+ *
+ * The decoders parse untrusted bytes: every read is checked against len,
+ * every write against the page (4096) and the output rows (max_pages).
+ * A page is validated completely before anything of it is applied.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define XB_PAGE 4096u
+#define XB_WORDS 1024u
+#define XB_NIL 0xFFFFFFFFu
+
+#define XB_SEED 1
+#define XB_XEN 2
+
+/* seed format */
+#define SEED_REC 6                 /* int16 offset + uint32 value */
+#define SEED_BEGIN_PAGE (-100)
+#define SEED_FULL_PAGE (-101)
+#define SEED_FULL_SIZE (SEED_REC + XB_PAGE)
+/* a delta page costs 6 + 6k bytes; full costs 4102: deltas only while smaller */
+#define SEED_MAX_DELTAS ((XB_PAGE) / SEED_REC)   /* 682: 6+6*682 = 4098 < 4102 */
+
+/* xen format */
+#define XEN_SKIPFLAG 0x80u
+#define XEN_LENMASK 0x7Fu
+#define XEN_EMPTY_PAGE 0x00u           /* unchanged page */
+#define XEN_FULL_PAGE 0x80u            /* zero-length SKIP: 4096 raw bytes follow */
+#define XEN_FULL_SIZE (1 + XB_PAGE)
+
+typedef struct {
+    uint8_t *data;
+    uint64_t *pfn;
+    uint32_t *prev;
+    uint32_t *next;
+    uint32_t *table;
+    uint32_t cap;
+    uint32_t used;
+    uint32_t head;
+    uint32_t tail;
+    uint32_t tmask;
+    uint64_t hits;
+    uint64_t misses;
+    uint64_t evictions;
+} xb_cache;
+
+typedef struct {
+    int code;          /* XB_E_* below, 0 = no error */
+    uint64_t offset;   /* byte offset in the blob of the offending item */
+    uint64_t page;     /* index of the page being decoded */
+    int64_t detail;    /* offending value (offset, marker, length...) */
+} xb_error;
+
+enum {
+    XB_E_OK = 0,
+    XB_E_TRUNC_RECORD = 1,      /* seed: fewer than 6 bytes left for a record */
+    XB_E_TRUNC_FULL = 2,        /* full page: fewer than 4096 bytes follow */
+    XB_E_MARKER_VALUE = 3,      /* seed: marker whose value is not 0 */
+    XB_E_BAD_OFFSET = 4,        /* seed: negative offset that is no marker */
+    XB_E_OUT_OF_PAGE = 5,       /* seed: offset >= 4096 */
+    XB_E_MISALIGNED = 6,        /* seed: offset not a multiple of 4 */
+    XB_E_NOT_ASCENDING = 7,     /* seed: offsets in a page not strictly increasing */
+    XB_E_DELTA_OUTSIDE = 8,     /* seed: delta not preceded by BEGIN_PAGE */
+    XB_E_NO_BASE = 9,           /* delta page for a pfn the cache does not hold */
+    XB_E_TOO_MANY_PAGES = 10,   /* more pages in the blob than pfns given */
+    XB_E_ZERO_LENGTH = 11,      /* xen: zero-length marker inside a page */
+    XB_E_RUN_PAST_END = 12,     /* xen: RUN beyond byte 4096 of the page */
+    XB_E_SKIP_PAST_END = 13,    /* xen: SKIP beyond byte 4096 of the page */
+    XB_E_TRUNC_RUN = 14,        /* xen: RUN's words cut off by the blob's end */
+    XB_E_TRUNC_PAGE = 15,       /* xen: blob ended before the page covered 4096 bytes */
+};
+
+/* ---------------------------------------------------------------- cache */
+
+static inline uint32_t hash_pfn(uint64_t pfn, uint32_t tmask)
+{
+    return (uint32_t)((pfn * 0x9E3779B97F4A7C15ull) >> 32) & tmask;
+}
+
+/* slot holding pfn, or XB_NIL */
+static uint32_t cache_find(const xb_cache *c, uint64_t pfn)
+{
+    uint32_t h = hash_pfn(pfn, c->tmask);
+    for (;;) {
+        uint32_t e = c->table[h];
+        if (e == 0)
+            return XB_NIL;
+        if (c->pfn[e - 1] == pfn)
+            return e - 1;
+        h = (h + 1) & c->tmask;
+    }
+}
+
+static void table_insert(xb_cache *c, uint64_t pfn, uint32_t slot)
+{
+    uint32_t h = hash_pfn(pfn, c->tmask);
+    while (c->table[h] != 0)
+        h = (h + 1) & c->tmask;
+    c->table[h] = slot + 1;
+}
+
+/* remove pfn's entry; backward-shift keeps every probe chain unbroken */
+static void table_remove(xb_cache *c, uint64_t pfn)
+{
+    uint32_t i = hash_pfn(pfn, c->tmask);
+    while (c->table[i] != 0 && c->pfn[c->table[i] - 1] != pfn)
+        i = (i + 1) & c->tmask;
+    if (c->table[i] == 0)
+        return;
+    uint32_t j = i;
+    for (;;) {
+        c->table[i] = 0;
+        for (;;) {
+            j = (j + 1) & c->tmask;
+            if (c->table[j] == 0)
+                return;
+            uint32_t home = hash_pfn(c->pfn[c->table[j] - 1], c->tmask);
+            /* move j back to i unless its home lies cyclically in (i, j] */
+            if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+                continue;
+            break;
+        }
+        c->table[i] = c->table[j];
+        i = j;
+    }
+}
+
+static void list_unlink(xb_cache *c, uint32_t s)
+{
+    uint32_t p = c->prev[s], n = c->next[s];
+    if (p != XB_NIL) c->next[p] = n; else c->head = n;
+    if (n != XB_NIL) c->prev[n] = p; else c->tail = p;
+}
+
+static void list_push_head(xb_cache *c, uint32_t s)
+{
+    c->prev[s] = XB_NIL;
+    c->next[s] = c->head;
+    if (c->head != XB_NIL) c->prev[c->head] = s; else c->tail = s;
+    c->head = s;
+}
+
+static inline void cache_touch(xb_cache *c, uint32_t s)
+{
+    if (c->head != s) {
+        list_unlink(c, s);
+        list_push_head(c, s);
+    }
+}
+
+/* slot for a pfn that is not cached: a fresh one, else the evicted tail */
+static uint32_t cache_insert(xb_cache *c, uint64_t pfn)
+{
+    uint32_t s;
+    if (c->used < c->cap) {
+        s = c->used++;
+    } else {
+        s = c->tail;
+        table_remove(c, c->pfn[s]);
+        list_unlink(c, s);
+        c->evictions++;
+    }
+    c->pfn[s] = pfn;
+    table_insert(c, pfn, s);
+    list_push_head(c, s);
+    return s;
+}
+
+/* slot of pfn or -1, without any LRU effect (for inspection) */
+int64_t xb_cache_slot(const xb_cache *c, uint64_t pfn)
+{
+    uint32_t s = cache_find(c, pfn);
+    return s == XB_NIL ? -1 : (int64_t)s;
+}
+
+/* lookup with LRU effect; *hit tells which. Counts hits/misses. */
+static uint32_t cache_get(xb_cache *c, uint64_t pfn, int *hit)
+{
+    uint32_t s = cache_find(c, pfn);
+    if (s != XB_NIL) {
+        cache_touch(c, s);
+        c->hits++;
+        *hit = 1;
+        return s;
+    }
+    c->misses++;
+    *hit = 0;
+    return cache_insert(c, pfn);
+}
+
+/* ------------------------------------------------------- word scanning */
+
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* first word index >= w where a and b differ, or XB_WORDS */
+static inline uint32_t next_diff(const uint8_t *a, const uint8_t *b, uint32_t w)
+{
+    while (w < XB_WORDS && (w & 7)) {
+        if (ld32(a + 4 * w) != ld32(b + 4 * w))
+            return w;
+        w++;
+    }
+    while (w < XB_WORDS) {
+        const uint8_t *x = a + 4 * w, *y = b + 4 * w;
+        uint64_t d = (ld64(x) ^ ld64(y)) | (ld64(x + 8) ^ ld64(y + 8)) |
+                     (ld64(x + 16) ^ ld64(y + 16)) | (ld64(x + 24) ^ ld64(y + 24));
+        if (d)
+            break;
+        w += 8;
+    }
+    while (w < XB_WORDS && ld32(a + 4 * w) == ld32(b + 4 * w))
+        w++;
+    return w;
+}
+
+/* first word index >= w where a and b are equal, or XB_WORDS */
+static inline uint32_t next_same(const uint8_t *a, const uint8_t *b, uint32_t w)
+{
+    while (w < XB_WORDS && ld32(a + 4 * w) != ld32(b + 4 * w))
+        w++;
+    return w;
+}
+
+/* ------------------------------------------------------------ encoders */
+
+static inline void put16(uint8_t *p, int16_t v) { uint16_t u = (uint16_t)v; p[0] = u & 0xFF; p[1] = u >> 8; }
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = v & 0xFF; p[1] = (v >> 8) & 0xFF; p[2] = (v >> 16) & 0xFF; p[3] = v >> 24;
+}
+
+/* seed: FULL_PAGE record + 4096 bytes */
+static size_t seed_full(const uint8_t *page, uint8_t *dst)
+{
+    put16(dst, SEED_FULL_PAGE);
+    put32(dst + 2, 0);
+    memcpy(dst + SEED_REC, page, XB_PAGE);
+    return SEED_FULL_SIZE;
+}
+
+/* seed, cached page: BEGIN_PAGE + one delta per changed word, or FULL_PAGE
+ * when more than SEED_MAX_DELTAS words changed. Updates the cached copy. */
+static size_t seed_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
+{
+    size_t o = SEED_REC;
+    uint32_t k = 0, w = 0;
+    put16(dst, SEED_BEGIN_PAGE);
+    put32(dst + 2, 0);
+    for (;;) {
+        w = next_diff(page, old, w);
+        if (w >= XB_WORDS)
+            return o;
+        uint32_t end = next_same(page, old, w);
+        if (k + (end - w) > SEED_MAX_DELTAS) {
+            memcpy(old, page, XB_PAGE);
+            return seed_full(page, dst);
+        }
+        memcpy(old + 4 * w, page + 4 * w, 4 * (end - w));
+        for (; w < end; w++, k++, o += SEED_REC) {
+            put16(dst + o, (int16_t)(4 * w));
+            memcpy(dst + o + 2, page + 4 * w, 4);
+        }
+    }
+}
+
+/* xen: 0x80 + 4096 bytes */
+static size_t xen_full(const uint8_t *page, uint8_t *dst)
+{
+    dst[0] = XEN_FULL_PAGE;
+    memcpy(dst + 1, page, XB_PAGE);
+    return XEN_FULL_SIZE;
+}
+
+/* xen: n words of one kind as markers of at most 127 words each */
+static inline size_t xen_skip(uint8_t *dst, uint32_t n)
+{
+    size_t o = 0;
+    while (n > XEN_LENMASK) { dst[o++] = XEN_SKIPFLAG | XEN_LENMASK; n -= XEN_LENMASK; }
+    if (n)
+        dst[o++] = (uint8_t)(XEN_SKIPFLAG | n);
+    return o;
+}
+
+static inline size_t xen_run(uint8_t *dst, const uint8_t *words, uint32_t n)
+{
+    size_t o = 0;
+    while (n) {
+        uint32_t m = n > XEN_LENMASK ? XEN_LENMASK : n;
+        dst[o++] = (uint8_t)m;
+        memcpy(dst + o, words, 4 * m);
+        o += 4 * m;
+        words += 4 * m;
+        n -= m;
+    }
+    return o;
+}
+
+/* xen, cached page: alternating SKIP/RUN segments of maximal length, each
+ * split into markers of <= 127 words, leading and trailing SKIPs included,
+ * exactly as xc_compression.c's compress_page; an unchanged page is 0x00.
+ * Worst case (every word changed) 8 x (1 + 508) + 1 + 32 = 4105 bytes. */
+static size_t xen_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
+{
+    size_t o = 0;
+    uint32_t w = 0;
+    int changed = 0;
+    while (w < XB_WORDS) {
+        uint32_t d = next_diff(page, old, w);
+        o += xen_skip(dst + o, d - w);
+        if (d >= XB_WORDS)
+            break;
+        uint32_t end = next_same(page, old, d);
+        memcpy(old + 4 * d, page + 4 * d, 4 * (end - d));
+        o += xen_run(dst + o, page + 4 * d, end - d);
+        changed = 1;
+        w = end;
+    }
+    if (!changed) {
+        dst[0] = XEN_EMPTY_PAGE;
+        return 1;
+    }
+    return o;
+}
+
+/* worst-case bytes per page of each codec's encoding */
+size_t xb_max_encoded(int codec)
+{
+    return codec == XB_SEED ? SEED_FULL_SIZE : XB_PAGE + 9;
+}
+
+/*
+ * Encode n pages (rows of `pages`, pfn pfns[i], page-table flag pt[i] or
+ * pt == NULL) into out, which holds at least n * xb_max_encoded(codec)
+ * bytes. Returns the number of bytes written. Every page leaves the cache
+ * holding its new contents at the head.
+ */
+size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pages,
+                 const uint8_t *pt, size_t n, uint8_t *out)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *page = pages + i * (size_t)XB_PAGE;
+        int hit;
+        uint32_t s = cache_get(c, pfns[i], &hit);
+        uint8_t *old = c->data + (size_t)s * XB_PAGE;
+        if (!hit || (pt && pt[i])) {
+            memcpy(old, page, XB_PAGE);
+            o += codec == XB_SEED ? seed_full(page, out + o) : xen_full(page, out + o);
+        } else {
+            o += codec == XB_SEED ? seed_delta(page, old, out + o) : xen_delta(page, old, out + o);
+        }
+    }
+    return o;
+}
+
+/* ------------------------------------------------------------ decoders */
+
+static inline int16_t get16(const uint8_t *p) { return (int16_t)(uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static int64_t fail(xb_error *e, int code, size_t offset, size_t page, int64_t detail)
+{
+    e->code = code;
+    e->offset = offset;
+    e->page = page;
+    e->detail = detail;
+    return -1;
+}
+
+/* a full page at in[pos..pos+4096): into the cache (touch or insert) and out */
+static void apply_full(xb_cache *c, uint64_t pfn, const uint8_t *src, uint8_t *dst)
+{
+    int hit;
+    uint32_t s = cache_get(c, pfn, &hit);
+    memcpy(c->data + (size_t)s * XB_PAGE, src, XB_PAGE);
+    memcpy(dst, src, XB_PAGE);
+}
+
+/* seed: records from pos; returns pages decoded or -1 with *e set */
+static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uint64_t *pfns,
+                           size_t npfns, uint8_t *out, size_t max_pages, xb_error *e)
+{
+    size_t pos = 0, i = 0;
+    while (pos < len) {
+        if (len - pos < SEED_REC)
+            return fail(e, XB_E_TRUNC_RECORD, pos, i, (int64_t)(len - pos));
+        int16_t off = get16(in + pos);
+        uint32_t val = get32(in + pos + 2);
+        if (off >= 0)
+            return fail(e, XB_E_DELTA_OUTSIDE, pos, i, off);
+        if (off != SEED_BEGIN_PAGE && off != SEED_FULL_PAGE)
+            return fail(e, XB_E_BAD_OFFSET, pos, i, off);
+        if (val != 0)
+            return fail(e, XB_E_MARKER_VALUE, pos, i, val);
+        if (i >= npfns || i >= max_pages)
+            return fail(e, XB_E_TOO_MANY_PAGES, pos, i, (int64_t)npfns);
+        uint8_t *dst = out + i * (size_t)XB_PAGE;
+        if (off == SEED_FULL_PAGE) {
+            if (len - pos < SEED_FULL_SIZE)
+                return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - SEED_REC));
+            apply_full(c, pfns[i], in + pos + SEED_REC, dst);
+            pos += SEED_FULL_SIZE;
+            i++;
+            continue;
+        }
+        /* BEGIN_PAGE: validate the deltas up to the next marker or the end */
+        uint32_t s = cache_find(c, pfns[i]);
+        if (s == XB_NIL)
+            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
+        size_t q = pos + SEED_REC;
+        int32_t prev = -1;
+        while (q < len) {
+            if (len - q < SEED_REC)
+                return fail(e, XB_E_TRUNC_RECORD, q, i, (int64_t)(len - q));
+            int16_t d = get16(in + q);
+            if (d < 0) {
+                if (d == SEED_BEGIN_PAGE || d == SEED_FULL_PAGE)
+                    break;
+                return fail(e, XB_E_BAD_OFFSET, q, i, d);
+            }
+            if (d >= (int32_t)XB_PAGE)
+                return fail(e, XB_E_OUT_OF_PAGE, q, i, d);
+            if (d & 3)
+                return fail(e, XB_E_MISALIGNED, q, i, d);
+            if (d <= prev)
+                return fail(e, XB_E_NOT_ASCENDING, q, i, d);
+            prev = d;
+            q += SEED_REC;
+        }
+        /* apply */
+        uint8_t *base = c->data + (size_t)s * XB_PAGE;
+        for (size_t r = pos + SEED_REC; r < q; r += SEED_REC)
+            memcpy(base + get16(in + r), in + r + 2, 4);
+        cache_touch(c, s);
+        c->hits++;
+        memcpy(dst, base, XB_PAGE);
+        pos = q;
+        i++;
+    }
+    return (int64_t)i;
+}
+
+/* xen: pages of one-byte markers; returns pages decoded or -1 with *e set */
+static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint64_t *pfns,
+                          size_t npfns, uint8_t *out, size_t max_pages, xb_error *e)
+{
+    size_t pos = 0, i = 0;
+    while (pos < len) {
+        uint8_t m = in[pos];
+        if (i >= npfns || i >= max_pages)
+            return fail(e, XB_E_TOO_MANY_PAGES, pos, i, (int64_t)npfns);
+        uint8_t *dst = out + i * (size_t)XB_PAGE;
+        if (m == XEN_FULL_PAGE) {
+            if (len - pos < XEN_FULL_SIZE)
+                return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - 1));
+            apply_full(c, pfns[i], in + pos + 1, dst);
+            pos += XEN_FULL_SIZE;
+            i++;
+            continue;
+        }
+        uint32_t s = cache_find(c, pfns[i]);
+        if (s == XB_NIL)
+            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
+        uint8_t *base = c->data + (size_t)s * XB_PAGE;
+        size_t q = pos;
+        if (m == XEN_EMPTY_PAGE) {
+            q++;
+        } else {
+            /* validate markers until 4096 bytes are covered */
+            uint32_t pp = 0;
+            while (pp < XB_PAGE) {
+                if (q >= len)
+                    return fail(e, XB_E_TRUNC_PAGE, q, i, pp);
+                uint8_t k = in[q];
+                uint32_t n = 4u * (k & XEN_LENMASK);
+                if (n == 0)
+                    return fail(e, XB_E_ZERO_LENGTH, q, i, k);
+                if (pp + n > XB_PAGE)
+                    return fail(e, (k & XEN_SKIPFLAG) ? XB_E_SKIP_PAST_END : XB_E_RUN_PAST_END,
+                                q, i, pp + n);
+                if (!(k & XEN_SKIPFLAG) && len - q - 1 < n)
+                    return fail(e, XB_E_TRUNC_RUN, q, i, n);
+                q += (k & XEN_SKIPFLAG) ? 1 : 1 + n;
+                pp += n;
+            }
+            /* apply */
+            pp = 0;
+            for (size_t r = pos; r < q;) {
+                uint8_t k = in[r];
+                uint32_t n = 4u * (k & XEN_LENMASK);
+                if (!(k & XEN_SKIPFLAG)) {
+                    memcpy(base + pp, in + r + 1, n);
+                    r += 1 + n;
+                } else {
+                    r += 1;
+                }
+                pp += n;
+            }
+        }
+        cache_touch(c, s);
+        c->hits++;
+        memcpy(dst, base, XB_PAGE);
+        pos = q;
+        i++;
+    }
+    return (int64_t)i;
+}
+
+/*
+ * Decode the blob in[0..len) into rows of out (max_pages rows). Page i
+ * belongs to pfns[i]. Returns the number of pages, or -1 with *e set; pages
+ * decoded before the error have been applied to the cache.
+ */
+int64_t xb_decode(xb_cache *c, int codec, const uint8_t *in, size_t len, const uint64_t *pfns,
+                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e)
+{
+    e->code = XB_E_OK;
+    if (codec == XB_SEED)
+        return seed_decode(c, in, len, pfns, npfns, out, max_pages, e);
+    return xen_decode(c, in, len, pfns, npfns, out, max_pages, e);
+}
