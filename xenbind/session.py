@@ -1,0 +1,650 @@
+"""The session protocol around the legacy stream, sans-IO (h11 style).
+
+Bytes in, events out: nothing here touches a socket, a clock or a thread.
+The full specification, every byte of it, is ``docs/protocol.md``; this
+docstring is its summary.
+
+A session is one TCP (later TLS) connection carrying one protected domain::
+
+    sender -> receiver   HELLO            (once, first)
+    receiver -> sender   ACCEPT | REFUSE  (once; REFUSE is followed by close)
+    sender -> receiver   the legacy libxc stream of xenbind.stream, raw:
+                         header, initial copy (Format A), ENABLE_COMPRESSION
+                         (unless codec none), one body + tail per checkpoint,
+                         HEARTBEAT tag chunks between any two chunks,
+                         LAST_CHECKPOINT in the last checkpoint then close
+    receiver -> sender   frames: ACK (after each commit), HEARTBEAT,
+                         ERROR | GOODBYE (then close)
+
+HELLO and ACCEPT/REFUSE share one layout (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic: HELLO_MAGIC (sender) or REPLY_MAGIC (receiver)
+    8       2     uint16 protocol version of the writer
+    10      2     uint16 status: 0 in HELLO; REPLY_ACCEPT or REPLY_REFUSE
+    12      4     uint32 N: length of the JSON body, 2 <= N <= MAX_HELLO_BYTES
+    16      N     UTF-8 JSON object (fields: docs/protocol.md)
+
+This 16-byte prefix is frozen for every protocol version, so any release can
+read any other release's HELLO far enough to refuse it with a clear reason.
+
+Receiver -> sender frames after ACCEPT::
+
+    0   2   uint16 frame type (FRAME_ACK, FRAME_HEARTBEAT, FRAME_ERROR, FRAME_GOODBYE)
+    2   2   uint16 flags (ACK: ACK_VERIFIED / ACK_MISMATCH; ERROR: an ERR_* code)
+    4   4   uint32 payload length (fixed per type; text frames <= MAX_REASON_BYTES)
+    8   ..  payload: ACK uint64 checkpoint index; HEARTBEAT uint64 last committed
+            index (NO_CHECKPOINT if none); ERROR/GOODBYE UTF-8 reason text
+
+Rules this module keeps:
+- Every malformed input raises ``ProtocolError`` (``HandshakeError`` during
+  the handshake, with a ``code`` the receiver puts in its REFUSE), with the
+  byte offset in the connection; never struct.error / KeyError / ValueError.
+- No length read from the peer allocates before it is checked against a cap.
+- The stream bytes after the handshake are passed through untouched
+  (``StreamData`` events); the receiver feeds them to ``xenbind.stream``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+
+from .errors import ProtocolError
+from .hypervisor import DomainConfig
+
+# --- constants -------------------------------------------------------------
+
+#: First 8 bytes of a sender's HELLO. PNG-style: the high-bit byte catches a
+#: 7-bit channel, CR LF catches newline translation, ^Z stops `type` on DOS.
+HELLO_MAGIC = b"\x89RMS\r\n\x1a\n"
+#: First 8 bytes of the receiver's ACCEPT or REFUSE.
+REPLY_MAGIC = b"\x89RMR\r\n\x1a\n"
+
+#: The protocol version this release writes.
+PROTOCOL_VERSION = 1
+#: The oldest peer version this release accepts.
+MIN_PROTOCOL_VERSION = 1
+
+#: Size of the frozen HELLO/REPLY prefix: magic, version, status, body length.
+PREFIX = struct.Struct("<8sHHI")
+#: Hard cap on the JSON body of HELLO / ACCEPT / REFUSE.
+MAX_HELLO_BYTES = 65536
+
+#: status field of a receiver reply
+REPLY_ACCEPT = 0
+REPLY_REFUSE = 1
+
+#: Receiver -> sender frame header: type, flags, payload length.
+FRAME_HEADER = struct.Struct("<HHI")
+FRAME_ACK = 1  # payload uint64 index of the checkpoint just committed
+FRAME_HEARTBEAT = 2  # payload uint64 last committed index, NO_CHECKPOINT if none
+FRAME_ERROR = 3  # payload reason text; flags = ERR_* code; connection closes
+FRAME_GOODBYE = 4  # payload reason text; clean end; connection closes
+FRAME_NAMES = {FRAME_ACK: "ACK", FRAME_HEARTBEAT: "HEARTBEAT", FRAME_ERROR: "ERROR",
+               FRAME_GOODBYE: "GOODBYE"}
+
+#: ACK flags (verify mode): the backup's memory digest was checked after the
+#: commit and matched (ACK_VERIFIED) or did not (ACK_MISMATCH).
+ACK_VERIFIED = 0x1
+ACK_MISMATCH = 0x2
+
+#: ERROR codes (flags field of FRAME_ERROR): why the receiver ends the session.
+ERR_PROTOCOL = 1  # the stream or session broke a rule
+ERR_STALLED = 2  # no data within the receiver's timeout
+ERR_FAILED_OVER = 3  # the backup took over: do not re-protect to this receiver
+ERR_INTERNAL = 4  # the receiver could not commit (hypervisor error, ...)
+ERR_SHUTDOWN = 5  # the receiver daemon is stopping
+ERR_SUPERSEDED = 6  # a newer session for the same domain replaced this one
+ERROR_NAMES = {ERR_PROTOCOL: "protocol", ERR_STALLED: "stalled",
+               ERR_FAILED_OVER: "failed-over", ERR_INTERNAL: "internal",
+               ERR_SHUTDOWN: "shutdown", ERR_SUPERSEDED: "superseded"}
+
+#: Cap on the reason text of ERROR / GOODBYE / REFUSE (bytes of UTF-8).
+MAX_REASON_BYTES = 1024
+#: HEARTBEAT payload before the first commit.
+NO_CHECKPOINT = 0xFFFF_FFFF_FFFF_FFFF
+_U64 = struct.Struct("<Q")
+
+#: REFUSE codes (JSON "code" field): the sender can decide whether to retry.
+REFUSE_CODES = ("version", "bad-hello", "codec", "limit", "fenced", "busy", "internal")
+
+#: Codecs a HELLO may name (the same as xenbind.compress.CODECS).
+CODECS = ("seed", "xen", "none")
+
+#: Caps on HELLO fields (the receiver has its own, tighter, limits on top).
+MAX_NAME_LEN = 128
+MAX_SOFTWARE_LEN = 128
+MAX_EXTRA_BYTES = 16384
+MAX_PAGES = 1 << 28  # PFNs are 28 bits in the legacy stream
+MAX_VCPUS = 4096
+MAX_INTERVAL_MS = 3_600_000
+MAX_CACHE_PAGES = 1 << 24
+
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+
+class HandshakeError(ProtocolError):
+    """A HELLO (or reply) the peer cannot be served with.
+
+    ``code`` is one of REFUSE_CODES; the receiver sends it back in REFUSE.
+    """
+
+    def __init__(self, code: str, reason: str, offset: int = 0) -> None:
+        super().__init__(f"byte {offset}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.offset = offset
+
+
+# --- the HELLO contents ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the sender chose for this session (docs/protocol.md, HELLO)."""
+
+    codec: str = "seed"
+    cache_pages: int = 8192  # the compression page cache, both sides
+    buffer_pages: int = 8192  # the sender's page buffer (COMPRESSED_DATA size)
+    interval_ms: int = 200  # checkpoint interval
+    heartbeat_ms: int = 100  # the sender sends a HEARTBEAT tag at least this often when idle
+    verify: bool = False  # a memory digest rides in every checkpoint
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The sender's HELLO."""
+
+    session_id: str  # 32 lowercase hex digits (random 128 bits)
+    options: Options
+    domain: DomainConfig
+    generation: int = 0  # fencing token: a newer protection of the same domain has a larger one
+    software: str = ""  # e.g. "remusd 0.1.0", for logs only
+    version: int = PROTOCOL_VERSION  # filled from the prefix when decoded
+
+
+@dataclass(frozen=True)
+class Accept:
+    """The receiver's ACCEPT: the session goes on."""
+
+    session_id: str
+    failover_timeout_ms: int  # the receiver fails over this long after the last sign of life
+    heartbeat_ms: int  # the receiver sends HEARTBEAT at least this often
+    limits: dict = field(default_factory=dict)  # max_pages, max_staged_bytes, max_compressed
+    software: str = ""
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The receiver's REFUSE: the session ends; ``code`` in REFUSE_CODES."""
+
+    code: str
+    reason: str
+    version: int = PROTOCOL_VERSION
+
+
+# --- events ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HelloReceived:
+    """Receiver side: the sender's HELLO, checked. Answer with accept() or refuse()."""
+
+    hello: Hello
+
+
+@dataclass(frozen=True)
+class StreamData:
+    """Receiver side: bytes of the legacy stream, in order, untouched."""
+
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True)
+class Accepted:
+    accept: Accept
+
+
+@dataclass(frozen=True)
+class Refused:
+    refuse: Refuse
+
+
+@dataclass(frozen=True)
+class Ack:
+    index: int
+    verified: bool = False
+    mismatch: bool = False
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    last_committed: int | None  # None: nothing committed yet
+
+
+@dataclass(frozen=True)
+class Error:
+    code: int
+    reason: str
+
+    @property
+    def code_name(self) -> str:
+        return ERROR_NAMES.get(self.code, f"code {self.code}")
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    reason: str
+
+
+# --- JSON field checking ---------------------------------------------------
+
+
+def _need(obj: dict, key: str, kind: type | tuple, where: str, offset: int) -> object:
+    if key not in obj:
+        raise HandshakeError("bad-hello", f"{where}: field {key!r} missing", offset)
+    value = obj[key]
+    # bool is an int subclass: an int field must not accept true/false
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise HandshakeError("bad-hello", f"{where}: field {key!r} must be {name}", offset)
+    return value
+
+
+def _int_in(obj: dict, key: str, lo: int, hi: int, where: str, offset: int) -> int:
+    value = _need(obj, key, int, where, offset)
+    if not lo <= value <= hi:
+        raise HandshakeError("bad-hello", f"{where}: {key}={value} outside {lo}..{hi}", offset)
+    return value
+
+
+def _str_max(obj: dict, key: str, cap: int, where: str, offset: int) -> str:
+    value = _need(obj, key, str, where, offset)
+    if len(value) > cap:
+        raise HandshakeError("bad-hello", f"{where}: {key} longer than {cap} characters", offset)
+    return value
+
+
+def _load_json(body: bytes, offset: int, code: str = "bad-hello") -> dict:
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise HandshakeError(code, f"body is not UTF-8 JSON: {exc}", offset) from None
+    if not isinstance(obj, dict):
+        raise HandshakeError(code, "body is not a JSON object", offset)
+    return obj
+
+
+def _dump_json(obj: dict) -> bytes:
+    body = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    if len(body) > MAX_HELLO_BYTES:
+        raise ProtocolError(f"handshake body of {len(body)} bytes exceeds {MAX_HELLO_BYTES}")
+    return body
+
+
+def _clip(text: str, cap: int = MAX_REASON_BYTES) -> bytes:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= cap:
+        return raw
+    return raw[:cap].decode("utf-8", "ignore").encode("utf-8")
+
+
+def encode_hello(hello: Hello) -> bytes:
+    """The bytes of a HELLO (prefix + JSON body)."""
+    validate_hello(hello)
+    body = _dump_json({
+        "session": hello.session_id,
+        "generation": hello.generation,
+        "software": hello.software,
+        "options": asdict(hello.options),
+        "domain": asdict(hello.domain),
+    })
+    return PREFIX.pack(HELLO_MAGIC, hello.version, 0, len(body)) + body
+
+
+def parse_hello_body(obj: dict, version: int, offset: int = 0) -> Hello:
+    """A Hello from its decoded JSON object; HandshakeError naming the bad field."""
+    session = _need(obj, "session", str, "hello", offset)
+    if not _HEX32.match(session):
+        raise HandshakeError("bad-hello", "hello: session must be 32 lowercase hex digits", offset)
+    generation = _int_in(obj, "generation", 0, (1 << 63) - 1, "hello", offset)
+    software = _str_max(obj, "software", MAX_SOFTWARE_LEN, "hello", offset)
+    o = _need(obj, "options", dict, "hello", offset)
+    codec = _need(o, "codec", str, "options", offset)
+    if codec not in CODECS:
+        raise HandshakeError("codec", f"options: unknown codec {codec[:32]!r} (known: "
+                             f"{', '.join(CODECS)})", offset)
+    options = Options(
+        codec=codec,
+        cache_pages=_int_in(o, "cache_pages", 1, MAX_CACHE_PAGES, "options", offset),
+        buffer_pages=_int_in(o, "buffer_pages", 1, MAX_CACHE_PAGES, "options", offset),
+        interval_ms=_int_in(o, "interval_ms", 1, MAX_INTERVAL_MS, "options", offset),
+        heartbeat_ms=_int_in(o, "heartbeat_ms", 1, MAX_INTERVAL_MS, "options", offset),
+        verify=_need(o, "verify", bool, "options", offset),
+    )
+    d = _need(obj, "domain", dict, "hello", offset)
+    name = _str_max(d, "name", MAX_NAME_LEN, "domain", offset)
+    if not name or not name.isprintable():
+        raise HandshakeError("bad-hello", "domain: name must be non-empty printable text", offset)
+    uuid = _need(d, "uuid", str, "domain", offset)
+    if not _UUID.match(uuid):
+        raise HandshakeError("bad-hello", "domain: uuid is not of the form 8-4-4-4-12 hex", offset)
+    extra = _need(d, "extra", dict, "domain", offset)
+    if len(json.dumps(extra)) > MAX_EXTRA_BYTES:
+        raise HandshakeError("bad-hello", f"domain: extra longer than {MAX_EXTRA_BYTES}", offset)
+    domain = DomainConfig(
+        name=name,
+        uuid=uuid.lower(),
+        pages=_int_in(d, "pages", 1, MAX_PAGES, "domain", offset),
+        vcpus=_int_in(d, "vcpus", 1, MAX_VCPUS, "domain", offset),
+        hvm=_need(d, "hvm", bool, "domain", offset),
+        extra=extra,
+    )
+    return Hello(session_id=session, options=options, domain=domain, generation=generation,
+                 software=software, version=version)
+
+
+def validate_hello(hello: Hello) -> None:
+    """Check a Hello the way the receiver will (the sender calls this on its own)."""
+    obj = json.loads(json.dumps({
+        "session": hello.session_id, "generation": hello.generation,
+        "software": hello.software, "options": asdict(hello.options),
+        "domain": asdict(hello.domain)}))
+    parse_hello_body(obj, hello.version)
+
+
+def encode_accept(accept: Accept) -> bytes:
+    body = _dump_json({
+        "session": accept.session_id,
+        "failover_timeout_ms": accept.failover_timeout_ms,
+        "heartbeat_ms": accept.heartbeat_ms,
+        "limits": accept.limits,
+        "software": accept.software,
+    })
+    return PREFIX.pack(REPLY_MAGIC, accept.version, REPLY_ACCEPT, len(body)) + body
+
+
+def encode_refuse(refuse: Refuse) -> bytes:
+    code = refuse.code if refuse.code in REFUSE_CODES else "internal"
+    reason = _clip(refuse.reason).decode("utf-8")
+    body = _dump_json({"code": code, "reason": reason})
+    return PREFIX.pack(REPLY_MAGIC, refuse.version, REPLY_REFUSE, len(body)) + body
+
+
+def encode_frame(ftype: int, flags: int = 0, payload: bytes = b"") -> bytes:
+    return FRAME_HEADER.pack(ftype, flags, len(payload)) + payload
+
+
+# --- the two ends ----------------------------------------------------------
+
+
+class _Buffer:
+    """Bytes received and not yet consumed, with their absolute offset."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.offset = 0  # absolute offset of buf[0] in the connection
+
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        self.buf += data
+
+    def take(self, n: int) -> bytes:
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.offset += n
+        return out
+
+
+class ReceiverSession:
+    """The receiver's end of one session.
+
+    feed() bytes from the sender; it returns [HelloReceived] once, then (after
+    accept()) StreamData events. Answer the HELLO with accept() or refuse(),
+    then use ack()/heartbeat()/error()/goodbye() for the frames to send. After
+    accept(), call feed(b"") to get any stream bytes that arrived with the
+    HELLO. Any HELLO that cannot be served raises HandshakeError: send
+    refuse_for(exc) and close.
+    """
+
+    def __init__(self, min_version: int = MIN_PROTOCOL_VERSION,
+                 max_version: int = PROTOCOL_VERSION,
+                 max_early_bytes: int = 1 << 20) -> None:
+        self.min_version = min_version
+        self.max_version = max_version
+        #: stream bytes a sender may push before our ACCEPT (it should not)
+        self.max_early_bytes = max_early_bytes
+        self.state = "hello"  # hello -> deciding -> streaming | closed
+        self.hello: Hello | None = None
+        self._in = _Buffer()
+        self.bytes_in = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list:
+        self.bytes_in += len(data)
+        if self.state == "streaming":
+            if self._in.buf:
+                data = self._in.take(len(self._in.buf)) + bytes(data)
+            self._in.offset += len(data)
+            return [StreamData(data)] if len(data) else []
+        if self.state == "closed":
+            if len(data):
+                raise ProtocolError("data received after the session was closed")
+            return []
+        self._in.add(data)
+        if self.state == "deciding":
+            if len(self._in.buf) > self.max_early_bytes:
+                raise ProtocolError(f"byte {self._in.offset}: more than {self.max_early_bytes} "
+                                    "bytes of stream sent before ACCEPT")
+            return []
+        return self._parse_hello()
+
+    def _parse_hello(self) -> list:
+        buf = self._in.buf
+        # check the magic as far as it has arrived: fail fast on garbage
+        head = bytes(buf[:8])
+        if head != HELLO_MAGIC[:len(head)]:
+            raise HandshakeError("bad-hello", f"not a Remus session (bad HELLO magic {head!r})", 0)
+        if len(buf) < PREFIX.size:
+            return []
+        _, version, status, length = PREFIX.unpack_from(buf)
+        if not self.min_version <= version <= self.max_version:
+            who = "too old" if version < self.min_version else "too new"
+            raise HandshakeError(
+                "version", f"sender speaks protocol version {version}, {who} for this receiver "
+                f"(it speaks {self.min_version}..{self.max_version}); upgrade the "
+                f"{'sender' if version < self.min_version else 'receiver'}", 8)
+        if status != 0:
+            raise HandshakeError("bad-hello", f"HELLO status field is {status}, must be 0", 10)
+        if not 2 <= length <= MAX_HELLO_BYTES:
+            raise HandshakeError("bad-hello", f"HELLO body length {length} outside "
+                                 f"2..{MAX_HELLO_BYTES}", 12)
+        if len(buf) < PREFIX.size + length:
+            return []
+        self._in.take(PREFIX.size)
+        body = self._in.take(length)
+        hello = parse_hello_body(_load_json(body, PREFIX.size), version, PREFIX.size)
+        self.hello = hello
+        self.state = "deciding"
+        return [HelloReceived(hello)]
+
+    def eof(self) -> None:
+        """The sender closed: ProtocolError if it did so inside the handshake."""
+        if self.state in ("hello", "deciding") and (self._in.buf or self.state == "hello"):
+            raise ProtocolError(f"byte {self._in.offset + len(self._in.buf)}: connection closed "
+                                "during the handshake")
+        self.state = "closed"
+
+    def accept(self, accept: Accept) -> bytes:
+        if self.state != "deciding":
+            raise ProtocolError(f"accept() in state {self.state}")
+        self.state = "streaming"
+        return encode_accept(accept)
+
+    def refuse(self, code: str, reason: str) -> bytes:
+        self.state = "closed"
+        return encode_refuse(Refuse(code, reason, self.max_version))
+
+    @staticmethod
+    def refuse_for(exc: HandshakeError) -> Refuse:
+        return Refuse(exc.code, str(exc))
+
+    def ack(self, index: int, verified: bool = False, mismatch: bool = False) -> bytes:
+        flags = (ACK_VERIFIED if verified else 0) | (ACK_MISMATCH if mismatch else 0)
+        return encode_frame(FRAME_ACK, flags, _U64.pack(index))
+
+    def heartbeat(self, last_committed: int | None) -> bytes:
+        value = NO_CHECKPOINT if last_committed is None else last_committed
+        return encode_frame(FRAME_HEARTBEAT, 0, _U64.pack(value))
+
+    def error(self, code: int, reason: str) -> bytes:
+        self.state = "closed"
+        return encode_frame(FRAME_ERROR, code, _clip(reason))
+
+    def goodbye(self, reason: str) -> bytes:
+        self.state = "closed"
+        return encode_frame(FRAME_GOODBYE, 0, _clip(reason))
+
+
+class SenderSession:
+    """The sender's end of one session.
+
+    hello() gives the bytes to send first; feed() the receiver's bytes to get
+    Accepted / Refused once, then Ack / Heartbeat / Error / Goodbye events.
+    Send the legacy stream only after Accepted.
+    """
+
+    def __init__(self, hello: Hello, min_version: int = MIN_PROTOCOL_VERSION) -> None:
+        validate_hello(hello)
+        self._hello = hello
+        self.min_version = min_version
+        self.state = "new"  # new -> waiting -> established | refused | closed
+        self.accept: Accept | None = None
+        self._in = _Buffer()
+
+    def hello(self) -> bytes:
+        if self.state != "new":
+            raise ProtocolError("hello() called twice")
+        self.state = "waiting"
+        return encode_hello(self._hello)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list:
+        if self.state in ("refused", "closed"):
+            if len(data):
+                raise ProtocolError("data received after the session ended")
+            return []
+        if self.state == "new":
+            raise ProtocolError("data received before HELLO was sent")
+        self._in.add(data)
+        events: list = []
+        if self.state == "waiting":
+            ev = self._parse_reply()
+            if ev is None:
+                return events
+            events.append(ev)
+        while self.state == "established":
+            ev = self._parse_frame()
+            if ev is None:
+                break
+            events.append(ev)
+        return events
+
+    def _parse_reply(self):
+        buf = self._in.buf
+        head = bytes(buf[:8])
+        if head != REPLY_MAGIC[:len(head)]:
+            raise HandshakeError("bad-hello", "the peer is not a Remus receiver (bad reply "
+                                 f"magic {head!r})", 0)
+        if len(buf) < PREFIX.size:
+            return None
+        _, version, status, length = PREFIX.unpack_from(buf)
+        if status not in (REPLY_ACCEPT, REPLY_REFUSE):
+            raise HandshakeError("bad-hello", f"reply status {status} unknown", 10)
+        if not 2 <= length <= MAX_HELLO_BYTES:
+            raise HandshakeError("bad-hello", f"reply body length {length} outside "
+                                 f"2..{MAX_HELLO_BYTES}", 12)
+        if len(buf) < PREFIX.size + length:
+            return None
+        self._in.take(PREFIX.size)
+        obj = _load_json(self._in.take(length), PREFIX.size)
+        off = PREFIX.size
+        if status == REPLY_REFUSE:
+            # read leniently: a refusal from any version must reach the operator
+            code = obj.get("code") if isinstance(obj.get("code"), str) else "internal"
+            reason = obj.get("reason") if isinstance(obj.get("reason"), str) else "(no reason)"
+            self.state = "refused"
+            return Refused(Refuse(code[:32], reason[:MAX_REASON_BYTES], version))
+        if not self.min_version <= version <= self._hello.version:
+            raise HandshakeError("version", f"receiver accepted with protocol version {version}; "
+                                 f"this sender speaks {self.min_version}..{self._hello.version}",
+                                 8)
+        session = _need(obj, "session", str, "accept", off)
+        if session != self._hello.session_id:
+            raise HandshakeError("bad-hello", "accept names another session id", off)
+        accept = Accept(
+            session_id=session,
+            failover_timeout_ms=_int_in(obj, "failover_timeout_ms", 1, MAX_INTERVAL_MS,
+                                        "accept", off),
+            heartbeat_ms=_int_in(obj, "heartbeat_ms", 1, MAX_INTERVAL_MS, "accept", off),
+            limits=_need(obj, "limits", dict, "accept", off),
+            software=_str_max(obj, "software", MAX_SOFTWARE_LEN, "accept", off),
+            version=version,
+        )
+        self.accept = accept
+        self.state = "established"
+        return Accepted(accept)
+
+    def _parse_frame(self):
+        buf = self._in.buf
+        if len(buf) < FRAME_HEADER.size:
+            return None
+        off = self._in.offset
+        ftype, flags, length = FRAME_HEADER.unpack_from(buf)
+        if ftype in (FRAME_ACK, FRAME_HEARTBEAT):
+            if length != 8:
+                raise ProtocolError(f"byte {off}: {FRAME_NAMES[ftype]} frame with payload "
+                                    f"length {length}, must be 8")
+        elif ftype in (FRAME_ERROR, FRAME_GOODBYE):
+            if length > MAX_REASON_BYTES:
+                raise ProtocolError(f"byte {off}: {FRAME_NAMES[ftype]} reason of {length} bytes "
+                                    f"exceeds {MAX_REASON_BYTES}")
+        else:
+            raise ProtocolError(f"byte {off}: unknown frame type {ftype}")
+        if ftype == FRAME_ACK and flags & ~(ACK_VERIFIED | ACK_MISMATCH):
+            raise ProtocolError(f"byte {off}: ACK flags {flags:#x} unknown")
+        if ftype in (FRAME_HEARTBEAT, FRAME_GOODBYE) and flags:
+            raise ProtocolError(f"byte {off}: {FRAME_NAMES[ftype]} flags must be 0")
+        if len(buf) < FRAME_HEADER.size + length:
+            return None
+        self._in.take(FRAME_HEADER.size)
+        payload = self._in.take(length)
+        if ftype == FRAME_ACK:
+            (index,) = _U64.unpack(payload)
+            return Ack(index, bool(flags & ACK_VERIFIED), bool(flags & ACK_MISMATCH))
+        if ftype == FRAME_HEARTBEAT:
+            (value,) = _U64.unpack(payload)
+            return Heartbeat(None if value == NO_CHECKPOINT else value)
+        text = payload.decode("utf-8", "replace")
+        self.state = "closed"
+        if ftype == FRAME_ERROR:
+            return Error(flags, text)
+        return Goodbye(text)
+
+    def eof(self) -> None:
+        """The receiver closed; ProtocolError if it did so inside a reply or frame."""
+        if self._in.buf:
+            raise ProtocolError(f"byte {self._in.offset + len(self._in.buf)}: connection closed "
+                                "inside a frame")
+        if self.state == "waiting":
+            raise ProtocolError("connection closed before the receiver answered the HELLO")
+        self.state = "closed"
+
+
+def new_session_id() -> str:
+    """A random 128-bit session id, as 32 lowercase hex digits."""
+    import secrets
+
+    return secrets.token_hex(16)
