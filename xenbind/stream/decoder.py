@@ -1,0 +1,593 @@
+"""Incremental stream decoder, sans-IO: bytes in (split anywhere), events out.
+
+    d = Decoder(max_p2m_size=..., max_compressed=..., max_context=...,
+                max_device_model=..., cache_pages=None, max_cache_pages=...)
+    for ev in d.feed(data): ...      # any split of the stream, any number of calls
+    d.eof()                          # the peer closed: clean end, or TruncatedStream
+
+The layout and every rule checked are in ``xenbind.stream.format``. What this
+module adds:
+
+* Errors. A broken rule raises ``MalformedStream`` (a ``StreamError``) whose
+  ``offset`` is the absolute byte offset of the offending item: the chunk for a
+  bad chunk type, batch size, COMPRESSED_DATA length or content, misplaced tag
+  or short Format B body; the PFN entry for a bad entry; the length field for
+  an over-long tail record; the signature for a wrong device-model signature.
+  ``.events`` holds the events decoded in that ``feed`` call before the error
+  (a checkpoint completed before the error is still there to commit). After an
+  error the decoder is dead: every later call raises the same error.
+* Truncation. ``eof()`` returns quietly when the stream ends between
+  checkpoints (or right after the header, or after the LAST_CHECKPOINT one),
+  and raises ``TruncatedStream`` otherwise; its ``torn_checkpoint`` is the
+  index of the checkpoint cut short (None when the header itself is cut) and
+  ``checkpoints`` the number that arrived whole.
+* Memory. At most one item is buffered: a PFN array (8 KiB), one Format A
+  batch's pages (<= 4 MiB), one COMPRESSED_DATA payload (<= max_compressed,
+  checked before any byte of it is buffered), one tail record (<= its cap).
+  Per Format B body the decoder also keeps a bitmap of p2m_size bytes and the
+  listed-but-not-yet-decoded PFNs (<= 8 bytes per guest page).
+* Codec. ENABLE_COMPRESSION makes a ``xenbind.compress.Decompressor`` for the
+  announced codec (default "xen", 8192 pages); its cache mirrors the sender's.
+  With ``cache_pages`` set, the stream's cache size must equal it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import CodecError, StreamError
+from ..hypervisor import Context
+from . import events as ev
+from .format import (
+    CODEC_NAMES,
+    DEFAULT_MAX_CACHE_PAGES,
+    DEFAULT_MAX_COMPRESSED,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_MAX_DEVICE_MODEL,
+    DEFAULT_MAX_P2M_SIZE,
+    DEVICE_MODEL_SIGNATURE,
+    DIGEST_ALGORITHMS,
+    LEGACY_CACHE_PAGES,
+    LEGACY_CODEC,
+    MAX_BATCH,
+    PAGE_SIZE,
+    PFN_MASK,
+    TAG_CODEC,
+    TAG_COMPRESSED_DATA,
+    TAG_ENABLE_COMPRESSION,
+    TAG_HEARTBEAT,
+    TAG_LAST_CHECKPOINT,
+    TAG_MEMORY_DIGEST,
+    TAG_NAMES,
+    TAG_TSC_INFO,
+    TYPE_HAS_DATA,
+    TYPE_VALID,
+    TYPE_XTAB,
+)
+
+_INT = struct.Struct("<i")
+_UINT = struct.Struct("<I")
+_ULONG = struct.Struct("<Q")
+_TSC = struct.Struct("<IQII")
+_II = struct.Struct("<II")
+
+
+class MalformedStream(StreamError):
+    """The stream broke a rule. ``events``: what the failing ``feed`` call
+    decoded before the offending item."""
+
+    def __init__(self, offset: int, reason: str, events: list | None = None) -> None:
+        super().__init__(offset, reason)
+        self.events: list = events if events is not None else []
+
+
+class TruncatedStream(StreamError):
+    """The stream ended inside an item. ``torn_checkpoint``: the index of the
+    checkpoint cut short, or None if the header was; ``checkpoints``: how many
+    arrived whole."""
+
+    def __init__(
+        self, offset: int, reason: str, torn_checkpoint: int | None, checkpoints: int
+    ) -> None:
+        super().__init__(offset, reason)
+        self.torn_checkpoint = torn_checkpoint
+        self.checkpoints = checkpoints
+
+
+class _PfnFifo:
+    """Data-carrying PFNs listed in a Format B body and not yet decoded."""
+
+    def __init__(self) -> None:
+        self._parts: deque[np.ndarray] = deque()
+        self._head = 0  # entries of _parts[0] already taken
+        self.count = 0
+
+    def push(self, pfns: np.ndarray) -> None:
+        if len(pfns):
+            self._parts.append(pfns)
+            self.count += len(pfns)
+
+    def peek(self, n: int) -> np.ndarray:
+        """The next ``n`` PFNs (n <= count); copies at most n entries."""
+        first = self._parts[0][self._head :]
+        if len(first) >= n:
+            return first[:n]
+        got = [first]
+        have = len(first)
+        for part in list(self._parts)[1:]:
+            if have >= n:
+                break
+            got.append(part[: n - have])
+            have += len(got[-1])
+        return np.concatenate(got)
+
+    def pop(self, k: int) -> None:
+        self.count -= k
+        while k:
+            avail = len(self._parts[0]) - self._head
+            if k >= avail:
+                self._parts.popleft()
+                self._head = 0
+                k -= avail
+            else:
+                self._head += k
+                k = 0
+
+    def clear(self) -> None:
+        self._parts.clear()
+        self._head = 0
+        self.count = 0
+
+
+Handler = Callable[[object], None]
+
+
+class Decoder:
+    """The incremental decoder. Read-only attributes for callers:
+
+    ``offset``      bytes parsed into complete items so far
+    ``received``    bytes fed so far
+    ``p2m_size``    from the header (None before it)
+    ``checkpoints`` number of checkpoints that arrived whole
+    ``format``      "A" or "B": the format of the body being read
+    ``codec``       the Format B codec once compression is enabled, else None
+    ``cache_pages`` its cache size once compression is enabled, else None
+    ``last``        True once a LAST_CHECKPOINT checkpoint completed
+    """
+
+    def __init__(
+        self,
+        *,
+        max_p2m_size: int = DEFAULT_MAX_P2M_SIZE,
+        max_compressed: int = DEFAULT_MAX_COMPRESSED,
+        max_context: int = DEFAULT_MAX_CONTEXT,
+        max_device_model: int = DEFAULT_MAX_DEVICE_MODEL,
+        cache_pages: int | None = None,
+        max_cache_pages: int = DEFAULT_MAX_CACHE_PAGES,
+    ) -> None:
+        self.max_p2m_size = min(max_p2m_size, PFN_MASK + 1)
+        self.max_compressed = max_compressed
+        self.max_context = max_context
+        self.max_device_model = max_device_model
+        self.required_cache_pages = cache_pages
+        self.max_cache_pages = max_cache_pages
+
+        self.received = 0
+        self.offset = 0
+        self.p2m_size: int | None = None
+        self.checkpoints = 0
+        self.format = "A"
+        self.codec: str | None = None
+        self.cache_pages: int | None = None
+        self.last = False
+
+        self._events: list = []
+        self._error: StreamError | None = None
+        self._chunk_start = 0  # offset of the chunk being read
+        # the item being read
+        self._want = 0
+        self._have = 0
+        self._dest: bytearray | np.ndarray = bytearray()
+        self._view = memoryview(self._dest)
+        self._handler: Handler = self._on_header
+        self._what = ""
+        # the checkpoint being read
+        self._started = False  # a chunk other than HEARTBEAT was seen
+        self._pages = 0  # page contents received in this checkpoint
+        self._last_here = False  # LAST_CHECKPOINT in this body
+        self._announced: tuple[str, int] | None = None
+        self._enabled = False  # ENABLE_COMPRESSION seen
+        self._decompressor = None
+        # Format B body state
+        self._seen: np.ndarray | None = None
+        self._listed: list[np.ndarray] = []
+        self._pending = _PfnFifo()
+        self._batch_pfns: np.ndarray | None = None
+        # tail pieces
+        self._magic: tuple[int, int, int] = (0, 0, 0)
+        self._hvm_context = b""
+
+        self._expect(8, self._on_header, "the header")
+
+    # ------------------------------------------------------------------ driver
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
+        """Consume ``data`` (any piece of the stream); return the events it completes."""
+        if self._error is not None:
+            raise self._error
+        mv = memoryview(data)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        events: list = []
+        self._events = events
+        n = len(mv)
+        i = 0
+        try:
+            while True:
+                if self._have == self._want:
+                    self.offset = self.received
+                    self._handler(self._dest)
+                    continue
+                if i >= n:
+                    break
+                take = min(self._want - self._have, n - i)
+                self._view[self._have : self._have + take] = mv[i : i + take]
+                self._have += take
+                self.received += take
+                i += take
+        except MalformedStream as e:
+            e.events = events
+            self._error = e
+            raise
+        return events
+
+    def eof(self) -> None:
+        """The stream ended. Quiet if it ended between checkpoints; otherwise
+        ``TruncatedStream`` saying where and which checkpoint is torn."""
+        if self._error is not None:
+            raise self._error
+        if self.last and self._have == 0:
+            return
+        if self.p2m_size is None:
+            raise TruncatedStream(
+                self.received,
+                f"stream ends inside the header ({self._have} of 8 bytes)",
+                None,
+                0,
+            )
+        if self._handler == self._on_chunk_type and self._have == 0 and not self._started:
+            return
+        idx = self.checkpoints
+        where = (
+            f"before {self._what}"
+            if self._have == 0
+            else f"inside {self._what} ({self._have} of {self._want} bytes)"
+        )
+        raise TruncatedStream(
+            self.received,
+            f"stream ends {where}: checkpoint {idx} is torn, {self.checkpoints} arrived whole",
+            idx,
+            self.checkpoints,
+        )
+
+    # ----------------------------------------------------------------- helpers
+
+    def _expect(
+        self, n: int, handler: Handler, what: str, dest: bytearray | np.ndarray | None = None
+    ) -> None:
+        """Read the next ``n`` bytes into ``dest`` (a fresh bytearray by
+        default), then call ``handler(dest)``."""
+        if dest is None:
+            dest = bytearray(n)
+        self._dest = dest
+        self._view = memoryview(dest.reshape(-1) if isinstance(dest, np.ndarray) else dest)
+        self._want = n
+        self._have = 0
+        self._handler = handler
+        self._what = what
+
+    def _fail(self, offset: int, reason: str) -> MalformedStream:
+        return MalformedStream(offset, reason)
+
+    def _emit(self, event: ev.Event) -> None:
+        self._events.append(event)
+
+    def _expect_chunk(self) -> None:
+        self._chunk_start = self.received
+        self._expect(4, self._on_chunk_type, "a chunk type")
+
+    def _ckpt(self) -> str:
+        return f"checkpoint {self.checkpoints}"
+
+    # ----------------------------------------------------------------- handlers
+
+    def _on_header(self, buf: bytearray) -> None:
+        (p2m,) = _ULONG.unpack(buf)
+        if p2m == 0:
+            raise self._fail(0, "header: p2m_size is 0")
+        if p2m > self.max_p2m_size:
+            raise self._fail(
+                0, f"header: p2m_size {p2m} exceeds the limit of {self.max_p2m_size} pages"
+            )
+        self.p2m_size = p2m
+        self._emit(ev.Header(p2m))
+        self._expect_chunk()
+
+    def _on_chunk_type(self, buf: bytearray) -> None:
+        (t,) = _INT.unpack(buf)
+        at = self._chunk_start
+        if t == TAG_HEARTBEAT:
+            self._emit(ev.Heartbeat())
+            self._expect_chunk()
+            return
+        self._started = True
+        if t > 0:
+            if t > MAX_BATCH:
+                raise self._fail(
+                    at, f"{self._ckpt()}: batch of {t} pages exceeds the maximum of {MAX_BATCH}"
+                )
+            self._expect(8 * t, self._on_pfns, "the PFN array of a batch")
+        elif t == 0:
+            self._on_end_body()
+        elif t == TAG_TSC_INFO:
+            self._expect(_TSC.size, self._on_tsc, "a TSC_INFO chunk")
+        elif t == TAG_LAST_CHECKPOINT:
+            self._last_here = True
+            self._emit(ev.LastCheckpoint())
+            self._expect_chunk()
+        elif t == TAG_COMPRESSED_DATA:
+            if not self._enabled:
+                raise self._fail(at, "COMPRESSED_DATA before ENABLE_COMPRESSION")
+            if self.format != "B":
+                raise self._fail(
+                    at,
+                    f"COMPRESSED_DATA in the Format A body of {self._ckpt()} "
+                    "(compression starts with the body after ENABLE_COMPRESSION)",
+                )
+            self._expect(8, self._on_compressed_length, "a COMPRESSED_DATA length")
+        elif t == TAG_ENABLE_COMPRESSION:
+            self._on_enable_compression()
+        elif t == TAG_CODEC:
+            if self._enabled:
+                raise self._fail(at, "CODEC after ENABLE_COMPRESSION")
+            if self._announced is not None:
+                raise self._fail(at, "CODEC announced twice")
+            self._expect(8, self._on_codec, "a CODEC chunk")
+        elif t == TAG_MEMORY_DIGEST:
+            self._expect(8, self._on_digest_header, "a MEMORY_DIGEST chunk")
+        elif t in TAG_NAMES:
+            raise self._fail(at, f"unsupported chunk type {t} ({TAG_NAMES[t]})")
+        else:
+            raise self._fail(at, f"unknown chunk type {t}")
+
+    def _on_pfns(self, buf: bytearray) -> None:
+        raw = np.frombuffer(buf, dtype="<u8")
+        base = self._chunk_start + 4
+        p2m = self.p2m_size
+        assert p2m is not None
+        ckpt = self._ckpt()
+        high = raw >> np.uint64(32)
+        if high.any():
+            i = int(np.argmax(high != 0))
+            raise self._fail(base + 8 * i, f"{ckpt}: PFN entry {int(raw[i]):#x} has bits 32-63 set")
+        types = ((raw >> np.uint64(28)) & np.uint64(0xF)).astype(np.uint8)
+        valid = TYPE_VALID[types]
+        if not valid.all():
+            i = int(np.argmin(valid))
+            raise self._fail(
+                base + 8 * i, f"{ckpt}: PFN entry {int(raw[i]):#x} has invalid page type {types[i]:#x}"
+            )
+        pfns = raw & np.uint64(PFN_MASK)
+        named = types != TYPE_XTAB
+        all_named = bool(named.all())
+        where = np.arange(len(pfns)) if all_named else np.flatnonzero(named)
+        pn = pfns if all_named else pfns[named]
+        over = pn >= np.uint64(p2m)
+        if over.any():
+            i = int(where[np.argmax(over)])
+            raise self._fail(
+                base + 8 * i, f"{ckpt}: PFN {int(pfns[i]):#x} is not below p2m_size {p2m:#x}"
+            )
+        if len(pn) > 1:
+            order = np.argsort(pn, kind="stable")
+            s = pn[order]
+            same = s[1:] == s[:-1]
+            if same.any():
+                j = int(np.argmax(same))
+                i = int(where[order[j + 1]])
+                raise self._fail(
+                    base + 8 * i, f"{ckpt}: PFN {int(pfns[i]):#x} appears twice in one batch"
+                )
+        if self.format == "B":
+            assert self._seen is not None
+            again = self._seen[pn]
+            if again.any():
+                i = int(where[np.argmax(again)])
+                raise self._fail(
+                    base + 8 * i,
+                    f"{ckpt}: PFN {int(pfns[i]):#x} listed twice in one Format B body",
+                )
+            self._seen[pn] = True
+            self._listed.append(pn)
+        self._emit(ev.PageBatch(pfns, types))
+        has_data = TYPE_HAS_DATA[types]
+        data_pfns = pfns if has_data.all() else pfns[has_data]
+        if self.format == "B":
+            self._pending.push(data_pfns)
+            self._expect_chunk()
+        elif len(data_pfns):
+            self._batch_pfns = data_pfns
+            dest = np.empty((len(data_pfns), PAGE_SIZE), dtype=np.uint8)
+            self._expect(len(data_pfns) * PAGE_SIZE, self._on_page_data, "the page data of a batch", dest)
+        else:
+            self._expect_chunk()
+
+    def _on_page_data(self, pages: np.ndarray) -> None:
+        assert self._batch_pfns is not None
+        self._emit(ev.Pages(self._batch_pfns, pages))
+        self._pages += len(pages)
+        self._batch_pfns = None
+        self._expect_chunk()
+
+    def _on_tsc(self, buf: bytearray) -> None:
+        self._emit(ev.TscInfo(*_TSC.unpack(buf)))
+        self._expect_chunk()
+
+    def _on_enable_compression(self) -> None:
+        at = self._chunk_start
+        if self._enabled:
+            raise self._fail(at, "ENABLE_COMPRESSION sent twice")
+        codec, cache = self._announced or (LEGACY_CODEC, LEGACY_CACHE_PAGES)
+        if self.required_cache_pages is not None and cache != self.required_cache_pages:
+            raise self._fail(
+                at,
+                f"the stream's {codec} cache holds {cache} pages, "
+                f"this receiver was configured for {self.required_cache_pages}",
+            )
+        from ..compress import Decompressor
+
+        self._decompressor = Decompressor(codec, cache)
+        self._enabled = True
+        self.codec, self.cache_pages = codec, cache
+        self._emit(ev.EnableCompression(codec, cache))
+        self._expect_chunk()
+
+    def _on_codec(self, buf: bytearray) -> None:
+        codec_id, cache = _II.unpack(buf)
+        at = self._chunk_start
+        if codec_id not in CODEC_NAMES:
+            raise self._fail(at, f"CODEC: unknown codec id {codec_id}")
+        if not 1 <= cache <= self.max_cache_pages:
+            raise self._fail(
+                at, f"CODEC: cache of {cache} pages is outside 1..{self.max_cache_pages}"
+            )
+        self._announced = (CODEC_NAMES[codec_id], cache)
+        self._emit(ev.CodecAnnounce(CODEC_NAMES[codec_id], cache))
+        self._expect_chunk()
+
+    def _on_digest_header(self, buf: bytearray) -> None:
+        alg, length = _II.unpack(buf)
+        at = self._chunk_start
+        if alg not in DIGEST_ALGORITHMS:
+            raise self._fail(at, f"MEMORY_DIGEST: unknown algorithm id {alg}")
+        name, size = DIGEST_ALGORITHMS[alg]
+        if length != size:
+            raise self._fail(at, f"MEMORY_DIGEST: {name} digest of {length} bytes, expected {size}")
+        self._digest_name = name
+        self._expect(length, self._on_digest, "a MEMORY_DIGEST chunk")
+
+    def _on_digest(self, buf: bytearray) -> None:
+        self._emit(ev.MemoryDigest(self._digest_name, bytes(buf)))
+        self._expect_chunk()
+
+    def _on_compressed_length(self, buf: bytearray) -> None:
+        (n,) = _ULONG.unpack(buf)
+        at = self._chunk_start
+        if n == 0:
+            raise self._fail(at, "empty COMPRESSED_DATA chunk")
+        if n > self.max_compressed:
+            raise self._fail(
+                at, f"COMPRESSED_DATA of {n} bytes exceeds the cap of {self.max_compressed}"
+            )
+        if self._pending.count == 0:
+            raise self._fail(at, "COMPRESSED_DATA but no listed page awaits its contents")
+        self._expect(n, self._on_compressed, "a COMPRESSED_DATA payload")
+
+    def _on_compressed(self, buf: bytearray) -> None:
+        at = self._chunk_start
+        n = len(buf)
+        # Every page costs at least one byte of compressed data, so a chunk of
+        # n bytes holds at most n pages: the window stays O(n).
+        window = self._pending.peek(min(self._pending.count, n))
+        try:
+            pages = self._decompressor.decompress(buf, window)
+        except CodecError as e:
+            raise self._fail(at, f"COMPRESSED_DATA does not decode: {e}") from None
+        k = len(pages)
+        if k == 0 or k > len(window) or pages.shape[1:] != (PAGE_SIZE,):
+            raise self._fail(
+                at, f"COMPRESSED_DATA decodes to {k} pages, {len(window)} listed pages await data"
+            )
+        self._pending.pop(k)
+        self._pages += k
+        self._emit(ev.Pages(np.array(window[:k], dtype=np.uint64), pages, n))
+        self._expect_chunk()
+
+    def _on_end_body(self) -> None:
+        at = self._chunk_start
+        if self.format == "B":
+            if self._pending.count:
+                raise self._fail(
+                    at,
+                    f"end of the Format B body of {self._ckpt()}: {self._pending.count} "
+                    f"listed pages never arrived ({self._pages} decoded)",
+                )
+            assert self._seen is not None
+            for pn in self._listed:
+                self._seen[pn] = False
+            self._listed.clear()
+        self._emit(ev.EndOfBody(self.checkpoints))
+        self._expect(24, self._on_magic, "the tail's magic PFNs")
+
+    def _on_magic(self, buf: bytearray) -> None:
+        self._magic = struct.unpack("<QQQ", buf)
+        self._expect(4, self._on_context_length, "the tail's HVM context length")
+
+    def _on_context_length(self, buf: bytearray) -> None:
+        (n,) = _UINT.unpack(buf)
+        if n > self.max_context:
+            raise self._fail(
+                self.received - 4,
+                f"{self._ckpt()}: HVM context of {n} bytes exceeds the cap of {self.max_context}",
+            )
+        self._expect(n, self._on_context, "the tail's HVM context")
+
+    def _on_context(self, buf: bytearray) -> None:
+        self._hvm_context = bytes(buf)
+        self._expect(len(DEVICE_MODEL_SIGNATURE), self._on_signature, "the device-model signature")
+
+    def _on_signature(self, buf: bytearray) -> None:
+        if bytes(buf) != DEVICE_MODEL_SIGNATURE:
+            raise self._fail(
+                self.received - len(DEVICE_MODEL_SIGNATURE),
+                f"{self._ckpt()}: device-model record signature {bytes(buf)!r}, "
+                f"expected {DEVICE_MODEL_SIGNATURE!r}",
+            )
+        self._expect(4, self._on_device_model_length, "the device-model record length")
+
+    def _on_device_model_length(self, buf: bytearray) -> None:
+        (n,) = _UINT.unpack(buf)
+        if n > self.max_device_model:
+            raise self._fail(
+                self.received - 4,
+                f"{self._ckpt()}: device-model record of {n} bytes exceeds the cap of "
+                f"{self.max_device_model}",
+            )
+        self._expect(n, self._on_device_model, "the device-model record")
+
+    def _on_device_model(self, buf: bytearray) -> None:
+        ctx = Context(self._magic, self._hvm_context, bytes(buf))
+        self._hvm_context = b""
+        self._emit(ev.Tail(ctx))
+        self._emit(ev.CheckpointEnd(self.checkpoints, self.format, self._pages, self.received))
+        self.checkpoints += 1
+        self._pages = 0
+        self._started = False
+        if self._enabled and self.format == "A":
+            self.format = "B"
+            if self._seen is None:
+                self._seen = np.zeros(self.p2m_size or 0, dtype=bool)
+        if self._last_here:
+            self.last = True
+            self._expect(1, self._on_after_last, "data after the last checkpoint")
+        else:
+            self._expect_chunk()
+
+    def _on_after_last(self, buf: bytearray) -> None:
+        raise self._fail(
+            self.received - 1, "data after the checkpoint that carried LAST_CHECKPOINT"
+        )
