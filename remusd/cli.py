@@ -1,13 +1,109 @@
-"""Placeholder command line until the daemon lands (issue 4)."""
+"""``remusd``: the primary-host daemon (see ``remusd --help``).
 
-import argparse
+Start-up order: configuration (defaults < TOML < flags), logging, the
+hypervisor (off a dom0 without --sim-dir: exit 1 at once with the reason),
+the control socket, the start-up ``protect`` entries, then READY=1 to systemd
+and watchdog pings. SIGTERM/SIGINT end every session cleanly (LAST_CHECKPOINT:
+the backups do not fail over; the guests run on unprotected) and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+from xenbind.errors import ConfigError, RemusError
+from xenbind.hypervisor import open_hypervisor
+from xenbind.service import (
+    ControlServer,
+    Watchdog,
+    parse_args_with_config,
+    sd_notify,
+    setup_logging,
+)
+
+from .config import DEFAULT_CONFIG, build_parser, validate
+from .control import Daemon
+
+log = logging.getLogger("remusd")
+
+#: How often the main loop refreshes systemd's STATUS= line (seconds).
+STATUS_EVERY = 2.0
+
+
+def _fail(msg: str) -> int:
+    log.error("%s", msg)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Remus high availability for Xen (not yet implemented).")
-    parser.parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parse_args_with_config(parser, argv, default_config=DEFAULT_CONFIG)
+        setup_logging(args.log_level)
+        startup = validate(args)
+    except ConfigError as e:
+        setup_logging("info")
+        return _fail(f"configuration: {e}")
+    if any(r.target.kind == "tcp" for r in startup) and not args.insecure:
+        return _fail("configuration: protect entries with a network target need --insecure "
+                     "(plaintext replication link; TLS is not available yet)")
+    try:
+        hv = open_hypervisor(args.sim_dir)
+    except ImportError as e:
+        return _fail(f"cannot use Xen: this build has no Xen support ({e}); "
+                     "use --sim-dir DIR for the simulator")
+    except RemusError as e:
+        return _fail(f"cannot open the hypervisor: {e}")
+    log.info("remusd starting (%s hypervisor%s, control %s, config %s)", hv.kind,
+             f" at {args.sim_dir}" if args.sim_dir else "", args.control,
+             args.config or "none")
+    if not args.insecure:
+        log.info("no --insecure: only file: targets can be protected until TLS is configured")
+
+    daemon = Daemon(hv, args)
+    try:
+        server = ControlServer(args.control, daemon.handle).start()
+    except ConfigError as e:
+        return _fail(str(e))
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("%s received: ending every session cleanly", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    for req in startup:
+        try:
+            daemon.protect(req)
+        except RemusError as e:
+            log.error("cannot protect %s: %s", req.domain, e)
+
+    beat = [time.monotonic()]
+    watchdog = Watchdog(lambda: time.monotonic() - beat[0] < 4 * STATUS_EVERY + 10).start()
+    sd_notify("READY=1\nSTATUS=running")
+    log.info("remusd ready")
+    try:
+        while not stop.wait(STATUS_EVERY):
+            beat[0] = time.monotonic()
+            counts = daemon.counts()
+            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no domains"
+            sd_notify(f"STATUS={summary}")
+    finally:
+        sd_notify("STOPPING=1")
+        daemon.stop_all(timeout=args.ack_timeout + 10)
+        watchdog.stop()
+        server.close()
+        hv.close()
+    log.info("remusd stopped")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,13 +1,264 @@
-"""Placeholder command line until the daemon lands (issue 4)."""
+"""``remusctl``: drive remusd (and read remus-receiver's status) over a control socket.
+
+Commands map one to one to control requests (remusd.control): ``protect``,
+``unprotect``, ``status``. Human output is a table; ``status --json`` prints
+the daemon's status object unchanged (schema: docs/operations.md).
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import textwrap
+from typing import Any
+
+from xenbind.errors import ConfigError
+from xenbind.service import ControlError, control_request
+
+from .config import CODEC_NAMES, DEFAULT_CONTROL, MIN_INTERVAL_MS, Target
+
+DESCRIPTION = textwrap.dedent("""\
+    remusctl controls remusd(8), the Remus primary-host daemon, through its
+    control socket: it starts and ends the protection of domains and shows
+    their state. Pointed at a remus-receiver's control socket, `remusctl
+    status` shows the backup side's sessions.""")
+
+EPILOG = textwrap.dedent("""\
+    commands:
+      protect DOMAIN --to TARGET   start protecting DOMAIN (a domid or a name)
+      unprotect DOMAIN             end it cleanly; the guest keeps running
+      status                       show every protected domain
+
+    examples:
+      remusctl protect ledger --to 10.0.0.2:7788
+      remusctl protect 3 --to backup.example:7788 --interval 50 --codec xen
+      remusctl protect ledger --to file:/var/lib/remus/ledger.stream --codec none
+      remusctl unprotect ledger
+      remusctl status --json
+      remusctl --control /run/remus/receiver.sock status
+
+    exit status:
+      0  success
+      1  the daemon refused the request or could not be reached (message on stderr)
+      2  bad command line
+
+    files:
+      /run/remus/remusd.sock     remusd's control socket (default --control)
+      /run/remus/receiver.sock   remus-receiver's control socket
+
+    see also: remusd(8), remus-receiver(8), docs/operations.md""")
+
+PROTECT_HELP = textwrap.dedent("""\
+    Protect DOMAIN: remusd copies the running guest to the backup (the initial
+    live copy), then checkpoints it every INTERVAL, holding the guest's output
+    until the backup acknowledged the checkpoint that holds it. The command
+    returns once remusd has accepted the request; follow progress with
+    `remusctl status` (state initial-copy, then protected).""")
+
+PROTECT_EPILOG = textwrap.dedent("""\
+    targets:
+      HOST:PORT    a remus-receiver listening there (needs remusd --insecure
+                   until TLS is available)
+      file:PATH    write the session's legacy stream to PATH (no handshake):
+                   `python -m xenbind.stream inspect PATH` and `replay` read it,
+                   and with --codec none Xen's convert-legacy-stream reads its
+                   first checkpoint. Each checkpoint counts as acknowledged once
+                   written and flushed. A relative PATH is made absolute here.
+
+    examples:
+      remusctl protect ledger --to 10.0.0.2:7788 --interval 100
+      remusctl protect 7 --to file:/tmp/7.stream --codec none --verify""")
+
+UNPROTECT_HELP = textwrap.dedent("""\
+    End the protection of DOMAIN cleanly: remusd sends one last checkpoint
+    marked LAST_CHECKPOINT, waits for its acknowledgement and closes the
+    session, so the backup does not take over. The guest keeps running on the
+    primary, unprotected (its output is no longer held back).""")
+
+STATUS_HELP = textwrap.dedent("""\
+    Show each protected domain: its state (initial-copy, protected,
+    unprotected, stopped) and why, checkpoints acknowledged, the last pause,
+    the pages dirtied in the last epoch, bytes sent, the compression ratio,
+    the index of the last checkpoint the backup acknowledged, the target,
+    codec and interval. Against a receiver's socket it shows the receiver's
+    sessions. --json prints the daemon's status object (docs/operations.md).""")
+
+
+def _interval(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of ms") from None
+    if v < MIN_INTERVAL_MS:
+        raise argparse.ArgumentTypeError(f"interval must be at least {MIN_INTERVAL_MS} ms")
+    return v
+
+
+def _target(text: str) -> str:
+    try:
+        t = Target.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if t.kind == "file":
+        return f"file:{os.path.abspath(t.path)}"
+    return str(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="remusctl", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=fmt)
+    p.add_argument("--control", metavar="PATH", default=DEFAULT_CONTROL,
+                   help=f"the daemon's control socket (default {DEFAULT_CONTROL})")
+    p.add_argument("--timeout", metavar="SEC", type=float, default=30.0,
+                   help="how long to wait for the daemon's answer (default 30)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    pr = sub.add_parser("protect", help="start protecting a domain", description=PROTECT_HELP,
+                        epilog=PROTECT_EPILOG, formatter_class=fmt)
+    pr.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
+    pr.add_argument("--to", metavar="TARGET", required=True, type=_target,
+                    help="HOST:PORT of the backup's remus-receiver, or file:PATH")
+    pr.add_argument("--interval", metavar="MS", type=_interval,
+                    help=f"checkpoint interval in ms (default: remusd's, 200 unless "
+                         f"configured; minimum {MIN_INTERVAL_MS})")
+    pr.add_argument("--codec", choices=list(CODEC_NAMES),
+                    help="checkpoint compression (default: remusd's, seed unless configured): "
+                         "seed, xen (Xen 4.2-4.5's format) or none (uncompressed)")
+    pr.add_argument("--verify", action="store_true", default=None,
+                    help="send a digest of all guest memory with each checkpoint; the "
+                         "backup checks it (debugging: lengthens the pause)")
+
+    un = sub.add_parser("unprotect", help="end the protection of a domain cleanly",
+                        description=UNPROTECT_HELP, formatter_class=fmt,
+                        epilog="example:\n  remusctl unprotect ledger")
+    un.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
+
+    st = sub.add_parser("status", help="show the protected domains", description=STATUS_HELP,
+                        formatter_class=fmt,
+                        epilog="examples:\n  remusctl status\n  remusctl status --json\n"
+                               "  remusctl --control /run/remus/receiver.sock status")
+    st.add_argument("--json", action="store_true", help="machine-readable output (stable)")
+    return p
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, dict | list):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+REMUSD_COLUMNS = [
+    ("DOMAIN", lambda d: f"{d['name']} ({d['domid']})"),
+    ("STATE", lambda d: d["state"]),
+    ("CHECKPOINTS", lambda d: str(d["checkpoints"])),
+    ("ACKED", lambda d: _cell(d["acked"])),
+    ("PAUSE ms", lambda d: _cell(d["last_pause_ms"])),
+    ("DIRTY", lambda d: _cell(d["dirty_pages"])),
+    ("SENT", lambda d: _fmt_bytes(d["bytes_sent"])),
+    ("RATIO", lambda d: "-" if d["compression_ratio"] is None
+     else f"{d['compression_ratio']:.1f}:1"),
+    ("TARGET", lambda d: d["target"]),
+    ("CODEC", lambda d: d["codec"] + ("+verify" if d.get("verify") else "")),
+    ("INTERVAL", lambda d: f"{d['interval_ms']} ms"),
+]
+
+
+def render_status(st: Any) -> str:
+    if not isinstance(st, dict):
+        return json.dumps(st, indent=2)
+    head = [f"{st.get('daemon', 'daemon')} {st.get('version', '')}".strip()]
+    for k in ("pid", "hypervisor", "listen", "uptime_s"):
+        if k in st:
+            head.append(f"{k} {_cell(st[k])}")
+    out = ["  ".join(head)]
+    if isinstance(st.get("domains"), list) and st.get("daemon") == "remusd":
+        doms = st["domains"]
+        if not doms:
+            return out[0] + "\nno protected domains"
+        rows = [[f(d) for _, f in REMUSD_COLUMNS] for d in doms]
+        out.append(table(rows, [h for h, _ in REMUSD_COLUMNS]))
+        reasons = [f"  {d['name']}: {d['reason']}" for d in doms
+                   if d.get("reason") and d["state"] in ("unprotected", "stopped")]
+        if reasons:
+            out.append("reasons:\n" + "\n".join(reasons))
+        return "\n".join(out)
+    # another daemon (the receiver): scalars in the head line, then each list of
+    # objects as a table of its keys
+    for key, val in st.items():
+        if isinstance(val, list) and all(isinstance(x, dict) for x in val):
+            if not val:
+                out.append(f"no {key}")
+                continue
+            cols: list[str] = []
+            for item in val:
+                cols += [c for c in item if c not in cols]
+            rows = [[_cell(item.get(c)) for c in cols] for item in val]
+            out.append(table(rows, [c.upper() for c in cols]))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Remus high availability for Xen (not yet implemented).")
-    parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "status":
+            st = control_request(args.control, "status", timeout=args.timeout)
+            if args.json:
+                print(json.dumps(st, indent=2, sort_keys=True))
+            else:
+                print(render_status(st))
+        elif args.command == "protect":
+            req: dict[str, Any] = {"domain": args.domain, "target": args.to}
+            if args.interval is not None:
+                req["interval_ms"] = args.interval
+            if args.codec is not None:
+                req["codec"] = args.codec
+            if args.verify:
+                req["verify"] = True
+            d = control_request(args.control, "protect", timeout=args.timeout, **req)
+            print(f"protecting {d['name']} ({d['domid']}) to {d['target']}: every "
+                  f"{d['interval_ms']} ms, codec {d['codec']}"
+                  f"{', verify' if d['verify'] else ''}")
+        elif args.command == "unprotect":
+            d = control_request(args.control, "unprotect", domain=args.domain,
+                                timeout=args.timeout + 5, wait_s=args.timeout)
+            print(f"{d['name']} ({d['domid']}): {d['state']} after {d['checkpoints']} "
+                  f"checkpoints; the guest runs unprotected")
+    except ControlError as e:
+        print(f"remusctl: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""remusd's configuration: the command line, the TOML keys, a protect request.
+
+Every option is a flag and a TOML key of /etc/remus/remusd.toml (the flag's
+long name, ``-`` or ``_``); precedence: built-in default < TOML < flag (see
+``xenbind.service.parse_args_with_config``). The daemon-wide defaults for a
+protected domain (``interval``, ``codec``...) apply when ``remusctl protect``
+does not say otherwise. ``protect`` entries in the TOML (or repeated
+``--protect`` flags) are protected when the daemon starts::
+
+    protect = ["ledger=backup.example:7788", "web=file:/var/lib/remus/web.stream"]
+
+Rules:
+- Intervals are whole milliseconds, ``MIN_INTERVAL_MS`` (10) or more.
+- Timeouts are seconds, positive; every network wait takes one of them.
+- A target is ``HOST:PORT`` (the receiver) or ``file:PATH`` (a stream file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from dataclasses import asdict, dataclass
+
+from xenbind.errors import ConfigError
+from xenbind.transport import parse_hostport
+
+#: The codecs remusd offers (xenbind.compress.CODECS; a test checks they agree).
+CODEC_NAMES = ("seed", "xen", "none")
+DEFAULT_CONFIG = "/etc/remus/remusd.toml"
+DEFAULT_CONTROL = "/run/remus/remusd.sock"
+DEFAULT_INTERVAL_MS = 200  # like `xl remus`
+MIN_INTERVAL_MS = 10
+MAX_INTERVAL_MS = 60_000
+#: The sender's page buffer: pages compressed into one COMPRESSED_DATA chunk (Xen: 8192).
+DEFAULT_BUFFER_PAGES = 8192
+#: The LRU page cache of the compressing codecs (Xen: 8192).
+DEFAULT_CACHE_PAGES = 8192
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a session's stream goes."""
+
+    kind: str  # "tcp" or "file"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        if text.startswith("file:"):
+            path = text[5:]
+            if not path:
+                raise ConfigError("target file: needs a path (file:PATH)")
+            return cls("file", path=path)
+        host, port = parse_hostport(text, what="target")
+        if port == 0:
+            raise ConfigError(f"target {text!r}: port 0 is not a receiver's port")
+        return cls("tcp", host=host, port=port)
+
+    def __str__(self) -> str:
+        if self.kind == "file":
+            return f"file:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def check_interval(ms: int) -> int:
+    if not isinstance(ms, int) or isinstance(ms, bool):
+        raise ConfigError(f"interval {ms!r} is not a whole number of milliseconds")
+    if not MIN_INTERVAL_MS <= ms <= MAX_INTERVAL_MS:
+        raise ConfigError(f"interval {ms} ms out of range ({MIN_INTERVAL_MS}..{MAX_INTERVAL_MS} ms)")
+    return ms
+
+
+def check_codec(codec: str) -> str:
+    if codec not in CODEC_NAMES:
+        raise ConfigError(f"codec {codec!r} unknown (one of {', '.join(CODEC_NAMES)})")
+    return codec
+
+
+@dataclass(frozen=True)
+class ProtectRequest:
+    """One domain to protect, as remusctl or the config file asks."""
+
+    domain: str  # domid or name, as given
+    target: Target
+    interval_ms: int = DEFAULT_INTERVAL_MS
+    codec: str = "seed"
+    verify: bool = False
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["target"] = str(self.target)
+        return d
+
+    @classmethod
+    def from_json(cls, req: dict, defaults: argparse.Namespace) -> ProtectRequest:
+        """From a control request; missing fields take the daemon's defaults."""
+        domain = req.get("domain")
+        if not isinstance(domain, str | int) or isinstance(domain, bool) or str(domain) == "":
+            raise ConfigError("protect: 'domain' (a domid or a name) is required")
+        target = req.get("target")
+        if not isinstance(target, str):
+            raise ConfigError("protect: 'target' (HOST:PORT or file:PATH) is required")
+        interval = req.get("interval_ms")
+        interval = defaults.interval if interval is None else interval
+        codec = req.get("codec") or defaults.codec
+        verify = req.get("verify")
+        verify = defaults.verify if verify is None else verify
+        if not isinstance(verify, bool):
+            raise ConfigError("protect: 'verify' must be true or false")
+        if not isinstance(codec, str):
+            raise ConfigError("protect: 'codec' must be a string")
+        return cls(str(domain), Target.parse(target), check_interval(interval),
+                   check_codec(codec), verify)
+
+    @classmethod
+    def parse_spec(cls, spec: str, defaults: argparse.Namespace) -> ProtectRequest:
+        """``DOMAIN=TARGET`` (the ``protect`` config key)."""
+        domain, sep, target = spec.partition("=")
+        if not sep or not domain or not target:
+            raise ConfigError(f"protect entry {spec!r} is not DOMAIN=HOST:PORT or DOMAIN=file:PATH")
+        return cls.from_json({"domain": domain, "target": target}, defaults)
+
+
+def _positive(kind):
+    def conv(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return v
+
+    conv.__name__ = kind.__name__
+    return conv
+
+
+DESCRIPTION = textwrap.dedent("""\
+    remusd is the primary-host daemon of Remus high availability. For each
+    protected domain it copies the running guest to a backup host (the
+    remus-receiver daemon there), then checkpoints it every INTERVAL: it
+    pauses the guest, copies the pages dirtied since the last checkpoint,
+    resumes it, and while the guest runs sends those pages compressed to the
+    backup. Output the guest produced (its network packets; the simulator's
+    released outputs) is held back until the backup acknowledged the
+    checkpoint holding it. If the backup stops acknowledging, the guest keeps
+    running unprotected and remusd retries; when the primary dies, the backup
+    resumes the guest from the last acknowledged checkpoint.
+
+    remusd is driven with remusctl(1) over its control socket. It runs in the
+    foreground, logs to stderr (journald-friendly under systemd) and supports
+    systemd's Type=notify readiness and watchdog.""")
+
+EPILOG = textwrap.dedent("""\
+    configuration:
+      Every option above is also a key of the TOML file (--config), named like
+      the long flag without the dashes: control = "/run/remus/remusd.sock",
+      interval = 100, ack-timeout = 2.0, protect = ["ledger=backup:7788"].
+      Flags given on the command line override the file.
+
+    examples:
+      remusd --insecure
+          run with /etc/remus/remusd.toml, plaintext replication link
+      remusd --sim-dir /dev/shm/primary --control /tmp/remusd.sock --insecure
+          run against a simulated host (see python -m xenbind.sim --help)
+      remusd --insecure --protect ledger=10.0.0.2:7788 --interval 100
+          protect the domain "ledger" as soon as the daemon is up
+
+    exit status:
+      0  stopped by SIGTERM or SIGINT (protected guests keep running,
+         unprotected, and each backup was told the session ended cleanly)
+      1  configuration error, or the hypervisor cannot be opened
+         (e.g. not a Xen dom0 and no --sim-dir)
+
+    files:
+      /etc/remus/remusd.toml   configuration (optional)
+      /run/remus/remusd.sock   control socket (mode 0600)
+
+    see also: remusctl(1), remus-receiver(8), docs/operations.md""")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remusd", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML configuration file (default {DEFAULT_CONFIG}, used if it exists)")
+    p.add_argument("--control", metavar="PATH", default=DEFAULT_CONTROL,
+                   help=f"control socket remusctl talks to, mode 0600 (default {DEFAULT_CONTROL})")
+    p.add_argument("--sim-dir", metavar="DIR",
+                   help="use the simulated host whose directory is DIR instead of Xen")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plaintext (unauthenticated, unencrypted) replication link; "
+                        "required until TLS is configured")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default info)")
+    g = p.add_argument_group("defaults for protected domains (remusctl protect may override)")
+    g.add_argument("--interval", metavar="MS", type=int, default=DEFAULT_INTERVAL_MS,
+                   help=f"checkpoint interval in ms (default {DEFAULT_INTERVAL_MS}, "
+                        f"minimum {MIN_INTERVAL_MS})")
+    g.add_argument("--codec", choices=list(CODEC_NAMES), default="seed",
+                   help="checkpoint compression: seed (delta words, the default), xen "
+                        "(Xen 4.2-4.5's format) or none (uncompressed Format A)")
+    g.add_argument("--verify", action="store_true",
+                   help="add a digest of the whole guest memory to each checkpoint "
+                        "(debugging; lengthens the pause)")
+    g.add_argument("--protect", metavar="DOMAIN=TARGET", action="append", default=[],
+                   help="protect DOMAIN at start-up, TARGET being HOST:PORT or file:PATH "
+                        "(repeatable)")
+    t = p.add_argument_group("timeouts and tuning")
+    t.add_argument("--ack-timeout", metavar="SEC", type=_positive(float), default=2.0,
+                   help="declare the backup gone when a checkpoint is not acknowledged within "
+                        "SEC seconds (default 2.0); the guest then runs unprotected")
+    t.add_argument("--connect-timeout", metavar="SEC", type=_positive(float), default=5.0,
+                   help="TCP connect and handshake timeout (default 5.0)")
+    t.add_argument("--retry-min", metavar="SEC", type=_positive(float), default=0.5,
+                   help="first delay before reconnecting to a lost backup (default 0.5); "
+                        "doubles on each failure")
+    t.add_argument("--retry-max", metavar="SEC", type=_positive(float), default=30.0,
+                   help="longest delay between reconnection attempts (default 30)")
+    t.add_argument("--precopy-rounds", metavar="N", type=_positive(int), default=5,
+                   help="at most N live pre-copy rounds in the initial copy before the final "
+                        "paused round (default 5)")
+    t.add_argument("--precopy-threshold", metavar="PAGES", type=_positive(int), default=256,
+                   help="stop pre-copying once a round has fewer dirty pages (default 256)")
+    t.add_argument("--buffer-pages", metavar="N", type=_positive(int),
+                   default=DEFAULT_BUFFER_PAGES,
+                   help=f"sender page buffer per COMPRESSED_DATA chunk (default "
+                        f"{DEFAULT_BUFFER_PAGES}, as Xen)")
+    t.add_argument("--cache-pages", metavar="N", type=_positive(int), default=DEFAULT_CACHE_PAGES,
+                   help=f"page cache of the compressing codecs (default {DEFAULT_CACHE_PAGES})")
+    return p
+
+
+def validate(args: argparse.Namespace) -> list[ProtectRequest]:
+    """Check cross-option rules; the start-up protect requests."""
+    check_interval(args.interval)
+    check_codec(args.codec)
+    if args.retry_max < args.retry_min:
+        raise ConfigError(f"retry-max ({args.retry_max}) is below retry-min ({args.retry_min})")
+    return [ProtectRequest.parse_spec(s, args) for s in args.protect]

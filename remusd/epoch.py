@@ -1,0 +1,87 @@
+"""One checkpoint on the primary: the paused copy, then the encoding.
+
+The epoch of design.md, split at the line the guest's pause draws::
+
+    capture()   (guest paused)  pause; read and clear the log-dirty bitmap;
+                                ONE vectorised gather of the dirty pages into
+                                the preallocated checkpoint buffer; [verify:
+                                digest of all memory]; context; output
+                                barrier; unpause
+    encode()    (guest running) Format B (or A) page chunks through the
+                                StreamWriter's compressor, closing chunks, tail
+
+The caller then sends the buffers, waits for the ack and calls
+``output_release()`` (remusd.protector).
+
+Rules:
+- Nothing but the copy (and, in verify mode, the digest) happens while the
+  guest is paused; the pause is undone even when a step inside fails.
+- The checkpoint buffer is allocated once per session at the domain's size
+  (``np.empty``: the kernel backs only the rows ever written) and never grows.
+- ``Capture.pages`` is a view of that buffer: encode and send a capture before
+  the next ``capture()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from xenbind import PAGE_SIZE
+from xenbind.hypervisor import Context, Domain
+from xenbind.stream.encoder import StreamWriter, memory_digest
+
+
+@dataclass
+class Capture:
+    """What one paused window took from the guest."""
+
+    pfns: np.ndarray  # uint64, sorted
+    pages: np.ndarray  # (len(pfns), 4096) uint8, a view of the checkpoint buffer
+    context: Context
+    digest: bytes | None  # xxh3-128 of all memory (verify mode)
+    pause_ms: float  # paused -> unpaused, wall clock
+
+
+class CheckpointBuffer:
+    """The preallocated page buffer of one session (and, for verify, a full image)."""
+
+    def __init__(self, pages: int, verify: bool) -> None:
+        self.pages = pages
+        self.buf = np.empty((pages, PAGE_SIZE), dtype=np.uint8)
+        self.image = np.empty((pages, PAGE_SIZE), dtype=np.uint8) if verify else None
+        self.all_pfns = np.arange(pages, dtype=np.uint64) if verify else None
+
+
+def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = None) -> Capture:
+    """The paused part of an epoch (see the module docstring).
+
+    ``extra``: PFNs to copy besides the dirty ones (the initial copy's final
+    round passes the pages its last live round left behind).
+    """
+    t0 = time.perf_counter()
+    domain.pause()
+    try:
+        pfns = domain.read_and_clear_dirty()
+        if extra is not None and len(extra):
+            pfns = np.union1d(extra.astype(np.uint64), pfns.astype(np.uint64))
+        view = cb.buf[: len(pfns)]
+        if len(pfns):
+            domain.gather(pfns, view)
+        digest = None
+        if cb.image is not None:
+            domain.gather(cb.all_pfns, cb.image)
+            digest = memory_digest(cb.image)
+        ctx = domain.get_context()
+        domain.output_barrier()
+    finally:
+        domain.unpause()
+    pause_ms = (time.perf_counter() - t0) * 1e3
+    return Capture(pfns, view, ctx, digest, pause_ms)
+
+
+def encode(writer: StreamWriter, cap: Capture, *, last: bool = False) -> list:
+    """The buffers of one checkpoint (page chunks, closing chunks, end, tail)."""
+    return writer.checkpoint(cap.pfns, cap.pages, cap.context, digest=cap.digest, last=last)

@@ -1,0 +1,263 @@
+"""Where a session's stream goes: the receiver over a Transport, or a file.
+
+Two kinds of link behind one small interface the protector drives::
+
+    link.open()                      connect + handshake (network) / create the file
+    link.send(buffers)               write buffers in order (sendmsg / writev)
+    link.wait_ack(index, deadline, heartbeat)
+                                     block until checkpoint ``index`` is acknowledged;
+                                     calls heartbeat() every heartbeat interval meanwhile
+    link.close()                     end it (after LAST_CHECKPOINT for a clean end)
+
+``NetLink`` speaks the session protocol of ``xenbind.session`` (handshake,
+then the raw legacy stream one way, ACK/HEARTBEAT frames the other) over a
+``xenbind.transport.Transport``. ``FileLink`` writes the bare legacy stream
+(no handshake) like ``xl remus -b`` but kept; a checkpoint counts as
+acknowledged once written and flushed.
+
+Rules:
+- Every wait has a deadline from configuration; a missed one raises
+  ``LinkDown`` (the backup is gone as far as the primary can tell).
+- A receiver's REFUSE raises ``Refused`` carrying its code, so the protector
+  can tell "try later" (busy, internal) from "never" (fenced, version...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+from collections.abc import Callable, Sequence
+
+from xenbind import session as sp
+from xenbind.errors import ProtocolError, RemusError
+from xenbind.transport import PlainTransport, Transport
+
+from .config import Target
+
+log = logging.getLogger(__name__)
+
+#: Refusal codes after which retrying the same receiver cannot help.
+PERMANENT_REFUSALS = frozenset({"version", "bad-hello", "codec", "limit", "fenced"})
+
+
+class LinkDown(RemusError):
+    """The backup cannot be reached or stopped acknowledging."""
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+
+class Refused(LinkDown):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"receiver refused the session ({code}): {reason}",
+                         permanent=code in PERMANENT_REFUSALS)
+        self.code = code
+
+
+class Link:
+    kind = "abstract"
+    failover_timeout_ms: int | None = None
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def send(self, buffers: Sequence) -> int:
+        raise NotImplementedError
+
+    def wait_ack(self, index: int, deadline: float, heartbeat: Callable[[], None],
+                 heartbeat_s: float) -> sp.Ack:
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        """Consume whatever the peer sent meanwhile (heartbeats); LinkDown if it left."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class FileLink(Link):
+    """The bare legacy stream into a file (``--to file:PATH``)."""
+
+    kind = "file"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = None
+
+    def open(self) -> None:
+        try:
+            self._f = open(self.path, "wb")  # noqa: SIM115 - lives as long as the link
+        except OSError as e:
+            raise LinkDown(f"cannot open {self.path}: {e.strerror}", permanent=True) from None
+
+    def send(self, buffers: Sequence) -> int:
+        assert self._f is not None
+        try:
+            n = 0
+            for b in buffers:
+                n += self._f.write(b)
+            self._f.flush()
+        except OSError as e:
+            raise LinkDown(f"writing {self.path}: {e.strerror}") from None
+        return n
+
+    def wait_ack(self, index: int, deadline: float, heartbeat: Callable[[], None],
+                 heartbeat_s: float) -> sp.Ack:
+        return sp.Ack(index)  # written and flushed: acknowledged
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError as e:
+                log.warning("closing %s: %s", self.path, e.strerror)
+            self._f = None
+
+
+class NetLink(Link):
+    """The session protocol over a Transport to a remus-receiver."""
+
+    kind = "tcp"
+
+    def __init__(self, target: Target, hello: sp.Hello, *, connect_timeout: float,
+                 io_timeout: float,
+                 connect: Callable[[str, int, float], Transport] | None = None) -> None:
+        self.target = target
+        self.hello = hello
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self._connect = connect or (lambda h, p, t: PlainTransport.connect(h, p, timeout=t))
+        self.t: Transport | None = None
+        self.session: sp.SenderSession | None = None
+        self.acked: int | None = None
+        self.accept: sp.Accept | None = None
+        self.last_heard = 0.0
+
+    # -- connection --------------------------------------------------------------
+
+    def open(self) -> None:
+        try:
+            self.t = self._connect(self.target.host, self.target.port, self.connect_timeout)
+        except OSError as e:
+            raise LinkDown(f"cannot connect to {self.target}: {e.strerror or e}") from None
+        self.session = sp.SenderSession(self.hello)
+        self.t.settimeout(self.connect_timeout)
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            self.t.sendall(self.session.hello())
+            while self.accept is None:
+                if time.monotonic() > deadline:
+                    raise LinkDown(f"{self.target} did not answer the handshake within "
+                                   f"{self.connect_timeout} s")
+                for ev in self._read():
+                    if isinstance(ev, sp.Refused):
+                        raise Refused(ev.refuse.code, ev.refuse.reason)
+                    if isinstance(ev, sp.Accepted):
+                        self.accept = ev.accept
+        except LinkDown:
+            self.close()
+            raise
+        except (OSError, TimeoutError) as e:
+            self.close()
+            raise LinkDown(f"handshake with {self.target}: {e}") from None
+        self.failover_timeout_ms = self.accept.failover_timeout_ms
+        self.t.settimeout(self.io_timeout)
+        self.last_heard = time.monotonic()
+
+    def _read(self) -> list:
+        """One recv (blocking up to the transport's timeout) fed to the session."""
+        assert self.t is not None and self.session is not None
+        try:
+            data = self.t.recv(65536)
+        except TimeoutError:
+            return []
+        except OSError as e:
+            raise LinkDown(f"link to {self.target} broke: {e.strerror or e}") from None
+        try:
+            if not data:
+                self.session.eof()
+                raise LinkDown(f"{self.target} closed the connection")
+            events = self.session.feed(data)
+        except ProtocolError as e:
+            raise LinkDown(f"{self.target} broke the session protocol: {e}") from None
+        self.last_heard = time.monotonic()
+        return events
+
+    def _handle(self, ev) -> None:
+        if isinstance(ev, sp.Ack):
+            if self.acked is not None and ev.index <= self.acked:
+                raise LinkDown(f"{self.target} acknowledged checkpoint {ev.index} "
+                               f"after {self.acked}")
+            self.acked = ev.index
+            if ev.mismatch:
+                log.error("backup %s reports a memory digest mismatch at checkpoint %d",
+                          self.target, ev.index)
+        elif isinstance(ev, sp.Error):
+            raise LinkDown(f"{self.target} ended the session ({ev.code_name}): {ev.reason}",
+                           permanent=ev.code == sp.ERR_FAILED_OVER)
+        elif isinstance(ev, sp.Goodbye):
+            raise LinkDown(f"{self.target} said goodbye: {ev.reason}")
+
+    # -- streaming ---------------------------------------------------------------
+
+    def send(self, buffers: Sequence) -> int:
+        assert self.t is not None
+        try:
+            return self.t.send_buffers(buffers)
+        except TimeoutError:
+            raise LinkDown(f"sending to {self.target} stalled for {self.io_timeout} s") from None
+        except OSError as e:
+            raise LinkDown(f"sending to {self.target}: {e.strerror or e}") from None
+
+    def poll(self) -> None:
+        assert self.t is not None
+        while True:
+            try:
+                ready, _, _ = select.select([self.t.fileno()], [], [], 0)
+            except (OSError, ValueError):
+                raise LinkDown(f"link to {self.target} is closed") from None
+            if not ready:
+                return
+            for ev in self._read():
+                self._handle(ev)
+
+    def wait_ack(self, index: int, deadline: float, heartbeat: Callable[[], None],
+                 heartbeat_s: float) -> sp.Ack:
+        assert self.t is not None
+        next_beat = time.monotonic() + heartbeat_s
+        last: sp.Ack | None = None
+        while self.acked is None or self.acked < index:
+            now = time.monotonic()
+            if now >= deadline:
+                raise LinkDown(f"{self.target} did not acknowledge checkpoint {index} in time")
+            if now >= next_beat:
+                heartbeat()
+                next_beat = now + heartbeat_s
+            wait = max(0.001, min(deadline, next_beat) - now)
+            try:
+                ready, _, _ = select.select([self.t.fileno()], [], [], wait)
+            except (OSError, ValueError):
+                raise LinkDown(f"link to {self.target} is closed") from None
+            if not ready:
+                continue
+            for ev in self._read():
+                self._handle(ev)
+                if isinstance(ev, sp.Ack):
+                    last = ev
+        return last if last is not None and last.index == index else sp.Ack(index)
+
+    def close(self) -> None:
+        if self.t is not None:
+            self.t.close()
+            self.t = None
+
+
+def make_link(target: Target, hello: sp.Hello, *, connect_timeout: float,
+              io_timeout: float) -> Link:
+    if target.kind == "file":
+        return FileLink(os.path.abspath(target.path))
+    return NetLink(target, hello, connect_timeout=connect_timeout, io_timeout=io_timeout)

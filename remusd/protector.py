@@ -1,0 +1,319 @@
+"""One protected domain: a thread running sessions to its backup, and its status.
+
+States (``Protector.state``)::
+
+    initial-copy  connecting, handshake, the live copy of checkpoint 0
+    protected     checkpoint 0 acknowledged; the epoch loop runs
+    unprotected   the backup is gone (``reason`` says why): the guest runs with
+                  its output released at once; retries with backoff
+                  (retry_min doubling up to retry_max), and each retry makes a
+                  fresh session with a fresh initial copy
+    stopped       protection ended (remusctl unprotect, daemon stop, the
+                  domain is gone, or a refusal retrying cannot cure)
+
+The epoch loop (design.md, "One epoch on the primary")::
+
+    capture (paused: dirty bitmap, one gather, context, output barrier)
+    encode (running: Format B through the StreamWriter's compressor)
+    send; wait for the ACK of that checkpoint (heartbeats meanwhile)
+    output_release()
+    sleep until the next interval starts
+
+Rules:
+- The guest's output is released only after the ACK of the checkpoint that
+  holds it (one ``output_release`` per acknowledged checkpoint, in order);
+  when the session is lost, ``output_unplug`` releases everything at once:
+  the guest runs unprotected rather than stalls.
+- The guest is never left paused: every pause is paired with an unpause in
+  ``epoch.capture``.
+- A clean end (unprotect, daemon stop) sends one last checkpoint carrying
+  LAST_CHECKPOINT, waits for its ACK, then unplugs and closes: the backup does
+  not fail over.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from xenbind import session as sp
+from xenbind.errors import DomainError
+from xenbind.hypervisor import Domain, DomainConfig, DomainInfo
+from xenbind.stream.encoder import StreamWriter
+
+from .config import ProtectRequest
+from .epoch import CheckpointBuffer, capture, encode
+from .initial_copy import initial_copy
+from .link import Link, LinkDown, make_link
+
+log = logging.getLogger(__name__)
+
+SOFTWARE = "remusd 0.1.0"
+
+STATES = ("initial-copy", "protected", "unprotected", "stopped")
+
+
+class Tuning:
+    """The daemon-wide knobs a protector reads (from remusd's configuration)."""
+
+    def __init__(self, args) -> None:
+        self.ack_timeout = float(args.ack_timeout)
+        self.connect_timeout = float(args.connect_timeout)
+        self.retry_min = float(args.retry_min)
+        self.retry_max = float(args.retry_max)
+        self.precopy_rounds = int(args.precopy_rounds)
+        self.precopy_threshold = int(args.precopy_threshold)
+        self.buffer_pages = int(args.buffer_pages)
+        self.cache_pages = int(args.cache_pages)
+
+
+class Protector:
+    """The session thread of one domain."""
+
+    def __init__(self, domain: Domain, info: DomainInfo, req: ProtectRequest,
+                 tuning: Tuning) -> None:
+        self.domain = domain
+        self.info = info
+        self.req = req
+        self.tuning = tuning
+        self._lock = threading.Lock()
+        self._stop = threading.Event()  # asked to end (clean)
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"protect-{info.name}",
+                                        daemon=True)
+        self.generation = time.time_ns()
+        # status (under _lock)
+        self.state = "initial-copy"
+        self.reason: str | None = None
+        self.since = time.time()
+        self.checkpoints = 0  # acknowledged checkpoints, all sessions
+        self.acked: int | None = None  # index of the last acked checkpoint, this session
+        self.last_pause_ms: float | None = None
+        self.dirty_pages: int | None = None
+        self.bytes_sent = 0
+        self.raw_b = 0  # page bytes of Format B checkpoints
+        self.wire_b = 0  # their encoded size
+        self.session_id: str | None = None
+        self.sessions = 0
+        self.retries = 0
+        self.mismatches = 0
+        self.started = time.monotonic()
+
+    # -- control -----------------------------------------------------------------
+
+    def start(self) -> Protector:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask for a clean end (LAST_CHECKPOINT); returns at once."""
+        self._stop.set()
+        self._wake.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _set(self, state: str, reason: str | None = None) -> None:
+        with self._lock:
+            if state != self.state or reason != self.reason:
+                self.since = time.time()
+            self.state = state
+            self.reason = reason
+
+    def status(self) -> dict:
+        with self._lock:
+            ratio = (self.raw_b / self.wire_b) if self.wire_b else None
+            return {
+                "domid": self.info.domid,
+                "name": self.info.name,
+                "state": self.state,
+                "reason": self.reason,
+                "since": round(self.since, 3),
+                "target": str(self.req.target),
+                "codec": self.req.codec,
+                "interval_ms": self.req.interval_ms,
+                "verify": self.req.verify,
+                "checkpoints": self.checkpoints,
+                "acked": self.acked,
+                "last_pause_ms": None if self.last_pause_ms is None
+                else round(self.last_pause_ms, 3),
+                "dirty_pages": self.dirty_pages,
+                "bytes_sent": self.bytes_sent,
+                "compression_ratio": None if ratio is None else round(ratio, 3),
+                "session": self.session_id,
+                "sessions": self.sessions,
+                "retries": self.retries,
+                "verify_mismatches": self.mismatches,
+            }
+
+    # -- the thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.tuning.retry_min
+        while not self._stop.is_set():
+            link: Link | None = None
+            try:
+                link = self._session()
+                if self._stop.is_set():
+                    break
+            except LinkDown as e:
+                self._unprotect(f"backup lost: {e.reason}")
+                if e.permanent:
+                    log.error("domain %s: %s; not retrying (unprotect and protect again "
+                              "to retry)", self.info.name, e.reason)
+                    self._set("unprotected", f"{e.reason} (not retrying)")
+                    self._stop.wait()
+                    break
+                log.warning("domain %s unprotected: %s; retrying in %.1f s",
+                            self.info.name, e.reason, delay)
+                if self._stop.wait(delay):
+                    break
+                with self._lock:
+                    self.retries += 1
+                delay = min(delay * 2, self.tuning.retry_max)
+                continue
+            except DomainError as e:
+                log.error("domain %s: %s; protection stopped", self.info.name, e)
+                self._unprotect(str(e))
+                self._set("stopped", str(e))
+                return
+            except Exception as e:  # a bug: keep the guest running, say so
+                log.exception("domain %s: protection failed", self.info.name)
+                self._unprotect(f"internal error: {e}")
+                self._set("stopped", f"internal error: {e}")
+                return
+            finally:
+                if link is not None:
+                    link.close()
+            delay = self.tuning.retry_min
+        if self.state != "stopped":
+            self._set("stopped", "unprotected on request")
+
+    def _unprotect(self, reason: str) -> None:
+        """The guest runs on with its output released (no backup to wait for)."""
+        self._set("unprotected", reason)
+        for op in (self.domain.output_unplug, self.domain.disable_logdirty):
+            try:
+                op()
+            except DomainError as e:
+                log.warning("domain %s: %s", self.info.name, e)
+
+    def _hello(self) -> sp.Hello:
+        i = self.info
+        return sp.Hello(
+            session_id=sp.new_session_id(),
+            options=sp.Options(codec=self.req.codec, cache_pages=self.tuning.cache_pages,
+                               buffer_pages=self.tuning.buffer_pages,
+                               interval_ms=self.req.interval_ms,
+                               heartbeat_ms=self.req.interval_ms, verify=self.req.verify),
+            domain=DomainConfig(name=i.name, uuid=i.uuid, pages=i.pages, vcpus=i.vcpus,
+                                hvm=i.hvm, extra=dict(i.extra)),
+            generation=self.generation,
+            software=SOFTWARE,
+        )
+
+    def _session(self) -> Link:
+        """One session: connect, initial copy, epochs until asked to stop.
+
+        Returns the link (closed by the caller) after a clean end; raises
+        LinkDown when the backup is lost.
+        """
+        t = self.tuning
+        hello = self._hello()
+        interval = self.req.interval_ms / 1000.0
+        link = make_link(self.req.target, hello, connect_timeout=t.connect_timeout,
+                         io_timeout=max(t.ack_timeout, interval))
+        link.open()
+        self._set("initial-copy")
+        try:
+            return self._stream(link, hello, interval)
+        except BaseException:
+            link.close()
+            raise
+
+    def _stream(self, link: Link, hello: sp.Hello, interval: float) -> Link:
+        t = self.tuning
+        with self._lock:
+            self.session_id = hello.session_id if link.kind == "tcp" else None
+            self.sessions += 1
+            self.acked = None
+        log.info("domain %s: session %s to %s (codec %s, interval %d ms%s): initial copy",
+                 self.info.name, hello.session_id[:8], self.req.target, self.req.codec,
+                 self.req.interval_ms, ", verify" if self.req.verify else "")
+        writer = StreamWriter(self.info.pages, codec=self.req.codec,
+                              cache_pages=t.cache_pages, buffer_pages=t.buffer_pages)
+        cb = CheckpointBuffer(self.info.pages, self.req.verify)
+
+        def heartbeat() -> None:
+            link.send([writer.heartbeat()])
+
+        t0 = time.monotonic()
+        res = initial_copy(self.domain, link, writer, cb, rounds=t.precopy_rounds,
+                           threshold=t.precopy_threshold, heartbeat_s=interval,
+                           stop=self._stop.is_set)
+        last = self._stop.is_set()
+        bufs = encode(writer, res.final, last=last)
+        sent = res.bytes_sent + link.send(bufs)
+        self._acked(link, 0, heartbeat, interval)
+        with self._lock:
+            self.bytes_sent += sent
+            self.last_pause_ms = res.final.pause_ms
+            self.dirty_pages = len(res.final.pfns)
+        log.info("domain %s protected: initial copy of %d pages in %d round(s), %.1f MB, "
+                 "%.2f s, final pause %.1f ms", self.info.name, res.pages_sent, res.rounds,
+                 sent / 1e6, time.monotonic() - t0, res.final.pause_ms)
+        if last:
+            return self._clean_end(link)
+        self._set("protected")
+        index = 0
+        next_t = time.monotonic() + interval
+        while True:
+            # sleep until the next interval starts (listening to the backup meanwhile)
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_t:
+                    break
+                self._wake.wait(min(next_t - now, 0.05))
+                link.poll()
+            last = self._stop.is_set()
+            index += 1
+            cap = capture(self.domain, cb)
+            bufs = encode(writer, cap, last=last)
+            n = link.send(bufs)
+            self._acked(link, index, heartbeat, interval)
+            with self._lock:
+                self.bytes_sent += n
+                self.last_pause_ms = cap.pause_ms
+                self.dirty_pages = len(cap.pfns)
+                if writer.format == "B" and len(cap.pfns):
+                    self.raw_b += len(cap.pfns) * 4096
+                    self.wire_b += n
+            if last:
+                return self._clean_end(link)
+            next_t += interval
+            if next_t < time.monotonic():  # overran: start the next epoch now
+                next_t = time.monotonic()
+
+    def _acked(self, link: Link, index: int, heartbeat, interval: float) -> None:
+        deadline = time.monotonic() + self.tuning.ack_timeout
+        ack = link.wait_ack(index, deadline, heartbeat, interval)
+        self.domain.output_release()
+        with self._lock:
+            self.checkpoints += 1
+            self.acked = index
+            if ack.mismatch:
+                self.mismatches += 1
+
+    def _clean_end(self, link: Link) -> Link:
+        log.info("domain %s: session ended cleanly (LAST_CHECKPOINT acknowledged); "
+                 "the guest runs unprotected", self.info.name)
+        self._unprotect("unprotected on request")
+        self._set("stopped", "unprotected on request")
+        return link
+
