@@ -147,16 +147,40 @@ class Decompressor:
         self.stats = CodecStats()
         self.failed: str | None = None  # the error that put this decoder out of step
 
-    def decompress(self, data: bytes | bytearray | memoryview, pfns: np.ndarray) -> np.ndarray:
+    def decompress(
+        self,
+        data: bytes | bytearray | memoryview,
+        pfns: np.ndarray,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Decode the pages in `data`; the i-th belongs to pfns[i]. Returns a
-        (k, 4096) uint8 array, k = pages in data (<= len(pfns))."""
+        (k, 4096) uint8 array, k = pages in data (<= len(pfns)).
+
+        `out`, if given, is a C-contiguous uint8 array of shape (>= len(pfns),
+        4096) (a staging area, already faulted in): the pages are decoded into
+        out[:k] and that view is returned, saving a fresh allocation. Rows of
+        `out` past k, and all of it after an error, are left undefined."""
         if self.failed is not None:
             raise CodecError(f"decompressor out of step since an earlier error ({self.failed})")
         pfns = _pfn_array(pfns)
         src = ffi.from_buffer("uint8_t[]", data)
         length = len(src)
         rows = min(len(pfns), length // MIN_ENCODED_PAGE[self.codec])
-        out = np.empty((rows, PAGE_SIZE), dtype=np.uint8)
+        if out is None:
+            out = np.empty((rows, PAGE_SIZE), dtype=np.uint8)
+        elif (
+            not isinstance(out, np.ndarray)
+            or out.dtype != np.uint8
+            or out.ndim != 2
+            or out.shape[1] != PAGE_SIZE
+            or out.shape[0] < len(pfns)
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise ValueError(
+                f"out must be a writeable C-contiguous uint8 array of shape (>= {len(pfns)}, "
+                f"{PAGE_SIZE})"
+            )
         err = ffi.new("xb_error *")
         k = lib.xb_decode(
             self.cache.c,

@@ -212,36 +212,52 @@ static uint32_t cache_get(xb_cache *c, uint64_t pfn, int *hit)
 
 /* ------------------------------------------------------- word scanning */
 
+/*
+ * Pages are compared in blocks of 8 words (32 bytes): one XOR/OR test per
+ * block skips unchanged blocks; a changed block yields an 8-bit mask (bit k
+ * = word k changed) whose bits the encoders walk in order. No branch per
+ * unchanged word, no library call per changed word.
+ */
+#define XB_BLOCK 8u
+
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline void cp4(uint8_t *d, const uint8_t *s) { memcpy(d, s, 4); }
 
-/* first word index >= w where a and b differ, or XB_WORDS */
-static inline uint32_t next_diff(const uint8_t *a, const uint8_t *b, uint32_t w)
+static inline int block_differs(const uint8_t *a, const uint8_t *b)
 {
-    while (w < XB_WORDS && (w & 7)) {
-        if (ld32(a + 4 * w) != ld32(b + 4 * w))
-            return w;
-        w++;
-    }
-    while (w < XB_WORDS) {
-        const uint8_t *x = a + 4 * w, *y = b + 4 * w;
-        uint64_t d = (ld64(x) ^ ld64(y)) | (ld64(x + 8) ^ ld64(y + 8)) |
-                     (ld64(x + 16) ^ ld64(y + 16)) | (ld64(x + 24) ^ ld64(y + 24));
-        if (d)
-            break;
-        w += 8;
-    }
-    while (w < XB_WORDS && ld32(a + 4 * w) == ld32(b + 4 * w))
-        w++;
-    return w;
+    return ((ld64(a) ^ ld64(b)) | (ld64(a + 8) ^ ld64(b + 8)) |
+            (ld64(a + 16) ^ ld64(b + 16)) | (ld64(a + 24) ^ ld64(b + 24))) != 0;
 }
 
-/* first word index >= w where a and b are equal, or XB_WORDS */
-static inline uint32_t next_same(const uint8_t *a, const uint8_t *b, uint32_t w)
+static inline uint32_t block_mask(const uint8_t *a, const uint8_t *b)
 {
-    while (w < XB_WORDS && ld32(a + 4 * w) != ld32(b + 4 * w))
-        w++;
-    return w;
+    uint32_t m = 0;
+    for (uint32_t k = 0; k < XB_BLOCK; k++)
+        m |= (uint32_t)(ld32(a + 4 * k) != ld32(b + 4 * k)) << k;
+    return m;
+}
+
+/* bitmap of the page's changed blocks (bit i of bits[i / 64] = block i),
+ * computed without a branch per block; returns whether any block changed */
+#define XB_BLOCKS (XB_WORDS / XB_BLOCK)   /* 128 */
+static inline int dirty_blocks(const uint8_t *a, const uint8_t *b, uint64_t bits[2])
+{
+    bits[0] = bits[1] = 0;
+    for (uint32_t i = 0; i < XB_BLOCKS; i++)
+        bits[i >> 6] |= (uint64_t)block_differs(a + 32 * i, b + 32 * i) << (i & 63);
+    return (bits[0] | bits[1]) != 0;
+}
+
+/* copy n words (small n inline, large n through memcpy) */
+static inline void copy_words(uint8_t *d, const uint8_t *s, uint32_t n)
+{
+    if (n <= 8) {
+        for (uint32_t k = 0; k < n; k++)
+            cp4(d + 4 * k, s + 4 * k);
+    } else {
+        memcpy(d, s, 4 * (size_t)n);
+    }
 }
 
 /* ------------------------------------------------------------ encoders */
@@ -261,29 +277,40 @@ static size_t seed_full(const uint8_t *page, uint8_t *dst)
     return SEED_FULL_SIZE;
 }
 
-/* seed, cached page: BEGIN_PAGE + one delta per changed word, or FULL_PAGE
- * when more than SEED_MAX_DELTAS words changed. Updates the cached copy. */
+/* seed, cached page: BEGIN_PAGE + one delta per changed word in ascending
+ * order, or FULL_PAGE once more than SEED_MAX_DELTAS words changed (dst
+ * never receives more than 6 + 6 * 682 = 4098 bytes of deltas before that).
+ * Leaves the new contents in the cached copy `old`. */
 static size_t seed_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
 {
     size_t o = SEED_REC;
-    uint32_t k = 0, w = 0;
+    uint32_t k = 0;
+    uint64_t bits[2];
     put16(dst, SEED_BEGIN_PAGE);
     put32(dst + 2, 0);
-    for (;;) {
-        w = next_diff(page, old, w);
-        if (w >= XB_WORDS)
-            return o;
-        uint32_t end = next_same(page, old, w);
-        if (k + (end - w) > SEED_MAX_DELTAS) {
+    if (!dirty_blocks(page, old, bits))
+        return o;
+    for (uint32_t h = 0; h < 2; h++)
+    for (uint64_t bb = bits[h]; bb; bb &= bb - 1) {
+        uint32_t w = XB_BLOCK * (64 * h + (uint32_t)__builtin_ctzll(bb));
+        const uint8_t *a = page + 4 * w;
+        uint8_t *b = old + 4 * w;
+        uint32_t m = block_mask(a, b);
+        k += (uint32_t)__builtin_popcount(m);
+        if (k > SEED_MAX_DELTAS) {
             memcpy(old, page, XB_PAGE);
             return seed_full(page, dst);
         }
-        memcpy(old + 4 * w, page + 4 * w, 4 * (end - w));
-        for (; w < end; w++, k++, o += SEED_REC) {
-            put16(dst + o, (int16_t)(4 * w));
-            memcpy(dst + o + 2, page + 4 * w, 4);
+        while (m) {
+            uint32_t j = (uint32_t)__builtin_ctz(m);
+            m &= m - 1;
+            put16(dst + o, (int16_t)(4 * (w + j)));
+            cp4(dst + o + 2, a + 4 * j);
+            cp4(b + 4 * j, a + 4 * j);
+            o += SEED_REC;
         }
     }
+    return o;
 }
 
 /* xen: 0x80 + 4096 bytes */
@@ -294,7 +321,7 @@ static size_t xen_full(const uint8_t *page, uint8_t *dst)
     return XEN_FULL_SIZE;
 }
 
-/* xen: n words of one kind as markers of at most 127 words each */
+/* xen: a SKIP of n words as markers of at most 127 words each */
 static inline size_t xen_skip(uint8_t *dst, uint32_t n)
 {
     size_t o = 0;
@@ -304,13 +331,14 @@ static inline size_t xen_skip(uint8_t *dst, uint32_t n)
     return o;
 }
 
+/* xen: a RUN of n words as markers of at most 127 words, each with its words */
 static inline size_t xen_run(uint8_t *dst, const uint8_t *words, uint32_t n)
 {
     size_t o = 0;
     while (n) {
         uint32_t m = n > XEN_LENMASK ? XEN_LENMASK : n;
         dst[o++] = (uint8_t)m;
-        memcpy(dst + o, words, 4 * m);
+        copy_words(dst + o, words, m);
         o += 4 * m;
         words += 4 * m;
         n -= m;
@@ -321,27 +349,56 @@ static inline size_t xen_run(uint8_t *dst, const uint8_t *words, uint32_t n)
 /* xen, cached page: alternating SKIP/RUN segments of maximal length, each
  * split into markers of <= 127 words, leading and trailing SKIPs included,
  * exactly as xc_compression.c's compress_page; an unchanged page is 0x00.
- * Worst case (every word changed) 8 x (1 + 508) + 1 + 32 = 4105 bytes. */
+ * Worst case (every word changed) 8 x (1 + 508) + 1 + 32 = 4105 bytes.
+ * Leaves the new contents in the cached copy `old`. */
 static size_t xen_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
 {
     size_t o = 0;
-    uint32_t w = 0;
-    int changed = 0;
-    while (w < XB_WORDS) {
-        uint32_t d = next_diff(page, old, w);
-        o += xen_skip(dst + o, d - w);
-        if (d >= XB_WORDS)
-            break;
-        uint32_t end = next_same(page, old, d);
-        memcpy(old + 4 * d, page + 4 * d, 4 * (end - d));
-        o += xen_run(dst + o, page + 4 * d, end - d);
-        changed = 1;
-        w = end;
-    }
-    if (!changed) {
+    uint32_t done = 0;        /* words covered by the markers emitted so far */
+    uint32_t rs = 0, re = 0;  /* the pending run of changed words [rs, re) */
+    uint64_t bits[2];
+#define XEN_FLUSH()                                         \
+    do {                                                    \
+        if (re > rs) {                                      \
+            o += xen_skip(dst + o, rs - done);              \
+            o += xen_run(dst + o, page + 4 * rs, re - rs);  \
+            done = re;                                      \
+        }                                                   \
+    } while (0)
+    if (!dirty_blocks(page, old, bits)) {
         dst[0] = XEN_EMPTY_PAGE;
         return 1;
     }
+    for (uint32_t h = 0; h < 2; h++)
+    for (uint64_t bb = bits[h]; bb; bb &= bb - 1) {
+        uint32_t w = XB_BLOCK * (64 * h + (uint32_t)__builtin_ctzll(bb));
+        const uint8_t *a = page + 4 * w;
+        uint8_t *b = old + 4 * w;
+        uint32_t m = block_mask(a, b);
+        if (m == 0xFFu) {                    /* whole block changed */
+            memcpy(b, a, 4 * XB_BLOCK);
+            if (!(re > rs && re == w)) {
+                XEN_FLUSH();
+                rs = w;
+            }
+            re = w + XB_BLOCK;
+            continue;
+        }
+        while (m) {
+            uint32_t j = (uint32_t)__builtin_ctz(m);
+            uint32_t x = w + j;
+            m &= m - 1;
+            cp4(b + 4 * j, a + 4 * j);
+            if (!(re > rs && re == x)) {
+                XEN_FLUSH();
+                rs = x;
+            }
+            re = x + 1;
+        }
+    }
+    XEN_FLUSH();
+#undef XEN_FLUSH
+    o += xen_skip(dst + o, XB_WORDS - done);
     return o;
 }
 
@@ -515,7 +572,7 @@ static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint
                 uint8_t k = in[r];
                 uint32_t n = 4u * (k & XEN_LENMASK);
                 if (!(k & XEN_SKIPFLAG)) {
-                    memcpy(base + pp, in + r + 1, n);
+                    copy_words(base + pp, in + r + 1, n / 4);
                     r += 1 + n;
                 } else {
                     r += 1;
