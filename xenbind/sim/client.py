@@ -1,0 +1,460 @@
+"""The daemons' side of the simulated host: ``SimHypervisor`` and ``SimDomain``.
+
+How each Domain operation reaches the simulated hardware:
+
+    lookup/list/create/destroy   host control socket DIR/host.sock (JSON line)
+    pause/unpause/enable/disable one SOCK_SEQPACKET round trip to the domain's
+    get/set_context, outputs     worker (DIR/dom-N.sock), see worker.py
+    read_and_clear_dirty         uffd-wp mode: PAGEMAP_SCAN on the worker's
+                                 /proc/<pid>/pagemap from this process (no
+                                 round trip); bitmap mode: worker snapshots, we
+                                 read the shared snapshot
+    gather/scatter               this process's MAP_SHARED mapping of
+                                 DIR/dom-N.mem: one numpy take / one put, as a
+                                 foreign mapping would allow; memory never
+                                 travels through a socket
+    info                         metadata + the worker's status page DIR/dom-N.ctl
+
+Rules: every failure is a ``DomainError`` naming the domain and operation
+(host not running: the message names DIR). A SimDomain may be used from one
+thread at a time (a lock makes concurrent use safe, not fast); other
+processes (the CLI) may use the same domain at the same time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+
+from .. import PAGE_SIZE
+from ..errors import DomainError
+from ..hypervisor import Context, Domain, DomainConfig, DomainInfo, Hypervisor
+from . import layout as L
+from .dirty import MODE_UFFD, DirtyTrackingError, PagemapScanner
+from .workloads import MAGIC_PAGES, REGS_SIZE
+
+HOST_TIMEOUT_S = 60.0
+DOMAIN_TIMEOUT_S = 10.0
+NO_STOP = (1 << 64) - 1
+_STATE_NAMES = {L.ST_RUNNING: "running", L.ST_PAUSED: "paused", L.ST_CRASHED: "shutdown", L.ST_IDLE: "running"}
+
+
+def _params_out(meta: dict) -> dict:
+    """Workload parameters as DomainInfo.extra / DomainConfig.extra carry them."""
+    extra = {"workload": meta["workload"], "seed": meta["seed"], "rate": meta["rate"]}
+    if meta["workload"] == "hotset":
+        extra.update(wss=meta["a"], zipf=meta["b"])
+    elif meta["workload"] == "ledger":
+        extra["accounts"] = meta["a"]
+    return extra
+
+
+def _params_in(extra: dict) -> dict:
+    """DomainConfig.extra -> the host's create fields."""
+    workload = extra.get("workload", "idle")
+    req = {"workload": workload, "seed": int(extra.get("seed", 0))}
+    if extra.get("rate") is not None:
+        req["rate"] = float(extra["rate"])
+    if workload == "hotset":
+        req["a"], req["b"] = int(extra.get("wss", 0)), float(extra.get("zipf", 0.0))
+    elif workload == "ledger":
+        req["a"] = int(extra.get("accounts", 0))
+    return req
+
+
+class SimHypervisor(Hypervisor):
+    """The simulated host whose directory is ``sim_dir``."""
+
+    kind = "sim"
+
+    def __init__(self, sim_dir: str | os.PathLike) -> None:
+        self.dir = os.path.abspath(os.fspath(sim_dir))
+
+    def request(self, req: dict, op: str, ref=None) -> dict:
+        """One request to the host process; DomainError on any failure."""
+        path = L.host_path(self.dir, "sock")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(HOST_TIMEOUT_S)
+                s.connect(path)
+                s.sendall(json.dumps(req).encode() + b"\n")
+                buf = b""
+                while b"\n" not in buf:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise ConnectionError("host closed the connection")
+                    buf += chunk
+        except (OSError, ConnectionError) as e:
+            raise DomainError(
+                ref, op, f"simulated host in {self.dir} is not running or not answering ({e})"
+            ) from None
+        reply = json.loads(buf)
+        if not reply.get("ok"):
+            raise DomainError(ref, op, reply.get("error", "refused"))
+        return reply
+
+    def ping(self) -> dict:
+        return self.request({"op": "ping"}, "ping")
+
+    def lookup(self, ref: int | str) -> SimDomain:
+        meta = self.request({"op": "lookup", "ref": ref}, "lookup", ref)["meta"]
+        return SimDomain(self, meta)
+
+    def list(self) -> list[DomainInfo]:
+        return [SimDomain(self, m).info() for m in self.request({"op": "list"}, "list")["domains"]]
+
+    def create(
+        self,
+        memory: int,
+        workload: str = "idle",
+        seed: int = 0,
+        rate: float | None = None,
+        name: str | None = None,
+        *,
+        paused: bool = False,
+        wss: int = 0,
+        zipf: float = 0.0,
+        accounts: int = 0,
+        dirty_mode: str = "auto",
+        uuid: str | None = None,
+        vcpus: int = 1,
+        backup: bool = False,
+    ) -> SimDomain:
+        """Create a running (or paused) domain of ``memory`` bytes (sim only)."""
+        if memory % PAGE_SIZE:
+            raise DomainError(name, "create", f"memory {memory} is not a whole number of pages")
+        req = {
+            "op": "create",
+            "pages": memory // PAGE_SIZE,
+            "workload": workload,
+            "seed": seed,
+            "rate": rate,
+            "name": name,
+            "paused": paused,
+            "a": wss if workload == "hotset" else accounts,
+            "b": zipf,
+            "dirty_mode": dirty_mode,
+            "uuid": uuid,
+            "vcpus": vcpus,
+            "backup": backup,
+        }
+        meta = self.request(req, "create", name)["meta"]
+        return SimDomain(self, meta)
+
+    def create_backup(self, config: DomainConfig) -> SimDomain:
+        req = {
+            "op": "create",
+            "pages": config.pages,
+            "name": config.name,
+            "uuid": config.uuid,
+            "vcpus": config.vcpus,
+            "backup": True,
+            "paused": True,
+        }
+        req.update(_params_in(config.extra))
+        meta = self.request(req, "create_backup", config.name)["meta"]
+        return SimDomain(self, meta)
+
+    def destroy(self, ref: int | str) -> None:
+        self.request({"op": "destroy", "ref": ref}, "destroy", ref)
+
+
+class SimDomain(Domain):
+    def __init__(self, hv: SimHypervisor, meta: dict) -> None:
+        self.hv = hv
+        self.dir = hv.dir
+        self.meta = meta
+        self.domid = int(meta["domid"])
+        self.name = meta["name"]
+        self.pages = int(meta["pages"])
+        self._lock = threading.RLock()
+        self._sock: socket.socket | None = None
+        self._mm: mmap.mmap | None = None
+        self._mem: np.ndarray | None = None
+        self._ctl_mm: mmap.mmap | None = None
+        self._ctl: np.ndarray | None = None
+        self._scanner: PagemapScanner | None = None
+        self._bitmap_mm: mmap.mmap | None = None
+
+    def __repr__(self) -> str:
+        return f"SimDomain({self.domid}, {self.name!r}, {self.dir})"
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _err(self, op: str, reason: str) -> DomainError:
+        return DomainError(self.domid, op, reason)
+
+    def _request(self, op: str, code: bytes, payload: bytes = b"") -> bytes:
+        with self._lock:
+            try:
+                if self._sock is None:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    s.settimeout(DOMAIN_TIMEOUT_S)
+                    try:
+                        s.connect(L.path(self.dir, self.domid, "sock"))
+                    except OSError:
+                        s.close()
+                        raise
+                    self._sock = s
+                self._sock.send(code + payload)
+                reply = self._sock.recv(65536)
+            except OSError as e:
+                self._drop_socket()
+                raise self._err(
+                    op, f"domain is not running (destroyed, crashed, or host in {self.dir} down): {e}"
+                ) from None
+            if not reply:
+                self._drop_socket()
+                raise self._err(op, f"domain went away (destroyed, or host in {self.dir} down)")
+            if reply[:1] != b"\0":
+                raise self._err(op, reply[1:].decode(errors="replace"))
+            return reply[1:]
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _status(self) -> np.ndarray:
+        if self._ctl is None:
+            try:
+                with open(L.path(self.dir, self.domid, "ctl"), "rb") as f:
+                    self._ctl_mm = mmap.mmap(f.fileno(), PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError) as e:
+                raise self._err("status", f"no status page: {e}") from None
+            self._ctl = L.ctl_view(self._ctl_mm)
+        return self._ctl
+
+    def _memory(self, op: str) -> np.ndarray:
+        if self._mem is None:
+            try:
+                fd = os.open(L.path(self.dir, self.domid, "mem"), os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                raise self._err(op, f"cannot open guest memory: {e}") from None
+            try:
+                self._mm = mmap.mmap(fd, self.pages * PAGE_SIZE, mmap.MAP_SHARED)
+            except (OSError, ValueError) as e:
+                raise self._err(op, f"cannot map guest memory: {e}") from None
+            finally:
+                os.close(fd)
+            self._mem = np.frombuffer(self._mm, dtype=np.uint8).reshape(self.pages, PAGE_SIZE)
+        return self._mem
+
+    def _check_pfns(self, pfns, op: str) -> np.ndarray:
+        pfns = np.asarray(pfns)
+        if pfns.ndim != 1 or (pfns.size and pfns.dtype.kind not in "ui"):
+            raise self._err(op, f"PFNs must be a 1-D integer array, got {pfns.dtype} {pfns.shape}")
+        if pfns.size:
+            hi = int(pfns.max())
+            if hi >= self.pages:
+                raise self._err(op, f"PFN {hi} is past the last page {self.pages - 1}")
+            if pfns.dtype.kind == "i" and int(pfns.min()) < 0:
+                raise self._err(op, f"negative PFN {int(pfns.min())}")
+        return pfns.astype(np.intp, copy=False)
+
+    def _check_pages(self, arr, n: int, op: str) -> np.ndarray:
+        if (
+            not isinstance(arr, np.ndarray)
+            or arr.dtype != np.uint8
+            or arr.ndim != 2
+            or arr.shape[1] != PAGE_SIZE
+            or arr.shape[0] < n
+        ):
+            shape = getattr(arr, "shape", None)
+            raise self._err(op, f"page buffer must be uint8 (>= {n}, {PAGE_SIZE}), got {shape}")
+        return arr
+
+    # --- the Domain interface ----------------------------------------------------------
+
+    def info(self) -> DomainInfo:
+        extra = _params_out(self.meta)
+        ctl = self._status()
+        alive = self._alive(ctl)
+        code = int(ctl[L.W_STATE])
+        state = _STATE_NAMES.get(code, "running") if alive else "shutdown"
+        extra.update(
+            dirty_mode=L.MODE_CODES.get(int(ctl[L.W_MODE]), self.meta.get("dirty_mode_in_use", "?")),
+            step=int(ctl[L.W_STEP]),
+            pause_count=int(ctl[L.W_PAUSE]),
+            logdirty=bool(ctl[L.W_LOGDIRTY]),
+            backup=bool(self.meta.get("backup")),
+        )
+        if code == L.ST_CRASHED and alive:
+            extra["crashed"] = True
+        if not alive:
+            extra["exit"] = self.meta.get("exit", "worker is not running")
+        return DomainInfo(
+            domid=self.domid,
+            name=self.name,
+            uuid=self.meta["uuid"],
+            pages=self.pages,
+            vcpus=int(self.meta.get("vcpus", 1)),
+            state=state,
+            hvm=True,
+            extra=extra,
+        )
+
+    def _alive(self, ctl: np.ndarray) -> bool:
+        pid = int(ctl[L.W_PID])
+        if int(ctl[L.W_MAGIC]) != L.CTL_MAGIC or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return os.path.exists(L.path(self.dir, self.domid, "sock"))
+
+    def pause(self) -> None:
+        self._request("pause", b"P")
+
+    def unpause(self) -> None:
+        self._request("unpause", b"U")
+
+    def enable_logdirty(self) -> None:
+        self._request("enable_logdirty", b"E")
+
+    def disable_logdirty(self) -> None:
+        self._request("disable_logdirty", b"D")
+
+    def read_and_clear_dirty(self) -> np.ndarray:
+        with self._lock:
+            ctl = self._status()
+            if int(ctl[L.W_MODE]) == 1:  # uffd-wp: scan from here, no round trip
+                if not ctl[L.W_LOGDIRTY]:
+                    raise self._err("read_and_clear_dirty", "log-dirty mode is not enabled")
+                if self._scanner is None:
+                    pid, addr, length = (int(ctl[w]) for w in (L.W_PID, L.W_ADDR, L.W_LEN))
+                    try:
+                        self._scanner = PagemapScanner(pid, addr, length)
+                    except DirtyTrackingError as e:
+                        raise self._err("read_and_clear_dirty", str(e)) from None
+                try:
+                    return self._scanner.scan()
+                except DirtyTrackingError as e:
+                    self._scanner.close()
+                    self._scanner = None
+                    raise self._err("read_and_clear_dirty", f"{e} (domain gone?)") from None
+            self._request("read_and_clear_dirty", b"R")
+            if self._bitmap_mm is None:
+                with open(L.path(self.dir, self.domid, "dirty"), "rb") as f:
+                    self._bitmap_mm = mmap.mmap(f.fileno(), 2 * self.pages, mmap.MAP_SHARED, mmap.PROT_READ)
+            snap = np.frombuffer(self._bitmap_mm, dtype=np.uint8, count=self.pages, offset=self.pages)
+            return np.flatnonzero(snap).astype(np.uint64)
+
+    def gather(self, pfns, out: np.ndarray) -> None:
+        idx = self._check_pfns(pfns, "gather")
+        self._check_pages(out, len(idx), "gather")
+        mem = self._memory("gather")
+        np.take(mem, idx, axis=0, out=out[: len(idx)], mode="clip")
+
+    def scatter(self, pfns, pages: np.ndarray) -> None:
+        idx = self._check_pfns(pfns, "scatter")
+        self._check_pages(pages, len(idx), "scatter")
+        mem = self._memory("scatter")
+        mem[idx] = pages[: len(idx)]
+
+    def magic_pfns(self) -> tuple[int, int, int]:
+        top = self.pages - MAGIC_PAGES
+        return (top, top + 1, top + 2)
+
+    def get_context(self) -> Context:
+        blob = self._request("get_context", b"G")
+        return Context(
+            magic_pfns=self.magic_pfns(), hvm_context=blob[:REGS_SIZE], device_model=blob[REGS_SIZE:]
+        )
+
+    def set_context(self, ctx: Context) -> None:
+        if tuple(ctx.magic_pfns) != self.magic_pfns():
+            raise self._err(
+                "set_context", f"magic PFNs {tuple(ctx.magic_pfns)} differ from this domain's {self.magic_pfns()}"
+            )
+        self._request("set_context", b"S", bytes(ctx.hvm_context) + bytes(ctx.device_model))
+
+    def output_barrier(self) -> None:
+        self._request("output_barrier", b"B")
+
+    def output_release(self) -> None:
+        self._request("output_release", b"O")
+
+    def output_unplug(self) -> None:
+        self._request("output_unplug", b"X")
+
+    def destroy(self) -> None:
+        self.close()
+        self.hv.destroy(self.domid)
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_socket()
+            if self._scanner is not None:
+                self._scanner.close()
+                self._scanner = None
+            self._mem = None
+            self._ctl = None
+            for name in ("_mm", "_ctl_mm", "_bitmap_mm"):
+                m = getattr(self, name)
+                if m is not None:
+                    try:
+                        m.close()
+                    except BufferError:  # a caller still holds a view; GC will unmap
+                        pass
+                    setattr(self, name, None)
+
+    # --- simulator-only helpers (tests, bench, CLI) -------------------------------------
+
+    def status(self) -> dict:
+        ctl = self._status()
+        return {
+            "pid": int(ctl[L.W_PID]),
+            "step": int(ctl[L.W_STEP]),
+            "pause_count": int(ctl[L.W_PAUSE]),
+            "logdirty": bool(ctl[L.W_LOGDIRTY]),
+            "dirty_mode": L.MODE_CODES.get(int(ctl[L.W_MODE]), "?"),
+            "state": int(ctl[L.W_STATE]),
+            "stop_at": int(ctl[L.W_STOP]),
+            "outputs_released": int(ctl[L.W_RELEASED]),
+            "outputs_buffered": int(ctl[L.W_BUFFERED]),
+            "barriers": int(ctl[L.W_BARRIERS]),
+            "alive": self._alive(ctl),
+        }
+
+    @property
+    def step(self) -> int:
+        return int(self._status()[L.W_STEP])
+
+    @property
+    def dirty_mode(self) -> str:
+        return L.MODE_CODES.get(int(self._status()[L.W_MODE]), "?")
+
+    def stop_at(self, step: int | None) -> None:
+        """Let the guest run up to ``step`` steps, then sit idle (test hook)."""
+        self._request("stop_at", b"T", struct.pack("<Q", NO_STOP if step is None else step))
+
+    def wait_step(self, step: int, timeout: float = 10.0) -> None:
+        """Wait until the guest completed ``step`` steps."""
+        deadline = time.monotonic() + timeout
+        while self.step < step:
+            if time.monotonic() > deadline:
+                raise self._err("wait_step", f"guest at step {self.step}, {step} not reached in {timeout}s")
+            time.sleep(0.001)
+
+    def set_rate(self, rate: float) -> None:
+        self._request("set_rate", b"A", struct.pack("<d", float(rate)))
+
+    def digest(self) -> str:
+        """SHA-256 of the whole memory (pause first for a stable answer)."""
+        return hashlib.sha256(self._memory("digest")).hexdigest()
+
+    @property
+    def uffd(self) -> bool:
+        return self.dirty_mode == MODE_UFFD

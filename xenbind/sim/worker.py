@@ -1,0 +1,333 @@
+"""One simulated domain: the process that *is* the guest (its vCPU, its memory).
+
+Forked by the host; dies with it (PR_SET_PDEATHSIG=SIGKILL, then a check
+that the host did not die before that was set). It maps the domain's memory
+file, owns the userfaultfd that tracks its writes, runs the workload, and
+serves its control socket ``dom-N.sock`` (SOCK_SEQPACKET, one request per
+packet, one reply per request) in the same single thread: when it answers a
+pause, the workload is by construction not writing. A workload batch is
+kept well under a millisecond so requests wait little.
+
+Requests (first byte = opcode, rest = payload); replies: ``b"\\0" + payload``
+on success, ``b"\\1" + utf-8 message`` on error::
+
+    P  pause                 -> u32 pause count
+    U  unpause               -> u32 pause count   (error if not paused)
+    E  enable log-dirty      (write-protect all / clear the bitmap)
+    D  disable log-dirty
+    R  bitmap mode: snapshot-and-clear the bitmap  -> u64 pages in the snapshot
+    G  get context           -> registers (64 bytes) + device model (32 bytes)
+    S  set context           <- registers + device model (domain must be paused)
+    B  output barrier        O  output release      X  output unplug
+    T  stop at step          <- u64 (2**64-1: no stop): run up to that step, then idle
+    A  set rate              <- float64 steps per second
+
+Rules: pauses are counted; the guest runs only at count 0. All guest-memory
+writes of the workload go through this process's mapping, so uffd-wp sees
+them; the registers only change in this thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+import numpy as np
+
+from .. import PAGE_SIZE
+from . import layout as L
+from .dirty import MODE_BITMAP, MODE_UFFD, DirtyTrackingError, SharedBitmap, UffdWriteProtect
+from .outputs import OutputBuffer
+from .workloads import MAGIC_PAGES, Registers, RegistersError, make_workload, new_registers
+
+PR_SET_PDEATHSIG = 1
+NO_STOP = (1 << 64) - 1
+MAX_PACKET = 4096
+#: if the guest falls this far behind its rate, it forgets the backlog
+MAX_BACKLOG_S = 0.25
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+    sys.stderr.flush()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the host dies; exit if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:  # the host died before prctl took effect
+        os._exit(1)
+
+
+class Worker:
+    def __init__(self, sim_dir: str, domid: int, ready_fd: int) -> None:
+        self.dir = sim_dir
+        self.domid = domid
+        self.ready_fd = ready_fd
+        meta = L.read_meta(sim_dir, domid)
+        self.meta = meta
+        self.pages = int(meta["pages"])
+        self.usable = self.pages - MAGIC_PAGES
+        fd = os.open(L.path(sim_dir, domid, "mem"), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.mm = mmap.mmap(fd, self.pages * PAGE_SIZE, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.mem64 = np.frombuffer(self.mm, dtype=np.uint64)
+        self.addr = self.mem64.ctypes.data
+        cfd = os.open(L.path(sim_dir, domid, "ctl"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(cfd, PAGE_SIZE)
+            self.ctl_mm = mmap.mmap(cfd, PAGE_SIZE, mmap.MAP_SHARED)
+        finally:
+            os.close(cfd)
+        self.ctl = L.ctl_view(self.ctl_mm)
+        self.ctl[:] = 0
+
+        self.regs = new_registers(
+            meta["workload"], int(meta["seed"]), float(meta["rate"]),
+            int(meta.get("a", 0)), float(meta.get("b", 0.0)),
+        )
+        self.workload = make_workload(self.regs, self.usable)
+        self.crash_reason: str | None = None
+        if meta.get("backup"):  # memory arrives by scatter; runs after set_context
+            self.crash_reason = self.workload.check_memory(self.mem64)
+        else:
+            self.workload.init_memory(self.mem64)
+
+        self.uffd: UffdWriteProtect | None = None
+        self.bitmap: SharedBitmap | None = None
+        self.mark = None
+        want = meta.get("dirty_mode", "auto")
+        if want in ("auto", MODE_UFFD):
+            try:
+                self.uffd = UffdWriteProtect(self.addr, self.pages * PAGE_SIZE)
+                self.mode = MODE_UFFD
+            except DirtyTrackingError as e:
+                if want == MODE_UFFD:
+                    raise
+                log(f"uffd-wp unavailable ({e}); falling back to the bitmap")
+        if self.uffd is None:
+            self.mode = MODE_BITMAP
+            bfd = os.open(L.path(sim_dir, domid, "dirty"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.ftruncate(bfd, 2 * self.pages)
+                self.bm_mm = mmap.mmap(bfd, 2 * self.pages, mmap.MAP_SHARED)
+            finally:
+                os.close(bfd)
+            self.bitmap = SharedBitmap(self.bm_mm, self.pages)
+            self.mark = self.bitmap.mark
+        self.logdirty = False
+        self.outputs = OutputBuffer(L.path(sim_dir, domid, "out"))
+        self.pause_count = 1 if meta.get("paused") or meta.get("backup") else 0
+        self.stop_at = NO_STOP
+        self.t0 = 0.0
+        self.base_step = 0
+        self.was_runnable = False
+
+        sock_path = L.path(sim_dir, domid, "sock")
+        if os.path.exists(sock_path):
+            os.unlink(sock_path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(sock_path)
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+
+    # --- status page ---------------------------------------------------------------
+
+    def publish(self) -> None:
+        c = self.ctl
+        c[L.W_PID] = os.getpid()
+        c[L.W_ADDR] = self.addr
+        c[L.W_LEN] = self.pages * PAGE_SIZE
+        c[L.W_PAUSE] = self.pause_count
+        c[L.W_STEP] = self.regs.step
+        c[L.W_LOGDIRTY] = int(self.logdirty)
+        c[L.W_MODE] = 1 if self.mode == MODE_UFFD else 2
+        c[L.W_STATE] = self.state_code()
+        c[L.W_STOP] = -1 if self.stop_at == NO_STOP else self.stop_at
+        c[L.W_RELEASED] = self.outputs.released
+        c[L.W_BUFFERED] = self.outputs.buffered
+        c[L.W_BARRIERS] = len(self.outputs.barriers)
+
+    def state_code(self) -> int:
+        if self.pause_count:
+            return L.ST_PAUSED
+        if self.crash_reason:
+            return L.ST_CRASHED
+        if self.regs.step >= self.stop_at or getattr(self.workload, "full", False):
+            return L.ST_IDLE
+        return L.ST_RUNNING
+
+    def runnable(self) -> bool:
+        return (
+            self.pause_count == 0
+            and not self.crash_reason
+            and self.regs.rate > 0
+            and self.regs.kind_name != "idle"
+            and self.regs.step < self.stop_at
+            and not getattr(self.workload, "full", False)
+        )
+
+    # --- main loop -----------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.publish()
+        self.ctl[L.W_MAGIC] = L.CTL_MAGIC
+        os.write(self.ready_fd, f"ok {self.mode}\n".encode())
+        os.close(self.ready_fd)
+        log(
+            f"domain {self.domid} ({self.meta['name']}): {self.pages} pages, workload "
+            f"{self.regs.kind_name} seed {self.regs.seed} rate {self.regs.rate}/s, "
+            f"dirty tracking {self.mode}, {'paused' if self.pause_count else 'running'}"
+        )
+        while True:
+            timeout = None
+            due = 0
+            run = self.runnable()
+            if run:
+                now = time.monotonic()
+                if not self.was_runnable:
+                    self.t0, self.base_step = now, self.regs.step
+                target = self.base_step + int((now - self.t0) * self.regs.rate)
+                due = target - self.regs.step
+                if due > self.regs.rate * MAX_BACKLOG_S + self.workload.max_batch:
+                    self.t0, self.base_step, due = now, self.regs.step, 1
+                if due <= 0:
+                    timeout = max(0.0, self.t0 + (self.regs.step + 1 - self.base_step) / self.regs.rate - now)
+                else:
+                    timeout = 0
+            self.was_runnable = run
+            for key, _ in self.sel.select(timeout):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._handle(key.fileobj)
+            if due > 0 and self.runnable():
+                n = min(due, self.workload.max_batch, self.stop_at - self.regs.step)
+                self._run(n)
+
+    def _run(self, n: int) -> None:
+        out = self.workload.run(self.mem64, n, self.mark)
+        self.outputs.emit(out)
+        self.publish()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(True)
+        self.sel.register(conn, selectors.EVENT_READ, "conn")
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            req = conn.recv(MAX_PACKET)
+        except OSError:
+            req = b""
+        if not req:
+            self.sel.unregister(conn)
+            conn.close()
+            return
+        try:
+            reply = b"\0" + self._dispatch(req[:1], req[1:])
+        except (RegistersError, DirtyTrackingError, ValueError, struct.error) as e:
+            reply = b"\1" + str(e).encode()
+        self.publish()
+        try:
+            conn.send(reply)
+        except OSError:
+            self.sel.unregister(conn)
+            conn.close()
+
+    def _dispatch(self, op: bytes, arg: bytes) -> bytes:
+        if op == b"P":
+            self.pause_count += 1
+            return struct.pack("<I", self.pause_count)
+        if op == b"U":
+            if self.pause_count == 0:
+                raise ValueError("domain is not paused")
+            self.pause_count -= 1
+            return struct.pack("<I", self.pause_count)
+        if op == b"E":
+            if self.uffd is not None:
+                self.uffd.protect_all()
+            else:
+                self.bitmap.live.fill(0)
+            self.logdirty = True
+            return b""
+        if op == b"D":
+            self.logdirty = False
+            return b""
+        if op == b"R":
+            if self.bitmap is None:
+                raise ValueError("dirty mode is uffd-wp: scan the pagemap instead")
+            if not self.logdirty:
+                raise ValueError("log-dirty mode is not enabled")
+            return struct.pack("<Q", self.bitmap.snapshot_and_clear())
+        if op == b"G":
+            return self.regs.pack() + self.regs.device_model()
+        if op == b"S":
+            return self._set_context(arg)
+        if op == b"B":
+            self.outputs.barrier()
+            return b""
+        if op == b"O":
+            return struct.pack("<Q", self.outputs.release())
+        if op == b"X":
+            return struct.pack("<Q", self.outputs.unplug())
+        if op == b"T":
+            (self.stop_at,) = struct.unpack("<Q", arg)
+            return b""
+        if op == b"A":
+            (rate,) = struct.unpack("<d", arg)
+            if not rate >= 0 or rate == float("inf"):
+                raise ValueError(f"rate must be a finite non-negative number, got {rate}")
+            self.regs.rate = rate
+            self.was_runnable = False  # restart the rate clock
+            return b""
+        raise ValueError(f"unknown request {op!r}")
+
+    def _set_context(self, arg: bytes) -> bytes:
+        if self.pause_count == 0:
+            raise ValueError("set_context needs a paused domain")
+        regs = Registers.unpack(arg[:64])
+        regs.check_device_model(arg[64:])
+        if regs.kind != self.regs.kind:
+            raise RegistersError(
+                f"context is for workload {regs.kind_name}, this domain runs {self.regs.kind_name}"
+            )
+        self.workload.reset(regs)  # validates parameters against the memory size
+        self.regs = regs
+        reason = self.workload.check_memory(self.mem64)
+        self.crash_reason = reason
+        if reason:
+            log(f"guest cannot resume: {reason}")
+        self.was_runnable = False
+        return b""
+
+
+def run_worker(sim_dir: str, domid: int, ready_fd: int, host_pid: int) -> None:
+    """Entry point in the forked child; never returns normally."""
+    die_with_parent(host_pid)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        w = Worker(sim_dir, domid, ready_fd)
+    except Exception as e:  # report why the domain could not start, to the host
+        os.write(ready_fd, f"err {e}\n".encode())
+        raise
+    w.serve()
+

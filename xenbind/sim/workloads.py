@@ -1,0 +1,277 @@
+"""Guest workloads of the simulated host, and their registers (the context blob).
+
+A workload is a deterministic function of (registers, guest memory): it runs
+in *steps*, and step ``i`` computes everything it needs from ``(seed, i)``
+with a counter-based hash (splitmix64), so the registers are a handful of
+integers and a backup domain given the same memory and registers continues
+exactly where the primary stopped. How many steps run per batch (a matter of
+timing) never changes the result.
+
+Registers = ``Context.hvm_context`` (64 bytes, little-endian)::
+
+    offset size  field
+     0      8    magic  b"SIMREGS1"
+     8      4    kind   0 idle, 1 random, 2 hotset, 3 scan, 4 ledger
+    12      4    flags  bit 0: crashed (the guest found its memory unusable)
+    16      8    seed
+    24      8    step   steps completed
+    32      8    rate   steps per second (float64)
+    40      8    a      hotset: working-set pages; ledger: accounts
+    48      8    b      hotset: Zipf exponent (float64)
+    56      8    outputs emitted so far
+
+Device model record = ``Context.device_model`` (32 bytes): magic b"SIMQEMU1",
+step, outputs emitted, CRC-32 of the registers (u64): the small device state
+a device model would carry; it must agree with the registers.
+
+Page-writing workloads (``random``, ``hotset``, ``scan``): a step writes one
+64-byte record into one page: at slot ``h(seed, i, 1) % 64`` (byte offset
+slot*64) the words ``h(seed, i, 2) ^ j*K`` for j = 0..6 and then ``i``.
+Which page: ``random`` uniform over the usable pages, ``hotset`` a
+Zipf(b)-distributed rank in a working set of ``a`` pages spread over memory
+by a seeded stride, ``scan`` page ``i mod usable`` (so N steps dirty exactly
+min(N, usable) distinct pages). ``idle`` writes nothing. One step is one page
+write, so ``rate`` is pages written per second. The three magic PFNs at the
+top of memory are never written by a workload ("usable" pages exclude them).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import PAGE_SIZE
+
+KINDS = ("idle", "random", "hotset", "scan", "ledger")
+KIND_ID = {name: i for i, name in enumerate(KINDS)}
+
+REGS_MAGIC = b"SIMREGS1"
+REGS_FORMAT = "<8sIIQQdQdQ"
+REGS_SIZE = struct.calcsize(REGS_FORMAT)  # 64
+FLAG_CRASHED = 1 << 0
+
+DM_MAGIC = b"SIMQEMU1"
+DM_FORMAT = "<8sQQQ"
+DM_SIZE = struct.calcsize(DM_FORMAT)  # 32
+
+#: magic PFNs (ioreq, buffered ioreq, xenstore) sit in the top three pages
+MAGIC_PAGES = 3
+#: bytes written by one step of a page-writing workload
+RECORD_BYTES = 64
+RECORD_WORDS = RECORD_BYTES // 8
+SLOTS_PER_PAGE = PAGE_SIZE // RECORD_BYTES
+WORDS_PER_PAGE = PAGE_SIZE // 8
+
+DEFAULT_RATE = {"idle": 0.0, "random": 1000.0, "hotset": 1000.0, "scan": 10000.0, "ledger": 1000.0}
+DEFAULT_WSS = 1024  # hotset working-set pages
+DEFAULT_ZIPF = 1.1  # hotset Zipf exponent
+DEFAULT_ACCOUNTS = 1000  # ledger accounts
+
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_K_WORD = 0xD6E8FEB86659FD93
+
+
+class RegistersError(ValueError):
+    """A context blob that is not a valid register set."""
+
+
+@dataclass
+class Registers:
+    kind: int
+    seed: int
+    step: int = 0
+    rate: float = 0.0
+    a: int = 0
+    b: float = 0.0
+    outputs: int = 0
+    flags: int = 0
+
+    @property
+    def kind_name(self) -> str:
+        return KINDS[self.kind]
+
+    def pack(self) -> bytes:
+        return struct.pack(
+            REGS_FORMAT,
+            REGS_MAGIC,
+            self.kind,
+            self.flags,
+            self.seed,
+            self.step,
+            self.rate,
+            self.a,
+            self.b,
+            self.outputs,
+        )
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> Registers:
+        if len(blob) != REGS_SIZE:
+            raise RegistersError(f"register blob is {len(blob)} bytes, expected {REGS_SIZE}")
+        magic, kind, flags, seed, step, rate, a, b, outputs = struct.unpack(REGS_FORMAT, blob)
+        if magic != REGS_MAGIC:
+            raise RegistersError(f"register blob magic {magic!r}, expected {REGS_MAGIC!r}")
+        if kind >= len(KINDS):
+            raise RegistersError(f"unknown workload kind {kind}")
+        if not (math.isfinite(rate) and rate >= 0) or not math.isfinite(b):
+            raise RegistersError("rate/parameter is not a finite non-negative number")
+        return cls(kind, seed, step, rate, a, b, outputs, flags)
+
+    def device_model(self) -> bytes:
+        return struct.pack(DM_FORMAT, DM_MAGIC, self.step, self.outputs, zlib.crc32(self.pack()))
+
+    def check_device_model(self, blob: bytes) -> None:
+        if len(blob) != DM_SIZE:
+            raise RegistersError(f"device model record is {len(blob)} bytes, expected {DM_SIZE}")
+        magic, step, outputs, crc = struct.unpack(DM_FORMAT, blob)
+        if magic != DM_MAGIC:
+            raise RegistersError(f"device model magic {magic!r}, expected {DM_MAGIC!r}")
+        if (step, outputs, crc) != (self.step, self.outputs, zlib.crc32(self.pack())):
+            raise RegistersError("device model record does not match the registers")
+
+
+# --- counter-based randomness: splitmix64 finaliser ---------------------------------
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finaliser on a Python int (one 64-bit word)."""
+    x &= _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def h64(seed: int, step: int, lane: int) -> int:
+    """The random word number ``lane`` of step ``step`` (scalar version)."""
+    return mix64(mix64(seed + _GOLDEN) ^ ((step * 8 + lane) & _M64))
+
+
+def h64v(seed: int, steps: np.ndarray, lane: int) -> np.ndarray:
+    """Vectorised ``h64`` over a uint64 array of steps (same values)."""
+    key = np.uint64(mix64(seed + _GOLDEN))
+    x = key ^ (steps * np.uint64(8) + np.uint64(lane))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+# --- page-writing workloads -----------------------------------------------------------
+
+Marker = Callable[[np.ndarray], None]
+
+
+class PageWorkload:
+    """random / hotset / scan / idle: one 64-byte record per step."""
+
+    #: steps per batch, so a batch (and so a pause) takes well under a millisecond
+    max_batch = 2048
+    emits_output = False
+
+    def __init__(self, regs: Registers, usable: int) -> None:
+        if usable < 1:
+            raise RegistersError("domain has no usable pages")
+        self.regs = regs
+        self.usable = usable
+        self._prepare()
+
+    def _prepare(self) -> None:
+        r = self.regs
+        if r.kind_name == "hotset":
+            wss = int(r.a) or DEFAULT_WSS
+            self.wss = max(1, min(wss, self.usable))
+            s = r.b if r.b > 0 else DEFAULT_ZIPF
+            weights = 1.0 / np.arange(1, self.wss + 1, dtype=np.float64) ** s
+            cdf = np.cumsum(weights)
+            self.cdf = cdf / cdf[-1]
+            self.stride, self.offset = _stride(r.seed, self.usable)
+
+    def reset(self, regs: Registers) -> None:
+        self.regs = regs
+        self._prepare()
+
+    def pages_for(self, start: int, stop: int) -> np.ndarray:
+        """The page each step in [start, stop) writes (int64 array)."""
+        steps = np.arange(start, stop, dtype=np.uint64)
+        kind = self.regs.kind_name
+        if kind == "random":
+            return (h64v(self.regs.seed, steps, 0) % np.uint64(self.usable)).astype(np.int64)
+        if kind == "scan":
+            return (steps % np.uint64(self.usable)).astype(np.int64)
+        if kind == "hotset":
+            u = (h64v(self.regs.seed, steps, 0) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+            rank = np.minimum(np.searchsorted(self.cdf, u, side="right"), self.wss - 1)
+            return (rank.astype(np.int64) * self.stride + self.offset) % self.usable
+        return np.empty(0, dtype=np.int64)
+
+    def init_memory(self, mem64: np.ndarray) -> None:
+        """Fresh guest memory needs nothing for these workloads."""
+
+    def check_memory(self, mem64: np.ndarray) -> str | None:
+        return None
+
+    def run(self, mem64: np.ndarray, n: int, mark: Marker | None) -> list[bytes]:
+        """Run steps regs.step .. regs.step+n-1 on the flat uint64 view of memory."""
+        if n <= 0 or self.regs.kind_name == "idle":
+            return []
+        start = self.regs.step
+        steps = np.arange(start, start + n, dtype=np.uint64)
+        pages = self.pages_for(start, start + n)
+        slots = (h64v(self.regs.seed, steps, 1) % np.uint64(SLOTS_PER_PAGE)).astype(np.int64)
+        base = pages * WORDS_PER_PAGE + slots * RECORD_WORDS
+        # later steps win where two steps of a batch hit the same slot, as if
+        # they had run one by one
+        _, last = np.unique(base[::-1], return_index=True)
+        keep = np.sort(n - 1 - last)
+        base, steps = base[keep], steps[keep]
+        word = h64v(self.regs.seed, steps, 2)
+        idx = base[:, None] + np.arange(RECORD_WORDS, dtype=np.int64)[None, :]
+        vals = np.empty((len(base), RECORD_WORDS), dtype=np.uint64)
+        vals[:, :-1] = word[:, None] ^ (
+            np.arange(RECORD_WORDS - 1, dtype=np.uint64)[None, :] * np.uint64(_K_WORD)
+        )
+        vals[:, -1] = steps
+        mem64[idx] = vals
+        if mark is not None:
+            mark(pages)
+        self.regs.step = start + n
+        return []
+
+
+def _stride(seed: int, usable: int) -> tuple[int, int]:
+    """A seeded stride coprime with ``usable`` and an offset: rank -> page is injective."""
+    if usable == 1:
+        return 1, 0
+    stride = h64(seed, 0, 7) % usable or 1
+    while math.gcd(stride, usable) != 1:
+        stride = stride + 1 if stride + 1 < usable else 1
+    return stride, h64(seed, 0, 6) % usable
+
+
+def new_registers(kind: str, seed: int, rate: float | None, a: int = 0, b: float = 0.0) -> Registers:
+    if kind not in KIND_ID:
+        raise RegistersError(f"unknown workload {kind!r} (one of {', '.join(KINDS)})")
+    if rate is None:
+        rate = DEFAULT_RATE[kind]
+    if not (math.isfinite(rate) and rate >= 0):
+        raise RegistersError(f"rate must be a non-negative number, got {rate}")
+    if kind == "hotset":
+        a = a or DEFAULT_WSS
+        b = b or DEFAULT_ZIPF
+    if kind == "ledger":
+        a = a or DEFAULT_ACCOUNTS
+    return Registers(KIND_ID[kind], seed & _M64, 0, float(rate), int(a), float(b))
+
+
+def make_workload(regs: Registers, usable: int):
+    """The workload object for ``regs`` over ``usable`` guest pages."""
+    if regs.kind_name == "ledger":
+        from .ledger import LedgerWorkload
+
+        return LedgerWorkload(regs, usable)
+    return PageWorkload(regs, usable)
