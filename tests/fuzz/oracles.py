@@ -1,0 +1,604 @@
+"""The fuzz targets' oracles: one function per target, bytes in, rules checked.
+
+Each ``check_*`` function takes one fuzzer input and returns normally when the
+code under test behaved; anything it raises is a finding (a crash):
+
+* an exception that is not a ``xenbind.errors.RemusError`` (IndexError,
+  struct.error, ValueError, MemoryError, numpy errors ...) escaping the
+  decoder: untrusted bytes must only ever produce the project's own errors;
+* ``AssertionError`` from a rule checked here on the decoder's output.
+
+Rules checked on every input (the "differential" one catches state kept
+wrongly across ``feed`` calls):
+
+    split       the same bytes fed whole and fed in pieces (cut points drawn
+                from a hash of the input, so a crash replays exactly) give the
+                same events and the same outcome (error or not, and where)
+    stream      every Pages event: pfns uint64 1-D, every PFN < p2m_size,
+                data uint8 of shape (len(pfns), 4096); every PageBatch: PFNs of
+                entries that name a page < p2m_size, at most 1024 entries;
+                CheckpointEnd indexes count up from 0 with no gap; a Format B
+                body never yields more pages than it listed; the Header comes
+                first and once; nothing follows LAST_CHECKPOINT's checkpoint
+    session     the receiver's stream bytes after ACCEPT are exactly the input
+                after the HELLO; a HELLO is only yielded with fields within the
+                protocol's caps; errors are ProtocolError
+
+Nothing here imports atheris: ``tests/test_fuzz_short.py`` runs the same
+oracles on hypothesis-generated inputs inside the normal suite.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable, Iterator
+
+from xenbind.errors import ProtocolError, RemusError, StreamError
+
+#: At most this many cut points when an input is fed in pieces.
+MAX_CUTS = 6
+
+
+# --- splitting ---------------------------------------------------------------
+
+
+def pieces(data: bytes, seed: int | None = None) -> list[bytes]:
+    """``data`` cut at 1..MAX_CUTS points drawn from ``seed`` (default: a CRC of
+    the data, so the same input always splits the same way)."""
+    rng = random.Random(zlib.crc32(data) if seed is None else seed)
+    n = len(data)
+    cuts = sorted({rng.randrange(n + 1) for _ in range(rng.randint(1, MAX_CUTS))})
+    out, prev = [], 0
+    for c in [*cuts, n]:
+        out.append(data[prev:c])
+        prev = c
+    return out
+
+
+# --- the session protocol ----------------------------------------------------
+
+
+def _receiver_session_run(chunks: list[bytes]) -> tuple:
+    """Feed a ReceiverSession; return (hello, stream bytes, error type, eof error)."""
+    from xenbind.session import (
+        MAX_CACHE_PAGES,
+        MAX_NAME_LEN,
+        MAX_PAGES,
+        PREFIX,
+        Accept,
+        HelloReceived,
+        ReceiverSession,
+        StreamData,
+    )
+
+    sess = ReceiverSession()
+    hello = None
+    stream = bytearray()
+    error = None
+
+    def take(events: list) -> None:
+        nonlocal hello
+        for ev in events:
+            if isinstance(ev, HelloReceived):
+                assert hello is None, "two HelloReceived events"
+                hello = ev.hello
+                h = ev.hello
+                assert 1 <= h.domain.pages <= MAX_PAGES
+                assert 1 <= h.options.cache_pages <= MAX_CACHE_PAGES
+                assert 0 < len(h.domain.name) <= MAX_NAME_LEN
+                assert len(h.session_id) == 32
+                sess.accept(Accept(h.session_id, 1000, 100, {}))
+                take(sess.feed(b""))
+            elif isinstance(ev, StreamData):
+                assert hello is not None, "stream data before the HELLO"
+                stream.extend(ev.data)
+            else:
+                raise AssertionError(f"unexpected event {ev!r}")
+
+    try:
+        for c in chunks:
+            take(sess.feed(c))
+    except ProtocolError as exc:
+        error = type(exc).__name__
+    eof_error = None
+    if error is None:
+        try:
+            sess.eof()
+        except ProtocolError as exc:
+            eof_error = type(exc).__name__
+    if hello is not None:
+        data = b"".join(chunks)
+        body_len = PREFIX.unpack_from(data)[3]
+        assert bytes(stream) == data[PREFIX.size + body_len :], "stream bytes altered"
+    return hello, bytes(stream), error, eof_error
+
+
+def check_receiver_session(data: bytes) -> None:
+    """Target ``session``: the receiver's side of the handshake."""
+    whole = _receiver_session_run([data])
+    split = _receiver_session_run(pieces(data))
+    assert whole == split, f"whole {whole!r} != split {split!r}"
+
+
+def _sender_session_run(chunks: list[bytes]) -> tuple:
+    from xenbind.hypervisor import DomainConfig
+    from xenbind.session import (
+        MAX_REASON_BYTES,
+        Accepted,
+        Ack,
+        Error,
+        Goodbye,
+        Heartbeat,
+        Hello,
+        Options,
+        Refused,
+        SenderSession,
+    )
+
+    hello = Hello(
+        session_id=SENDER_SESSION_ID,
+        options=Options(),
+        domain=DomainConfig("fuzz", "12345678-9abc-def0-1234-56789abcdef0", 256, 1),
+    )
+    sess = SenderSession(hello)
+    sess.hello()
+    events: list = []
+    error = None
+    try:
+        for c in chunks:
+            events.extend(sess.feed(c))
+        sess.eof()
+    except ProtocolError as exc:
+        error = type(exc).__name__
+    for i, ev in enumerate(events):
+        assert isinstance(ev, Accepted | Refused | Ack | Heartbeat | Error | Goodbye), ev
+        if i == 0:
+            assert isinstance(ev, Accepted | Refused)
+        else:
+            assert not isinstance(ev, Accepted | Refused), "a second reply"
+        if isinstance(ev, Ack):
+            assert 0 <= ev.index < 1 << 64
+        if isinstance(ev, Error | Goodbye):
+            assert len(ev.reason.encode("utf-8", "surrogatepass")) <= 3 * MAX_REASON_BYTES
+    return events, error
+
+
+#: The session id the sender-side target announces (the fuzzer learns it from
+#: the seeds).
+SENDER_SESSION_ID = "0123456789abcdef0123456789abcdef"
+
+
+def check_sender_session(data: bytes) -> None:
+    """Target ``reply``: the sender's side (ACCEPT/REFUSE, then frames)."""
+    whole_events, whole_error = _sender_session_run([data])
+    split_events, split_error = _sender_session_run(pieces(data))
+    assert (whole_error is None) == (split_error is None), (whole_error, split_error)
+    if whole_error is None:
+        assert whole_events == split_events, (whole_events, split_events)
+
+
+# --- the stream decoder (+ codecs + staging) ---------------------------------
+
+#: The Decoder's caps while fuzzing: small, so the fuzzer reaches every cap
+#: check, yet large enough for every seed.
+FUZZ_CAPS = dict(
+    max_p2m_size=1 << 20,
+    max_compressed=1 << 16,
+    max_context=1 << 12,
+    max_device_model=1 << 12,
+    max_cache_pages=8192,
+)
+#: The staging cap while fuzzing (bytes of page data in one checkpoint).
+FUZZ_STAGING_BYTES = 1 << 20
+
+
+def _norm(event) -> object:
+    """An event as a comparable value (arrays by dtype, shape and content)."""
+    import hashlib
+
+    from xenbind.stream import PageBatch, Pages
+
+    if isinstance(event, Pages):
+        return ("Pages", event.pfns.dtype.str, event.pfns.tobytes(), event.data.dtype.str,
+                event.data.shape, hashlib.sha1(event.data.tobytes()).digest(),
+                event.compressed_bytes)
+    if isinstance(event, PageBatch):
+        return ("PageBatch", event.pfns.dtype.str, event.pfns.tobytes(), event.types.dtype.str,
+                event.types.tobytes())
+    return event
+
+
+def _error_key(exc: StreamError | None) -> object:
+    if exc is None:
+        return None
+    return (type(exc).__name__, exc.offset, exc.reason,
+            getattr(exc, "torn_checkpoint", None), getattr(exc, "checkpoints", None))
+
+
+def decode_all(chunks: list[bytes], caps: dict | None = None) -> tuple[list, StreamError | None]:
+    """Feed ``chunks`` to one Decoder, then eof(); (all events, the error or None).
+
+    Only StreamError may come out of the Decoder; anything else propagates
+    (a finding). A decoder that raised must raise again on the next call.
+    """
+    from xenbind.stream import Decoder
+
+    d = Decoder(**(FUZZ_CAPS if caps is None else caps))
+    events: list = []
+    try:
+        for c in chunks:
+            events.extend(d.feed(c))
+    except StreamError as exc:
+        events.extend(getattr(exc, "events", []))
+        for again in (lambda: d.feed(b"\x00"), d.eof):
+            try:
+                again()
+            except StreamError:
+                pass
+            else:
+                raise AssertionError("the decoder went on after an error") from None
+        return events, exc
+    try:
+        d.eof()
+    except StreamError as exc:
+        return events, exc
+    return events, None
+
+
+class StreamModel:
+    """The rules the events must keep, checked one event at a time, and the
+    receiver's staging fed from them the way the receiver feeds it."""
+
+    def __init__(self, max_p2m_size: int, max_context: int, max_device_model: int) -> None:
+        self.max_p2m_size = max_p2m_size
+        self.max_context = max_context
+        self.max_device_model = max_device_model
+        self.p2m_size: int | None = None
+        self.checkpoints = 0
+        self.format = "A"
+        self.enabled = False
+        self.last = False  # LAST_CHECKPOINT seen in the current body
+        self.ended = False  # the LAST_CHECKPOINT checkpoint completed
+        self.pages = 0  # page contents in the current checkpoint
+        self.in_tail = False
+        self.awaiting: list[int] = []  # Format A: the data PFNs of the last batch
+        self.fifo: list[int] = []  # Format B: data PFNs listed, not yet received
+        self.fifo_head = 0
+        self.staging = None
+
+    def _stage(self, pfns, data) -> None:
+        try:
+            from receiver.staging import Staging
+        except ImportError:  # the receiver's staging has not landed
+            return
+        if self.staging is None:
+            self.staging = Staging(self.p2m_size, FUZZ_STAGING_BYTES)
+        try:
+            self.staging.add(pfns, data)
+        except RemusError:
+            pass  # StagingFull: the receiver ends the session; not a finding
+
+    def event(self, e) -> None:
+        import numpy as np
+
+        from xenbind.stream import (
+            CheckpointEnd,
+            CodecAnnounce,
+            EnableCompression,
+            EndOfBody,
+            Header,
+            Heartbeat,
+            LastCheckpoint,
+            MemoryDigest,
+            PageBatch,
+            Pages,
+            Tail,
+            TscInfo,
+        )
+        from xenbind.stream.format import MAX_BATCH, TYPE_HAS_DATA, TYPE_VALID, TYPE_XTAB
+
+        assert not self.ended, f"event {type(e).__name__} after the LAST_CHECKPOINT checkpoint"
+        if isinstance(e, Header):
+            assert self.p2m_size is None, "two headers"
+            assert 1 <= e.p2m_size <= self.max_p2m_size
+            self.p2m_size = e.p2m_size
+            return
+        assert self.p2m_size is not None, f"{type(e).__name__} before the header"
+        p2m = self.p2m_size
+        if isinstance(e, Heartbeat):
+            assert not self.in_tail
+            return
+        if isinstance(e, PageBatch):
+            assert not self.in_tail and not self.awaiting, "a batch before the last one's data"
+            assert e.pfns.dtype == np.uint64 and e.types.dtype == np.uint8
+            assert e.pfns.shape == e.types.shape and 1 <= len(e.pfns) <= MAX_BATCH
+            assert TYPE_VALID[e.types].all()
+            named = e.pfns[e.types != TYPE_XTAB]
+            assert (named < p2m).all(), "a PFN at or past p2m_size"
+            assert len(np.unique(named)) == len(named), "a PFN twice in one batch"
+            data_pfns = [int(x) for x in e.pfns[TYPE_HAS_DATA[e.types]]]
+            if self.format == "A":
+                self.awaiting = data_pfns
+            else:
+                listed = set(self.fifo)
+                assert not listed.intersection(named.tolist()), "a PFN twice in a Format B body"
+                self.fifo.extend(data_pfns)
+            return
+        if isinstance(e, Pages):
+            assert not self.in_tail
+            assert e.pfns.dtype == np.uint64 and e.pfns.ndim == 1 and len(e.pfns) >= 1
+            assert e.data.dtype == np.uint8 and e.data.shape == (len(e.pfns), 4096)
+            assert (e.pfns < p2m).all(), "Pages with a PFN at or past p2m_size"
+            got = [int(x) for x in e.pfns]
+            if self.format == "A":
+                assert e.compressed_bytes is None
+                assert got == self.awaiting, "Format A page data for other PFNs than listed"
+                self.awaiting = []
+            else:
+                assert e.compressed_bytes is not None and e.compressed_bytes >= 1
+                want = self.fifo[self.fifo_head : self.fifo_head + len(got)]
+                assert got == want, "Format B pages out of listing order"
+                self.fifo_head += len(got)
+            self.pages += len(got)
+            self._stage(e.pfns, e.data)
+            return
+        if isinstance(e, TscInfo | MemoryDigest | CodecAnnounce | EnableCompression):
+            assert not self.in_tail
+            if isinstance(e, EnableCompression):
+                assert not self.enabled, "compression enabled twice"
+                self.enabled = True
+            if isinstance(e, CodecAnnounce):
+                assert not self.enabled, "CODEC after ENABLE_COMPRESSION"
+            return
+        if isinstance(e, LastCheckpoint):
+            self.last = True
+            return
+        if isinstance(e, EndOfBody):
+            assert not self.in_tail and not self.awaiting
+            assert e.index == self.checkpoints
+            if self.format == "B":
+                assert self.fifo_head == len(self.fifo), "a Format B body ended short of pages"
+            self.in_tail = True
+            return
+        if isinstance(e, Tail):
+            assert self.in_tail
+            c = e.context
+            assert len(c.hvm_context) <= self.max_context
+            assert len(c.device_model) <= self.max_device_model
+            assert len(c.magic_pfns) == 3
+            return
+        if isinstance(e, CheckpointEnd):
+            assert self.in_tail and e.index == self.checkpoints
+            assert e.format == self.format and e.pages == self.pages
+            self.checkpoints += 1
+            self.in_tail = False
+            self.pages = 0
+            self.fifo, self.fifo_head = [], 0
+            if self.enabled:
+                self.format = "B"
+            if self.staging is not None:
+                self.staging.discard()  # (commit needs a domain: the receiver's own tests)
+            if self.last:
+                self.ended = True
+            return
+        raise AssertionError(f"unknown event {e!r}")
+
+
+def check_stream(data: bytes) -> None:
+    """Target ``stream``: the Decoder (with the Decompressor inside it for
+    Format B) and the receiver's staging, whole and split."""
+    whole_events, whole_error = decode_all([data])
+    split_events, split_error = decode_all(pieces(data))
+    assert _error_key(whole_error) == _error_key(split_error), (
+        f"whole: {whole_error!r}; split: {split_error!r}")
+    assert [_norm(e) for e in whole_events] == [_norm(e) for e in split_events], (
+        "events differ between whole and split feeding")
+    model = StreamModel(FUZZ_CAPS["max_p2m_size"], FUZZ_CAPS["max_context"],
+                        FUZZ_CAPS["max_device_model"])
+    for e in whole_events:
+        model.event(e)
+    if whole_error is None:
+        # eof() was quiet: the stream ended between checkpoints
+        assert not model.in_tail and model.pages == 0 and not model.awaiting
+        assert model.fifo_head == len(model.fifo)
+
+
+# --- the codecs (xenbind.compress, C kernel) -------------------------------
+#
+# Input layout of target ``codec`` (the seeds write it; docs/fuzzing.md):
+#
+#     byte 0      bit 0: codec (0 = seed, 1 = xen); bits 1-3: cache pages - 1
+#     byte 1      n: number of PFNs listed (0..255)
+#     n bytes     the PFNs, one byte each (small, so the cache collides)
+#     2 bytes     uint16 LE: length L of the first blob (clamped to what is left)
+#     L bytes     the first blob, then the rest: the second blob. Both are
+#                 decoded in turn by one Decompressor, so cache state carries
+#                 over from one to the next
+#
+# Before the blobs, both the Decompressor and the reference decoder are
+# primed with full pages for PFNs 0 .. cache-1 (contents from prime_page),
+# the way the seeds' Compressor is, so delta pages find their base.
+
+#: Most PFNs one codec input may list.
+CODEC_MAX_PFNS = 255
+
+
+def prime_page(pfn: int) -> bytes:
+    """The contents both sides cache for ``pfn`` before a codec input."""
+    return bytes((pfn * 7 + i) & 0xFF for i in range(256)) * 16
+
+
+def codec_input(codec: str, cache_pages: int, pfns: list[int], blob1: bytes,
+                blob2: bytes = b"") -> bytes:
+    """A ``codec`` input (for the seed generator and the tests)."""
+    assert codec in ("seed", "xen") and 1 <= cache_pages <= 8 and len(pfns) <= CODEC_MAX_PFNS
+    assert len(blob1) < 1 << 16
+    flags = (1 if codec == "xen" else 0) | ((cache_pages - 1) << 1)
+    return bytes([flags, len(pfns), *pfns]) + len(blob1).to_bytes(2, "little") + blob1 + blob2
+
+
+class ReferenceDecoder:
+    """A slow, obvious decoder of both formats (formats.py), against an LRU
+    cache kept in an OrderedDict; the C kernel must agree with it exactly."""
+
+    def __init__(self, codec: str, capacity: int) -> None:
+        from collections import OrderedDict
+
+        self.codec = codec
+        self.capacity = capacity
+        self.cache: OrderedDict[int, bytearray] = OrderedDict()  # last = most recent
+
+    def _full(self, pfn: int, page: bytes) -> bytes:
+        if pfn in self.cache:
+            self.cache.move_to_end(pfn)
+        elif len(self.cache) >= self.capacity:
+            self.cache.popitem(last=False)
+        self.cache[pfn] = bytearray(page)
+        return bytes(page)
+
+    def decode(self, blob: bytes, pfns: list[int]) -> tuple[list[bytes], bool]:
+        """(pages decoded, whether it stopped on an error)."""
+        out: list[bytes] = []
+        pos = 0
+        step = self._seed_page if self.codec == "seed" else self._xen_page
+        while pos < len(blob):
+            if len(out) >= len(pfns):
+                return out, True
+            r = step(blob, pos, pfns[len(out)])
+            if r is None:
+                return out, True
+            page, pos = r
+            out.append(page)
+        return out, False
+
+    def _seed_page(self, blob: bytes, pos: int, pfn: int):
+        import struct
+
+        if len(blob) - pos < 6:
+            return None
+        off, val = struct.unpack_from("<hI", blob, pos)
+        if off not in (-100, -101) or val != 0:
+            return None
+        if off == -101:
+            if len(blob) - pos < 6 + 4096:
+                return None
+            return self._full(pfn, blob[pos + 6 : pos + 6 + 4096]), pos + 6 + 4096
+        if pfn not in self.cache:
+            return None
+        q, prev, deltas = pos + 6, -1, []
+        while q < len(blob):
+            if len(blob) - q < 6:
+                return None
+            d, v = struct.unpack_from("<hI", blob, q)
+            if d in (-100, -101):
+                break
+            if d < 0 or d >= 4096 or d % 4 or d <= prev:
+                return None
+            deltas.append((d, v))
+            prev = d
+            q += 6
+        page = self.cache[pfn]
+        for d, v in deltas:
+            page[d : d + 4] = v.to_bytes(4, "little")
+        self.cache.move_to_end(pfn)
+        return bytes(page), q
+
+    def _xen_page(self, blob: bytes, pos: int, pfn: int):
+        if blob[pos] == 0x80:
+            if len(blob) - pos < 1 + 4096:
+                return None
+            return self._full(pfn, blob[pos + 1 : pos + 1 + 4096]), pos + 1 + 4096
+        if pfn not in self.cache:
+            return None
+        if blob[pos] == 0x00:
+            self.cache.move_to_end(pfn)
+            return bytes(self.cache[pfn]), pos + 1
+        new = bytearray(self.cache[pfn])
+        q, covered = pos, 0
+        while covered < 4096:
+            if q >= len(blob):
+                return None
+            m = blob[q]
+            n = 4 * (m & 0x7F)
+            if n == 0 or covered + n > 4096:
+                return None
+            if m & 0x80:
+                q += 1
+            else:
+                if len(blob) - q - 1 < n:
+                    return None
+                new[covered : covered + n] = blob[q + 1 : q + 1 + n]
+                q += 1 + n
+            covered += n
+        self.cache[pfn][:] = new
+        self.cache.move_to_end(pfn)
+        return bytes(new), q
+
+
+def parse_codec_input(data: bytes) -> tuple[str, int, list[int], bytes, bytes] | None:
+    """(codec, cache pages, pfns, first blob, second blob) or None if too short."""
+    if len(data) < 2 or len(data) < 4 + data[1]:
+        return None
+    codec = "xen" if data[0] & 1 else "seed"
+    cache_pages = ((data[0] >> 1) & 7) + 1
+    n = data[1]
+    pfns = list(data[2 : 2 + n])
+    first = int.from_bytes(data[2 + n : 4 + n], "little")
+    rest = data[4 + n :]
+    return codec, cache_pages, pfns, rest[:first], rest[first:]
+
+
+def check_codec(data: bytes) -> None:
+    """Target ``codec``: Decompressor (C kernel) against the reference decoder."""
+    import numpy as np
+
+    from xenbind.compress import Compressor, Decompressor
+    from xenbind.errors import CodecError
+
+    parsed = parse_codec_input(data)
+    if parsed is None:
+        return
+    codec, cache_pages, pfns, blob1, blob2 = parsed
+    dec = Decompressor(codec, cache_pages)
+    ref = ReferenceDecoder(codec, cache_pages)
+    prime_pfns = np.arange(cache_pages, dtype=np.uint64)
+    prime = np.frombuffer(b"".join(prime_page(p) for p in range(cache_pages)), np.uint8)
+    prime_blob = Compressor(codec, cache_pages).compress(prime_pfns, prime.reshape(-1, 4096))
+    got = dec.decompress(prime_blob, prime_pfns)
+    want, failed = ref.decode(prime_blob, list(range(cache_pages)))
+    assert not failed and got.tobytes() == b"".join(want), "priming disagrees"
+
+    pfn_array = np.array(pfns, dtype=np.uint64)
+    for blob in (blob1, blob2):
+        if not blob:
+            continue
+        want, ref_failed = ref.decode(blob, pfns)
+        try:
+            got = dec.decompress(blob, pfn_array)
+        except CodecError:
+            assert ref_failed, "the C kernel refused a blob the reference decodes"
+            return
+        assert not ref_failed, "the C kernel accepted a blob the reference refuses"
+        assert got.dtype == np.uint8 and got.shape == (len(want), 4096), got.shape
+        assert got.tobytes() == b"".join(want), "decoded pages differ from the reference"
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "stream": check_stream,
+    "session": check_receiver_session,
+    "reply": check_sender_session,
+    "codec": check_codec,
+}
+
+
+def all_findings(data: bytes) -> Iterator[str]:  # pragma: no cover - debugging aid
+    """Run every target on ``data``; yield 'target: exception' for each finding."""
+    for name, fn in TARGETS.items():
+        try:
+            fn(data)
+        except Exception as exc:  # noqa: BLE001 - a finding is any exception
+            yield f"{name}: {type(exc).__name__}: {exc}"
+
+
+__all__ = ["TARGETS", "pieces", "RemusError", "StreamError"]

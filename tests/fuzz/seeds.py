@@ -1,0 +1,233 @@
+"""The seed corpus: valid inputs for every target, written by the project's
+own encoders, so the fuzzer starts deep inside each format.
+
+    python -m tests.fuzz.seeds OUTDIR [--target T]   write the seeds as files
+
+Stream seeds (all small enough for the fuzzer's max_len):
+    a-*        codec none: pure Format A legacy streams (several checkpoints,
+               TSC_INFO, HEARTBEAT, a PFN repeated across batches, page types
+               with and without data, MEMORY_DIGEST, LAST_CHECKPOINT)
+    xen-*      Format B with Xen's format, no CODEC tag (the legacy default
+               cache) and with one (small cache); the sender's page buffer set
+               to a few pages so COMPRESSED_DATA chunks interleave with the PFN
+               chunks (the seed thread's corner case)
+    seed-*     Format B with the seed's format (CODEC tag always present),
+               cache misses, evictions, page-table pages sent whole
+    tail-*     tails with empty and larger HVM context / device-model records
+Codec seeds: header (tests/fuzz/oracles.py) + blobs of both formats against a
+primed cache. Session seeds: HELLOs of every codec followed by stream bytes.
+Reply seeds: ACCEPT or REFUSE followed by frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from xenbind.hypervisor import Context
+
+#: The HVM tail most seeds carry.
+CTX = Context((0xFEFF0, 0xFEFF1, 0xFEFF2), b"hvm-ctx\x00" * 3, b"qemu-dm\x01")
+
+
+def _page(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, 4096, dtype=np.uint8)
+
+
+def _pages(pfns: list[int], version: int = 0) -> np.ndarray:
+    return np.stack([_page(p * 1000 + version) for p in pfns]) if pfns else np.zeros(
+        (0, 4096), np.uint8)
+
+
+def _touch(pages: np.ndarray, words: list[int], value: int = 0xA5) -> np.ndarray:
+    out = pages.copy()
+    for i in range(len(out)):
+        for w in words:
+            out[i, 4 * w : 4 * w + 4] = (value + i + w) & 0xFF
+    return out
+
+
+def stream_seeds() -> dict[str, bytes]:
+    from xenbind.stream.encoder import StreamWriter, memory_digest
+    from xenbind.stream.format import TYPE_HAS_DATA
+
+    out: dict[str, bytes] = {}
+    u64 = np.uint64
+
+    # --- Format A ---------------------------------------------------------
+    w = StreamWriter(16, codec="none")
+    b = [w.header()]
+    b += w.checkpoint(np.array([1, 5], u64), _pages([1, 5]), CTX)
+    b.append(w.tsc_info(1, 123456789, 2_400_000, 7))
+    b.append(w.heartbeat())
+    b += w.checkpoint(np.array([5], u64), _pages([5], 1), CTX)
+    out["a-two-checkpoints"] = b"".join(b)
+
+    w = StreamWriter(16, codec="none")
+    b = [w.header()]
+    b += w.pages(np.array([3], u64), _pages([3]))  # pre-copy round 1
+    b.append(w.heartbeat())
+    b += w.pages(np.array([3, 4], u64), _pages([3, 4], 1))  # round 2: 3 again
+    mem = np.zeros((16, 4096), np.uint8)
+    mem[3], mem[4] = _pages([3, 4], 1)
+    b += w.end_checkpoint(CTX, digest=memory_digest(mem), last=True)
+    out["a-repeat-digest-last"] = b"".join(b)
+
+    w = StreamWriter(64, codec="none")
+    types = np.array([0x0, 0xF, 0xE, 0x1, 0xD, 0x9], np.uint8)  # NOTAB XTAB XALLOC L1 BROKEN L1pin
+    b = [w.header()]
+    b += w.checkpoint(np.array([10, 11, 12, 13, 14, 15], u64), _pages([10, 13, 15]), CTX, types)
+    b += w.checkpoint(np.zeros(0, u64), _pages([]), CTX)  # an empty body
+    out["a-types-empty-body"] = b"".join(b)
+
+    # --- Format B -----------------------------------------------------------
+    def b_stream(codec: str, cache: int, buffer_pages: int, rounds: list[tuple[list[int], int]],
+                 types: list | None = None, p2m: int = 32) -> bytes:
+        w = StreamWriter(p2m, codec=codec, cache_pages=cache, buffer_pages=buffer_pages)
+        b = [w.header()]
+        b += w.checkpoint(np.array([0], u64), _pages([0]), CTX)  # initial copy
+        base: dict[int, np.ndarray] = {}
+        for k, (pfns, mode) in enumerate(rounds):
+            rows = []
+            t = None if types is None else np.array(types[k], np.uint8)
+            carry = [True] * len(pfns) if t is None else list(TYPE_HAS_DATA[t])
+            for p, has_data in zip(pfns, carry, strict=True):
+                if not has_data:
+                    continue
+                if p not in base or mode == 0:
+                    base[p] = _page(p * 1000 + 50 + k)
+                elif mode == 1:
+                    base[p] = _touch(base[p][None], [1, 2, 700])[0]
+                elif mode == 2:
+                    base[p] = _touch(base[p][None], list(range(40, 200)))[0]
+                rows.append(base[p])
+            pages = np.stack(rows) if rows else np.zeros((0, 4096), np.uint8)
+            b += w.checkpoint(np.array(pfns, u64), pages, CTX, t)
+            if k == 0:
+                b.append(w.heartbeat())
+        return b"".join(b)
+
+    for codec in ("xen", "seed"):
+        out[f"{codec}-default-cache"] = b_stream(codec, 8192, 8192, [([2, 3], 0), ([2, 3], 1),
+                                                                     ([3], 3)])
+        out[f"{codec}-interleaved"] = b_stream(codec, 4, 1, [([4, 5], 0), ([4, 5, 6], 1)])
+        out[f"{codec}-evict"] = b_stream(codec, 1, 8192, [([7], 0), ([8], 0), ([8, 7], 1)])
+        out[f"{codec}-runs-types"] = b_stream(
+            codec, 2, 2, [([1, 9], 0), ([1, 9, 20, 21], 2)],
+            types=[[0, 0], [0, 0x1, 0xF, 0xE]])
+    # a stream that stops mid-checkpoint (the torn last checkpoint)
+    full = out["xen-interleaved"]
+    out["xen-torn"] = full[: len(full) - 37]
+
+    # --- tails -----------------------------------------------------------------
+    for name, ctx in (("empty", Context((0, 0, 0), b"", b"")),
+                      ("big", Context((1, 2, 3), bytes(range(256)) * 8, b"dm" * 700))):
+        w = StreamWriter(4, codec="none")
+        out[f"tail-{name}"] = b"".join([w.header(), *w.checkpoint(
+            np.array([2], u64), _pages([2]), ctx, last=True)])
+    return out
+
+
+def codec_seeds() -> dict[str, bytes]:
+    from tests.fuzz.oracles import codec_input, prime_page
+    from xenbind.compress import Compressor
+
+    out: dict[str, bytes] = {}
+    for codec in ("seed", "xen"):
+        for cache in (1, 3, 8):
+            c = Compressor(codec, cache)
+            prime = np.frombuffer(b"".join(prime_page(p) for p in range(cache)), np.uint8)
+            c.compress(np.arange(cache, dtype=np.uint64), prime.reshape(-1, 4096))
+            pfns = [0, 1, 0, 9, 2, 1][: max(2, cache)]
+            rows = []
+            for i, p in enumerate(pfns):
+                page = np.frombuffer(prime_page(p), np.uint8).copy()
+                if i % 3 == 1:
+                    page[100:140] ^= 0xFF  # a run
+                elif i % 3 == 2:
+                    page[::512] += 1  # scattered words
+                rows.append(page)
+            blob1 = c.compress(np.array(pfns, np.uint64), np.stack(rows))
+            # the second blob: unchanged pages (smallest encodings) of the same pfns
+            blob2 = c.compress(np.array(pfns, np.uint64), np.stack(rows))
+            out[f"{codec}-cache{cache}"] = codec_input(codec, cache, pfns, blob1, blob2)
+            out[f"{codec}-cache{cache}-second"] = codec_input(codec, cache, pfns, b"", blob1)
+    return out
+
+
+def session_seeds() -> dict[str, bytes]:
+    from xenbind.hypervisor import DomainConfig
+    from xenbind.session import Hello, Options, encode_hello
+
+    out: dict[str, bytes] = {}
+    for codec in ("seed", "xen", "none"):
+        h = Hello(session_id="ab" * 16,
+                  options=Options(codec=codec, cache_pages=512, verify=codec == "xen"),
+                  domain=DomainConfig("guest-1", "12345678-9abc-def0-1234-56789abcdef0", 4096, 2,
+                                      extra={"workload": "ledger", "seed": 3}),
+                  generation=5, software="remusd 0.1.0")
+        out[f"hello-{codec}"] = encode_hello(h) + b"\x10\x00\x00\x00\x00\x00\x00\x00"
+    return out
+
+
+def reply_seeds() -> dict[str, bytes]:
+    from tests.fuzz.oracles import SENDER_SESSION_ID
+    from xenbind.session import (
+        ACK_VERIFIED,
+        ERR_FAILED_OVER,
+        FRAME_ACK,
+        FRAME_ERROR,
+        FRAME_GOODBYE,
+        FRAME_HEARTBEAT,
+        Accept,
+        Refuse,
+        encode_accept,
+        encode_frame,
+        encode_refuse,
+    )
+
+    acc = encode_accept(Accept(SENDER_SESSION_ID, 900, 100, {"max_pages": 1 << 20}, "recv"))
+    ack = encode_frame(FRAME_ACK, ACK_VERIFIED, (3).to_bytes(8, "little"))
+    hb = encode_frame(FRAME_HEARTBEAT, 0, (2**64 - 1).to_bytes(8, "little"))
+    return {
+        "accept-frames": acc + ack + hb + encode_frame(FRAME_GOODBYE, 0, b"bye"),
+        "accept-error": acc + encode_frame(FRAME_ERROR, ERR_FAILED_OVER, b"took over"),
+        "refuse": encode_refuse(Refuse("codec", "unknown codec")),
+    }
+
+
+SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
+    "stream": stream_seeds,
+    "codec": codec_seeds,
+    "session": session_seeds,
+    "reply": reply_seeds,
+}
+
+
+def write_seeds(target: str, outdir: Path) -> int:
+    """Write ``target``'s seeds into ``outdir`` (one file each); return how many."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    seeds = SEEDS[target]()
+    for name, data in seeds.items():
+        digest = hashlib.sha1(data).hexdigest()[:12]
+        (outdir / f"{name}-{digest}").write_bytes(data)
+    return len(seeds)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m tests.fuzz.seeds")
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--target", choices=sorted(SEEDS), default=None, help="default: all")
+    a = p.parse_args()
+    for t in [a.target] if a.target else sorted(SEEDS):
+        n = write_seeds(t, a.outdir / t)
+        print(f"{t}: {n} seeds in {a.outdir / t}")
+
+
+if __name__ == "__main__":
+    main()
