@@ -82,7 +82,7 @@ def initial_copy(domain: Domain, link: Link, writer: StreamWriter, cb: Checkpoin
 
     def beat() -> None:
         now = time.monotonic()
-        if now - last_beat[0] >= heartbeat_s:
+        if link.heartbeats and now - last_beat[0] >= heartbeat_s:
             link.send([writer.heartbeat()])
             last_beat[0] = now
 

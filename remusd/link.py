@@ -60,6 +60,8 @@ class Refused(LinkDown):
 
 class Link:
     kind = "abstract"
+    #: whether HEARTBEAT tags go out on this link (a file has nobody to keep alive)
+    heartbeats = True
     failover_timeout_ms: int | None = None
 
     def open(self) -> None:
@@ -83,6 +85,7 @@ class FileLink(Link):
     """The bare legacy stream into a file (``--to file:PATH``)."""
 
     kind = "file"
+    heartbeats = False
 
     def __init__(self, path: str) -> None:
         self.path = path

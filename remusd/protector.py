@@ -251,7 +251,8 @@ class Protector:
         cb = CheckpointBuffer(self.info.pages, self.req.verify)
 
         def heartbeat() -> None:
-            link.send([writer.heartbeat()])
+            if link.heartbeats:
+                link.send([writer.heartbeat()])
 
         t0 = time.monotonic()
         res = initial_copy(self.domain, link, writer, cb, rounds=t.precopy_rounds,
