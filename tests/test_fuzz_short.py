@@ -1,0 +1,309 @@
+"""A short fuzz run inside the normal suite (issue 6, "Hostile input").
+
+Hypothesis builds valid streams with the project's encoder (every codec,
+page types with and without data, small caches that evict, a sender buffer
+small enough that COMPRESSED_DATA interleaves with the PFN chunks), then:
+
+* valid streams, fed to the Decoder cut at random points, decode to exactly
+  the memory and tails that were encoded, checkpoint by checkpoint;
+* mutated streams (truncated, bytes flipped, a chunk dropped / duplicated /
+  swapped with its neighbour, a PFN pushed past p2m_size, a length field made
+  huge or shifted) go through the fuzz oracle (tests/fuzz/oracles.py): only
+  StreamError may come out, and every event keeps the rules; mutations that
+  must be refused (PFN out of range, huge lengths) are refused;
+* the codec and session oracles run on generated inputs the same way;
+* every seed of the atheris corpus is valid for its target;
+* regressions: the inputs of crashes the long fuzz runs found (docs/fuzzing.md).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fuzz import oracles, seeds
+from xenbind.errors import StreamError
+from xenbind.hypervisor import Context
+from xenbind.stream import CheckpointEnd, Decoder, Pages, StreamWriter, Tail
+from xenbind.stream.format import TAG_COMPRESSED_DATA, TYPE_HAS_DATA
+
+SETTINGS = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+#: Page types drawn for entries: mostly NOTAB, some page tables, some without data.
+TYPES = [0x0, 0x0, 0x0, 0x0, 0x1, 0x9, 0xF, 0xE, 0xD]
+
+
+class Built:
+    """A valid stream as a list of items (each a chunk or a run of chunks as
+    the writer returned them) plus what decoding it must give."""
+
+    def __init__(self, p2m: int) -> None:
+        self.p2m = p2m
+        self.items: list[bytes] = []
+        self.memory: list[np.ndarray] = []  # guest memory after each checkpoint
+        self.tails: list[Context] = []
+        self.last = False
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.items)
+
+
+def _change(page: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:
+    page = page.copy()
+    if how == "word":
+        w = int(rng.integers(0, 1024))
+        page[4 * w : 4 * w + 4] ^= 0x5A
+    elif how == "words":
+        for w in rng.choice(1024, 16, replace=False):
+            page[4 * w : 4 * w + 4] = rng.integers(0, 256, 4, dtype=np.uint8)
+    elif how == "run":
+        s = int(rng.integers(0, 1024 - 64)) * 4
+        page[s : s + 256] = rng.integers(0, 256, 256, dtype=np.uint8)
+    elif how == "all":
+        page[:] = rng.integers(0, 256, 4096, dtype=np.uint8)
+    return page  # "same": unchanged
+
+
+@st.composite
+def valid_streams(draw) -> Built:
+    codec = draw(st.sampled_from(["none", "xen", "seed"]))
+    p2m = draw(st.integers(2, 48))
+    cache = draw(st.sampled_from([1, 2, 5, 8192]))
+    buffer_pages = draw(st.sampled_from([1, 2, 3, 8192]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    w = StreamWriter(p2m, codec=codec, cache_pages=cache, buffer_pages=buffer_pages)
+    b = Built(p2m)
+    b.items.append(w.header())
+    mem = np.zeros((p2m, 4096), np.uint8)
+    n_ckpt = draw(st.integers(1, 4))
+    for k in range(n_ckpt):
+        pfns = draw(st.lists(st.integers(0, p2m - 1), unique=True, max_size=5))
+        types = np.array([draw(st.sampled_from(TYPES)) for _ in pfns], np.uint8)
+        rows = []
+        for p, t in zip(pfns, types, strict=True):
+            if TYPE_HAS_DATA[t]:
+                how = draw(st.sampled_from(["same", "word", "words", "run", "all"]))
+                rows.append(_change(mem[p], how, rng))
+        pages = np.stack(rows) if rows else np.zeros((0, 4096), np.uint8)
+        ctx = Context(tuple(int(x) for x in rng.integers(0, 2**40, 3)),
+                      bytes(draw(st.binary(max_size=40))), bytes(draw(st.binary(max_size=40))))
+        if draw(st.booleans()):
+            b.items.append(w.heartbeat())
+        if draw(st.integers(0, 5)) == 0:
+            b.items.append(w.tsc_info(1, 2, 3, 4))
+        last = k == n_ckpt - 1 and draw(st.booleans())
+        b.items += [bytes(x) for x in w.pages(np.array(pfns, np.uint64), pages, types)]
+        b.items += [bytes(x) for x in w.end_checkpoint(ctx, last=last)]
+        data_pfns = np.array(pfns, np.uint64)[TYPE_HAS_DATA[types]]
+        mem[data_pfns.astype(np.intp)] = pages
+        b.memory.append(mem.copy())
+        b.tails.append(ctx)
+        b.last = last
+    return b
+
+
+def _decode_into_memory(data: bytes, p2m: int, cut_seed: int) -> tuple[list, list]:
+    """Decode with the receiver's caps; memory snapshots and tails per checkpoint."""
+    d = Decoder(**oracles.FUZZ_CAPS)
+    mem = np.zeros((p2m, 4096), np.uint8)
+    snaps, tails = [], []
+    for piece in oracles.pieces(data, seed=cut_seed):
+        for e in d.feed(piece):
+            if isinstance(e, Pages):
+                mem[e.pfns.astype(np.intp)] = e.data
+            elif isinstance(e, Tail):
+                tails.append(e.context)
+            elif isinstance(e, CheckpointEnd):
+                snaps.append(mem.copy())
+    d.eof()
+    return snaps, tails
+
+
+@SETTINGS
+@given(valid_streams(), st.integers(0, 2**32 - 1))
+def test_valid_streams_decode_to_what_was_encoded(b: Built, cut_seed: int) -> None:
+    snaps, tails = _decode_into_memory(b.data, b.p2m, cut_seed)
+    assert len(snaps) == len(b.memory)
+    for got, want in zip(snaps, b.memory, strict=True):
+        assert np.array_equal(got, want)
+    assert tails == b.tails
+    oracles.check_stream(b.data)  # and the oracle agrees it is well behaved
+
+
+# --- mutations ---------------------------------------------------------------
+
+
+def _pfn_item_positions(b: Built) -> list[int]:
+    """Indexes of items that start with a +ve chunk (a PFN array follows)."""
+    return [i for i, it in enumerate(b.items[1:], 1)
+            if len(it) >= 12 and 0 < struct.unpack_from("<i", it)[0] <= 1024]
+
+
+MUTATIONS = ["truncate", "flip", "drop", "duplicate", "swap", "shift_length"]
+
+
+@SETTINGS
+@given(valid_streams(), st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3),
+       st.data())
+def test_mutated_streams_only_raise_stream_error(b: Built, muts: list[str], data) -> None:
+    items = list(b.items)
+    for m in muts:
+        n = len(items)
+        i = data.draw(st.integers(1, max(1, n - 1)))
+        if m == "drop" and n > 2:
+            del items[i]
+        elif m == "duplicate":
+            items.insert(i, items[i % n])
+        elif m == "swap" and i + 1 < n:
+            items[i], items[i + 1] = items[i + 1], items[i]
+        elif m == "shift_length":
+            # add or take a little from a 32/64-bit length field of a
+            # COMPRESSED_DATA chunk or a batch's count
+            it = bytearray(items[i % n])
+            if len(it) >= 12 and struct.unpack_from("<i", it)[0] == TAG_COMPRESSED_DATA:
+                (length,) = struct.unpack_from("<Q", it, 4)
+                delta = data.draw(st.sampled_from([-2, -1, 1, 7, 4096]))
+                struct.pack_into("<Q", it, 4, max(0, length + delta))
+            elif len(it) >= 4 and 0 < struct.unpack_from("<i", it)[0] <= 1024:
+                (count,) = struct.unpack_from("<i", it)
+                struct.pack_into("<i", it, 0, count + data.draw(st.sampled_from([-1, 1, 1024])))
+            items[i % n] = bytes(it)
+    raw = bytearray(b"".join(items))
+    for m in muts:
+        if m == "truncate" and raw:
+            del raw[data.draw(st.integers(0, len(raw) - 1)) :]
+        elif m == "flip" and raw:
+            for _ in range(data.draw(st.integers(1, 4))):
+                j = data.draw(st.integers(0, len(raw) - 1))
+                raw[j] ^= 1 << data.draw(st.integers(0, 7))
+    oracles.check_stream(bytes(raw))
+
+
+@SETTINGS
+@given(valid_streams(), st.data())
+def test_pfn_past_p2m_size_is_refused(b: Built, data) -> None:
+    where = _pfn_item_positions(b)
+    if not where:
+        return  # no PFN chunk to corrupt
+    i = data.draw(st.sampled_from(where))
+    it = bytearray(b.items[i])
+    (count,) = struct.unpack_from("<i", it)
+    j = data.draw(st.integers(0, count - 1))
+    (entry,) = struct.unpack_from("<Q", it, 4 + 8 * j)
+    bad_pfn = data.draw(st.integers(b.p2m, (1 << 28) - 1))
+    typ = (entry >> 28) & 0xF
+    if typ == 0xF:
+        typ = 0  # an XTAB entry names no page: make it a real one
+    struct.pack_into("<Q", it, 4 + 8 * j, bad_pfn | (typ << 28))
+    offset = sum(len(x) for x in b.items[:i]) + 4 + 8 * j
+    b.items[i] = bytes(it)
+    events, err = oracles.decode_all([b.data])
+    assert isinstance(err, StreamError) and err.offset == offset, err
+    assert "p2m_size" in err.reason
+    oracles.check_stream(b.data)
+
+
+@SETTINGS
+@given(valid_streams(), st.sampled_from(["context", "device_model", "compressed"]),
+       st.sampled_from([0xFFFF_FFFF, 1 << 31, (1 << 12) + 1]), st.data())
+def test_huge_lengths_are_refused(b: Built, field: str, huge: int, data) -> None:
+    """A length over the cap is refused at its own offset, whatever follows."""
+    data_b = bytearray(b.data)
+    if field == "compressed":
+        pos = [i for i, it in enumerate(b.items)
+               if len(it) >= 12 and struct.unpack_from("<i", it)[0] == TAG_COMPRESSED_DATA]
+        if not pos:
+            return
+        i = data.draw(st.sampled_from(pos))
+        at = sum(len(x) for x in b.items[:i])
+        huge = huge if huge != (1 << 12) + 1 else (1 << 63)
+        struct.pack_into("<Q", data_b, at + 4, huge)
+        want_offset = at
+    else:
+        # the first tail ends where checkpoint 0's CheckpointEnd says
+        events, err = oracles.decode_all([b.data])
+        assert err is None
+        end0 = next(e.offset for e in events if isinstance(e, CheckpointEnd))
+        ctx = b.tails[0]
+        tail_start = end0 - (24 + 4 + len(ctx.hvm_context) + 21 + 4 + len(ctx.device_model))
+        ctx_len_at = tail_start + 24
+        if field == "context":
+            want_offset = ctx_len_at
+        else:
+            want_offset = ctx_len_at + 4 + len(ctx.hvm_context) + 21
+        struct.pack_into("<I", data_b, want_offset, huge)
+    events, err = oracles.decode_all([bytes(data_b)])
+    assert isinstance(err, StreamError), err
+    assert err.offset == want_offset, (err, want_offset)
+    assert "cap" in err.reason
+    oracles.check_stream(bytes(data_b))
+
+
+# --- the other targets ----------------------------------------------------------
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(seeds.codec_seeds().items())), st.data())
+def test_codec_oracle_on_mutated_blobs(seed_item, data) -> None:
+    name, raw = seed_item
+    raw = bytearray(raw)
+    for _ in range(data.draw(st.integers(0, 6))):
+        j = data.draw(st.integers(0, len(raw) - 1))
+        raw[j] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        del raw[data.draw(st.integers(0, len(raw))) :]
+    oracles.check_codec(bytes(raw))
+
+
+@SETTINGS
+@given(st.sampled_from(["session", "reply"]), st.data())
+def test_session_oracles_on_mutated_handshakes(target: str, data) -> None:
+    src = seeds.session_seeds() if target == "session" else seeds.reply_seeds()
+    raw = bytearray(data.draw(st.sampled_from(sorted(src.values()))))
+    for _ in range(data.draw(st.integers(0, 4))):
+        j = data.draw(st.integers(0, len(raw) - 1))
+        raw[j] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        del raw[data.draw(st.integers(0, len(raw))) :]
+    oracles.TARGETS[target](bytes(raw))
+
+
+@pytest.mark.parametrize("target", sorted(seeds.SEEDS))
+def test_every_seed_is_valid_for_its_target(target: str) -> None:
+    found = seeds.SEEDS[target]()
+    assert len(found) >= 3
+    for name, raw in found.items():
+        oracles.TARGETS[target](raw)  # the oracle holds on the seed itself
+        if target == "stream":
+            events, err = oracles.decode_all([raw])
+            if name.endswith("torn"):
+                assert err is not None and "torn" in err.reason
+            else:
+                assert err is None, (name, err)
+                assert any(isinstance(e, CheckpointEnd) for e in events)
+
+
+def test_the_oracle_catches_what_it_should() -> None:
+    """The oracles are not vacuous: broken rules are findings."""
+    from xenbind.stream import Header, PageBatch
+
+    model = oracles.StreamModel(1 << 20, 16, 16)
+    model.event(Header(16))
+    with pytest.raises(AssertionError, match="p2m_size"):
+        model.event(Pages(np.array([99], np.uint64), np.zeros((1, 4096), np.uint8)))
+    with pytest.raises(AssertionError, match="twice"):
+        model.event(PageBatch(np.array([3, 3], np.uint64), np.zeros(2, np.uint8)))
+    # the reference decoder refuses a delta page with no base, as the kernel must
+    assert oracles.ReferenceDecoder("xen", 1).decode(b"\x00", [0]) == ([], True)
+    assert oracles.ReferenceDecoder("seed", 1).decode(
+        struct.pack("<hI", -100, 0), [0]) == ([], True)
+
+
+# --- regressions: inputs the long fuzz runs turned up --------------------------
+# (none so far; each crash found gets a test here with its input in hex)
