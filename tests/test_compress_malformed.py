@@ -1,0 +1,170 @@
+"""Malformed compressed data: every rule of the decoders, truncation at every
+byte offset, and random garbage. Each failure is a CodecError naming the byte
+offset and the reason; the failing page never reaches the mirror cache; the
+decompressor refuses further use."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xenbind.compress import Compressor, Decompressor
+from xenbind.errors import CodecError
+
+PAGE = 4096
+BEGIN = struct.pack("<hI", -100, 0)
+FULL = struct.pack("<hI", -101, 0)
+RNG = np.random.default_rng(99)
+OLD = RNG.integers(0, 256, PAGE, dtype=np.uint8)  # cached for pfn 1
+RAW = RNG.integers(0, 256, PAGE, dtype=np.uint8).tobytes()
+
+
+def delta(offset: int, value: int) -> bytes:
+    return struct.pack("<hI", offset, value)
+
+
+def primed(codec: str) -> Decompressor:
+    """A receiver whose mirror holds pfn 1 (and not pfn 2)."""
+    d = Decompressor(codec, 4)
+    d.decompress((FULL if codec == "seed" else b"\x80") + OLD.tobytes(), np.array([1], np.uint64))
+    return d
+
+
+SEED_BAD = [
+    ("short record", BEGIN[:5], [1], 0, r"truncated: 5 byte\(s\) left"),
+    ("short full page", FULL + RAW[:100], [1], 0, r"truncated full page: 100 of 4096"),
+    ("begin value", struct.pack("<hI", -100, 1), [1], 0, r"marker with value 0x1, must be 0"),
+    ("full value", struct.pack("<hI", -101, 7) + RAW, [1], 0, r"marker with value 0x7"),
+    ("negative offset", BEGIN + delta(-5, 0), [1], 6, r"invalid offset -5"),
+    ("unknown marker", struct.pack("<hI", -102, 0), [1], 0, r"invalid offset -102"),
+    ("offset 4096", BEGIN + delta(4096, 0), [1], 6, r"delta offset 4096 outside the page"),
+    ("offset 32764", BEGIN + delta(32764, 0), [1], 6, r"delta offset 32764 outside"),
+    ("misaligned", BEGIN + delta(2, 0), [1], 6, r"delta offset 2 not a multiple of 4"),
+    ("descending", BEGIN + delta(8, 0) + delta(4, 0), [1], 12, r"offset 4 not above"),
+    ("duplicate", BEGIN + delta(8, 0) + delta(8, 1), [1], 12, r"offset 8 not above"),
+    ("delta first", delta(0, 5), [1], 0, r"not preceded by BEGIN_PAGE"),
+    ("delta after full", FULL + RAW + delta(0, 1), [1, 1], 4102, r"not preceded by BEGIN_PAGE"),
+    ("no base", BEGIN, [2], 0, r"pfn 0x2 has no base"),
+    ("no base later", FULL + RAW + BEGIN + delta(0, 1), [1, 2], 4102, r"pfn 0x2 has no base"),
+    ("too many pages", BEGIN + BEGIN, [1], 6, r"more pages in the data than the 1 pfns"),
+    ("cut delta", BEGIN + delta(8, 1) + b"\x00\x00\x00", [1], 12, r"truncated: 3 byte"),
+]
+
+XEN_BAD = [
+    ("unchanged no base", b"\x00", [2], 0, r"pfn 0x2 has no base"),
+    ("runs no base", b"\x01abcd" + b"\xff" * 8 + b"\x87", [2], 0, r"pfn 0x2 has no base"),
+    ("short full page", b"\x80" + RAW[:100], [1], 0, r"truncated full page: 100 of 4096"),
+    ("zero skip inside", b"\x81\x80", [1], 1, r"zero-length marker 0x80"),
+    ("zero run inside", b"\x81\x00", [1], 1, r"zero-length marker 0x00"),
+    ("run past end", b"\xff" * 8 + b"\x84" + b"\x05" + RAW[:20], [1], 9, r"RUN ends at byte 4100"),
+    ("skip past end", b"\xff" * 9, [1], 8, r"SKIP ends at byte 4572"),
+    ("cut run", b"\x02" + RAW[:4], [1], 0, r"truncated RUN: 8 bytes"),
+    ("ends in page", b"\xff", [1], 1, r"data ends inside a page \(508 of 4096"),
+    ("ends in 2nd page", b"\x00\x81", [1, 1], 2, r"data ends inside a page \(4 of 4096"),
+    ("too many pages", b"\x00\x00", [1], 1, r"more pages in the data than the 1 pfns"),
+]
+
+
+@pytest.mark.parametrize(
+    "codec,case",
+    [("seed", c) for c in SEED_BAD] + [("xen", c) for c in XEN_BAD],
+    ids=[f"seed-{c[0]}" for c in SEED_BAD] + [f"xen-{c[0]}" for c in XEN_BAD],
+)
+def test_malformed_rejected(codec, case) -> None:
+    _, blob, pfns, offset, reason = case
+    d = primed(codec)
+    before = d.cache.snapshot()
+    with pytest.raises(CodecError) as exc:
+        d.decompress(blob, np.array(pfns, np.uint64))
+    msg = str(exc.value)
+    assert re.search(rf"^{codec} data byte {offset} \(page \d+", msg), msg
+    assert re.search(reason, msg), msg
+    if offset == 0:  # the first page failed: nothing reached the mirror
+        after = d.cache.snapshot()
+        assert before[0].tolist() == after[0].tolist()
+        assert np.array_equal(before[1], after[1])
+    with pytest.raises(CodecError, match="out of step"):
+        d.decompress(b"", np.array([], np.uint64))
+
+
+def history_and_batch(codec: str):
+    """A sender with some history and a batch of four pages of every kind:
+    a miss, a delta page, an unchanged page, a long run."""
+    c = Compressor(codec, 8)
+    pfns0 = np.array([1, 3, 4], np.uint64)
+    base = RNG.integers(0, 256, (3, PAGE), dtype=np.uint8)
+    prime = c.compress(pfns0, base)
+    p1 = base[0].copy()
+    p1.view(np.uint32)[[0, 5, 6, 7, 900]] ^= 0x01020304
+    p4 = base[2].copy()
+    p4.view(np.uint32)[100:400] ^= 0xFFFF
+    pfns = np.array([9, 1, 3, 4], np.uint64)
+    pages = np.stack([OLD, p1, base[1], p4])
+    return c, (pfns0, base, prime), pfns, pages
+
+
+@pytest.mark.parametrize("codec", ["seed", "xen"])
+def test_truncation_at_every_byte(codec) -> None:
+    c, (pfns0, base, prime), pfns, pages = history_and_batch(codec)
+    # page boundaries: encode the same batch page by page on a twin sender
+    twin = Compressor(codec, 8)
+    assert twin.compress(pfns0, base) == prime
+    parts = [twin.compress(pfns[i : i + 1], pages[i : i + 1]) for i in range(len(pfns))]
+    blob = c.compress(pfns, pages)
+    assert b"".join(parts) == blob
+    bounds = np.cumsum([0] + [len(p) for p in parts]).tolist()
+    decoded_any_partial_page = False
+    for cut in range(len(blob)):
+        d = Decompressor(codec, 8)
+        d.decompress(prime, pfns0)
+        k_full = max(i for i, b in enumerate(bounds) if b <= cut)  # whole pages in the prefix
+        try:
+            got = d.decompress(blob[:cut], pfns)
+        except CodecError as e:
+            assert cut not in bounds, f"valid prefix of {k_full} pages rejected at {cut}: {e}"
+            continue
+        if cut in bounds:
+            assert len(got) == k_full
+            assert np.array_equal(got, pages[:k_full])
+        else:
+            # only the seed format lets a cut between two deltas of the last
+            # page parse: that page comes back with only its first deltas
+            assert codec == "seed", f"xen prefix cut inside page accepted at {cut}"
+            assert len(got) == k_full + 1
+            assert (cut - bounds[k_full]) % 6 == 0
+            assert np.array_equal(got[:k_full], pages[:k_full])
+            decoded_any_partial_page = True
+    assert decoded_any_partial_page == (codec == "seed")
+
+
+@settings(max_examples=300, deadline=None)
+@given(codec=st.sampled_from(["seed", "xen"]), data=st.binary(max_size=200), n=st.integers(0, 5))
+def test_random_garbage_never_crashes(codec, data, n) -> None:
+    d = primed(codec)
+    pfns = np.ones(n, np.uint64)
+    try:
+        got = d.decompress(data, pfns)
+    except CodecError as e:
+        assert re.match(rf"{codec} data byte \d+ \(page \d+", str(e))
+    else:
+        assert got.shape[1] == PAGE and len(got) <= n
+
+
+@settings(max_examples=200, deadline=None)
+@given(codec=st.sampled_from(["seed", "xen"]), pos=st.integers(0, 10**6), byte=st.integers(0, 255))
+def test_mutated_blob_never_crashes(codec, pos, byte) -> None:
+    c, (pfns0, _, prime), pfns, pages = history_and_batch(codec)
+    blob = bytearray(c.compress(pfns, pages))
+    blob[pos % len(blob)] = byte
+    d = Decompressor(codec, 8)
+    d.decompress(prime, pfns0)
+    try:
+        got = d.decompress(bytes(blob), pfns)
+    except CodecError:
+        return
+    assert got.shape[1] == PAGE and len(got) <= len(pfns)
