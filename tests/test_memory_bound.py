@@ -1,0 +1,175 @@
+"""Memory stays bounded whatever a stream's length fields say (issue 6).
+
+A peer may claim anything: a COMPRESSED_DATA chunk of 2^63 bytes, an HVM
+context or a device-model record of 4 GiB, a guest of 2^40 pages, a batch
+of 1024 pages and then nothing. The Decoder takes a cap for each allocation
+from configuration and checks it BEFORE allocating; these tests feed such
+claims and measure with tracemalloc (which sees Python and numpy buffers)
+that the peak stays small, and that the refusal names the offending item's
+byte offset.
+"""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from xenbind.errors import StreamError
+from xenbind.stream import Decoder, TruncatedStream
+from xenbind.stream.format import (
+    DEVICE_MODEL_SIGNATURE,
+    TAG_CODEC,
+    TAG_COMPRESSED_DATA,
+    TAG_ENABLE_COMPRESSION,
+)
+
+#: The caps a receiver would take from its configuration in these tests.
+CAPS = dict(
+    max_p2m_size=1 << 20,  # a 4 GiB guest
+    max_compressed=4 << 20,
+    max_context=1 << 20,
+    max_device_model=1 << 20,
+    max_cache_pages=1024,
+)
+#: The peak any of these streams may cost the decoder.
+PEAK_LIMIT = 16 << 20
+
+P2M = 64
+
+
+def header(p2m: int = P2M) -> bytes:
+    return struct.pack("<Q", p2m)
+
+
+def tail(ctx: bytes = b"", dm: bytes = b"") -> bytes:
+    return (struct.pack("<QQQ", 1, 2, 3) + struct.pack("<I", len(ctx)) + ctx
+            + DEVICE_MODEL_SIGNATURE + struct.pack("<I", len(dm)) + dm)
+
+
+def format_b_prefix() -> bytes:
+    """Header, an empty Format A checkpoint that enables the xen codec with a
+    4-page cache, then the start of a Format B body listing PFN 5."""
+    return (header() + struct.pack("<iII", TAG_CODEC, 1, 4)
+            + struct.pack("<i", TAG_ENABLE_COMPRESSION) + struct.pack("<i", 0) + tail()
+            + struct.pack("<iQ", 1, 5))
+
+
+def peak_of(fn: Callable[[], object]) -> tuple[int, object]:
+    """Peak traced memory (bytes) while ``fn`` runs, and what it returned or raised."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            out = fn()
+        except StreamError as exc:
+            out = exc
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, out
+
+
+def feed_all(data: bytes, caps: dict | None = None, then_eof: bool = True):
+    d = Decoder(**(CAPS if caps is None else caps))
+    events = d.feed(data)
+    if then_eof:
+        d.eof()
+    return events
+
+
+def test_tracemalloc_sees_numpy_buffers() -> None:
+    """Control: the instrument would see a big allocation if one were made."""
+    peak, _ = peak_of(lambda: np.ones(32 << 20, np.uint8).sum())
+    assert peak >= 32 << 20
+
+
+CLAIMS = {
+    # name: (stream bytes, offset the refusal must name, words its reason must hold)
+    "p2m_size 2^40": (header(1 << 40), 0, "p2m_size"),
+    "p2m_size 2^64-1": (header((1 << 64) - 1), 0, "p2m_size"),
+    "COMPRESSED_DATA 2^63": (
+        format_b_prefix() + struct.pack("<iQ", TAG_COMPRESSED_DATA, 1 << 63),
+        len(format_b_prefix()), "cap"),
+    "COMPRESSED_DATA 2^64-1": (
+        format_b_prefix() + struct.pack("<iQ", TAG_COMPRESSED_DATA, (1 << 64) - 1),
+        len(format_b_prefix()), "cap"),
+    "COMPRESSED_DATA cap+1": (
+        format_b_prefix() + struct.pack("<iQ", TAG_COMPRESSED_DATA, CAPS["max_compressed"] + 1),
+        len(format_b_prefix()), "cap"),
+    "HVM context 4 GiB": (
+        header() + struct.pack("<i", 0) + struct.pack("<QQQI", 1, 2, 3, 0xFFFF_FFFF),
+        len(header()) + 4 + 24, "cap"),
+    "device model 4 GiB": (
+        header() + struct.pack("<i", 0) + struct.pack("<QQQI", 1, 2, 3, 0)
+        + DEVICE_MODEL_SIGNATURE + struct.pack("<I", 0xFFFF_FFFF),
+        len(header()) + 4 + 28 + 21, "cap"),
+    "CODEC cache 2^32-1 pages": (
+        header() + struct.pack("<iII", TAG_CODEC, 1, 0xFFFF_FFFF), len(header()), "cache"),
+    "batch of 2^31-1 pages": (header() + struct.pack("<i", 0x7FFF_FFFF), len(header()), "batch"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_huge_claim_is_refused_before_allocating(name: str) -> None:
+    data, offset, word = CLAIMS[name]
+    peak, out = peak_of(lambda: feed_all(data))
+    assert isinstance(out, StreamError) and not isinstance(out, TruncatedStream), out
+    assert out.offset == offset, out
+    assert word in out.reason, out
+    assert peak < PEAK_LIMIT, f"{name}: peak {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_huge_claim_is_refused_with_default_caps(name: str) -> None:
+    """The defaults (no configuration at all) refuse the same claims."""
+    data, offset, _ = CLAIMS[name]
+    if name == "COMPRESSED_DATA cap+1":
+        data = data[:-8] + struct.pack("<Q", 1 << 40)  # past the default cap too
+    peak, out = peak_of(lambda: feed_all(data, caps={}))
+    assert isinstance(out, StreamError) and out.offset == offset, out
+    assert peak < PEAK_LIMIT, f"{name}: peak {peak >> 20} MiB"
+
+
+def test_batch_of_1024_pages_then_eof_costs_one_batch() -> None:
+    """A full batch listed, its 4 MiB of page data never sent: the decoder
+    holds at most that one batch, and eof() says the checkpoint is torn."""
+    data = header(4096) + struct.pack("<i", 1024) + np.arange(1024, dtype="<u8").tobytes()
+    peak, out = peak_of(lambda: feed_all(data))
+    assert isinstance(out, TruncatedStream) and out.torn_checkpoint == 0
+    assert peak < PEAK_LIMIT
+    assert peak < (4 << 20) + (1 << 20)  # one batch of page data and change
+
+
+def test_many_claims_in_a_row_do_not_accumulate() -> None:
+    """Checkpoints each carrying a context and a device-model record at the
+    cap: memory is released checkpoint by checkpoint, not kept."""
+    cap = 256 << 10
+    caps = dict(CAPS, max_context=cap, max_device_model=cap)
+    one = struct.pack("<i", 0) + tail(b"c" * cap, b"d" * cap)
+    data = header() + one * 20  # 10 MiB of tails in all
+    d = Decoder(**caps)
+
+    def run() -> int:
+        n = 0
+        for i in range(0, len(data), 65536):
+            n += sum(1 for e in d.feed(data[i : i + 65536]) if type(e).__name__ == "CheckpointEnd")
+        d.eof()
+        return n
+
+    peak, out = peak_of(run)
+    assert out == 20
+    assert peak < 8 * cap + (2 << 20), f"peak {peak >> 10} KiB"
+
+
+def test_compressed_claim_at_the_cap_then_silence() -> None:
+    """A COMPRESSED_DATA chunk announcing exactly the cap, then EOF: refused as
+    torn, having cost at most the cap (the configuration's choice)."""
+    data = format_b_prefix() + struct.pack("<iQ", TAG_COMPRESSED_DATA, CAPS["max_compressed"])
+    peak, out = peak_of(lambda: feed_all(data))
+    assert isinstance(out, TruncatedStream) and out.torn_checkpoint == 1
+    assert peak <= CAPS["max_compressed"] + (2 << 20)
