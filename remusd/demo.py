@@ -210,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
         bl = json.loads(sim(backup, "list", "--json").stdout)
         bdom = next((d for d in (bl if isinstance(bl, list) else bl.get("domains", []))
                      if d.get("name") == "ledger"), None)
-        say("7. ledger-check on the backup against the primary's released outputs "
-            f"({n_acked} acknowledged transactions)")
+        # the check reads the guest's memory: pause it for a consistent view
+        sim(backup, "pause", "ledger")
+        say("7. ledger-check on the (now paused) backup against the primary's released "
+            f"outputs ({n_acked} acknowledged transactions)")
         chk = sim(backup, "ledger-check", "ledger", "--acked", str(acked), check=False)
         for line in (chk.stdout + chk.stderr).strip().splitlines():
             say(f"   {line}")

@@ -34,6 +34,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -52,6 +53,22 @@ log = logging.getLogger(__name__)
 SOFTWARE = "remusd 0.1.0"
 
 STATES = ("initial-copy", "protected", "unprotected", "stopped")
+
+
+def _fault_from_env() -> tuple[int, int] | None:
+    """``REMUSD_FAULT=stall-mid-checkpoint:S:N``: in session S, send half of
+    checkpoint N and hang (tests kill the primary there). Unset in production."""
+    spec = os.environ.get("REMUSD_FAULT", "")
+    if not spec:
+        return None
+    kind, _, rest = spec.partition(":")
+    s, _, n = rest.partition(":")
+    if kind != "stall-mid-checkpoint" or not s.isdigit() or not n.isdigit():
+        log.error("REMUSD_FAULT=%r not understood (stall-mid-checkpoint:SESSION:INDEX); ignored",
+                  spec)
+        return None
+    log.warning("fault injection armed: %s", spec)
+    return int(s), int(n)
 
 
 class Tuning:
@@ -98,7 +115,9 @@ class Protector:
         self.sessions = 0
         self.retries = 0
         self.mismatches = 0
+        self.acked_digest: str | None = None  # verify mode: digest of the last acked checkpoint
         self.started = time.monotonic()
+        self._fault = _fault_from_env()
 
     # -- control -----------------------------------------------------------------
 
@@ -150,6 +169,7 @@ class Protector:
                 "sessions": self.sessions,
                 "retries": self.retries,
                 "verify_mismatches": self.mismatches,
+                "acked_digest": self.acked_digest,
             }
 
     # -- the thread --------------------------------------------------------------
@@ -261,7 +281,7 @@ class Protector:
         last = self._stop.is_set()
         bufs = encode(writer, res.final, last=last)
         sent = res.bytes_sent + link.send(bufs)
-        self._acked(link, 0, heartbeat, interval)
+        self._acked(link, 0, heartbeat, interval, res.final.digest)
         with self._lock:
             self.bytes_sent += sent
             self.last_pause_ms = res.final.pause_ms
@@ -286,8 +306,10 @@ class Protector:
             index += 1
             cap = capture(self.domain, cb)
             bufs = encode(writer, cap, last=last)
+            if self._fault is not None and self._fault == (self.sessions, index):
+                self._stall_mid_send(link, bufs, index)
             n = link.send(bufs)
-            self._acked(link, index, heartbeat, interval)
+            self._acked(link, index, heartbeat, interval, cap.digest)
             with self._lock:
                 self.bytes_sent += n
                 self.last_pause_ms = cap.pause_ms
@@ -301,15 +323,31 @@ class Protector:
             if next_t < time.monotonic():  # overran: start the next epoch now
                 next_t = time.monotonic()
 
-    def _acked(self, link: Link, index: int, heartbeat, interval: float) -> None:
+    def _acked(self, link: Link, index: int, heartbeat, interval: float,
+               digest: bytes | None) -> None:
         deadline = time.monotonic() + self.tuning.ack_timeout
         ack = link.wait_ack(index, deadline, heartbeat, interval)
         self.domain.output_release()
         with self._lock:
             self.checkpoints += 1
             self.acked = index
+            self.acked_digest = digest.hex() if digest is not None else None
             if ack.mismatch:
                 self.mismatches += 1
+        if digest is not None:
+            log.debug("domain %s: checkpoint %d acknowledged, xxh3-128 %s", self.info.name,
+                      index, digest.hex())
+
+    def _stall_mid_send(self, link: Link, bufs: list, index: int) -> None:
+        """Fault injection for tests (REMUSD_FAULT): send half of checkpoint
+        ``index`` and hang, as a primary dying in mid-transmission would."""
+        data = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
+        half = len(data) // 2
+        link.send([data[:half]])
+        log.warning("REMUSD_FAULT: domain %s: sent %d of %d bytes of checkpoint %d; stalling",
+                    self.info.name, half, len(data), index)
+        while True:
+            time.sleep(3600)
 
     def _clean_end(self, link: Link) -> Link:
         log.info("domain %s: session ended cleanly (LAST_CHECKPOINT acknowledged); "
