@@ -1,11 +1,110 @@
-"""Placeholder command line until the daemon lands (issue 4)."""
+"""remus-receiver: the backup daemon's entry point.
 
-import argparse
+    remus-receiver --listen HOST:PORT [--config FILE] [--control PATH]
+                   [--sim-dir DIR] [--insecure] [options; see --help]
+
+Start-up, in order (each step fails fast with one clear line and exit status):
+    configuration (flags over /etc/remus/receiver.toml)        exit 2 on error
+    the transport: plaintext needs --insecure (TLS is not
+      implemented yet; without --insecure the daemon refuses
+      to start rather than listen on an unauthenticated link)  exit 2
+    the hypervisor: --sim-dir DIR, or Xen (off a dom0: the
+      message names what is missing)                           exit 1
+    listen (the log says "listening on HOST:PORT", the real
+      port when 0 was asked), the control socket, the
+      failover timer, READY=1 to systemd, watchdog pings
+Runs until SIGTERM or SIGINT, then closes every session (ERROR shutdown) and
+exits 0. Backups are left as they are on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from xenbind.errors import ConfigError, RemusError
+from xenbind.hypervisor import open_hypervisor
+from xenbind.service import ControlServer, Watchdog, sd_notify, setup_logging
+
+from .config import load_config
+from .daemon import ReceiverDaemon
+from .server import Listener
+
+log = logging.getLogger("receiver")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Remus high availability for Xen (not yet implemented).")
-    parser.parse_args(argv)
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"remus-receiver: {e}", file=sys.stderr)
+        return 2
+    try:
+        setup_logging(cfg.log_level)
+    except ConfigError as e:
+        print(f"remus-receiver: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    # a stop asked for during start-up is honoured once the daemon is up
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if not cfg.insecure:
+        log.error("TLS for the replication link is not implemented yet, and plaintext needs "
+                  "--insecure (or insecure = true in the config file): refusing to start")
+        return 2
+    try:
+        hv = open_hypervisor(cfg.sim_dir)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except RemusError as e:
+        log.error("cannot open the hypervisor: %s", e)
+        return 1
+    except ImportError as e:  # a build without the Xen binding
+        log.error("cannot open the hypervisor: Xen support is not available in this build "
+                  "(%s); use --sim-dir DIR for the simulated host", e)
+        return 1
+    daemon = ReceiverDaemon(cfg, hv)
+    try:
+        listener = Listener(daemon, cfg.host, cfg.port)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    daemon.listen_address = listener.address
+    try:
+        control = ControlServer(cfg.control, daemon.control).start()
+    except ConfigError as e:
+        log.error("%s", e)
+        listener.close()
+        return 2
+    daemon.start_monitor()
+    listener.start()
+    where = f"simulated host {cfg.sim_dir}" if cfg.sim_dir else "Xen"
+    log.info("listening on %s (plaintext, --insecure) for replication sessions; backups on %s; "
+             "control socket %s", listener.address, where, cfg.control)
+    log.warning("the replication link is plaintext (--insecure): use it only on a trusted "
+                "network")
+
+    watchdog = Watchdog(lambda: daemon.monitor_alive() and listener.alive()).start()
+    sd_notify(f"READY=1\nSTATUS=listening on {listener.address}")
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        sd_notify("STOPPING=1")
+        watchdog.stop()
+        daemon.shutdown()
+        listener.close()
+        control.close()
+        hv.close()
+    log.info("stopped")
     return 0
 
 

@@ -1,0 +1,172 @@
+"""remus-receiver's command line and configuration file.
+
+Every option is a flag and a key of the TOML file (``/etc/remus/receiver.toml``
+by default; keys are the long flag names, e.g. ``failover-timeout = 900``).
+Precedence: built-in defaults < the file < flags (``xenbind.service``).
+
+Policies (what the receiver does when a session ends badly) are options too;
+their meaning is in ``receiver/policy.py`` and docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from xenbind.errors import ConfigError
+from xenbind.service import parse_args_with_config
+from xenbind.transport import parse_hostport
+
+DEFAULT_CONFIG = "/etc/remus/receiver.toml"
+DEFAULT_CONTROL = "/run/remus/receiver.sock"
+
+#: The failover timeout when none is configured, derived per session from the
+#: HELLO: FAILOVER_FACTOR x max(interval, sender heartbeat) + FAILOVER_MARGIN_MS,
+#: at least FAILOVER_MIN_MS. 200 ms interval -> 900 ms; 100 ms -> 600 ms.
+FAILOVER_FACTOR = 3
+FAILOVER_MARGIN_MS = 300
+FAILOVER_MIN_MS = 500
+
+DESCRIPTION = """\
+remus-receiver: the backup side of Remus high availability.
+
+Listens for replication sessions from remusd (one per protected domain),
+creates each backup domain paused, applies the initial copy, then stages every
+checkpoint and commits it (pages and vCPU context together) only when it
+arrived whole, and acknowledges it. When no checkpoint and no heartbeat has
+arrived for the failover timeout, the backup domain is resumed from the last
+committed checkpoint: it becomes the live copy of the guest, and later
+sessions for it are refused (fenced).
+"""
+
+EPILOG = """\
+policies:
+  --on-link-loss failover|wait   the primary's connection closed or went
+                                 silent after a commit (default failover: once
+                                 the failover timeout has passed since the
+                                 last sign of life, unless the primary
+                                 reconnects first)
+  --on-violation wait|failover   the stream broke a rule (default wait: a
+                                 corrupt stream is no proof the primary died;
+                                 keep the backup paused at its last commit and
+                                 wait for the primary to reconnect, or for an
+                                 operator's `failover` on the control socket)
+  --on-unprotect destroy|keep    a clean end (LAST_CHECKPOINT then close, as
+                                 `remusctl unprotect` does): destroy the paused
+                                 backup (default) or keep it paused
+
+control socket: JSON lines, {"cmd": "status"} | {"cmd": "failover", "domain": NAME|UUID}
+
+exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 when the hypervisor
+cannot be opened (e.g. not a dom0), 2 on a configuration error.
+"""
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    host: str
+    port: int
+    control: str
+    sim_dir: str | None
+    insecure: bool
+    failover_timeout_ms: int  # 0: derived per session from the HELLO
+    heartbeat_ms: int
+    handshake_timeout: float
+    stall_timeout: float
+    max_sessions: int
+    max_pages: int
+    max_staged_bytes: int
+    max_compressed: int
+    on_link_loss: str
+    on_violation: str
+    on_unprotect: str
+    log_level: str
+    config_file: str | None
+
+    def failover_timeout_for(self, interval_ms: int, sender_heartbeat_ms: int) -> int:
+        if self.failover_timeout_ms:
+            return self.failover_timeout_ms
+        base = max(interval_ms, sender_heartbeat_ms)
+        return max(FAILOVER_MIN_MS, FAILOVER_FACTOR * base + FAILOVER_MARGIN_MS)
+
+
+def _positive(kind):
+    def conv(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"{text} is not positive")
+        return value
+    conv.__name__ = kind.__name__
+    return conv
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{text} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remus-receiver", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="address to listen on for remusd sessions (port 0: any free port; the "
+                        "log line 'listening on HOST:PORT' and `status` name it)")
+    p.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG,
+                   help=f"TOML configuration file (default {DEFAULT_CONFIG}; may be absent)")
+    p.add_argument("--control", metavar="PATH", default=DEFAULT_CONTROL,
+                   help=f"control socket, owner-only (default {DEFAULT_CONTROL})")
+    p.add_argument("--sim-dir", metavar="DIR",
+                   help="use the simulated host whose directory is DIR instead of Xen")
+    p.add_argument("--insecure", action="store_true",
+                   help="accept plaintext TCP sessions (required until TLS is configured)")
+    p.add_argument("--failover-timeout", metavar="MS", type=_non_negative_int, default=0,
+                   help="fail over this long after the last checkpoint or heartbeat (default 0: "
+                        f"per session, {FAILOVER_FACTOR} x max(interval, heartbeat) + "
+                        f"{FAILOVER_MARGIN_MS} ms, at least {FAILOVER_MIN_MS} ms; 900 ms at the "
+                        "200 ms interval)")
+    p.add_argument("--heartbeat", metavar="MS", type=_positive(int), default=100,
+                   help="send a heartbeat to the sender at least this often (default 100)")
+    p.add_argument("--handshake-timeout", metavar="S", type=_positive(float), default=10.0,
+                   help="drop a connection that sends no complete HELLO within S seconds "
+                        "(default 10)")
+    p.add_argument("--stall-timeout", metavar="S", type=_positive(float), default=30.0,
+                   help="drop a session whose initial copy makes no progress for S seconds "
+                        "(default 30; after the first commit the failover timeout rules)")
+    p.add_argument("--max-sessions", metavar="N", type=_positive(int), default=64,
+                   help="sessions open at once (default 64)")
+    p.add_argument("--max-pages", metavar="N", type=_positive(int), default=1 << 24,
+                   help="largest domain accepted, in 4 KiB pages (default 16777216 = 64 GiB)")
+    p.add_argument("--max-staged-mb", metavar="MB", type=_positive(int), default=1024,
+                   help="largest checkpoint staged per session, MiB (default 1024)")
+    p.add_argument("--max-compressed-mb", metavar="MB", type=_positive(int), default=64,
+                   help="largest COMPRESSED_DATA chunk accepted, MiB (default 64)")
+    p.add_argument("--on-link-loss", choices=("failover", "wait"), default="failover",
+                   help="after a commit, the link closed or went silent (default failover)")
+    p.add_argument("--on-violation", choices=("wait", "failover"), default="wait",
+                   help="after a commit, the stream broke a rule (default wait)")
+    p.add_argument("--on-unprotect", choices=("destroy", "keep"), default="destroy",
+                   help="a clean end of protection: the paused backup is destroyed or kept "
+                        "(default destroy)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="log verbosity (default info)")
+    return p
+
+
+def load_config(argv: list[str] | None = None) -> ReceiverConfig:
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv, default_config=DEFAULT_CONFIG)
+    if not args.listen:
+        raise ConfigError("--listen HOST:PORT is required (flag or `listen` in the config file)")
+    host, port = parse_hostport(args.listen, what="--listen")
+    return ReceiverConfig(
+        host=host, port=port, control=args.control, sim_dir=args.sim_dir,
+        insecure=args.insecure, failover_timeout_ms=args.failover_timeout,
+        heartbeat_ms=args.heartbeat, handshake_timeout=args.handshake_timeout,
+        stall_timeout=args.stall_timeout, max_sessions=args.max_sessions,
+        max_pages=args.max_pages, max_staged_bytes=args.max_staged_mb << 20,
+        max_compressed=args.max_compressed_mb << 20, on_link_loss=args.on_link_loss,
+        on_violation=args.on_violation, on_unprotect=args.on_unprotect,
+        log_level=args.log_level, config_file=args.config)

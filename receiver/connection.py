@@ -1,0 +1,397 @@
+"""One replication session on the receiver: one connection, one thread.
+
+    handshake   read the HELLO (within handshake-timeout), ask the daemon to
+                admit it (it creates the paused backup domain or refuses),
+                answer ACCEPT or REFUSE
+    stream      feed the legacy stream to xenbind.stream.Decoder; checkpoint 0
+                (the initial copy) goes straight into the paused backup;
+                every later checkpoint is staged (receiver.staging) and
+                committed at its CheckpointEnd, pages and context together,
+                under the Protection's lock; then ACK (and, in verify mode, the
+                digest check first)
+    heartbeat   a HEARTBEAT frame whenever nothing was sent for heartbeat-ms
+    end         EOF, reset, a broken rule, a stall, or the daemon closing the
+                session (failover, a newer session, shutdown); the daemon's
+                policy decides what happens to the backup (receiver.daemon)
+
+Rules kept here:
+- Nothing is written into the backup outside the Protection's lock, and only
+  while the Protection is in a commit state (never after a failover).
+- A torn checkpoint is dropped: the staged pages never reach the backup.
+- Every wait on the socket has a timeout (at most heartbeat-ms), so a session
+  notices within that time that the daemon closed it.
+- Events a failing ``feed`` decoded before the offending item are handled
+  first: a checkpoint that arrived whole before garbage is still committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import xxhash
+
+from xenbind import PAGE_SIZE
+from xenbind.errors import DomainError, ProtocolError, RemusError, StreamError
+from xenbind.session import (
+    ERR_INTERNAL,
+    ERR_PROTOCOL,
+    ERR_STALLED,
+    Accept,
+    HandshakeError,
+    HelloReceived,
+    ReceiverSession,
+    StreamData,
+)
+from xenbind.stream import (
+    CheckpointEnd,
+    CodecAnnounce,
+    Decoder,
+    EnableCompression,
+    Header,
+    Heartbeat,
+    LastCheckpoint,
+    MemoryDigest,
+    Pages,
+    Tail,
+)
+from xenbind.stream.decoder import MalformedStream, TruncatedStream
+from xenbind.transport import Transport
+
+from .staging import Staging
+
+log = logging.getLogger("receiver")
+
+RECV_SIZE = 1 << 20  # bytes read per recv
+DIGEST_SLAB = 4096  # pages gathered at a time to digest the backup's memory
+SOFTWARE = "remus-receiver 0.1.0"
+
+
+class _End(Exception):
+    """Ends the stream loop: ``kind`` is clean, link-lost, stalled, violation,
+    corrupt or closed (the daemon ended the session)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Connection:
+    def __init__(self, daemon, transport: Transport) -> None:
+        self.daemon = daemon
+        self.cfg = daemon.cfg
+        self.t = transport
+        self.peer = transport.peer()
+        self.rs = ReceiverSession()
+        self.prot = None  # receiver.protection.Protection once admitted
+        self.closing = threading.Event()
+        self._send_lock = threading.Lock()
+        self._last_sent = time.monotonic()
+        self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------- plumbing
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name=f"session-{self.peer}", daemon=True)
+        self.thread.start()
+
+    def send(self, data: bytes) -> bool:
+        with self._send_lock:
+            try:
+                self.t.sendall(data)
+            except OSError:
+                return False
+            self._last_sent = time.monotonic()
+            return True
+
+    def close_from_daemon(self, frame: bytes | None) -> None:
+        """End this session from another thread (failover, newer session,
+        shutdown): send ``frame`` (ERROR/GOODBYE) if possible; the session
+        thread notices within heartbeat-ms and closes the connection."""
+        self.closing.set()
+        if frame is not None:
+            self.send(frame)
+
+    def who(self) -> str:
+        if self.prot is not None:
+            return f"session {self.prot.hello.session_id[:8]} from {self.peer} " \
+                   f"({self.prot.label()})"
+        return f"connection from {self.peer}"
+
+    def run(self) -> None:
+        try:
+            if self._handshake():
+                self._stream()
+        except Exception:  # a bug must end one session, never the daemon
+            log.exception("%s: internal error; session ended", self.who())
+            if self.prot is not None:
+                self.send(self.rs.error(ERR_INTERNAL, "internal error on the receiver"))
+                self.daemon.session_ended(self.prot, self, "violation",
+                                          "internal error on the receiver (see log)")
+        finally:
+            self.t.close()
+            self.daemon.connection_closed(self)
+
+    # ------------------------------------------------------------- handshake
+
+    def _handshake(self) -> bool:
+        deadline = time.monotonic() + self.cfg.handshake_timeout
+        hello = None
+        while hello is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.closing.is_set():
+                log.warning("%s: no complete HELLO within %.1f s; closed", self.who(),
+                            self.cfg.handshake_timeout)
+                return False
+            self.t.settimeout(min(remaining, 0.5))
+            try:
+                data = self.t.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                log.warning("%s: connection lost during the handshake: %s", self.who(), e)
+                return False
+            try:
+                if not data:
+                    self.rs.eof()
+                    log.info("%s: closed before sending a HELLO", self.who())
+                    return False
+                events = self.rs.feed(data)
+            except HandshakeError as e:
+                log.warning("%s: refused: %s (code %s)", self.who(), e, e.code)
+                self.send(self.rs.refuse(e.code, str(e)))
+                return False
+            except ProtocolError as e:
+                log.warning("%s: refused: %s", self.who(), e)
+                self.send(self.rs.refuse("bad-hello", str(e)))
+                return False
+            for ev in events:
+                if isinstance(ev, HelloReceived):
+                    hello = ev.hello
+        from .daemon import Refusal
+
+        try:
+            prot = self.daemon.admit(hello, self)
+        except Refusal as r:
+            log.warning("connection from %s: refused session %s for domain %s (%s): %s",
+                        self.peer, hello.session_id[:8], hello.domain.name, hello.domain.uuid,
+                        r.reason)
+            self.send(self.rs.refuse(r.code, r.reason))
+            return False
+        self.prot = prot
+        ok = self.send(self.rs.accept(Accept(
+            session_id=hello.session_id,
+            failover_timeout_ms=round(prot.failover_timeout * 1000),
+            heartbeat_ms=self.cfg.heartbeat_ms,
+            limits={"max_pages": self.cfg.max_pages,
+                    "max_staged_bytes": self.cfg.max_staged_bytes,
+                    "max_compressed": self.cfg.max_compressed},
+            software=SOFTWARE)))
+        if not ok:
+            self.daemon.session_ended(prot, self, "link-lost", "connection lost sending ACCEPT")
+            return False
+        return True
+
+    # ------------------------------------------------------------- stream
+
+    def _stream(self) -> None:
+        prot = self.prot
+        hello = prot.hello
+        opts = hello.options
+        self.decoder = Decoder(
+            max_p2m_size=hello.domain.pages, max_compressed=self.cfg.max_compressed,
+            cache_pages=opts.cache_pages if opts.codec != "none" else None)
+        self.staging = Staging(hello.domain.pages, self.cfg.max_staged_bytes)
+        self.context = None
+        self.digest = None
+        self.last_flag = False
+        self.initial_pages = 0
+        self._slab: np.ndarray | None = None
+        try:
+            self._loop()
+        except _End as end:
+            self._finish(end)
+
+    def _loop(self) -> None:
+        prot = self.prot
+        hb = self.cfg.heartbeat_ms / 1000
+        buf = bytearray(RECV_SIZE)
+        mv = memoryview(buf)
+        # bytes that came with the HELLO
+        self._consume(self.rs.feed(b""))
+        while True:
+            if self.closing.is_set():
+                raise _End("closed", "closed by the receiver")
+            now = time.monotonic()
+            wait = hb - (now - self._last_sent)
+            if wait <= 0:
+                self.send(self.rs.heartbeat(prot.last_committed))
+                wait = hb
+            if prot.state == "initial-copy" and now - prot.last_life > self.cfg.stall_timeout:
+                raise _End("stalled", f"the initial copy made no progress for "
+                           f"{self.cfg.stall_timeout:.0f} s")
+            self.t.settimeout(wait)
+            try:
+                n = self.t.recv_into(buf)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                raise _End("link-lost", f"connection lost: {e.strerror or e}") from None
+            if n == 0:
+                self._eof()
+            prot.bytes_in += n
+            try:
+                events = self.rs.feed(mv[:n])
+            except ProtocolError as e:  # cannot happen after ACCEPT, but never crash
+                raise _End("violation", str(e)) from None
+            self._consume(events)
+
+    def _consume(self, session_events: list) -> None:
+        for sev in session_events:
+            if not isinstance(sev, StreamData):
+                continue
+            try:
+                events = self.decoder.feed(sev.data)
+            except MalformedStream as e:
+                self._handle(e.events)  # what arrived whole before the offending item
+                raise _End("violation", f"stream error at {e}") from None
+            except StreamError as e:
+                raise _End("violation", f"stream error at {e}") from None
+            self._handle(events)
+
+    def _eof(self) -> None:
+        try:
+            self.decoder.eof()
+        except TruncatedStream as e:
+            dropped = self.staging.pages
+            self.staging.discard()
+            raise _End("link-lost", f"connection closed mid-stream ({e}; {dropped} staged pages "
+                       "of the torn checkpoint dropped)") from None
+        except StreamError as e:
+            raise _End("link-lost", f"connection closed: {e}") from None
+        raise _End("link-lost", "connection closed between checkpoints")
+
+    # ------------------------------------------------------------- events
+
+    def _handle(self, events: list) -> None:
+        if not events:
+            return
+        prot = self.prot
+        opts = prot.hello.options
+        beat = False
+        for ev in events:
+            if isinstance(ev, Pages):
+                if prot.state == "initial-copy":
+                    # checkpoint 0 goes straight into the paused backup
+                    with prot.lock:
+                        if not prot.commit_allowed():
+                            raise _End("closed", f"backup is {prot.state}")
+                        prot.backup.scatter(ev.pfns, ev.data)
+                    self.initial_pages += len(ev.pfns)
+                else:
+                    try:
+                        self.staging.add(ev.pfns, ev.data)
+                    except RemusError as e:
+                        raise _End("violation", str(e)) from None
+            elif isinstance(ev, Heartbeat):
+                beat = True
+            elif isinstance(ev, Header):
+                if ev.p2m_size != prot.config.pages:
+                    raise _End("violation", f"stream header says {ev.p2m_size} pages, the "
+                               f"HELLO said {prot.config.pages}")
+            elif isinstance(ev, Tail):
+                self.context = ev.context
+            elif isinstance(ev, MemoryDigest):
+                self.digest = ev
+            elif isinstance(ev, LastCheckpoint):
+                self.last_flag = True
+            elif isinstance(ev, CodecAnnounce | EnableCompression):
+                if opts.codec == "none" or ev.codec != opts.codec:
+                    raise _End("violation", f"stream switches to codec {ev.codec}, the HELLO "
+                               f"said {opts.codec}")
+            elif isinstance(ev, CheckpointEnd):
+                self._commit(ev)
+        prot.life(heartbeat=beat)
+
+    def _commit(self, end: CheckpointEnd) -> None:
+        prot = self.prot
+        t0 = time.monotonic()
+        verified = mismatch = False
+        with prot.lock:
+            if not prot.commit_allowed():
+                self.staging.discard()
+                raise _End("closed", f"backup is {prot.state}; checkpoint {end.index} dropped")
+            try:
+                if prot.state == "initial-copy":
+                    prot.backup.set_context(self.context)
+                    n = self.initial_pages
+                else:
+                    n = self.staging.commit(prot.backup, self.context)
+            except DomainError as e:
+                raise _End("corrupt", f"commit of checkpoint {end.index} failed half-way: {e}") \
+                    from None
+            first = prot.state == "initial-copy"
+            prot.state = "receiving"
+            prot.last_committed = end.index
+            prot.committed_at = time.monotonic()
+            prot.checkpoints += 1
+            prot.pages_committed += n
+            prot.last_checkpoint_pages = n
+            prot.life()
+            if self.digest is not None:
+                verified, mismatch = self._verify(end.index, self.digest)
+                self.digest = None
+        commit_ms = (time.monotonic() - t0) * 1000
+        if first:
+            log.info("%s: initial copy committed (%d pages, %.1f MB received); the backup is "
+                     "failover-capable", self.who(), n, prot.bytes_in / 1e6)
+        else:
+            log.debug("%s: checkpoint %d committed (%d pages, %.2f ms)", self.who(), end.index, n,
+                      commit_ms)
+        if not self.send(self.rs.ack(end.index, verified=verified, mismatch=mismatch)):
+            raise _End("link-lost", f"connection lost sending ACK({end.index})")
+        if self.last_flag:
+            raise _End("clean", f"LAST_CHECKPOINT: protection ended after checkpoint {end.index}")
+
+    def _verify(self, index: int, digest: MemoryDigest) -> tuple[bool, bool]:
+        """Digest the backup's memory (xxh3-128 over every page, in PFN order)
+        and compare it with the stream's; returns (verified, mismatch)."""
+        prot = self.prot
+        if digest.algorithm != "xxh3-128":
+            log.warning("%s: checkpoint %d: digest algorithm %s not supported; not verified",
+                        self.who(), index, digest.algorithm)
+            return False, False
+        pages = prot.config.pages
+        if self._slab is None:
+            self._slab = np.empty((min(DIGEST_SLAB, pages), PAGE_SIZE), dtype=np.uint8)
+        h = xxhash.xxh3_128()
+        for lo in range(0, pages, DIGEST_SLAB):
+            hi = min(pages, lo + DIGEST_SLAB)
+            out = self._slab[: hi - lo]
+            prot.backup.gather(np.arange(lo, hi, dtype=np.uint64), out)
+            h.update(memoryview(out).cast("B"))
+        got = h.digest()
+        if got == digest.digest:
+            prot.verified += 1
+            return True, False
+        prot.mismatches += 1
+        log.error("%s: verify MISMATCH at checkpoint %d: the backup's memory digest %s differs "
+                  "from the primary's %s (mismatch #%d)", self.who(), index, got.hex(),
+                  digest.digest.hex(), prot.mismatches)
+        return False, True
+
+    # ------------------------------------------------------------- end
+
+    def _finish(self, end: _End) -> None:
+        frames = {"violation": (ERR_PROTOCOL, end.message), "stalled": (ERR_STALLED, end.message),
+                  "corrupt": (ERR_INTERNAL, end.message)}
+        if end.kind == "clean":
+            self.send(self.rs.goodbye(end.message))
+        elif end.kind in frames:
+            code, text = frames[end.kind]
+            self.send(self.rs.error(code, text))
+        self.staging.discard()
+        self.daemon.session_ended(self.prot, self, end.kind, end.message)

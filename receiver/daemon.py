@@ -1,0 +1,423 @@
+"""The receiver daemon's core: admission, the end-of-session policies, failover.
+
+Admission of a HELLO (``admit``), in this order:
+    too many open sessions                      -> REFUSE busy
+    domain larger than max-pages                -> REFUSE limit
+    the domain failed over here and its backup
+      still exists                              -> REFUSE fenced (never overwrite it)
+    a session for the domain is open or waiting
+      with an equal or larger generation        -> REFUSE busy
+      with a smaller generation                 -> the old one is superseded: its
+                                                   connection gets ERROR superseded,
+                                                   its paused backup is destroyed
+    a domain with the same UUID runs on this
+      host (not one of our paused backups)      -> REFUSE fenced
+    a paused leftover with the same UUID (a
+      backup of an earlier receiver run)        -> destroyed, with a warning
+    then the backup domain is created paused    -> ACCEPT
+
+End of a session (``session_ended``), by what ended it:
+    before checkpoint 0 committed (any cause)   the backup is destroyed: it holds
+                                                nothing usable
+    clean (LAST_CHECKPOINT committed, GOODBYE)  no failover; on-unprotect:
+                                                destroy (default) or keep paused
+    link-lost (EOF, reset, silence)             state link-lost; on-link-loss:
+                                                failover (default) once the
+                                                failover timeout has passed since
+                                                the last sign of life, unless a
+                                                newer session for the domain
+                                                arrives first; or wait
+    violation (the stream broke a rule)         state broken; on-violation: wait
+                                                (default: no failover, the backup
+                                                stays paused at its last commit
+                                                until the primary reconnects or an
+                                                operator sends `failover`), or
+                                                failover as for link-lost
+    corrupt (a commit failed half-way)          state corrupt: never resumed
+                                                automatically
+
+Failover (``failover``): under the Protection's lock (so never in the middle of
+a commit), the backup is unpaused with the memory and context of the last
+committed checkpoint; the domain is then fenced. The log says which checkpoint
+it resumed from and how long detection took (the silence before the decision).
+
+The failover timer (``monitor``): one thread checks every 10 ms each
+Protection whose timer is armed:
+    receiving     armed when on-link-loss = failover (silence on an open link)
+    link-lost     armed when on-link-loss = failover
+    broken        armed when on-violation = failover
+With on-link-loss = wait, a silent open session is ended as stalled instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from xenbind.errors import DomainError, RemusError
+from xenbind.session import ERR_FAILED_OVER, ERR_SHUTDOWN, ERR_STALLED, ERR_SUPERSEDED, Hello
+
+from .config import ReceiverConfig
+from .protection import FAILOVER_STATES, Protection
+
+log = logging.getLogger("receiver")
+
+MONITOR_PERIOD = 0.01  # seconds between failover-timer checks
+
+
+class Refusal(RemusError):
+    """A HELLO the receiver will not serve; ``code`` goes into REFUSE."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class ReceiverDaemon:
+    def __init__(self, cfg: ReceiverConfig, hypervisor) -> None:
+        self.cfg = cfg
+        self.hv = hypervisor
+        self.hv_lock = threading.Lock()  # hypervisor-wide calls (create, list, destroy)
+        self.lock = threading.RLock()  # the registry and the connection set
+        self.protections: dict[str, Protection] = {}  # by UUID
+        self.connections: set = set()
+        self.listen_address: str | None = None
+        self.stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # ------------------------------------------------------------- connections
+
+    def connection_opened(self, conn) -> bool:
+        """False if too many connections are open (the caller closes it)."""
+        with self.lock:
+            if len(self.connections) >= 2 * self.cfg.max_sessions + 8:
+                return False
+            self.connections.add(conn)
+            return True
+
+    def connection_closed(self, conn) -> None:
+        with self.lock:
+            self.connections.discard(conn)
+
+    def open_sessions(self) -> int:
+        return sum(1 for p in self.protections.values() if p.connection is not None)
+
+    # ------------------------------------------------------------- admission
+
+    def admit(self, hello: Hello, conn) -> Protection:
+        cfg = self.cfg
+        d = hello.domain
+        if self.stopping.is_set():
+            raise Refusal("busy", "the receiver is shutting down")
+        if d.pages > cfg.max_pages:
+            raise Refusal("limit", f"domain {d.name} has {d.pages} pages, more than this "
+                          f"receiver's max-pages {cfg.max_pages}")
+        with self.lock:
+            if self.open_sessions() >= cfg.max_sessions:
+                raise Refusal("busy", f"{cfg.max_sessions} sessions already open (max-sessions)")
+            old = self.protections.get(d.uuid)
+            if old is not None:
+                self._resolve_old(old, hello)
+            # reserve the UUID at once so two HELLOs cannot race past each other
+            timeout = cfg.failover_timeout_for(hello.options.interval_ms,
+                                               hello.options.heartbeat_ms) / 1000
+            prot = Protection(hello=hello, peer=conn.peer, failover_timeout=timeout)
+            prot.connection = conn
+            self.protections[d.uuid] = prot
+        try:
+            with prot.lock:
+                self._check_host(d)
+                with self.hv_lock:
+                    prot.backup = self.hv.create_backup(d)
+                prot.backup_domid = prot.backup.domid
+        except Refusal:
+            self._forget(prot)
+            raise
+        except RemusError as e:
+            self._forget(prot)
+            raise Refusal("internal", f"cannot create the backup domain: {e}") from None
+        o = hello.options
+        log.info("%s from %s: session %s accepted (generation %d, %d pages, %d vCPU, codec %s, "
+                 "interval %d ms, verify %s); backup domain %d created paused; failover "
+                 "timeout %d ms", prot.label(), conn.peer, hello.session_id[:8], hello.generation,
+                 d.pages, d.vcpus, o.codec, o.interval_ms, "on" if o.verify else "off",
+                 prot.backup_domid, round(timeout * 1000))
+        if conn.t.kind == "plain":
+            log.warning("%s: session %s runs over plaintext TCP (--insecure): anyone on the "
+                        "path can read or forge this guest's memory", prot.label(),
+                        hello.session_id[:8])
+        return prot
+
+    def _resolve_old(self, old: Protection, hello: Hello) -> None:
+        """A HELLO for a domain we already hold (called under self.lock)."""
+        with old.lock:
+            if old.state == "failed-over":
+                if self._exists(old):
+                    raise Refusal("fenced", f"{old.label()} failed over to this host at "
+                                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.failed_over_wall))} "
+                                  f"from checkpoint {old.last_committed} and runs here as domain "
+                                  f"{old.backup_domid}; refusing to overwrite it (destroy it "
+                                  "here first to protect the guest again)")
+                self.protections.pop(old.uuid, None)
+                return
+            if old.state in ("ended", "gone", "superseded"):
+                self.protections.pop(old.uuid, None)
+                if old.state == "ended" and old.backup is not None and self._exists(old):
+                    self._destroy(old, "a new protection of the domain replaces the kept backup")
+                return
+            if hello.generation <= old.generation:
+                raise Refusal("busy", f"{old.label()} is already protected by session "
+                              f"{old.hello.session_id[:8]} (state {old.state}, generation "
+                              f"{old.generation} >= {hello.generation})")
+            # a newer protection of the same domain: it replaces the old one
+            prev = old.state
+            old.state = "superseded"
+            old.armed = False
+            conn = old.connection
+            old.connection = None
+            if conn is not None:
+                conn.close_from_daemon(conn.rs.error(
+                    ERR_SUPERSEDED, f"session {hello.session_id[:8]} (generation "
+                    f"{hello.generation}) replaces this one"))
+            log.warning("%s: session %s (generation %d, %s) superseded by session %s "
+                        "(generation %d); its backup domain %s is destroyed", old.label(),
+                        old.hello.session_id[:8], old.generation, prev, hello.session_id[:8],
+                        hello.generation, old.backup_domid)
+            self._destroy(old, "superseded")
+            self.protections.pop(old.uuid, None)
+
+    def _check_host(self, d) -> None:
+        """Fence against a domain with this UUID already on the host."""
+        with self.hv_lock:
+            infos = self.hv.list()
+        for info in infos:
+            if info.uuid.lower() != d.uuid:
+                continue
+            if info.state != "running":
+                log.warning("domain %s (%s): destroying %s leftover domain %d (a backup of "
+                            "an earlier receiver run)", d.name, d.uuid, info.state, info.domid)
+                with self.hv_lock:
+                    self.hv.lookup(info.domid).destroy()
+                continue
+            raise Refusal("fenced", f"a domain with UUID {d.uuid} already runs on this host "
+                          f"(domain {info.domid}, {info.state}): it failed over here or was "
+                          "started by hand; refusing to overwrite it")
+
+    def _exists(self, prot: Protection) -> bool:
+        if prot.backup_domid is None:
+            return False
+        try:
+            with self.hv_lock:
+                infos = self.hv.list()
+        except RemusError:
+            return True  # when in doubt, keep the fence
+        return any(i.domid == prot.backup_domid for i in infos)
+
+    def _destroy(self, prot: Protection, why: str) -> None:
+        if prot.backup is None:
+            return
+        try:
+            with self.hv_lock:
+                prot.backup.destroy()
+        except DomainError as e:
+            log.warning("%s: destroying backup domain %s (%s) failed: %s", prot.label(),
+                        prot.backup_domid, why, e)
+        prot.backup = None
+
+    def _forget(self, prot: Protection) -> None:
+        with self.lock:
+            if self.protections.get(prot.uuid) is prot:
+                del self.protections[prot.uuid]
+
+    # ------------------------------------------------------------- end of a session
+
+    def session_ended(self, prot: Protection, conn, kind: str, message: str) -> None:
+        """Apply the policy for how ``conn``'s session on ``prot`` ended."""
+        with prot.lock:
+            if prot.connection is conn:
+                prot.connection = None
+            if not prot.commit_allowed():
+                # failed over, superseded, ... meanwhile: that path did the work
+                log.info("%s: session %s closed (%s)", prot.label(), prot.hello.session_id[:8],
+                         prot.state)
+                return
+            prot.last_error = None if kind == "clean" else message
+            if prot.state == "initial-copy":
+                log.error("%s: session %s ended before the initial copy completed: %s; backup "
+                          "domain %s destroyed (nothing was committed)", prot.label(),
+                          prot.hello.session_id[:8], message, prot.backup_domid)
+                prot.state = "gone"
+                self._destroy(prot, "initial copy incomplete")
+            else:
+                self._apply_policy(prot, kind, message)
+                return
+        self._forget(prot)  # outside prot.lock: admit() takes self.lock, then prot.lock
+
+    def _apply_policy(self, prot: Protection, kind: str, message: str) -> None:
+        """session_ended for a domain with committed state (under prot.lock)."""
+        cfg = self.cfg
+        last = prot.last_committed
+        if kind == "clean":
+            prot.state = "ended"
+            keep = cfg.on_unprotect == "keep"
+            log.info("%s: protection ended cleanly after checkpoint %s (%s); no failover; "
+                     "backup domain %s %s", prot.label(), last, message, prot.backup_domid,
+                     "kept paused" if keep else "destroyed")
+            if not keep:
+                self._destroy(prot, "protection ended")
+            return
+        if kind == "corrupt":
+            prot.state = "corrupt"
+            prot.armed = False
+            log.critical("%s: %s; the backup domain %s is inconsistent and will NOT be "
+                         "resumed automatically", prot.label(), message, prot.backup_domid)
+            return
+        if kind == "violation":
+            prot.state = "broken"
+            prot.armed = cfg.on_violation == "failover"
+            what = ("failing over when the failover timeout has passed, unless the primary "
+                    "reconnects first (on-violation=failover)" if prot.armed else
+                    "the backup stays paused at it until the primary reconnects or an "
+                    "operator fails over (on-violation=wait)")
+            log.error("%s: session %s broke the protocol: %s; committed checkpoint %s is "
+                      "untouched; %s", prot.label(), prot.hello.session_id[:8], message,
+                      last, what)
+            return
+        # link-lost, stalled, closed
+        prot.state = "link-lost"
+        prot.armed = cfg.on_link_loss == "failover"
+        remaining = max(0.0, prot.failover_timeout - (time.monotonic() - prot.last_life))
+        what = (f"failing over in {remaining * 1000:.0f} ms unless the primary reconnects"
+                if prot.armed else "waiting for the primary to reconnect (on-link-loss=wait)")
+        log.warning("%s: session %s lost after checkpoint %s: %s; %s", prot.label(),
+                    prot.hello.session_id[:8], last, message, what)
+
+    # ------------------------------------------------------------- failover
+
+    def failover(self, prot: Protection, reason: str, *, manual: bool = False) -> dict:
+        with prot.lock:
+            silence = time.monotonic() - prot.last_life
+            if prot.state not in FAILOVER_STATES:
+                raise RemusError(f"{prot.label()} cannot fail over in state {prot.state}")
+            if not manual and (not prot.armed or silence < prot.failover_timeout):
+                return {}  # a sign of life or a new session came in meanwhile
+            try:
+                prot.backup.unpause()
+            except DomainError as e:
+                prot.state = "corrupt"
+                prot.armed = False
+                log.critical("%s: FAILOVER FAILED: %s", prot.label(), e)
+                raise
+            prot.state = "failed-over"
+            prot.armed = False
+            prot.failed_over_wall = time.time()
+            prot.detection_ms = silence * 1000
+            conn = prot.connection
+            prot.connection = None
+        log.warning("%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
+                    "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
+                    "is now fenced on this host", prot.label(), prot.backup_domid,
+                    prot.last_committed, (time.monotonic() - prot.committed_at) * 1000, reason,
+                    prot.detection_ms, prot.failover_timeout * 1000)
+        if conn is not None:
+            conn.close_from_daemon(conn.rs.error(
+                ERR_FAILED_OVER, f"the backup of domain {prot.name} took over from checkpoint "
+                f"{prot.last_committed}: do not re-protect to this receiver"))
+        return {"domain": prot.name, "uuid": prot.uuid, "backup_domid": prot.backup_domid,
+                "resumed_from": prot.last_committed, "detection_ms": round(prot.detection_ms, 1)}
+
+    def start_monitor(self) -> None:
+        self._monitor = threading.Thread(target=self._monitor_loop, name="failover-timer",
+                                         daemon=True)
+        self._monitor.start()
+
+    def monitor_alive(self) -> bool:
+        return self._monitor is not None and self._monitor.is_alive()
+
+    def _monitor_loop(self) -> None:
+        while not self.stopping.wait(MONITOR_PERIOD):
+            with self.lock:
+                prots = list(self.protections.values())
+            now = time.monotonic()
+            for prot in prots:
+                if prot.state not in FAILOVER_STATES:
+                    continue
+                silence = now - prot.last_life
+                if silence < prot.failover_timeout:
+                    continue
+                try:
+                    self._expire(prot, silence)
+                except Exception:  # the timer must outlive any one domain's trouble
+                    log.exception("%s: failover timer", prot.label())
+
+    def _expire(self, prot: Protection, silence: float) -> None:
+        armed_open = prot.state == "receiving" and self.cfg.on_link_loss == "failover"
+        if prot.state == "receiving":
+            prot.armed = armed_open
+        if prot.armed:
+            what = "link lost" if prot.state == "link-lost" else (
+                "stream broken" if prot.state == "broken" else "session silent")
+            self.failover(prot, f"no checkpoint and no heartbeat for {silence * 1000:.0f} ms "
+                          f"({what})")
+        elif prot.state == "receiving" and prot.connection is not None:
+            # on-link-loss = wait: end the silent session, keep the backup paused
+            conn = prot.connection
+            conn.close_from_daemon(conn.rs.error(
+                ERR_STALLED, f"nothing received for {silence * 1000:.0f} ms"))
+
+    # ------------------------------------------------------------- control
+
+    def find(self, ref: str) -> Protection:
+        with self.lock:
+            for p in self.protections.values():
+                if ref in (p.name, p.uuid, str(p.backup_domid)):
+                    return p
+        raise RemusError(f"no protected domain {ref!r} on this receiver")
+
+    def status(self) -> dict:
+        with self.lock:
+            prots = sorted(self.protections.values(), key=lambda p: p.name)
+            handshaking = len(self.connections) - sum(1 for p in prots if p.connection)
+        return {
+            "role": "receiver",
+            "listen": self.listen_address,
+            "hypervisor": getattr(self.hv, "kind", "?"),
+            "insecure": self.cfg.insecure,
+            "policies": {"on_link_loss": self.cfg.on_link_loss,
+                         "on_violation": self.cfg.on_violation,
+                         "on_unprotect": self.cfg.on_unprotect},
+            "connections_in_handshake": max(0, handshaking),
+            "sessions": [p.status() for p in prots],
+        }
+
+    def control(self, req: dict):
+        cmd = req["cmd"]
+        if cmd == "status":
+            return self.status()
+        if cmd == "failover":
+            ref = req.get("domain")
+            if not isinstance(ref, str):
+                raise RemusError('failover needs "domain": a name, UUID or backup domid')
+            prot = self.find(ref)
+            return self.failover(prot, "operator request on the control socket", manual=True)
+        if cmd == "ping":
+            return "pong"
+        raise RemusError(f"unknown command {cmd!r} (status, failover, ping)")
+
+    # ------------------------------------------------------------- shutdown
+
+    def shutdown(self) -> None:
+        """Stop: every open session gets ERROR shutdown; backups stay as they are
+        (paused ones keep their last commit for an operator)."""
+        self.stopping.set()
+        with self.lock:
+            conns = list(self.connections)
+        for conn in conns:
+            # before ACCEPT the sender expects a reply, not a frame: just close
+            frame = conn.rs.error(ERR_SHUTDOWN, "the receiver is stopping") if conn.prot else None
+            conn.close_from_daemon(frame)
+        for conn in conns:
+            if conn.thread is not None:
+                conn.thread.join(timeout=2)

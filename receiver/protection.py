@@ -1,0 +1,133 @@
+"""One protected domain as the receiver sees it: its backup, its state, its figures.
+
+States (``Protection.state``)::
+
+    initial-copy  the backup domain exists, paused; checkpoint 0 is arriving
+                  (written straight into the paused backup). Not failover-capable.
+    receiving     at least one checkpoint committed, the session is open
+    link-lost     the session ended by EOF / reset / silence after a commit;
+                  the failover timer runs (policy on-link-loss = failover)
+                  or not (wait)
+    broken        the session broke a rule after a commit; the failover timer
+                  runs only with policy on-violation = failover
+    failed-over   the backup was resumed from the last committed checkpoint and
+                  runs: the domain is FENCED here (sessions for it are refused)
+    ended         clean end of protection (LAST_CHECKPOINT committed, then close)
+    superseded    a newer session for the same domain replaced this one
+    corrupt       a commit failed half-way (hypervisor error): the backup must
+                  not run, the failover timer is off, an operator must look
+    gone          the session ended before anything was committed: the backup
+                  was destroyed
+
+Rules kept here:
+- ``lock`` serialises a commit against a failover: a failover never runs in the
+  middle of a commit, and a commit never writes into a backup that failed over
+  or was replaced (``commit_allowed`` is checked under the lock).
+- ``armed`` says whether the failover timer runs. It is set only once
+  something is committed.
+- Times are ``time.monotonic()`` seconds; wall-clock times only for display.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from xenbind.hypervisor import DomainConfig
+from xenbind.session import Hello
+
+#: States in which a session's commit may still write into the backup.
+COMMIT_STATES = ("initial-copy", "receiving")
+#: States in which the domain may be failed over (it has committed state).
+FAILOVER_STATES = ("receiving", "link-lost", "broken")
+
+
+@dataclass
+class Protection:
+    hello: Hello
+    peer: str
+    failover_timeout: float  # seconds
+    backup: object = None  # xenbind.hypervisor.Domain
+    backup_domid: int | None = None
+    state: str = "initial-copy"
+    armed: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    connection: object = None  # receiver.connection.Connection while the session is open
+    started_wall: float = field(default_factory=time.time)
+    last_life: float = field(default_factory=time.monotonic)
+    last_heartbeat: float | None = None
+    last_committed: int | None = None
+    committed_at: float | None = None
+    checkpoints: int = 0  # committed, the initial copy included
+    bytes_in: int = 0
+    pages_committed: int = 0  # page contents written into the backup, all checkpoints
+    last_checkpoint_pages: int = 0
+    verified: int = 0
+    mismatches: int = 0
+    failed_over_wall: float | None = None
+    detection_ms: float | None = None
+    last_error: str | None = None
+
+    @property
+    def config(self) -> DomainConfig:
+        return self.hello.domain
+
+    @property
+    def uuid(self) -> str:
+        return self.hello.domain.uuid
+
+    @property
+    def name(self) -> str:
+        return self.hello.domain.name
+
+    @property
+    def generation(self) -> int:
+        return self.hello.generation
+
+    def label(self) -> str:
+        return f"domain {self.name} ({self.uuid})"
+
+    def life(self, heartbeat: bool = False) -> None:
+        now = time.monotonic()
+        self.last_life = now
+        if heartbeat:
+            self.last_heartbeat = now
+
+    def commit_allowed(self) -> bool:
+        return self.state in COMMIT_STATES
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        o = self.hello.options
+        return {
+            "domain": self.name,
+            "uuid": self.uuid,
+            "backup_domid": self.backup_domid,
+            "state": self.state,
+            "peer": self.peer,
+            "session": self.hello.session_id,
+            "generation": self.generation,
+            "codec": o.codec,
+            "interval_ms": o.interval_ms,
+            "verify": o.verify,
+            "pages": self.config.pages,
+            "last_committed": self.last_committed,
+            "checkpoints": self.checkpoints,
+            "committed_age_s": None if self.committed_at is None
+            else round(now - self.committed_at, 3),
+            "bytes": self.bytes_in,
+            "pages_committed": self.pages_committed,
+            "last_checkpoint_pages": self.last_checkpoint_pages,
+            "last_life_age_s": round(now - self.last_life, 3),
+            "last_heartbeat_age_s": None if self.last_heartbeat is None
+            else round(now - self.last_heartbeat, 3),
+            "failover_timeout_ms": round(self.failover_timeout * 1000),
+            "armed": self.armed,
+            "verified": self.verified,
+            "mismatches": self.mismatches,
+            "failed_over_at": self.failed_over_wall,
+            "detection_ms": None if self.detection_ms is None else round(self.detection_ms, 1),
+            "started_at": self.started_wall,
+            "error": self.last_error,
+        }
