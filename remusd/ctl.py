@@ -194,7 +194,8 @@ REMUSD_COLUMNS = [
 def render_status(st: Any) -> str:
     if not isinstance(st, dict):
         return json.dumps(st, indent=2)
-    head = [f"{st.get('daemon', 'daemon')} {st.get('version', '')}".strip()]
+    who = st.get("daemon") or st.get("role") or "daemon"
+    head = [f"{who} {st.get('version', '')}".strip()]
     for k in ("pid", "hypervisor", "listen", "uptime_s"):
         if k in st:
             head.append(f"{k} {_cell(st[k])}")

@@ -66,7 +66,9 @@ class Daemon:
 
     name = "daemon"
 
-    def __init__(self, workdir: Path, argv: list[str], control: str) -> None:
+    def __init__(self, workdir: Path, argv: list[str], control: str,
+                 env: dict | None = None) -> None:
+        self.env = dict(ENV, **(env or {}))
         self.workdir = workdir
         self.argv = argv
         self.control = control
@@ -76,7 +78,7 @@ class Daemon:
     def start(self, timeout: float = 30) -> Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=ENV, cwd=REPO,
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=self.env, cwd=REPO,
                                          stdin=subprocess.DEVNULL)
         finally:
             log.close()
@@ -120,11 +122,11 @@ class Daemon:
 class Remusd(Daemon):
     name = "remusd"
 
-    def __init__(self, workdir: Path, host: SimHost, *extra: str) -> None:
+    def __init__(self, workdir: Path, host: SimHost, *extra: str, env: dict | None = None) -> None:
         control = str(workdir / "remusd.sock")
         argv = [str(BIN / "remusd"), "--sim-dir", host.dir, "--control", control,
                 "--insecure", "--config", "/dev/null", "--log-level", "debug", *extra]
-        super().__init__(workdir, argv, control)
+        super().__init__(workdir, argv, control, env)
         self.host = host
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -188,8 +190,8 @@ def daemons(workdir):
     started: list[Daemon] = []
 
     class Factory:
-        def remusd(self, host: SimHost, *extra: str) -> Remusd:
-            d = Remusd(workdir, host, *extra)
+        def remusd(self, host: SimHost, *extra: str, env: dict | None = None) -> Remusd:
+            d = Remusd(workdir, host, *extra, env=env)
             started.append(d)
             return d.start()
 
