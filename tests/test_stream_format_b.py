@@ -384,3 +384,30 @@ def test_none_codec_is_pure_legacy():
         closing = w.end_checkpoint(CTX)
         got = [struct.unpack_from("<i", bytes(b))[0] for b in closing[:-2]]
         assert got == tags, codec
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_random_corruption_of_b_stream_never_crashes(data):
+    """Flip, insert or delete bytes of a compressed stream: decoded or
+    StreamError, never another exception."""
+    from xenbind.errors import StreamError
+
+    codec = data.draw(st.sampled_from(["xen", "seed"]))
+    raw = bytearray(golden_bytes(codec))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        # favour the compressed parts: they sit after checkpoint 0
+        pos = data.draw(st.integers(4096, len(raw) - 1))
+        if op == "flip":
+            raw[pos] ^= data.draw(st.integers(1, 255))
+        elif op == "insert":
+            raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        else:
+            del raw[pos : pos + data.draw(st.integers(1, 8))]
+    d = Decoder(max_context=1 << 16, max_device_model=1 << 16, max_compressed=1 << 20)
+    try:
+        d.feed(bytes(raw))
+        d.eof()
+    except StreamError:
+        pass
