@@ -65,13 +65,14 @@ class SimHost:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sim host exited with {self.proc.returncode}: {self.log()[-2000:]}")
             try:
-                self.hv.ping()
-                return self
+                if self.hv.ping()["pid"] == self.proc.pid:
+                    return self
             except Exception:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"sim host did not start in {self.start_timeout}s: {self.log()[-2000:]}") from None
-                time.sleep(0.02)
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"sim host did not start in {self.start_timeout}s: {self.log()[-2000:]}")
+            time.sleep(0.02)
 
     @property
     def pid(self) -> int:
