@@ -5,7 +5,8 @@ by default; keys are the long flag names, e.g. ``failover-timeout = 900``).
 Precedence: built-in defaults < the file < flags (``xenbind.service``).
 
 Policies (what the receiver does when a session ends badly) are options too;
-their meaning is in ``receiver/policy.py`` and docs/protocol.md.
+their meaning is in ``receiver/daemon.py`` and docs/protocol.md ("The receiver's
+policies").
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ Admission of a HELLO (``admit``), in this order:
     the domain failed over here and its backup
       still exists                              -> REFUSE fenced (never overwrite it)
     a session for the domain is open or waiting
-      with an equal or larger generation        -> REFUSE busy
-      with a smaller generation                 -> the old one is superseded: its
+      with a larger generation                  -> REFUSE busy (an older protection)
+      with an equal or smaller generation       -> the old one is superseded (the same
+                                                   protection reconnecting, or a newer
+                                                   one): its
                                                    connection gets ERROR superseded,
                                                    its paused backup is destroyed
     a domain with the same UUID runs on this
@@ -167,10 +169,10 @@ class ReceiverDaemon:
                 if old.state == "ended" and old.backup is not None and self._exists(old):
                     self._destroy(old, "a new protection of the domain replaces the kept backup")
                 return
-            if hello.generation <= old.generation:
+            if hello.generation < old.generation:
                 raise Refusal("busy", f"{old.label()} is already protected by session "
-                              f"{old.hello.session_id[:8]} (state {old.state}, generation "
-                              f"{old.generation} >= {hello.generation})")
+                              f"{old.hello.session_id[:8]} of a newer protection (state "
+                              f"{old.state}, generation {old.generation} > {hello.generation})")
             # a newer protection of the same domain: it replaces the old one
             prev = old.state
             old.state = "superseded"

@@ -481,6 +481,10 @@ def test_failover_when_heartbeats_stop_then_fence(receiver, hosts):
         time.sleep(INTERVAL_MS / 1000)
     assert receiver.session(g.name)["state"] == "receiving"
     assert backup_state(backup, g.name) == "paused"
+    # meanwhile the receiver sent its own heartbeats, naming the last commit
+    s.sock.settimeout(2)
+    beats = [ev for ev in s.ss.feed(s.sock.recv(65536)) if type(ev).__name__ == "Heartbeat"]
+    assert beats and beats[-1].last_committed == 2
     # a torn checkpoint, then silence (the link stays open: a stalled primary)
     pfns, data = g.dirty(30)
     s.send(s.writer.pages(pfns, data))
@@ -631,3 +635,24 @@ def test_cli_config_file_and_sigterm(tmp_path, hosts):
         p.terminate()
         assert p.wait(10) == 0
         p.stderr.close()
+
+
+def test_staging_cap_and_failover_on_violation_policy(hosts, tmp_path):
+    primary, backup = hosts
+    r = Receiver(backup.dir, str(tmp_path), "--max-staged-mb", "1", "--on-violation",
+                 "failover")
+    try:
+        g, s = protected(r, hosts, verify=False, checkpoints=2)
+        expected = g.memory.copy()
+        s.checkpoint(300)  # 1.2 MiB of pages > the 1 MiB staging cap
+        ev = s.next_event()
+        assert isinstance(ev, Error) and ev.code == ERR_PROTOCOL and "staging cap" in ev.reason
+        r.wait_log(rf"{g.name}.*broke the protocol.*staging cap.*on-violation=failover")
+        r.wait_log(rf"{g.name}.*FAILOVER: backup domain \d+ resumed from checkpoint 1",
+                   timeout=5)
+        wait_for(lambda: backup_state(backup, g.name) == "running", 5, "backup running")
+        assert np.array_equal(backup_memory(backup, g.name)[: g.usable], expected[: g.usable])
+        s.close()
+    finally:
+        assert r.stop() == 0
+    assert "Traceback" not in r.log()
