@@ -76,77 +76,110 @@ def median_time(fn: Callable[[int], object], reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_codec(codec: str, pattern: str, old: np.ndarray, new: np.ndarray, reps: int) -> dict:
+class Copier:
+    """The memcpy reference: a numpy copy of the batch's bytes into a buffer
+    already faulted in. Timed right beside every codec call, so each codec
+    figure has a memcpy figure taken under the same load (the machine is
+    shared and noisy); targets use the median of those per-call ratios."""
+
+    def __init__(self, src: np.ndarray) -> None:
+        self.src = src
+        self.dst = np.empty_like(src)
+        np.copyto(self.dst, src)
+
+    def time(self) -> float:
+        t0 = time.perf_counter()
+        np.copyto(self.dst, self.src)
+        return time.perf_counter() - t0
+
+
+def timed_pair(copier: Copier, fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(memcpy seconds, fn seconds, fn's result), memcpy timed on both sides of fn."""
+    c0 = copier.time()
+    t0 = time.perf_counter()
+    res = fn()
+    t = time.perf_counter() - t0
+    c1 = copier.time()
+    return min(c0, c1), t, res
+
+
+def summarise(nbytes: int, cpy: list[float], enc: list[float], dec: list[float]) -> dict:
+    return {
+        "encode_MBps": nbytes / statistics.median(enc) / MB,
+        "decode_MBps": nbytes / statistics.median(dec) / MB,
+        "memcpy_MBps": nbytes / statistics.median(cpy) / MB,
+        # per-call ratios of codec throughput to the memcpy beside it
+        "encode_vs_memcpy": statistics.median(c / t for c, t in zip(cpy[0::2], enc, strict=True)),
+        "decode_vs_memcpy": statistics.median(c / t for c, t in zip(cpy[1::2], dec, strict=True)),
+        # best call against best copy: what the code does when it has a core to itself
+        "encode_vs_memcpy_best": min(cpy) / min(enc),
+        "decode_vs_memcpy_best": min(cpy) / min(dec),
+    }
+
+
+def bench_codec(codec: str, pattern: str, old: np.ndarray, new: np.ndarray, reps: int,
+                copier: Copier) -> dict:
     """Encode/decode throughput and size of one codec on one pattern.
 
-    The timed calls alternate direction (old->new, then new->old), so the
-    cache always holds the other version and every repetition sees the pattern.
-    For 'miss', two disjoint pfn sets alternate through a cache of n pages.
+    The calls alternate direction (old->new, then new->old), so the cache
+    always holds the other version and every call sees the pattern; each blob
+    is decoded right away by the receiver's mirror, into a staging buffer
+    (out=) as the receiver does. For 'miss', two disjoint pfn sets alternate
+    through a cache of n pages, so every page misses and evicts.
     """
     n = len(old)
     nbytes = n * PAGE_SIZE
     pfns = np.arange(n, dtype=np.uint64)
     if pattern == "miss":
         sets = [(pfns, old), (pfns + n, new)]
+        first = (pfns + n, new)
     else:
         sets = [(pfns, new), (pfns, old)]
+        first = (pfns, old)
     comp, dec = Compressor(codec, n), Decompressor(codec, n)
-    first = (pfns + n, new) if pattern == "miss" else (pfns, old)
-    dec.decompress(comp.compress(*first), first[0])  # prime both caches
-    blobs: list[bytes] = []
-
-    def enc(r: int) -> None:
-        blobs.append(comp.compress(*sets[r % 2]))
-
-    t_enc = median_time(enc, 2 * reps)
-    # decode the same blobs in the same order: the mirror follows the sender
-    dec2 = Decompressor(codec, n)
-    dec2.decompress(comp_prime(codec, n, first), first[0])
-    out: list[np.ndarray] = []
-
-    def dec_one(r: int) -> None:
-        got = dec2.decompress(blobs[r], sets[r % 2][0])
-        if r < 2:
-            out.append(got)
-
-    t_dec = median_time(dec_one, 2 * reps)
-    for r, got in enumerate(out):  # the benchmark checks what it times
-        if not np.array_equal(got, sets[r % 2][1]):
-            raise AssertionError(f"{codec}/{pattern}: decoded pages differ")
-    size = len(blobs[0])
-    return {
-        "encode_MBps": nbytes / t_enc / MB,
-        "decode_MBps": nbytes / t_dec / MB,
-        "bytes": size,
-        "ratio": nbytes / size,
-        "vs_format_a": size / nbytes,
-    }
+    stage = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+    stage.fill(0)
+    dec.decompress(comp.compress(*first), first[0], out=stage)  # prime both caches
+    cpy, enc, dect = [], [], []
+    size = 0
+    for r in range(2 * reps):
+        want_pfns, want_pages = sets[r % 2]
+        c, t, blob = timed_pair(copier, lambda p=want_pfns, g=want_pages: comp.compress(p, g))
+        cpy.append(c)
+        enc.append(t)
+        c, t, got = timed_pair(
+            copier, lambda b=blob, p=want_pfns: dec.decompress(b, p, out=stage)
+        )
+        cpy.append(c)
+        dect.append(t)
+        if r < 2:  # the benchmark checks what it times
+            if not np.array_equal(got, want_pages):
+                raise AssertionError(f"{codec}/{pattern}: decoded pages differ")
+            size = len(blob)
+    res = summarise(nbytes, cpy, enc, dect)
+    res.update(bytes=size, ratio=nbytes / size, vs_format_a=size / nbytes)
+    return res
 
 
-def comp_prime(codec: str, n: int, first: tuple[np.ndarray, np.ndarray]) -> bytes:
-    """The blob a fresh sender emits for the priming batch (all misses)."""
-    return Compressor(codec, n).compress(*first)
-
-
-def bench_none(new: np.ndarray, reps: int) -> dict:
-    """Format A: the page bytes themselves, copied out and back in."""
+def bench_none(new: np.ndarray, reps: int, copier: Copier) -> dict:
+    """Format A: the page bytes themselves, out as bytes, back into staging."""
     nbytes = new.nbytes
-    blob = new.tobytes()
-    t_enc = median_time(lambda r: new.tobytes(), reps)
-    t_dec = median_time(lambda r: np.frombuffer(blob, np.uint8).reshape(-1, PAGE_SIZE).copy(), reps)
-    return {
-        "encode_MBps": nbytes / t_enc / MB,
-        "decode_MBps": nbytes / t_dec / MB,
-        "bytes": len(blob),
-        "ratio": 1.0,
-        "vs_format_a": 1.0,
-    }
-
-
-def bench_memcpy(src: np.ndarray, reps: int) -> float:
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the destination in first
-    return src.nbytes / median_time(lambda r: np.copyto(dst, src), reps) / MB
+    stage = np.empty_like(new)
+    stage.fill(0)
+    cpy, enc, dec = [], [], []
+    for _ in range(2 * reps):
+        c, t, blob = timed_pair(copier, new.tobytes)
+        cpy.append(c)
+        enc.append(t)
+        c, t, _ = timed_pair(
+            copier,
+            lambda blob=blob: np.copyto(stage, np.frombuffer(blob, np.uint8).reshape(-1, PAGE_SIZE)),
+        )
+        cpy.append(c)
+        dec.append(t)
+    res = summarise(nbytes, cpy, enc, dec)
+    res.update(bytes=nbytes, ratio=1.0, vs_format_a=1.0)
+    return res
 
 
 GENERIC: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
@@ -177,7 +210,7 @@ def bench_generic(data: bytes, reps: int) -> dict:
 def run(pages: int, reps: int, generic_pages: int) -> dict:
     rng = np.random.default_rng(20110624)
     old = rng.integers(0, 256, (pages, PAGE_SIZE), dtype=np.uint8)
-    memcpy = bench_memcpy(old, max(reps, 5))
+    copier = Copier(old)
     results: dict = {
         "machine": {
             "node": platform.node(),
@@ -189,15 +222,14 @@ def run(pages: int, reps: int, generic_pages: int) -> dict:
         "pages": pages,
         "reps": reps,
         "generic_pages": generic_pages,
-        "memcpy_MBps": memcpy,
         "patterns": {},
     }
     for pattern in PATTERNS:
         new = make_pattern(pattern, old, rng)
         row: dict = {}
         for codec in ("seed", "xen"):
-            row[codec] = bench_codec(codec, pattern, old, new, reps)
-        row["none"] = bench_none(new, reps)
+            row[codec] = bench_codec(codec, pattern, old, new, reps, copier)
+        row["none"] = bench_none(new, reps, copier)
         g = min(generic_pages, pages)
         row["raw"] = bench_generic(new[:g].tobytes(), max(1, reps // 2))
         xor = np.bitwise_xor(old[:g], new[:g]) if pattern != "miss" else new[:g]
@@ -208,19 +240,20 @@ def run(pages: int, reps: int, generic_pages: int) -> dict:
 
 
 def check_targets(results: dict) -> dict:
-    memcpy = results["memcpy_MBps"]
     out = {}
     for codec in ("seed", "xen"):
-        speed, ratio, size = [], [], []
+        speed, best, ratio, size = [], [], [], []
         for pattern, row in results["patterns"].items():
             r = row[codec]
             if pattern in SPARSE:
-                speed.append(min(r["encode_MBps"], r["decode_MBps"]) / memcpy)
+                speed.append(min(r["encode_vs_memcpy"], r["decode_vs_memcpy"]))
+                best.append(min(r["encode_vs_memcpy_best"], r["decode_vs_memcpy_best"]))
                 ratio.append(r["ratio"])
             size.append(r["vs_format_a"])
         out[codec] = {
             "sparse_speed_vs_memcpy_min": min(speed),
             "sparse_speed_ok": min(speed) >= 0.5,
+            "sparse_speed_best_vs_memcpy_min": min(best),
             "sparse_ratio_min": min(ratio),
             "sparse_ratio_ok": min(ratio) >= 10,
             "size_vs_format_a_max": max(size),
@@ -241,35 +274,43 @@ def _cpu_name() -> str:
 
 
 def print_table(res: dict) -> None:
-    memcpy = res["memcpy_MBps"]
     print(
-        f"codec benchmark: {res['pages']} pages per batch, median of {res['reps']}x2 runs, "
-        f"{res['machine']['cpu']} ({res['machine']['cpus']} cpus)"
+        f"codec benchmark: {res['pages']} pages ({res['pages'] * PAGE_SIZE / 2**20:.0f} MiB) per "
+        f"batch, median of {2 * res['reps']} calls, {res['machine']['cpu']} "
+        f"({res['machine']['cpus']} cpus)"
     )
-    print(f"memcpy (numpy copy of the same bytes): {memcpy:8.0f} MB/s\n")
-    hdr = f"{'pattern':<10} {'codec':<6} {'enc MB/s':>9} {'dec MB/s':>9} {'enc/cpy':>7} {'dec/cpy':>7} {'bytes':>10} {'ratio':>8} {'vs A':>6}"
+    print("cpy = numpy copy of the same bytes, timed beside each call; x cpy = median per-call ratio\n")
+    hdr = (
+        f"{'pattern':<10} {'codec':<10} {'enc MB/s':>9} {'dec MB/s':>9} {'cpy MB/s':>9} "
+        f"{'enc x cpy':>9} {'dec x cpy':>9} {'bytes':>10} {'ratio':>8} {'x A':>6}"
+    )
     print(hdr)
     print("-" * len(hdr))
+    scale = res["pages"] / min(res["generic_pages"], res["pages"])
     for pattern, row in res["patterns"].items():
         for codec in ("seed", "xen", "none"):
             r = row[codec]
             print(
-                f"{pattern:<10} {codec:<6} {r['encode_MBps']:9.0f} {r['decode_MBps']:9.0f} "
-                f"{r['encode_MBps'] / memcpy:7.2f} {r['decode_MBps'] / memcpy:7.2f} "
+                f"{pattern:<10} {codec:<10} {r['encode_MBps']:9.0f} {r['decode_MBps']:9.0f} "
+                f"{r['memcpy_MBps']:9.0f} {r['encode_vs_memcpy']:9.2f} {r['decode_vs_memcpy']:9.2f} "
                 f"{r['bytes']:10d} {r['ratio']:8.1f} {r['vs_format_a']:6.3f}"
             )
         for src in ("raw", "xor"):
             for name, r in row[src].items():
                 print(
-                    f"{'':<10} {name + '/' + src:<10} {r['encode_MBps']:5.0f} {r['decode_MBps']:9.0f} "
-                    f"{'':>7} {'':>7} {r['bytes'] * res['pages'] // res['generic_pages'] if res['generic_pages'] < res['pages'] else r['bytes']:10d} {r['ratio']:8.1f}"
+                    f"{'':<10} {name + '/' + src:<10} {r['encode_MBps']:9.0f} {r['decode_MBps']:9.0f} "
+                    f"{'':>9} {'':>9} {'':>9} {round(r['bytes'] * scale):10d} {r['ratio']:8.1f} "
+                    f"{r['bytes'] * scale / (res['pages'] * PAGE_SIZE):6.3f}"
                 )
-    print(f"\n(zlib/zstd/lz4 measured on the first {min(res['generic_pages'], res['pages'])} pages; bytes scaled to the batch)")
+    print(
+        f"\n(zlib/zstd/lz4 measured on the first {min(res['generic_pages'], res['pages'])} pages, "
+        "bytes scaled to the batch; raw = new pages, xor = old ^ new)"
+    )
     print("\ntargets (sparse = 1word, 16words, run256):")
     for codec, t in res["targets"].items():
         print(
             f"  {codec:<5} sparse speed min {t['sparse_speed_vs_memcpy_min']:.2f}x memcpy "
-            f"[{'ok' if t['sparse_speed_ok'] else 'MISSED'} >= 0.5]  "
+            f"[{'ok' if t['sparse_speed_ok'] else 'MISSED'} >= 0.5] (best calls {t['sparse_speed_best_vs_memcpy_min']:.2f}x)  "
             f"sparse ratio min {t['sparse_ratio_min']:.1f} [{'ok' if t['sparse_ratio_ok'] else 'MISSED'} >= 10]  "
             f"size max {t['size_vs_format_a_max']:.4f} x Format A [{'ok' if t['size_ok'] else 'MISSED'} <= 1.01]"
         )
@@ -285,11 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     pages = args.pages or (2048 if args.quick else 8192)
     reps = args.reps or (2 if args.quick else 5)
     res = run(pages, reps, generic_pages=min(pages, 1024 if args.quick else 2048))
+    try:
+        res["loadavg_1min_after"] = os.getloadavg()[0]
+    except OSError:
+        res["loadavg_1min_after"] = None
     print_table(res)
+    print(f"\nload average (1 min) at the end: {res['loadavg_1min_after']} on {os.cpu_count()} cpus")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
-    print(f"\nJSON: {args.json}")
+    print(f"JSON: {args.json}")
     return 0
 
 
