@@ -165,3 +165,71 @@ def test_receiver_restart_unprotected_then_reprotected(hosts, daemons):
     assert "ledger (1)" in out and "protected" in out
     out = remusd.ctl("--control", rx.control, "status").stdout
     assert "receiver" in out and "ledger" in out and "receiving" in out
+
+
+def test_sender_buffer_corner_case_verified(hosts, daemons):
+    """More dirty pages per epoch than the sender's page buffer: the body
+    interleaves COMPRESSED_DATA chunks with PFN listings (the seed's corner
+    case); verify mode checks every checkpoint on the backup. The buffer is
+    shrunk to 64 pages and the cache to 256 (evictions) to make it cheap."""
+    primary, backup = hosts
+    primary.create("16M", "random", seed=21, rate=40000, name="rnd")
+    rx = daemons.receiver(backup)
+    remusd = daemons.remusd(primary, "--buffer-pages", "64", "--cache-pages", "256")
+    remusd.ctl("protect", "rnd", "--to", rx.target, "--interval", "50", "--verify",
+               "--codec", "xen")
+    big = []
+
+    def enough():
+        d = remusd.domain("rnd")
+        if d["dirty_pages"] and d["dirty_pages"] > 64:
+            big.append(d["dirty_pages"])
+        return d["state"] == "protected" and d["checkpoints"] >= 15 and big
+
+    wait_until("15 checkpoints with more dirty pages than the buffer", enough, 30)
+    s = rx.session("rnd")
+    assert s["mismatches"] == 0 and s["verified"] >= 10, s
+    assert remusd.domain("rnd")["verify_mismatches"] == 0
+
+
+def test_backup_stops_acknowledging(hosts, daemons):
+    """A receiver frozen (SIGSTOP) stops acknowledging: after ack-timeout the
+    guest runs unprotected, with its outputs released at once."""
+    import os
+    import signal
+
+    primary, backup = hosts
+    dom = primary.create("16M", "ledger", seed=23, rate=2000, name="ledger")
+    rx = daemons.receiver(backup)
+    remusd = daemons.remusd(primary, "--ack-timeout", "0.5", "--retry-min", "5")
+    remusd.ctl("protect", "ledger", "--to", rx.target, "--interval", "20")
+    remusd.wait(lambda d: d["state"] == "protected", "ledger", what="protection")
+    os.kill(rx.proc.pid, signal.SIGSTOP)
+    try:
+        d = remusd.wait(lambda d: d["state"] == "unprotected", "ledger", timeout=10,
+                        what="unprotected after the ack timeout")
+        assert "acknowledge" in d["reason"] or "stalled" in d["reason"], d["reason"]
+        n0 = len(primary.cli("outputs", str(dom.domid)).stdout.splitlines())
+        time.sleep(0.4)
+        assert len(primary.cli("outputs", str(dom.domid)).stdout.splitlines()) > n0
+    finally:
+        os.kill(rx.proc.pid, signal.SIGCONT)
+
+
+def test_sigterm_remusd_is_a_clean_end(hosts, daemons):
+    """Stopping remusd (systemctl stop) ends the session with LAST_CHECKPOINT:
+    the backup does not take over, the guest runs on, unprotected."""
+    primary, backup = hosts
+    primary.create("16M", "ledger", seed=25, rate=2000, name="ledger")
+    rx = daemons.receiver(backup)
+    remusd = daemons.remusd(primary)
+    remusd.ctl("protect", "ledger", "--to", rx.target, "--interval", "20")
+    remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 5, "ledger",
+                what="protection")
+    assert remusd.stop() == 0
+    wait_until("the receiver to see the clean end",
+               lambda: rx.session("ledger")["state"] == "ended", 10)
+    time.sleep(1.0)  # longer than the failover timeout: still no failover
+    assert rx.session("ledger")["state"] == "ended"
+    assert "FAILOVER" not in rx.log()
+    assert primary.lookup("ledger").info().state == "running"
