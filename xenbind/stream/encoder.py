@@ -31,7 +31,6 @@ Rules kept here:
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -363,8 +362,3 @@ class StreamWriter:
     ) -> list[Buffer]:
         """One whole checkpoint: page chunks, closing chunks, end, tail."""
         return self.pages(pfns, pages, types) + self.end_checkpoint(ctx, digest=digest, last=last)
-
-
-def join(buffers: Sequence[Buffer]) -> bytes:
-    """Join a list of buffers (for tests and files)."""
-    return b"".join(buffers)

@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import PAGE_SIZE
+from .. import PAGE_SIZE as PAGE_SIZE  # re-exported for the encoder and decoder
 
 #: Largest batch a +ve chunk may announce (Xen's MAX_BATCH_SIZE: 4 MiB of pages).
 MAX_BATCH = 1024
@@ -199,4 +199,4 @@ DEFAULT_MAX_CONTEXT = 16 << 20  # HVM context blob
 DEFAULT_MAX_DEVICE_MODEL = 64 << 20  # device-model record
 DEFAULT_MAX_CACHE_PAGES = 1 << 18  # an announced cache of at most 1 GiB
 
-__all__ = [name for name in dir() if name.isupper()] + ["PAGE_SIZE"]
+__all__ = [name for name in dir() if name.isupper()]
