@@ -357,3 +357,15 @@ def test_cache_hash_table_survives_heavy_churn() -> None:
         assert (pfn in c.cache) == (pfn in cache_model)
     with pytest.raises(CodecError):
         Decompressor("seed", cap).decompress(struct.pack("<hI", -100, 0), np.array([1], np.uint64))
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_any_uint64_pfn_is_a_key(codec: str) -> None:
+    pfns = np.array([0, 2**64 - 1, 2**63, 0xFFFFFFFF, 2**32], np.uint64)
+    pages = np.stack([np.full(PAGE, i, np.uint8) for i in range(5)])
+    c, d = Compressor(codec, 3), Decompressor(codec, 3)
+    assert np.array_equal(d.decompress(c.compress(pfns, pages), pfns), pages)
+    pages[:, 0] += 1
+    assert np.array_equal(d.decompress(c.compress(pfns[2:], pages[2:]), pfns[2:]), pages[2:])
+    assert c.cache.order().tolist() == [2**32, 0xFFFFFFFF, 2**63]
+    assert_mirrors(c, d)

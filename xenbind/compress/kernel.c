@@ -301,6 +301,14 @@ static size_t seed_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
             memcpy(old, page, XB_PAGE);
             return seed_full(page, dst);
         }
+        if (m == 0xFFu) {                    /* whole block: straight-line */
+            for (uint32_t j = 0; j < XB_BLOCK; j++, o += SEED_REC) {
+                put16(dst + o, (int16_t)(4 * (w + j)));
+                cp4(dst + o + 2, a + 4 * j);
+            }
+            memcpy(b, a, 4 * XB_BLOCK);
+            continue;
+        }
         while (m) {
             uint32_t j = (uint32_t)__builtin_ctz(m);
             m &= m - 1;
