@@ -71,6 +71,28 @@ def _fault_from_env() -> tuple[int, int] | None:
     return int(s), int(n)
 
 
+class _StallingLink:
+    """Fault injection (REMUSD_FAULT=stall-mid-checkpoint:S:0): forwards to a
+    link until ``limit`` bytes went out, then hangs inside the initial copy."""
+
+    def __init__(self, link: Link, limit: int, name: str) -> None:
+        self._link, self._limit, self._name, self._sent = link, limit, name, 0
+        self.heartbeats = link.heartbeats
+
+    def send(self, buffers) -> int:
+        n = self._link.send(buffers)
+        self._sent += n
+        if self._sent >= self._limit:
+            log.warning("REMUSD_FAULT: domain %s: sent %d bytes of the initial copy; stalling",
+                        self._name, self._sent)
+            while True:
+                time.sleep(3600)
+        return n
+
+    def poll(self) -> None:
+        self._link.poll()
+
+
 class Tuning:
     """The daemon-wide knobs a protector reads (from remusd's configuration)."""
 
@@ -118,6 +140,7 @@ class Protector:
         self.acked_digest: str | None = None  # verify mode: digest of the last acked checkpoint
         self.started = time.monotonic()
         self._fault = _fault_from_env()
+        self._engaged = False  # log-dirty on / output plugged by the current session
 
     # -- control -----------------------------------------------------------------
 
@@ -218,6 +241,9 @@ class Protector:
     def _unprotect(self, reason: str) -> None:
         """The guest runs on with its output released (no backup to wait for)."""
         self._set("unprotected", reason)
+        if not self._engaged:
+            return  # this session never touched the domain (e.g. connect refused)
+        self._engaged = False
         for op in (self.domain.output_unplug, self.domain.disable_logdirty):
             try:
                 op()
@@ -275,7 +301,11 @@ class Protector:
                 link.send([writer.heartbeat()])
 
         t0 = time.monotonic()
-        res = initial_copy(self.domain, link, writer, cb, rounds=t.precopy_rounds,
+        self._engaged = True
+        copy_link = link
+        if self._fault is not None and self._fault == (self.sessions, 0):
+            copy_link = _StallingLink(link, self.info.pages * 4096 // 2, self.info.name)
+        res = initial_copy(self.domain, copy_link, writer, cb, rounds=t.precopy_rounds,
                            threshold=t.precopy_threshold, heartbeat_s=interval,
                            stop=self._stop.is_set)
         last = self._stop.is_set()

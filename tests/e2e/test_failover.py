@@ -233,3 +233,23 @@ def test_sigterm_remusd_is_a_clean_end(hosts, daemons):
     assert rx.session("ledger")["state"] == "ended"
     assert "FAILOVER" not in rx.log()
     assert primary.lookup("ledger").info().state == "running"
+
+
+def test_power_cut_during_initial_copy_no_failover(hosts, daemons):
+    """The primary dies half-way through the initial copy: nothing was ever
+    committed, so the backup must not run; the receiver drops it."""
+    primary, backup = hosts
+    primary.create("32M", "ledger", seed=27, rate=2000, name="ledger")
+    rx = daemons.receiver(backup)
+    remusd = daemons.remusd(primary, env={"REMUSD_FAULT": "stall-mid-checkpoint:1:0"})
+    remusd.ctl("protect", "ledger", "--to", rx.target, "--interval", "20")
+    wait_until("remusd to stall in the initial copy", lambda: "stalling" in remusd.log(), 20)
+    assert remusd.domain("ledger")["state"] == "initial-copy"
+    power_cut(primary, remusd)
+    wait_until("the receiver to end the session",
+               lambda: rx.session("ledger") is None or rx.session("ledger")["state"] == "gone",
+               20)
+    time.sleep(1.0)
+    assert "FAILOVER" not in rx.log()
+    names = [d.name for d in backup.hv.list()]
+    assert "ledger" not in names, "a backup that never committed anything must not survive"
