@@ -228,7 +228,10 @@ class Connection:
             now = time.monotonic()
             wait = hb - (now - self._last_sent)
             if wait <= 0:
-                self.send(self.rs.heartbeat(prot.last_committed))
+                if not self.send(self.rs.heartbeat(prot.last_committed)):
+                    # a frame may be half-written: the link is unusable
+                    raise _End("link-lost", "cannot send to the sender (connection lost, or it "
+                               "stopped reading)")
                 wait = hb
             if prot.state == "initial-copy" and now - prot.last_life > self.cfg.stall_timeout:
                 raise _End("stalled", f"the initial copy made no progress for "

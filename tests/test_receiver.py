@@ -183,6 +183,7 @@ class Sender:
                            software="test-sender")
         self.ss = SenderSession(self.hello)
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.writer = StreamWriter(guest.pages, codec=codec)
         self.events: list = []
         self.reply = None
