@@ -319,6 +319,8 @@ def test_decompress_into_out_and_argument_checks() -> None:
         d.decompress(b"", pfns, out=np.zeros((3, PAGE), np.uint8))
     with pytest.raises(ValueError, match="pages must"):
         c.compress(pfns, pages[:3])
+    with pytest.raises(ValueError, match="pages must"):
+        c.compress(pfns, pages.astype(np.int16))
     with pytest.raises(ValueError, match="pagetable must"):
         c.compress(pfns, pages, np.zeros(3, bool))
     assert d.decompress(b"", pfns).shape == (0, PAGE)
@@ -336,6 +338,9 @@ def test_stats_dataclass() -> None:
     assert (s.hits, s.misses, s.evictions, s.pages) == (4, 10, 6, 14)
     assert s.bytes_in == 14 * PAGE and s.bytes_out == 10 * 4097 + 4
     assert s.ratio == pytest.approx(14 * PAGE / s.bytes_out)
+    d = Decompressor("xen", 4)
+    d.decompress(c.compress(pfns[:2], pages[:2]), pfns[:2])
+    assert d.stats.ratio == pytest.approx(2 * PAGE / (2 * 4097))
 
 
 def test_cache_hash_table_survives_heavy_churn() -> None:
