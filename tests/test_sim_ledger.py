@@ -122,3 +122,24 @@ def test_backup_without_a_checkpoint_does_not_run(sim_host):
     assert info.state == "shutdown" and info.extra["crashed"] and dom.step == 0
     with open(os.path.join(sim_host.dir, f"dom-{dom.domid}.mem"), "rb") as f:
         assert not any(f.read()), "a backup without a checkpoint wrote to its memory"
+
+
+def test_backup_accepts_context_before_memory(sim_host):
+    """The receiver may set the context before or after writing the pages."""
+    from xenbind.hypervisor import DomainConfig
+
+    primary = sim_host.create("16M", "ledger", seed=8, rate=5000, paused=True)
+    _run(primary, 200)
+    info = primary.info()
+    cfg = DomainConfig("bk", info.uuid, info.pages, 1, True, dict(info.extra))
+    backup = sim_host.hv.create_backup(cfg)
+    pfns = np.arange(info.pages, dtype=np.uint64)
+    pages = np.empty((info.pages, PAGE_SIZE), np.uint8)
+    primary.gather(pfns, pages)
+    backup.set_context(primary.get_context())
+    backup.scatter(pfns, pages)
+    _run(backup, 100)
+    _run(primary, 100)
+    assert backup.info().state == "paused" and not backup.info().extra.get("crashed")
+    assert backup.digest() == primary.digest()
+    assert _check(sim_host, backup)[0] == []

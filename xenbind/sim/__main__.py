@@ -42,7 +42,17 @@ examples:
   python -m xenbind.sim --dir /dev/shm/primary outputs 1 > acked.txt
   python -m xenbind.sim --dir /dev/shm/backup ledger-check 1 --acked acked.txt
 
+files in DIR:
+  host.sock, host.pid, host.lock   the running host
+  dom-N.mem                        guest memory, PFN p at byte p*4096
+  dom-N.json, dom-N.ctl            metadata; live status page
+  dom-N.out                        released output;  dom-N.log  the domain's log
+
+pauses are counted as Xen counts them: a domain paused twice (say by the
+operator and by remusd) runs again only after two unpauses.
+
 exit status: 0 success; 1 the operation or check failed; 2 bad usage.
+See docs/simulator.md for the whole story.
 """
 
 
@@ -97,8 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         "create a domain and print its domid",
         "Create a domain, start its workload (unless --paused) and print its domid.",
     )
-    c.add_argument("--memory", type=parse_size, default=parse_size("64M"), help="guest memory (default 64M)")
-    c.add_argument("--workload", default="idle", choices=["idle", "random", "hotset", "scan", "ledger"])
+    c.add_argument(
+        "--memory", metavar="SIZE", type=parse_size, default=parse_size("64M"),
+        help="guest memory: bytes or K/M/G suffix, whole 4 KiB pages (default 64M)",
+    )
+    c.add_argument(
+        "--workload", default="idle", choices=["idle", "random", "hotset", "scan", "ledger"],
+        help="what the guest does (see 'python -m xenbind.sim --help'; default idle)",
+    )
     c.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     c.add_argument("--rate", type=float, default=None, help="steps per second (pages/s; ledger: transactions/s)")
     c.add_argument("--name", default=None, help="domain name (default simN)")

@@ -48,6 +48,7 @@ from .workloads import KINDS, MAGIC_PAGES, RegistersError, new_registers
 REQUEST_TIMEOUT_S = 5.0
 WORKER_START_TIMEOUT_S = 30.0
 MIN_PAGES = 16
+MAX_PAGES = 1 << 24  # 64 GiB of guest memory
 MAX_REQUEST = 1 << 16
 
 
@@ -217,8 +218,8 @@ class Host:
         if workload not in KINDS:
             raise HostError(f"unknown workload {workload!r} (one of {', '.join(KINDS)})")
         pages = int(req.get("pages", 0))
-        if pages < MIN_PAGES:
-            raise HostError(f"a domain needs at least {MIN_PAGES} pages, got {pages}")
+        if not MIN_PAGES <= pages <= MAX_PAGES:
+            raise HostError(f"a domain has {MIN_PAGES} to {MAX_PAGES} pages, not {pages}")
         seed = int(req.get("seed", 0))
         if not 0 <= seed < 1 << 64:
             raise HostError("seed must fit in 64 bits")

@@ -99,9 +99,10 @@ class Worker:
         )
         self.workload = make_workload(self.regs, self.usable)
         self.crash_reason: str | None = None
-        if meta.get("backup"):  # memory arrives by scatter; runs after set_context
-            self.crash_reason = self.workload.check_memory(self.mem64)
-        else:
+        # a backup's memory arrives by scatter and its registers by set_context,
+        # in either order: the guest checks its memory when it is next unpaused
+        self.verify_pending = bool(meta.get("backup"))
+        if not meta.get("backup"):
             self.workload.init_memory(self.mem64)
 
         self.uffd: UffdWriteProtect | None = None
@@ -259,6 +260,11 @@ class Worker:
             if self.pause_count == 0:
                 raise ValueError("domain is not paused")
             self.pause_count -= 1
+            if self.pause_count == 0 and self.verify_pending:
+                self.verify_pending = False
+                self.crash_reason = self.workload.check_memory(self.mem64)
+                if self.crash_reason:
+                    log(f"guest cannot run: {self.crash_reason}")
             return struct.pack("<I", self.pause_count)
         if op == b"E":
             if self.uffd is not None:
@@ -310,10 +316,8 @@ class Worker:
             )
         self.workload.reset(regs)  # validates parameters against the memory size
         self.regs = regs
-        reason = self.workload.check_memory(self.mem64)
-        self.crash_reason = reason
-        if reason:
-            log(f"guest cannot resume: {reason}")
+        self.crash_reason = None
+        self.verify_pending = True
         self.was_runnable = False
         return b""
 
