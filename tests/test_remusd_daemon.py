@@ -122,3 +122,22 @@ def test_second_remusd_on_same_socket_refused(sim_host, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_protect_entries_from_config(sim_host, tmp_path):
+    sim_host.create("16M", "idle", seed=1, name="quiet")
+    stream = tmp_path / "quiet.stream"
+    cfg = tmp_path / "remusd.toml"
+    cfg.write_text(f'interval = 25\ncodec = "xen"\nprotect = ["quiet=file:{stream}"]\n'
+                   f'control = "{tmp_path / "c.sock"}"\n')
+    proc = subprocess.Popen([str(BIN / "remusd"), "--sim-dir", sim_host.dir, "--config",
+                             str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ctl = str(tmp_path / "c.sock")
+        d = _wait(lambda: [d for d in control_request(ctl, "status")["domains"]
+                           if d["checkpoints"] >= 3], what="protection from the config file")[0]
+        assert (d["name"], d["codec"], d["interval_ms"]) == ("quiet", "xen", 25)
+        assert d["target"] == f"file:{stream}"
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
