@@ -238,10 +238,14 @@ def decode_all(chunks: list[bytes], caps: dict | None = None) -> tuple[list, Str
                 pass
             else:
                 raise AssertionError("the decoder went on after an error") from None
+        # the decoder keeps its error, whose traceback holds the decoder's
+        # frames: a cycle that would keep its buffers until a full GC
+        exc.__traceback__ = None
         return events, exc
     try:
         d.eof()
     except StreamError as exc:
+        exc.__traceback__ = None
         return events, exc
     return events, None
 

@@ -120,6 +120,41 @@ def stream_seeds() -> dict[str, bytes]:
         out[f"{codec}-runs-types"] = b_stream(
             codec, 2, 2, [([1, 9], 0), ([1, 9, 20, 21], 2)],
             types=[[0, 0], [0, 0x1, 0xF, 0xE]])
+    # by hand: PFN chunks of a few entries each, COMPRESSED_DATA chunks whose
+    # pages straddle several of them (the seed thread's corner case, at a size
+    # the fuzzer can afford: Xen's 8192-page buffer would need 8 full batches)
+    from xenbind.compress import Compressor
+    from xenbind.stream.encoder import (
+        encode_codec,
+        encode_compressed,
+        encode_enable_compression,
+        encode_end,
+        encode_header,
+        encode_pfn_list,
+        encode_tail,
+    )
+
+    for codec in ("xen", "seed"):
+        comp = Compressor(codec, 8)
+        p = {k: _page(k) for k in range(8)}
+        b = [encode_header(16), encode_codec(codec, 8), encode_enable_compression(),
+             encode_end(), encode_tail(CTX)]
+        # body 1: +2 [0,1] +3 [2,XTAB 9,3] DATA(0,1,2) +1 [4] DATA(3,4)
+        b += [encode_pfn_list(np.array([0, 1], u64)),
+              encode_pfn_list(np.array([2, 9, 3], u64), np.array([0, 0xF, 0], np.uint8)),
+              encode_compressed(comp.compress(np.array([0, 1, 2], u64), np.stack([p[0], p[1], p[2]]))),
+              encode_pfn_list(np.array([4], u64)),
+              encode_compressed(comp.compress(np.array([3, 4], u64), np.stack([p[3], p[4]]))),
+              encode_end(), encode_tail(CTX)]
+        # body 2: the same pages, a few words changed, one chunk of 5 across 3 listings
+        q = {k: _touch(p[k][None], [k, 100 + k])[0] for k in range(5)}
+        b += [encode_pfn_list(np.array([4, 3], u64)), encode_pfn_list(np.array([0], u64)),
+              encode_pfn_list(np.array([1, 2], u64)),
+              encode_compressed(comp.compress(np.array([4, 3, 0, 1, 2], u64),
+                                              np.stack([q[4], q[3], q[0], q[1], q[2]]))),
+              encode_end(), encode_tail(CTX)]
+        out[f"{codec}-straddle"] = b"".join(b)
+
     # a stream that stops mid-checkpoint (the torn last checkpoint)
     full = out["xen-interleaved"]
     out["xen-torn"] = full[: len(full) - 37]
