@@ -67,6 +67,9 @@ log = logging.getLogger("receiver")
 RECV_SIZE = 1 << 20  # bytes read per recv
 DIGEST_SLAB = 4096  # pages gathered at a time to digest the backup's memory
 SOFTWARE = "remus-receiver 0.1.0"
+#: closing: how long and how much of the peer's input to drain (see _linger)
+LINGER_S = 0.2
+LINGER_MAX_BYTES = 16 << 20
 
 
 class _End(Exception):
@@ -132,8 +135,29 @@ class Connection:
                 self.daemon.session_ended(self.prot, self, "violation",
                                           "internal error on the receiver (see log)")
         finally:
+            self._linger()
             self.t.close()
             self.daemon.connection_closed(self)
+
+    def _linger(self) -> None:
+        """Close our side first and drain what the peer still sends, briefly:
+        closing a socket with unread input makes the kernel send RST, and the
+        peer may then lose the REFUSE / ERROR / GOODBYE we just sent."""
+        self.t.shutdown_write()
+        deadline = time.monotonic() + LINGER_S
+        drained = 0
+        try:
+            while drained < LINGER_MAX_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.t.settimeout(left)
+                n = len(self.t.recv(RECV_SIZE))
+                if n == 0:
+                    return
+                drained += n
+        except OSError:
+            return
 
     # ------------------------------------------------------------- handshake
 

@@ -190,10 +190,23 @@ class ReceiverDaemon:
             self._destroy(old, "superseded")
             self.protections.pop(old.uuid, None)
 
+    def _list(self) -> list:
+        """hv.list(), retried: the simulator's list fails when a domain
+        disappears while it is being listed (another session's backup being
+        destroyed)."""
+        for attempt in range(5):
+            try:
+                with self.hv_lock:
+                    return self.hv.list()
+            except DomainError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.02)
+        return []
+
     def _check_host(self, d) -> None:
         """Fence against a domain with this UUID already on the host."""
-        with self.hv_lock:
-            infos = self.hv.list()
+        infos = self._list()
         for info in infos:
             if info.uuid.lower() != d.uuid:
                 continue
@@ -211,8 +224,7 @@ class ReceiverDaemon:
         if prot.backup_domid is None:
             return False
         try:
-            with self.hv_lock:
-                infos = self.hv.list()
+            infos = self._list()
         except RemusError:
             return True  # when in doubt, keep the fence
         return any(i.domid == prot.backup_domid for i in infos)

@@ -22,6 +22,7 @@ import pytest
 
 from tests.simhost import SimHost, sim_dir
 from xenbind import PAGE_SIZE
+from xenbind.errors import DomainError
 from xenbind.hypervisor import DomainConfig
 from xenbind.service import control_request
 from xenbind.session import (
@@ -258,7 +259,15 @@ def backup_memory(backup: SimHost, name: str, pages: int = PAGES) -> np.ndarray:
 
 
 def backup_state(backup: SimHost, name: str) -> str | None:
-    for info in backup.hv.list():
+    for attempt in range(10):
+        try:
+            infos = backup.hv.list()
+            break
+        except DomainError:  # a domain vanished while being listed: list again
+            if attempt == 9:
+                raise
+            time.sleep(0.02)
+    for info in infos:
         if info.name == name:
             return info.state
     return None
@@ -645,7 +654,10 @@ def test_staging_cap_and_failover_on_violation_policy(hosts, tmp_path):
     try:
         g, s = protected(r, hosts, verify=False, checkpoints=2)
         expected = g.memory.copy()
-        s.checkpoint(300)  # 1.2 MiB of pages > the 1 MiB staging cap
+        try:
+            s.checkpoint(300)  # 1.2 MiB of pages > the 1 MiB staging cap
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the receiver may close before it read all of it
         ev = s.next_event()
         assert isinstance(ev, Error) and ev.code == ERR_PROTOCOL and "staging cap" in ev.reason
         r.wait_log(rf"{g.name}.*broke the protocol.*staging cap.*on-violation=failover")
