@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from xenbind.errors import StreamError
-from xenbind.stream import Decoder, TruncatedStream
+from xenbind.stream import Decoder, StreamWriter, TruncatedStream
 from xenbind.stream.format import (
     DEVICE_MODEL_SIGNATURE,
     TAG_CODEC,
@@ -173,3 +173,112 @@ def test_compressed_claim_at_the_cap_then_silence() -> None:
     peak, out = peak_of(lambda: feed_all(data))
     assert isinstance(out, TruncatedStream) and out.torn_checkpoint == 1
     assert peak <= CAPS["max_compressed"] + (2 << 20)
+
+
+# --- against a running receiver process -------------------------------------------
+
+
+def _vm(pid: int, field: str) -> int:
+    """A /proc/PID/status memory figure (VmRSS, VmHWM) in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) << 10
+    raise KeyError(field)
+
+
+def _reset_peak(pid: int) -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: clear_refs 5), so the
+    peak measured is this claim's, not an earlier one's."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not permitted: VmHWM then only ever rises, the test stays sound
+
+
+#: How much the receiver's peak RSS (VmHWM) may grow while a peer sends one
+#: hostile claim. The claims would cost 4 GiB, 2^63 bytes, ... if believed;
+#: what is honestly allowed is one cap-sized item (--max-compressed-mb 4) and
+#: the per-session state of a small domain.
+RSS_GROWTH_LIMIT = 24 << 20
+
+
+@pytest.fixture(scope="module")
+def rx(tmp_path_factory):
+    from tests.simhost import SimHost, sim_dir
+    from tests.test_receiver import Receiver
+
+    primary = SimHost(sim_dir("mem-primary-")).start()
+    backup = SimHost(sim_dir("mem-backup-")).start()
+    r = Receiver(backup.dir, str(tmp_path_factory.mktemp("mem-receiver")),
+                 "--max-compressed-mb", "4")
+    yield r, primary
+    code = r.stop()
+    primary.cleanup()
+    backup.cleanup()
+    assert code == 0, r.log()[-3000:]
+    assert "Traceback" not in r.log(), r.log()[-3000:]
+
+
+def _sender(port: int, primary, *, codec: str = "seed"):
+    """A test sender (tests/test_receiver.py) with a small codec cache, accepted."""
+    import dataclasses
+
+    from tests.test_receiver import Guest, Sender
+    from xenbind.session import Accepted, SenderSession
+
+    g = Guest(primary)
+    s = Sender(port, g, codec=codec, verify=False)
+    s.hello = dataclasses.replace(
+        s.hello, options=dataclasses.replace(s.hello.options, cache_pages=64))
+    s.ss = SenderSession(s.hello)
+    s.writer = StreamWriter(g.pages, codec=codec, cache_pages=64)
+    assert isinstance(s.handshake(), Accepted)
+    return g, s
+
+
+def _claims(pages: int) -> dict[str, tuple[bool, bytes]]:
+    """name -> (needs the initial copy first, bytes to send)."""
+    hdr = struct.pack("<Q", pages)
+    return {
+        "p2m_size 2^40": (False, struct.pack("<Q", 1 << 40)),
+        "HVM context 4 GiB": (False, hdr + struct.pack("<i", 0)
+                              + struct.pack("<QQQI", 1, 2, 3, 0xFFFF_FFFF)),
+        "device model 4 GiB": (False, hdr + struct.pack("<i", 0)
+                               + struct.pack("<QQQI", 1, 2, 3, 0) + DEVICE_MODEL_SIGNATURE
+                               + struct.pack("<I", 0xFFFF_FFFF)),
+        "batch of 1024 pages then EOF": (False, hdr + struct.pack("<i", 1024)
+                                         + np.arange(1024, dtype="<u8").tobytes()),
+        "COMPRESSED_DATA 2^63": (True, struct.pack("<iQ", 1, 5)
+                                 + struct.pack("<iQ", TAG_COMPRESSED_DATA, 1 << 63)),
+        "COMPRESSED_DATA at the cap then EOF": (True, struct.pack("<iQ", 1, 5) + struct.pack(
+            "<iQ", TAG_COMPRESSED_DATA, 4 << 20)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(_claims(1)))
+def test_receiver_rss_stays_small_under_huge_claims(rx, name: str) -> None:
+    import socket
+
+    r, primary = rx
+    g, s = _sender(r.port, primary)
+    initial, payload = _claims(g.pages)[name]
+    if initial:
+        s.initial_copy()
+        s.wait_ack(0)
+    _reset_peak(r.proc.pid)
+    before = _vm(r.proc.pid, "VmHWM")
+    s.send(payload)
+    s.sock.shutdown(socket.SHUT_WR)
+    # the receiver ends the session (violation, or a torn checkpoint at EOF)
+    ev = s.next_event(timeout=20)
+    while ev is not None and type(ev).__name__ != "Error":
+        ev = s.next_event(timeout=20)
+    s.close()
+    grown = _vm(r.proc.pid, "VmHWM") - before
+    print(f"{name}: receiver peak RSS {before >> 20} -> {(before + grown) >> 20} MiB")
+    assert r.proc.poll() is None, "the receiver died"
+    assert grown < RSS_GROWTH_LIMIT, f"{name}: peak RSS grew by {grown >> 20} MiB"
