@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -139,6 +140,8 @@ class NetLink(Link):
         self.acked: int | None = None
         self.accept: sp.Accept | None = None
         self.last_heard = 0.0
+        self.last_sent = 0.0
+        self._send_lock = threading.Lock()
 
     # -- connection --------------------------------------------------------------
 
@@ -208,13 +211,40 @@ class NetLink(Link):
     # -- streaming ---------------------------------------------------------------
 
     def send(self, buffers: Sequence) -> int:
-        assert self.t is not None
+        with self._send_lock:
+            return self._send(buffers)
+
+    def _send(self, buffers: Sequence) -> int:
+        t = self.t
+        if t is None:
+            raise LinkDown(f"link to {self.target} is closed")
         try:
-            return self.t.send_buffers(buffers)
+            n = t.send_buffers(buffers)
         except TimeoutError:
             raise LinkDown(f"sending to {self.target} stalled for {self.io_timeout} s") from None
         except OSError as e:
             raise LinkDown(f"sending to {self.target}: {e.strerror or e}") from None
+        self.last_sent = time.monotonic()
+        return n
+
+    def heartbeat_if_idle(self, data: bytes, idle: float) -> bool:
+        """Send ``data`` (a HEARTBEAT chunk) if nothing went out for ``idle``
+        seconds and no send is under way (then bytes are flowing anyway).
+
+        Called from the session's pacer thread; sends are whole chunk
+        sequences under one lock, so the tag always lands between chunks.
+        """
+        if self.last_sent == 0.0 or time.monotonic() - self.last_sent < idle:
+            return False  # the stream has not started (header first), or not idle
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            if time.monotonic() - self.last_sent < idle:
+                return False
+            self._send([data])
+            return True
+        finally:
+            self._send_lock.release()
 
     def poll(self) -> None:
         assert self.t is not None

@@ -71,18 +71,24 @@ def _fault_from_env() -> tuple[int, int] | None:
     return int(s), int(n)
 
 
+def _nothing() -> None:
+    pass
+
+
 class _StallingLink:
     """Fault injection (REMUSD_FAULT=stall-mid-checkpoint:S:0): forwards to a
     link until ``limit`` bytes went out, then hangs inside the initial copy."""
 
-    def __init__(self, link: Link, limit: int, name: str) -> None:
+    def __init__(self, link: Link, limit: int, name: str, pacer: _Pacer) -> None:
         self._link, self._limit, self._name, self._sent = link, limit, name, 0
-        self.heartbeats = link.heartbeats
+        self._pacer = pacer
+        self.heartbeats = False  # a dying primary sends no heartbeat
 
     def send(self, buffers) -> int:
         n = self._link.send(buffers)
         self._sent += n
         if self._sent >= self._limit:
+            self._pacer.stop()
             log.warning("REMUSD_FAULT: domain %s: sent %d bytes of the initial copy; stalling",
                         self._name, self._sent)
             while True:
@@ -91,6 +97,36 @@ class _StallingLink:
 
     def poll(self) -> None:
         self._link.poll()
+
+
+class _Pacer:
+    """The session's heartbeat thread: a HEARTBEAT tag whenever the link has
+    been idle for half the heartbeat interval, whatever the session thread is
+    doing (a long pause, compressing a big checkpoint, waiting for an ACK), so
+    the receiver's failover timer never fires while this primary lives."""
+
+    def __init__(self, link: Link, beat: bytes, heartbeat_s: float, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = None
+        if not link.heartbeats or not hasattr(link, "heartbeat_if_idle"):
+            return
+        self._link, self._beat = link, beat
+        self._idle = heartbeat_s / 2
+        self._thread = threading.Thread(target=self._run, name=f"pacer-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        period = max(0.005, self._idle / 2)
+        while not self._stop.wait(period):
+            try:
+                self._link.heartbeat_if_idle(self._beat, self._idle)
+            except LinkDown:
+                return  # the session thread finds out on its own
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 class Tuning:
@@ -141,6 +177,7 @@ class Protector:
         self.started = time.monotonic()
         self._fault = _fault_from_env()
         self._engaged = False  # log-dirty on / output plugged by the current session
+        self._pacer: _Pacer | None = None
 
     # -- control -----------------------------------------------------------------
 
@@ -300,18 +337,30 @@ class Protector:
             if link.heartbeats:
                 link.send([writer.heartbeat()])
 
+        self._pacer = _Pacer(link, writer.heartbeat(), interval, self.info.name)
+        try:
+            return self._protect(link, writer, cb, heartbeat, interval)
+        finally:
+            self._pacer.stop()
+
+    def _protect(self, link: Link, writer: StreamWriter, cb: CheckpointBuffer, heartbeat,
+                 interval: float) -> Link:
+        t = self.tuning
         t0 = time.monotonic()
         self._engaged = True
         copy_link = link
         if self._fault is not None and self._fault == (self.sessions, 0):
-            copy_link = _StallingLink(link, self.info.pages * 4096 // 2, self.info.name)
+            copy_link = _StallingLink(link, self.info.pages * 4096 // 2, self.info.name,
+                                      self._pacer)
         res = initial_copy(self.domain, copy_link, writer, cb, rounds=t.precopy_rounds,
                            threshold=t.precopy_threshold, heartbeat_s=interval,
                            stop=self._stop.is_set)
         last = self._stop.is_set()
         bufs = encode(writer, res.final, last=last)
+        if last:  # nothing may follow the LAST_CHECKPOINT checkpoint, heartbeats included
+            self._pacer.stop()
         sent = res.bytes_sent + link.send(bufs)
-        self._acked(link, 0, heartbeat, interval, res.final.digest)
+        self._acked(link, 0, _nothing if last else heartbeat, interval, res.final.digest)
         with self._lock:
             self.bytes_sent += sent
             self.last_pause_ms = res.final.pause_ms
@@ -338,8 +387,10 @@ class Protector:
             bufs = encode(writer, cap, last=last)
             if self._fault is not None and self._fault == (self.sessions, index):
                 self._stall_mid_send(link, bufs, index)
+            if last:
+                self._pacer.stop()
             n = link.send(bufs)
-            self._acked(link, index, heartbeat, interval, cap.digest)
+            self._acked(link, index, _nothing if last else heartbeat, interval, cap.digest)
             with self._lock:
                 self.bytes_sent += n
                 self.last_pause_ms = cap.pause_ms
@@ -371,6 +422,7 @@ class Protector:
     def _stall_mid_send(self, link: Link, bufs: list, index: int) -> None:
         """Fault injection for tests (REMUSD_FAULT): send half of checkpoint
         ``index`` and hang, as a primary dying in mid-transmission would."""
+        self._pacer.stop()  # a dying primary sends no heartbeat either
         data = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
         half = len(data) // 2
         link.send([data[:half]])
