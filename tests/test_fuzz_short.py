@@ -305,5 +305,13 @@ def test_the_oracle_catches_what_it_should() -> None:
         struct.pack("<hI", -100, 0), [0]) == ([], True)
 
 
+
+@SETTINGS
+@given(st.binary(max_size=200))
+def test_chunk_programs(program: bytes) -> None:
+    """Target ``chunks``: streams written chunk by chunk from a random program."""
+    oracles.check_chunks(program)
+
+
 # --- regressions: inputs the long fuzz runs turned up --------------------------
 # (none so far; each crash found gets a test here with its input in hex)

@@ -408,6 +408,99 @@ def check_stream(data: bytes) -> None:
         assert model.fifo_head == len(model.fifo)
 
 
+# --- structure-aware streams ----------------------------------------------------
+#
+# Target ``chunks``: the input is a program that writes a stream, one chunk at
+# a time, so the fuzzer mutates decisions (which chunk, how many entries,
+# which PFN, which length) instead of raw bytes of page data. Each op byte:
+#
+#     op % 12   0 batch: n = next % 6 + 1 entries, each entry = next byte as PFN
+#                 (p2m_size - 4 .. p2m_size + 3 window for high bytes) and a
+#                 type nibble; Format A page data follows if the program says so
+#               1 page data for k = next % 4 pages, each filled with next byte
+#               2 COMPRESSED_DATA: length L = next % 64, then L bytes taken
+#                 from the input (xen format: 0x00 = unchanged page, ...)
+#               3 full-page COMPRESSED_DATA: k = next % 3 + 1 pages, 0x80 + 4096
+#                 bytes of the next byte each
+#               4 TSC_INFO  5 LAST_CHECKPOINT  6 ENABLE_COMPRESSION
+#               7 CODEC(next % 3, next % 9)  8 MEMORY_DIGEST(16 bytes)
+#               9 HEARTBEAT  10 end of body + tail  11 a raw int32 chunk type
+# p2m_size is the first byte + 1. The stream is then checked by check_stream.
+
+
+def chunks_program(data: bytes) -> bytes:
+    """The stream written by the ``chunks`` program ``data``."""
+    import struct
+
+    from xenbind.stream.format import (
+        DEVICE_MODEL_SIGNATURE,
+        TAG_CODEC,
+        TAG_COMPRESSED_DATA,
+        TAG_ENABLE_COMPRESSION,
+        TAG_HEARTBEAT,
+        TAG_LAST_CHECKPOINT,
+        TAG_MEMORY_DIGEST,
+        TAG_TSC_INFO,
+    )
+
+    it = iter(data)
+
+    def nxt() -> int:
+        return next(it, 0)
+
+    p2m = nxt() + 1
+    out = [struct.pack("<Q", p2m)]
+    for _ in range(len(data)):
+        op = next(it, None)
+        if op is None:
+            break
+        op %= 12
+        if op == 0:
+            n = nxt() % 6 + 1
+            entries = []
+            for _ in range(n):
+                b = nxt()
+                pfn = b if b < 0xF8 else p2m - 4 + (b - 0xF8)
+                typ = nxt() >> 4
+                entries.append((max(pfn, 0) & 0x0FFF_FFFF) | (typ << 28))
+            out.append(struct.pack(f"<i{n}Q", n, *entries))
+        elif op == 1:
+            for _ in range(nxt() % 4):
+                out.append(bytes([nxt()]) * 4096)
+        elif op == 2:
+            n = nxt() % 64
+            out.append(struct.pack("<iQ", TAG_COMPRESSED_DATA, n) + bytes(nxt() for _ in range(n)))
+        elif op == 3:
+            k, fill = nxt() % 3 + 1, nxt()
+            blob = (b"\x80" + bytes([fill]) * 4096) * k
+            out.append(struct.pack("<iQ", TAG_COMPRESSED_DATA, len(blob)) + blob)
+        elif op == 4:
+            out.append(struct.pack("<iIQII", TAG_TSC_INFO, 1, 2, 3, 4))
+        elif op == 5:
+            out.append(struct.pack("<i", TAG_LAST_CHECKPOINT))
+        elif op == 6:
+            out.append(struct.pack("<i", TAG_ENABLE_COMPRESSION))
+        elif op == 7:
+            out.append(struct.pack("<iII", TAG_CODEC, nxt() % 3, nxt() % 9))
+        elif op == 8:
+            out.append(struct.pack("<iII", TAG_MEMORY_DIGEST, 1, 16) + bytes(16))
+        elif op == 9:
+            out.append(struct.pack("<i", TAG_HEARTBEAT))
+        elif op == 10:
+            ctx, dm = bytes(nxt() % 8), bytes(nxt() % 8)
+            out.append(struct.pack("<iQQQI", 0, 1, 2, 3, len(ctx)) + ctx + DEVICE_MODEL_SIGNATURE
+                       + struct.pack("<I", len(dm)) + dm)
+        else:
+            out.append(struct.pack("<i", int.from_bytes(bytes([nxt(), nxt(), nxt(), nxt()]),
+                                                        "little", signed=True)))
+    return b"".join(out)
+
+
+def check_chunks(data: bytes) -> None:
+    """Target ``chunks``: a stream written by a fuzzed program, then check_stream."""
+    check_stream(chunks_program(data))
+
+
 # --- the codecs (xenbind.compress, C kernel) -------------------------------
 #
 # Input layout of target ``codec`` (the seeds write it; docs/fuzzing.md):
@@ -590,6 +683,7 @@ def check_codec(data: bytes) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "stream": check_stream,
+    "chunks": check_chunks,
     "session": check_receiver_session,
     "reply": check_sender_session,
     "codec": check_codec,

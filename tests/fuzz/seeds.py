@@ -142,7 +142,8 @@ def stream_seeds() -> dict[str, bytes]:
         # body 1: +2 [0,1] +3 [2,XTAB 9,3] DATA(0,1,2) +1 [4] DATA(3,4)
         b += [encode_pfn_list(np.array([0, 1], u64)),
               encode_pfn_list(np.array([2, 9, 3], u64), np.array([0, 0xF, 0], np.uint8)),
-              encode_compressed(comp.compress(np.array([0, 1, 2], u64), np.stack([p[0], p[1], p[2]]))),
+              encode_compressed(comp.compress(np.array([0, 1, 2], u64),
+                                              np.stack([p[0], p[1], p[2]]))),
               encode_pfn_list(np.array([4], u64)),
               encode_compressed(comp.compress(np.array([3, 4], u64), np.stack([p[3], p[4]]))),
               encode_end(), encode_tail(CTX)]
@@ -236,8 +237,25 @@ def reply_seeds() -> dict[str, bytes]:
     }
 
 
+def chunks_seeds() -> dict[str, bytes]:
+    """Programs for target ``chunks`` (tests/fuzz/oracles.py): op bytes."""
+    B, DATA, CD, FULL, TSC, LAST, ENABLE, CODEC, DIGEST, HB, END = range(11)
+    return {
+        # p2m 16; Format A: 2 pages; end
+        "a-two-pages": bytes([15, B, 1, 3, 0, 4, 0, DATA, 2, 0x11, 0x22, TSC, END, 3, 2]),
+        # enable xen with cache 4, end; Format B: +2 listed, full pages, end; then
+        # +1 listed, unchanged page, end
+        "b-xen": bytes([15, CODEC, 1, 4, ENABLE, END, 0, 0, B, 1, 3, 0, 4, 0, FULL, 0, 0x33,
+                        FULL, 0, 0x44, HB, END, 1, 1, B, 0, 3, 0, CD, 1, 0x00, LAST, END, 0, 0]),
+        # legacy enable (no CODEC), an XTAB entry, a digest
+        "b-legacy": bytes([7, ENABLE, DIGEST, END, 0, 0, B, 1, 1, 0xF0, 2, 0, FULL, 0, 9,
+                           END, 2, 2]),
+    }
+
+
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "stream": stream_seeds,
+    "chunks": chunks_seeds,
     "codec": codec_seeds,
     "session": session_seeds,
     "reply": reply_seeds,
