@@ -117,10 +117,14 @@ for mod in xenctrl_checks xenstore_checks remus_checks; do
         continue
     fi
     stage "python -m lab.checks.$mod"
-    (cd "$REPO" && timeout 600 "$PY" -m "lab.checks.$mod") 2>"$RESULTS/$mod.stderr"
+    (cd "$REPO" && PYTHONFAULTHANDLER=1 timeout 600 "$PY" -m "lab.checks.$mod") 2>"$RESULTS/$mod.stderr"
     rc=$?
     [ $rc -eq 0 ] || tail -20 "$RESULTS/$mod.stderr"
-    [ $rc -lt 124 ] || result FAIL "$mod" "killed after 600s (rc=$rc)"
+    case $rc in
+        0|1) ;;
+        124|137) result FAIL "$mod" "killed after 600s" ;;
+        *) result FAIL "$mod" "exited with $rc$([ $rc -gt 128 ] && echo " (signal $((rc-128)))"): $(tail -3 "$RESULTS/$mod.stderr" | tr '\n' ' ')" ;;
+    esac
 done
 xl list > "$RESULTS/xl-list.txt" 2>&1
 cp "$LAB_CONSOLE_LOG" "$RESULTS/guest-console.log" 2>/dev/null
