@@ -28,7 +28,8 @@ Kernel ABI used here (x86_64; the installed headers predate it, so the values
 are computed from the kernel's definitions, include/uapi/linux/userfaultfd.h
 and include/uapi/linux/fs.h):
 
-    userfaultfd(2)             syscall 323, flags O_CLOEXEC|O_NONBLOCK
+    userfaultfd(2)             syscall 323 on x86_64 (or ioctl USERFAULTFD_IOC_NEW on
+                               /dev/userfaultfd), flags O_CLOEXEC|O_NONBLOCK
     struct uffdio_api          { u64 api = 0xAA; u64 features; u64 ioctls; }    24 bytes
     UFFDIO_API                 _IOWR(0xAA, 0x3F, struct uffdio_api)
     struct uffdio_register     { u64 start; u64 len; u64 mode; u64 ioctls; }    32 bytes
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 import numpy as np
 
@@ -67,7 +69,9 @@ def _iowr(typ: int, nr: int, size: int) -> int:
     return ((_IOC_READ | _IOC_WRITE) << 30) | (size << 16) | (typ << 8) | nr
 
 
-SYS_userfaultfd_x86_64 = 323
+#: userfaultfd(2) syscall numbers by machine; elsewhere /dev/userfaultfd is used
+SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "riscv64": 282, "ppc64le": 364, "s390x": 355}
+USERFAULTFD_IOC_NEW = 0xAA << 8  # _IO(0xAA, 0x00) on /dev/userfaultfd
 UFFD_API = 0xAA
 UFFDIO_API = _iowr(0xAA, 0x3F, 24)
 UFFDIO_REGISTER = _iowr(0xAA, 0x00, 32)
@@ -105,6 +109,31 @@ def _ioctl(fd: int, req: int, arg: ctypes.Array, what: str) -> int:
     return r
 
 
+def _new_userfaultfd() -> int:
+    """A userfaultfd (O_CLOEXEC|O_NONBLOCK): the syscall, else /dev/userfaultfd."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    nr = SYS_USERFAULTFD.get(platform.machine())
+    err = 0
+    if nr is not None:
+        fd = _libc.syscall(nr, flags)
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+    try:
+        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        why = os.strerror(err) if err else "no syscall number for this machine"
+        raise DirtyTrackingError(e.errno or 0, f"userfaultfd(2): {why}; /dev/userfaultfd: {e.strerror}") from e
+    try:
+        fd = _libc.ioctl(dev, USERFAULTFD_IOC_NEW, ctypes.c_void_p(flags))
+        if fd < 0:
+            e2 = ctypes.get_errno()
+            raise DirtyTrackingError(e2, f"USERFAULTFD_IOC_NEW: {os.strerror(e2)}")
+        return int(fd)
+    finally:
+        os.close(dev)
+
+
 class UffdWriteProtect:
     """The guest side: userfaultfd in async write-protect mode over a mapping.
 
@@ -116,11 +145,7 @@ class UffdWriteProtect:
             raise DirtyTrackingError(0, "guest mapping must be page aligned")
         self.addr = addr
         self.length = length
-        fd = _libc.syscall(SYS_userfaultfd_x86_64, os.O_CLOEXEC | os.O_NONBLOCK)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise DirtyTrackingError(err, f"userfaultfd(2): {os.strerror(err)}")
-        self.fd = int(fd)
+        self.fd = _new_userfaultfd()
         try:
             wanted = (
                 UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
@@ -132,11 +157,7 @@ class UffdWriteProtect:
                 # Older kernels refuse unknown features as a whole; the API
                 # handshake can only be done once per fd, so start again.
                 os.close(self.fd)
-                fd = _libc.syscall(SYS_userfaultfd_x86_64, os.O_CLOEXEC | os.O_NONBLOCK)
-                if fd < 0:
-                    err = ctypes.get_errno()
-                    raise DirtyTrackingError(err, f"userfaultfd(2): {os.strerror(err)}") from None
-                self.fd = int(fd)
+                self.fd = _new_userfaultfd()
                 api = (ctypes.c_uint64 * 3)(
                     UFFD_API, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0
                 )
