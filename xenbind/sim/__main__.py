@@ -16,10 +16,11 @@ Run a simulated Xen host and operate its domains.
 
 A simulated host is one process owning one directory (DIR). Each domain is a
 process of its own whose memory is the file DIR/dom-N.mem: the remus daemons
-map it the way Xen's foreign mapping would. Put DIR on tmpfs (/dev/shm) so
-log-dirty tracking can use userfaultfd write protection; elsewhere the host
-falls back to a bitmap the workloads keep (it says so in its log and in
-'list'). Killing the host, even with SIGKILL, kills its domains, as a host
+map it the way Xen's foreign mapping would. Put DIR on tmpfs (/dev/shm): guest
+memory is then RAM, not a disk file. Log-dirty tracking uses userfaultfd write
+protection where the kernel supports it for DIR's filesystem and otherwise
+falls back to a bitmap the workloads keep (the host says which in its log and
+in 'list'). Killing the host, even with SIGKILL, kills its domains, as a host
 failure would; digest, outputs and ledger-check still work on DIR afterwards.
 
 DIR is given with --dir or the REMUS_SIM_DIR environment variable.
