@@ -2,9 +2,11 @@
 
 Requests (JSON lines, framing in ``xenbind.service``)::
 
-    {"cmd": "status"}
+    {"cmd": "status", "history": false?}
         -> {"daemon": "remusd", "version", "pid", "hypervisor", "uptime_s",
             "domains": [<domain status>, ...]}            (docs/operations.md)
+        history true: each domain status also carries "history": {"index",
+        "pause_ms", "pages", "bytes"}, the last acknowledged checkpoints
     {"cmd": "protect", "domain": "ledger" | 3, "target": "HOST:PORT" | "file:PATH",
      "interval_ms": 100?, "codec": "seed"?, "verify": false?}
         -> <domain status>  (missing options take the daemon's defaults)
@@ -59,7 +61,7 @@ class Daemon:
     def handle(self, req: dict) -> Any:
         cmd = req["cmd"]
         if cmd == "status":
-            return self.status()
+            return self.status(history=req.get("history") is True)
         if cmd == "protect":
             return self.protect(ProtectRequest.from_json(req, self.args))
         if cmd == "unprotect":
@@ -71,7 +73,7 @@ class Daemon:
             return self.unprotect(req["domain"], float(timeout))
         raise ConfigError(f"unknown command {cmd!r} (status, protect, unprotect)")
 
-    def status(self) -> dict:
+    def status(self, history: bool = False) -> dict:
         with self._lock:
             prots = sorted(self.protectors.values(), key=lambda p: p.info.domid)
         return {
@@ -80,7 +82,7 @@ class Daemon:
             "pid": os.getpid(),
             "hypervisor": getattr(self.hv, "kind", "?"),
             "uptime_s": round(time.monotonic() - self.started, 3),
-            "domains": [p.status() for p in prots],
+            "domains": [p.status(history) for p in prots],
         }
 
     def protect(self, req: ProtectRequest) -> dict:

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 
 from xenbind import session as sp
 from xenbind.errors import DomainError
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 SOFTWARE = "remusd 0.1.0"
 
 STATES = ("initial-copy", "protected", "unprotected", "stopped")
+
+#: Acknowledged checkpoints (after checkpoint 0) whose figures the status keeps
+#: for ``{"cmd": "status", "history": true}`` (bench/e2e.py reads them).
+HISTORY = 4096
 
 
 def _fault_from_env() -> tuple[int, int] | None:
@@ -174,6 +179,10 @@ class Protector:
         self.retries = 0
         self.mismatches = 0
         self.acked_digest: str | None = None  # verify mode: digest of the last acked checkpoint
+        # per acknowledged checkpoint >= 1: (index, pause ms, dirty pages, bytes sent)
+        self.history: deque[tuple[int, float, int, int]] = deque(maxlen=HISTORY)
+        self.cache_hits = 0  # the compressor's page cache, this session
+        self.cache_misses = 0
         self.started = time.monotonic()
         self._fault = _fault_from_env()
         self._engaged = False  # log-dirty on / output plugged by the current session
@@ -205,10 +214,17 @@ class Protector:
             self.state = state
             self.reason = reason
 
-    def status(self) -> dict:
+    def status(self, history: bool = False) -> dict:
+        """The domain's status (docs/operations.md); ``history``: add the
+        figures of the last HISTORY acknowledged checkpoints, oldest first."""
         with self._lock:
             ratio = (self.raw_b / self.wire_b) if self.wire_b else None
-            return {
+            extra = {}
+            if history:
+                cols = list(zip(*self.history, strict=True)) or [(), (), (), ()]
+                extra["history"] = {"index": list(cols[0]), "pause_ms": list(cols[1]),
+                                    "pages": list(cols[2]), "bytes": list(cols[3])}
+            return extra | {
                 "domid": self.info.domid,
                 "name": self.info.name,
                 "state": self.state,
@@ -230,6 +246,8 @@ class Protector:
                 "retries": self.retries,
                 "verify_mismatches": self.mismatches,
                 "acked_digest": self.acked_digest,
+                "cache_hits": self.cache_hits,
+                "cache_misses": self.cache_misses,
             }
 
     # -- the thread --------------------------------------------------------------
@@ -398,6 +416,10 @@ class Protector:
                 if writer.format == "B" and len(cap.pfns):
                     self.raw_b += len(cap.pfns) * 4096
                     self.wire_b += n
+                self.history.append((index, round(cap.pause_ms, 4), len(cap.pfns), n))
+                cs = writer.codec_stats
+                if cs is not None:
+                    self.cache_hits, self.cache_misses = cs.hits, cs.misses
             if last:
                 return self._clean_end(link)
             next_t += interval

@@ -304,6 +304,12 @@ class StreamWriter:
     def header(self) -> bytes:
         return encode_header(self.p2m_size)
 
+    @property
+    def codec_stats(self):
+        """The Format B compressor's running totals (``CodecStats``: cache
+        hits/misses, pages, bytes), or None before the first Format B body."""
+        return None if self._compressor is None else self._compressor.stats
+
     def _check_open(self) -> None:
         if self._last:
             raise ValueError("the stream already ended with LAST_CHECKPOINT")
