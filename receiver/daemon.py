@@ -300,6 +300,13 @@ class ReceiverDaemon:
                       last, what)
             return
         # link-lost, stalled, closed
+        if self.stopping.is_set():
+            prot.state = "link-lost"
+            prot.armed = False
+            log.warning("%s: session %s closed as the receiver stops; backup domain %s stays "
+                        "paused at checkpoint %s", prot.label(), prot.hello.session_id[:8],
+                        prot.backup_domid, last)
+            return
         prot.state = "link-lost"
         prot.armed = cfg.on_link_loss == "failover"
         remaining = max(0.0, prot.failover_timeout - (time.monotonic() - prot.last_life))

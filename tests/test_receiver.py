@@ -669,3 +669,17 @@ def test_staging_cap_and_failover_on_violation_policy(hosts, tmp_path):
     finally:
         assert r.stop() == 0
     assert "Traceback" not in r.log()
+
+
+def test_sigterm_closes_sessions_without_failover(hosts, tmp_path):
+    _, backup = hosts
+    r = Receiver(backup.dir, str(tmp_path))
+    g, s = protected(r, hosts)
+    assert r.stop() == 0
+    ev = s.next_event()
+    assert isinstance(ev, Error) and ev.code_name == "shutdown"
+    s.close()
+    assert f"{g.name}" in r.wait_log(r"closed as the receiver stops; backup domain \d+ stays "
+                                     r"paused at checkpoint 0").string
+    assert "FAILOVER" not in r.log() and "Traceback" not in r.log()
+    assert backup_state(backup, g.name) == "paused"
