@@ -683,3 +683,17 @@ def test_sigterm_closes_sessions_without_failover(hosts, tmp_path):
                                      r"paused at checkpoint 0").string
     assert "FAILOVER" not in r.log() and "Traceback" not in r.log()
     assert backup_state(backup, g.name) == "paused"
+
+
+def test_initial_copy_that_stalls_is_dropped(receiver, hosts):
+    primary, backup = hosts
+    g = Guest(primary)
+    s = Sender(receiver.port, g)
+    assert isinstance(s.handshake(), Accepted)
+    s.send(encode_header(PAGES) + struct.pack("<iQ", 1, 0))  # then nothing, link open
+    ev = s.next_event(timeout=10)
+    assert isinstance(ev, Error) and ev.code_name == "stalled"
+    receiver.wait_log(rf"{g.name}.*ended before the initial copy completed: the initial copy "
+                      r"made no progress for 2 s; backup domain \d+ destroyed")
+    assert backup_state(backup, g.name) is None
+    s.close()
