@@ -117,3 +117,13 @@ def test_pfn_past_the_end_is_refused(guest):
     out = np.zeros((1, PAGE_SIZE), np.uint8)
     with pytest.raises(xenctrl.DomainError, match="past the domain's last page"):
         guest.gather(np.array([guest.pages], np.uint64), out)
+
+
+@needs_guest
+def test_present_pfns_cover_the_guests_ram_and_can_be_read(guest):
+    present = guest.present_pfns()
+    info = guest.info()
+    assert 0 < present.size <= guest.pages
+    assert present.size >= info.extra["tot_pages"] * 9 // 10  # the RAM it has, minus a little
+    out = np.zeros((min(present.size, 1024), PAGE_SIZE), np.uint8)
+    guest.gather(present[-out.shape[0]:], out)  # the highest present pages map

@@ -360,6 +360,31 @@ class XenDomain(Domain):
         for start, view in self._map_batches("scatter", p, prot):
             view[:] = pages[start : start + view.shape[0]]
 
+    def present_pfns(self) -> np.ndarray:
+        """The PFNs below ``pages`` that have memory behind them, sorted uint64.
+
+        An HVM/PVH p2m has holes (a 128 MiB PVH guest has ``pages`` near 4 GiB
+        because of its special pages below 0xFF000000): ``gather`` of a hole
+        fails, so a full copy must list only these. Probed the way libxc's save
+        did, by mapping every PFN read-only in batches and keeping the ones
+        whose err[] entry is 0.
+        """
+        fmem = self._hv.fmem
+        keep = []
+        for start in range(0, self.pages, MAX_MAP_PAGES):
+            chunk = np.arange(start, min(start + MAX_MAP_PAGES, self.pages), dtype=np.uint64)
+            n = chunk.size
+            err = np.zeros(n, dtype=np.intc)
+            addr = _lib.xenforeignmemory_map(
+                fmem, self.domid, _lib.PROT_READ, n,
+                _ffi.from_buffer("xen_pfn_t[]", chunk), _ffi.from_buffer("int[]", err),
+            )
+            if addr == _ffi.NULL:
+                raise self._fail(f"xenforeignmemory_map(probe PFNs {start:#x}+{n})")
+            _lib.xenforeignmemory_unmap(fmem, addr, n)
+            keep.append(chunk[err == 0])
+        return np.concatenate(keep) if keep else np.empty(0, dtype=np.uint64)
+
     def populate(self, pfns: np.ndarray) -> None:
         """Give the domain 4 KiB pages at ``pfns`` (backup building)."""
         p = np.ascontiguousarray(np.asarray(pfns), dtype=np.uint64)
