@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ import numpy as np
 from xenbind import PAGE_SIZE
 from xenbind.hypervisor import Context, Domain
 from xenbind.stream.encoder import StreamWriter, memory_digest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,26 @@ class CheckpointBuffer:
         self.all_pfns = np.arange(pages, dtype=np.uint64) if verify else None
 
 
+def strictly_sorted(pfns: np.ndarray) -> np.ndarray:
+    """``pfns`` as the interface promises them: sorted, each PFN once.
+
+    A hypervisor layer that breaks the promise (a PFN twice in one scan) would
+    make the stream invalid (a PFN repeated in a batch); one O(n) check, and
+    a sort only when needed.
+    """
+    if len(pfns) > 1 and not bool(np.all(pfns[1:] > pfns[:-1])):
+        global _warned
+        if not _warned:
+            _warned = True
+            log.warning("the hypervisor's dirty log returned unsorted or repeated PFNs; "
+                        "deduplicating (reported once)")
+        return np.unique(pfns)
+    return pfns
+
+
+_warned = False
+
+
 def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = None) -> Capture:
     """The paused part of an epoch (see the module docstring).
 
@@ -64,7 +87,7 @@ def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = Non
     t0 = time.perf_counter()
     domain.pause()
     try:
-        pfns = domain.read_and_clear_dirty()
+        pfns = strictly_sorted(domain.read_and_clear_dirty())
         if extra is not None and len(extra):
             pfns = np.union1d(extra.astype(np.uint64), pfns.astype(np.uint64))
         view = cb.buf[: len(pfns)]

@@ -34,7 +34,7 @@ import numpy as np
 from xenbind.hypervisor import Domain
 from xenbind.stream.encoder import StreamWriter
 
-from .epoch import Capture, CheckpointBuffer, capture
+from .epoch import Capture, CheckpointBuffer, capture, strictly_sorted
 from .link import Link
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def initial_copy(domain: Domain, link: Link, writer: StreamWriter, cb: Checkpoin
         done += 1
         total += _send_pages(link, writer, domain, cb, pfns, beat, stop)
         n_pages += len(pfns)
-        pfns = domain.read_and_clear_dirty()
+        pfns = strictly_sorted(domain.read_and_clear_dirty())
         log.debug("domain %s: pre-copy round %d sent; %d pages dirtied meanwhile",
                   domain.domid, done, len(pfns))
         if stop() or done >= rounds or len(pfns) < threshold:

@@ -278,6 +278,9 @@ class NetLink(Link):
             if not ready:
                 continue
             for ev in self._read():
+                if (isinstance(ev, sp.Goodbye) and self.acked is not None
+                        and self.acked >= index):
+                    break  # the receiver's goodbye after our last checkpoint's ACK
                 self._handle(ev)
                 if isinstance(ev, sp.Ack):
                     last = ev

@@ -401,14 +401,25 @@ class Protector:
                 link.poll()
             last = self._stop.is_set()
             index += 1
+            t_cap = time.monotonic()
             cap = capture(self.domain, cb)
+            t_enc = time.monotonic()
             bufs = encode(writer, cap, last=last)
             if self._fault is not None and self._fault == (self.sessions, index):
                 self._stall_mid_send(link, bufs, index)
             if last:
                 self._pacer.stop()
+            t_send = time.monotonic()
             n = link.send(bufs)
+            t_ack = time.monotonic()
             self._acked(link, index, _nothing if last else heartbeat, interval, cap.digest)
+            if log.isEnabledFor(logging.DEBUG):
+                t_end = time.monotonic()
+                log.debug("domain %s: checkpoint %d: %d pages, %d bytes; capture %.1f ms "
+                          "(paused %.2f), encode %.1f ms, send %.1f ms, ack %.1f ms",
+                          self.info.name, index, len(cap.pfns), n, (t_enc - t_cap) * 1e3,
+                          cap.pause_ms, (t_send - t_enc) * 1e3, (t_ack - t_send) * 1e3,
+                          (t_end - t_ack) * 1e3)
             with self._lock:
                 self.bytes_sent += n
                 self.last_pause_ms = cap.pause_ms
