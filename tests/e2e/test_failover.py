@@ -246,9 +246,11 @@ def test_power_cut_during_initial_copy_no_failover(hosts, daemons):
     wait_until("remusd to stall in the initial copy", lambda: "stalling" in remusd.log(), 20)
     assert remusd.domain("ledger")["state"] == "initial-copy"
     power_cut(primary, remusd)
-    wait_until("the receiver to end the session",
-               lambda: rx.session("ledger") is None or rx.session("ledger")["state"] == "gone",
-               20)
+    def ended():
+        s = rx.session("ledger")
+        return s is None or s["state"] == "gone"
+
+    wait_until("the receiver to end the session", ended, 20)
     time.sleep(1.0)
     assert "FAILOVER" not in rx.log()
     names = [d.name for d in backup.hv.list()]
