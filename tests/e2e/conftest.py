@@ -44,7 +44,7 @@ def wait_until(what: str, pred: Callable[[], object], timeout: float, every: flo
     while True:
         try:
             v = pred()
-        except (ControlError, OSError, KeyError, IndexError) as e:
+        except (ControlError, OSError, KeyError, IndexError, TypeError) as e:
             v, last_exc = None, e
         if v:
             return v
