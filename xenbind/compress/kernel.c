@@ -255,19 +255,29 @@ static inline uint32_t mask16(const uint8_t *a, const uint8_t *b)
 #endif
 }
 
-/* the page's changed-word map; returns the number of changed words */
-static inline uint32_t change_mask(const uint8_t *a, const uint8_t *b, uint64_t mask[XB_MASKS])
+/* population count without the POPCNT instruction (not in baseline x86-64;
+ * __builtin_popcountll would become a libgcc call) */
+static inline uint32_t popcount64(uint64_t x)
 {
-    uint32_t count = 0;
+    x = x - ((x >> 1) & 0x5555555555555555ull);
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return (uint32_t)((x * 0x0101010101010101ull) >> 56);
+}
+
+/* the page's changed-word map; returns the OR of its 16 words (0 = unchanged) */
+static inline uint64_t change_mask(const uint8_t *a, const uint8_t *b, uint64_t mask[XB_MASKS])
+{
+    uint64_t any = 0;
     for (uint32_t i = 0; i < XB_MASKS; i++) {
         const uint8_t *x = a + 256 * i, *y = b + 256 * i;
         uint64_t m = (uint64_t)mask16(x, y) | (uint64_t)mask16(x + 64, y + 64) << 16 |
                      (uint64_t)mask16(x + 128, y + 128) << 32 |
                      (uint64_t)mask16(x + 192, y + 192) << 48;
         mask[i] = m;
-        count += (uint32_t)__builtin_popcountll(m);
+        any |= m;
     }
-    return count;
+    return any;
 }
 
 /* first word >= w whose bit is set (want = 1) or clear (want = 0), or 1024 */
@@ -328,7 +338,10 @@ static size_t seed_full(const uint8_t *page, uint8_t *dst)
 static size_t seed_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
 {
     uint64_t mask[XB_MASKS];
-    uint32_t k = change_mask(page, old, mask);
+    uint32_t k = 0;
+    if (change_mask(page, old, mask))
+        for (uint32_t i = 0; i < XB_MASKS; i++)
+            k += popcount64(mask[i]);
     if (k > SEED_MAX_DELTAS) {
         memcpy(old, page, XB_PAGE);
         return seed_full(page, dst);
@@ -342,7 +355,7 @@ static size_t seed_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
             continue;
         /* the cached copy: unchanged words are equal, so a dense group is
          * copied whole; a sparse one word by word */
-        if (__builtin_popcountll(m) >= 16)
+        if (popcount64(m) >= 16)
             memcpy(old + 256 * i, page + 256 * i, 256);
         else
             for (uint64_t r = m; r; r &= r - 1) {
@@ -395,6 +408,20 @@ static inline size_t xen_run(uint8_t *dst, const uint8_t *words, uint32_t n)
     return o;
 }
 
+/* xen: the RUN of words [rs, re) into dst, and into the cached copy */
+static inline size_t xen_segment(uint8_t *dst, uint8_t *old, const uint8_t *page,
+                                 uint32_t rs, uint32_t re)
+{
+    uint32_t n = re - rs;
+    copy_words(old + 4 * rs, page + 4 * rs, n);
+    if (n <= XEN_LENMASK) {                 /* one marker: the common case */
+        dst[0] = (uint8_t)n;
+        copy_words(dst + 1, page + 4 * rs, n);
+        return 1 + 4 * (size_t)n;
+    }
+    return xen_run(dst, page + 4 * rs, n);
+}
+
 /* xen, cached page: alternating SKIP/RUN segments of maximal length, each
  * split into markers of <= 127 words, leading and trailing SKIPs included,
  * exactly as xc_compression.c's compress_page; an unchanged page is 0x00.
@@ -403,29 +430,41 @@ static inline size_t xen_run(uint8_t *dst, const uint8_t *words, uint32_t n)
 static size_t xen_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
 {
     uint64_t mask[XB_MASKS];
-    if (change_mask(page, old, mask) == 0) {
+    if (!change_mask(page, old, mask)) {
         dst[0] = XEN_EMPTY_PAGE;
         return 1;
     }
+    /* walk the changed words in order, growing the pending run [rs, re)
+     * while they are consecutive; at each gap emit the SKIP before the run,
+     * then the run */
     size_t o = 0;
-    uint32_t w = 0;
-    while (w < XB_WORDS) {
-        uint32_t d = next_bit(mask, w, 1);      /* first changed word */
-        o += xen_skip(dst + o, d - w);
-        if (d >= XB_WORDS)
-            break;
-        uint32_t e = next_bit(mask, d, 0);      /* end of the run */
-        uint32_t n = e - d;
-        copy_words(old + 4 * d, page + 4 * d, n);
-        if (n <= XEN_LENMASK) {                 /* one marker: the common case */
-            dst[o++] = (uint8_t)n;
-            copy_words(dst + o, page + 4 * d, n);
-            o += 4 * n;
-        } else {
-            o += xen_run(dst + o, page + 4 * d, n);
+    uint32_t done = 0, rs = 0, re = 0;
+    for (uint32_t i = 0; i < XB_MASKS; i++) {
+        uint64_t m = mask[i];
+        if (m == ~0ull && re == 64 * i) {       /* 64 changed words extend the run */
+            re += 64;
+            continue;
         }
-        w = e;
+        while (m) {                             /* one step per run of set bits */
+            uint32_t j = (uint32_t)__builtin_ctzll(m);
+            uint64_t sh = ~(m >> j);            /* its lowest set bit ends the run */
+            uint32_t len = sh ? (uint32_t)__builtin_ctzll(sh) : 64 - j;
+            uint32_t w = 64 * i + j;
+            if (w != re) {
+                if (re > rs) {
+                    o += xen_skip(dst + o, rs - done);
+                    o += xen_segment(dst + o, old, page, rs, re);
+                    done = re;
+                }
+                rs = w;
+            }
+            re = w + len;
+            m = j + len >= 64 ? 0 : m & (~0ull << (j + len));
+        }
     }
+    o += xen_skip(dst + o, rs - done);
+    o += xen_segment(dst + o, old, page, rs, re);
+    o += xen_skip(dst + o, XB_WORDS - re);
     return o;
 }
 
