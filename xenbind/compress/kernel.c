@@ -23,7 +23,10 @@
  *
  * The decoders parse untrusted bytes: every read is checked against len,
  * every write against the page (4096) and the output rows (max_pages).
- * A page is validated completely before anything of it is applied.
+ * A page reaches the cache only if it decodes to exactly 4096 bytes: seed
+ * pages are validated before they are applied; xen pages are applied as
+ * they are parsed, with the overwritten words kept and put back on error.
+ * tests/test_compress_sanitize.py runs this file under ASan and UBSan.
  */
 #include <stdint.h>
 #include <string.h>
@@ -217,8 +220,9 @@ static uint32_t cache_get(xb_cache *c, uint64_t pfn, int *hit)
  * pass and returns a 1024-bit map of the changed words (bit k of mask[i] =
  * word 64 * i + k). With SSE2 (every x86-64) 16 words cost four compares and
  * two packs into one 16-bit movemask; elsewhere a scalar loop does the same.
- * The encoders then walk only the set bits (ctz), or whole runs of set and
- * clear bits: no branch per unchanged word, no call per changed word.
+ * The encoders then walk only the set bits (seed: one step per changed
+ * word) or the runs of set bits (xen: one step per run): no branch per
+ * unchanged word, no call per changed word.
  */
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -278,21 +282,6 @@ static inline uint64_t change_mask(const uint8_t *a, const uint8_t *b, uint64_t 
         any |= m;
     }
     return any;
-}
-
-/* first word >= w whose bit is set (want = 1) or clear (want = 0), or 1024 */
-static inline uint32_t next_bit(const uint64_t mask[XB_MASKS], uint32_t w, int want)
-{
-    while (w < XB_WORDS) {
-        uint64_t v = mask[w >> 6];
-        if (!want)
-            v = ~v;
-        v >>= (w & 63);
-        if (v)
-            return w + (uint32_t)__builtin_ctzll(v);
-        w = (w | 63) + 1;
-    }
-    return XB_WORDS;
 }
 
 /* copy n words (small n inline, large n through memcpy) */
