@@ -108,6 +108,34 @@ class Compressor:
         """Encode `pages` (row i belongs to pfns[i]) in order; the payload of one
         COMPRESSED_DATA chunk. Updates the cache page by page."""
         pfns = _pfn_array(pfns)
+        need = len(pfns) * MAX_ENCODED_PAGE[self.codec]
+        if len(self._out) < need:
+            self._out = np.empty(need, dtype=np.uint8)
+        return self._out[: self._encode(pfns, pages, pagetable, self._out)].tobytes()
+
+    def compress_view(
+        self,
+        pfns: np.ndarray,
+        pages: np.ndarray,
+        pagetable: np.ndarray | None = None,
+        *,
+        headroom: int = 0,
+    ) -> memoryview:
+        """``compress`` without the copy into a bytes object (the sender's
+        path): the payload is encoded into a fresh numpy buffer, which numpy
+        backs with huge pages when large (4 KiB page faults are the dearest
+        part of a big copy), at byte ``headroom`` of the view returned; the
+        bytes before it are the caller's to fill (a chunk header), so one
+        buffer carries the whole chunk."""
+        pfns = _pfn_array(pfns)
+        out = np.empty(headroom + max(1, len(pfns) * MAX_ENCODED_PAGE[self.codec]), np.uint8)
+        size = self._encode(pfns, pages, pagetable, out[headroom:])
+        return memoryview(out[: headroom + size])
+
+    def _encode(
+        self, pfns: np.ndarray, pages: np.ndarray, pagetable: np.ndarray | None, out: np.ndarray
+    ) -> int:
+        """Run the kernel into ``out`` (room for the worst case); the size."""
         n = len(pfns)
         pages = np.asarray(pages)
         if pages.dtype != np.uint8 or pages.shape != (n, PAGE_SIZE):
@@ -121,9 +149,6 @@ class Compressor:
             if pt_arr.shape != (n,):
                 raise ValueError(f"pagetable must have shape ({n},), got {pt_arr.shape}")
             pt = ffi.from_buffer("uint8_t[]", pt_arr.view(np.uint8))
-        need = n * MAX_ENCODED_PAGE[self.codec]
-        if len(self._out) < need:
-            self._out = np.empty(need, dtype=np.uint8)
         size = lib.xb_encode(
             self.cache.c,
             self._id,
@@ -131,10 +156,10 @@ class Compressor:
             ffi.from_buffer("uint8_t[]", pages),
             pt,
             n,
-            ffi.from_buffer("uint8_t[]", self._out),
+            ffi.from_buffer("uint8_t[]", out),
         )
         self._account(n, n * PAGE_SIZE, size)
-        return self._out[:size].tobytes()
+        return size
 
     def _account(self, pages: int, bytes_in: int, bytes_out: int) -> None:
         s = self.stats

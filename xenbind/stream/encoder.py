@@ -155,7 +155,7 @@ def encode_body_b(
     compressor: PageCompressor,
     buffer_pages: int = DEFAULT_BUFFER_PAGES,
     types: np.ndarray | None = None,
-) -> list[bytes]:
+) -> list[Buffer]:
     """Format B page chunks for one batch of pages, as Xen's sender lays them out.
 
     PFNs are listed in +ve chunks of at most 1024 entries; the pages of each
@@ -175,13 +175,20 @@ def encode_body_b(
     # data pages listed up to and including each entry
     listed = np.cumsum(has_data, dtype=np.int64)
 
-    def flush(lo: int, hi: int) -> bytes:
-        blob = compressor.compress(
-            data_pfns[lo:hi], pages[lo:hi], pagetable[lo:hi] if any_pagetable else None
-        )
-        return encode_compressed(blob)
+    # a compressor that can encode in place (the project's Compressor) leaves
+    # room for the chunk header before the payload: one buffer per chunk and
+    # no copy of the payload
+    in_place = getattr(compressor, "compress_view", None)
 
-    out: list[bytes] = []
+    def flush(lo: int, hi: int) -> Buffer:
+        args = (data_pfns[lo:hi], pages[lo:hi], pagetable[lo:hi] if any_pagetable else None)
+        if in_place is None:
+            return encode_compressed(compressor.compress(*args))
+        chunk = in_place(*args, headroom=COMPRESSED_HEADER)
+        chunk[:COMPRESSED_HEADER] = compressed_header(len(chunk) - COMPRESSED_HEADER)
+        return chunk
+
+    out: list[Buffer] = []
     sent = 0  # data pages already compressed and emitted
     for s in range(0, len(entries), MAX_BATCH):
         e = min(s + MAX_BATCH, len(entries))
@@ -195,11 +202,20 @@ def encode_body_b(
     return out
 
 
+#: bytes before a COMPRESSED_DATA payload: int tag, unsigned long length
+COMPRESSED_HEADER = 12
+
+
+def compressed_header(length: int) -> bytes:
+    """The COMPRESSED_HEADER bytes that open a COMPRESSED_DATA chunk."""
+    if length == 0:
+        raise ValueError("empty COMPRESSED_DATA chunk")
+    return _INT.pack(TAG_COMPRESSED_DATA) + _ULONG.pack(length)
+
+
 def encode_compressed(blob: bytes | memoryview) -> bytes:
     """-12 COMPRESSED_DATA: int tag, unsigned long length, the blob."""
-    if len(blob) == 0:
-        raise ValueError("empty COMPRESSED_DATA chunk")
-    return _INT.pack(TAG_COMPRESSED_DATA) + _ULONG.pack(len(blob)) + bytes(blob)
+    return compressed_header(len(blob)) + bytes(blob)
 
 
 def encode_enable_compression() -> bytes:
