@@ -34,9 +34,14 @@ log = logging.getLogger("remusd")
 STATUS_EVERY = 2.0
 
 
-def _fail(msg: str) -> int:
+#: Exit statuses (the same as remus-receiver's).
+EXIT_HYPERVISOR = 1  # the hypervisor cannot be opened (not a dom0, no --sim-dir)
+EXIT_CONFIG = 2  # bad configuration or command line (argparse uses 2 too)
+
+
+def _fail(msg: str, status: int = EXIT_CONFIG) -> int:
     log.error("%s", msg)
-    return 1
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         hv = open_hypervisor(args.sim_dir)
     except ImportError as e:
         return _fail(f"cannot use Xen: this build has no Xen support ({e}); "
-                     "use --sim-dir DIR for the simulator")
+                     "use --sim-dir DIR for the simulator", EXIT_HYPERVISOR)
     except RemusError as e:
-        return _fail(f"cannot open the hypervisor: {e}")
+        return _fail(f"cannot open the hypervisor: {e}", EXIT_HYPERVISOR)
     log.info("remusd starting (%s hypervisor%s, control %s, config %s)", hv.kind,
              f" at {args.sim_dir}" if args.sim_dir else "", args.control,
              args.config or "none")

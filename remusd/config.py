@@ -172,8 +172,9 @@ EPILOG = textwrap.dedent("""\
     exit status:
       0  stopped by SIGTERM or SIGINT (protected guests keep running,
          unprotected, and each backup was told the session ended cleanly)
-      1  configuration error, or the hypervisor cannot be opened
-         (e.g. not a Xen dom0 and no --sim-dir)
+      1  the hypervisor cannot be opened (not a Xen dom0 and no --sim-dir)
+      2  bad command line or configuration (the message names the key),
+         or the control socket cannot be created or is in use
 
     files:
       /etc/remus/remusd.toml   configuration (optional)

@@ -155,14 +155,14 @@ def test_remusd_exits_at_once_without_xen(tmp_path):
     assert not (tmp_path / "c.sock").exists()
 
 
-def test_remusd_bad_config_exits_1(tmp_path):
+def test_remusd_bad_config_exits_2(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("nonsense = 1\n")
     r = subprocess.run([sys.executable, "-m", "remusd.cli", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "unknown key 'nonsense'" in r.stderr
+    assert r.returncode == 2 and "unknown key 'nonsense'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "remusd.cli", "--config", "/dev/null",
                         "--protect", "x=127.0.0.1:9", "--sim-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "--insecure" in r.stderr
+    assert r.returncode == 2 and "--insecure" in r.stderr
 

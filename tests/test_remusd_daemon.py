@@ -118,7 +118,7 @@ def test_second_remusd_on_same_socket_refused(sim_host, tmp_path):
         r = subprocess.run([str(BIN / "remusd"), "--sim-dir", sim_host.dir, "--control", ctl,
                             "--config", "/dev/null"], capture_output=True, text=True,
                            timeout=30)
-        assert r.returncode == 1 and "in use" in r.stderr
+        assert r.returncode == 2 and "in use" in r.stderr
     finally:
         proc.terminate()
         proc.wait(30)
