@@ -212,18 +212,32 @@ def render_status(st: Any) -> str:
             out.append("reasons:\n" + "\n".join(reasons))
         return "\n".join(out)
     # another daemon (the receiver): scalars in the head line, then each list of
-    # objects as a table of its keys
+    # objects as a table: the receiver's main columns when they are there, else
+    # every key (--json has everything)
     for key, val in st.items():
         if isinstance(val, list) and all(isinstance(x, dict) for x in val):
             if not val:
                 out.append(f"no {key}")
                 continue
-            cols: list[str] = []
+            keys: list[str] = []
             for item in val:
-                cols += [c for c in item if c not in cols]
+                keys += [c for c in item if c not in keys]
+            cols = [c for c in RECEIVER_COLUMNS if c in keys] or keys
             rows = [[_cell(item.get(c)) for c in cols] for item in val]
-            out.append(table(rows, [c.upper() for c in cols]))
+            out.append(table(rows, [RECEIVER_HEADERS.get(c, c.upper()) for c in cols]))
+            errors = [f"  {item.get('domain', '?')}: {item['error']}" for item in val
+                      if item.get("error")]
+            if errors:
+                out.append("errors:\n" + "\n".join(errors))
     return "\n".join(out)
+
+
+#: The receiver's session fields shown in the human table (remus-receiver's
+#: status object, see its documentation; --json shows all of them).
+RECEIVER_COLUMNS = ["domain", "backup_domid", "state", "last_committed", "checkpoints", "bytes",
+                    "last_life_age_s", "failover_timeout_ms", "verified", "mismatches", "peer"]
+RECEIVER_HEADERS = {"backup_domid": "BACKUP", "last_committed": "COMMITTED",
+                    "last_life_age_s": "SILENT s", "failover_timeout_ms": "FAILOVER ms"}
 
 
 # --------------------------------------------------------------------------- main
