@@ -36,7 +36,7 @@ from lab.build import CACHE, LAB, ROOT, build
 
 REPO = LAB.parent
 RUN = CACHE / "run"
-XEN_CMDLINE = "dom0_mem=512M console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all smap=0"
+XEN_CMDLINE = "dom0_mem=1024M console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all smap=0"
 DOM0_CMDLINE = "console=hvc0 earlyprintk=xen quiet"
 QEMU = "qemu-system-x86_64"
 BOOT_DEADLINE = 240.0  # QEMU start -> dom0's initramfs says LAB-STAGE (seconds)
@@ -45,8 +45,10 @@ DONE_GRACE = 30.0  # LAB-DONE -> QEMU exits on its own
 
 def qemu_command(args: argparse.Namespace) -> list[str]:
     dom0 = f"{DOM0_CMDLINE} lab.repo={REPO} lab.guest={args.guest}"
+    if args.overcommit:
+        dom0 += " lab.overcommit=1"
     if args.only:
-        dom0 += f" lab.only={args.only}"
+        dom0 += f" lab.only={args.only.replace(',', '+')}"  # no commas: see -initrd
     results = RUN / "results"
     return [
         "timeout", "--kill-after=15", str(int(args.timeout)),
@@ -127,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lab/run", description=__doc__.splitlines()[0])
     p.add_argument("--timeout", type=float, default=1500.0, help="hard limit for QEMU, seconds")
     p.add_argument("--guest", choices=["pvh", "pv"], default="pvh", help="lab guest type")
-    p.add_argument("--only", default="", help="run only these Python check modules (comma list, "
-                   "e.g. xenctrl_checks); 'none' for the shell checks only")
-    p.add_argument("--memory", type=int, default=1536, help="QEMU memory, MiB")
+    p.add_argument("--only", default="", help="run only these Python check steps (comma list of modules "
+                   "or module:part, e.g. xenctrl_checks,remus_checks:file); 'none' for the shell "
+                   "checks only")
+    p.add_argument("--overcommit", action="store_true",
+                   help="exploration: vm.overcommit_memory=1 in dom0 (docs/lab.md)")
+    p.add_argument("--memory", type=int, default=2560, help="QEMU memory, MiB")
     args = p.parse_args(argv)
     if not shutil.which(QEMU):
         print(f"lab: {QEMU} is missing: apt-get install qemu-system-x86", file=sys.stderr)
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
           f"QEMU {elapsed:.1f}s; logs in {RUN.relative_to(REPO)}/")
     (RUN / "summary.json").write_text(json.dumps({
         "passed": ok, "build_seconds": round(t_build, 1), "qemu_seconds": round(elapsed, 1),
-        "guest": args.guest, "results": [r.__dict__ for r in results]}, indent=2) + "\n")
+        "guest": args.guest, "overcommit": args.overcommit, "results": [r.__dict__ for r in results]}, indent=2) + "\n")
     return 0 if ok else 1
 
 
