@@ -495,9 +495,11 @@ class Decoder:
             )
         if self._pending.count == 0:
             raise self._fail(at, "COMPRESSED_DATA but no listed page awaits its contents")
-        self._expect(n, self._on_compressed, "a COMPRESSED_DATA payload")
+        # np.empty, not bytearray(n): no zero-fill, and numpy backs a large
+        # buffer with huge pages (fresh 4 KiB pages cost more than the copy)
+        self._expect(n, self._on_compressed, "a COMPRESSED_DATA payload", np.empty(n, np.uint8))
 
-    def _on_compressed(self, buf: bytearray) -> None:
+    def _on_compressed(self, buf: np.ndarray) -> None:
         at = self._chunk_start
         n = len(buf)
         # Every page costs at least one byte of compressed data, so a chunk of
