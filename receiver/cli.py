@@ -5,9 +5,10 @@
 
 Start-up, in order (each step fails fast with one clear line and exit status):
     configuration (flags over /etc/remus/receiver.toml)        exit 2 on error
-    the transport: plaintext needs --insecure (TLS is not
-      implemented yet; without --insecure the daemon refuses
-      to start rather than listen on an unauthenticated link)  exit 2
+    the transport: TLS (cert, key, CA loaded now; allow-peer
+      required) or, with --insecure, plaintext; neither given:
+      the daemon refuses to start rather than listen on an
+      unauthenticated link                                     exit 2
     the hypervisor: --sim-dir DIR, or Xen (off a dom0: the
       message names what is missing)                           exit 1
     listen (the log says "listening on HOST:PORT", the real
@@ -27,6 +28,7 @@ import threading
 from xenbind.errors import ConfigError, RemusError
 from xenbind.hypervisor import open_hypervisor
 from xenbind.service import ControlServer, Watchdog, sd_notify, setup_logging
+from xenbind.tls import TlsServer, require_link_security
 
 from .config import load_config
 from .daemon import ReceiverDaemon
@@ -55,10 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     # a stop asked for during start-up is honoured once the daemon is up
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if not cfg.insecure:
-        log.error("TLS for the replication link is not implemented yet, and plaintext needs "
-                  "--insecure (or insecure = true in the config file): refusing to start")
+    try:
+        require_link_security(cfg.tls, cfg.insecure)
+    except ConfigError as e:
+        log.error("%s", e)
         return 2
+    tls_server = None
+    if cfg.tls is not None:
+        try:
+            tls_server = TlsServer(cfg.tls)
+        except ConfigError as e:
+            log.error("TLS: %s", e)
+            return 2
     try:
         hv = open_hypervisor(cfg.sim_dir)
     except ConfigError as e:
@@ -72,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(%s); use --sim-dir DIR for the simulated host", e)
         return 1
     daemon = ReceiverDaemon(cfg, hv)
+    daemon.tls = tls_server
     try:
         listener = Listener(daemon, cfg.host, cfg.port)
     except ConfigError as e:
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     daemon.listen_address = listener.address
     try:
-        control = ControlServer(cfg.control, daemon.control).start()
+        control = ControlServer(cfg.control, daemon.control, group=cfg.control_group).start()
     except ConfigError as e:
         log.error("%s", e)
         listener.close()
@@ -87,10 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     daemon.start_monitor()
     listener.start()
     where = f"simulated host {cfg.sim_dir}" if cfg.sim_dir else "Xen"
-    log.info("listening on %s (plaintext, --insecure) for replication sessions; backups on %s; "
-             "control socket %s", listener.address, where, cfg.control)
-    log.warning("the replication link is plaintext (--insecure): use it only on a trusted "
-                "network")
+    if tls_server is not None:
+        mode = "TLS"
+        log.info("TLS: certificate %s, CA %s, senders allowed: %s", cfg.tls.cert, cfg.tls.ca,
+                 ", ".join(cfg.tls.allow_peers))
+    else:
+        mode = "plaintext, --insecure"
+    log.info("listening on %s (%s) for replication sessions; backups on %s; "
+             "control socket %s", listener.address, mode, where, cfg.control)
+    if tls_server is None:
+        log.warning("the replication link is plaintext (--insecure): use it only on a trusted "
+                    "network")
 
     watchdog = Watchdog(lambda: daemon.monitor_alive() and listener.alive()).start()
     sd_notify(f"READY=1\nSTATUS=listening on {listener.address}")

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from xenbind import tls
 from xenbind.errors import ConfigError
-from xenbind.service import parse_args_with_config
+from xenbind.service import add_control_group_argument, parse_args_with_config
 from xenbind.transport import parse_hostport
 
 DEFAULT_CONFIG = "/etc/remus/receiver.toml"
@@ -56,7 +57,22 @@ policies:
                                  `remusctl unprotect` does): destroy the paused
                                  backup (default) or keep it paused
 
-control socket: JSON lines, {"cmd": "status"} | {"cmd": "failover", "domain": NAME|UUID}
+replication link security:
+  TLS 1.3 with mutual authentication is the default: --tls-cert, --tls-key,
+  --tls-ca and at least one --allow-peer (or the keys of the same names in the
+  config file). A sender is refused during the TLS handshake, before any byte
+  of its session is read, when its certificate is missing, expired, not from
+  the CA, or carries none of the allowed names; the log says which. The files
+  are re-read when they change (checked at each new connection). Plaintext
+  needs --insecure. See docs/operations.md, "Certificates".
+
+control socket: JSON lines, {"cmd": "status"} | {"cmd": "failover", "domain": NAME|UUID};
+  only root, the daemon's user and --control-group members (SO_PEERCRED)
+
+example:
+  remus-receiver --listen 0.0.0.0:7788 --tls-cert /etc/remus/tls/backup.crt \\
+      --tls-key /etc/remus/tls/backup.key --tls-ca /etc/remus/tls/ca.crt \\
+      --allow-peer primary.example.org
 
 exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 when the hypervisor
 cannot be opened (e.g. not a dom0), 2 on a configuration error.
@@ -83,6 +99,8 @@ class ReceiverConfig:
     on_unprotect: str
     log_level: str
     config_file: str | None
+    tls: tls.TlsSettings | None = None  # None: plaintext (insecure)
+    control_group: str | None = None
 
     def failover_timeout_for(self, interval_ms: int, sender_heartbeat_ms: int) -> int:
         if self.failover_timeout_ms:
@@ -122,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-dir", metavar="DIR",
                    help="use the simulated host whose directory is DIR instead of Xen")
     p.add_argument("--insecure", action="store_true",
-                   help="accept plaintext TCP sessions (required until TLS is configured)")
+                   help="accept plaintext TCP sessions instead of TLS (unauthenticated: "
+                        "anyone who reaches the port can write into backups; a warning is "
+                        "logged at every session)")
+    add_control_group_argument(p)
     p.add_argument("--failover-timeout", metavar="MS", type=_non_negative_int, default=0,
                    help="fail over this long after the last checkpoint or heartbeat (default 0: "
                         f"per session, {FAILOVER_FACTOR} x max(interval, heartbeat) + "
@@ -153,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default destroy)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="log verbosity (default info)")
+    tls.add_arguments(p, role="receiver")
     return p
 
 
@@ -170,4 +192,5 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         max_pages=args.max_pages, max_staged_bytes=args.max_staged_mb << 20,
         max_compressed=args.max_compressed_mb << 20, on_link_loss=args.on_link_loss,
         on_violation=args.on_violation, on_unprotect=args.on_unprotect,
-        log_level=args.log_level, config_file=args.config)
+        log_level=args.log_level, config_file=args.config,
+        tls=tls.settings_from_args(args, role="receiver"), control_group=args.control_group)

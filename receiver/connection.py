@@ -1,5 +1,8 @@
 """One replication session on the receiver: one connection, one thread.
 
+    tls         unless --insecure: the TLS handshake and the peer's name check
+                (xenbind.tls) within handshake-timeout; a refused peer is
+                closed before one byte of its session is read
     handshake   read the HELLO (within handshake-timeout), ask the daemon to
                 admit it (it creates the paused backup domain or refuses),
                 answer ACCEPT or REFUSE
@@ -58,6 +61,7 @@ from xenbind.stream import (
     Tail,
 )
 from xenbind.stream.decoder import MalformedStream, TruncatedStream
+from xenbind.tls import TlsRefused
 from xenbind.transport import Transport
 
 from .staging import Staging
@@ -126,7 +130,7 @@ class Connection:
 
     def run(self) -> None:
         try:
-            if self._handshake():
+            if self._secure() and self._handshake():
                 self._stream()
         except Exception:  # a bug must end one session, never the daemon
             log.exception("%s: internal error; session ended", self.who())
@@ -160,6 +164,28 @@ class Connection:
             return
 
     # ------------------------------------------------------------- handshake
+
+    def _secure(self) -> bool:
+        """With TLS configured: the TLS handshake and the peer's name check,
+        here in the session thread, within handshake-timeout. A refused peer
+        is closed before a byte of its session is read."""
+        tls = self.daemon.tls
+        if tls is None:
+            return True
+        try:
+            self.t = tls.accept(self.t, self.cfg.handshake_timeout)
+        except TlsRefused as e:
+            self.daemon.tls_refused += 1
+            log.warning("connection from %s refused before the session handshake: %s%s",
+                        self.peer, e.reason, f" ({e.detail})" if e.detail else "")
+            if e.plaintext_hello:
+                # tell a plaintext remusd why, in its own protocol (none of its bytes is read)
+                self.t.settimeout(1.0)
+                self.send(self.rs.refuse("bad-hello", "this receiver requires TLS: configure "
+                                         "remusd with tls-cert, tls-key and tls-ca"))
+            return False
+        log.debug("connection from %s: TLS established (%s)", self.peer, self.t.describe())
+        return True
 
     def _handshake(self) -> bool:
         deadline = time.monotonic() + self.cfg.handshake_timeout

@@ -86,6 +86,9 @@ class ReceiverDaemon:
         self.protections: dict[str, Protection] = {}  # by UUID
         self.connections: set = set()
         self.listen_address: str | None = None
+        #: xenbind.tls.TlsServer; None for plaintext (--insecure)
+        self.tls = None
+        self.tls_refused = 0  # connections refused by the TLS handshake or the name check
         self.stopping = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -150,6 +153,9 @@ class ReceiverDaemon:
             log.warning("%s: session %s runs over plaintext TCP (--insecure): anyone on the "
                         "path can read or forge this guest's memory", prot.label(),
                         hello.session_id[:8])
+        else:
+            log.info("%s: session %s over %s", prot.label(), hello.session_id[:8],
+                     conn.t.describe())
         return prot
 
     def _resolve_old(self, old: Protection, hello: Hello) -> None:
@@ -406,6 +412,10 @@ class ReceiverDaemon:
             "listen": self.listen_address,
             "hypervisor": getattr(self.hv, "kind", "?"),
             "insecure": self.cfg.insecure,
+            "tls": None if self.tls is None else {
+                "cert": self.tls.settings.cert, "ca": self.tls.settings.ca,
+                "allow_peers": list(self.tls.settings.allow_peers),
+                "refused": self.tls_refused, "loads": self.tls.source.loads},
             "policies": {"on_link_loss": self.cfg.on_link_loss,
                          "on_violation": self.cfg.on_violation,
                          "on_unprotect": self.cfg.on_unprotect},

@@ -1,8 +1,10 @@
 """The listening socket: accept connections, one session thread each.
 
 Rules kept here:
-- The transport is chosen here and only here (``PlainTransport`` today, with
-  ``--insecure``); sessions see a ``xenbind.transport.Transport``.
+- Accepting does no I/O on the new connection: it is handed over as a
+  ``PlainTransport``; with TLS configured the connection's own thread runs the
+  TLS handshake (``Connection._secure``), so a slow or hostile client never
+  blocks the accept loop. Sessions see a ``xenbind.transport.Transport``.
 - A flood of connections cannot exhaust the daemon: past the connection cap
   (2 x max-sessions + 8) a new connection is closed at once, with a log line
   at most once a second.

@@ -27,8 +27,16 @@ systemd (``sd_notify``, ``Watchdog``)
 
 Control socket (``ControlServer``, ``control_request``)
     A Unix stream socket, mode 0600 (created under a umask of 0177, so there is
-    no window where it is wider), one thread per client. The wire is JSON
-    lines, one request per line and one response per line::
+    no window where it is wider), one thread per client. With a control group
+    (``control_group`` key / ``--control-group``) it is mode 0660 and chowned
+    to that group. Every connection is checked with ``SO_PEERCRED`` before a
+    byte of it is read: only root (uid 0), the daemon's own uid, or a member
+    of the control group (the peer's gid, or the group lists the peer's user,
+    per the user database) is served; anyone else gets one line
+    ``{"ok": false, "error": "permission denied: ..."}``, a WARNING in the log,
+    and the connection closes. The file mode is the first gate, the peer
+    check the second (it still holds if the mode or directory is too wide).
+    The wire is JSON lines, one request per line and one response per line::
 
         request   {"cmd": "status", ...arguments...}\\n
         response  {"ok": true, "result": <any JSON>}\\n
@@ -47,11 +55,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import json
 import logging
 import os
+import pwd
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -327,15 +338,56 @@ class ControlError(RemusError):
     """The control socket could not be reached, or the daemon answered an error."""
 
 
+#: struct ucred of SO_PEERCRED: pid, uid, gid (Linux, all int32/uint32).
+_UCRED = struct.Struct("=iII")
+#: A refused control client: how long and how much of its request to drain
+#: before closing, so it reads the error line instead of a reset.
+_REFUSE_DRAIN_S = 0.5
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return _UCRED.unpack(raw)
+
+
+def resolve_group(name: str | None) -> int | None:
+    """A group name or number -> gid (ConfigError if unknown); None stays None."""
+    if name is None or name == "":
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ConfigError(f"control group {name!r} does not exist") from None
+
+
+def _groups_of(uid: int, gid: int) -> set[int]:
+    """The groups the user database gives ``uid`` (primary ``gid`` included)."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return {gid}
+    try:
+        return set(os.getgrouplist(user, gid))
+    except OSError:
+        return {gid}
+
+
 class ControlServer:
     """A Unix-socket JSON-lines server; ``handler(request) -> result``."""
 
     def __init__(self, path: str, handler: Handler, *, max_request: int = DEFAULT_MAX_REQUEST,
-                 client_timeout: float = 30.0) -> None:
+                 client_timeout: float = 30.0, group: str | None = None) -> None:
         self.path = path
         self.handler = handler
         self.max_request = max_request
         self.client_timeout = client_timeout
+        self.group = group or None
+        self.gid = resolve_group(self.group)  # ConfigError if unknown
+        self.uid = os.geteuid()
+        self.refused = 0
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
@@ -356,13 +408,53 @@ class ControlServer:
             raise ConfigError(f"control socket {self.path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        try:
+            if self.gid is not None:
+                os.chown(self.path, -1, self.gid)
+                os.chmod(self.path, 0o660)
+            else:
+                os.chmod(self.path, 0o600)
+        except OSError as e:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise ConfigError(f"control socket {self.path}: cannot give it to group "
+                              f"{self.group}: {e.strerror}") from None
         sock.listen(16)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._thread.start()
-        log.info("control socket listening on %s", self.path)
+        log.info("control socket listening on %s (%s)", self.path,
+                 f"root, uid {self.uid} and group {self.group}" if self.gid is not None
+                 else f"root and uid {self.uid} only")
         return self
+
+    def allowed(self, uid: int, gid: int) -> bool:
+        """Whether a peer with these credentials may use the control socket."""
+        if uid == 0 or uid == self.uid:
+            return True
+        if self.gid is None:
+            return False
+        return gid == self.gid or self.gid in _groups_of(uid, gid)
+
+    def _refuse(self, conn: socket.socket, pid: int, uid: int, gid: int) -> None:
+        self.refused += 1
+        who = f"uid {uid}" + (f" ({pwd.getpwuid(uid).pw_name})" if _known_uid(uid) else "")
+        rule = "root, the daemon's user" + (f" or group {self.group}" if self.group else "")
+        log.warning("control socket: refused pid %d %s gid %d: only %s may use it", pid, who,
+                    gid, rule)
+        with contextlib.suppress(OSError):
+            conn.settimeout(_REFUSE_DRAIN_S)
+            self._reply(conn, {"ok": False, "error": f"permission denied: {who} is not {rule}"})
+            conn.shutdown(socket.SHUT_WR)
+            # drain the request briefly: closing with unread input sends RST
+            deadline = time.monotonic() + _REFUSE_DRAIN_S
+            drained = 0
+            while time.monotonic() < deadline and drained <= self.max_request:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
 
     def _remove_stale(self) -> None:
         try:
@@ -396,6 +488,18 @@ class ControlServer:
                              daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            pid, uid, gid = peer_credentials(conn)
+        except OSError as e:
+            log.warning("control socket: cannot read the client's credentials (%s): closed", e)
+            conn.close()
+            return
+        if not self.allowed(uid, gid):
+            try:
+                self._refuse(conn, pid, uid, gid)
+            finally:
+                conn.close()
+            return
         conn.settimeout(self.client_timeout)
         buf = b""
         try:
@@ -457,6 +561,22 @@ class ControlServer:
             self._thread.join(timeout=2)
 
 
+def add_control_group_argument(parser: argparse.ArgumentParser) -> None:
+    """``--control-group GROUP`` (TOML ``control-group``): who else may use the control socket."""
+    parser.add_argument("--control-group", metavar="GROUP",
+                        help="also let members of GROUP use the control socket (mode 0660, "
+                             "owned by GROUP); default: only root and the daemon's user "
+                             "(mode 0600). Every client is checked with SO_PEERCRED")
+
+
+def _known_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
 def control_request(path: str, cmd: str, *, timeout: float = 10.0, **args: Any) -> Any:
     """Send one request to the daemon at ``path``; its result, or ControlError."""
     req = dict(args, cmd=cmd)
@@ -473,7 +593,10 @@ def control_request(path: str, cmd: str, *, timeout: float = 10.0, **args: Any) 
         except OSError as e:
             raise ControlError(f"cannot reach the daemon at {path}: {e.strerror}") from None
         try:
-            sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a daemon refusing us answered and closed first: read its answer
             buf = b""
             while b"\n" not in buf:
                 chunk = sock.recv(65536)

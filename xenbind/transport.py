@@ -2,9 +2,13 @@
 
 The session protocol (``xenbind.session``) and the stream it carries never see
 a socket: they produce and consume bytes. This layer moves those bytes. It is
-its own layer so that TLS (a later issue) slots in as another ``Transport``
-without touching the protocol: today there is one kind, ``PlainTransport``,
-a TCP socket, which the daemons only use when told ``--insecure``.
+its own layer so that TLS slots in as another ``Transport`` without touching
+the protocol. Two kinds:
+
+    PlainTransport  a TCP socket; the daemons use it only when told ``--insecure``
+    TlsTransport    TLS 1.3 over TCP, mutually authenticated; the default. Who
+                    may connect, the handshake and the certificates are
+                    ``xenbind.tls``'s job; this class only moves bytes.
 
 Rules:
 - Every blocking call has a timeout (``settimeout``); a timeout raises
@@ -12,13 +16,18 @@ Rules:
   forever unless the caller set ``None`` on purpose.
 - ``send_buffers`` writes a list of buffers (bytes, memoryview, numpy arrays)
   in as few system calls as the kernel allows (``sendmsg``), handling partial
-  writes; it never concatenates the buffers into one copy.
+  writes; it never concatenates the buffers into one copy (TlsTransport
+  coalesces small buffers into one TLS record: encryption copies anyway).
+- ``wait_readable`` is how a caller waits for input (never ``select`` on
+  ``fileno()`` alone: TLS may hold decrypted bytes the kernel does not show).
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +85,17 @@ class Transport:
 
     def fileno(self) -> int:
         raise NotImplementedError
+
+    def pending(self) -> int:
+        """Bytes already received and decoded that ``recv`` returns without waiting."""
+        return 0
+
+    def wait_readable(self, timeout: float) -> bool:
+        """True when ``recv`` has something (data or EOF) within ``timeout`` seconds."""
+        if self.pending():
+            return True
+        ready, _, _ = select.select([self.fileno()], [], [], max(0.0, timeout))
+        return bool(ready)
 
 
 class PlainTransport(Transport):
@@ -139,3 +159,78 @@ class PlainTransport(Transport):
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+
+#: TlsTransport.send_buffers: buffers smaller than this are gathered into one
+#: write (one TLS record holds up to 16 KiB; fewer records, fewer syscalls).
+_COALESCE_BELOW = 16384
+_COALESCE_MAX = 65536
+
+
+class TlsTransport(PlainTransport):
+    """TLS over TCP (an ``ssl.SSLSocket`` after its handshake, see ``xenbind.tls``).
+
+    ``peer_names`` are the names of the peer's verified certificate. An
+    ``ssl.SSLError`` while reading (an alert, a bad record) is raised as a
+    ``ConnectionError`` whose message says what the peer's TLS reported.
+    """
+
+    kind = "tls"
+
+    def __init__(self, sock: ssl.SSLSocket, peer_names: list[str] | None = None) -> None:
+        super().__init__(sock)
+        self.peer_names = list(peer_names or [])
+        self.version = sock.version()
+        cipher = sock.cipher()
+        self.cipher = cipher[0] if cipher else None
+
+    def recv(self, n: int) -> bytes:
+        try:
+            return self.sock.recv(n)
+        except ssl.SSLError as e:
+            raise ConnectionError(_tls_reason(e)) from None
+
+    def recv_into(self, buf: Any) -> int:
+        try:
+            return self.sock.recv_into(buf)
+        except ssl.SSLError as e:
+            raise ConnectionError(_tls_reason(e)) from None
+
+    def send_buffers(self, buffers: Sequence[Any]) -> int:
+        total = 0
+        small = bytearray()
+        for b in buffers:
+            mv = memoryview(b).cast("B")
+            n = mv.nbytes
+            if not n:
+                continue
+            total += n
+            if n < _COALESCE_BELOW:
+                small += mv
+                if len(small) >= _COALESCE_MAX:
+                    self.sock.sendall(small)
+                    small.clear()
+                continue
+            if small:
+                self.sock.sendall(small)
+                small.clear()
+            self.sock.sendall(mv)
+        if small:
+            self.sock.sendall(small)
+        return total
+
+    def pending(self) -> int:
+        try:
+            return self.sock.pending()
+        except (OSError, ValueError):
+            return 0
+
+    def describe(self) -> str:
+        return f"{self.version} {self.cipher}, peer {', '.join(self.peer_names) or '?'}"
+
+
+def _tls_reason(e: ssl.SSLError) -> str:
+    reason = (e.reason or "").lower().replace("_", " ")
+    if "alert" in reason:
+        return f"the peer's TLS ended the connection ({reason})"
+    return f"TLS error: {reason or e}"
