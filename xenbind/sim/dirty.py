@@ -236,7 +236,13 @@ class PagemapScanner:
             start = walk_end
         if not parts:
             return np.empty(0, dtype=np.uint64)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        pfns = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # The interface promises sorted, unique PFNs. Under concurrent writes a
+        # scan resumed at walk_end was seen to report a page twice (remusd
+        # logged it); enforce the promise here, at the source, in O(n).
+        if len(pfns) > 1 and not bool((pfns[1:] > pfns[:-1]).all()):
+            pfns = np.unique(pfns)
+        return pfns
 
     def close(self) -> None:
         if self.fd >= 0:
