@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+from xenbind import tls
 from xenbind.errors import ConfigError, RemusError
 from xenbind.hypervisor import open_hypervisor
 from xenbind.service import (
@@ -50,12 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args_with_config(parser, argv, default_config=DEFAULT_CONFIG)
         setup_logging(args.log_level)
         startup = validate(args)
+        tls_settings = tls.settings_from_args(args, role="sender")
+        if any(r.target.kind == "tcp" for r in startup):
+            tls.require_link_security(tls_settings, args.insecure,
+                                      what="protect entries with a network target refused")
+        # how protectors connect (remusd.protector.Tuning reads args.connector)
+        if tls_settings is not None:
+            args.connector = tls.TlsClient(tls_settings).connect  # loads the files now
+        elif args.insecure:
+            args.connector = tls.plaintext_connect
+        else:
+            args.connector = None  # file: targets only
     except ConfigError as e:
         setup_logging("info")
         return _fail(f"configuration: {e}")
-    if any(r.target.kind == "tcp" for r in startup) and not args.insecure:
-        return _fail("configuration: protect entries with a network target need --insecure "
-                     "(plaintext replication link; TLS is not available yet)")
     try:
         hv = open_hypervisor(args.sim_dir)
     except ImportError as e:
@@ -66,12 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     log.info("remusd starting (%s hypervisor%s, control %s, config %s)", hv.kind,
              f" at {args.sim_dir}" if args.sim_dir else "", args.control,
              args.config or "none")
-    if not args.insecure:
-        log.info("no --insecure: only file: targets can be protected until TLS is configured")
+    if tls_settings is not None:
+        log.info("replication link: TLS (certificate %s, CA %s; a receiver must be named %s)",
+                 tls_settings.cert, tls_settings.ca,
+                 " or ".join(tls_settings.allow_peers) or "as its target's HOST")
+    elif args.insecure:
+        log.warning("replication link: plaintext (--insecure): use it only on a trusted network")
+    else:
+        log.info("no TLS files and no --insecure: only file: targets can be protected")
 
     daemon = Daemon(hv, args)
     try:
-        server = ControlServer(args.control, daemon.handle).start()
+        server = ControlServer(args.control, daemon.handle, group=args.control_group).start()
     except ConfigError as e:
         return _fail(str(e))
 

@@ -21,7 +21,9 @@ import argparse
 import textwrap
 from dataclasses import asdict, dataclass
 
+from xenbind import tls
 from xenbind.errors import ConfigError
+from xenbind.service import add_control_group_argument
 from xenbind.transport import parse_hostport
 
 #: The codecs remusd offers (xenbind.compress.CODECS; a test checks they agree).
@@ -161,7 +163,19 @@ EPILOG = textwrap.dedent("""\
       interval = 100, ack-timeout = 2.0, protect = ["ledger=backup:7788"].
       Flags given on the command line override the file.
 
+    replication link security:
+      TLS 1.3 with mutual authentication is the default for HOST:PORT
+      targets: --tls-cert, --tls-key, --tls-ca (or the keys of the same names).
+      The receiver's certificate must chain to the CA, be valid, and carry the
+      target's HOST (or one of the --allow-peer names). Without TLS files,
+      HOST:PORT targets need --insecure (plaintext; a warning at every
+      session); file: targets need neither. Certificates are re-read when
+      their files change. See docs/operations.md, "Certificates".
+
     examples:
+      remusd --tls-cert /etc/remus/tls/primary.crt --tls-key /etc/remus/tls/primary.key \\
+             --tls-ca /etc/remus/tls/ca.crt
+          run with TLS (usually these three keys are in /etc/remus/remusd.toml)
       remusd --insecure
           run with /etc/remus/remusd.toml, plaintext replication link
       remusd --sim-dir /dev/shm/primary --control /tmp/remusd.sock --insecure
@@ -178,7 +192,9 @@ EPILOG = textwrap.dedent("""\
 
     files:
       /etc/remus/remusd.toml   configuration (optional)
-      /run/remus/remusd.sock   control socket (mode 0600)
+      /run/remus/remusd.sock   control socket (mode 0600; 0660 with --control-group);
+                               only root, remusd's user and the group's members
+                               are served (checked with SO_PEERCRED)
 
     see also: remusctl(1), remus-receiver(8), docs/operations.md""")
 
@@ -194,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-dir", metavar="DIR",
                    help="use the simulated host whose directory is DIR instead of Xen")
     p.add_argument("--insecure", action="store_true",
-                   help="allow a plaintext (unauthenticated, unencrypted) replication link; "
-                        "required until TLS is configured")
+                   help="use a plaintext (unauthenticated, unencrypted) replication link instead "
+                        "of TLS; a warning is logged at every session")
+    add_control_group_argument(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default info)")
     g = p.add_argument_group("defaults for protected domains (remusctl protect may override)")
@@ -233,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_BUFFER_PAGES}, as Xen)")
     t.add_argument("--cache-pages", metavar="N", type=_positive(int), default=DEFAULT_CACHE_PAGES,
                    help=f"page cache of the compressing codecs (default {DEFAULT_CACHE_PAGES})")
+    tls.add_arguments(p, role="sender")
     return p
 
 

@@ -86,9 +86,9 @@ class Daemon:
         }
 
     def protect(self, req: ProtectRequest) -> dict:
-        if req.target.kind == "tcp" and not self.args.insecure:
-            raise ConfigError("a plaintext replication link needs remusd --insecure "
-                              "(TLS is not available yet)")
+        if req.target.kind == "tcp" and getattr(self.args, "connector", None) is None:
+            raise ConfigError("a network target needs TLS (remusd --tls-cert, --tls-key, "
+                              "--tls-ca) or, for a plaintext link, remusd --insecure")
         domain = self.hv.lookup(domain_ref(req.domain))
         info = domain.info()
         with self._lock:

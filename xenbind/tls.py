@@ -452,3 +452,10 @@ class TlsClient:
                 sock.close()
             raise
 
+
+
+def plaintext_connect(host: str, port: int, timeout: float) -> PlainTransport:
+    """The sender's plaintext connection (``--insecure``), with its warning."""
+    log.warning("connecting to %s:%d over plaintext TCP (--insecure): anyone on the path can "
+                "read or forge this guest's memory", host, port)
+    return PlainTransport.connect(host, port, timeout=timeout)
