@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,11 +79,13 @@ def strictly_sorted(pfns: np.ndarray) -> np.ndarray:
 _warned = False
 
 
-def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = None) -> Capture:
+def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = None,
+            hold: Callable[[], None] | None = None) -> Capture:
     """The paused part of an epoch (see the module docstring).
 
     ``extra``: PFNs to copy besides the dirty ones (the initial copy's final
-    round passes the pages its last live round left behind).
+    round passes the pages its last live round left behind). ``hold``: called
+    last while the guest is still paused (fault injection, remusd.faults).
     """
     t0 = time.perf_counter()
     domain.pause()
@@ -99,6 +102,8 @@ def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = Non
             digest = memory_digest(cb.image)
         ctx = domain.get_context()
         domain.output_barrier()
+        if hold is not None:
+            hold()
     finally:
         domain.unpause()
     pause_ms = (time.perf_counter() - t0) * 1e3

@@ -8,6 +8,10 @@ States (``Protector.state``)::
                   its output released at once; retries with backoff
                   (retry_min doubling up to retry_max), and each retry makes a
                   fresh session with a fresh initial copy
+    fenced        the receiver's backup of the domain runs (it failed over):
+                  the guest here is paused with its output withheld (or, if
+                  it already ran unprotected, left running: split brain, see
+                  docs/operations.md); never retried
     stopped       protection ended (remusctl unprotect, daemon stop, the
                   domain is gone, or a refusal retrying cannot cure)
 
@@ -34,7 +38,6 @@ Rules:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -44,6 +47,7 @@ from xenbind.errors import DomainError
 from xenbind.hypervisor import Domain, DomainConfig, DomainInfo
 from xenbind.stream.encoder import StreamWriter
 
+from . import faults
 from .config import ProtectRequest
 from .epoch import CheckpointBuffer, capture, encode
 from .initial_copy import initial_copy
@@ -53,27 +57,11 @@ log = logging.getLogger(__name__)
 
 SOFTWARE = "remusd 0.1.0"
 
-STATES = ("initial-copy", "protected", "unprotected", "stopped")
+STATES = ("initial-copy", "protected", "unprotected", "fenced", "stopped")
 
 #: Acknowledged checkpoints (after checkpoint 0) whose figures the status keeps
 #: for ``{"cmd": "status", "history": true}`` (bench/e2e.py reads them).
 HISTORY = 4096
-
-
-def _fault_from_env() -> tuple[int, int] | None:
-    """``REMUSD_FAULT=stall-mid-checkpoint:S:N``: in session S, send half of
-    checkpoint N and hang (tests kill the primary there). Unset in production."""
-    spec = os.environ.get("REMUSD_FAULT", "")
-    if not spec:
-        return None
-    kind, _, rest = spec.partition(":")
-    s, _, n = rest.partition(":")
-    if kind != "stall-mid-checkpoint" or not s.isdigit() or not n.isdigit():
-        log.error("REMUSD_FAULT=%r not understood (stall-mid-checkpoint:SESSION:INDEX); ignored",
-                  spec)
-        return None
-    log.warning("fault injection armed: %s", spec)
-    return int(s), int(n)
 
 
 def _nothing() -> None:
@@ -81,8 +69,9 @@ def _nothing() -> None:
 
 
 class _StallingLink:
-    """Fault injection (REMUSD_FAULT=stall-mid-checkpoint:S:0): forwards to a
-    link until ``limit`` bytes went out, then hangs inside the initial copy."""
+    """Fault injection (REMUSD_FAULT=stall-mid-checkpoint:S:0, remusd.faults):
+    forwards to a link until ``limit`` bytes went out, then hangs inside the
+    initial copy."""
 
     def __init__(self, link: Link, limit: int, name: str, pacer: _Pacer) -> None:
         self._link, self._limit, self._name, self._sent = link, limit, name, 0
@@ -93,11 +82,8 @@ class _StallingLink:
         n = self._link.send(buffers)
         self._sent += n
         if self._sent >= self._limit:
-            self._pacer.stop()
-            log.warning("REMUSD_FAULT: domain %s: sent %d bytes of the initial copy; stalling",
-                        self._name, self._sent)
-            while True:
-                time.sleep(3600)
+            faults.hang(self._pacer.stop, f"domain {self._name}: sent {self._sent} bytes of "
+                        "the initial copy")
         return n
 
     def poll(self) -> None:
@@ -184,7 +170,7 @@ class Protector:
         self.cache_hits = 0  # the compressor's page cache, this session
         self.cache_misses = 0
         self.started = time.monotonic()
-        self._fault = _fault_from_env()
+        self._fault = faults.from_env()
         self._engaged = False  # log-dirty on / output plugged by the current session
         self._pacer: _Pacer | None = None
 
@@ -261,6 +247,10 @@ class Protector:
                 if self._stop.is_set():
                     break
             except LinkDown as e:
+                if e.fenced:
+                    self._fenced(e)
+                    self._stop.wait()
+                    break
                 self._unprotect(f"backup lost: {e.reason}")
                 if e.permanent:
                     log.error("domain %s: %s; not retrying (unprotect and protect again "
@@ -290,7 +280,9 @@ class Protector:
                 if link is not None:
                     link.close()
             delay = self.tuning.retry_min
-        if self.state != "stopped":
+        if self.state == "fenced":
+            self._set("stopped", f"fenced: {self.reason}")
+        elif self.state != "stopped":
             self._set("stopped", "unprotected on request")
 
     def _unprotect(self, reason: str) -> None:
@@ -304,6 +296,34 @@ class Protector:
                 op()
             except DomainError as e:
                 log.warning("domain %s: %s", self.info.name, e)
+
+    def _fenced(self, e: LinkDown) -> None:
+        """The receiver says its backup of this domain runs (it failed over).
+
+        On an engaged session (ERROR failed-over: the backup resumed from a
+        checkpoint of this very session), the guest here is the stale copy:
+        it is paused and its buffered output is kept back (never released),
+        so the outside world sees one guest only. When the refusal comes on a
+        reconnection (the guest already ran unprotected here), both copies
+        may have run: a split brain an operator must resolve. Not retried.
+        """
+        if self._engaged:
+            self._engaged = False
+            for op in (self.domain.pause, self.domain.disable_logdirty):
+                try:
+                    op()
+                except DomainError as err:
+                    log.warning("domain %s: %s", self.info.name, err)
+            log.critical("domain %s FENCED: %s; the backup runs the guest now: this copy is "
+                         "paused and its unacknowledged output withheld (destroy it here, "
+                         "then protect the guest from the backup host)", self.info.name,
+                         e.reason)
+            self._set("fenced", f"{e.reason} (this copy paused; not retrying)")
+        else:
+            log.critical("domain %s FENCED: %s; this copy ran unprotected meanwhile: possible "
+                         "SPLIT BRAIN, an operator must decide which copy lives; not retrying",
+                         self.info.name, e.reason)
+            self._set("fenced", f"{e.reason} (possible split brain; not retrying)")
 
     def _hello(self) -> sp.Hello:
         i = self.info
@@ -367,7 +387,7 @@ class Protector:
         t0 = time.monotonic()
         self._engaged = True
         copy_link = link
-        if self._fault is not None and self._fault == (self.sessions, 0):
+        if self._fault_at("stall-mid-checkpoint", 0):
             copy_link = _StallingLink(link, self.info.pages * 4096 // 2, self.info.name,
                                       self._pacer)
         res = initial_copy(self.domain, copy_link, writer, cb, rounds=t.precopy_rounds,
@@ -375,6 +395,7 @@ class Protector:
                            stop=self._stop.is_set)
         last = self._stop.is_set()
         bufs = encode(writer, res.final, last=last)
+        self._fault_send(link, bufs, 0)
         if last:  # nothing may follow the LAST_CHECKPOINT checkpoint, heartbeats included
             self._pacer.stop()
         sent = res.bytes_sent + link.send(bufs)
@@ -402,11 +423,15 @@ class Protector:
             last = self._stop.is_set()
             index += 1
             t_cap = time.monotonic()
-            cap = capture(self.domain, cb)
+            hold = None
+            if self._fault_at("stall-paused", index):
+                hold = lambda i=index: faults.hang(  # noqa: E731
+                    self._pacer.stop, f"domain {self.info.name}: guest paused in the capture "
+                    f"of checkpoint {i}")
+            cap = capture(self.domain, cb, hold=hold)
             t_enc = time.monotonic()
             bufs = encode(writer, cap, last=last)
-            if self._fault is not None and self._fault == (self.sessions, index):
-                self._stall_mid_send(link, bufs, index)
+            self._fault_send(link, bufs, index)
             if last:
                 self._pacer.stop()
             t_send = time.monotonic()
@@ -441,28 +466,50 @@ class Protector:
                digest: bytes | None) -> None:
         deadline = time.monotonic() + self.tuning.ack_timeout
         ack = link.wait_ack(index, deadline, heartbeat, interval)
-        self.domain.output_release()
         with self._lock:
             self.checkpoints += 1
             self.acked = index
             self.acked_digest = digest.hex() if digest is not None else None
             if ack.mismatch:
                 self.mismatches += 1
+        if self._fault_at("stall-after-ack", index):
+            faults.hang(self._pacer.stop, f"domain {self.info.name}: checkpoint {index} "
+                        "acknowledged, its output not released")
+        self.domain.output_release()
+        if self._fault_at("stall-after-release", index):
+            faults.hang(self._pacer.stop, f"domain {self.info.name}: checkpoint {index} "
+                        "acknowledged and its output released")
         if digest is not None:
             log.debug("domain %s: checkpoint %d acknowledged, xxh3-128 %s", self.info.name,
                       index, digest.hex())
 
-    def _stall_mid_send(self, link: Link, bufs: list, index: int) -> None:
-        """Fault injection for tests (REMUSD_FAULT): send half of checkpoint
-        ``index`` and hang, as a primary dying in mid-transmission would."""
-        self._pacer.stop()  # a dying primary sends no heartbeat either
-        data = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
-        half = len(data) // 2
-        link.send([data[:half]])
-        log.warning("REMUSD_FAULT: domain %s: sent %d of %d bytes of checkpoint %d; stalling",
-                    self.info.name, half, len(data), index)
-        while True:
-            time.sleep(3600)
+    def _fault_at(self, kind: str, index: int) -> bool:
+        return self._fault is not None and self._fault.at(kind, self.sessions, index)
+
+    def _fault_send(self, link: Link, bufs: list, index: int) -> None:
+        """Fault injection (remusd.faults): send part of checkpoint ``index``
+        and hang, as a primary dying in mid-transmission would."""
+        if self._fault is None or not any(self._fault_at(k, index) for k in (
+                "stall-mid-checkpoint", "stall-mid-chunk", "stall-before-tail")):
+            return
+        if self._fault.kind == "stall-mid-checkpoint" and index == 0:
+            return  # the initial copy's own bytes: _StallingLink
+        self._pacer.stop()  # no heartbeat may slip in after a partial chunk
+        name = self.info.name
+        if self._fault_at("stall-mid-checkpoint", index):
+            data = b"".join(faults.flat(bufs))
+            link.send([data[: len(data) // 2]])
+            faults.hang(self._pacer.stop, f"domain {name}: sent {len(data) // 2} of "
+                        f"{len(data)} bytes of checkpoint {index}")
+        if self._fault_at("stall-mid-chunk", index):
+            first = faults.flat(bufs[:1])[0]
+            link.send([first[: len(first) // 2]])
+            faults.hang(self._pacer.stop, f"domain {name}: sent {len(first) // 2} of the "
+                        f"{len(first)} bytes of checkpoint {index}'s first chunk")
+        if self._fault_at("stall-before-tail", index):
+            n = link.send(bufs[:-1])
+            faults.hang(self._pacer.stop, f"domain {name}: sent checkpoint {index} but its "
+                        f"tail ({n} bytes)")
 
     def _clean_end(self, link: Link) -> Link:
         log.info("domain %s: session ended cleanly (LAST_CHECKPOINT acknowledged); "
