@@ -207,7 +207,7 @@ def render_status(st: Any) -> str:
         rows = [[f(d) for _, f in REMUSD_COLUMNS] for d in doms]
         out.append(table(rows, [h for h, _ in REMUSD_COLUMNS]))
         reasons = [f"  {d['name']}: {d['reason']}" for d in doms
-                   if d.get("reason") and d["state"] in ("unprotected", "stopped")]
+                   if d.get("reason") and d["state"] in ("unprotected", "fenced", "stopped")]
         if reasons:
             out.append("reasons:\n" + "\n".join(reasons))
         return "\n".join(out)

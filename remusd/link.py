@@ -20,6 +20,10 @@ Rules:
   ``LinkDown`` (the backup is gone as far as the primary can tell).
 - A receiver's REFUSE raises ``Refused`` carrying its code, so the protector
   can tell "try later" (busy, internal) from "never" (fenced, version...).
+- ``LinkDown.fenced``: the receiver said its backup of the domain runs
+  (ERROR failed-over on this session, or REFUSE fenced). When a send or recv
+  fails, the frames the receiver queued before closing are read first, so an
+  ERROR failed-over is not mistaken for a plain broken link.
 """
 
 from __future__ import annotations
@@ -46,16 +50,17 @@ PERMANENT_REFUSALS = frozenset({"version", "bad-hello", "codec", "limit", "fence
 class LinkDown(RemusError):
     """The backup cannot be reached or stopped acknowledging."""
 
-    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+    def __init__(self, reason: str, *, permanent: bool = False, fenced: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.permanent = permanent
+        self.permanent = permanent or fenced
+        self.fenced = fenced
 
 
 class Refused(LinkDown):
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(f"receiver refused the session ({code}): {reason}",
-                         permanent=code in PERMANENT_REFUSALS)
+                         permanent=code in PERMANENT_REFUSALS, fenced=code == "fenced")
         self.code = code
 
 
@@ -182,7 +187,8 @@ class NetLink(Link):
         except TimeoutError:
             return []
         except OSError as e:
-            raise LinkDown(f"link to {self.target} broke: {e.strerror or e}") from None
+            raise self._last_words(
+                LinkDown(f"link to {self.target} broke: {e.strerror or e}")) from None
         try:
             if not data:
                 self.session.eof()
@@ -204,7 +210,7 @@ class NetLink(Link):
                           self.target, ev.index)
         elif isinstance(ev, sp.Error):
             raise LinkDown(f"{self.target} ended the session ({ev.code_name}): {ev.reason}",
-                           permanent=ev.code == sp.ERR_FAILED_OVER)
+                           fenced=ev.code == sp.ERR_FAILED_OVER)
         elif isinstance(ev, sp.Goodbye):
             raise LinkDown(f"{self.target} said goodbye: {ev.reason}")
 
@@ -214,7 +220,7 @@ class NetLink(Link):
         with self._send_lock:
             return self._send(buffers)
 
-    def _send(self, buffers: Sequence) -> int:
+    def _send(self, buffers: Sequence, last_words: bool = True) -> int:
         t = self.t
         if t is None:
             raise LinkDown(f"link to {self.target} is closed")
@@ -223,9 +229,34 @@ class NetLink(Link):
         except TimeoutError:
             raise LinkDown(f"sending to {self.target} stalled for {self.io_timeout} s") from None
         except OSError as e:
-            raise LinkDown(f"sending to {self.target}: {e.strerror or e}") from None
+            down = LinkDown(f"sending to {self.target}: {e.strerror or e}")
+            # only the session thread reads the socket (not the pacer)
+            raise self._last_words(down) if last_words else down from None
         self.last_sent = time.monotonic()
         return n
+
+    def _last_words(self, down: LinkDown) -> LinkDown:
+        """The link broke: if the receiver queued an ERROR (failed-over,
+        superseded...) before closing, that is the reason, not the socket
+        error. Reads only what is already queued (no wait)."""
+        t, session = self.t, self.session
+        if t is None or session is None:
+            return down
+        try:
+            for _ in range(64):
+                ready, _, _ = select.select([t.fileno()], [], [], 0)
+                if not ready:
+                    break
+                data = t.recv(65536)
+                if not data:
+                    break
+                for ev in session.feed(data):
+                    self._handle(ev)
+        except LinkDown as said:
+            return said
+        except (OSError, ValueError, ProtocolError):
+            pass
+        return down
 
     def heartbeat_if_idle(self, data: bytes, idle: float) -> bool:
         """Send ``data`` (a HEARTBEAT chunk) if nothing went out for ``idle``
@@ -241,7 +272,7 @@ class NetLink(Link):
         try:
             if time.monotonic() - self.last_sent < idle:
                 return False
-            self._send([data])
+            self._send([data], last_words=False)
             return True
         finally:
             self._send_lock.release()
