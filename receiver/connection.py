@@ -33,10 +33,6 @@ import logging
 import threading
 import time
 
-import numpy as np
-import xxhash
-
-from xenbind import PAGE_SIZE
 from xenbind.errors import DomainError, ProtocolError, RemusError, StreamError
 from xenbind.session import (
     ERR_INTERNAL,
@@ -69,7 +65,6 @@ from .staging import Staging
 log = logging.getLogger("receiver")
 
 RECV_SIZE = 1 << 20  # bytes read per recv
-DIGEST_SLAB = 4096  # pages gathered at a time to digest the backup's memory
 SOFTWARE = "remus-receiver 0.1.0"
 #: closing: how long and how much of the peer's input to drain (see _linger)
 LINGER_S = 0.2
@@ -259,7 +254,6 @@ class Connection:
         self.digest = None
         self.last_flag = False
         self.initial_pages = 0
-        self._slab: np.ndarray | None = None
         try:
             self._loop()
         except _End as end:
@@ -417,16 +411,7 @@ class Connection:
             log.warning("%s: checkpoint %d: digest algorithm %s not supported; not verified",
                         self.who(), index, digest.algorithm)
             return False, False
-        pages = prot.config.pages
-        if self._slab is None:
-            self._slab = np.empty((min(DIGEST_SLAB, pages), PAGE_SIZE), dtype=np.uint8)
-        h = xxhash.xxh3_128()
-        for lo in range(0, pages, DIGEST_SLAB):
-            hi = min(pages, lo + DIGEST_SLAB)
-            out = self._slab[: hi - lo]
-            prot.backup.gather(np.arange(lo, hi, dtype=np.uint64), out)
-            h.update(memoryview(out).cast("B"))
-        got = h.digest()
+        got = prot.digest()
         if got == digest.digest:
             prot.verified += 1
             return True, False

@@ -330,6 +330,13 @@ class ReceiverDaemon:
                 raise RemusError(f"{prot.label()} cannot fail over in state {prot.state}")
             if not manual and (not prot.armed or silence < prot.failover_timeout):
                 return {}  # a sign of life or a new session came in meanwhile
+            digest = ""
+            if prot.hello.options.verify:  # debugging: the memory it resumes with
+                try:
+                    prot.failover_digest = prot.digest().hex()
+                    digest = f"; memory xxh3-128 {prot.failover_digest}"
+                except DomainError as e:
+                    log.error("%s: cannot digest the backup before failover: %s", prot.label(), e)
             try:
                 prot.backup.unpause()
             except DomainError as e:
@@ -345,15 +352,16 @@ class ReceiverDaemon:
             prot.connection = None
         log.warning("%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
                     "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
-                    "is now fenced on this host", prot.label(), prot.backup_domid,
+                    "is now fenced on this host%s", prot.label(), prot.backup_domid,
                     prot.last_committed, (time.monotonic() - prot.committed_at) * 1000, reason,
-                    prot.detection_ms, prot.failover_timeout * 1000)
+                    prot.detection_ms, prot.failover_timeout * 1000, digest)
         if conn is not None:
             conn.close_from_daemon(conn.rs.error(
                 ERR_FAILED_OVER, f"the backup of domain {prot.name} took over from checkpoint "
                 f"{prot.last_committed}: do not re-protect to this receiver"))
         return {"domain": prot.name, "uuid": prot.uuid, "backup_domid": prot.backup_domid,
-                "resumed_from": prot.last_committed, "detection_ms": round(prot.detection_ms, 1)}
+                "resumed_from": prot.last_committed, "detection_ms": round(prot.detection_ms, 1),
+                "memory_digest": prot.failover_digest}
 
     def start_monitor(self) -> None:
         self._monitor = threading.Thread(target=self._monitor_loop, name="failover-timer",

@@ -34,8 +34,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+import xxhash
+
+from xenbind import PAGE_SIZE
 from xenbind.hypervisor import DomainConfig
 from xenbind.session import Hello
+
+DIGEST_SLAB = 4096  # pages gathered at a time to digest the backup's memory
 
 #: States in which a session's commit may still write into the backup.
 COMMIT_STATES = ("initial-copy", "receiving")
@@ -67,7 +73,9 @@ class Protection:
     mismatches: int = 0
     failed_over_wall: float | None = None
     detection_ms: float | None = None
+    failover_digest: str | None = None  # verify mode: the backup's memory as it resumed
     last_error: str | None = None
+    _slab: np.ndarray | None = None
 
     @property
     def config(self) -> DomainConfig:
@@ -93,6 +101,20 @@ class Protection:
         self.last_life = now
         if heartbeat:
             self.last_heartbeat = now
+
+    def digest(self) -> bytes:
+        """xxh3-128 of the backup's whole memory in PFN order (the digest
+        remusd's verify mode sends); reads DIGEST_SLAB pages at a time."""
+        pages = self.config.pages
+        if self._slab is None:
+            self._slab = np.empty((min(DIGEST_SLAB, pages), PAGE_SIZE), dtype=np.uint8)
+        h = xxhash.xxh3_128()
+        for lo in range(0, pages, DIGEST_SLAB):
+            hi = min(pages, lo + DIGEST_SLAB)
+            out = self._slab[: hi - lo]
+            self.backup.gather(np.arange(lo, hi, dtype=np.uint64), out)
+            h.update(memoryview(out).cast("B"))
+        return h.digest()
 
     def commit_allowed(self) -> bool:
         return self.state in COMMIT_STATES
@@ -128,6 +150,7 @@ class Protection:
             "mismatches": self.mismatches,
             "failed_over_at": self.failed_over_wall,
             "detection_ms": None if self.detection_ms is None else round(self.detection_ms, 1),
+            "failover_digest": self.failover_digest,
             "started_at": self.started_wall,
             "error": self.last_error,
         }
