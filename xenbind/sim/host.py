@@ -257,13 +257,22 @@ class Host:
         }
         self.next_domid += 1
         mem = L.path(self.dir, domid, "mem")
-        fd = os.open(mem, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.ftruncate(fd, pages * PAGE_SIZE)
-        finally:
-            os.close(fd)
-        _unlink(L.path(self.dir, domid, "out"))
-        L.write_meta(self.dir, meta)
+            # the memory is allocated now, as Xen does at domain creation: a
+            # full filesystem fails the create with ENOSPC here, instead of
+            # SIGBUS in whoever first writes a page of a sparse mapping later
+            fd = os.open(mem, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, pages * PAGE_SIZE)
+            finally:
+                os.close(fd)
+            _unlink(L.path(self.dir, domid, "out"))
+            L.write_meta(self.dir, meta)
+        except OSError as e:
+            for ext in ("json", "mem"):
+                _unlink(L.path(self.dir, domid, ext))
+            raise HostError(f"cannot allocate {pages * PAGE_SIZE >> 20} MiB of memory for "
+                            f"domain {name} in {self.dir}: {e.strerror or e}") from None
         pid = self._spawn(domid)
         self.domains[domid] = {"pid": pid, "meta": meta, "exit": None}
         started = _read_line_timeout(self._ready_fd, WORKER_START_TIMEOUT_S)

@@ -86,7 +86,7 @@ class Worker:
         self.addr = self.mem64.ctypes.data
         cfd = os.open(L.path(sim_dir, domid, "ctl"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            os.ftruncate(cfd, PAGE_SIZE)
+            os.posix_fallocate(cfd, 0, PAGE_SIZE)  # ENOSPC now, not SIGBUS on a write
             self.ctl_mm = mmap.mmap(cfd, PAGE_SIZE, mmap.MAP_SHARED)
         finally:
             os.close(cfd)
@@ -121,7 +121,7 @@ class Worker:
             self.mode = MODE_BITMAP
             bfd = os.open(L.path(sim_dir, domid, "dirty"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                os.ftruncate(bfd, 2 * self.pages)
+                os.posix_fallocate(bfd, 0, 2 * self.pages)
                 self.bm_mm = mmap.mmap(bfd, 2 * self.pages, mmap.MAP_SHARED)
             finally:
                 os.close(bfd)
