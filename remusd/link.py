@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -244,7 +243,7 @@ class NetLink(Link):
             return down
         try:
             for _ in range(64):
-                ready, _, _ = select.select([t.fileno()], [], [], 0)
+                ready = t.wait_readable(0)  # TLS may hold decoded bytes select cannot see
                 if not ready:
                     break
                 data = t.recv(65536)
@@ -281,7 +280,7 @@ class NetLink(Link):
         assert self.t is not None
         while True:
             try:
-                ready, _, _ = select.select([self.t.fileno()], [], [], 0)
+                ready = self.t.wait_readable(0)
             except (OSError, ValueError):
                 raise LinkDown(f"link to {self.target} is closed") from None
             if not ready:
@@ -303,7 +302,7 @@ class NetLink(Link):
                 next_beat = now + heartbeat_s
             wait = max(0.001, min(deadline, next_beat) - now)
             try:
-                ready, _, _ = select.select([self.t.fileno()], [], [], wait)
+                ready = self.t.wait_readable(wait)
             except (OSError, ValueError):
                 raise LinkDown(f"link to {self.target} is closed") from None
             if not ready:
@@ -324,7 +323,12 @@ class NetLink(Link):
 
 
 def make_link(target: Target, hello: sp.Hello, *, connect_timeout: float,
-              io_timeout: float) -> Link:
+              io_timeout: float,
+              connect: Callable[[str, int, float], Transport] | None = None) -> Link:
+    """``connect(host, port, timeout)`` makes the transport (remusd's choice at
+    start: ``xenbind.tls.TlsClient.connect`` or, with --insecure,
+    ``xenbind.tls.plaintext_connect``)."""
     if target.kind == "file":
         return FileLink(os.path.abspath(target.path))
-    return NetLink(target, hello, connect_timeout=connect_timeout, io_timeout=io_timeout)
+    return NetLink(target, hello, connect_timeout=connect_timeout, io_timeout=io_timeout,
+                   connect=connect)

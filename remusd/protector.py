@@ -132,6 +132,8 @@ class Tuning:
         self.precopy_threshold = int(args.precopy_threshold)
         self.buffer_pages = int(args.buffer_pages)
         self.cache_pages = int(args.cache_pages)
+        #: how a network link connects: TLS or plaintext, chosen by remusd.cli
+        self.connect = getattr(args, "connector", None)
 
 
 class Protector:
@@ -349,7 +351,7 @@ class Protector:
         hello = self._hello()
         interval = self.req.interval_ms / 1000.0
         link = make_link(self.req.target, hello, connect_timeout=t.connect_timeout,
-                         io_timeout=max(t.ack_timeout, interval))
+                         io_timeout=max(t.ack_timeout, interval), connect=t.connect)
         link.open()
         self._set("initial-copy")
         try:
