@@ -11,10 +11,16 @@ releases everything up to the oldest barrier and drops that barrier
 
 Buffered records live only in the worker process: they die with the host, as
 a dom0's network buffers would.
+
+A released record the ``.out`` file cannot take (ENOSPC: the outside world's
+link is full) stays in a backlog, in order, and goes out before anything
+else at the next write: the guest keeps running, as a guest whose packets
+queue up would; its output is late, never lost or reordered.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import deque
 
@@ -28,6 +34,7 @@ class OutputBuffer:
         #: records after the last barrier are pending - sum(barriers)
         self.barriers: deque[int] = deque()
         self.released = 0
+        self.backlog = b""  # released bytes the file could not take yet (ENOSPC)
 
     @property
     def buffered(self) -> int:
@@ -61,12 +68,18 @@ class OutputBuffer:
         return n
 
     def _write(self, records: list[bytes]) -> None:
-        if records:
-            data = b"".join(records)
-            view = memoryview(data)
+        if not records and not self.backlog:
+            return
+        view = memoryview(self.backlog + b"".join(records))
+        try:
             while view:
                 view = view[os.write(self.fd, view) :]
-            self.released += len(records)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # full: the rest waits in the backlog
+        self.backlog = bytes(view)
+        self.released += len(records)
 
     def close(self) -> None:
         if self.fd >= 0:
