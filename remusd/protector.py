@@ -7,7 +7,10 @@ States (``Protector.state``)::
     unprotected   the backup is gone (``reason`` says why): the guest runs with
                   its output released at once; retries with backoff
                   (retry_min doubling up to retry_max), and each retry makes a
-                  fresh session with a fresh initial copy
+                  fresh session with a fresh initial copy. After losing a
+                  session whose checkpoint 0 was acknowledged, the first retry
+                  is immediate: the receiver fails its backup over after its
+                  failover timeout unless a new session supersedes it
     fenced        the receiver's backup of the domain runs (it failed over):
                   the guest here is paused with its output withheld (or, if
                   it already ran unprotected, left running: split brain, see
@@ -174,6 +177,9 @@ class Protector:
         self.started = time.monotonic()
         self._fault = faults.from_env()
         self._engaged = False  # log-dirty on / output plugged by the current session
+        #: the receiver's failover timeout (ms) once it acknowledged checkpoint 0
+        #: of the current session (it then holds a backup it may resume), else None
+        self._failover_capable: int | None = None
         self._pacer: _Pacer | None = None
 
     # -- control -----------------------------------------------------------------
@@ -260,13 +266,25 @@ class Protector:
                     self._set("unprotected", f"{e.reason} (not retrying)")
                     self._stop.wait()
                     break
-                log.warning("domain %s unprotected: %s; retrying in %.1f s",
-                            self.info.name, e.reason, delay)
-                if self._stop.wait(delay):
+                wait = delay
+                if self._failover_capable is not None:
+                    # the receiver holds a committed backup and fails it over after
+                    # its timeout of silence unless a new session supersedes it first
+                    # (a reset link, a receiver that closed on a hiccup): reconnect now
+                    log.warning("domain %s unprotected: %s; reconnecting at once (the "
+                                "receiver fails over after %d ms without us)", self.info.name,
+                                e.reason, self._failover_capable)
+                    self._failover_capable = None
+                    wait = 0.0
+                else:
+                    log.warning("domain %s unprotected: %s; retrying in %.1f s",
+                                self.info.name, e.reason, delay)
+                if self._stop.wait(wait):
                     break
                 with self._lock:
                     self.retries += 1
-                delay = min(delay * 2, self.tuning.retry_max)
+                if wait:
+                    delay = min(delay * 2, self.tuning.retry_max)
                 continue
             except DomainError as e:
                 log.error("domain %s: %s; protection stopped", self.info.name, e)
@@ -402,6 +420,8 @@ class Protector:
             self._pacer.stop()
         sent = res.bytes_sent + link.send(bufs)
         self._acked(link, 0, _nothing if last else heartbeat, interval, res.final.digest)
+        if link.kind == "tcp":
+            self._failover_capable = link.failover_timeout_ms or 0
         with self._lock:
             self.bytes_sent += sent
             self.last_pause_ms = res.final.pause_ms
