@@ -1,0 +1,714 @@
+"""Fault campaign: real daemons on simulated hosts, killed, frozen, cut and starved.
+
+    python -m bench.faults [--runs N] [--json PATH] [--seed S] [--scenario NAME ...]
+                           [--keep-logs DIR]
+
+Every run uses real processes over loopback: ``python -m xenbind.sim host``
+(primary and backup), ``remus-receiver`` and ``remusd`` (debug log), a
+``ledger`` guest (16 MiB, 3000 transactions/s) protected every 30 ms in
+verify mode (every checkpoint carries the primary's memory digest; the
+receiver checks each commit, and digests the backup again just before a
+failover). ``--runs N`` runs are spread over the scenarios round-robin.
+
+Scenarios (docs/faults.md says what each proves):
+
+kill-initial-copy   REMUSD_FAULT stall-mid-checkpoint:1:0, then kill -9 of the
+                    primary host and remusd: nothing committed, so no failover
+                    and no backup left
+kill-paused         stall-paused:1:N (guest paused in the capture of N)   -> N-1
+kill-mid-chunk      stall-mid-chunk:1:N (half of N's first chunk sent)    -> N-1
+kill-mid-checkpoint stall-mid-checkpoint:1:N (half of N's bytes sent)     -> N-1
+kill-before-tail    stall-before-tail:1:N (N sent but its tail; N >= 0)   -> N-1
+kill-after-ack      stall-after-ack:1:N (N acked, output held back)       -> N
+kill-after-release  stall-after-release:1:N (N acked, output released)    -> N
+kill-random         kill -9 at a random time 0..1.5 s after `protect`
+                    (initial copy included): failover iff the receiver had
+                    committed something, from a checkpoint >= the last one
+                    remusd saw acknowledged
+sigstop             remusd frozen (SIGSTOP): the receiver fails over after its
+                    timeout; SIGCONT: remusd must find itself fenced, pause its
+                    stale guest, release no more output, and not retry
+tcp-reset           a TCP proxy between the daemons cuts the link in the
+                    middle of a checkpoint chunk with RST both ways: no
+                    failover, remusd unprotected then protected again; then a
+                    power cut proves the re-protected backup holds everything
+receiver-restart    receiver kill -9 and restart: the guest runs unprotected,
+                    is protected again, then a power cut fails over cleanly
+disk-full           the backup host's directory (and the receiver's log) on a
+                    small tmpfs: first too small for the backup (clear refusal,
+                    remusd retrying, receiver serving), then grown, then filled
+                    to the last byte while checkpoints commit; a power cut then
+                    fails over with every acknowledged transaction (root only)
+
+After every failover: the backup's memory digest taken by the receiver just
+before it resumed equals the primary's digest of that checkpoint (remusd's
+status / debug log; for a checkpoint the receiver committed but remusd never
+saw acknowledged, the receiver's own verification of it), and
+``ledger-check --acked`` passes on the backup with the primary's released
+outputs. Output: one line per run, a table per scenario, JSON with --json.
+Run times are wall clock on a shared box: for orientation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tests.e2e.conftest import Receiver, Remusd, free_port, wait_until
+from tests.simhost import SimHost, sim_dir
+
+INTERVAL_MS = 30
+MEMORY = "16M"
+RATE = 3000
+#: remusd's debug line after each ACK in verify mode (remusd/protector.py)
+ACK_LINE = re.compile(r"domain (\S+): checkpoint (\d+) acknowledged, xxh3-128 ([0-9a-f]{32})")
+
+KILL_POINTS = {  # scenario -> (REMUSD_FAULT kind, smallest N, resumed checkpoint = N + offset)
+    "kill-initial-copy": ("stall-mid-checkpoint", 0, None),
+    "kill-paused": ("stall-paused", 1, -1),
+    "kill-mid-chunk": ("stall-mid-chunk", 1, -1),
+    "kill-mid-checkpoint": ("stall-mid-checkpoint", 1, -1),
+    "kill-before-tail": ("stall-before-tail", 0, -1),
+    "kill-after-ack": ("stall-after-ack", 0, 0),
+    "kill-after-release": ("stall-after-release", 0, 0),
+}
+SCENARIOS = (*KILL_POINTS, "kill-random", "sigstop", "tcp-reset", "receiver-restart",
+             "disk-full")
+
+
+class Failed(AssertionError):
+    pass
+
+
+def check(cond: object, what: str) -> None:
+    if not cond:
+        raise Failed(what)
+
+
+@dataclass
+class Result:
+    scenario: str
+    run: int
+    ok: bool
+    seconds: float
+    detail: str = ""
+    error: str | None = None
+    logs: str | None = None
+
+
+@dataclass
+class Ctx:
+    """What one run needs: a private directory and the shared backup side."""
+
+    workdir: Path
+    rng: random.Random
+    backup: SimHost | None = None
+    rx: Receiver | None = None
+    notes: dict = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def start_remusd(ctx: Ctx, primary: SimHost, *extra: str, fault: str | None = None) -> Remusd:
+    env = {"REMUSD_FAULT": fault} if fault else None
+    d = Remusd(ctx.workdir, primary, *extra, env=env)
+    ctx.cleanups.append(d.kill)
+    return d.start()
+
+
+def start_primary(ctx: Ctx, name: str) -> SimHost:
+    host = SimHost(sim_dir("faults-primary-")).start()
+    ctx.cleanups.append(host.cleanup)
+    host.create(MEMORY, "ledger", seed=ctx.rng.randrange(1 << 32), rate=RATE, name=name)
+    return host
+
+
+def rx_session(rx: Receiver, name: str) -> dict | None:
+    return rx.session(name)
+
+
+def rx_lines(rx: Receiver, name: str) -> list[str]:
+    return [ln for ln in rx.log().splitlines() if f"domain {name} (" in ln]
+
+
+def acked_digests(remusd: Remusd, name: str) -> dict[int, str]:
+    """index -> digest of the checkpoints remusd saw acknowledged in the
+    domain's last session (indexes restart at 0 with each session)."""
+    out: dict[int, str] = {}
+    start = f"domain {name}: session "
+    for line in remusd.log().splitlines():
+        if start in line:
+            out = {}
+        m = ACK_LINE.search(line)
+        if m and m.group(1) == name:
+            out[int(m.group(2))] = m.group(3)
+    return out
+
+
+def released_outputs(primary: SimHost, name: str, path: Path | None = None) -> int:
+    out = primary.cli("outputs", name).stdout
+    if path is not None:
+        path.write_text(out)
+    return sum(1 for ln in out.splitlines() if ln.startswith("ack "))
+
+
+def power_cut(primary: SimHost, remusd: Remusd) -> None:
+    remusd.kill()
+    primary.kill()
+
+
+def wait_final(rx: Receiver, name: str, timeout: float = 20) -> dict | None:
+    """The receiver's session once it settled after the primary died."""
+    def settled():
+        s = rx_session(rx, name)
+        if s is None or s["state"] in ("gone", "failed-over"):
+            return {"s": s}
+        if s["state"] in ("corrupt", "broken", "ended", "superseded"):
+            raise Failed(f"receiver session ended {s['state']}: {s.get('error')}")
+        return None
+    return wait_until(f"the receiver to settle domain {name}", settled, timeout)["s"]
+
+
+def check_failover(ctx: Ctx, primary: SimHost, remusd: Remusd, name: str, s: dict,
+                   acked: int | None, acked_digest: str | None,
+                   expect: int | None = None) -> str:
+    """The backup resumed from the right checkpoint, byte for byte, and holds
+    every acknowledged transaction."""
+    rx, backup = ctx.rx, ctx.backup
+    k = s["last_committed"]
+    check(s["state"] == "failed-over", f"state {s['state']}")
+    if expect is not None:
+        check(k == expect, f"resumed from checkpoint {k}, expected {expect}")
+    if acked is not None:
+        check(k >= acked, f"resumed from {k}, older than the acknowledged {acked}")
+    check(s["mismatches"] == 0, f"receiver verify mismatches {s['mismatches']}")
+    logged = acked_digests(remusd, name)
+    if acked is not None and acked_digest:
+        logged[acked] = acked_digest
+    fd = s.get("failover_digest")
+    check(fd, "no failover digest in the receiver's status")
+    if k in logged:
+        check(fd == logged[k], f"backup memory at failover {fd} != primary's digest "
+              f"{logged[k]} of checkpoint {k}")
+        how = "digest = primary's"
+    else:
+        top = max(logged, default=-1)
+        check(k == top + 1, f"resumed from {k}, but remusd saw only up to {top} acknowledged")
+        check(s["verified"] == s["checkpoints"], f"only {s['verified']} of {s['checkpoints']} "
+              "commits verified")
+        how = "committed, ACK lost with the primary; verified by the receiver"
+    lines = rx_lines(rx, name)
+    check(any("FAILOVER" in ln and f"from checkpoint {k}" in ln for ln in lines),
+          "no FAILOVER line naming the checkpoint in the receiver's log")
+    info = backup.lookup(name).info()
+    check(info.state == "running", f"backup domain is {info.state}")
+    acked_file = ctx.workdir / f"{name}.acked"
+    n = released_outputs(primary, name, acked_file)
+    backup.cli("pause", name)
+    r = backup.cli("ledger-check", name, "--acked", str(acked_file), check=False)
+    check(r.returncode == 0, f"ledger-check failed: {r.stdout}{r.stderr}")
+    return f"resumed from {k} ({how}), {n} released outputs all on the backup"
+
+
+def destroy_backup(ctx: Ctx, name: str) -> None:
+    with contextlib.suppress(Exception):
+        ctx.backup.hv.destroy(name)
+
+
+# --------------------------------------------------------------------- scenarios
+
+
+def run_kill_point(ctx: Ctx, scenario: str, run: int) -> str:
+    kind, lo, offset = KILL_POINTS[scenario]
+    n = lo if scenario == "kill-initial-copy" else ctx.rng.randint(lo, lo + 6)
+    name = f"led{run}"
+    primary = start_primary(ctx, name)
+    ctx.cleanups.append(lambda: destroy_backup(ctx, name))
+    remusd = start_remusd(ctx, primary, fault=f"{kind}:1:{n}")
+    remusd.ctl("protect", name, "--to", ctx.rx.target, "--interval", str(INTERVAL_MS),
+               "--verify")
+    wait_until("remusd to reach the fault point", lambda: "stalling" in remusd.log(), 30)
+    d = remusd.domain(name)
+    acked, digest = d["acked"], d["acked_digest"]
+    if offset is not None:
+        want = n + offset
+        check(acked == (want if want >= 0 else None),
+              f"remusd status acked {acked} at {kind}:{n}")
+    power_cut(primary, remusd)
+    s = wait_final(ctx.rx, name)
+    if offset is None or n + offset < 0:
+        return check_nothing_committed(ctx, name, s, acked)
+    return check_failover(ctx, primary, remusd, name, s, acked, digest, expect=n + offset) \
+        + f" [{kind}:1:{n}]"
+
+
+def check_nothing_committed(ctx: Ctx, name: str, s: dict | None, acked: int | None) -> str:
+    check(acked is None, f"remusd saw checkpoint {acked} acknowledged, but no failover")
+    check(s is None or s["state"] == "gone", f"receiver session {s}")
+    time.sleep(0.6)  # longer than the failover timeout: still nothing
+    check(not any("FAILOVER" in ln for ln in rx_lines(ctx.rx, name)), "a FAILOVER happened")
+    names = [i.name for i in ctx.backup.hv.list()]
+    check(name not in names, "a backup that committed nothing survived")
+    return "nothing committed: no failover, backup destroyed"
+
+
+def run_kill_random(ctx: Ctx, scenario: str, run: int) -> str:
+    name = f"led{run}"
+    primary = start_primary(ctx, name)
+    ctx.cleanups.append(lambda: destroy_backup(ctx, name))
+    remusd = start_remusd(ctx, primary)
+    delay = ctx.rng.uniform(0.0, 1.5)
+    remusd.ctl("protect", name, "--to", ctx.rx.target, "--interval", str(INTERVAL_MS),
+               "--verify")
+    time.sleep(delay)
+    d = remusd.domain(name)  # a lower bound: more may be acknowledged before the kill
+    power_cut(primary, remusd)
+    logged = acked_digests(remusd, name)
+    acked = max(logged, default=d["acked"])
+    s = wait_final(ctx.rx, name)
+    if s is None or s["state"] == "gone":
+        return check_nothing_committed(ctx, name, s, acked) + f" (killed at {delay:.2f} s)"
+    return check_failover(ctx, primary, remusd, name, s, acked, logged.get(acked)) \
+        + f" (killed at {delay:.2f} s)"
+
+
+def run_sigstop(ctx: Ctx, scenario: str, run: int) -> str:
+    name = f"led{run}"
+    rx = ctx.rx
+    primary = start_primary(ctx, name)
+    ctx.cleanups.append(lambda: destroy_backup(ctx, name))
+    remusd = start_remusd(ctx, primary)
+    remusd.ctl("protect", name, "--to", rx.target, "--interval", str(INTERVAL_MS), "--verify")
+    remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name,
+                what="protection")
+    time.sleep(ctx.rng.uniform(0, 0.3))
+    os.kill(remusd.proc.pid, signal.SIGSTOP)
+    ctx.cleanups.insert(0, lambda: os.kill(remusd.proc.pid, signal.SIGCONT))
+    t0 = time.monotonic()
+    s = wait_until("the receiver to fail over", lambda: (lambda s: s if s and s["state"] ==
+                   "failed-over" else None)(rx_session(rx, name)), 10)
+    detect = time.monotonic() - t0
+    out_at_failover = released_outputs(primary, name)
+    backup_domid = s["backup_domid"]
+    os.kill(remusd.proc.pid, signal.SIGCONT)
+    d = remusd.wait(lambda d: d["state"] == "fenced", name, timeout=10,
+                    what="remusd to find itself fenced")
+    check("failed-over" in d["reason"] or "took over" in d["reason"], d["reason"])
+    check(primary.lookup(name).info().state == "paused", "the stale primary guest still runs")
+    time.sleep(1.5)  # no retry loop against the receiver meanwhile
+    d = remusd.domain(name)
+    check(d["state"] == "fenced" and d["retries"] == 0 and d["sessions"] == 1,
+          f"remusd after fencing: state {d['state']}, retries {d['retries']}, "
+          f"sessions {d['sessions']}")
+    check(remusd.proc.poll() is None, "remusd died")
+    s2 = rx_session(rx, name)
+    check(s2["state"] == "failed-over" and s2["backup_domid"] == backup_domid,
+          f"the backup that took over was touched: {s2['state']} {s2['backup_domid']}")
+    refusals = [ln for ln in rx.log().splitlines() if "refused session" in ln and
+                f"for domain {name} " in ln]
+    check(len(refusals) <= 1, f"remusd hammered the receiver: {len(refusals)} refusals")
+    out_after = released_outputs(primary, name)
+    check(out_after == out_at_failover, f"the fenced primary released {out_after - out_at_failover}"
+          " outputs after the backup took over")
+    d_ack = remusd.domain(name)
+    res = check_failover(ctx, primary, remusd, name, s2, d_ack["acked"], d_ack["acked_digest"])
+    return f"failover {detect * 1000:.0f} ms after SIGSTOP; remusd fenced, guest paused; " + res
+
+
+class ResetProxy:
+    """TCP forwarder remusd -> receiver that can cut the link mid-chunk.
+
+    ``cut()``: the next data remusd sends is forwarded only by half, then
+    both connections are closed with SO_LINGER 0 (RST both ways).
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.up = upstream_port
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.port = self.lsock.getsockname()[1]
+        self._cut = threading.Event()
+        self.cut_done = threading.Event()
+        self.cut_bytes = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(("127.0.0.1", self.up), timeout=5)
+            except OSError:
+                c.close()
+                continue
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+
+    @staticmethod
+    def _rst(*socks: socket.socket) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+    def _pump(self, c: socket.socket, u: socket.socket) -> None:
+        c.setblocking(True)
+        u.setblocking(True)
+        try:
+            while True:
+                r, _, _ = select.select([c, u], [], [], 0.5)
+                for s in r:
+                    data = s.recv(1 << 16)
+                    if not data:
+                        self._rst(c, u)
+                        return
+                    if s is c and self._cut.is_set() and len(data) >= 64:
+                        self._cut.clear()
+                        u.sendall(data[: len(data) // 2])
+                        self.cut_bytes = len(data) // 2
+                        time.sleep(0.05)  # let the half chunk reach the receiver first
+                        self._rst(c, u)
+                        self.cut_done.set()
+                        return
+                    (u if s is c else c).sendall(data)
+        except OSError:
+            self._rst(c, u)
+
+    def close(self) -> None:
+        self._stop = True
+        self.lsock.close()
+
+
+def run_tcp_reset(ctx: Ctx, scenario: str, run: int) -> str:
+    name = f"led{run}"
+    rx = ctx.rx
+    primary = start_primary(ctx, name)
+    ctx.cleanups.append(lambda: destroy_backup(ctx, name))
+    proxy = ResetProxy(rx.port)
+    ctx.cleanups.append(proxy.close)
+    remusd = start_remusd(ctx, primary)
+    remusd.ctl("protect", name, "--to", proxy.target, "--interval", str(INTERVAL_MS),
+               "--verify")
+    remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name,
+                what="protection")
+    time.sleep(ctx.rng.uniform(0, 0.3))
+    committed_before = rx_session(rx, name)["last_committed"]
+    proxy.cut()
+    check(proxy.cut_done.wait(10), "the proxy saw no data to cut")
+    d = remusd.wait(lambda d: d["sessions"] >= 2 and d["state"] == "protected", name,
+                    timeout=20, what="re-protection after the reset")
+    lines = rx_lines(rx, name)
+    check(not any("FAILOVER" in ln for ln in lines), "the backup failed over after a reset")
+    check(any("reset" in ln.lower() for ln in lines), "the receiver's log does not say reset")
+    check(any("unprotected" in ln and name in ln for ln in remusd.log().splitlines()),
+          "remusd's log does not say unprotected")
+    s = rx_session(rx, name)
+    check(s["state"] == "receiving" and s["mismatches"] == 0, f"new session {s}")
+    check(primary.lookup(name).info().state == "running", "the primary guest stopped")
+    # the new protection holds everything: power cut, failover, ledger-check
+    c1 = d["checkpoints"]
+    remusd.wait(lambda d: d["checkpoints"] >= c1 + 5, name, what="5 more checkpoints")
+    d = remusd.domain(name)
+    power_cut(primary, remusd)
+    s = wait_final(rx, name)
+    res = check_failover(ctx, primary, remusd, name, s, d["acked"], d["acked_digest"])
+    return (f"RST after {proxy.cut_bytes} bytes of a chunk (committed {committed_before} "
+            f"before); no failover, re-protected; then {res}")
+
+
+def run_receiver_restart(ctx: Ctx, scenario: str, run: int) -> str:
+    name = f"led{run}"
+    primary = start_primary(ctx, name)
+    backup = SimHost(sim_dir("faults-backup-")).start()
+    ctx.cleanups.append(backup.cleanup)
+    own = Ctx(ctx.workdir, ctx.rng, backup=backup)
+    rx = Receiver(ctx.workdir, backup, free_port())
+    ctx.cleanups.append(rx.kill)
+    rx.start()
+    own.rx = rx
+    remusd = start_remusd(ctx, primary, "--ack-timeout", "1", "--retry-min", "0.2",
+                          "--retry-max", "0.5")
+    remusd.ctl("protect", name, "--to", rx.target, "--interval", str(INTERVAL_MS), "--verify")
+    remusd.wait(lambda d: d["state"] == "protected", name, what="protection")
+    time.sleep(ctx.rng.uniform(0, 0.5))
+    rx.kill()
+    d = remusd.wait(lambda d: d["state"] == "unprotected", name, timeout=10,
+                    what="unprotected")
+    check("backup lost" in d["reason"], d["reason"])
+    n0 = released_outputs(primary, name)
+    time.sleep(0.3)
+    check(released_outputs(primary, name) > n0, "outputs held back while unprotected")
+    rx.start()
+    remusd.wait(lambda d: d["state"] == "protected" and d["sessions"] >= 2, name, timeout=20,
+                what="re-protection")
+    remusd.wait(lambda d: d["acked"] is not None and d["acked"] >= 5, name,
+                what="5 checkpoints")
+    d = remusd.domain(name)
+    power_cut(primary, remusd)
+    s = wait_final(rx, name)
+    return "unprotected, re-protected; then " + check_failover(
+        own, primary, remusd, name, s, d["acked"], d["acked_digest"])
+
+
+def _mount_tmpfs(size: str) -> str:
+    mnt = tempfile.mkdtemp(prefix="remus-faults-tmpfs-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", mnt],
+                   check=True, capture_output=True)
+    return mnt
+
+
+def _umount(mnt: str) -> None:
+    subprocess.run(["umount", "-l", mnt], capture_output=True)
+    shutil.rmtree(mnt, ignore_errors=True)
+
+
+def fill(path: Path) -> int:
+    """Write ``path`` until the filesystem is full; the bytes written."""
+    n = 0
+    block = b"\xa5" * (1 << 20)
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 20, 1 << 12, 1):
+            while True:
+                try:
+                    n += f.write(block[:size])
+                except OSError:
+                    break
+    return n
+
+
+def run_disk_full(ctx: Ctx, scenario: str, run: int) -> str:
+    if os.geteuid() != 0:
+        raise Skip("needs root to mount a small tmpfs")
+    mnt = _mount_tmpfs("6m")
+    ctx.cleanups.append(lambda: _umount(mnt))
+    try:
+        return _disk_full(ctx, run, mnt)
+    except Exception:  # keep the logs that live on the tmpfs
+        for sub in ("rx", "backup"):
+            with contextlib.suppress(OSError):
+                shutil.copytree(Path(mnt) / sub, ctx.workdir / f"tmpfs-{sub}",
+                                ignore=shutil.ignore_patterns("*.mem", "*.sock", "filler"))
+        raise
+
+
+def _disk_full(ctx: Ctx, run: int, mnt: str) -> str:
+    name = f"led{run}"
+    primary = start_primary(ctx, name)
+    backup = SimHost(os.path.join(mnt, "backup")).start()
+    ctx.cleanups.insert(0, backup.kill)
+    rxdir = Path(mnt) / "rx"
+    rxdir.mkdir()
+    rx = Receiver(rxdir, backup, free_port())  # its log on the small tmpfs too
+    ctx.cleanups.insert(0, rx.kill)
+    rx.start()
+    own = Ctx(ctx.workdir, ctx.rng, backup=backup, rx=rx)
+    remusd = start_remusd(ctx, primary, "--retry-min", "0.2", "--retry-max", "0.4")
+    remusd.ctl("protect", name, "--to", rx.target, "--interval", str(INTERVAL_MS), "--verify")
+    # 1. no room for the backup's 16 MiB: refused, remusd retries, the receiver serves on
+    d = remusd.wait(lambda d: d["state"] == "unprotected" and d["retries"] >= 2, name,
+                    timeout=15, what="refusals and retries")
+    check("No space left" in (d["reason"] or ""), f"reason: {d['reason']}")
+    check(rx.proc.poll() is None and rx.status()["role"] == "receiver", "the receiver died")
+    check(any("refused" in ln and "No space left" in ln for ln in rx.log().splitlines()),
+          "the receiver's log does not say why it refused")
+    # 2. room enough: protected at the next retry
+    subprocess.run(["mount", "-o", "remount,size=40m", mnt], check=True, capture_output=True)
+    remusd.wait(lambda d: d["state"] == "protected", name, timeout=15, what="protection")
+    # 3. fill the filesystem to the last byte while checkpoints commit
+    filled = fill(Path(mnt) / "filler")
+    c0 = remusd.domain(name)["checkpoints"]
+    remusd.wait(lambda d: d["checkpoints"] >= c0 + 20, name, timeout=20,
+                what="20 checkpoints on a full filesystem")
+    s = rx_session(rx, name)
+    check(s["state"] == "receiving" and s["mismatches"] == 0, f"session {s}")
+    check(rx.proc.poll() is None, "the receiver died")
+    d = remusd.domain(name)
+    power_cut(primary, remusd)
+    s = wait_final(rx, name)
+    check(rx.proc.poll() is None, "the receiver died at failover")
+    os.unlink(Path(mnt) / "filler")  # so the resumed guest's output reaches its file
+    res = check_failover(own, primary, remusd, name, s, d["acked"], d["acked_digest"])
+    return f"refused for space, retried, protected; filled {filled >> 20} MiB; 20 commits " \
+           f"on a full fs; then {res}"
+
+
+class Skip(Exception):
+    pass
+
+
+RUNNERS: dict[str, Callable[[Ctx, str, int], str]] = {
+    **{k: run_kill_point for k in KILL_POINTS},
+    "kill-random": run_kill_random,
+    "sigstop": run_sigstop,
+    "tcp-reset": run_tcp_reset,
+    "receiver-restart": run_receiver_restart,
+    "disk-full": run_disk_full,
+}
+
+
+# --------------------------------------------------------------------- campaign
+
+
+class Campaign:
+    """The shared backup host and receiver, and the runs."""
+
+    def __init__(self, root: Path, seed: int, keep_logs: Path | None = None) -> None:
+        self.root = root
+        self.rng = random.Random(seed)
+        self.keep_logs = keep_logs
+        self.backup: SimHost | None = None
+        self.rx: Receiver | None = None
+
+    def _shared(self) -> None:
+        if self.rx is not None and self.rx.proc.poll() is None and self.backup.running():
+            return
+        self.close()
+        self.backup = SimHost(sim_dir("faults-backup-")).start()
+        rxdir = self.root / "shared-rx"
+        rxdir.mkdir(exist_ok=True)
+        self.rx = Receiver(rxdir, self.backup, free_port()).start()
+
+    def run(self, scenario: str, run: int) -> Result:
+        self._shared()
+        wd = self.root / f"run-{run:04d}-{scenario}"
+        wd.mkdir()
+        ctx = Ctx(wd, random.Random(self.rng.randrange(1 << 32)), self.backup, self.rx)
+        t0 = time.monotonic()
+        try:
+            detail = RUNNERS[scenario](ctx, scenario, run)
+            res = Result(scenario, run, True, time.monotonic() - t0, detail)
+        except Skip as e:
+            res = Result(scenario, run, True, time.monotonic() - t0, f"skipped: {e}")
+        except Exception as e:  # a failed run: keep its logs, go on
+            res = Result(scenario, run, False, time.monotonic() - t0,
+                         error=f"{type(e).__name__}: {e}")
+        finally:
+            for c in ctx.cleanups:
+                with contextlib.suppress(Exception):
+                    c()
+        if not res.ok:
+            res.logs = self._keep(wd, run, scenario)
+        else:
+            shutil.rmtree(wd, ignore_errors=True)
+        return res
+
+    def _keep(self, wd: Path, run: int, scenario: str) -> str:
+        dest = (self.keep_logs or Path(tempfile.gettempdir())) / f"faults-{run:04d}-{scenario}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(wd, dest, ignore=shutil.ignore_patterns("*.sock"))
+        if self.rx is not None:
+            with contextlib.suppress(OSError):
+                shutil.copy(self.rx.log_path, dest / "shared-receiver.log")
+        return str(dest)
+
+    def close(self) -> None:
+        if self.rx is not None:
+            self.rx.kill()
+            self.rx = None
+        if self.backup is not None:
+            self.backup.cleanup()
+            self.backup = None
+
+
+def summarize(results: list[Result]) -> dict:
+    per: dict[str, dict] = {}
+    for r in results:
+        p = per.setdefault(r.scenario, {"runs": 0, "ok": 0, "failed": 0, "skipped": 0,
+                                        "seconds": []})
+        p["runs"] += 1
+        if not r.ok:
+            p["failed"] += 1
+        elif r.detail.startswith("skipped"):
+            p["skipped"] += 1
+        else:
+            p["ok"] += 1
+        p["seconds"].append(r.seconds)
+    for p in per.values():
+        s = sorted(p.pop("seconds"))
+        p["seconds_mean"] = round(sum(s) / len(s), 2)
+        p["seconds_max"] = round(s[-1], 2)
+    return per
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=len(SCENARIOS),
+                    help="runs in all, spread over the scenarios (default: one each)")
+    ap.add_argument("--scenario", action="append", choices=SCENARIOS,
+                    help="only these scenarios (repeatable)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--keep-logs", metavar="DIR", help="where failed runs' logs go "
+                    "(default: the temp directory)")
+    args = ap.parse_args(argv)
+    scenarios = args.scenario or list(SCENARIOS)
+    root = Path(tempfile.mkdtemp(prefix="remus-faults-"))
+    camp = Campaign(root, args.seed, Path(args.keep_logs) if args.keep_logs else None)
+    results: list[Result] = []
+    t0 = time.monotonic()
+    try:
+        for i in range(args.runs):
+            sc = scenarios[i % len(scenarios)]
+            r = camp.run(sc, i)
+            results.append(r)
+            mark = "ok  " if r.ok else "FAIL"
+            print(f"{mark} {i:4d} {sc:20s} {r.seconds:5.1f} s  "
+                  f"{r.detail if r.ok else r.error}", flush=True)
+            if r.logs:
+                print(f"          logs: {r.logs}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    finally:
+        camp.close()
+        shutil.rmtree(root, ignore_errors=True)
+    total = time.monotonic() - t0
+    per = summarize(results)
+    print(f"\n{'scenario':20s} {'runs':>5s} {'ok':>5s} {'failed':>6s} {'skipped':>7s} "
+          f"{'mean s':>7s} {'max s':>6s}")
+    for sc, p in per.items():
+        print(f"{sc:20s} {p['runs']:5d} {p['ok']:5d} {p['failed']:6d} {p['skipped']:7d} "
+              f"{p['seconds_mean']:7.2f} {p['seconds_max']:6.2f}")
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results)} runs, {len(failed)} failed, {total:.0f} s "
+          f"({total / max(1, len(results)):.1f} s per run)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "runs": len(results), "failed": len(failed), "seconds": round(total, 1),
+            "seed": args.seed, "scenarios": per,
+            "results": [asdict(r) for r in results]}, indent=1) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
