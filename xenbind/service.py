@@ -31,8 +31,9 @@ Control socket (``ControlServer``, ``control_request``)
     (``control_group`` key / ``--control-group``) it is mode 0660 and chowned
     to that group. Every connection is checked with ``SO_PEERCRED`` before a
     byte of it is read: only root (uid 0), the daemon's own uid, or a member
-    of the control group (the peer's gid, or the group lists the peer's user,
-    per the user database) is served; anyone else gets one line
+    of the control group (the peer's gid; or the user database puts the peer's
+    user in it; or the peer process has it among its supplementary groups, as
+    systemd's ``SupplementaryGroups=`` gives) is served; anyone else gets one line
     ``{"ok": false, "error": "permission denied: ..."}``, a WARNING in the log,
     and the connection closes. The file mode is the first gate, the peer
     check the second (it still holds if the mode or directory is too wide).
@@ -375,6 +376,18 @@ def _groups_of(uid: int, gid: int) -> set[int]:
         return {gid}
 
 
+def _process_groups(pid: int) -> set[int]:
+    """The supplementary groups of a live process (/proc/PID/status ``Groups:``)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
 class ControlServer:
     """A Unix-socket JSON-lines server; ``handler(request) -> result``."""
 
@@ -424,18 +437,20 @@ class ControlServer:
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._thread.start()
+        who = "root" if self.uid == 0 else f"root and uid {self.uid}"
         log.info("control socket listening on %s (%s)", self.path,
-                 f"root, uid {self.uid} and group {self.group}" if self.gid is not None
-                 else f"root and uid {self.uid} only")
+                 f"{who} and group {self.group}" if self.gid is not None else f"{who} only")
         return self
 
-    def allowed(self, uid: int, gid: int) -> bool:
+    def allowed(self, uid: int, gid: int, pid: int | None = None) -> bool:
         """Whether a peer with these credentials may use the control socket."""
         if uid == 0 or uid == self.uid:
             return True
         if self.gid is None:
             return False
-        return gid == self.gid or self.gid in _groups_of(uid, gid)
+        if gid == self.gid or self.gid in _groups_of(uid, gid):
+            return True
+        return pid is not None and self.gid in _process_groups(pid)
 
     def _refuse(self, conn: socket.socket, pid: int, uid: int, gid: int) -> None:
         self.refused += 1
@@ -494,7 +509,7 @@ class ControlServer:
             log.warning("control socket: cannot read the client's credentials (%s): closed", e)
             conn.close()
             return
-        if not self.allowed(uid, gid):
+        if not self.allowed(uid, gid, pid):
             try:
                 self._refuse(conn, pid, uid, gid)
             finally:
