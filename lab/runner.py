@@ -2,9 +2,13 @@
 
 The machine QEMU emulates (TCG: /dev/kvm on these hosts cannot run Xen):
 
-    -cpu max            + Xen's "smap=0" (without it dom0 crashes under TCG).
-                        qemu64 would do for Xen but lacks SSE4.2/POPCNT, which
-                        the host's numpy wheels need in dom0.
+    -cpu qemu64,+svm,+npt + SSSE3/SSE4.1/SSE4.2/POPCNT/CX16 (x86-64-v2): Xen
+                        needs SVM (+NPT for HVM/PVH guests); the host's numpy
+                        wheels need x86-64-v2 in dom0 ("Illegal instruction"
+                        on plain qemu64). Not "-cpu max": with it (and smap=0,
+                        or dom0 crashes) dom0 processes crashed at random
+                        (segfault, "malloc(): corrupted top size", a failed
+                        import) - QEMU 7.2's new TCG AVX2 is the suspect.
     -kernel  lab/cache/xen-4.17-amd64   (multiboot ELF)
     -initrd  "vmlinuz <dom0 cmdline>,dom0-initrd.gz"   (multiboot modules)
     virtio-9p  hostroot = /  (read-only), xenroot = lab/cache/root (read-only),
@@ -36,7 +40,8 @@ from lab.build import CACHE, LAB, ROOT, build
 
 REPO = LAB.parent
 RUN = CACHE / "run"
-XEN_CMDLINE = "dom0_mem=1024M console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all smap=0"
+XEN_CMDLINE = "dom0_mem=1024M console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all"
+CPU = "qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
 DOM0_CMDLINE = "console=hvc0 earlyprintk=xen quiet"
 QEMU = "qemu-system-x86_64"
 BOOT_DEADLINE = 240.0  # QEMU start -> dom0's initramfs says LAB-STAGE (seconds)
@@ -52,12 +57,12 @@ def qemu_command(args: argparse.Namespace) -> list[str]:
     results = RUN / "results"
     return [
         "timeout", "--kill-after=15", str(int(args.timeout)),
-        QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", "max",
+        QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", args.cpu,
         "-m", str(args.memory), "-smp", "2",
         "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{RUN / 'serial.log'}",
         "-kernel", str(CACHE / "xen-4.17-amd64"),
-        "-append", XEN_CMDLINE,
+        "-append", XEN_CMDLINE + (" smap=0" if args.cpu.startswith("max") else ""),
         # QEMU splits -initrd at commas: no comma may appear in the cmdline
         "-initrd", f"{CACHE / 'vmlinuz'} {dom0},{CACHE / 'dom0-initrd.gz'}",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="run only these Python check steps (comma list of modules "
                    "or module:part, e.g. xenctrl_checks,remus_checks:file); 'none' for the shell "
                    "checks only")
+    p.add_argument("--cpu", default=CPU, help=f"QEMU CPU model (default {CPU}; 'max' needs "
+                   "smap=0, added automatically)")
     p.add_argument("--overcommit", action="store_true",
                    help="exploration: vm.overcommit_memory=1 in dom0 (docs/lab.md)")
     p.add_argument("--memory", type=int, default=2560, help="QEMU memory, MiB")
