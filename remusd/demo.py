@@ -7,7 +7,9 @@ What it does, every step a real process:
 2. a ``ledger`` guest on the primary (a bank: every transaction moves money
    and acknowledges itself to the outside world through its output);
 3. ``remus-receiver`` on the backup and ``remusd`` on the primary, linked
-   over loopback TCP;
+   over loopback by TLS 1.3 with mutual authentication, the default mode:
+   a throwaway CA and a certificate per host are made at start with the
+   ``openssl`` command (``xenbind.pki``, the commands of docs/operations.md);
 4. ``remusctl protect ledger --interval 100``, then a line of live figures
    per second: checkpoints/s, pause, dirty pages, compression ratio, MB/s;
 5. the primary host and remusd are killed with SIGKILL (a power cut);
@@ -37,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from xenbind import pki
 from xenbind.service import ControlError, control_request
 
 PY = sys.executable
@@ -152,13 +155,19 @@ def run(args: argparse.Namespace) -> int:
                     "--seed", "1", "--rate", str(args.rate), "--name", "ledger").stdout.strip()
         say(f"2. guest 'ledger' (domain {domid}, {args.memory}) runs a bank on the primary: "
             f"{args.rate} transactions/s, each acknowledged to its client")
-        say(f"3. remus-receiver on the backup (127.0.0.1:{port}), remusd on the primary")
+        tls = base / "tls"
+        ca = pki.make_ca(tls, "remus-demo-ca")
+        rx_cert = pki.make_host_cert(tls, ca, "backup.demo", ["127.0.0.1"])
+        tx_cert = pki.make_host_cert(tls, ca, "primary.demo")
+        say(f"3. remus-receiver on the backup (127.0.0.1:{port}), remusd on the primary, "
+            f"linked by TLS 1.3 (throwaway CA and host certificates in {tls})")
         procs.start("receiver", _bin("remus-receiver") + [
             "--listen", f"127.0.0.1:{port}", "--sim-dir", str(backup), "--control", bsock,
-            "--insecure", "--config", "/dev/null"])
+            "--config", "/dev/null", "--tls-cert", rx_cert.cert, "--tls-key", rx_cert.key,
+            "--tls-ca", ca.cert, "--allow-peer", "primary.demo"])
         procs.start("remusd", _bin("remusd") + [
-            "--sim-dir", str(primary), "--control", rsock, "--insecure",
-            "--config", "/dev/null"])
+            "--sim-dir", str(primary), "--control", rsock, "--config", "/dev/null",
+            "--tls-cert", tx_cert.cert, "--tls-key", tx_cert.key, "--tls-ca", ca.cert])
         wait_for("remus-receiver", lambda: control_request(bsock, "status", timeout=2), 30)
         wait_for("remusd", lambda: control_request(rsock, "status", timeout=2), 30)
         control_request(rsock, "protect", domain="ledger", target=f"127.0.0.1:{port}",
