@@ -59,8 +59,9 @@ PROTECT_HELP = textwrap.dedent("""\
 
 PROTECT_EPILOG = textwrap.dedent("""\
     targets:
-      HOST:PORT    a remus-receiver listening there (needs remusd --insecure
-                   until TLS is available)
+      HOST:PORT    a remus-receiver listening there, over TLS (remusd's
+                   tls-cert/tls-key/tls-ca; the receiver's certificate must
+                   name HOST) or plaintext if remusd runs with --insecure
       file:PATH    write the session's legacy stream to PATH (no handshake):
                    `python -m xenbind.stream inspect PATH` and `replay` read it,
                    and with --codec none Xen's convert-legacy-stream reads its
