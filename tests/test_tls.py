@@ -514,3 +514,55 @@ def test_remusd_start_up_refusals(pki, tmp_path):
     r = subprocess.run([*base, "--tls-cert", p.cert, "--tls-key", p.key, "--tls-ca",
                         str(tmp_path / "absent.crt")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "absent.crt" in r.stderr
+
+
+def test_openssl_pki_makes_certificates_that_work(tmp_path):
+    """xenbind.pki (the demo's CA, the docs' openssl commands): a CA and two
+    host certificates that complete a mutually authenticated handshake."""
+    import threading
+
+    from xenbind import pki as openssl_pki
+    from xenbind.tls import TlsServer
+
+    ca = openssl_pki.make_ca(tmp_path, "ca")
+    a = openssl_pki.make_host_cert(tmp_path, ca, "a.test", ["127.0.0.1"])
+    b = openssl_pki.make_host_cert(tmp_path, ca, "b.test")
+    for f in (ca.key, a.key, b.key):
+        assert os.stat(f).st_mode & 0o777 == 0o600
+    assert os.stat(a.cert).st_mode & 0o777 == 0o644
+    with pytest.raises(ConfigError, match="not a host name"):
+        openssl_pki.make_host_cert(tmp_path, ca, "bad name; rm -rf /")
+    server = TlsServer(TlsSettings(a.cert, a.key, ca.cert, ("b.test",)))
+    ls = socket.create_server(("127.0.0.1", 0))
+    got: dict = {}
+
+    def serve() -> None:
+        s, _ = ls.accept()
+        t = server.accept(PlainTransport(s), 10)
+        got["names"] = t.peer_names
+        t.settimeout(10)
+        data = b""
+        while len(data) < 100_000:
+            chunk = t.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        t.sendall(data[-10:])
+        t.close()
+
+    th = threading.Thread(target=serve)
+    th.start()
+    try:
+        t = TlsClient(TlsSettings(b.cert, b.key, ca.cert)).connect("127.0.0.1",
+                                                                   ls.getsockname()[1], 10)
+        # many small buffers and a big one, coalesced into few records, in order
+        bufs = [bytes([i]) * 10 for i in range(100)] + [np.arange(99_000 // 8, dtype=np.uint64)]
+        n = t.send_buffers(bufs)
+        assert n == 1000 + 99_000
+        assert t.wait_readable(10)
+        assert t.recv(100) == np.arange(99_000 // 8, dtype=np.uint64).tobytes()[-10:]
+        t.close()
+    finally:
+        th.join(10)
+        ls.close()
+    assert got["names"][:1] == ["b.test"]
