@@ -332,18 +332,23 @@ def test_sender_checks_the_receivers_name(receiver, pki):
     client(pki, allow=("backup.test",)).connect("127.0.0.1", receiver.port, 10).close()
 
 
-def test_sender_refuses_a_receiver_from_another_ca(pki, hosts, tmp_path):
+@pytest.mark.parametrize("case", ["other CA", "expired"])
+def test_sender_refuses_a_bad_receiver_certificate(pki, hosts, tmp_path, case):
     _, backup = hosts
-    evil = Pki(tmp_path / "evil2", "evil2")
-    rogue = evil.leaf("backup.test")
+    if case == "other CA":
+        rogue = Pki(tmp_path / "evil2", "evil2").leaf("backup.test")
+        want, seen = "unknown CA", "the peer does not trust this host's certificate"
+    else:
+        rogue = pki["ca"].leaf("backup.test", expired=True, filename="backup-expired")
+        want, seen = "expired certificate", r"the peer refuses this host's certificate " \
+            r"\(expired certificate\)"
     r = Receiver(tmp_path / "rogue", backup.dir, "--tls-cert", rogue.cert, "--tls-key", rogue.key,
                  "--tls-ca", pki["ca"].ca, "--allow-peer", "*")
     try:
-        with pytest.raises(TlsRefused, match="unknown CA"):
+        with pytest.raises(TlsRefused, match=want):
             client(pki).connect("127.0.0.1", r.port, 10)
         # the receiver sees the primary refuse its certificate
-        r.wait_log(r"refused before the session handshake: the peer does not trust this "
-                   r"host's certificate")
+        r.wait_log(r"refused before the session handshake: " + seen)
     finally:
         assert r.stop() == 0
 
