@@ -420,7 +420,7 @@ class Protector:
             self._pacer.stop()
         sent = res.bytes_sent + link.send(bufs)
         self._acked(link, 0, _nothing if last else heartbeat, interval, res.final.digest)
-        if link.kind == "tcp":
+        if link.kind != "file":  # a receiver now holds a backup it may resume
             self._failover_capable = link.failover_timeout_ms or 0
         with self._lock:
             self.bytes_sent += sent
