@@ -4,6 +4,7 @@
                 max_device_model=..., cache_pages=None, max_cache_pages=...)
     for ev in d.feed(data): ...      # any split of the stream, any number of calls
     d.eof()                          # the peer closed: clean end, or TruncatedStream
+    d.close()                        # optional: drop the codec cache and buffers now
 
 The layout and every rule checked are in ``xenbind.stream.format``. What this
 module adds:
@@ -15,7 +16,9 @@ module adds:
   an over-long tail record; the signature for a wrong device-model signature.
   ``.events`` holds the events decoded in that ``feed`` call before the error
   (a checkpoint completed before the error is still there to commit). After an
-  error the decoder is dead: every later call raises the same error.
+  error the decoder is dead: every later call raises the same error again (same
+  type, offset and reason; a fresh instance with no ``events``, as that call
+  decoded nothing).
 * Truncation. ``eof()`` returns quietly when the stream ends between
   checkpoints (or right after the header, or after the LAST_CHECKPOINT one),
   and raises ``TruncatedStream`` otherwise; its ``torn_checkpoint`` is the
@@ -26,6 +29,24 @@ module adds:
   checked before any byte of it is buffered), one tail record (<= its cap).
   Per Format B body the decoder also keeps a bitmap of p2m_size bytes and the
   listed-but-not-yet-decoded PFNs (<= 8 bytes per guest page).
+  A COMPRESSED_DATA payload's buffer grows with the bytes that actually arrive
+  (never past the claimed length): it starts at what the current ``feed``
+  holds (at least ``GROW_MIN``) and grows ``GROW_FACTOR``-fold when full, so
+  a peer that claims 64 MiB and sends 100 bytes costs 64 KiB, the buffer
+  stays within GROW_FACTOR times what arrived (or GROW_MIN), and the copies
+  made growing it total less than 4/3 of the payload (linear, not
+  quadratic). A payload that arrives in one ``feed`` is allocated once, at
+  its size.
+* Freeing. A Decoder holds no reference to itself (the handler of the item
+  being read is a plain function, called with the decoder; the error kept for
+  later calls has no traceback), so a dropped Decoder and its Decompressor's
+  cache are freed by reference counting at once, not at Python's next cyclic
+  collection. When the decoder raises it drops the Decompressor, the buffers
+  and the per-body state at once (it is dead). ``eof()`` is a probe that
+  changes nothing (the decoder may be fed on), so it frees nothing; the
+  Decompressor goes as soon as the LAST_CHECKPOINT checkpoint completes
+  (nothing may follow it), and ``close()`` drops everything of a decoder its
+  caller keeps but is done with.
 * Codec. ENABLE_COMPRESSION makes a ``xenbind.compress.Decompressor`` for the
   announced codec (default "xen", 8192 pages); its cache mirrors the sender's.
   With ``cache_pages`` set, the stream's cache size must equal it.
@@ -36,6 +57,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +96,17 @@ _UINT = struct.Struct("<I")
 _ULONG = struct.Struct("<Q")
 _TSC = struct.Struct("<IQII")
 _II = struct.Struct("<II")
+
+#: The least a growing COMPRESSED_DATA buffer starts with (bytes); it is
+#: also about the most a claim costs before its bytes arrive.
+GROW_MIN = 64 << 10
+#: A growing buffer's new size is at least this times the old one. Every
+#: buffer but the last is smaller than the payload and each is at most
+#: 1/GROW_FACTOR of the next, so growing copies less than 4/3 of the payload
+#: in all (2 would copy up to twice it: +17% decode time on 32 MiB payloads
+#: fed in 1 MiB pieces, against +6% for 4), and a buffer stays within 4x the
+#: bytes at hand (np.empty does not touch it: only what is written is resident).
+GROW_FACTOR = 4
 
 
 class MalformedStream(StreamError):
@@ -143,7 +176,24 @@ class _PfnFifo:
         self.count = 0
 
 
-Handler = Callable[[object], None]
+#: What reads a completed item: a plain function of the Decoder and the item's
+#: buffer (``Decoder._on_*``, unbound: a bound method kept in the decoder
+#: would make a reference cycle).
+Handler = Callable[["Decoder", Any], None]
+
+
+def _again(err: StreamError) -> StreamError:
+    """A fresh copy of ``err`` (type, message, offset, reason, ...) with no
+    traceback and no ``events``: what a dead decoder raises on later calls.
+    A fresh instance, so the one kept never gets a traceback, whose frames
+    would hold the decoder (a cycle) and the caller's buffers."""
+    cls = type(err)
+    out = cls.__new__(cls)
+    out.args = err.args
+    out.__dict__.update(err.__dict__)
+    if isinstance(out, MalformedStream):
+        out.events = []
+    return out
 
 
 class Decoder:
@@ -186,14 +236,17 @@ class Decoder:
         self.last = False
 
         self._events: list = []
-        self._error: StreamError | None = None
+        self._error: StreamError | None = None  # kept without traceback: see _again
+        self._closed = False  # close() was called
         self._chunk_start = 0  # offset of the chunk being read
-        # the item being read
+        # the item being read: _want bytes into _dest (through _view, of
+        # _cap bytes: less than _want while a growing buffer fills), _have so far
         self._want = 0
         self._have = 0
+        self._cap = 0
         self._dest: bytearray | np.ndarray = bytearray()
         self._view = memoryview(self._dest)
-        self._handler: Handler = self._on_header
+        self._handler: Handler = Decoder._on_header
         self._what = ""
         # the checkpoint being read
         self._started = False  # a chunk other than HEARTBEAT was seen
@@ -211,14 +264,16 @@ class Decoder:
         self._magic: tuple[int, int, int] = (0, 0, 0)
         self._hvm_context = b""
 
-        self._expect(8, self._on_header, "the header")
+        self._expect(8, Decoder._on_header, "the header")
 
     # ------------------------------------------------------------------ driver
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Consume ``data`` (any piece of the stream); return the events it completes."""
         if self._error is not None:
-            raise self._error
+            raise _again(self._error)
+        if self._closed:
+            raise ValueError("feed() on a closed Decoder")
         mv = memoryview(data)
         if mv.ndim != 1 or mv.itemsize != 1:
             mv = mv.cast("B")
@@ -230,26 +285,34 @@ class Decoder:
             while True:
                 if self._have == self._want:
                     self.offset = self.received
-                    self._handler(self._dest)
+                    self._handler(self, self._dest)
                     continue
                 if i >= n:
                     break
                 take = min(self._want - self._have, n - i)
+                if self._have + take > self._cap:
+                    self._grow(n - i)
                 self._view[self._have : self._have + take] = mv[i : i + take]
                 self._have += take
                 self.received += take
                 i += take
         except MalformedStream as e:
             e.events = events
-            self._error = e
+            self._die(e)
             raise
+        finally:
+            self._events = []
         return events
 
     def eof(self) -> None:
         """The stream ended. Quiet if it ended between checkpoints; otherwise
-        ``TruncatedStream`` saying where and which checkpoint is torn."""
+        ``TruncatedStream`` saying where and which checkpoint is torn.
+
+        A probe: it does not disturb the decoder, which may be fed on (the
+        tests call it after every byte). A caller done with the decoder drops
+        it or calls ``close()``."""
         if self._error is not None:
-            raise self._error
+            raise _again(self._error)
         if self.last and self._have == 0:
             return
         if self.p2m_size is None:
@@ -259,7 +322,7 @@ class Decoder:
                 None,
                 0,
             )
-        if self._handler == self._on_chunk_type and self._have == 0 and not self._started:
+        if self._handler is Decoder._on_chunk_type and self._have == 0 and not self._started:
             return
         idx = self.checkpoints
         where = (
@@ -274,21 +337,81 @@ class Decoder:
             self.checkpoints,
         )
 
+    def _die(self, err: StreamError) -> None:
+        """``err`` is being raised: keep a traceback-free copy for later
+        calls and drop everything the dead decoder no longer needs."""
+        self._error = _again(err)
+        self._release()
+
+    def close(self) -> None:
+        """The caller is done with this decoder (the session ended): drop the
+        Decompressor and every buffer now. Later ``feed`` calls raise; later
+        ``eof`` calls answer as before ``close``. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """Drop everything a finished decoder holds: the codec state and the
+        item buffer (``_want``, ``_have`` stay: ``eof()`` reports them). Only
+        once no ``feed`` will run again: the decoder raised, or ``close()``."""
+        self._release_codec()
+        self._dest = bytearray()
+        self._view = memoryview(self._dest)
+        self._cap = 0
+        self._batch_pfns = None
+        self._hvm_context = b""
+
+    def _release_codec(self) -> None:
+        """Drop the Decompressor (its cache: up to max_cache_pages x 4 KiB)
+        and the Format B body state (a bitmap of p2m_size bytes, the listed
+        PFNs). Also done when the LAST_CHECKPOINT checkpoint completes: any
+        byte after it is an error, so no page will be decoded again."""
+        self._decompressor = None
+        self._seen = None
+        self._listed = []
+        self._pending = _PfnFifo()
+
     # ----------------------------------------------------------------- helpers
 
     def _expect(
-        self, n: int, handler: Handler, what: str, dest: bytearray | np.ndarray | None = None
+        self,
+        n: int,
+        handler: Handler,
+        what: str,
+        dest: bytearray | np.ndarray | None = None,
+        *,
+        grow: bool = False,
     ) -> None:
         """Read the next ``n`` bytes into ``dest`` (a fresh bytearray by
-        default), then call ``handler(dest)``."""
-        if dest is None:
+        default), then call ``handler(self, dest)``. ``grow``: no buffer yet;
+        ``_grow`` makes a uint8 array that grows to ``n`` as bytes arrive."""
+        if grow:
+            dest = np.empty(0, np.uint8)
+        elif dest is None:
             dest = bytearray(n)
         self._dest = dest
         self._view = memoryview(dest.reshape(-1) if isinstance(dest, np.ndarray) else dest)
+        self._cap = len(self._view)
         self._want = n
         self._have = 0
         self._handler = handler
         self._what = what
+
+    def _grow(self, arriving: int) -> None:
+        """Make room in the growing buffer: ``arriving`` bytes are at hand in
+        this ``feed``. The new size is at least GROW_FACTOR times the old
+        one (so the copies stay linear), at least what is at hand, at least
+        GROW_MIN, and never more than the item's length."""
+        have = self._have
+        size = min(self._want, max(GROW_FACTOR * self._cap, have + arriving, GROW_MIN))
+        # np.empty, not bytearray(size): no zero-fill, and numpy backs a
+        # large buffer with huge pages (fresh 4 KiB pages cost more than the copy)
+        dest = np.empty(size, np.uint8)
+        dest[:have] = self._dest[:have]
+        self._dest = dest
+        self._view = memoryview(dest)
+        self._cap = size
 
     def _fail(self, offset: int, reason: str) -> MalformedStream:
         return MalformedStream(offset, reason)
@@ -298,7 +421,7 @@ class Decoder:
 
     def _expect_chunk(self) -> None:
         self._chunk_start = self.received
-        self._expect(4, self._on_chunk_type, "a chunk type")
+        self._expect(4, Decoder._on_chunk_type, "a chunk type")
 
     def _ckpt(self) -> str:
         return f"checkpoint {self.checkpoints}"
@@ -330,11 +453,11 @@ class Decoder:
                 raise self._fail(
                     at, f"{self._ckpt()}: batch of {t} pages exceeds the maximum of {MAX_BATCH}"
                 )
-            self._expect(8 * t, self._on_pfns, "the PFN array of a batch")
+            self._expect(8 * t, Decoder._on_pfns, "the PFN array of a batch")
         elif t == 0:
             self._on_end_body()
         elif t == TAG_TSC_INFO:
-            self._expect(_TSC.size, self._on_tsc, "a TSC_INFO chunk")
+            self._expect(_TSC.size, Decoder._on_tsc, "a TSC_INFO chunk")
         elif t == TAG_LAST_CHECKPOINT:
             self._last_here = True
             self._emit(ev.LastCheckpoint())
@@ -348,7 +471,7 @@ class Decoder:
                     f"COMPRESSED_DATA in the Format A body of {self._ckpt()} "
                     "(compression starts with the body after ENABLE_COMPRESSION)",
                 )
-            self._expect(8, self._on_compressed_length, "a COMPRESSED_DATA length")
+            self._expect(8, Decoder._on_compressed_length, "a COMPRESSED_DATA length")
         elif t == TAG_ENABLE_COMPRESSION:
             self._on_enable_compression()
         elif t == TAG_CODEC:
@@ -356,9 +479,9 @@ class Decoder:
                 raise self._fail(at, "CODEC after ENABLE_COMPRESSION")
             if self._announced is not None:
                 raise self._fail(at, "CODEC announced twice")
-            self._expect(8, self._on_codec, "a CODEC chunk")
+            self._expect(8, Decoder._on_codec, "a CODEC chunk")
         elif t == TAG_MEMORY_DIGEST:
-            self._expect(8, self._on_digest_header, "a MEMORY_DIGEST chunk")
+            self._expect(8, Decoder._on_digest_header, "a MEMORY_DIGEST chunk")
         elif t in TAG_NAMES:
             raise self._fail(at, f"unsupported chunk type {t} ({TAG_NAMES[t]})")
         else:
@@ -422,7 +545,9 @@ class Decoder:
         elif len(data_pfns):
             self._batch_pfns = data_pfns
             dest = np.empty((len(data_pfns), PAGE_SIZE), dtype=np.uint8)
-            self._expect(len(data_pfns) * PAGE_SIZE, self._on_page_data, "the page data of a batch", dest)
+            self._expect(
+                len(data_pfns) * PAGE_SIZE, Decoder._on_page_data, "the page data of a batch", dest
+            )
         else:
             self._expect_chunk()
 
@@ -478,7 +603,7 @@ class Decoder:
         if length != size:
             raise self._fail(at, f"MEMORY_DIGEST: {name} digest of {length} bytes, expected {size}")
         self._digest_name = name
-        self._expect(length, self._on_digest, "a MEMORY_DIGEST chunk")
+        self._expect(length, Decoder._on_digest, "a MEMORY_DIGEST chunk")
 
     def _on_digest(self, buf: bytearray) -> None:
         self._emit(ev.MemoryDigest(self._digest_name, bytes(buf)))
@@ -495,9 +620,8 @@ class Decoder:
             )
         if self._pending.count == 0:
             raise self._fail(at, "COMPRESSED_DATA but no listed page awaits its contents")
-        # np.empty, not bytearray(n): no zero-fill, and numpy backs a large
-        # buffer with huge pages (fresh 4 KiB pages cost more than the copy)
-        self._expect(n, self._on_compressed, "a COMPRESSED_DATA payload", np.empty(n, np.uint8))
+        # buffered as it arrives, not at the claimed length (see "Memory")
+        self._expect(n, Decoder._on_compressed, "a COMPRESSED_DATA payload", grow=True)
 
     def _on_compressed(self, buf: np.ndarray) -> None:
         at = self._chunk_start
@@ -508,7 +632,15 @@ class Decoder:
         try:
             pages = self._decompressor.decompress(buf, window)
         except CodecError as e:
-            raise self._fail(at, f"COMPRESSED_DATA does not decode: {e}") from None
+            failed = str(e)
+        else:
+            failed = None
+        if failed is not None:
+            # raised outside the except clause: a __context__ (even a
+            # suppressed one) would keep the CodecError's traceback, and the
+            # Decompressor in its frames, alive as long as the caller keeps
+            # the MalformedStream
+            raise self._fail(at, f"COMPRESSED_DATA does not decode: {failed}")
         k = len(pages)
         if k == 0 or k > len(window) or pages.shape[1:] != (PAGE_SIZE,):
             raise self._fail(
@@ -533,11 +665,11 @@ class Decoder:
                 self._seen[pn] = False
             self._listed.clear()
         self._emit(ev.EndOfBody(self.checkpoints))
-        self._expect(24, self._on_magic, "the tail's magic PFNs")
+        self._expect(24, Decoder._on_magic, "the tail's magic PFNs")
 
     def _on_magic(self, buf: bytearray) -> None:
         self._magic = struct.unpack("<QQQ", buf)
-        self._expect(4, self._on_context_length, "the tail's HVM context length")
+        self._expect(4, Decoder._on_context_length, "the tail's HVM context length")
 
     def _on_context_length(self, buf: bytearray) -> None:
         (n,) = _UINT.unpack(buf)
@@ -546,11 +678,11 @@ class Decoder:
                 self.received - 4,
                 f"{self._ckpt()}: HVM context of {n} bytes exceeds the cap of {self.max_context}",
             )
-        self._expect(n, self._on_context, "the tail's HVM context")
+        self._expect(n, Decoder._on_context, "the tail's HVM context")
 
     def _on_context(self, buf: bytearray) -> None:
         self._hvm_context = bytes(buf)
-        self._expect(len(DEVICE_MODEL_SIGNATURE), self._on_signature, "the device-model signature")
+        self._expect(len(DEVICE_MODEL_SIGNATURE), Decoder._on_signature, "the device-model signature")
 
     def _on_signature(self, buf: bytearray) -> None:
         if bytes(buf) != DEVICE_MODEL_SIGNATURE:
@@ -559,7 +691,7 @@ class Decoder:
                 f"{self._ckpt()}: device-model record signature {bytes(buf)!r}, "
                 f"expected {DEVICE_MODEL_SIGNATURE!r}",
             )
-        self._expect(4, self._on_device_model_length, "the device-model record length")
+        self._expect(4, Decoder._on_device_model_length, "the device-model record length")
 
     def _on_device_model_length(self, buf: bytearray) -> None:
         (n,) = _UINT.unpack(buf)
@@ -569,7 +701,7 @@ class Decoder:
                 f"{self._ckpt()}: device-model record of {n} bytes exceeds the cap of "
                 f"{self.max_device_model}",
             )
-        self._expect(n, self._on_device_model, "the device-model record")
+        self._expect(n, Decoder._on_device_model, "the device-model record")
 
     def _on_device_model(self, buf: bytearray) -> None:
         ctx = Context(self._magic, self._hvm_context, bytes(buf))
@@ -585,7 +717,8 @@ class Decoder:
                 self._seen = np.zeros(self.p2m_size or 0, dtype=bool)
         if self._last_here:
             self.last = True
-            self._expect(1, self._on_after_last, "data after the last checkpoint")
+            self._release_codec()
+            self._expect(1, Decoder._on_after_last, "data after the last checkpoint")
         else:
             self._expect_chunk()
 
