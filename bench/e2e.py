@@ -1,0 +1,789 @@
+"""End-to-end benchmark: the real daemons on two simulated hosts over loopback.
+
+    python -m bench.e2e [--quick] [--json PATH] [--plot PATH] [--only PHASE,...]
+
+Every figure comes from real processes: two ``python -m xenbind.sim host``
+(primary, backup, directories on /dev/shm), ``remus-receiver`` on the backup
+and ``remusd`` on the primary, linked over 127.0.0.1 TCP. Figures are read
+from remusd's control socket (``status``, with ``"history": true`` for the
+per-checkpoint pause / dirty pages / bytes of the last 4096 checkpoints), the
+receiver's control socket, remusd's log (initial copy line) and
+/proc/PID/stat (CPU). Each figure stands beside a reference measured in the
+same run, under the same load (the machine is a shared, noisy 2-core box).
+
+Phases (``--only`` picks some; all by default):
+
+copy      Initial copy of a populated guest (1 GiB; 256 MiB with --quick):
+          MB/s from remusd's "initial copy of N pages ... T s" log line, beside
+          a plain TCP copy of the same bytes (the guest's memory file, mmap'd,
+          sendall in 16 MiB slices -> recv_into) over loopback. Target >= 50%.
+pause     Pause per checkpoint (median, p99, max) with ``random`` dirtying
+          about 100, 1,000, 10,000 pages per epoch (interval 200 ms, rate
+          calibrated on the observed dirty counts), beside a numpy gather
+          (``np.take`` from the guest's mapping, the sim's own gather) of as
+          many random pages, timed in the bench process during the same
+          window. Target: median pause <= 2 x gather + 1 ms.
+rate      Per codec (seed, xen, none): ``hotset`` (working set 8192 pages,
+          Zipf 1.1) calibrated to about 1,000 dirty pages per 25 ms epoch:
+          checkpoints/s achieved, CPU of remusd and the receiver (and of each
+          sim host with its guest workers, for context), bytes on the wire per
+          checkpoint, pause distribution, rate over time (for --plot). Then the
+          best codec at the 10 ms minimum interval with the same pages per
+          epoch: how far above 40/s the pair goes. Target: 40/s at 25 ms.
+ratio     Compression on the wire (page bytes / bytes sent for the checkpoints,
+          chunk headers and tails included) and page-cache hit rate per
+          workload (ledger, hotset, random, scan) and codec, at 25 ms.
+          Target: >= 10:1 on ledger and hotset.
+failover  Kill -9 of the primary sim host and remusd -> the backup domain
+          running (polled every 2 ms in the backup host's domain list), at the
+          receiver's default timeout (interval 200 ms, derived 900 ms) and at
+          the shortest safe one: the smallest --failover-timeout among a
+          descending list for which a loaded 25 ms session ran a soak period
+          with no false failover and no retry. Target <= 1 s at the default.
+
+Prints a table, writes JSON (default bench/results/e2e.json); ``--plot PNG``
+draws the pause distribution and the checkpoint rate over time per codec
+(matplotlib). A full run takes about 6-10 minutes, ``--quick`` 1-2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tests.simhost import SimHost  # noqa: E402
+from xenbind import PAGE_SIZE  # noqa: E402
+from xenbind.service import ControlError, control_request  # noqa: E402
+from xenbind.sim import layout as L  # noqa: E402
+from xenbind.sim.workloads import DEFAULT_RATE  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1 << 20
+CODECS = ("seed", "xen", "none")
+WORKLOADS = ("ledger", "hotset", "random", "scan")
+#: hotset shape: working set = the codecs' default cache (8192 pages, 32 MiB)
+HOTSET_WSS = 8192
+#: target pages per epoch for the rate phase, and the interval it is judged at
+RATE_PAGES, RATE_INTERVAL_MS, FAST_INTERVAL_MS = 1000, 25, 10
+PAUSE_INTERVAL_MS = 200
+PAUSE_PAGES = (100, 1000, 10000)
+#: pages (ledger: transactions) per second in the ratio phase: the simulator's
+#: defaults (hotset: calibrated to RATE_PAGES per epoch, as in the rate phase)
+RATIO_RATE = {k: DEFAULT_RATE[k] for k in ("ledger", "random", "scan")}
+#: the receiver's failover timeout in the measuring stack: long, so that a
+#: stall on this shared box cannot end a measurement with a false failover
+#: (the failover phase measures the real timeouts)
+MEASURE_FAILOVER_MS = 5000
+SOCKET_SLICE = 16 * MiB
+FAILOVER_CANDIDATES_MS = (400, 300, 200, 150, 100, 75, 50)
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def _bin(name: str, module: str) -> list[str]:
+    path = BIN / name
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, pred, timeout: float, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    err = None
+    while True:
+        try:
+            v = pred()
+        except (ControlError, OSError, KeyError, IndexError) as e:
+            v, err = None, e
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}"
+                               + (f" (last error: {err})" if err else ""))
+        time.sleep(every)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (/proc/PID/stat fields 14 and 15)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu(pid: int) -> float:
+    """A process and its direct children (a sim host and its domain workers)."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    return total + sum(cpu_seconds(k) for k in kids)
+
+
+class Stack:
+    """Two sim hosts, remus-receiver on the backup, remusd on the primary."""
+
+    def __init__(self, base: Path, *, failover_ms: int | None = None) -> None:
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.primary = SimHost(str(base / "primary"))
+        self.backup = SimHost(str(base / "backup"))
+        self.port = free_port()
+        self.rsock = str(base / "remusd.sock")
+        self.bsock = str(base / "receiver.sock")
+        self.failover_ms = failover_ms
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _start(self, name: str, argv: list[str], control: str) -> None:
+        log = open(self.base / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        try:
+            p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=ENV,
+                                 cwd=REPO)
+        finally:
+            log.close()
+        self.procs[name] = p
+
+        def up():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}: {self.log(name)[-2000:]}")
+            return control_request(control, "status", timeout=2)
+
+        wait_for(name, up, 30)
+
+    def start(self) -> Stack:
+        self.primary.start()
+        self.backup.start()
+        extra = ["--failover-timeout", str(self.failover_ms)] if self.failover_ms else []
+        self._start("receiver", _bin("remus-receiver", "receiver.cli") + [
+            "--listen", self.target, "--sim-dir", self.backup.dir, "--control", self.bsock,
+            "--insecure", "--config", "/dev/null", *extra], self.bsock)
+        self._start("remusd", _bin("remusd", "remusd.cli") + [
+            "--sim-dir", self.primary.dir, "--control", self.rsock, "--insecure",
+            "--config", "/dev/null"], self.rsock)
+        return self
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.base / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self.primary.stop()
+        self.backup.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # --- remusd -----------------------------------------------------------------------------
+
+    def status(self, name: str, history: bool = False) -> dict:
+        st = control_request(self.rsock, "status", timeout=20, history=history)
+        for d in st["domains"]:
+            if d["name"] == name:
+                return d
+        raise KeyError(name)
+
+    def protect(self, name: str, codec: str, interval_ms: int, timeout: float = 180) -> dict:
+        """Protect ``name``; wait for checkpoint 0's ACK. The initial copy figures."""
+        t0 = time.monotonic()
+        control_request(self.rsock, "protect", domain=name, target=self.target,
+                        interval_ms=interval_ms, codec=codec)
+
+        def protected():
+            d = self.status(name)
+            if d["state"] in ("unprotected", "stopped"):
+                raise RuntimeError(f"protect {name} failed: {d['reason']}\n"
+                                   f"{self.log('remusd')[-2000:]}")
+            return d["state"] == "protected"
+
+        wait_for(f"{name} protected", protected, timeout)
+        wall = time.monotonic() - t0
+        lines = re.findall(rf"domain {re.escape(name)} protected: initial copy of (\d+) pages in "
+                           r"(\d+) round\(s\), ([\d.]+) MB, ([\d.]+) s, final pause ([\d.]+) ms",
+                           self.log("remusd"))
+        if not lines:
+            raise RuntimeError(f"no initial-copy line for {name} in remusd's log")
+        pages, rounds, mb, secs, final = lines[-1]
+        return {"pages": int(pages), "rounds": int(rounds), "MB": float(mb), "s": float(secs),
+                "final_pause_ms": float(final), "protect_to_protected_s": round(wall, 3),
+                "MBps": round(int(pages) * PAGE_SIZE / float(secs) / 1e6, 1)}
+
+    def unprotect(self, name: str) -> None:
+        control_request(self.rsock, "unprotect", domain=name, wait_s=60, timeout=70)
+
+        def backup_gone():  # the receiver destroys the backup after a clean end
+            return not any(i.name == name for i in self.backup.hv.list())
+
+        wait_for(f"the backup of {name} to go", backup_gone, 30)
+
+
+# --- measurements -----------------------------------------------------------------------
+
+
+def pct(values, q: float) -> float:
+    return round(float(np.percentile(np.asarray(values, dtype=float), q)), 3)
+
+
+def summary(values) -> dict:
+    a = np.asarray(values, dtype=float)
+    if not len(a):
+        return {"n": 0}
+    return {"n": int(len(a)), "median": pct(a, 50), "p99": pct(a, 99), "max": round(float(a.max()), 3),
+            "mean": round(float(a.mean()), 3)}
+
+
+def create(stack: Stack, name: str, memory: int, workload: str, rate: float, **kw):
+    """A primary domain; page-writing workloads get their memory filled first
+    (random bytes, 16 MiB repeated), so every page is real, as a booted guest's."""
+    dom = stack.primary.create(memory, workload, seed=7, rate=rate, name=name, paused=True, **kw)
+    if workload != "ledger":
+        rng = np.random.default_rng(7)
+        block = rng.integers(0, 256, (4096, PAGE_SIZE), dtype=np.uint8)
+        pages = memory // PAGE_SIZE
+        for s in range(0, pages, len(block)):
+            n = min(len(block), pages - s)
+            dom.scatter(np.arange(s, s + n, dtype=np.uint64), block[:n])
+    dom.unpause()
+    return dom
+
+
+def window(stack: Stack, name: str, seconds: float, every: float = 0.25, probe=None) -> dict:
+    """Watch a protected domain for ``seconds``: checkpoints over time, CPU of
+    each process, then the per-checkpoint history of exactly that window."""
+    s0 = stack.status(name)
+    procs = {"remusd": stack.pid("remusd"), "receiver": stack.pid("receiver")}
+    hosts = {"primary_host": stack.primary.pid, "backup_host": stack.backup.pid}
+    c0 = {k: cpu_seconds(p) for k, p in procs.items()} | {k: tree_cpu(p) for k, p in hosts.items()}
+    t0 = time.monotonic()
+    timeline = [(0.0, s0["checkpoints"])]
+    probes = []
+    while True:
+        now = time.monotonic()
+        if now - t0 >= seconds:
+            break
+        if probe is not None:
+            probes.append(probe())
+        time.sleep(max(0.0, min(every, t0 + seconds - time.monotonic())))
+        d = stack.status(name)
+        timeline.append((round(time.monotonic() - t0, 3), d["checkpoints"]))
+    elapsed = time.monotonic() - t0
+    c1 = {k: cpu_seconds(p) for k, p in procs.items()} | {k: tree_cpu(p) for k, p in hosts.items()}
+    s1 = stack.status(name, history=True)
+    if s1["sessions"] != s0["sessions"] or s1["state"] != "protected":
+        raise RuntimeError(f"{name}: the session did not stay protected ({s1['state']}: "
+                           f"{s1['reason']})")
+    h = s1.pop("history")
+    lo, hi = s0["acked"], s1["acked"]
+    keep = [i for i, x in enumerate(h["index"]) if lo < x <= hi]
+    if h["index"] and h["index"][0] > lo + 1:
+        raise RuntimeError("history ring too short for this window")
+    pause = [h["pause_ms"][i] for i in keep]
+    pages = [h["pages"][i] for i in keep]
+    nbytes = [h["bytes"][i] for i in keep]
+    n = len(keep)
+    hits = s1["cache_hits"] - s0["cache_hits"]
+    misses = s1["cache_misses"] - s0["cache_misses"]
+    page_bytes = sum(pages) * PAGE_SIZE
+    return {
+        "seconds": round(elapsed, 3),
+        "checkpoints": n,
+        "checkpoints_per_s": round(n / elapsed, 2),
+        "pause_ms": summary(pause),
+        "dirty_pages": summary(pages),
+        "bytes_per_checkpoint": summary(nbytes),
+        "wire_MBps": round(sum(nbytes) / elapsed / 1e6, 3),
+        "ratio": round(page_bytes / sum(nbytes), 2) if sum(nbytes) else None,
+        "cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+        "cpu_percent": {k: round(100 * (c1[k] - c0[k]) / elapsed, 1) for k in c0},
+        "timeline": timeline,
+        "pause_samples_ms": pause,
+        "probes": probes,
+    }
+
+
+def calibrate(stack: Stack, dom, name: str, rate: float, want: int, seconds: float,
+              steps: int = 3) -> float:
+    """Adjust the workload's rate until the median dirty pages per checkpoint
+    is near ``want`` (the pages actually dirtied depend on the epoch's real
+    length and on repeats); returns the rate."""
+    for _ in range(steps):
+        dom.set_rate(rate)
+        time.sleep(0.3)
+        w = window(stack, name, seconds)
+        got = w["dirty_pages"].get("median") or 0
+        if got and abs(got - want) <= 0.1 * want:
+            break
+        rate = rate * (want / got) if got else rate * 4
+    dom.set_rate(rate)
+    return rate
+
+
+# --- phases ------------------------------------------------------------------------------
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14: fault a range in, writable, in one call
+
+
+def fresh_tmpfs(directory: str, nbytes: int) -> tuple[mmap.mmap, memoryview]:
+    """A fresh (unallocated) shared mapping of a tmpfs file, as a backup
+    domain's memory is when its initial copy starts."""
+    fd, path = tempfile.mkstemp(dir=directory)
+    try:
+        os.ftruncate(fd, nbytes)
+        mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return mm, memoryview(mm)
+
+
+def populate_cost(directory: str, nbytes: int) -> dict:
+    """Time to allocate a fresh tmpfs mapping of ``nbytes`` (MADV_POPULATE_WRITE):
+    what a receiver pays, at least, to write a guest's memory for the first time."""
+    mm, mv = fresh_tmpfs(directory, nbytes)
+    try:
+        t0 = time.perf_counter()
+        mm.madvise(MADV_POPULATE_WRITE)
+        secs = time.perf_counter() - t0
+    finally:
+        mv.release()
+        mm.close()
+    return {"s": round(secs, 3), "MBps": round(nbytes / secs / 1e6, 1)}
+
+
+def socket_copy(mem_path: str, nbytes: int, into_tmpfs: str | None = None) -> dict:
+    """A plain loopback TCP copy of the guest's memory file: sendall of 16 MiB
+    memoryview slices of its mmap, recv_into a reused 16 MiB buffer, or (with
+    ``into_tmpfs``) straight into a fresh tmpfs mapping of the same size."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(60)
+    port = srv.getsockname()[1]
+    got = [0]
+
+    def receive():
+        conn, _ = srv.accept()
+        if into_tmpfs:
+            dst, whole = fresh_tmpfs(into_tmpfs, nbytes)
+        else:
+            dst, whole = None, memoryview(bytearray(SOCKET_SLICE))
+        with conn:
+            while True:
+                at = got[0] if dst is not None else 0
+                k = conn.recv_into(whole[at:at + SOCKET_SLICE])
+                if not k:
+                    break
+                got[0] += k
+        whole.release()
+        if dst is not None:
+            dst.close()
+
+    th = threading.Thread(target=receive, daemon=True)
+    th.start()
+    fd = os.open(mem_path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    mv = memoryview(mm)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            t0 = time.perf_counter()
+            for off in range(0, nbytes, SOCKET_SLICE):
+                c.sendall(mv[off:off + SOCKET_SLICE])
+            c.shutdown(socket.SHUT_WR)
+            th.join(120)
+            secs = time.perf_counter() - t0
+    finally:
+        mv.release()
+        mm.close()
+        srv.close()
+    if got[0] != nbytes:
+        raise RuntimeError(f"socket copy moved {got[0]} of {nbytes} bytes")
+    return {"s": round(secs, 3), "MBps": round(nbytes / secs / 1e6, 1)}
+
+
+def phase_copy(stack: Stack, memory: int) -> dict:
+    name = "copy"
+    dom = create(stack, name, memory, "idle", 0.0)
+    mem_path = L.path(stack.primary.dir, dom.domid, "mem")
+    socket_copy(mem_path, memory)  # warm-up: fault the mapping in, grow socket buffers
+    before = socket_copy(mem_path, memory)
+    ic = stack.protect(name, "seed", 200)
+    after = socket_copy(mem_path, memory)
+    stack.unprotect(name)
+    into = socket_copy(mem_path, memory, into_tmpfs=stack.backup.dir)
+    dom.destroy()
+    alloc = populate_cost(stack.backup.dir, memory)
+    ref = max(before["MBps"], after["MBps"])  # the better one: the machine's limit
+    return {"memory_MiB": memory // MiB, "initial_copy": ic, "socket_copy_before": before,
+            "socket_copy_after": after, "socket_copy_into_fresh_tmpfs": into,
+            "tmpfs_allocation": alloc, "vs_socket": round(ic["MBps"] / ref, 3),
+            "vs_socket_into_fresh_tmpfs": round(ic["MBps"] / into["MBps"], 3),
+            "target": ">= 0.5 of the plain socket copy", "met": ic["MBps"] / ref >= 0.5}
+
+
+def phase_pause(stack: Stack, memory: int, seconds: float) -> dict:
+    name = "pause"
+    dom = create(stack, name, memory, "random", 100.0)
+    ic = stack.protect(name, "seed", PAUSE_INTERVAL_MS)
+    pages = memory // PAGE_SIZE
+    rng = np.random.default_rng(11)
+    # map every page into this process once, as remusd's mapping is after the
+    # initial copy: the reference gather then pays no first-touch faults
+    scratch = np.empty((4096, PAGE_SIZE), dtype=np.uint8)
+    for s in range(0, pages, len(scratch)):
+        part = np.arange(s, min(s + len(scratch), pages), dtype=np.uint64)
+        dom.gather(part, scratch[: len(part)])
+    out = {"interval_ms": PAUSE_INTERVAL_MS, "workload": "random", "codec": "seed",
+           "initial_copy": ic, "levels": {}}
+    for want in PAUSE_PAGES:
+        rate = calibrate(stack, dom, name, want * 1000 / PAUSE_INTERVAL_MS, want, 1.5)
+        buf = np.empty((want, PAGE_SIZE), dtype=np.uint8)
+
+        def probe(want=want, buf=buf):
+            pfns = np.sort(rng.choice(pages - 3, want, replace=False)).astype(np.uint64)
+            t = time.perf_counter()
+            dom.gather(pfns, buf)
+            return (time.perf_counter() - t) * 1e3
+
+        w = window(stack, name, seconds, every=0.1, probe=probe)
+        gather = summary(w.pop("probes"))
+        med = w["pause_ms"]["median"]
+        bound = 2 * gather["median"] + 1.0
+        out["levels"][str(want)] = {"rate_pages_per_s": round(rate), **w, "numpy_gather_ms": gather,
+                                    "bound_ms": round(bound, 3), "met": med <= bound}
+    stack.unprotect(name)
+    dom.destroy()
+    return out
+
+
+def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: float,
+                    codecs: tuple[str, ...]) -> tuple[dict, dict]:
+    """The rate phase (hotset per codec, then 10 ms) and the ratio phase
+    (every workload per codec), sharing one domain per workload."""
+    ratio: dict = {}
+    rate: dict = {"interval_ms": RATE_INTERVAL_MS, "pages_per_epoch": RATE_PAGES, "codecs": {}}
+    for workload in WORKLOADS:
+        name = f"w-{workload}"
+        kw = {"wss": HOTSET_WSS} if workload == "hotset" else {}
+        dom = create(stack, name, memory, workload, RATIO_RATE.get(workload, 100000.0), **kw)
+        ratio[workload] = {}
+        hot_rate = None
+        for codec in codecs:
+            ic = stack.protect(name, codec, RATE_INTERVAL_MS)
+            if workload == "hotset":
+                if hot_rate is None:
+                    hot_rate = calibrate(stack, dom, name, 120000.0, RATE_PAGES, 1.5)
+                time.sleep(0.5)
+                w = window(stack, name, rate_seconds)
+                w["rate_pages_per_s"] = round(hot_rate)
+                w["initial_copy"] = ic
+                rate["codecs"][codec] = w
+            else:
+                time.sleep(0.5)
+                w = window(stack, name, seconds)
+            ratio[workload][codec] = {k: w[k] for k in ("ratio", "cache_hit_rate", "checkpoints",
+                                                        "dirty_pages", "bytes_per_checkpoint",
+                                                        "wire_MBps")}
+            stack.unprotect(name)
+        if workload == "hotset":
+            best = max((c for c in codecs if c != "none"),
+                       key=lambda c: rate["codecs"][c]["ratio"] or 0, default=codecs[0])
+            stack.protect(name, best, FAST_INTERVAL_MS)
+            dom.set_rate(hot_rate * RATE_INTERVAL_MS / FAST_INTERVAL_MS)
+            time.sleep(0.5)
+            w = window(stack, name, rate_seconds)
+            w["codec"] = best
+            rate["fast"] = {"interval_ms": FAST_INTERVAL_MS, **w}
+            stack.unprotect(name)
+        dom.destroy()
+    return rate, ratio
+
+
+def failover_trial(base: Path, memory: int, interval_ms: int, failover_ms: int | None,
+                   soak: float) -> dict:
+    """One stack: a loaded domain protected for ``soak`` seconds (false
+    failover or retry = unsafe), then kill -9 of the primary host and remusd."""
+    stack = Stack(base, failover_ms=failover_ms).start()
+    try:
+        name = "fo"
+        create(stack, name, memory, "hotset", 40000.0, wss=HOTSET_WSS)
+        stack.protect(name, "seed", interval_ms)
+        t_end = time.monotonic() + soak
+        safe = True
+        why = None
+        while time.monotonic() < t_end:
+            d = stack.status(name)
+            rx = [s for s in control_request(stack.bsock, "status")["sessions"]
+                  if s.get("domain") == name]
+            if d["state"] != "protected" or d["retries"] or d["sessions"] != 1 or \
+                    any(s.get("state") == "failed-over" for s in rx):
+                safe, why = False, f"remusd {d['state']} ({d['reason']}), receiver " \
+                                   f"{[s.get('state') for s in rx]}"
+                break
+            time.sleep(0.1)
+        res = {"failover_timeout_ms": failover_ms, "interval_ms": interval_ms, "soak_s": soak,
+               "safe": safe, "unsafe_because": why}
+        if not safe:
+            return res
+        rx = [s for s in control_request(stack.bsock, "status")["sessions"]
+              if s.get("domain") == name][-1]
+        res["effective_timeout_ms"] = rx["failover_timeout_ms"]
+        backup = stack.backup.hv
+        t_kill = time.monotonic()
+        os.kill(stack.primary.pid, signal.SIGKILL)
+        os.kill(stack.pid("remusd"), signal.SIGKILL)
+
+        def running():
+            return any(i.name == name and i.state == "running" for i in backup.list())
+
+        wait_for("the backup to run", running, 30, every=0.002)
+        res["kill_to_running_s"] = round(time.monotonic() - t_kill, 3)
+        rx = [s for s in control_request(stack.bsock, "status")["sessions"]
+              if s.get("domain") == name][-1]
+        res["receiver_detection_ms"] = rx.get("detection_ms")
+        stack.primary.kill()
+        with contextlib.suppress(Exception):
+            stack.procs["remusd"].wait(5)
+        return res
+    finally:
+        stack.close()
+
+
+def phase_failover(base: Path, memory: int, reps: int, soak: float) -> dict:
+    default = [failover_trial(base / f"fo-default-{i}", memory, 200, None, soak)
+               for i in range(reps)]
+    search = []
+    shortest = None
+    for ms in FAILOVER_CANDIDATES_MS:
+        r = failover_trial(base / f"fo-{ms}", min(memory, 256 * MiB), RATE_INTERVAL_MS, ms, soak)
+        search.append(r)
+        if not r["safe"]:
+            break
+        shortest = r
+    times = [r["kill_to_running_s"] for r in default if r.get("kill_to_running_s") is not None]
+    med = float(np.median(times)) if times else None
+    return {"default": default, "default_median_s": med, "search": search,
+            "shortest_safe": shortest, "target": "<= 1 s at the default",
+            "met": med is not None and med <= 1.0}
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg_at_start": os.getloadavg()}
+
+
+def print_table(r: dict) -> None:
+    m = r["machine"]
+    print(f"\nend-to-end benchmark ({r['memory_MiB']} MiB guests; {m['cpu']}, {m['cpus']} CPUs, "
+          f"kernel {m['kernel']}, load {m['loadavg_at_start'][0]:.1f}; {r['elapsed_s']:.0f} s)")
+    if "copy" in r:
+        c = r["copy"]
+        ic = c["initial_copy"]
+        print(f"\ninitial copy          {ic['MBps']:>8.1f} MB/s  ({ic['pages']} pages, {ic['rounds']} "
+              f"round(s), {ic['s']:.2f} s)")
+        print(f"plain socket copy     {c['socket_copy_before']['MBps']:>8.1f} / "
+              f"{c['socket_copy_after']['MBps']:.1f} MB/s (before / after)")
+        print(f"  ratio {c['vs_socket']:.2f} (target >= 0.5: {'met' if c['met'] else 'MISSED'})")
+        print(f"socket copy into fresh tmpfs memory {c['socket_copy_into_fresh_tmpfs']['MBps']:>6.1f} MB/s"
+              f" (ratio {c['vs_socket_into_fresh_tmpfs']:.2f}); allocating fresh tmpfs alone "
+              f"{c['tmpfs_allocation']['MBps']:.1f} MB/s")
+    if "pause" in r:
+        print(f"\npause per checkpoint (random, interval {r['pause']['interval_ms']} ms)")
+        print(f"  {'pages/epoch':>11} {'dirty med':>9} {'median':>8} {'p99':>8} {'max':>8} "
+              f"{'gather':>8} {'bound':>8}  target")
+        for want, lv in r["pause"]["levels"].items():
+            p = lv["pause_ms"]
+            print(f"  {want:>11} {lv['dirty_pages'].get('median', 0):>9.0f} {p['median']:>6.2f}ms "
+                  f"{p['p99']:>6.2f}ms {p['max']:>6.2f}ms {lv['numpy_gather_ms']['median']:>6.2f}ms "
+                  f"{lv['bound_ms']:>6.2f}ms  {'met' if lv['met'] else 'MISSED'}")
+    if "rate" in r:
+        rt = r["rate"]
+        print(f"\nsustained rate (hotset, ~{rt['pages_per_epoch']} dirty pages/epoch, interval "
+              f"{rt['interval_ms']} ms; target 40/s)")
+        print(f"  {'codec':<6} {'ckpt/s':>7} {'dirty':>6} {'pause med':>9} {'p99':>7} {'KB/ckpt':>8} "
+              f"{'ratio':>6} {'hit':>6} {'remusd':>7} {'recv':>6} {'prim.host':>9} {'bkp.host':>8}")
+        rows = list(rt["codecs"].items())
+        if "fast" in rt:
+            rows.append((f"{rt['fast']['codec']}@{rt['fast']['interval_ms']}", rt["fast"]))
+        for codec, w in rows:
+            cpu = w["cpu_percent"]
+            hit = "-" if w["cache_hit_rate"] is None else f"{100 * w['cache_hit_rate']:.1f}%"
+            print(f"  {codec:<6} {w['checkpoints_per_s']:>7.1f} {w['dirty_pages'].get('median', 0):>6.0f} "
+                  f"{w['pause_ms'].get('median', 0):>7.2f}ms {w['pause_ms'].get('p99', 0):>5.2f}ms "
+                  f"{w['bytes_per_checkpoint'].get('median', 0) / 1e3:>8.1f} {w['ratio'] or 0:>6.1f} "
+                  f"{hit:>6} {cpu['remusd']:>6.0f}% {cpu['receiver']:>5.0f}% "
+                  f"{cpu['primary_host']:>8.0f}% {cpu['backup_host']:>7.0f}%")
+    if "ratio" in r:
+        print("\ncompression on the wire (page bytes / bytes sent), cache hit rate; interval "
+              f"{RATE_INTERVAL_MS} ms")
+        codecs = list(next(iter(r["ratio"].values())).keys())
+        print("  " + f"{'workload':<8}" + "".join(f" {c:>16}" for c in codecs))
+        for wl, per in r["ratio"].items():
+            cells = []
+            for c in codecs:
+                x = per[c]
+                hit = "" if x["cache_hit_rate"] is None else f" {100 * x['cache_hit_rate']:.0f}%"
+                cells.append(f" {(x['ratio'] or 0):>9.1f}:1{hit:>5}")
+            print(f"  {wl:<8}" + "".join(cells))
+    if "failover" in r:
+        f = r["failover"]
+        print("\nfailover (kill -9 of primary host + remusd -> backup running)")
+        for t in f["default"]:
+            print(f"  default timeout ({t.get('effective_timeout_ms')} ms, interval 200 ms): "
+                  f"{t.get('kill_to_running_s')} s (receiver detection {t.get('receiver_detection_ms')} ms)")
+        for t in f["search"]:
+            state = (f"safe; failover {t['kill_to_running_s']} s" if t["safe"]
+                     else f"UNSAFE: {t['unsafe_because']}")
+            print(f"  --failover-timeout {t['failover_timeout_ms']} ms, interval {t['interval_ms']} ms: "
+                  f"{state}")
+        print(f"  target <= 1 s at the default: {'met' if f['met'] else 'MISSED'}")
+
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    codecs = r.get("rate", {}).get("codecs", {})
+    for codec, w in codecs.items():
+        s = np.sort(np.asarray(w["pause_samples_ms"]))
+        if len(s):
+            a.plot(s, np.arange(1, len(s) + 1) / len(s), label=f"{codec} (hotset, 25 ms)")
+        t = np.asarray(w["timeline"], dtype=float)
+        if len(t) > 1:
+            rate = np.diff(t[:, 1]) / np.diff(t[:, 0])
+            b.plot(t[1:, 0], rate, label=codec)
+    for want, lv in r.get("pause", {}).get("levels", {}).items():
+        s = np.sort(np.asarray(lv["pause_samples_ms"]))
+        if len(s):
+            a.plot(s, np.arange(1, len(s) + 1) / len(s), "--", label=f"seed, {want} pages/epoch")
+    a.set_xscale("log")
+    a.set_xlabel("pause per checkpoint (ms)")
+    a.set_ylabel("fraction of checkpoints")
+    a.set_title("pause distribution (CDF)")
+    a.legend(fontsize=7)
+    b.axhline(40, color="grey", lw=0.8, ls=":")
+    b.set_xlabel("time (s)")
+    b.set_ylabel("checkpoints/s")
+    b.set_title("checkpoint rate over time (hotset, 25 ms)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="256 MiB guests, short windows (~1-2 min)")
+    p.add_argument("--json", default=os.path.join(REPO, "bench", "results", "e2e.json"))
+    p.add_argument("--plot", metavar="PNG", help="draw pause CDF and rate over time per codec")
+    p.add_argument("--only", default="copy,pause,rate,failover",
+                   help="phases to run, comma-separated (copy, pause, rate, failover; "
+                        "rate includes ratio)")
+    p.add_argument("--memory-mib", type=int, help="guest size (default 1024, --quick 256)")
+    args = p.parse_args(argv)
+    phases = set(args.only.split(","))
+    memory = (args.memory_mib or (256 if args.quick else 1024)) * MiB
+    win = 2.0 if args.quick else 4.0
+    rate_win = 3.0 if args.quick else 10.0
+    base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                                 else None))
+    results: dict = {"machine": machine(), "memory_MiB": memory // MiB, "quick": args.quick}
+    t0 = time.monotonic()
+    stack = None
+    try:
+        if phases & {"copy", "pause", "rate"}:
+            stack = Stack(base / "main", failover_ms=MEASURE_FAILOVER_MS).start()
+            results["measure_failover_timeout_ms"] = MEASURE_FAILOVER_MS
+            results["dirty_mode"] = stack.primary.hv.ping()["dirty_mode"]
+            if "copy" in phases:
+                results["copy"] = phase_copy(stack, memory)
+            if "pause" in phases:
+                results["pause"] = phase_pause(stack, memory, win * 1.5)
+            if "rate" in phases:
+                results["rate"], results["ratio"] = phase_workloads(
+                    stack, memory, win, rate_win, CODECS)
+            stack.close()
+            stack = None
+        if "failover" in phases:
+            results["failover"] = phase_failover(base, memory, 1 if args.quick else 3,
+                                                 3.0 if args.quick else 6.0)
+    except BaseException:
+        if stack is not None:
+            for name in ("remusd", "receiver"):
+                print(f"--- {name} log (last lines) ---\n{stack.log(name)[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        if stack is not None:
+            stack.close()
+        shutil.rmtree(base, ignore_errors=True)
+    results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    print_table(results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nJSON: {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
