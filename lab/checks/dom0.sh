@@ -9,7 +9,9 @@
 #   guest-created   `xl create` of the lab guest, listed by `xl list`
 #   guest-running   the guest's workload reported its PFNs on its console
 #   then the Python checks of lab/checks/*.py (xenctrl, xenstore, remus), each
-#   printing its own result lines.
+#   printing its own result lines, and (step "dom0_pytest") the project's own
+#   dom0 test modules (tests/test_xenctrl_dom0.py, tests/test_xenstore.py),
+#   which skip off a dom0: here every test must run and pass.
 #
 # Result lines: "LAB-RESULT PASS|FAIL name: detail", on the console (the
 # runner reads them from the serial log) and in /lab-results/results.txt.
@@ -35,6 +37,7 @@ for arg in $(cat /proc/cmdline); do
 done
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LAB_REPO=$REPO LAB_RESULTS=$RESULTS LAB_GUEST=$GUEST LAB_GUEST_TYPE=$GUEST_TYPE
+DOM0_TESTS="tests/test_xenctrl_dom0.py tests/test_xenstore.py"
 export LAB_CONSOLE_LOG=/var/log/xen/console/guest-$GUEST.log
 : > "$OUT"
 
@@ -117,13 +120,28 @@ fi
 #    and destroys the guest, so it comes last; "module:part" passes part as
 #    the module's argument. lab.only=<comma list> runs only matching steps.
 [ -n "$GUEST_OK" ] && export LAB_GUEST_DOMID=$(xl domid "$GUEST" 2>/dev/null)
-STEPS="xenctrl_checks remus_checks:file xenstore_checks:names remus_checks:failover xenstore_checks:lifecycle"
+STEPS="xenctrl_checks dom0_pytest remus_checks:file xenstore_checks:names remus_checks:failover xenstore_checks:lifecycle"
 for step in $STEPS; do
     mod=${step%%:*} part=""
     [ "$mod" != "$step" ] && part=${step#*:}
     case ",$ONLY," in ",,"|*",$mod,"*|*",$step,"*) ;; *) continue ;; esac
     if [ -z "$RUN_OK" ]; then
         result FAIL "$step" "skipped: the lab guest is not running"
+        continue
+    fi
+    if [ "$mod" = dom0_pytest ]; then
+        stage "pytest $DOM0_TESTS"
+        plog="$RESULTS/dom0-pytest.log"
+        (cd "$REPO" && REMUS_XEN_GUEST=$GUEST PYTHONFAULTHANDLER=1 timeout 600 \
+            "$PY" -m pytest -q -rs -p no:cacheprovider $DOM0_TESTS) >"$plog" 2>&1
+        rc=$?
+        summary=$(grep -E '(passed|failed|error|skipped)' "$plog" | tail -1 | tr -s '=' | sed 's/^ *= *//; s/ *=* *$//')
+        skipped=$(grep -c '^SKIPPED' "$plog")
+        if [ $rc -eq 0 ] && [ "$skipped" -eq 0 ]; then
+            result PASS dom0_pytest "$summary ($DOM0_TESTS)"
+        else
+            result FAIL dom0_pytest "rc=$rc, $skipped skipped: $summary; $(grep -E '^(FAILED|ERROR|SKIPPED)' "$plog" | head -3 | tr '\n' ' ')"
+        fi
         continue
     fi
     stage "python -m lab.checks.$mod $part"
