@@ -207,3 +207,26 @@ def test_counter_value():
     page[0] = 0
     with pytest.raises(ValueError, match="magic"):
         counter_value(page)
+
+
+# -- QEMU command ---------------------------------------------------------------
+
+
+def test_qemu_command_keeps_commas_out_of_the_dom0_cmdline():
+    import argparse
+
+    from lab.runner import CPU, qemu_command
+
+    args = argparse.Namespace(guest="pvh", only="xenctrl_checks,remus_checks:file", overcommit=True,
+                              timeout=600.0, memory=2560, cpu=CPU)
+    cmd = qemu_command(args)
+    assert cmd[:3] == ["timeout", "--kill-after=15", "600"]
+    initrd = cmd[cmd.index("-initrd") + 1]
+    kernel_and_cmdline, dom0_initrd = initrd.split(",")  # QEMU splits modules at commas
+    assert dom0_initrd.endswith("dom0-initrd.gz")
+    assert "lab.only=xenctrl_checks+remus_checks:file" in kernel_and_cmdline
+    assert "lab.overcommit=1" in kernel_and_cmdline
+    assert "smap=0" not in cmd[cmd.index("-append") + 1]
+    args.cpu = "max"
+    assert "smap=0" in qemu_command(args)[cmd.index("-append") + 1]
+    assert "-no-reboot" in cmd
