@@ -218,3 +218,70 @@ def test_output_on_a_full_filesystem_waits_in_a_backlog(small_tmpfs):
     buf.close()
     assert not buf.backlog and buf.released == len(records)
     assert Path(path).read_bytes() == b"".join(records)  # late, never lost or reordered
+
+
+# --------------------------------------------------------------------- remusd's fencing
+
+
+def _scripted_receiver(lsock, then_error, close_how: str):
+    """Accept one session, ACCEPT it, wait for ``then_error``, send ERROR
+    failed-over, then close (``rst``: SO_LINGER 0; ``fin``: a plain close)."""
+    import socket
+    import struct
+
+    from xenbind import session as sp
+
+    c, _ = lsock.accept()
+    rs = sp.ReceiverSession()
+    hello = None
+    while hello is None:
+        hello = next((e.hello for e in rs.feed(c.recv(65536))
+                      if isinstance(e, sp.HelloReceived)), None)
+    c.sendall(rs.accept(sp.Accept(session_id=hello.session_id, failover_timeout_ms=500,
+                                  heartbeat_ms=100)))
+    then_error.wait(10)
+    c.sendall(rs.error(sp.ERR_FAILED_OVER, "the backup took over from checkpoint 7"))
+    time.sleep(0.05)
+    if close_how == "rst":
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+
+
+@pytest.mark.parametrize("close_how", ["rst", "fin"])
+def test_send_error_after_failover_reports_fenced(close_how):
+    """remusd frozen while its receiver failed over: when it wakes, its next
+    send fails (the receiver closed); the ERROR failed-over queued before the
+    close must be the reason (fenced), not the socket error (a retry after
+    releasing the guest's output)."""
+    import socket
+    import threading
+    import uuid
+
+    from remusd.config import Target
+    from remusd.link import LinkDown, NetLink
+    from xenbind import session as sp
+    from xenbind.hypervisor import DomainConfig
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    go = threading.Event()
+    th = threading.Thread(target=_scripted_receiver, args=(lsock, go, close_how), daemon=True)
+    th.start()
+    hello = sp.Hello(session_id=sp.new_session_id(), options=sp.Options(),
+                     domain=DomainConfig(name="g", uuid=str(uuid.uuid4()), pages=64, vcpus=1,
+                                         hvm=True, extra={}), generation=1)
+    link = NetLink(Target("tcp", "127.0.0.1", lsock.getsockname()[1]), hello,
+                   connect_timeout=5, io_timeout=5)
+    link.open()
+    go.set()
+    th.join(10)
+    time.sleep(0.2)  # the ERROR, the FIN or RST are all here: the sender "wakes up"
+    with pytest.raises(LinkDown) as exc:
+        for _ in range(100):  # a send may land in the socket buffer before the reset shows
+            link.send([b"\0" * 65536])
+            time.sleep(0.01)
+    link.close()
+    lsock.close()
+    assert exc.value.fenced and exc.value.permanent, exc.value.reason
+    assert "took over from checkpoint 7" in exc.value.reason
