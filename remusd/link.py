@@ -168,6 +168,8 @@ class NetLink(Link):
                         raise Refused(ev.refuse.code, ev.refuse.reason)
                     if isinstance(ev, sp.Accepted):
                         self.accept = ev.accept
+                    elif self.accept is not None:  # a frame that came with the ACCEPT
+                        self._handle(ev)
         except LinkDown:
             self.close()
             raise
