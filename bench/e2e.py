@@ -10,6 +10,9 @@ per-checkpoint pause / dirty pages / bytes of the last 4096 checkpoints), the
 receiver's control socket, remusd's log (initial copy line) and
 /proc/PID/stat (CPU). Each figure stands beside a reference measured in the
 same run, under the same load (the machine is a shared, noisy 2-core box).
+The measuring stack's receiver runs with --failover-timeout 5000 so that a
+stall of the machine cannot end a measurement with a false failover (the
+failover phase measures the real timeouts).
 
 Phases (``--only`` picks some; all by default):
 
@@ -17,6 +20,9 @@ copy      Initial copy of a populated guest (1 GiB; 256 MiB with --quick):
           MB/s from remusd's "initial copy of N pages ... T s" log line, beside
           a plain TCP copy of the same bytes (the guest's memory file, mmap'd,
           sendall in 16 MiB slices -> recv_into) over loopback. Target >= 50%.
+          Also: the same socket copy received straight into a fresh tmpfs
+          mapping (what writing a new guest's memory costs on this machine),
+          and the allocation of such a mapping alone (MADV_POPULATE_WRITE).
 pause     Pause per checkpoint (median, p99, max) with ``random`` dirtying
           about 100, 1,000, 10,000 pages per epoch (interval 200 ms, rate
           calibrated on the observed dirty counts), beside a numpy gather
@@ -32,8 +38,13 @@ rate      Per codec (seed, xen, none): ``hotset`` (working set 8192 pages,
           epoch: how far above 40/s the pair goes. Target: 40/s at 25 ms.
 ratio     Compression on the wire (page bytes / bytes sent for the checkpoints,
           chunk headers and tails included) and page-cache hit rate per
-          workload (ledger, hotset, random, scan) and codec, at 25 ms.
+          workload (ledger, hotset, random, scan) and codec, at 25 ms, each
+          at the simulator's default rate (ledger 1,000 transactions/s,
+          random 1,000 and scan 10,000 pages/s; hotset as in ``rate``).
           Target: >= 10:1 on ledger and hotset.
+cache     The page-cache size (remusd --cache-pages 2048, 8192, 32768) against
+          a hotset of 16,384 pages (twice the default cache): ratio, hit rate,
+          CPU, for seed and xen (256 MiB guests).
 failover  Kill -9 of the primary sim host and remusd -> the backup domain
           running (polled every 2 ms in the backup host's domain list), at the
           receiver's default timeout (interval 200 ms, derived 900 ms) and at
@@ -97,6 +108,10 @@ RATIO_RATE = {k: DEFAULT_RATE[k] for k in ("ledger", "random", "scan")}
 MEASURE_FAILOVER_MS = 5000
 SOCKET_SLICE = 16 * MiB
 FAILOVER_CANDIDATES_MS = (400, 300, 200, 150, 100, 75, 50)
+#: cache phase: page-cache sizes tried, against a hotset twice the default cache
+CACHE_SIZES = (2048, 8192, 32768)
+CACHE_WSS = 16384
+CACHE_RATE = 60000.0
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -153,7 +168,8 @@ def tree_cpu(pid: int) -> float:
 class Stack:
     """Two sim hosts, remus-receiver on the backup, remusd on the primary."""
 
-    def __init__(self, base: Path, *, failover_ms: int | None = None) -> None:
+    def __init__(self, base: Path, *, failover_ms: int | None = None,
+                 remusd_args: tuple[str, ...] = ()) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.primary = SimHost(str(base / "primary"))
@@ -162,6 +178,7 @@ class Stack:
         self.rsock = str(base / "remusd.sock")
         self.bsock = str(base / "receiver.sock")
         self.failover_ms = failover_ms
+        self.remusd_args = list(remusd_args)
         self.procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -193,7 +210,7 @@ class Stack:
             "--insecure", "--config", "/dev/null", *extra], self.bsock)
         self._start("remusd", _bin("remusd", "remusd.cli") + [
             "--sim-dir", self.primary.dir, "--control", self.rsock, "--insecure",
-            "--config", "/dev/null"], self.rsock)
+            "--config", "/dev/null", *self.remusd_args], self.rsock)
         return self
 
     def log(self, name: str) -> str:
@@ -545,6 +562,32 @@ def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: flo
     return rate, ratio
 
 
+def phase_cache(base: Path, memory: int, seconds: float) -> dict:
+    """hotset with a working set of CACHE_WSS pages (twice the default cache)
+    at 25 ms, seed and xen, for each cache size (remusd --cache-pages; the
+    receiver's mirror follows the HELLO): ratio, hit rate, CPU."""
+    out: dict = {"workload": "hotset", "wss_pages": CACHE_WSS, "rate_pages_per_s": CACHE_RATE,
+                 "interval_ms": RATE_INTERVAL_MS, "sizes": {}}
+    for pages in CACHE_SIZES:
+        stack = Stack(base / f"cache-{pages}", failover_ms=MEASURE_FAILOVER_MS,
+                      remusd_args=("--cache-pages", str(pages))).start()
+        try:
+            dom = create(stack, "c", memory, "hotset", CACHE_RATE, wss=CACHE_WSS)
+            out["sizes"][str(pages)] = per = {}
+            for codec in ("seed", "xen"):
+                stack.protect("c", codec, RATE_INTERVAL_MS)
+                time.sleep(1.0)  # warm the cache
+                w = window(stack, "c", seconds)
+                per[codec] = {k: w[k] for k in ("ratio", "cache_hit_rate", "checkpoints_per_s",
+                                                "dirty_pages", "bytes_per_checkpoint",
+                                                "cpu_percent")}
+                stack.unprotect("c")
+            dom.destroy()
+        finally:
+            stack.close()
+    return out
+
+
 def failover_trial(base: Path, memory: int, interval_ms: int, failover_ms: int | None,
                    soak: float) -> dict:
     """One stack: a loaded domain protected for ``soak`` seconds (false
@@ -680,6 +723,19 @@ def print_table(r: dict) -> None:
                 hit = "" if x["cache_hit_rate"] is None else f" {100 * x['cache_hit_rate']:.0f}%"
                 cells.append(f" {(x['ratio'] or 0):>9.1f}:1{hit:>5}")
             print(f"  {wl:<8}" + "".join(cells))
+    if "cache" in r:
+        c = r["cache"]
+        print(f"\npage cache size (hotset, working set {c['wss_pages']} pages, "
+              f"{c['rate_pages_per_s']:.0f} pages/s, interval {c['interval_ms']} ms)")
+        print(f"  {'cache pages':>11} {'MiB/side':>8} {'codec':>6} {'dirty':>6} {'hit':>6} {'ratio':>7} "
+              f"{'KB/ckpt':>8} {'remusd':>7} {'recv':>6}")
+        for size, per in c["sizes"].items():
+            for codec, x in per.items():
+                hit = "-" if x["cache_hit_rate"] is None else f"{100 * x['cache_hit_rate']:.1f}%"
+                print(f"  {size:>11} {int(size) * PAGE_SIZE / MiB:>8.0f} {codec:>6} "
+                      f"{x['dirty_pages'].get('median', 0):>6.0f} {hit:>6} {x['ratio'] or 0:>6.1f} "
+                      f"{x['bytes_per_checkpoint'].get('median', 0) / 1e3:>8.1f} "
+                      f"{x['cpu_percent']['remusd']:>6.0f}% {x['cpu_percent']['receiver']:>5.0f}%")
     if "failover" in r:
         f = r["failover"]
         print("\nfailover (kill -9 of primary host + remusd -> backup running)")
@@ -707,9 +763,11 @@ def plot(r: dict, path: str) -> None:
         if len(s):
             a.plot(s, np.arange(1, len(s) + 1) / len(s), label=f"{codec} (hotset, 25 ms)")
         t = np.asarray(w["timeline"], dtype=float)
-        if len(t) > 1:
-            rate = np.diff(t[:, 1]) / np.diff(t[:, 0])
-            b.plot(t[1:, 0], rate, label=codec)
+        if len(t) > 4:  # checkpoints/s over a sliding 1 s window
+            j = np.searchsorted(t[:, 0], t[:, 0] - 1.0)
+            ok = t[:, 0] - t[j, 0] >= 0.9
+            rate = (t[ok, 1] - t[j[ok], 1]) / (t[ok, 0] - t[j[ok], 0])
+            b.plot(t[ok, 0], rate, label=codec)
     for want, lv in r.get("pause", {}).get("levels", {}).items():
         s = np.sort(np.asarray(lv["pause_samples_ms"]))
         if len(s):
@@ -722,7 +780,7 @@ def plot(r: dict, path: str) -> None:
     b.axhline(40, color="grey", lw=0.8, ls=":")
     b.set_xlabel("time (s)")
     b.set_ylabel("checkpoints/s")
-    b.set_title("checkpoint rate over time (hotset, 25 ms)")
+    b.set_title("checkpoint rate over time, 1 s sliding window (hotset, 25 ms)")
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -733,8 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB guests, short windows (~1-2 min)")
     p.add_argument("--json", default=os.path.join(REPO, "bench", "results", "e2e.json"))
     p.add_argument("--plot", metavar="PNG", help="draw pause CDF and rate over time per codec")
-    p.add_argument("--only", default="copy,pause,rate,failover",
-                   help="phases to run, comma-separated (copy, pause, rate, failover; "
+    p.add_argument("--only", default="copy,pause,rate,cache,failover",
+                   help="phases to run, comma-separated (copy, pause, rate, cache, failover; "
                         "rate includes ratio)")
     p.add_argument("--memory-mib", type=int, help="guest size (default 1024, --quick 256)")
     args = p.parse_args(argv)
@@ -761,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
                     stack, memory, win, rate_win, CODECS)
             stack.close()
             stack = None
+        if "cache" in phases:
+            results["cache"] = phase_cache(base, min(memory, 256 * MiB), win)
         if "failover" in phases:
             results["failover"] = phase_failover(base, memory, 1 if args.quick else 3,
                                                  3.0 if args.quick else 6.0)
