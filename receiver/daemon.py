@@ -197,9 +197,9 @@ class ReceiverDaemon:
             self.protections.pop(old.uuid, None)
 
     def _list(self) -> list:
-        """hv.list(), retried: the simulator's list fails when a domain
-        disappears while it is being listed (another session's backup being
-        destroyed)."""
+        """hv.list(), retried a few times on a DomainError (a transient
+        failure of the hypervisor call; the simulator's list itself leaves out
+        a domain destroyed while it is being listed)."""
         for attempt in range(5):
             try:
                 with self.hv_lock:
