@@ -862,6 +862,28 @@ def plot(r: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def median_of_runs(runs: list) -> object:
+    """Element-wise median of several runs' results: numbers -> median,
+    booleans -> true if true in most runs, lists of dicts -> element-wise,
+    sample lists and strings -> the first run's."""
+    first = runs[0]
+    if isinstance(first, bool):
+        return sum(bool(r) for r in runs) * 2 > len(runs)
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        vals = [r for r in runs if isinstance(r, int | float)]
+        if len(vals) != len(runs):
+            return first
+        m = round(float(np.median(vals)), 3)
+        return int(m) if all(isinstance(v, int) for v in vals) and m.is_integer() else m
+    if isinstance(first, dict):
+        keys = [k for k in first if all(isinstance(r, dict) and k in r for r in runs)]
+        return {k: median_of_runs([r[k] for r in runs]) for k in keys}
+    if isinstance(first, list) and first and all(isinstance(x, dict) for x in first) \
+            and all(isinstance(r, list) and len(r) == len(first) for r in runs):
+        return [median_of_runs([r[i] for r in runs]) for i in range(len(first))]
+    return first
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="256 MiB guests, short windows (~1-2 min)")
@@ -871,7 +893,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="phases to run, comma-separated (copy, pause, rate, cache, failover; "
                         "rate includes ratio)")
     p.add_argument("--memory-mib", type=int, help="guest size (default 1024, --quick 256)")
+    p.add_argument("--median", nargs="+", metavar="RUN_JSON",
+                   help="run nothing: print the element-wise median of these runs' JSON "
+                        "(and write it to --json)")
     args = p.parse_args(argv)
+    if args.median:
+        runs = []
+        for path in args.median:
+            with open(path) as f:
+                runs.append(json.load(f))
+        med = median_of_runs(runs)
+        med["median_of"] = args.median
+        print(f"median of {len(runs)} runs: {', '.join(args.median)}")
+        print_table(med)
+        with open(args.json, "w") as f:
+            json.dump(med, f, indent=1)
+        print(f"\nJSON: {args.json}")
+        return 0
     phases = set(args.only.split(","))
     memory = (args.memory_mib or (256 if args.quick else 1024)) * MiB
     win = 2.0 if args.quick else 4.0
