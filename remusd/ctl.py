@@ -29,6 +29,7 @@ EPILOG = textwrap.dedent("""\
     commands:
       protect DOMAIN --to TARGET   start protecting DOMAIN (a domid or a name)
       unprotect DOMAIN             end it cleanly; the guest keeps running
+      failover DOMAIN              (receiver's socket) run the backup now
       status                       show every protected domain
 
     examples:
@@ -77,6 +78,17 @@ UNPROTECT_HELP = textwrap.dedent("""\
     marked LAST_CHECKPOINT, waits for its acknowledgement and closes the
     session, so the backup does not take over. The guest keeps running on the
     primary, unprotected (its output is no longer held back).""")
+
+FAILOVER_HELP = textwrap.dedent("""\
+    Ask a remus-receiver (give its socket with --control) to fail DOMAIN over
+    now: the backup domain gets the last committed checkpoint and is unpaused,
+    whatever the failover timer says. DOMAIN is the protected domain's name,
+    its UUID or the backup's domid. Use it when the receiver's policy kept the
+    backup paused (on-violation=wait, on-link-loss=wait) and you have made
+    sure the primary is dead: failing over while the primary still runs
+    gives two running copies of the guest (see "Split brain" in
+    docs/operations.md). The backup is then fenced: the old primary cannot
+    re-protect to this receiver.""")
 
 STATUS_HELP = textwrap.dedent("""\
     Show each protected domain: its state (initial-copy, protected,
@@ -136,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description=UNPROTECT_HELP, formatter_class=fmt,
                         epilog="example:\n  remusctl unprotect ledger")
     un.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
+
+    fo = sub.add_parser("failover", help="(receiver) run the backup of a domain now",
+                        description=FAILOVER_HELP, formatter_class=fmt,
+                        epilog="example:\n  remusctl --control /run/remus/receiver.sock "
+                               "failover ledger")
+    fo.add_argument("domain", metavar="DOMAIN", help="name or UUID of the protected domain, "
+                    "or the backup's domid")
 
     st = sub.add_parser("status", help="show the protected domains", description=STATUS_HELP,
                         formatter_class=fmt,
@@ -270,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                                 timeout=args.timeout + 5, wait_s=args.timeout)
             print(f"{d['name']} ({d['domid']}): {d['state']} after {d['checkpoints']} "
                   f"checkpoints; the guest runs unprotected")
+        elif args.command == "failover":
+            d = control_request(args.control, "failover", domain=args.domain,
+                                timeout=args.timeout)
+            print(f"{d['domain']}: backup domain {d['backup_domid']} is running, resumed from "
+                  f"checkpoint {d['resumed_from']}")
     except ControlError as e:
         print(f"remusctl: {e}", file=sys.stderr)
         return 1

@@ -118,6 +118,13 @@ class Daemon:
         except OSError:
             return ""
 
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(BIN / "remusctl"), "--control", self.control, *args],
+                           capture_output=True, text=True, env=ENV, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"remusctl {' '.join(args)}: rc {r.returncode}: {r.stderr}")
+        return r
+
 
 class Remusd(Daemon):
     name = "remusd"
@@ -128,13 +135,6 @@ class Remusd(Daemon):
                 "--insecure", "--config", "/dev/null", "--log-level", "debug", *extra]
         super().__init__(workdir, argv, control, env)
         self.host = host
-
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([str(BIN / "remusctl"), "--control", self.control, *args],
-                           capture_output=True, text=True, env=ENV, timeout=60)
-        if check and r.returncode != 0:
-            raise AssertionError(f"remusctl {' '.join(args)}: rc {r.returncode}: {r.stderr}")
-        return r
 
     def domain(self, name: str) -> dict:
         for d in self.status()["domains"]:
