@@ -15,6 +15,7 @@ import argparse
 from dataclasses import dataclass
 
 from xenbind import tls
+from xenbind.compress import MAX_CACHE_PAGES
 from xenbind.errors import ConfigError
 from xenbind.service import add_control_group_argument, parse_args_with_config
 from xenbind.transport import parse_hostport
@@ -94,6 +95,9 @@ class ReceiverConfig:
     max_pages: int
     max_staged_bytes: int
     max_compressed: int
+    max_context: int  # bytes: the HVM context record of a checkpoint's tail
+    max_device_model: int  # bytes: the device-model record of a tail
+    max_cache_pages: int  # the largest codec cache a session may ask for (HELLO, CODEC chunk)
     on_link_loss: str
     on_violation: str
     on_unprotect: str
@@ -123,6 +127,17 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError(f"{text} is negative")
+    return value
+
+
+def _cache_pages(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= MAX_CACHE_PAGES:
+        raise argparse.ArgumentTypeError(f"{value} pages is outside 1..{MAX_CACHE_PAGES} (the "
+                                         "codec cache's own limit)")
     return value
 
 
@@ -165,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest checkpoint staged per session, MiB (default 1024)")
     p.add_argument("--max-compressed-mb", metavar="MB", type=_positive(int), default=64,
                    help="largest COMPRESSED_DATA chunk accepted, MiB (default 64)")
+    p.add_argument("--max-context-mb", metavar="MB", type=_positive(int), default=16,
+                   help="largest HVM context record in a checkpoint's tail, MiB (default 16)")
+    p.add_argument("--max-device-model-mb", metavar="MB", type=_positive(int), default=64,
+                   help="largest device-model record in a checkpoint's tail, MiB (default 64)")
+    p.add_argument("--max-cache-pages", metavar="N", type=_cache_pages, default=MAX_CACHE_PAGES,
+                   help="largest codec page cache a session may ask for, in 4 KiB pages "
+                        f"(default and at most {MAX_CACHE_PAGES} = 1 GiB); a HELLO asking for "
+                        "more, or for a sender buffer whose COMPRESSED_DATA chunks could exceed "
+                        "--max-compressed-mb, is refused `limit` at the handshake")
     p.add_argument("--on-link-loss", choices=("failover", "wait"), default="failover",
                    help="after a commit, the link closed or went silent (default failover)")
     p.add_argument("--on-violation", choices=("wait", "failover"), default="wait",
@@ -190,7 +214,9 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         heartbeat_ms=args.heartbeat, handshake_timeout=args.handshake_timeout,
         stall_timeout=args.stall_timeout, max_sessions=args.max_sessions,
         max_pages=args.max_pages, max_staged_bytes=args.max_staged_mb << 20,
-        max_compressed=args.max_compressed_mb << 20, on_link_loss=args.on_link_loss,
+        max_compressed=args.max_compressed_mb << 20, max_context=args.max_context_mb << 20,
+        max_device_model=args.max_device_model_mb << 20, max_cache_pages=args.max_cache_pages,
+        on_link_loss=args.on_link_loss,
         on_violation=args.on_violation, on_unprotect=args.on_unprotect,
         log_level=args.log_level, config_file=args.config,
         tls=tls.settings_from_args(args, role="receiver"), control_group=args.control_group)
