@@ -3,6 +3,11 @@
 Admission of a HELLO (``admit``), in this order:
     too many open sessions                      -> REFUSE busy
     domain larger than max-pages                -> REFUSE limit
+    (codec seed/xen) a cache larger than
+      max-cache-pages, or a sender buffer whose
+      COMPRESSED_DATA chunks could exceed
+      max-compressed-mb (buffer_pages x the
+      codec's worst encoded page)               -> REFUSE limit (not mid-stream)
     the domain failed over here and its backup
       still exists                              -> REFUSE fenced (never overwrite it)
     a session for the domain is open or waiting
@@ -57,6 +62,7 @@ import logging
 import threading
 import time
 
+from xenbind.compress.formats import MAX_ENCODED_PAGE
 from xenbind.errors import DomainError, RemusError
 from xenbind.session import ERR_FAILED_OVER, ERR_SHUTDOWN, ERR_STALLED, ERR_SUPERSEDED, Hello
 
@@ -119,6 +125,7 @@ class ReceiverDaemon:
         if d.pages > cfg.max_pages:
             raise Refusal("limit", f"domain {d.name} has {d.pages} pages, more than this "
                           f"receiver's max-pages {cfg.max_pages}")
+        self._check_options(hello)
         with self.lock:
             if self.open_sessions() >= cfg.max_sessions:
                 raise Refusal("busy", f"{cfg.max_sessions} sessions already open (max-sessions)")
@@ -157,6 +164,26 @@ class ReceiverDaemon:
             log.info("%s: session %s over %s", prot.label(), hello.session_id[:8],
                      conn.t.describe())
         return prot
+
+    def _check_options(self, hello: Hello) -> None:
+        """REFUSE limit now what the Decoder would refuse mid-stream: a codec
+        cache above max-cache-pages, or a sender buffer whose COMPRESSED_DATA
+        chunks may exceed max-compressed (each page of it encodes to at most
+        MAX_ENCODED_PAGE[codec] bytes). Codec none sends neither."""
+        cfg = self.cfg
+        o = hello.options
+        if o.codec == "none":
+            return
+        if o.cache_pages > cfg.max_cache_pages:
+            raise Refusal("limit", f"options: a {o.codec} cache of {o.cache_pages} pages, more "
+                          f"than this receiver's max-cache-pages {cfg.max_cache_pages}")
+        per_page = MAX_ENCODED_PAGE[o.codec]
+        worst = o.buffer_pages * per_page
+        if worst > cfg.max_compressed:
+            raise Refusal("limit", f"options: a sender buffer of {o.buffer_pages} pages makes "
+                          f"{o.codec} COMPRESSED_DATA chunks of up to {worst} bytes, more than "
+                          f"this receiver's max-compressed-mb {cfg.max_compressed >> 20} "
+                          f"(buffer-pages {cfg.max_compressed // per_page} at most)")
 
     def _resolve_old(self, old: Protection, hello: Hello) -> None:
         """A HELLO for a domain we already hold (called under self.lock)."""
@@ -265,11 +292,13 @@ class ReceiverDaemon:
                 return
             prot.last_error = None if kind == "clean" else message
             if prot.state == "initial-copy":
+                # destroyed first, then said so: a reader of the log (a test,
+                # an operator) must find the backup gone once the line is there
+                prot.state = "gone"
+                self._destroy(prot, "initial copy incomplete")
                 log.error("%s: session %s ended before the initial copy completed: %s; backup "
                           "domain %s destroyed (nothing was committed)", prot.label(),
                           prot.hello.session_id[:8], message, prot.backup_domid)
-                prot.state = "gone"
-                self._destroy(prot, "initial copy incomplete")
             else:
                 self._apply_policy(prot, kind, message)
                 return
@@ -282,11 +311,11 @@ class ReceiverDaemon:
         if kind == "clean":
             prot.state = "ended"
             keep = cfg.on_unprotect == "keep"
+            if not keep:
+                self._destroy(prot, "protection ended")  # before the log line says so
             log.info("%s: protection ended cleanly after checkpoint %s (%s); no failover; "
                      "backup domain %s %s", prot.label(), last, message, prot.backup_domid,
                      "kept paused" if keep else "destroyed")
-            if not keep:
-                self._destroy(prot, "protection ended")
             return
         if kind == "corrupt":
             prot.state = "corrupt"
