@@ -25,6 +25,11 @@ Rules kept here:
   notices within that time that the daemon closed it.
 - Events a failing ``feed`` decoded before the offending item are handled
   first: a checkpoint that arrived whole before garbage is still committed.
+- Every Decoder cap comes from the configuration (max-pages via the HELLO,
+  max-compressed-mb, max-context-mb, max-device-model-mb, max-cache-pages).
+- An ended session holds nothing big: when ``run`` returns, the decoder is
+  closed (its codec cache, up to max-cache-pages x 4 KiB, and its item buffer
+  are freed at once) and dropped, and the staged pages are dropped.
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ class Connection:
         self._send_lock = threading.Lock()
         self._last_sent = time.monotonic()
         self.thread: threading.Thread | None = None
+        self.decoder: Decoder | None = None  # during the stream only
+        self.staging: Staging | None = None
 
     # ------------------------------------------------------------- plumbing
 
@@ -134,9 +141,21 @@ class Connection:
                 self.daemon.session_ended(self.prot, self, "violation",
                                           "internal error on the receiver (see log)")
         finally:
+            self._release()
             self._linger()
             self.t.close()
             self.daemon.connection_closed(self)
+
+    def _release(self) -> None:
+        """The session is over: free the decoder's codec cache and buffers
+        and the staged pages now, whoever still holds this Connection."""
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+        if self.staging is not None:
+            self.staging.discard()
+            self.staging = None
+        self.context = None  # the last tail's records (device model: up to max-device-model)
 
     def _linger(self) -> None:
         """Close our side first and drain what the peer still sends, briefly:
@@ -233,7 +252,10 @@ class Connection:
             heartbeat_ms=self.cfg.heartbeat_ms,
             limits={"max_pages": self.cfg.max_pages,
                     "max_staged_bytes": self.cfg.max_staged_bytes,
-                    "max_compressed": self.cfg.max_compressed},
+                    "max_compressed": self.cfg.max_compressed,
+                    "max_context": self.cfg.max_context,
+                    "max_device_model": self.cfg.max_device_model,
+                    "max_cache_pages": self.cfg.max_cache_pages},
             software=SOFTWARE)))
         if not ok:
             self.daemon.session_ended(prot, self, "link-lost", "connection lost sending ACCEPT")
@@ -246,8 +268,11 @@ class Connection:
         prot = self.prot
         hello = prot.hello
         opts = hello.options
+        cfg = self.cfg
         self.decoder = Decoder(
-            max_p2m_size=hello.domain.pages, max_compressed=self.cfg.max_compressed,
+            max_p2m_size=hello.domain.pages, max_compressed=cfg.max_compressed,
+            max_context=cfg.max_context, max_device_model=cfg.max_device_model,
+            max_cache_pages=cfg.max_cache_pages,
             cache_pages=opts.cache_pages if opts.codec != "none" else None)
         self.staging = Staging(hello.domain.pages, self.cfg.max_staged_bytes)
         self.context = None
