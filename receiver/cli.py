@@ -11,9 +11,13 @@ Start-up, in order (each step fails fast with one clear line and exit status):
       unauthenticated link                                     exit 2
     the hypervisor: --sim-dir DIR, or Xen (off a dom0: the
       message names what is missing)                           exit 1
-    listen (the log says "listening on HOST:PORT", the real
-      port when 0 was asked), the control socket, the
-      failover timer, READY=1 to systemd, watchdog pings
+    listen (bound), the failover timer, the accept loop; then
+      the log line "listening on HOST:PORT" (the real port
+      when 0 was asked); then the control socket; READY=1 to
+      systemd, watchdog pings. The control socket comes last
+      on purpose: a client that gets an answer from it finds
+      the "listening on" line already written (tests rely on
+      it), and the daemon answers only once it is ready
 Runs until SIGTERM or SIGINT, then closes every session (ERROR shutdown) and
 exits 0. Backups are left as they are on exit.
 """
@@ -90,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     daemon.listen_address = listener.address
     try:
-        control = ControlServer(cfg.control, daemon.control, group=cfg.control_group).start()
-    except ConfigError as e:
+        control = ControlServer(cfg.control, daemon.control, group=cfg.control_group)
+    except ConfigError as e:  # an unknown --control-group
         log.error("%s", e)
         listener.close()
         return 2
@@ -109,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if tls_server is None:
         log.warning("the replication link is plaintext (--insecure): use it only on a trusted "
                     "network")
+    try:
+        control.start()  # last: an answer on it means everything above is done
+    except ConfigError as e:
+        log.error("%s", e)
+        daemon.shutdown()
+        listener.close()
+        hv.close()
+        return 2
 
     watchdog = Watchdog(lambda: daemon.monitor_alive() and listener.alive()).start()
     sd_notify(f"READY=1\nSTATUS=listening on {listener.address}")
