@@ -16,10 +16,15 @@ The caller then sends the buffers, waits for the ack and calls
 Rules:
 - Nothing but the copy (and, in verify mode, the digest) happens while the
   guest is paused; the pause is undone even when a step inside fails.
-- The checkpoint buffer is allocated once per session at the domain's size
-  (``np.empty``: the kernel backs only the rows ever written) and never grows.
+- The checkpoint buffer is bounded by what an epoch copies, not by the
+  domain's p2m_size (an HVM/PVH guest's p2m_size reaches its special pages
+  near 4 GiB: a 128 MiB PVH guest has ~1M PFNs). It starts at
+  ``min(pages, INITIAL_BUFFER_PAGES)`` rows and, when an epoch has more dirty
+  pages than rows, grows once to ``max(needed, 2 x rows)`` (capped at
+  ``pages``) before the gather; the copy stays one vectorised gather.
 - ``Capture.pages`` is a view of that buffer: encode and send a capture before
-  the next ``capture()``.
+  the next ``capture()`` (a growth leaves earlier views valid: they keep the
+  old array alive).
 """
 
 from __future__ import annotations
@@ -49,14 +54,43 @@ class Capture:
     pause_ms: float  # paused -> unpaused, wall clock
 
 
-class CheckpointBuffer:
-    """The preallocated page buffer of one session (and, for verify, a full image)."""
+#: Rows the checkpoint buffer starts with (32 MiB): an ordinary epoch and a
+#: slice of the initial copy (remusd.initial_copy.SLICE_PAGES) fit without growth.
+INITIAL_BUFFER_PAGES = 8192
 
-    def __init__(self, pages: int, verify: bool) -> None:
+
+class CheckpointBuffer:
+    """The page buffer of one session, grown on demand (and, for verify, a full image).
+
+    ``pages``: the domain's p2m_size (the most rows it can ever need);
+    ``initial``: rows to start with (default ``INITIAL_BUFFER_PAGES``).
+    Verify mode keeps an image of every PFN (p2m_size rows): it is a test
+    mode, for domains without holes.
+    """
+
+    def __init__(self, pages: int, verify: bool, initial: int | None = None) -> None:
         self.pages = pages
-        self.buf = np.empty((pages, PAGE_SIZE), dtype=np.uint8)
+        start = INITIAL_BUFFER_PAGES if initial is None else initial
+        self.buf = np.empty((max(1, min(pages, start)), PAGE_SIZE), dtype=np.uint8)
+        self.grown = 0  # times the buffer grew (status/tests)
         self.image = np.empty((pages, PAGE_SIZE), dtype=np.uint8) if verify else None
         self.all_pfns = np.arange(pages, dtype=np.uint64) if verify else None
+
+    @property
+    def rows(self) -> int:
+        return self.buf.shape[0]
+
+    def view(self, n: int) -> np.ndarray:
+        """The first ``n`` rows, growing the buffer first when it has fewer."""
+        if n > self.buf.shape[0]:
+            if n > self.pages:
+                raise ValueError(f"{n} pages asked of a buffer for a {self.pages}-page domain")
+            rows = min(self.pages, max(n, 2 * self.buf.shape[0]))
+            log.debug("checkpoint buffer grows from %d to %d pages", self.buf.shape[0], rows)
+            # np.empty: the kernel backs only the rows ever written
+            self.buf = np.empty((rows, PAGE_SIZE), dtype=np.uint8)
+            self.grown += 1
+        return self.buf[:n]
 
 
 def strictly_sorted(pfns: np.ndarray) -> np.ndarray:
@@ -93,7 +127,7 @@ def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = Non
         pfns = strictly_sorted(domain.read_and_clear_dirty())
         if extra is not None and len(extra):
             pfns = np.union1d(extra.astype(np.uint64), pfns.astype(np.uint64))
-        view = cb.buf[: len(pfns)]
+        view = cb.view(len(pfns))
         if len(pfns):
             domain.gather(pfns, view)
         digest = None

@@ -1,7 +1,10 @@
 """The initial live copy: checkpoint 0 of a session, in Format A.
 
     enable log-dirty (and clear what it already holds)
-    round 1   (guest running)  every page, in slices of SLICE_PAGES
+    holes     the PFNs below p2m_size with no memory behind them
+              (p2m_size - populated_pfns()), as XTAB entries: no data, so the
+              receiver knows they are absent (as libxc's save did)
+    round 1   (guest running)  every populated page, in slices of SLICE_PAGES
     round k   (guest running)  the pages dirtied during round k-1, while
                                rounds < precopy_rounds and the last round
                                had >= precopy_threshold pages
@@ -18,6 +21,8 @@ Rules:
 - While the guest runs, each slice is gathered into the session's checkpoint
   buffer and sent before the next slice is gathered (buffers of Format A are
   views of it).
+- Only ``domain.populated_pfns()`` are ever gathered (a hole cannot be
+  mapped on Xen); the holes go once, before round 1, XTAB_SLICE at a time.
 - Between slices the link is polled and a heartbeat goes out at least every
   ``heartbeat_s`` so a long copy does not look like a dead primary.
 """
@@ -31,8 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xenbind import PAGE_SIZE
 from xenbind.hypervisor import Domain
 from xenbind.stream.encoder import StreamWriter
+from xenbind.stream.format import TYPE_XTAB
 
 from .epoch import Capture, CheckpointBuffer, capture, strictly_sorted
 from .link import Link
@@ -41,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: Pages gathered and sent at a time while the guest runs (16 MiB).
 SLICE_PAGES = 4096
+#: XTAB entries sent at a time (8 bytes each on the wire: 512 KiB).
+XTAB_SLICE = 65536
+_NO_PAGES = np.empty((0, PAGE_SIZE), dtype=np.uint8)
 
 
 @dataclass
@@ -58,9 +68,29 @@ def _send_pages(link: Link, writer: StreamWriter, domain: Domain, cb: Checkpoint
         if stop():
             break
         part = pfns[s:s + SLICE_PAGES]
-        view = cb.buf[: len(part)]
+        view = cb.view(len(part))
         domain.gather(part, view)
         sent += link.send(writer.pages(part, view))
+        link.poll()
+        beat()
+    return sent
+
+
+def holes_of(pages: int, populated: np.ndarray) -> np.ndarray:
+    """The PFNs below ``pages`` not in ``populated``, sorted uint64."""
+    mask = np.ones(pages, dtype=bool)
+    populated = np.asarray(populated, dtype=np.uint64)
+    mask[populated[populated < pages].astype(np.intp)] = False
+    return np.flatnonzero(mask).astype(np.uint64)
+
+
+def _send_holes(link: Link, writer: StreamWriter, holes: np.ndarray,
+                beat: Callable[[], None]) -> int:
+    sent = 0
+    for s in range(0, len(holes), XTAB_SLICE):
+        part = holes[s:s + XTAB_SLICE]
+        types = np.full(len(part), TYPE_XTAB, dtype=np.uint8)
+        sent += link.send(writer.pages(part, _NO_PAGES, types))
         link.poll()
         beat()
     return sent
@@ -87,7 +117,12 @@ def initial_copy(domain: Domain, link: Link, writer: StreamWriter, cb: Checkpoin
             last_beat[0] = now
 
     total = link.send([writer.header()])
-    pfns = np.arange(pages, dtype=np.uint64)
+    pfns = strictly_sorted(np.asarray(domain.populated_pfns(), dtype=np.uint64))
+    holes = holes_of(pages, pfns)
+    if len(holes):
+        log.info("domain %s: %d of %d PFNs populated; %d holes sent as XTAB", domain.domid,
+                 len(pfns), pages, len(holes))
+        total += _send_holes(link, writer, holes, beat)
     n_pages = 0
     done = 0
     while True:

@@ -11,6 +11,10 @@ receiver need exactly what is here and nothing more:
     log-dirty        Domain.enable_logdirty() / disable_logdirty()
                      Domain.read_and_clear_dirty() -> sorted uint64 PFNs
     pages            Domain.gather(pfns, out) / Domain.scatter(pfns, pages)
+    physmap          Domain.populated_pfns() -> sorted uint64 PFNs with memory
+                     behind them; Domain.populate(pfns) gives a (backup)
+                     domain memory there. Both have defaults for a domain
+                     without holes (the simulator's): every PFN, nothing to do.
     context          Domain.get_context() / Domain.set_context(ctx)
     output buffer    Domain.output_barrier() / output_release() / output_unplug()
                      (the two operations of Linux's ``plug`` qdisc that Remus
@@ -21,6 +25,10 @@ Rules this interface keeps (every implementation enforces them):
 - Errors are ``DomainError`` (or a subclass) naming the domain and operation.
 - ``gather``/``scatter`` take a whole batch in one call (vectorised); a PFN at
   or past ``pages`` is refused before anything is read or written.
+- ``pages`` is p2m_size (highest PFN + 1), not the memory size: an HVM/PVH
+  p2m has holes (Xen's special pages sit near 4 GiB), and ``gather`` of a
+  hole fails. A full copy lists ``populated_pfns()``; the holes travel as
+  XTAB entries (stream-format.md).
 - Pauses are counted: a domain paused twice runs again only after two
   unpauses. ``pause`` returns only once the guest has stopped writing.
 """
@@ -114,6 +122,16 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     def scatter(self, pfns: PfnArray, pages: PageArray) -> None:
         """Write ``pages[i]`` to page ``pfns[i]`` for every i."""
+
+    def populated_pfns(self) -> PfnArray:
+        """The PFNs below ``pages`` that have memory behind them, sorted uint64.
+
+        Default: every PFN (a domain without holes, as the simulator's)."""
+        return np.arange(self.info().pages, dtype=np.uint64)
+
+    def populate(self, pfns: PfnArray) -> None:  # noqa: B027 - optional hook
+        """Give the domain memory at ``pfns`` (building a backup whose physmap
+        lacks PFNs the stream carries). Default: nothing to do."""
 
     @abc.abstractmethod
     def get_context(self) -> Context: ...

@@ -385,6 +385,10 @@ class XenDomain(Domain):
             keep.append(chunk[err == 0])
         return np.concatenate(keep) if keep else np.empty(0, dtype=np.uint64)
 
+    def populated_pfns(self) -> np.ndarray:
+        """The Domain interface's name for ``present_pfns()``."""
+        return self.present_pfns()
+
     def populate(self, pfns: np.ndarray) -> None:
         """Give the domain 4 KiB pages at ``pfns`` (backup building)."""
         p = np.ascontiguousarray(np.asarray(pfns), dtype=np.uint64)

@@ -375,6 +375,10 @@ class SimDomain(Domain):
         mem = self._memory("scatter")
         mem[idx] = pages[: len(idx)]
 
+    def populated_pfns(self) -> np.ndarray:
+        """Every PFN: a simulated domain's memory file has no holes."""
+        return np.arange(self.pages, dtype=np.uint64)
+
     def magic_pfns(self) -> tuple[int, int, int]:
         top = self.pages - MAGIC_PAGES
         return (top, top + 1, top + 2)
