@@ -65,6 +65,7 @@ from xenbind.stream.decoder import MalformedStream, TruncatedStream
 from xenbind.tls import TlsRefused
 from xenbind.transport import Transport
 
+from .physmap import Physmap
 from .staging import Staging
 
 log = logging.getLogger("receiver")
@@ -275,6 +276,13 @@ class Connection:
             max_cache_pages=cfg.max_cache_pages,
             cache_pages=opts.cache_pages if opts.codec != "none" else None)
         self.staging = Staging(hello.domain.pages, self.cfg.max_staged_bytes)
+        try:
+            # which backup PFNs have memory: the ones the stream fills and the
+            # backup lacks are populated before they are written
+            self.physmap = Physmap(prot.backup, hello.domain.pages)
+        except DomainError as e:
+            self._finish(_End("corrupt", f"cannot probe the backup's physmap: {e}"))
+            return
         self.context = None
         self.digest = None
         self.last_flag = False
@@ -366,6 +374,7 @@ class Connection:
                     with prot.lock:
                         if not prot.commit_allowed():
                             raise _End("closed", f"backup is {prot.state}")
+                        self.physmap.ensure(ev.pfns)
                         prot.backup.scatter(ev.pfns, ev.data)
                     self.initial_pages += len(ev.pfns)
                 else:
@@ -406,7 +415,7 @@ class Connection:
                     prot.backup.set_context(self.context)
                     n = self.initial_pages
                 else:
-                    n = self.staging.commit(prot.backup, self.context)
+                    n = self.staging.commit(prot.backup, self.context, self.physmap)
             except DomainError as e:
                 raise _End("corrupt", f"commit of checkpoint {end.index} failed half-way: {e}") \
                     from None

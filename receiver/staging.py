@@ -11,6 +11,8 @@ Rules kept here:
   Format B body never repeats a PFN; a Format A body may, and the later copy
   wins, as it does with in-order writes), then sets the context. The caller
   holds the lock that keeps a failover from running in the middle.
+- ``commit`` with a ``physmap`` (receiver.physmap) populates the backup's
+  missing PFNs of each batch before writing it.
 - ``discard`` drops a torn checkpoint: nothing of it reached the domain.
 """
 
@@ -52,9 +54,11 @@ class Staging:
         self._batches.append((pfns, data))
         self.pages += k
 
-    def commit(self, domain: Domain, context: Context) -> int:
+    def commit(self, domain: Domain, context: Context, physmap=None) -> int:
         """Write the staged pages and the context into ``domain``; the page count."""
         for pfns, data in self._batches:
+            if physmap is not None:
+                physmap.ensure(pfns)
             domain.scatter(pfns, data)
         domain.set_context(context)
         n = self.pages
