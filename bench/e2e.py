@@ -839,10 +839,11 @@ def plot(r: dict, path: str) -> None:
         if len(s):
             a.plot(s, np.arange(1, len(s) + 1) / len(s), label=f"{codec} (hotset, 25 ms)")
         t = np.asarray(w["timeline"], dtype=float)
-        if len(t) > 4:  # checkpoints/s over a sliding 1 s window
-            j = np.searchsorted(t[:, 0], t[:, 0] - 1.0)
-            ok = t[:, 0] - t[j, 0] >= 0.9
-            rate = (t[ok, 1] - t[j[ok], 1]) / (t[ok, 0] - t[j[ok], 0])
+        if len(t) > 4:  # checkpoints/s over a sliding window of >= 1 s
+            j = np.searchsorted(t[:, 0], t[:, 0] - 1.0, side="right") - 1
+            ok = j >= 0
+            jj = j[ok]
+            rate = (t[ok, 1] - t[jj, 1]) / (t[ok, 0] - t[jj, 0])
             b.plot(t[ok, 0], rate, label=codec)
     for want, lv in r.get("pause", {}).get("levels", {}).items():
         s = np.sort(np.asarray(lv["pause_samples_ms"]))
@@ -909,6 +910,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(med, f, indent=1)
         print(f"\nJSON: {args.json}")
+        if args.plot:  # samples and timelines are the first run's
+            plot(med, args.plot)
+            print(f"plot: {args.plot} (samples of {args.median[0]})")
         return 0
     phases = set(args.only.split(","))
     memory = (args.memory_mib or (256 if args.quick else 1024)) * MiB
