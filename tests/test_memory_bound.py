@@ -222,7 +222,9 @@ def rx(tmp_path_factory):
 
 
 def _sender(port: int, primary, *, codec: str = "seed"):
-    """A test sender (tests/test_receiver.py) with a small codec cache, accepted."""
+    """A test sender (tests/test_receiver.py) with a small codec cache and
+    sender buffer (the receiver refuses a buffer whose chunks could exceed its
+    --max-compressed-mb 4 at the handshake), accepted."""
     import dataclasses
 
     from tests.test_receiver import Guest, Sender
@@ -231,9 +233,9 @@ def _sender(port: int, primary, *, codec: str = "seed"):
     g = Guest(primary)
     s = Sender(port, g, codec=codec, verify=False)
     s.hello = dataclasses.replace(
-        s.hello, options=dataclasses.replace(s.hello.options, cache_pages=64))
+        s.hello, options=dataclasses.replace(s.hello.options, cache_pages=64, buffer_pages=64))
     s.ss = SenderSession(s.hello)
-    s.writer = StreamWriter(g.pages, codec=codec, cache_pages=64)
+    s.writer = StreamWriter(g.pages, codec=codec, cache_pages=64, buffer_pages=64)
     assert isinstance(s.handshake(), Accepted)
     return g, s
 
