@@ -20,6 +20,8 @@ from xenbind.errors import ConfigError
 from xenbind.service import add_control_group_argument, parse_args_with_config
 from xenbind.transport import parse_hostport
 
+from .rename import check_suffix
+
 DEFAULT_CONFIG = "/etc/remus/receiver.toml"
 DEFAULT_CONTROL = "/run/remus/receiver.sock"
 
@@ -105,6 +107,10 @@ class ReceiverConfig:
     config_file: str | None
     tls: tls.TlsSettings | None = None  # None: plaintext (insecure)
     control_group: str | None = None
+    #: test/lab only (receiver.rename): create the backup as NAME+SUFFIX with a
+    #: derived UUID so it can run beside its primary on one host; None: the
+    #: primary's name and UUID (the default, and the only production setting)
+    backup_rename: str | None = None
 
     def failover_timeout_for(self, interval_ms: int, sender_heartbeat_ms: int) -> int:
         if self.failover_timeout_ms:
@@ -196,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-unprotect", choices=("destroy", "keep"), default="destroy",
                    help="a clean end of protection: the paused backup is destroyed or kept "
                         "(default destroy)")
+    p.add_argument("--backup-rename", metavar="SUFFIX", default=None,
+                   help="TEST/LAB ONLY: create each backup domain as NAME+SUFFIX with a UUID "
+                        "derived from the primary's (uuid5), so primary and backup can share "
+                        "one host (the Xen lab's single dom0). Sessions and the failover "
+                        "fence stay keyed on the primary's UUID. Never set this in "
+                        "production: after a failover the guest runs under another name and "
+                        "UUID (default: off)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="log verbosity (default info)")
     tls.add_arguments(p, role="receiver")
@@ -219,4 +232,5 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         on_link_loss=args.on_link_loss,
         on_violation=args.on_violation, on_unprotect=args.on_unprotect,
         log_level=args.log_level, config_file=args.config,
-        tls=tls.settings_from_args(args, role="receiver"), control_group=args.control_group)
+        tls=tls.settings_from_args(args, role="receiver"), control_group=args.control_group,
+        backup_rename=check_suffix(args.backup_rename) if args.backup_rename else None)

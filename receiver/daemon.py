@@ -17,10 +17,13 @@ Admission of a HELLO (``admit``), in this order:
                                                    one): its
                                                    connection gets ERROR superseded,
                                                    its paused backup is destroyed
-    a domain with the same UUID runs on this
+    a domain with the backup's UUID runs on this
       host (not one of our paused backups)      -> REFUSE fenced
-    a paused leftover with the same UUID (a
+    a paused leftover with the backup's UUID (a
       backup of an earlier receiver run)        -> destroyed, with a warning
+    (the backup's UUID is the primary's, or with backup-rename, test/lab
+    only, one derived from it: receiver.rename; every other key here is the
+    primary's UUID)
     then the backup domain is created paused    -> ACCEPT
 
 End of a session (``session_ended``), by what ended it:
@@ -68,6 +71,7 @@ from xenbind.session import ERR_FAILED_OVER, ERR_SHUTDOWN, ERR_STALLED, ERR_SUPE
 
 from .config import ReceiverConfig
 from .protection import FAILOVER_STATES, Protection
+from .rename import backup_config
 
 log = logging.getLogger("receiver")
 
@@ -140,14 +144,20 @@ class ReceiverDaemon:
             self.protections[d.uuid] = prot
         try:
             with prot.lock:
-                self._check_host(d)
+                # the backup's own identity: the primary's, unless backup-rename
+                # (test/lab) derives another one; the fence checks that identity
+                bd = backup_config(d, cfg.backup_rename)
+                if bd is not d:
+                    log.warning("domain %s (%s): backup-rename (test/lab only): the backup is "
+                                "created as %s (%s)", d.name, d.uuid, bd.name, bd.uuid)
+                self._check_host(bd)
                 with self.hv_lock:
-                    prot.backup = self.hv.create_backup(d)
+                    prot.backup = self.hv.create_backup(bd)
                 prot.backup_domid = prot.backup.domid
         except Refusal:
             self._forget(prot)
             raise
-        except RemusError as e:
+        except RemusError as e:  # ConfigError (a derived name too long) included
             self._forget(prot)
             raise Refusal("internal", f"cannot create the backup domain: {e}") from None
         o = hello.options
