@@ -11,13 +11,15 @@ Start-up, in order (each step fails fast with one clear line and exit status):
       unauthenticated link                                     exit 2
     the hypervisor: --sim-dir DIR, or Xen (off a dom0: the
       message names what is missing)                           exit 1
-    listen (bound), the failover timer, the accept loop; then
-      the log line "listening on HOST:PORT" (the real port
-      when 0 was asked); then the control socket; READY=1 to
-      systemd, watchdog pings. The control socket comes last
-      on purpose: a client that gets an answer from it finds
-      the "listening on" line already written (tests rely on
-      it), and the daemon answers only once it is ready
+    listen (bound), the control socket (bound), the failover
+      timer, the accept loop; then the log line "listening on
+      HOST:PORT" (the real port when 0 was asked); then the
+      control socket starts answering; READY=1 to systemd,
+      watchdog pings
+Readiness, either way it is looked at: once the "listening on" line is
+written the control socket exists (a request waits, at most READY_WAIT_S,
+for its answer), and a request that gets an answer finds the line already
+written (a request that arrives earlier is held until then).
 Runs until SIGTERM or SIGINT, then closes every session (ERROR shutdown) and
 exits 0. Backups are left as they are on exit.
 """
@@ -39,6 +41,10 @@ from .daemon import ReceiverDaemon
 from .server import Listener
 
 log = logging.getLogger("receiver")
+
+#: How long a control request that arrives during start-up waits for the
+#: daemon to be ready before it is answered anyway.
+READY_WAIT_S = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     daemon.listen_address = listener.address
+    ready = threading.Event()
+
+    def control_handler(req: dict):
+        ready.wait(READY_WAIT_S)  # answers only once start-up is logged
+        return daemon.control(req)
+
     try:
-        control = ControlServer(cfg.control, daemon.control, group=cfg.control_group)
-    except ConfigError as e:  # an unknown --control-group
+        control = ControlServer(cfg.control, control_handler, group=cfg.control_group).start()
+    except ConfigError as e:
         log.error("%s", e)
         listener.close()
         return 2
@@ -113,14 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if tls_server is None:
         log.warning("the replication link is plaintext (--insecure): use it only on a trusted "
                     "network")
-    try:
-        control.start()  # last: an answer on it means everything above is done
-    except ConfigError as e:
-        log.error("%s", e)
-        daemon.shutdown()
-        listener.close()
-        hv.close()
-        return 2
+    ready.set()
 
     watchdog = Watchdog(lambda: daemon.monitor_alive() and listener.alive()).start()
     sd_notify(f"READY=1\nSTATUS=listening on {listener.address}")
