@@ -342,3 +342,67 @@ def test_backup_rename_on_one_host_fails_over_and_keeps_the_fence(host, tmp_path
         assert r.stop() == 0, r.log()[-3000:]
         assert "Traceback" not in r.log(), r.log()[-3000:]
         dom.destroy()
+
+
+# ------------------------------------------------------- the backup's xl config from the primary's
+
+#: `xl list -l` of a PVH guest like the lab's (Xen 4.17's libxl JSON, abridged)
+XL_LIST_L = """[
+    {
+        "domid": 1,
+        "config": {
+            "c_info": {"type": "pvh", "name": "labguest",
+                       "uuid": "0f8fad5b-d9cb-469f-a165-70867728950e"},
+            "b_info": {
+                "max_vcpus": 1, "max_memkb": 132096, "target_memkb": 131072,
+                "tsc_mode": "native",
+                "cpuid": [
+                    {"leaf": 2147483649,
+                     "edx": "xxxx0xxxxxxxxxxxxxxxxxxxxxxxxxxx"},
+                    {"leaf": 7, "subleaf": 0, "ebx": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0",
+                     "ecx": "bogus"}
+                ],
+                "kernel": "/work/main/lab/cache/vmlinuz",
+                "ramdisk": "/work/main/lab/cache/guest-initrd.gz",
+                "cmdline": "console=hvc0 quiet",
+                "type.pvh": {}
+            }
+        }
+    }
+]"""
+
+
+def test_build_info_from_xl_json_and_the_backup_config():
+    from xenbind.xl import build_info_from_json, xl_config
+
+    extra = build_info_from_json(XL_LIST_L)
+    assert extra == {
+        "type": "pvh", "memory_mib": 128, "maxmem_mib": 129,
+        "kernel": "/work/main/lab/cache/vmlinuz", "ramdisk": "/work/main/lab/cache/guest-initrd.gz",
+        "cmdline": "console=hvc0 quiet", "tsc_mode": "native",
+        "cpuid": ["0x80000001:edx=xxxx0xxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                  "0x7,0x0:ebx=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"],
+    }
+    # p2m_size of the lab's 128 MiB PVH guest: the memory comes from extra, not from it
+    text = xl_config(DomainConfig(name="labguest-backup", uuid=derived_uuid(
+        "0f8fad5b-d9cb-469f-a165-70867728950e", "-backup"), pages=1044480, vcpus=1, extra=extra))
+    lines = dict(line.split(" = ", 1) for line in text.splitlines())
+    assert lines["memory"] == "128" and lines["maxmem"] == "129"
+    assert lines["type"] == '"pvh"' and lines["tsc_mode"] == '"native"'
+    assert lines["kernel"] == '"/work/main/lab/cache/vmlinuz"'
+    assert lines["cpuid"] == ('[ "0x80000001:edx=xxxx0xxxxxxxxxxxxxxxxxxxxxxxxxxx", '
+                              '"0x7,0x0:ebx=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0" ]')
+
+
+@pytest.mark.parametrize("extra", [
+    {"cpuid": ['0x1:eax=' + "x" * 31 + '"\nkernel="/evil']},
+    {"cpuid": "host,rdtscp=0"},  # not a list
+    {"memory_mib": "128"},
+    {"memory_mib": 0},
+    {"tsc_mode": 'native"\nx="'},
+])
+def test_backup_config_extras_are_checked(extra):
+    from xenbind.xl import xl_config
+
+    with pytest.raises(ConfigError):
+        xl_config(DomainConfig(name="g", uuid="", pages=256, vcpus=1, extra=extra))

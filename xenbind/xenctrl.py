@@ -48,6 +48,7 @@ translation), populating a backup's missing PFNs beyond the explicit
 from __future__ import annotations
 
 import errno as _errno
+import logging
 import os
 import re
 import weakref
@@ -123,6 +124,8 @@ REQUIRED_CONSTANTS = (
     "PROT_READ",
     "PROT_WRITE",
 )
+
+log = logging.getLogger(__name__)
 
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
@@ -236,6 +239,7 @@ class XenDomain(Domain):
         self._dirty = _ffi.NULL  # struct remus_dirty *, while log-dirty is on
         self._dirty_buf: np.ndarray | None = None
         self._netbuf = None
+        self._build: dict | None = None
         self.pages = self._max_gpfn() + 1
 
     # -- helpers -------------------------------------------------------------
@@ -253,7 +257,27 @@ class XenDomain(Domain):
 
     # -- Domain interface ----------------------------------------------------
     def info(self) -> DomainInfo:
-        return self._hv._to_info(self._raw_info(), self.pages)
+        info = self._hv._to_info(self._raw_info(), self.pages)
+        if self.domid != 0:
+            info.extra.update(self._build_info())
+        return info
+
+    def _build_info(self) -> dict:
+        """How libxl built this domain (``xenbind.xl.build_info``: type, memory,
+        kernel, tsc_mode, cpuid), read once: what a backup needs to be built
+        alike. Without xl's record (a domain not made by xl), the memory size
+        from Xen's max_pages only."""
+        if self._build is None:
+            from .xl import build_info
+
+            try:
+                self._build = build_info(self.domid)
+            except DomainError as e:
+                log.info("domain %s: no libxl record (%s); the backup gets max_pages of "
+                         "memory", self.domid, e)
+                max_pages = int(self._raw_info().max_pages)
+                self._build = {"memory_mib": max(1, -(-max_pages * PAGE_SIZE // (1 << 20)))}
+        return dict(self._build)
 
     def is_hvm(self) -> bool:
         return bool(self._raw_info().flags & _lib.XEN_DOMINF_hvm_guest)

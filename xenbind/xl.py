@@ -12,11 +12,25 @@ The generated config (``xl_config``):
 
     name = "<name>"          uuid = "<uuid>"
     type = "hvm" | "pvh" | "pv"     (DomainConfig.hvm; extra["type"] overrides)
-    memory = <MiB>   maxmem = <MiB>   (pages * 4 KiB, rounded up to a MiB)
+    memory = <MiB>   maxmem = <MiB>   extra["memory_mib"] / extra["maxmem_mib"]
+                                      when given (the primary's RAM), else
+                                      pages * 4 KiB rounded up to a MiB (pages
+                                      is p2m_size: for HVM/PVH it reaches the
+                                      special pages near 4 GiB, so a primary
+                                      on Xen always sends memory_mib)
     vcpus = <n>
     kernel / ramdisk / cmdline  from extra["kernel"|"ramdisk"|"cmdline"]
                                (required for pv and pvh: they boot no firmware)
+    tsc_mode = "<mode>"        from extra["tsc_mode"]
+    cpuid = [ "<leaf[,subleaf]>:eax=<32 chars>,..." ... ]   from extra["cpuid"]
+                               (a list: libxl's xend-style CPUID policy)
     on_poweroff/on_reboot/on_crash = "destroy"   (a backup never restarts itself)
+
+On the primary, ``build_info(domid)`` reads those extra keys from libxl's own
+record of the running domain (``xl list -l <domid>``: JSON, ``c_info.type``,
+``b_info.target_memkb/max_memkb/kernel/ramdisk/cmdline/tsc_mode/cpuid``), so
+the backup is built like the primary (PVH needs the same kernel; under QEMU's
+TCG the lab's guest also needs its tsc_mode and cpuid).
 
 Rules: every string that lands in the config is checked (no quotes, newlines
 or backslashes) so a peer's DomainConfig cannot inject xl directives; every
@@ -25,6 +39,7 @@ command has a timeout; failures are DomainError with xl's own message.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -42,6 +57,20 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
+_CPUID = re.compile(r"^0x[0-9a-f]{1,8}(,0x[0-9a-f]{1,8})?:(e[abcd]x=[01xks]{32},?){1,4}$")
+#: tsc_mode values of libxl's JSON (libxl_tsc_mode) that xl's config accepts.
+_TSC_MODES = ("default", "always_emulate", "native", "native_paravirt")
+
+
+def _mib(extra: dict, key: str, default: int) -> int:
+    if key not in extra:
+        return default
+    v = extra[key]
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 24:
+        raise ConfigError(f"{key} {v!r} is not a size in MiB")
+    return v
+
+
 def _q(key: str, value: str) -> str:
     if not _SAFE.match(value):
         raise ConfigError(f"{key} {value!r} has characters not allowed in an xl config")
@@ -56,7 +85,8 @@ def xl_config(config: DomainConfig) -> str:
         raise ConfigError(f"uuid {config.uuid!r} is not a UUID")
     if config.pages <= 0 or config.vcpus <= 0:
         raise ConfigError("pages and vcpus must be positive")
-    mib = -(-config.pages * PAGE_SIZE // (1 << 20))
+    mib = _mib(config.extra, "memory_mib", -(-config.pages * PAGE_SIZE // (1 << 20)))
+    maxmib = max(mib, _mib(config.extra, "maxmem_mib", mib))
     kind = str(config.extra.get("type", "hvm" if config.hvm else "pv"))
     if kind not in ("hvm", "pvh", "pv"):
         raise ConfigError(f"domain type {kind!r} is not hvm, pvh or pv")
@@ -66,12 +96,19 @@ def xl_config(config: DomainConfig) -> str:
     lines += [
         _q("type", kind),
         f"memory = {mib}",
-        f"maxmem = {mib}",
+        f"maxmem = {maxmib}",
         f"vcpus = {int(config.vcpus)}",
     ]
-    for key in ("kernel", "ramdisk", "cmdline"):
+    for key in ("kernel", "ramdisk", "cmdline", "tsc_mode"):
         if key in config.extra:
             lines.append(_q(key, str(config.extra[key])))
+    cpuid = config.extra.get("cpuid")
+    if cpuid is not None:
+        if not isinstance(cpuid, list) or not all(isinstance(c, str) and _CPUID.match(c)
+                                                  for c in cpuid):
+            raise ConfigError(f"cpuid {cpuid!r} is not a list of xend-style CPUID strings")
+        if cpuid:
+            lines.append("cpuid = [ " + ", ".join(f'"{c}"' for c in cpuid) + " ]")
     if kind in ("pv", "pvh") and "kernel" not in config.extra:
         raise ConfigError(f"a {kind} backup needs extra['kernel'] (it boots no firmware)")
     lines += ['on_poweroff = "destroy"', 'on_reboot = "destroy"', 'on_crash = "destroy"']
@@ -106,3 +143,63 @@ def create_paused(config: DomainConfig) -> int:
     if not out.isdigit():
         raise DomainError(config.name, "xl domid", f"unexpected answer {out!r}")
     return int(out)
+
+
+def cpuid_to_xend(policy) -> list[str]:
+    """libxl's JSON CPUID policy (a list of {"leaf", "subleaf"?, "eax".."edx"})
+    as xl's xend-style list: ``"0x80000001:edx=xxxx0xxx..."``. Entries or
+    registers of another shape are left out."""
+    out = []
+    if not isinstance(policy, list):
+        return out
+    for e in policy:
+        if not isinstance(e, dict) or not isinstance(e.get("leaf"), int):
+            continue
+        head = f"{e['leaf']:#x}"
+        sub = e.get("subleaf")
+        if isinstance(sub, int) and 0 <= sub < 0xFFFFFFFF:
+            head += f",{sub:#x}"
+        regs = [f"{r}={e[r]}" for r in ("eax", "ebx", "ecx", "edx")
+                if isinstance(e.get(r), str) and re.match(r"^[01xks]{32}$", e[r])]
+        if regs:
+            out.append(f"{head}:{','.join(regs)}")
+    return out
+
+
+def build_info_from_json(text: str) -> dict:
+    """The DomainConfig.extra keys of the module docstring, from ``xl list -l``'s
+    JSON for one domain (a list of one {"domid", "config": {...}})."""
+    data = json.loads(text)
+    if isinstance(data, list):
+        data = data[0] if data else {}
+    cfg = data.get("config", data) if isinstance(data, dict) else {}
+    c_info = cfg.get("c_info") or {}
+    b_info = cfg.get("b_info") or {}
+    out: dict = {}
+    if c_info.get("type") in ("hvm", "pvh", "pv"):
+        out["type"] = c_info["type"]
+    for key, src in (("memory_mib", "target_memkb"), ("maxmem_mib", "max_memkb")):
+        v = b_info.get(src)
+        if isinstance(v, int) and v > 0:
+            out[key] = -(-v // 1024)
+    for key in ("kernel", "ramdisk", "cmdline"):
+        v = b_info.get(key)
+        if v is None and isinstance(b_info.get("type.pv"), dict):  # older layouts
+            v = b_info["type.pv"].get(key)
+        if isinstance(v, str) and v:
+            out[key] = v
+    if b_info.get("tsc_mode") in _TSC_MODES and b_info["tsc_mode"] != "default":
+        out["tsc_mode"] = b_info["tsc_mode"]
+    cpuid = cpuid_to_xend(b_info.get("cpuid"))
+    if cpuid:
+        out["cpuid"] = cpuid
+    return out
+
+
+def build_info(domid: int) -> dict:
+    """``build_info_from_json`` of ``xl list -l <domid>``; DomainError if xl fails."""
+    text = _xl(["list", "-l", str(int(domid))], QUERY_TIMEOUT, "xl list -l", str(domid))
+    try:
+        return build_info_from_json(text)
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise DomainError(domid, "xl list -l", f"unreadable JSON: {exc}") from exc

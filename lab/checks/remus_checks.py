@@ -11,10 +11,13 @@ Run in dom0 with the lab guest up: ``python -m lab.checks.remus_checks``.
     remus-pages      `python -m xenbind.stream replay` of the capture equals,
                      page for page, what foreign mapping reads from the paused
                      guest (every RAM page), and holds the guest's pattern
-    remus-failover   remus-receiver in the same dom0 builds a backup domain
-                     from a TCP session, remusd is killed, the receiver fails
-                     over: the backup domain runs and its counter moves on
-                     from the last checkpoint
+    remus-failover   remus-receiver in the same dom0 (with --backup-rename,
+                     test/lab only: the backup is labguest-backup with a
+                     derived UUID, since the primary keeps its identity on this
+                     one host) builds a backup domain from a TCP session,
+                     remusd is killed, the receiver fails over: the backup
+                     domain runs and its counter moves on from the last
+                     checkpoint
 
 Files: the stream and the replayed image under /tmp (tmpfs in dom0);
 daemon logs in $LAB_RESULTS (remusd*.log, receiver.log).
@@ -44,6 +47,7 @@ RSOCK = "/run/remus/lab-receiver.sock"
 INTERVAL_MS = 500  # TCG is slow: a calm interval
 GUEST_RAM_PAGES = 128 * 256  # the lab guest's memory = 128 MiB
 BATCH = 1024
+BACKUP_SUFFIX = "-backup"
 
 
 def wait_for(cond, timeout: float, what: str, step: float = 0.5):
@@ -207,7 +211,8 @@ class Checks:
         port = 7788
         recv = Daemon([PY, "-m", "receiver.cli", "--listen", f"127.0.0.1:{port}", "--control",
                        RSOCK, "--insecure", "--log-level", "info", "--failover-timeout", "5000",
-                       "--stall-timeout", "300", "--handshake-timeout", "60"], "receiver.log")
+                       "--stall-timeout", "300", "--handshake-timeout", "60",
+                       f"--backup-rename={BACKUP_SUFFIX}"], "receiver.log")
         remusd = None
         try:
             wait_for(lambda: os.path.exists(RSOCK) or recv.proc.poll() is not None, 120,
@@ -221,7 +226,10 @@ class Checks:
                           400, "protected over TCP with 3 checkpoints")
             require(st["state"] == "protected", f"state {st['state']}: {st.get('reason')}; "
                     f"remusd: {remusd.tail()}; receiver: {recv.tail()}")
-            before = {d.domid for d in self.hv.list()}
+            bname = GUEST + BACKUP_SUFFIX
+            paused = [d for d in self.hv.list() if d.name == bname]
+            require(paused and paused[0].state == "paused",
+                    f"backup {bname} not found paused: {[(d.name, d.state) for d in paused]}")
             # the primary dies: remusd killed, the guest paused (a dead host runs nothing)
             self.dom.pause()
             self.paused_by_us = True
@@ -229,15 +237,14 @@ class Checks:
             remusd.stop(signal.SIGKILL)
             remusd = None
             backup_ids = wait_for(lambda: [d.domid for d in self.hv.list()
-                                           if d.domid not in before | {0, self.dom.domid}
-                                           and d.state == "running"] or None,
-                                  120, f"a running backup domain after failover ({recv.tail()})")
+                                           if d.name == bname and d.state == "running"] or None,
+                                  120, f"{bname} running after failover ({recv.tail()})")
             backup = self.hv.lookup(backup_ids[0])
             c0 = counter_value(read_pages(backup, [self.layout.counter_pfn])[0])
             c1 = wait_for(lambda: (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0]))
                           != c0 and c, 60, f"the backup's counter to move from {c0}")
-            return (f"backup domid {backup.domid} runs after failover: counter {c0} -> {c1} "
-                    f"(primary stopped at {counter_primary})")
+            return (f"backup {bname} (domid {backup.domid}) runs after failover: counter "
+                    f"{c0} -> {c1} (primary stopped at {counter_primary})")
         finally:
             if remusd is not None:
                 remusd.stop()
