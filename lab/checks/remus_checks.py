@@ -218,7 +218,9 @@ class Checks:
             wait_for(lambda: os.path.exists(RSOCK) or recv.proc.poll() is not None, 120,
                      "receiver socket")
             require(recv.proc.poll() is None, f"receiver exited: {recv.tail()}")
-            remusd = self.start_remusd("remusd-tcp.log", "--insecure")
+            # xl create of the backup takes 30-60 s under TCG: the handshake waits for it
+            remusd = self.start_remusd("remusd-tcp.log", "--insecure", "--connect-timeout", "300",
+                                       "--ack-timeout", "120")
             out = ctl(SOCK, "protect", GUEST, "--to", f"127.0.0.1:{port}")
             require(out.returncode == 0, f"remusctl protect: {out.stderr.strip()}")
             st = wait_for(lambda: (s := domain_status(SOCK)) and s["state"] != "initial-copy"
