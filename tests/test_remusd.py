@@ -48,15 +48,15 @@ def test_interval_bounds():
 
 def test_defaults_and_toml(tmp_path):
     a = _args()
-    assert (a.interval, a.codec, a.control, a.insecure) == (200, "seed", "/run/remus/remusd.sock",
+    assert (a.interval, a.codec, a.control, a.insecure) == (200, "xen", "/run/remus/remusd.sock",
                                                            False)
     cfg = tmp_path / "remusd.toml"
-    cfg.write_text('interval = 50\ncodec = "xen"\nack-timeout = 0.5\ninsecure = true\n'
+    cfg.write_text('interval = 50\ncodec = "seed"\nack-timeout = 0.5\ninsecure = true\n'
                    'protect = ["ledger=127.0.0.1:7788", "3=file:/tmp/s"]\n')
     a = _args(["--interval", "30"], cfg=str(cfg))
-    assert a.interval == 30 and a.codec == "xen" and a.ack_timeout == 0.5 and a.insecure
+    assert a.interval == 30 and a.codec == "seed" and a.ack_timeout == 0.5 and a.insecure
     reqs = validate(a)
-    assert reqs[0] == ProtectRequest("ledger", Target("tcp", "127.0.0.1", 7788), 30, "xen")
+    assert reqs[0] == ProtectRequest("ledger", Target("tcp", "127.0.0.1", 7788), 30, "seed")
     assert reqs[1].target.kind == "file" and reqs[1].domain == "3"
     cfg.write_text("interval = 5\n")
     with pytest.raises(ConfigError, match="out of range"):
