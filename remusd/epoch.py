@@ -2,7 +2,8 @@
 
 The epoch of design.md, split at the line the guest's pause draws::
 
-    capture()   (guest paused)  pause; read and clear the log-dirty bitmap;
+    capture()   (guest paused)  pause (Domain.checkpoint_stop: on Xen a PV/PVH
+                                guest suspends itself instead); read and clear the log-dirty bitmap;
                                 ONE vectorised gather of the dirty pages into
                                 the preallocated checkpoint buffer; [verify:
                                 digest of all memory]; context; output
@@ -122,7 +123,7 @@ def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = Non
     last while the guest is still paused (fault injection, remusd.faults).
     """
     t0 = time.perf_counter()
-    domain.pause()
+    domain.checkpoint_stop()
     try:
         pfns = strictly_sorted(domain.read_and_clear_dirty())
         if extra is not None and len(extra):
@@ -139,7 +140,7 @@ def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = Non
         if hold is not None:
             hold()
     finally:
-        domain.unpause()
+        domain.checkpoint_go()
     pause_ms = (time.perf_counter() - t0) * 1e3
     return Capture(pfns, view, ctx, digest, pause_ms)
 

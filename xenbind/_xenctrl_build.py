@@ -12,6 +12,9 @@ What is bound (and why) -- the xenbind.xenctrl docstring has the full table:
     xenforeignmemory_open / _close        the foreign-mapping handle
     xc_domain_getinfolist                 domain info (4.17 has no getinfo_single)
     xc_domain_pause / _unpause / _destroy
+    xc_domain_resume                      end a cooperative suspend (fast=1: the
+                                          guest's suspend hypercall returns 1,
+                                          "cancelled", and it runs on)
     xc_domain_maximum_gpfn                highest PFN -> p2m_size = max + 1
     xc_shadow_control                     log-dirty on (ENABLE_LOGDIRTY) and OFF
     remus_dirty_new / _op / _free         our helper: CLEAN / PEEK through
@@ -100,6 +103,7 @@ int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain,
 int xc_domain_pause(xc_interface *xch, uint32_t domid);
 int xc_domain_unpause(xc_interface *xch, uint32_t domid);
 int xc_domain_destroy(xc_interface *xch, uint32_t domid);
+int xc_domain_resume(xc_interface *xch, uint32_t domid, int fast);
 int xc_domain_maximum_gpfn(xc_interface *xch, uint32_t domid, xen_pfn_t *gpfns);
 
 int xc_shadow_control(xc_interface *xch, uint32_t domid, unsigned int sop,
@@ -149,6 +153,7 @@ _SOURCE = r"""
 #include <sys/mman.h>
 #include <xenctrl.h>
 #include <xenforeignmemory.h>
+#include <xenguest.h>   /* xc_domain_resume */
 
 /* One log-dirty bitmap per domain, living in hypercall-safe memory.
  * Bit p of the bitmap (LSB-first within each unsigned long, so LSB-first
@@ -245,7 +250,7 @@ void remus_dirty_free(xc_interface *xch, struct remus_dirty *d)
 ffibuilder.set_source(
     "xenbind._xenctrl",
     _SOURCE,
-    libraries=["xenctrl", "xenforeignmemory", "xentoollog"],
+    libraries=["xenctrl", "xenguest", "xenforeignmemory", "xentoollog"],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-variable"],
 )
 

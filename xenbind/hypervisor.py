@@ -8,6 +8,12 @@ receiver need exactly what is here and nothing more:
     list             Hypervisor.list() -> [DomainInfo]
     create backup    Hypervisor.create_backup(DomainConfig) -> Domain (paused)
     pause/unpause    Domain.pause() / Domain.unpause()  (counted, as Xen counts)
+    checkpoint stop  Domain.checkpoint_stop() / checkpoint_go(): how an epoch
+                     stops and restarts the guest; default pause/unpause. On
+                     Xen a PV/PVH guest is suspended cooperatively instead
+                     (xenstore control/shutdown, then a cancelled resume), as
+                     Remus did: only a guest that went through its own suspend
+                     path can resume in another domain.
     log-dirty        Domain.enable_logdirty() / disable_logdirty()
                      Domain.read_and_clear_dirty() -> sorted uint64 PFNs
     pages            Domain.gather(pfns, out) / Domain.scatter(pfns, pages)
@@ -122,6 +128,14 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     def scatter(self, pfns: PfnArray, pages: PageArray) -> None:
         """Write ``pages[i]`` to page ``pfns[i]`` for every i."""
+
+    def checkpoint_stop(self) -> None:
+        """Stop the guest for an epoch's copy. Default: ``pause()``."""
+        self.pause()
+
+    def checkpoint_go(self) -> None:
+        """Undo ``checkpoint_stop()``. Default: ``unpause()``."""
+        self.unpause()
 
     def populated_pfns(self) -> PfnArray:
         """The PFNs below ``pages`` that have memory behind them, sorted uint64.

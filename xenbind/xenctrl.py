@@ -77,6 +77,12 @@ LIBVIRT_URI_ENV = "REMUS_LIBVIRT_URI"
 MAX_MAP_PAGES = 16384
 #: Domains fetched per xc_domain_getinfolist call.
 GETINFO_BATCH = 256
+#: How an epoch stops a guest (``XenDomain.checkpoint_stop``): "auto" suspends
+#: PV/PVH guests cooperatively and pauses HVM ones; "pause" or "suspend" force one.
+CHECKPOINT_MODE_ENV = "REMUS_XEN_CHECKPOINT"
+#: Seconds a guest has to acknowledge control/shutdown=suspend, then to suspend.
+SUSPEND_ACK_TIMEOUT = 10.0
+SUSPEND_TIMEOUT = 20.0
 #: Highest domid Xen hands to ordinary domains (DOMID_FIRST_RESERVED - 1).
 MAX_DOMID = 0x7FEF
 
@@ -88,6 +94,7 @@ REQUIRED_SYMBOLS = (
     "xc_domain_pause",
     "xc_domain_unpause",
     "xc_domain_destroy",
+    "xc_domain_resume",
     "xc_domain_maximum_gpfn",
     "xc_shadow_control",
     "xc_domain_hvm_getcontext",
@@ -289,6 +296,47 @@ class XenDomain(Domain):
     def unpause(self) -> None:
         if _lib.xc_domain_unpause(self._hv.xch, self.domid) < 0:
             raise self._fail("xc_domain_unpause")
+
+    def _checkpoint_mode(self) -> str:
+        mode = os.environ.get(CHECKPOINT_MODE_ENV, "auto")
+        if mode not in ("auto", "pause", "suspend"):
+            raise DomainError(self.domid, "checkpoint", f"{CHECKPOINT_MODE_ENV}={mode!r}: "
+                              "expected auto, pause or suspend")
+        if mode == "auto":
+            return "suspend" if self._build_info().get("type") in ("pv", "pvh") else "pause"
+        return mode
+
+    def checkpoint_stop(self) -> None:
+        """Stop the guest for a checkpoint, as Remus did on Xen.
+
+        A PV/PVH guest keeps Xen state no HVM context carries (its shared-info
+        mapping, vcpu_info, event-channel bindings): it can resume in another
+        domain (the backup) only from its own suspend path, which re-creates
+        them. So it is asked to suspend (xenstore ``control/shutdown``, the
+        guest acknowledges and shuts down with SHUTDOWN_suspend) and
+        ``checkpoint_go`` resumes it cancelled (``xc_domain_resume(fast=1)``:
+        its suspend hypercall returns 1 and it runs on here). The context
+        captured meanwhile has the hypercall returning 0: on the backup the
+        guest resumes as after a migration. A guest paused by someone else
+        cannot answer: it is paused (counted) instead, as an HVM guest is.
+        """
+        self._stopped_by = "pause"
+        if self._checkpoint_mode() == "suspend" and \
+                not int(self._raw_info().flags) & _lib.XEN_DOMINF_paused:
+            self._hv._xenstore().suspend(
+                self.domid, lambda: self._hv.is_suspended(self.domid),
+                ack_timeout=SUSPEND_ACK_TIMEOUT, suspend_timeout=SUSPEND_TIMEOUT)
+            self._stopped_by = "suspend"
+            return
+        self.pause()
+
+    def checkpoint_go(self) -> None:
+        if getattr(self, "_stopped_by", "pause") == "suspend":
+            self._stopped_by = "pause"
+            if _lib.xc_domain_resume(self._hv.xch, self.domid, 1) < 0:
+                raise self._fail("xc_domain_resume(fast)")
+            return
+        self.unpause()
 
     def enable_logdirty(self) -> None:
         xch = self._hv.xch
