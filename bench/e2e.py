@@ -582,7 +582,7 @@ def phase_pause(stack: Stack, memory: int, seconds: float) -> dict:
 
 
 def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: float,
-                    codecs: tuple[str, ...]) -> tuple[dict, dict]:
+                    codecs: tuple[str, ...], warmup: float) -> tuple[dict, dict]:
     """The rate phase (hotset per codec, then 10 ms) and the ratio phase
     (every workload per codec), sharing one domain per workload."""
     ratio: dict = {}
@@ -593,18 +593,19 @@ def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: flo
         dom = create(stack, name, memory, workload, RATIO_RATE.get(workload, 100000.0), **kw)
         ratio[workload] = {}
         hot_rate = None
+        if workload == "hotset":  # in a session of its own: every codec then starts cold
+            stack.protect(name, "none", RATE_INTERVAL_MS)
+            hot_rate = calibrate(stack, dom, name, 120000.0, RATE_PAGES, 1.5)
+            stack.unprotect(name)
         for codec in codecs:
             ic = stack.protect(name, codec, RATE_INTERVAL_MS)
+            time.sleep(warmup)  # the same for every codec: the cache fills
             if workload == "hotset":
-                if hot_rate is None:
-                    hot_rate = calibrate(stack, dom, name, 120000.0, RATE_PAGES, 1.5)
-                time.sleep(0.5)
                 w = window(stack, name, rate_seconds)
                 w["rate_pages_per_s"] = round(hot_rate)
                 w["initial_copy"] = ic
                 rate["codecs"][codec] = w
             else:
-                time.sleep(0.5)
                 w = window(stack, name, seconds)
             ratio[workload][codec] = {k: w[k] for k in ("ratio", "cache_hit_rate", "checkpoints",
                                                         "dirty_pages", "bytes_per_checkpoint",
@@ -615,7 +616,7 @@ def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: flo
                        key=lambda c: rate["codecs"][c]["ratio"] or 0, default=codecs[0])
             stack.protect(name, best, FAST_INTERVAL_MS)
             dom.set_rate(hot_rate * RATE_INTERVAL_MS / FAST_INTERVAL_MS)
-            time.sleep(0.5)
+            time.sleep(warmup)
             w = window(stack, name, rate_seconds)
             w["codec"] = best
             rate["fast"] = {"interval_ms": FAST_INTERVAL_MS, **w}
@@ -624,19 +625,21 @@ def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: flo
     return rate, ratio
 
 
-def phase_cache(base: Path, memory: int, seconds: float) -> dict:
+def phase_cache(base: Path, memory: int, seconds: float,
+                sizes: tuple[int, ...] = CACHE_SIZES, codecs: tuple[str, ...] = ("seed", "xen")
+                ) -> dict:
     """hotset with a working set of CACHE_WSS pages (twice the default cache)
     at 25 ms, seed and xen, for each cache size (remusd --cache-pages; the
     receiver's mirror follows the HELLO): ratio, hit rate, CPU."""
     out: dict = {"workload": "hotset", "wss_pages": CACHE_WSS, "rate_pages_per_s": CACHE_RATE,
                  "interval_ms": RATE_INTERVAL_MS, "sizes": {}}
-    for pages in CACHE_SIZES:
+    for pages in sizes:
         stack = Stack(base / f"cache-{pages}", failover_ms=MEASURE_FAILOVER_MS,
                       remusd_args=("--cache-pages", str(pages))).start()
         try:
             dom = create(stack, "c", memory, "hotset", CACHE_RATE, wss=CACHE_WSS)
             out["sizes"][str(pages)] = per = {}
-            for codec in ("seed", "xen"):
+            for codec in codecs:
                 stack.protect("c", codec, RATE_INTERVAL_MS)
                 time.sleep(1.0)  # warm the cache
                 w = window(stack, "c", seconds)
@@ -700,12 +703,13 @@ def failover_trial(base: Path, memory: int, interval_ms: int, failover_ms: int |
         stack.close()
 
 
-def phase_failover(base: Path, memory: int, reps: int, soak: float) -> dict:
+def phase_failover(base: Path, memory: int, reps: int, soak: float,
+                   candidates: tuple[int, ...] = FAILOVER_CANDIDATES_MS) -> dict:
     default = [failover_trial(base / f"fo-default-{i}", memory, 200, None, soak)
                for i in range(reps)]
     search = []
     shortest = None
-    for ms in FAILOVER_CANDIDATES_MS:
+    for ms in candidates:
         r = failover_trial(base / f"fo-{ms}", min(memory, 256 * MiB), RATE_INTERVAL_MS, ms, soak)
         search.append(r)
         if not r["safe"]:
@@ -916,8 +920,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     phases = set(args.only.split(","))
     memory = (args.memory_mib or (256 if args.quick else 1024)) * MiB
-    win = 2.0 if args.quick else 4.0
-    rate_win = 3.0 if args.quick else 10.0
+    win = 1.5 if args.quick else 4.0
+    rate_win = 2.5 if args.quick else 10.0
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm")
                                  else None))
     results: dict = {"machine": machine(), "memory_MiB": memory // MiB, "quick": args.quick}
@@ -934,14 +938,16 @@ def main(argv: list[str] | None = None) -> int:
                 results["pause"] = phase_pause(stack, memory, win * 1.5)
             if "rate" in phases:
                 results["rate"], results["ratio"] = phase_workloads(
-                    stack, memory, win, rate_win, CODECS)
+                    stack, memory, win, rate_win, CODECS, 1.0 if args.quick else 2.0)
             stack.close()
             stack = None
         if "cache" in phases:
-            results["cache"] = phase_cache(base, min(memory, 256 * MiB), win)
+            results["cache"] = phase_cache(base, min(memory, 256 * MiB), win,
+                                           *((CACHE_SIZES[:2], ("xen",)) if args.quick else ()))
         if "failover" in phases:
-            results["failover"] = phase_failover(base, memory, 1 if args.quick else 3,
-                                                 3.0 if args.quick else 6.0)
+            results["failover"] = phase_failover(
+                base, memory, 1 if args.quick else 3, 2.0 if args.quick else 6.0,
+                (200, 100, 50) if args.quick else FAILOVER_CANDIDATES_MS)
     except BaseException:
         if stack is not None:
             for name in ("remusd", "receiver"):
