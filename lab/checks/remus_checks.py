@@ -256,8 +256,14 @@ class Checks:
             c0 = counter_value(read_pages(backup, [self.layout.counter_pfn])[0])
             c1 = wait_for(lambda: (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0]))
                           != c0 and c, 60, f"the backup's counter to move from {c0}")
+            lay = self.layout
+            got = read_pages(backup, lay.pattern_pfns)
+            bad = [i for i in range(len(lay.pattern_pfns))
+                   if not np.array_equal(got[i], expected_pattern_page(i))]
+            require(not bad, f"{len(bad)} of labguest's pattern pages wrong on the backup")
             return (f"backup {bname} (domid {backup.domid}) runs after failover: counter "
-                    f"{c0} -> {c1} (primary stopped at {counter_primary})")
+                    f"{c0} -> {c1} (primary stopped at {counter_primary}); the "
+                    f"{len(lay.pattern_pfns)} pattern pages intact on the backup")
         finally:
             if remusd is not None:
                 remusd.stop()
