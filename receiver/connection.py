@@ -5,7 +5,10 @@
                 closed before one byte of its session is read
     handshake   read the HELLO (within handshake-timeout), ask the daemon to
                 admit it (it creates the paused backup domain or refuses),
-                answer ACCEPT or REFUSE
+                answer ACCEPT or REFUSE; a peer that left while the backup
+                was created (EOF, reset), or a session the daemon closed
+                meanwhile (a reconnect superseded it, shutdown), gets no
+                ACCEPT: the session ends there and its backup is destroyed
     stream      feed the legacy stream to xenbind.stream.Decoder; checkpoint 0
                 (the initial copy) goes straight into the paused backup;
                 every later checkpoint is staged (receiver.staging) and
@@ -23,6 +26,12 @@ Rules kept here:
 - A torn checkpoint is dropped: the staged pages never reach the backup.
 - Every wait on the socket has a timeout (at most heartbeat-ms), so a session
   notices within that time that the daemon closed it.
+- ``closing`` and the session protocol's state change together, under
+  ``_rs_lock``: ACCEPT is produced only if the daemon has not closed the
+  session, and the daemon's ERROR frame (``close_from_daemon``) is sent only
+  once ACCEPT was (before it the sender waits for ACCEPT/REFUSE, not a frame).
+- ``thread`` is set only once the thread runs, so ``join`` never meets a
+  thread that is not started.
 - Events a failing ``feed`` decoded before the offending item are handled
   first: a checkpoint that arrived whole before garbage is still committed.
 - Every Decoder cap comes from the configuration (max-pages via the HELLO,
@@ -35,6 +44,7 @@ Rules kept here:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -75,6 +85,10 @@ SOFTWARE = "remus-receiver 0.1.0"
 #: closing: how long and how much of the peer's input to drain (see _linger)
 LINGER_S = 0.2
 LINGER_MAX_BYTES = 16 << 20
+#: TEST-ONLY fault hook (tests/test_receiver_admission.py): seconds every
+#: admission waits between "backup domain created" and ACCEPT, to widen the
+#: window a slow ``xl create`` opened in the Xen lab. Unset in production.
+ADMIT_DELAY_ENV = "REMUS_RECEIVER_TEST_ADMIT_DELAY_S"
 
 
 class _End(Exception):
@@ -96,6 +110,7 @@ class Connection:
         self.rs = ReceiverSession()
         self.prot = None  # receiver.protection.Protection once admitted
         self.closing = threading.Event()
+        self._rs_lock = threading.Lock()  # closing + self.rs's state, see the rules
         self._send_lock = threading.Lock()
         self._last_sent = time.monotonic()
         self.thread: threading.Thread | None = None
@@ -105,8 +120,15 @@ class Connection:
     # ------------------------------------------------------------- plumbing
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name=f"session-{self.peer}", daemon=True)
-        self.thread.start()
+        thread = threading.Thread(target=self.run, name=f"session-{self.peer}", daemon=True)
+        thread.start()
+        self.thread = thread  # only now: shutdown may look at it any time
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the session thread, if it was started."""
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            thread.join(timeout)
 
     def send(self, data: bytes) -> bool:
         with self._send_lock:
@@ -117,13 +139,23 @@ class Connection:
             self._last_sent = time.monotonic()
             return True
 
-    def close_from_daemon(self, frame: bytes | None) -> None:
+    def close_from_daemon(self, code: int, reason: str) -> None:
         """End this session from another thread (failover, newer session,
-        shutdown): send ``frame`` (ERROR/GOODBYE) if possible; the session
-        thread notices within heartbeat-ms and closes the connection."""
-        self.closing.set()
+        shutdown): an ERROR frame (``code``, ``reason``) if ACCEPT was sent
+        (before it, nothing: the session thread sends no ACCEPT once
+        ``closing`` is set); the session thread notices within heartbeat-ms
+        and closes the connection."""
+        with self._rs_lock:
+            self.closing.set()
+            frame = self.rs.error(code, reason) if self.rs.state == "streaming" else None
         if frame is not None:
             self.send(frame)
+
+    def _error_frame(self, code: int, reason: str) -> bytes | None:
+        """ERROR for this session's own end, unless closed already (the
+        daemon's ERROR went first) or never accepted."""
+        with self._rs_lock:
+            return self.rs.error(code, reason) if self.rs.state == "streaming" else None
 
     def who(self) -> str:
         if self.prot is not None:
@@ -138,7 +170,9 @@ class Connection:
         except Exception:  # a bug must end one session, never the daemon
             log.exception("%s: internal error; session ended", self.who())
             if self.prot is not None:
-                self.send(self.rs.error(ERR_INTERNAL, "internal error on the receiver"))
+                frame = self._error_frame(ERR_INTERNAL, "internal error on the receiver")
+                if frame is not None:
+                    self.send(frame)
                 self.daemon.session_ended(self.prot, self, "violation",
                                           "internal error on the receiver (see log)")
         finally:
@@ -247,21 +281,56 @@ class Connection:
             self.send(self.rs.refuse(r.code, r.reason))
             return False
         self.prot = prot
-        ok = self.send(self.rs.accept(Accept(
-            session_id=hello.session_id,
-            failover_timeout_ms=round(prot.failover_timeout * 1000),
-            heartbeat_ms=self.cfg.heartbeat_ms,
-            limits={"max_pages": self.cfg.max_pages,
-                    "max_staged_bytes": self.cfg.max_staged_bytes,
-                    "max_compressed": self.cfg.max_compressed,
-                    "max_context": self.cfg.max_context,
-                    "max_device_model": self.cfg.max_device_model,
-                    "max_cache_pages": self.cfg.max_cache_pages},
-            software=SOFTWARE)))
-        if not ok:
+        delay = os.environ.get(ADMIT_DELAY_ENV)
+        if delay:  # test-only, see ADMIT_DELAY_ENV
+            time.sleep(float(delay))
+        # creating the backup may take seconds (xl create): is anyone still there?
+        gone = self._gone_during_admission()
+        with self._rs_lock:
+            if gone is None and self.closing.is_set():
+                gone = "closed by the receiver during admission (before ACCEPT)"
+            accept = None if gone is not None else self.rs.accept(Accept(
+                session_id=hello.session_id,
+                failover_timeout_ms=round(prot.failover_timeout * 1000),
+                heartbeat_ms=self.cfg.heartbeat_ms,
+                limits={"max_pages": self.cfg.max_pages,
+                        "max_staged_bytes": self.cfg.max_staged_bytes,
+                        "max_compressed": self.cfg.max_compressed,
+                        "max_context": self.cfg.max_context,
+                        "max_device_model": self.cfg.max_device_model,
+                        "max_cache_pages": self.cfg.max_cache_pages},
+                software=SOFTWARE))
+        if accept is None:
+            # nothing was committed: the daemon destroys the backup (or a
+            # newer session already did) and logs the one line
+            self.daemon.session_ended(prot, self, "admission", gone)
+            return False
+        prot.life()  # the stall and failover clocks start now, not at the HELLO
+        if not self.send(accept):
             self.daemon.session_ended(prot, self, "link-lost", "connection lost sending ACCEPT")
             return False
         return True
+
+    def _gone_during_admission(self) -> str | None:
+        """Why the peer cannot be served any more (it closed or reset the
+        connection while its backup was created; it pushed too much stream
+        before ACCEPT), or None. Reads only what has already arrived: stream
+        bytes sent early are kept by ``self.rs`` for after ACCEPT."""
+        try:
+            while self.t.wait_readable(0):
+                self.t.settimeout(0.05)  # readable: at most a partial TLS record to wait for
+                data = self.t.recv(65536)
+                if not data:
+                    return "peer left during admission (before ACCEPT)"
+                self.rs.feed(data)
+        except TimeoutError:
+            return None
+        except OSError as e:
+            return f"peer left during admission (before ACCEPT): {e.strerror or e}"
+        except ProtocolError as e:
+            self.send(self.rs.refuse("bad-hello", str(e)))
+            return f"refused during admission: {e}"
+        return None
 
     # ------------------------------------------------------------- stream
 
@@ -465,10 +534,14 @@ class Connection:
     def _finish(self, end: _End) -> None:
         frames = {"violation": (ERR_PROTOCOL, end.message), "stalled": (ERR_STALLED, end.message),
                   "corrupt": (ERR_INTERNAL, end.message)}
-        if end.kind == "clean":
-            self.send(self.rs.goodbye(end.message))
-        elif end.kind in frames:
-            code, text = frames[end.kind]
-            self.send(self.rs.error(code, text))
+        frame = None
+        with self._rs_lock:
+            if self.rs.state == "streaming":  # else the daemon's ERROR went first
+                if end.kind == "clean":
+                    frame = self.rs.goodbye(end.message)
+                elif end.kind in frames:
+                    frame = self.rs.error(*frames[end.kind])
+        if frame is not None:
+            self.send(frame)
         self.staging.discard()
         self.daemon.session_ended(self.prot, self, end.kind, end.message)

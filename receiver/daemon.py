@@ -24,11 +24,17 @@ Admission of a HELLO (``admit``), in this order:
     (the backup's UUID is the primary's, or with backup-rename, test/lab
     only, one derived from it: receiver.rename; every other key here is the
     primary's UUID)
-    then the backup domain is created paused    -> ACCEPT
+    superseded (see above) while it waited to
+      create its backup                         -> REFUSE busy, no backup created
+    then the backup domain is created paused    -> ACCEPT (receiver.connection),
+                                                   unless the peer left or the
+                                                   session was closed meanwhile
 
 End of a session (``session_ended``), by what ended it:
     before checkpoint 0 committed (any cause)   the backup is destroyed: it holds
                                                 nothing usable
+      admission (no ACCEPT sent: the peer left
+      while the backup was created, or shutdown) the same, logged as a warning
     clean (LAST_CHECKPOINT committed, GOODBYE)  no failover; on-unprotect:
                                                 destroy (default) or keep paused
     link-lost (EOF, reset, silence)             state link-lost; on-link-loss:
@@ -57,6 +63,13 @@ Protection whose timer is armed:
     link-lost     armed when on-link-loss = failover
     broken        armed when on-violation = failover
 With on-link-loss = wait, a silent open session is ended as stalled instead.
+
+Shutdown (``shutdown``): every connection is closed (ERROR shutdown once
+accepted, nothing before), then the session threads and the failover timer
+are joined, within one deadline (SHUTDOWN_JOIN_S), and only threads that were
+started: a connection whose thread the listener is starting right now has
+none yet (``Connection.thread`` is set once it runs); it sees ``closing`` and
+ends by itself.
 """
 
 from __future__ import annotations
@@ -76,6 +89,7 @@ from .rename import backup_config
 log = logging.getLogger("receiver")
 
 MONITOR_PERIOD = 0.01  # seconds between failover-timer checks
+SHUTDOWN_JOIN_S = 3.0  # shutdown: how long to wait for all session threads, together
 
 
 class Refusal(RemusError):
@@ -144,6 +158,11 @@ class ReceiverDaemon:
             self.protections[d.uuid] = prot
         try:
             with prot.lock:
+                if prot.state != "initial-copy":
+                    # a reconnect superseded it while it waited for the lock
+                    # (_resolve_old): create nothing for it
+                    raise Refusal("busy", f"{prot.label()}: a newer session of the domain "
+                                  "replaced this one during admission")
                 # the backup's own identity: the primary's, unless backup-rename
                 # (test/lab) derives another one; the fence checks that identity
                 bd = backup_config(d, cfg.backup_rename)
@@ -223,9 +242,8 @@ class ReceiverDaemon:
             conn = old.connection
             old.connection = None
             if conn is not None:
-                conn.close_from_daemon(conn.rs.error(
-                    ERR_SUPERSEDED, f"session {hello.session_id[:8]} (generation "
-                    f"{hello.generation}) replaces this one"))
+                conn.close_from_daemon(ERR_SUPERSEDED, f"session {hello.session_id[:8]} "
+                                       f"(generation {hello.generation}) replaces this one")
             log.warning("%s: session %s (generation %d, %s) superseded by session %s "
                         "(generation %d); its backup domain %s is destroyed", old.label(),
                         old.hello.session_id[:8], old.generation, prev, hello.session_id[:8],
@@ -297,11 +315,17 @@ class ReceiverDaemon:
                 prot.connection = None
             if not prot.commit_allowed():
                 # failed over, superseded, ... meanwhile: that path did the work
-                log.info("%s: session %s closed (%s)", prot.label(), prot.hello.session_id[:8],
-                         prot.state)
+                log.info("%s: session %s closed (%s): %s", prot.label(),
+                         prot.hello.session_id[:8], prot.state, message)
                 return
             prot.last_error = None if kind == "clean" else message
-            if prot.state == "initial-copy":
+            if prot.state == "initial-copy" and kind == "admission":
+                prot.state = "gone"
+                self._destroy(prot, "no ACCEPT sent")
+                log.warning("%s: session %s: %s; backup domain %s destroyed (nothing was "
+                            "committed)", prot.label(), prot.hello.session_id[:8], message,
+                            prot.backup_domid)
+            elif prot.state == "initial-copy":
                 # destroyed first, then said so: a reader of the log (a test,
                 # an operator) must find the backup gone once the line is there
                 prot.state = "gone"
@@ -395,17 +419,18 @@ class ReceiverDaemon:
                     prot.last_committed, (time.monotonic() - prot.committed_at) * 1000, reason,
                     prot.detection_ms, prot.failover_timeout * 1000, digest)
         if conn is not None:
-            conn.close_from_daemon(conn.rs.error(
+            conn.close_from_daemon(
                 ERR_FAILED_OVER, f"the backup of domain {prot.name} took over from checkpoint "
-                f"{prot.last_committed}: do not re-protect to this receiver"))
+                f"{prot.last_committed}: do not re-protect to this receiver")
         return {"domain": prot.name, "uuid": prot.uuid, "backup_domid": prot.backup_domid,
                 "resumed_from": prot.last_committed, "detection_ms": round(prot.detection_ms, 1),
                 "memory_digest": prot.failover_digest}
 
     def start_monitor(self) -> None:
-        self._monitor = threading.Thread(target=self._monitor_loop, name="failover-timer",
-                                         daemon=True)
-        self._monitor.start()
+        monitor = threading.Thread(target=self._monitor_loop, name="failover-timer",
+                                   daemon=True)
+        monitor.start()
+        self._monitor = monitor  # set once started: shutdown joins only started threads
 
     def monitor_alive(self) -> bool:
         return self._monitor is not None and self._monitor.is_alive()
@@ -438,8 +463,7 @@ class ReceiverDaemon:
         elif prot.state == "receiving" and prot.connection is not None:
             # on-link-loss = wait: end the silent session, keep the backup paused
             conn = prot.connection
-            conn.close_from_daemon(conn.rs.error(
-                ERR_STALLED, f"nothing received for {silence * 1000:.0f} ms"))
+            conn.close_from_daemon(ERR_STALLED, f"nothing received for {silence * 1000:.0f} ms")
 
     # ------------------------------------------------------------- control
 
@@ -493,9 +517,12 @@ class ReceiverDaemon:
         with self.lock:
             conns = list(self.connections)
         for conn in conns:
-            # before ACCEPT the sender expects a reply, not a frame: just close
-            frame = conn.rs.error(ERR_SHUTDOWN, "the receiver is stopping") if conn.prot else None
-            conn.close_from_daemon(frame)
+            # before ACCEPT the sender expects a reply, not a frame: the
+            # connection sends this ERROR only if it accepted already
+            conn.close_from_daemon(ERR_SHUTDOWN, "the receiver is stopping")
+        deadline = time.monotonic() + SHUTDOWN_JOIN_S
         for conn in conns:
-            if conn.thread is not None:
-                conn.thread.join(timeout=2)
+            conn.join(max(0.0, deadline - time.monotonic()))
+        monitor = self._monitor
+        if monitor is not None and monitor.is_alive():  # it ends at ``stopping``
+            monitor.join(max(0.0, deadline - time.monotonic()))
