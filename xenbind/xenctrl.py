@@ -333,10 +333,17 @@ class XenDomain(Domain):
     def checkpoint_go(self) -> None:
         if getattr(self, "_stopped_by", "pause") == "suspend":
             self._stopped_by = "pause"
-            if _lib.xc_domain_resume(self._hv.xch, self.domid, 1) < 0:
-                raise self._fail("xc_domain_resume(fast)")
+            self.resume_cancelled()
             return
         self.unpause()
+
+    def resume_cancelled(self) -> None:
+        """Run a guest that shut down with reason suspend again, as if its
+        suspend had been cancelled (``xc_domain_resume(fast=1)``). Also what
+        an operator needs when a sender died between checkpoint_stop and
+        checkpoint_go and left the guest suspended."""
+        if _lib.xc_domain_resume(self._hv.xch, self.domid, 1) < 0:
+            raise self._fail("xc_domain_resume(fast)")
 
     def enable_logdirty(self) -> None:
         xch = self._hv.xch

@@ -36,6 +36,7 @@ import numpy as np
 
 from lab.checks.guestlog import PAGE_SIZE, counter_value, expected_pattern_page, read_layout
 from lab.checks.report import emit, require, run_check
+from xenbind.xenstore import XenStore
 
 GUEST = os.environ.get("LAB_GUEST", "labguest")
 RESULTS = os.environ.get("LAB_RESULTS", "/tmp")
@@ -216,6 +217,29 @@ class Checks:
         if self.paused_by_us:
             self.dom.unpause()
             self.paused_by_us = False
+        # remusd killed between checkpoint_stop and checkpoint_go (the failover
+        # check) leaves a PV/PVH guest suspended, or about to suspend (a
+        # control/shutdown=suspend it had not answered yet when we paused it):
+        # the later checks need it running, so wait until the request is
+        # answered and resume the guest cancelled if it suspended.
+        domid = self.dom.domid
+        xs = XenStore.connect()
+        try:
+            deadline = time.monotonic() + 30
+            quiet_since = None  # no request pending since (the guest acks, then suspends)
+            while time.monotonic() < deadline:
+                if self.hv.is_suspended(domid):
+                    self.dom.resume_cancelled()
+                    break
+                if xs.read(f"/local/domain/{domid}/control/shutdown"):
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 2:
+                    break
+                time.sleep(0.2)
+        finally:
+            xs.close()
 
     # -- step 5: a backup domain and a failover ---------------------------------
     def failover(self) -> str:
