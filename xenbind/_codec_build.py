@@ -2,7 +2,8 @@
 
 setup.py builds it on every install (`ffibuilder` below). The C source lives
 in xenbind/compress/kernel.c, where its layout and rules are written down;
-this file only declares the functions Python calls and compiles with -O2.
+its declarations are in xenbind/compress/kernel.h, read here as the cdef;
+this file only compiles it with -O2.
 """
 
 from __future__ import annotations
@@ -14,37 +15,9 @@ from cffi import FFI
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _KERNEL = os.path.join(_HERE, "compress", "kernel.c")
 
-CDEF = """
-typedef struct {
-    uint8_t *data;
-    uint64_t *pfn;
-    uint32_t *prev;
-    uint32_t *next;
-    uint32_t *table;
-    uint32_t cap;
-    uint32_t used;
-    uint32_t head;
-    uint32_t tail;
-    uint32_t tmask;
-    uint64_t hits;
-    uint64_t misses;
-    uint64_t evictions;
-} xb_cache;
-
-typedef struct {
-    int code;
-    uint64_t offset;
-    uint64_t page;
-    int64_t detail;
-} xb_error;
-
-size_t xb_max_encoded(int codec);
-int64_t xb_cache_slot(const xb_cache *c, uint64_t pfn);
-size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pages,
-                 const uint8_t *pt, size_t n, uint8_t *out);
-int64_t xb_decode(xb_cache *c, int codec, const uint8_t *in, size_t len, const uint64_t *pfns,
-                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e);
-"""
+#: The declarations Python calls, shared with kernel.c (one copy).
+with open(os.path.join(_HERE, "compress", "kernel.h"), encoding="utf-8") as _h:
+    CDEF = _h.read()
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -52,6 +25,7 @@ with open(_KERNEL, encoding="utf-8") as _f:
     ffibuilder.set_source(
         "xenbind._codec",
         _f.read(),
+        include_dirs=[os.path.dirname(_KERNEL)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     )
 

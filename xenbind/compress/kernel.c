@@ -53,28 +53,7 @@
 #define XEN_FULL_PAGE 0x80u            /* zero-length SKIP: 4096 raw bytes follow */
 #define XEN_FULL_SIZE (1 + XB_PAGE)
 
-typedef struct {
-    uint8_t *data;
-    uint64_t *pfn;
-    uint32_t *prev;
-    uint32_t *next;
-    uint32_t *table;
-    uint32_t cap;
-    uint32_t used;
-    uint32_t head;
-    uint32_t tail;
-    uint32_t tmask;
-    uint64_t hits;
-    uint64_t misses;
-    uint64_t evictions;
-} xb_cache;
-
-typedef struct {
-    int code;          /* XB_E_* below, 0 = no error */
-    uint64_t offset;   /* byte offset in the blob of the offending item */
-    uint64_t page;     /* index of the page being decoded */
-    int64_t detail;    /* offending value (offset, marker, length...) */
-} xb_error;
+#include "kernel.h"  /* xb_cache, xb_error and the functions Python calls */
 
 enum {
     XB_E_OK = 0,
