@@ -61,17 +61,21 @@ FAILOVER_S = 0.5
 class Receiver:
     """A remus-receiver process; its log is read from a file."""
 
-    def __init__(self, backup_dir: str, workdir: str, *extra: str) -> None:
+    def __init__(self, backup_dir: str, workdir: str, *extra: str, insecure: bool = True) -> None:
+        """``insecure``: plaintext (--insecure); False for a TLS receiver, whose
+        --tls-* flags come in ``extra``. Later flags in ``extra`` win."""
+        os.makedirs(workdir, exist_ok=True)
         self.control = os.path.join(workdir, "receiver.sock")
         self.logpath = os.path.join(workdir, "receiver.log")
         self.logf = open(self.logpath, "wb")
         empty = os.path.join(workdir, "empty.toml")
         open(empty, "w").close()
         self.proc = subprocess.Popen(
-            [RECEIVER, "--listen", "127.0.0.1:0", "--insecure", "--sim-dir", backup_dir,
-             "--control", self.control, "--config", empty,
+            [RECEIVER, "--listen", "127.0.0.1:0", *(["--insecure"] if insecure else []),
+             "--sim-dir", backup_dir, "--control", self.control, "--config", empty,
              "--handshake-timeout", "1", "--stall-timeout", "2", *extra],
-            stdout=self.logf, stderr=subprocess.STDOUT, cwd=REPO)
+            stdout=self.logf, stderr=subprocess.STDOUT, cwd=REPO,
+            env=dict(os.environ, JOURNAL_STREAM=""))  # plain lines, whoever runs pytest
         deadline = time.monotonic() + 20
         while True:
             m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log())

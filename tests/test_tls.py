@@ -26,11 +26,10 @@ import numpy as np
 import pytest
 
 from tests.simhost import SimHost, sim_dir
-from tests.test_receiver import Guest
+from tests.test_receiver import Guest, Receiver
 from tests.tls_certs import Pki
 from xenbind import PAGE_SIZE
 from xenbind.errors import ConfigError
-from xenbind.service import control_request
 from xenbind.session import Accepted, Ack, Hello, Options, Refused, SenderSession, new_session_id
 from xenbind.stream import StreamWriter
 from xenbind.tls import (
@@ -49,59 +48,11 @@ pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECEIVER = os.path.join(os.path.dirname(sys.executable), "remus-receiver")
 PAGES = 256  # 1 MiB guests
+#: the receiver's timeouts these tests were written for (tests.test_receiver's are shorter)
+TLS_TIMEOUTS = ("--handshake-timeout", "2", "--stall-timeout", "30")
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-class Receiver:
-    """A remus-receiver process with its log in a file."""
-
-    def __init__(self, workdir: Path, backup_dir: str, *args: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.control = str(workdir / "receiver.sock")
-        self.logpath = workdir / "receiver.log"
-        logf = open(self.logpath, "wb")  # noqa: SIM115 - the child holds it
-        self.proc = subprocess.Popen(
-            [RECEIVER, "--listen", "127.0.0.1:0", "--sim-dir", backup_dir, "--control",
-             self.control, "--config", "/dev/null", "--handshake-timeout", "2", *args],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-            env=dict(os.environ, JOURNAL_STREAM=""))
-        logf.close()
-        deadline = time.monotonic() + 20
-        while True:
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log())
-            if m:
-                self.port = int(m.group(1))
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"receiver did not start: {self.log()}")
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.logpath.read_text(errors="replace")
-
-    def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log())
-            if m:
-                return m
-            time.sleep(0.02)
-        raise AssertionError(f"log never matched {pattern!r}:\n{self.log()[-3000:]}")
-
-    def status(self) -> dict:
-        return control_request(self.control, "status", timeout=5)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +83,9 @@ def hosts():
 def receiver(pki, hosts, tmp_path_factory):
     _, backup = hosts
     b = pki["backup"]
-    r = Receiver(tmp_path_factory.mktemp("rx"), backup.dir, "--tls-cert", b.cert, "--tls-key",
-                 b.key, "--tls-ca", pki["ca"].ca, "--allow-peer", "primary.test")
+    r = Receiver(backup.dir, str(tmp_path_factory.mktemp("rx")), *TLS_TIMEOUTS, "--tls-cert",
+                 b.cert, "--tls-key", b.key, "--tls-ca", pki["ca"].ca, "--allow-peer",
+                 "primary.test", insecure=False)
     yield r
     assert r.stop() == 0, r.log()[-3000:]
     assert "Traceback" not in r.log(), r.log()
@@ -342,8 +294,9 @@ def test_sender_refuses_a_bad_receiver_certificate(pki, hosts, tmp_path, case):
         rogue = pki["ca"].leaf("backup.test", expired=True, filename="backup-expired")
         want, seen = "expired certificate", r"the peer refuses this host's certificate " \
             r"\(expired certificate\)"
-    r = Receiver(tmp_path / "rogue", backup.dir, "--tls-cert", rogue.cert, "--tls-key", rogue.key,
-                 "--tls-ca", pki["ca"].ca, "--allow-peer", "*")
+    r = Receiver(backup.dir, str(tmp_path / "rogue"), *TLS_TIMEOUTS, "--tls-cert", rogue.cert,
+                 "--tls-key", rogue.key, "--tls-ca", pki["ca"].ca, "--allow-peer", "*",
+                 insecure=False)
     try:
         with pytest.raises(TlsRefused, match=want):
             client(pki).connect("127.0.0.1", r.port, 10)
@@ -369,7 +322,7 @@ def test_slow_client_does_not_block_accept(receiver, pki, hosts):
 
 def test_tls_client_against_insecure_receiver_fails_cleanly(pki, hosts, tmp_path):
     _, backup = hosts
-    r = Receiver(tmp_path / "plain", backup.dir, "--insecure")
+    r = Receiver(backup.dir, str(tmp_path / "plain"), *TLS_TIMEOUTS)
     try:
         with pytest.raises(TlsRefused, match="not TLS"):
             client(pki).connect("127.0.0.1", r.port, 10)
@@ -389,8 +342,9 @@ def test_rotation_without_restart(pki, hosts, tmp_path):
     b = pki["backup"]
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(Path(old.ca).read_bytes())
-    r = Receiver(tmp_path / "rot", backup.dir, "--tls-cert", b.cert, "--tls-key", b.key,
-                 "--tls-ca", str(bundle), "--allow-peer", "primary.test")
+    r = Receiver(backup.dir, str(tmp_path / "rot"), *TLS_TIMEOUTS, "--tls-cert", b.cert,
+                 "--tls-key", b.key, "--tls-ca", str(bundle), "--allow-peer", "primary.test",
+                 insecure=False)
     try:
         fresh = new.leaf("primary.test", filename="primary-new")
         fresh_client = TlsClient(TlsSettings(fresh.cert, fresh.key, old.ca))
