@@ -172,3 +172,46 @@ def test_scatter_of_runs_and_of_scattered_pages_lands_every_page(sim_host):
     with pytest.raises(DomainError, match="past the last page"):
         dom.scatter(np.arange(pages - 20, pages + 20, dtype=np.uint64), fill(40))
     dom.destroy()
+
+
+def test_checkpoint_stop_and_go_take_one_round_trip_each_and_keep_the_semantics(sim_host):
+    """checkpoint_stop pauses and brings the context back (get_context answers
+    from it, equal to what another handle reads from the worker while the stop
+    lasts); output_barrier asked during the stop travels with checkpoint_go;
+    the pause count and the barrier count move exactly as pause/barrier/unpause
+    would move them."""
+    dom = sim_host.create(memory="4M", workload="ledger", rate=2000)
+    other = sim_host.lookup(dom.domid)
+    dom.checkpoint_stop()
+    try:
+        assert dom.info().extra["pause_count"] == 1
+        before = dom.status()["barriers"]
+        ctx = dom.get_context()
+        assert ctx == other.get_context()  # a round trip by a handle with no stop
+        dom.output_barrier()
+        assert dom.status()["barriers"] == before  # not sent yet: the guest is stopped
+    finally:
+        dom.checkpoint_go()
+    assert dom.info().extra["pause_count"] == 0
+    assert dom.status()["barriers"] == before + 1
+    # a stop without a barrier adds none; the context is read afresh after the go
+    dom.checkpoint_stop()
+    step = dom.get_context()
+    dom.checkpoint_go()
+    assert dom.status()["barriers"] == before + 1
+    dom.wait_step(ledger_step(step) + 5)
+    assert dom.get_context() != step
+    # leaving a stop by unpause still sends the barrier asked during it
+    dom.checkpoint_stop()
+    dom.output_barrier()
+    dom.unpause()
+    assert dom.status()["barriers"] == before + 2
+    with pytest.raises(DomainError, match="not paused"):
+        dom.checkpoint_go()
+    dom.destroy()
+
+
+def ledger_step(ctx) -> int:
+    from xenbind.sim.workloads import Registers
+
+    return Registers.unpack(bytes(ctx.hvm_context)).step

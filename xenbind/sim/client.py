@@ -5,6 +5,11 @@ How each Domain operation reaches the simulated hardware:
     lookup/list/create/destroy   host control socket DIR/host.sock (JSON line)
     pause/unpause/enable/disable one SOCK_SEQPACKET round trip to the domain's
     get/set_context, outputs     worker (DIR/dom-N.sock), see worker.py
+    checkpoint_stop/go           one round trip each: the stop brings the
+                                 context back (get_context then answers from
+                                 it while the stop lasts), the go carries the
+                                 output barrier asked meanwhile: 2 round trips
+                                 a paused window instead of 4
     read_and_clear_dirty         uffd-wp mode: PAGEMAP_SCAN on the worker's
                                  /proc/<pid>/pagemap from this process (no
                                  round trip); bitmap mode: worker snapshots, we
@@ -204,6 +209,10 @@ class SimDomain(Domain):
         self._ctl: np.ndarray | None = None
         self._scanner: PagemapScanner | None = None
         self._bitmap_mm: mmap.mmap | None = None
+        # between checkpoint_stop and checkpoint_go: the context the stop
+        # brought back, and whether output_barrier was asked (sent with the go)
+        self._stop_ctx: Context | None = None
+        self._barrier_due = False
 
     def __repr__(self) -> str:
         return f"SimDomain({self.domid}, {self.name!r}, {self.dir})"
@@ -339,7 +348,26 @@ class SimDomain(Domain):
         self._request("pause", b"P")
 
     def unpause(self) -> None:
+        self._end_stop()
         self._request("unpause", b"U")
+
+    def checkpoint_stop(self) -> None:
+        blob = self._request("checkpoint_stop", b"K")
+        self._stop_ctx = self._context(blob[4:])
+        self._barrier_due = False
+
+    def checkpoint_go(self) -> None:
+        barrier = self._barrier_due
+        self._stop_ctx, self._barrier_due = None, False
+        self._request("checkpoint_go", b"W", b"\1" if barrier else b"\0")
+
+    def _end_stop(self) -> None:
+        """Leave a checkpoint stop by another way than checkpoint_go: the
+        barrier asked during it is sent now, the context is read afresh."""
+        barrier = self._barrier_due
+        self._stop_ctx, self._barrier_due = None, False
+        if barrier:
+            self._request("output_barrier", b"B")
 
     def enable_logdirty(self) -> None:
         self._request("enable_logdirty", b"E")
@@ -412,7 +440,11 @@ class SimDomain(Domain):
         return (top, top + 1, top + 2)
 
     def get_context(self) -> Context:
-        blob = self._request("get_context", b"G")
+        if self._stop_ctx is not None:  # paused by checkpoint_stop, which read it
+            return self._stop_ctx
+        return self._context(self._request("get_context", b"G"))
+
+    def _context(self, blob: bytes) -> Context:
         return Context(
             magic_pfns=self.magic_pfns(), hvm_context=blob[:REGS_SIZE], device_model=blob[REGS_SIZE:]
         )
@@ -422,15 +454,21 @@ class SimDomain(Domain):
             raise self._err(
                 "set_context", f"magic PFNs {tuple(ctx.magic_pfns)} differ from this domain's {self.magic_pfns()}"
             )
+        self._end_stop()
         self._request("set_context", b"S", bytes(ctx.hvm_context) + bytes(ctx.device_model))
 
     def output_barrier(self) -> None:
+        if self._stop_ctx is not None:  # the guest is stopped: no output until the go
+            self._barrier_due = True
+            return
         self._request("output_barrier", b"B")
 
     def output_release(self) -> None:
+        self._end_stop()
         self._request("output_release", b"O")
 
     def output_unplug(self) -> None:
+        self._end_stop()
         self._request("output_unplug", b"X")
 
     def destroy(self) -> None:

@@ -13,6 +13,8 @@ on success, ``b"\\1" + utf-8 message`` on error::
 
     P  pause                 -> u32 pause count
     U  unpause               -> u32 pause count   (error if not paused)
+    K  checkpoint stop: pause, then get context   -> u32 pause count + as G
+    W  checkpoint go: <- u8 1: output barrier first, 0: none; then unpause -> as U
     E  enable log-dirty      (write-protect all / clear the bitmap)
     D  disable log-dirty
     R  bitmap mode: snapshot-and-clear the bitmap  -> u64 pages in the snapshot
@@ -256,6 +258,15 @@ class Worker:
         if op == b"P":
             self.pause_count += 1
             return struct.pack("<I", self.pause_count)
+        if op == b"K":  # an epoch's stop in one round trip: pause + context
+            self.pause_count += 1
+            return struct.pack("<I", self.pause_count) + self.regs.pack() + self.regs.device_model()
+        if op == b"W":  # an epoch's restart in one round trip: [barrier] + unpause
+            if self.pause_count == 0:
+                raise ValueError("domain is not paused")
+            if arg[:1] == b"\1":
+                self.outputs.barrier()
+            return self._dispatch(b"U", b"")
         if op == b"U":
             if self.pause_count == 0:
                 raise ValueError("domain is not paused")
