@@ -2,8 +2,12 @@
 
 The epoch of design.md, split at the line the guest's pause draws::
 
-    capture()   (guest paused)  pause (Domain.checkpoint_stop: on Xen a PV/PVH
-                                guest suspends itself instead); read and clear the log-dirty bitmap;
+    capture()   (guest running) read and clear the log-dirty bitmap once
+                                (the pre-scan: most of the epoch's pages)
+                (guest paused)  pause (Domain.checkpoint_stop: on Xen a PV/PVH
+                                guest suspends itself instead); read and clear the log-dirty bitmap
+                                again (the pages written since the pre-scan)
+                                and merge the two sorted lists;
                                 ONE vectorised gather of the dirty pages into
                                 the preallocated checkpoint buffer; [verify:
                                 digest of all memory]; context; output
@@ -17,6 +21,12 @@ The caller then sends the buffers, waits for the ack and calls
 Rules:
 - Nothing but the copy (and, in verify mode, the digest) happens while the
   guest is paused; the pause is undone even when a step inside fails.
+- The pre-scan loses nothing: a page written after it is marked again and
+  read by the paused read-and-clear, and every page of either list is
+  copied while paused, so the copy is the memory at the pause. It takes the
+  per-page part of reading and clearing the log (re-protecting each dirty
+  page, in the simulator ~0.45 us a page) out of the pause; the paused
+  read-and-clear then finds only the pages written since.
 - The checkpoint buffer is bounded by what an epoch copies, not by the
   domain's p2m_size (an HVM/PVH guest's p2m_size reaches its special pages
   near 4 GiB: a 128 MiB PVH guest has ~1M PFNs). It starts at
@@ -114,6 +124,23 @@ def strictly_sorted(pfns: np.ndarray) -> np.ndarray:
 _warned = False
 
 
+def merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The union of two sorted uint64 PFN arrays, sorted, each PFN once.
+
+    A stable sort of the concatenation is a merge of its two runs (timsort),
+    O(n): ~4 us for 1,000 PFNs where np.union1d takes ~60 us."""
+    if not len(a):
+        return b
+    if not len(b):
+        return a
+    c = np.concatenate((a.astype(np.uint64, copy=False), b.astype(np.uint64, copy=False)))
+    c.sort(kind="stable")
+    keep = np.empty(len(c), dtype=bool)
+    keep[0] = True
+    np.not_equal(c[1:], c[:-1], out=keep[1:])
+    return c[keep]
+
+
 def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = None,
             hold: Callable[[], None] | None = None) -> Capture:
     """The paused part of an epoch (see the module docstring).
@@ -122,12 +149,13 @@ def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = Non
     round passes the pages its last live round left behind). ``hold``: called
     last while the guest is still paused (fault injection, remusd.faults).
     """
+    early = strictly_sorted(domain.read_and_clear_dirty())
+    if extra is not None and len(extra):
+        early = merge_sorted(np.unique(extra.astype(np.uint64)), early)
     t0 = time.perf_counter()
     domain.checkpoint_stop()
     try:
-        pfns = strictly_sorted(domain.read_and_clear_dirty())
-        if extra is not None and len(extra):
-            pfns = np.union1d(extra.astype(np.uint64), pfns.astype(np.uint64))
+        pfns = merge_sorted(early, strictly_sorted(domain.read_and_clear_dirty()))
         view = cb.view(len(pfns))
         if len(pfns):
             domain.gather(pfns, view)

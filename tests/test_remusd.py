@@ -166,3 +166,23 @@ def test_remusd_bad_config_exits_2(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--insecure" in r.stderr
 
+
+
+def test_merge_sorted_is_the_sorted_union():
+    """capture() merges the pre-scan's PFNs with the paused scan's: the union,
+    sorted, each PFN once, whatever the overlap (an empty side included)."""
+    import numpy as np
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from remusd.epoch import merge_sorted
+
+    pfn_sets = st.sets(st.integers(0, 2**20), max_size=300)
+
+    @given(pfn_sets, pfn_sets)
+    def check(a: set, b: set) -> None:
+        got = merge_sorted(np.array(sorted(a), dtype=np.uint64), np.array(sorted(b), dtype=np.uint64))
+        assert got.dtype == np.uint64
+        assert got.tolist() == sorted(a | b)
+
+    check()
