@@ -500,9 +500,12 @@ def phase_copy(stack: Stack, memory: int) -> dict:
 
 
 def pause_components(stack: Stack, memory: int, levels: dict, reps: int) -> dict:
-    """The steps of remusd's paused window (remusd/epoch.py: capture), timed one
-    by one in this process on a second ``random`` domain of the same size that
-    no remusd watches, at the rates the levels used: where the pause goes."""
+    """The steps of remusd's capture (remusd/epoch.py), timed one by one in
+    this process on a second ``random`` domain of the same size that no remusd
+    watches, at the rates the levels used: where the pause goes. ``prescan``
+    runs before the pause (the guest running) and is not part of ``paused``."""
+    from remusd.epoch import merge_sorted, strictly_sorted
+
     dom = create(stack, "probe", memory, "random", 100.0)
     pages = memory // PAGE_SIZE
     buf = np.empty((min(pages, 65536), PAGE_SIZE), dtype=np.uint8)
@@ -515,34 +518,41 @@ def pause_components(stack: Stack, memory: int, levels: dict, reps: int) -> dict
         for want, lv in levels.items():
             dom.set_rate(lv["rate_pages_per_s"])
             dom.read_and_clear_dirty()
-            steps: dict[str, list[float]] = {k: [] for k in (
-                "pause", "read_and_clear_dirty", "gather", "get_context", "output_barrier",
-                "unpause", "total")}
+            steps: dict[str, list[float]] = {k: [] for k in PAUSE_STEPS}
             n = []
             for _ in range(reps):
                 time.sleep(lv["interval_ms"] / 1000)
                 t = [time.perf_counter()]
-                dom.pause()
+                early = strictly_sorted(dom.read_and_clear_dirty())
                 t.append(time.perf_counter())
-                pfns = dom.read_and_clear_dirty()[: len(buf)]
+                dom.checkpoint_stop()
+                t.append(time.perf_counter())
+                late = strictly_sorted(dom.read_and_clear_dirty())
+                t.append(time.perf_counter())
+                pfns = merge_sorted(early, late)[: len(buf)]
                 t.append(time.perf_counter())
                 dom.gather(pfns, buf[: len(pfns)])
                 t.append(time.perf_counter())
                 dom.get_context()
-                t.append(time.perf_counter())
                 dom.output_barrier()
                 t.append(time.perf_counter())
-                dom.unpause()
+                dom.checkpoint_go()
                 t.append(time.perf_counter())
-                for i, k in enumerate(list(steps)[:-1]):
+                for i, k in enumerate(PAUSE_STEPS[:-1]):
                     steps[k].append((t[i + 1] - t[i]) * 1e3)
-                steps["total"].append((t[-1] - t[0]) * 1e3)
+                steps["paused"].append((t[-1] - t[1]) * 1e3)
                 n.append(len(pfns))
             out[want] = {"dirty_pages": summary(n)} | {
                 k: round(float(np.median(v)), 3) for k, v in steps.items()}
     finally:
         dom.destroy()
     return out
+
+
+#: capture()'s steps as pause_components times them (the last is the sum of
+#: the paused ones: checkpoint_stop to checkpoint_go)
+PAUSE_STEPS = ("prescan", "stop", "read_and_clear_dirty", "merge", "gather", "context_barrier",
+               "go", "paused")
 
 
 def pause_interval(want: int) -> int:
@@ -782,10 +792,9 @@ def print_table(r: dict) -> None:
                   f"{'met' if lv['met'] else 'MISSED'}")
         comp = r["pause"].get("components_ms", {})
         if comp:
-            keys = ["pause", "read_and_clear_dirty", "gather", "get_context", "output_barrier",
-                    "unpause", "total"]
-            print("  where the pause goes (the same steps timed one by one on an unwatched "
-                  "domain, median ms):")
+            keys = [k for k in PAUSE_STEPS if k in next(iter(comp.values()))]
+            print("  where the pause goes (capture's steps timed one by one on an unwatched "
+                  "domain, median ms; prescan runs before the pause):")
             print("  " + f"{'pages':>7}" + "".join(f" {k[:12]:>12}" for k in keys))
             for c in comp.values():
                 print("  " + f"{c['dirty_pages'].get('median', 0):>7.0f}"
