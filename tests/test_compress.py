@@ -31,7 +31,7 @@ from xenbind.compress import (
     PageCache,
 )
 from xenbind.compress import formats as F
-from xenbind.errors import CodecError, ConfigError
+from xenbind.errors import ConfigError
 
 PAGE = 4096
 WORDS = 1024
@@ -80,22 +80,45 @@ def full_reference(codec: str, page: np.ndarray) -> bytes:
     return head + page.tobytes()
 
 
+ZERO_PAGE = np.zeros(PAGE, np.uint8)
+
+
 class Model:
     """Independent model of the sender: an OrderedDict LRU and the reference
-    encoders, page by page."""
+    encoders, page by page, and the known-zero rule: a miss on a PFN last sent
+    whole in Format A as zeros (and not compressed since) is a delta against a
+    zero page, unless it is a page table or the delta is not smaller."""
 
     def __init__(self, codec: str, capacity: int) -> None:
         self.codec, self.capacity = codec, capacity
         self.lru: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.zero: set[int] = set()  # PFNs the receiver holds as zeros
+        self.zero_base = 0
+
+    def note_raw(self, pfns, pages) -> None:
+        for pfn, page in zip(pfns.tolist(), pages, strict=True):
+            if page.any():
+                self.zero.discard(pfn)
+            else:
+                self.zero.add(pfn)
 
     def encode(self, pfns, pages, pagetable) -> bytes:
         out = []
         for pfn, page, pt in zip(pfns.tolist(), pages, pagetable, strict=True):
             old = self.lru.get(pfn)
+            known_zero = old is None and pfn in self.zero
+            self.zero.discard(pfn)
             if old is None:
                 if len(self.lru) >= self.capacity:
                     self.lru.popitem(last=False)
-                out.append(full_reference(self.codec, page))
+                full = full_reference(self.codec, page)
+                if known_zero and not pt:
+                    ref = xen_reference if self.codec == "xen" else seed_reference
+                    blob = ref(ZERO_PAGE, page)
+                    if len(blob) < len(full):
+                        self.zero_base += 1
+                        full = blob
+                out.append(full)
             elif pt:
                 out.append(full_reference(self.codec, page))
             else:
@@ -360,8 +383,6 @@ def test_cache_hash_table_survives_heavy_churn() -> None:
     assert c.cache.order().tolist() == list(reversed(cache_model))
     for pfn in range(120):
         assert (pfn in c.cache) == (pfn in cache_model)
-    with pytest.raises(CodecError):
-        Decompressor("seed", cap).decompress(struct.pack("<hI", -100, 0), np.array([1], np.uint64))
 
 
 @pytest.mark.parametrize("codec", CODEC_NAMES)

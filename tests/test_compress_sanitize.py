@@ -3,9 +3,11 @@
 The decoders parse untrusted bytes. This test compiles xenbind/compress/kernel.c
 into a small C harness with -fsanitize=address,undefined, every buffer
 allocated to its exact size, and runs: random encode/decode round trips (the
-harness checks the decoded pages), then each blob mutated (byte flips,
-truncation, garbage) decoded against a copy of the receiver's cache. Any
-out-of-bounds read or write, or undefined behaviour, aborts the harness.
+harness checks the decoded pages), with pages sent whole "in Format A" between
+batches (xb_note_raw; zeroed pages make zero-base misses), then each blob
+mutated (byte flips, truncation, garbage) decoded against a copy of the
+receiver's cache. Any out-of-bounds read or write, or undefined behaviour,
+aborts the harness.
 """
 
 from __future__ import annotations
@@ -96,28 +98,43 @@ int main(int argc, char **argv)
 {
     int iters = argc > 1 ? atoi(argv[1]) : 200;
     uint8_t mem[12][XB_PAGE];
-    long mutated = 0, rejected = 0;
+    long mutated = 0, rejected = 0, zero_base = 0;
     for (int codec = 1; codec <= 2; codec++) {
         for (int it = 0; it < iters; it++) {
             xb_cache snd, rcv;
             uint32_t cap = 1 + rnd() % 8;
+            /* odd iterations: small pfns, covered by a 12-bit known-zero map */
+            uint64_t mul = (it & 1) ? 1 : 0x9E3779B1ull;
+            uint8_t *zk = calloc(2, 1);
             cache_new(&snd, cap);
             cache_new(&rcv, cap);
             for (int p = 0; p < 12; p++) memset(mem[p], p, XB_PAGE);
             for (int batch = 0; batch < 4; batch++) {
+                /* some pages sent whole (Format A), a third of them zeroed */
+                size_t nr = rnd() % 4;
+                uint64_t *rpfns = malloc(nr ? nr * 8 : 8);
+                uint8_t *rpages = malloc(nr ? nr * XB_PAGE : 1);
+                for (size_t i = 0; i < nr; i++) {
+                    uint32_t p = rnd() % 12;
+                    if (rnd() % 3) memset(mem[p], 0, XB_PAGE);
+                    rpfns[i] = p * mul;
+                    memcpy(rpages + i * XB_PAGE, mem[p], XB_PAGE);
+                }
+                xb_note_raw(zk, 12, rpfns, rpages, nr);
+                free(rpfns); free(rpages);
                 size_t n = rnd() % 7;
                 uint64_t *pfns = malloc(n ? n * 8 : 8);
                 uint8_t *pages = malloc(n ? n * XB_PAGE : 1);
                 uint8_t *pt = malloc(n ? n : 1);
                 for (size_t i = 0; i < n; i++) {
                     uint32_t p = rnd() % 12;
-                    pfns[i] = p * 0x9E3779B1ull;
+                    pfns[i] = p * mul;
                     mutate_page(mem[p]);
                     memcpy(pages + i * XB_PAGE, mem[p], XB_PAGE);
                     pt[i] = (rnd() % 5) == 0;
                 }
                 uint8_t *blob = malloc(n ? n * xb_max_encoded(codec) : 1);
-                size_t len = xb_encode(&snd, codec, pfns, pages, pt, n, blob);
+                size_t len = xb_encode(&snd, codec, pfns, pages, pt, n, blob, zk, 12);
                 /* mutations, each against a copy of the receiver's cache */
                 for (int m = 0; m < 8 && len; m++) {
                     uint8_t *bad = malloc(len);
@@ -147,11 +164,18 @@ int main(int argc, char **argv)
                 }
                 free(out); free(blob); free(pfns); free(pages); free(pt);
             }
+            if (snd.zero_base != rcv.zero_base) {
+                fprintf(stderr, "zero_base differs: %llu vs %llu\n",
+                        (unsigned long long)snd.zero_base, (unsigned long long)rcv.zero_base);
+                return 1;
+            }
+            zero_base += (long)snd.zero_base;
             cache_free(&snd);
             cache_free(&rcv);
+            free(zk);
         }
     }
-    printf("ok mutated=%ld rejected=%ld\n", mutated, rejected);
+    printf("ok mutated=%ld rejected=%ld zero_base=%ld\n", mutated, rejected, zero_base);
     return 0;
 }
 """
@@ -175,5 +199,6 @@ def test_kernel_under_asan_and_ubsan(tmp_path: Path) -> None:
     res = subprocess.run([str(exe), "150"], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.startswith("ok ")
-    mutated, rejected = (int(x.split("=")[1]) for x in res.stdout.split()[1:3])
+    mutated, rejected, zero_base = (int(x.split("=")[1]) for x in res.stdout.split()[1:4])
     assert mutated > 1000 and mutated // 10 < rejected < mutated
+    assert zero_base > 50  # the zero-base paths ran, under the sanitizers too

@@ -515,7 +515,8 @@ def check_chunks(data: bytes) -> None:
 #
 # Before the blobs, both the Decompressor and the reference decoder are
 # primed with full pages for PFNs 0 .. cache-1 (contents from prime_page),
-# the way the seeds' Compressor is, so delta pages find their base.
+# the way the seeds' Compressor is, so delta pages find their base (a delta
+# page for any other PFN decodes against a zero page).
 
 #: Most PFNs one codec input may list.
 CODEC_MAX_PFNS = 255
@@ -537,7 +538,9 @@ def codec_input(codec: str, cache_pages: int, pfns: list[int], blob1: bytes,
 
 class ReferenceDecoder:
     """A slow, obvious decoder of both formats (formats.py), against an LRU
-    cache kept in an OrderedDict; the C kernel must agree with it exactly."""
+    cache kept in an OrderedDict; the C kernel must agree with it exactly.
+    A delta page for a PFN not in the cache is decoded against a zero page
+    (the zero base) and, once valid, cached as a miss."""
 
     def __init__(self, codec: str, capacity: int) -> None:
         from collections import OrderedDict
@@ -553,6 +556,11 @@ class ReferenceDecoder:
             self.cache.popitem(last=False)
         self.cache[pfn] = bytearray(page)
         return bytes(page)
+
+    def _base(self, pfn: int) -> bytearray:
+        """A copy of what a delta page for ``pfn`` applies to: its cached
+        contents, or zeros for a miss."""
+        return bytearray(self.cache[pfn]) if pfn in self.cache else bytearray(4096)
 
     def decode(self, blob: bytes, pfns: list[int]) -> tuple[list[bytes], bool]:
         """(pages decoded, whether it stopped on an error)."""
@@ -581,8 +589,6 @@ class ReferenceDecoder:
             if len(blob) - pos < 6 + 4096:
                 return None
             return self._full(pfn, blob[pos + 6 : pos + 6 + 4096]), pos + 6 + 4096
-        if pfn not in self.cache:
-            return None
         q, prev, deltas = pos + 6, -1, []
         while q < len(blob):
             if len(blob) - q < 6:
@@ -595,23 +601,19 @@ class ReferenceDecoder:
             deltas.append((d, v))
             prev = d
             q += 6
-        page = self.cache[pfn]
+        page = self._base(pfn)
         for d, v in deltas:
             page[d : d + 4] = v.to_bytes(4, "little")
-        self.cache.move_to_end(pfn)
-        return bytes(page), q
+        return self._full(pfn, page), q
 
     def _xen_page(self, blob: bytes, pos: int, pfn: int):
         if blob[pos] == 0x80:
             if len(blob) - pos < 1 + 4096:
                 return None
             return self._full(pfn, blob[pos + 1 : pos + 1 + 4096]), pos + 1 + 4096
-        if pfn not in self.cache:
-            return None
+        new = self._base(pfn)
         if blob[pos] == 0x00:
-            self.cache.move_to_end(pfn)
-            return bytes(self.cache[pfn]), pos + 1
-        new = bytearray(self.cache[pfn])
+            return self._full(pfn, new), pos + 1
         q, covered = pos, 0
         while covered < 4096:
             if q >= len(blob):
@@ -628,9 +630,7 @@ class ReferenceDecoder:
                 new[covered : covered + n] = blob[q + 1 : q + 1 + n]
                 q += 1 + n
             covered += n
-        self.cache[pfn][:] = new
-        self.cache.move_to_end(pfn)
-        return bytes(new), q
+        return self._full(pfn, new), q
 
 
 def parse_codec_input(data: bytes) -> tuple[str, int, list[int], bytes, bytes] | None:

@@ -14,6 +14,8 @@ Rules (kept by kernel.c, identical on sender and receiver):
       moves to the head.
     - every page encoded or decoded, however it was sent (delta or whole,
       page-table pages included), leaves its new contents in its slot.
+    - a miss sent as a delta against a zero page (codec.py, "zero base") is
+      a miss like any other; its decoded contents go in its slot.
 Only the kernel mutates the cache; this class creates it and lets tests and
 tools look inside without changing the LRU order.
 """
@@ -73,6 +75,11 @@ class PageCache:
     @property
     def evictions(self) -> int:
         return int(self.c.evictions)
+
+    @property
+    def zero_base(self) -> int:
+        """Misses sent (or received) as deltas against a zero page."""
+        return int(self.c.zero_base)
 
     def __len__(self) -> int:
         return int(self.c.used)

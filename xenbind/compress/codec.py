@@ -5,6 +5,8 @@
     d = Decompressor("xen")
     pages = d.decompress(blob, pfns)           # (k, 4096), k pages in blob
 
+    c.note_sent_raw(pfns, pages)               # pages sent whole in Format A
+
 Rules:
     - Both sides hold a PageCache of the same capacity and run the same LRU
       operations page by page (cache.py), so the receiver's mirror equals
@@ -12,6 +14,18 @@ Rules:
     - Page-table pages (pagetable[i] True) are always sent whole, and (like
       every page sent) leave their contents in the cache. The receiver can
       therefore keep its mirror from the blob alone, without page types.
+    - Zero base: a miss may travel as a delta page (seed BEGIN_PAGE + deltas,
+      xen 0x00 or markers) against an all-zero page. The Compressor does so
+      only for a PFN it knows the receiver holds as zeros: its last contents
+      sent were all zero, sent whole in Format A (note_sent_raw), and it has
+      not been compressed since (every PFN compressed leaves that set; after
+      an eviction the receiver holds whatever was last sent). Page-table
+      pages stay whole; a zero-base page not smaller than the page whole is
+      sent whole. Such a miss is still a miss for the LRU (free slot or
+      evicted tail). The Decompressor needs no knowledge of it: a delta page
+      for a PFN its mirror lacks is decoded against zeros, then cached as a
+      miss, exactly as the sender did. Xen's receiver (deltas applied to the
+      backup's memory, which holds those zeros) decodes it the same way.
     - decompress() returns k <= len(pfns) pages; a blob holding more pages
       than pfns given, or anything malformed, raises CodecError naming the
       byte offset in the blob, the page index and the reason. Pages before
@@ -45,14 +59,20 @@ from xenbind.errors import CodecError, ConfigError
 
 CODECS = ("seed", "xen", "none")
 
+#: PFNs the known-zero set can cover: the 28-bit PFN field of the stream
+#: (2^28 bits = 32 MiB of bitmap at most); PFNs above it are simply unknown.
+MAX_KNOWN_PFNS = 1 << 28
+
 
 @dataclass
 class CodecStats:
     """Running totals of one Compressor or Decompressor.
 
     hits/misses/evictions: cache lookups (a page sent whole for a pfn already
-    cached counts as a hit). bytes_in/bytes_out: what went in and came out
-    (page bytes -> blob bytes when compressing, the reverse when decompressing).
+    cached counts as a hit). zero_base: the misses that travelled as deltas
+    against a zero page (counted in misses too). bytes_in/bytes_out: what
+    went in and came out (page bytes -> blob bytes when compressing, the
+    reverse when decompressing).
     """
 
     hits: int = 0
@@ -61,6 +81,7 @@ class CodecStats:
     pages: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    zero_base: int = 0
 
     @property
     def ratio(self) -> float:
@@ -89,15 +110,75 @@ def _pfn_array(pfns: np.ndarray) -> np.ndarray:
     return a
 
 
-class Compressor:
-    """The sender's side: encodes batches of pages against its page cache."""
+def _page_rows(pages: np.ndarray, n: int) -> np.ndarray:
+    pages = np.asarray(pages)
+    if pages.dtype != np.uint8 or pages.shape != (n, PAGE_SIZE):
+        raise ValueError(
+            f"pages must be uint8 of shape ({n}, {PAGE_SIZE}), got {pages.dtype} {pages.shape}"
+        )
+    return np.ascontiguousarray(pages)
 
-    def __init__(self, codec: str, cache_pages: int = DEFAULT_CACHE_PAGES) -> None:
+
+class Compressor:
+    """The sender's side: encodes batches of pages against its page cache.
+
+    ``known_pfns`` sizes the known-zero set up front (the stream's p2m_size);
+    it grows on demand up to MAX_KNOWN_PFNS anyway."""
+
+    def __init__(
+        self, codec: str, cache_pages: int = DEFAULT_CACHE_PAGES, known_pfns: int = 0
+    ) -> None:
         self.codec = codec
         self._id = _codec_id(codec)
         self.cache = PageCache(cache_pages)
         self.stats = CodecStats()
         self._out = np.empty(0, dtype=np.uint8)
+        # the known-zero set: bit p set = the receiver holds PFN p as zeros
+        self._zero = np.zeros(0, dtype=np.uint8)
+        self._grow_known(min(max(0, int(known_pfns)), MAX_KNOWN_PFNS))
+
+    def _grow_known(self, bits: int) -> None:
+        """Make the known-zero bitmap cover PFNs below ``bits`` (capped)."""
+        nbytes = (min(bits, MAX_KNOWN_PFNS) + 7) // 8
+        if nbytes > len(self._zero):
+            grown = np.zeros(max(nbytes, min(2 * len(self._zero), MAX_KNOWN_PFNS // 8)), np.uint8)
+            grown[: len(self._zero)] = self._zero
+            self._zero = grown
+
+    def note_sent_raw(self, pfns: np.ndarray, pages: np.ndarray) -> int:
+        """Record pages sent whole in Format A (row i for pfns[i], in order):
+        an all-zero page makes its PFN known zero at the receiver, any other
+        page makes it unknown. Returns how many pages were all zero. The
+        test stops at a page's first non-zero word; only zero pages are read
+        whole."""
+        pfns = _pfn_array(pfns)
+        pages = _page_rows(pages, len(pfns))
+        if len(pfns):
+            self._grow_known(int(pfns.max()) + 1)
+        return int(
+            lib.xb_note_raw(
+                ffi.from_buffer("uint8_t[]", self._zero),
+                len(self._zero) * 8,
+                ffi.from_buffer("uint64_t[]", pfns),
+                ffi.from_buffer("uint8_t[]", pages),
+                len(pfns),
+            )
+        )
+
+    def forget_raw(self, pfns: np.ndarray) -> None:
+        """Record PFNs sent in Format A without data (XTAB, XALLOC, BROKEN):
+        what the receiver holds there is no longer known."""
+        pfns = _pfn_array(pfns)
+        pfns = pfns[pfns < len(self._zero) * 8].astype(np.intp)
+        if len(pfns):
+            np.bitwise_and.at(
+                self._zero, pfns >> 3, ~(np.uint8(1) << (pfns & 7).astype(np.uint8))
+            )
+
+    def known_zero(self, pfn: int) -> bool:
+        """Whether the receiver is known to hold ``pfn`` as zeros."""
+        pfn = int(pfn)
+        return 0 <= pfn < len(self._zero) * 8 and bool((self._zero[pfn >> 3] >> (pfn & 7)) & 1)
 
     def compress(
         self,
@@ -137,12 +218,7 @@ class Compressor:
     ) -> int:
         """Run the kernel into ``out`` (room for the worst case); the size."""
         n = len(pfns)
-        pages = np.asarray(pages)
-        if pages.dtype != np.uint8 or pages.shape != (n, PAGE_SIZE):
-            raise ValueError(
-                f"pages must be uint8 of shape ({n}, {PAGE_SIZE}), got {pages.dtype} {pages.shape}"
-            )
-        pages = np.ascontiguousarray(pages)
+        pages = _page_rows(pages, n)
         pt = ffi.NULL
         if pagetable is not None:
             pt_arr = np.ascontiguousarray(pagetable, dtype=np.bool_)
@@ -157,6 +233,8 @@ class Compressor:
             pt,
             n,
             ffi.from_buffer("uint8_t[]", out),
+            ffi.from_buffer("uint8_t[]", self._zero) if len(self._zero) else ffi.NULL,
+            len(self._zero) * 8,
         )
         self._account(n, n * PAGE_SIZE, size)
         return size
@@ -164,6 +242,7 @@ class Compressor:
     def _account(self, pages: int, bytes_in: int, bytes_out: int) -> None:
         s = self.stats
         s.hits, s.misses, s.evictions = self.cache.hits, self.cache.misses, self.cache.evictions
+        s.zero_base = self.cache.zero_base
         s.pages += pages
         s.bytes_in += bytes_in
         s.bytes_out += bytes_out
@@ -241,6 +320,7 @@ class Decompressor:
     def _account(self, pages: int, bytes_in: int) -> None:
         s = self.stats
         s.hits, s.misses, s.evictions = self.cache.hits, self.cache.misses, self.cache.evictions
+        s.zero_base = self.cache.zero_base
         s.pages += pages
         s.bytes_in += bytes_in
         s.bytes_out += pages * PAGE_SIZE

@@ -78,7 +78,8 @@ ERROR_REASONS = {
     6: "delta offset {detail} not a multiple of 4",
     7: "delta offset {detail} not above the previous delta's in this page",
     8: "delta (offset {detail}) not preceded by BEGIN_PAGE",
-    9: "delta-encoded page but pfn {detail:#x} has no base in the cache",
+    # 9 retired: "delta page for a pfn with no base in the cache". Such a page
+    # now decodes against a zero page (codec.py, "zero base"); 9 stays unused.
     10: "more pages in the data than the {detail} pfns listed",
     11: "zero-length marker {detail:#04x} inside a page",
     12: "RUN ends at byte {detail}, past the end of the page",

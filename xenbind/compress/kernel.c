@@ -18,6 +18,19 @@
  * these operations in exactly the same order, page by page, so the mirror
  * equals the sender's cache, slot for slot.
  *
+ * Zero base (both codecs): a pfn the cache does not hold (a miss) may still
+ * be sent as a delta page (seed BEGIN_PAGE + deltas, xen 0x00 or markers);
+ * its base is then an all-zero page. The sender does so only for a pfn its
+ * known-zero bitmap `zknown` marks (last sent whole in Format A, all zero,
+ * and not sent in Format B since: the receiver, Xen's too, holds zeros
+ * there), and only when the delta is smaller than the page sent whole. The
+ * decoder needs no bitmap: a delta page for a missing pfn is decoded against
+ * zeros, then the pfn is inserted as any miss (free slot or evicted tail),
+ * exactly as the sender did. zero_base counts such pages on both sides.
+ * zknown is bit-packed (bit pfn & 7 of byte pfn >> 3), zbits bits long;
+ * pfns >= zbits are unknown. xb_note_raw keeps it for pages sent whole in
+ * Format A; xb_encode clears the bit of every pfn it encodes.
+ *
  * Codec ids: XB_SEED = 1, XB_XEN = 2 (layouts in xenbind/compress/formats.py,
  * repeated beside the functions below).
  *
@@ -65,7 +78,8 @@ enum {
     XB_E_MISALIGNED = 6,        /* seed: offset not a multiple of 4 */
     XB_E_NOT_ASCENDING = 7,     /* seed: offsets in a page not strictly increasing */
     XB_E_DELTA_OUTSIDE = 8,     /* seed: delta not preceded by BEGIN_PAGE */
-    XB_E_NO_BASE = 9,           /* delta page for a pfn the cache does not hold */
+    /* 9 is retired (was "delta page for a pfn the cache does not hold": such a
+     * page now decodes against a zero page); the number stays unused */
     XB_E_TOO_MANY_PAGES = 10,   /* more pages in the blob than pfns given */
     XB_E_ZERO_LENGTH = 11,      /* xen: zero-length marker inside a page */
     XB_E_RUN_PAST_END = 12,     /* xen: RUN beyond byte 4096 of the page */
@@ -436,6 +450,68 @@ static size_t xen_delta(const uint8_t *page, uint8_t *old, uint8_t *dst)
     return o;
 }
 
+/* ------------------------------------------------------------ zero base */
+
+/* 1 if the 4096 bytes at p are all zero. Exits at the first non-zero word
+ * of the first line, else at the first non-zero 128-byte block: a page of
+ * data costs one load, only a zero page is read whole. */
+static inline int page_is_zero(const uint8_t *p)
+{
+    if (ld32(p) != 0)
+        return 0;
+#if defined(__SSE2__)
+    const __m128i z = _mm_setzero_si128();
+    for (uint32_t k = 0; k < XB_PAGE; k += 128) {
+        const __m128i *q = (const __m128i *)(p + k);
+        __m128i a = _mm_or_si128(_mm_or_si128(_mm_loadu_si128(q), _mm_loadu_si128(q + 1)),
+                                 _mm_or_si128(_mm_loadu_si128(q + 2), _mm_loadu_si128(q + 3)));
+        __m128i b = _mm_or_si128(_mm_or_si128(_mm_loadu_si128(q + 4), _mm_loadu_si128(q + 5)),
+                                 _mm_or_si128(_mm_loadu_si128(q + 6), _mm_loadu_si128(q + 7)));
+        if (_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_or_si128(a, b), z)) != 0xFFFF)
+            return 0;
+    }
+    return 1;
+#else
+    for (uint32_t k = 0; k < XB_PAGE; k += 64) {
+        uint64_t w[8];
+        memcpy(w, p + k, 64);
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7])
+            return 0;
+    }
+    return 1;
+#endif
+}
+
+static inline int zk_test(const uint8_t *zk, uint64_t zbits, uint64_t pfn)
+{
+    return zk && pfn < zbits && ((zk[pfn >> 3] >> (pfn & 7)) & 1);
+}
+
+static inline void zk_set(uint8_t *zk, uint64_t zbits, uint64_t pfn, int on)
+{
+    if (zk && pfn < zbits) {
+        uint8_t bit = (uint8_t)(1u << (pfn & 7));
+        zk[pfn >> 3] = on ? (uint8_t)(zk[pfn >> 3] | bit) : (uint8_t)(zk[pfn >> 3] & ~bit);
+    }
+}
+
+/*
+ * n pages were sent whole in Format A (row i for pfns[i], in order): mark
+ * each pfn < zbits known zero if its page is all zero, clear it otherwise.
+ * Returns how many of the pages were all zero.
+ */
+size_t xb_note_raw(uint8_t *zknown, uint64_t zbits, const uint64_t *pfns, const uint8_t *pages,
+                   size_t n)
+{
+    size_t zeros = 0;
+    for (size_t i = 0; i < n; i++) {
+        int z = page_is_zero(pages + i * (size_t)XB_PAGE);
+        zeros += (size_t)z;
+        zk_set(zknown, zbits, pfns[i], z);
+    }
+    return zeros;
+}
+
 /* worst-case bytes per page of each codec's encoding */
 size_t xb_max_encoded(int codec)
 {
@@ -446,10 +522,13 @@ size_t xb_max_encoded(int codec)
  * Encode n pages (rows of `pages`, pfn pfns[i], page-table flag pt[i] or
  * pt == NULL) into out, which holds at least n * xb_max_encoded(codec)
  * bytes. Returns the number of bytes written. Every page leaves the cache
- * holding its new contents at the head.
+ * holding its new contents at the head. zknown/zbits: the known-zero bitmap
+ * (NULL/0: none); a miss whose bit is set and that is no page table is
+ * encoded against a zero page when that is smaller than the page whole; the
+ * bit of every pfn encoded is cleared (it is in the cache now).
  */
 size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pages,
-                 const uint8_t *pt, size_t n, uint8_t *out)
+                 const uint8_t *pt, size_t n, uint8_t *out, uint8_t *zknown, uint64_t zbits)
 {
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
@@ -457,7 +536,21 @@ size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pa
         int hit;
         uint32_t s = cache_get(c, pfns[i], &hit);
         uint8_t *old = c->data + (size_t)s * XB_PAGE;
-        if (!hit || (pt && pt[i])) {
+        int zero = !hit && zk_test(zknown, zbits, pfns[i]);
+        zk_set(zknown, zbits, pfns[i], 0);
+        if (zero && !(pt && pt[i])) {
+            /* a miss the receiver holds as zeros: a delta against a zero
+             * page, or the page whole when the delta is not smaller (seed:
+             * more than 682 words; xen: 4097 bytes or more) */
+            memset(old, 0, XB_PAGE);
+            size_t k = codec == XB_SEED ? seed_delta(page, old, out + o)
+                                        : xen_delta(page, old, out + o);
+            if (codec == XB_XEN && k >= XEN_FULL_SIZE)
+                k = xen_full(page, out + o);   /* old already holds the page */
+            if (codec == XB_SEED ? k < SEED_FULL_SIZE : k < XEN_FULL_SIZE)
+                c->zero_base++;
+            o += k;
+        } else if (!hit || (pt && pt[i])) {
             memcpy(old, page, XB_PAGE);
             o += codec == XB_SEED ? seed_full(page, out + o) : xen_full(page, out + o);
         } else {
@@ -546,8 +639,6 @@ static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uin
         }
         /* BEGIN_PAGE: validate the deltas up to the next marker or the end */
         uint32_t s = cache_find(c, pfns[i]);
-        if (s == XB_NIL)
-            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
         size_t q = pos + SEED_REC;
         int32_t prev = -1;
         while (q < len) {
@@ -568,12 +659,20 @@ static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uin
             prev = d;
             q += SEED_REC;
         }
-        /* apply */
+        /* apply: to the cached copy (a hit) or to a zero page in the slot a
+         * miss takes (the zero base) */
+        if (s != XB_NIL) {
+            cache_touch(c, s);
+            c->hits++;
+        } else {
+            c->misses++;
+            c->zero_base++;
+            s = cache_insert(c, pfns[i]);
+            memset(c->data + (size_t)s * XB_PAGE, 0, XB_PAGE);
+        }
         uint8_t *base = c->data + (size_t)s * XB_PAGE;
         for (size_t r = pos + SEED_REC; r < q; r += SEED_REC)
             memcpy(base + get16(in + r), in + r + 2, 4);
-        cache_touch(c, s);
-        c->hits++;
         page_out(dst, base);
         pos = q;
         i++;
@@ -599,10 +698,17 @@ static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint
             i++;
             continue;
         }
+        /* a hit decodes in its slot; a miss against a zero page on the
+         * stack, which enters the cache only once the page is valid */
         uint32_t s = cache_find(c, pfns[i]);
-        if (s == XB_NIL)
-            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
-        uint8_t *base = c->data + (size_t)s * XB_PAGE;
+        uint8_t zpage[XB_PAGE];
+        uint8_t *base;
+        if (s != XB_NIL) {
+            base = c->data + (size_t)s * XB_PAGE;
+        } else {
+            memset(zpage, 0, XB_PAGE);
+            base = zpage;
+        }
         size_t q = pos;
         if (m == XEN_EMPTY_PAGE) {
             q++;
@@ -659,8 +765,16 @@ static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint
                 return fail(e, code, q, i, detail);
             }
         }
-        cache_touch(c, s);
-        c->hits++;
+        if (s != XB_NIL) {
+            cache_touch(c, s);
+            c->hits++;
+        } else {
+            c->misses++;
+            c->zero_base++;
+            s = cache_insert(c, pfns[i]);
+            memcpy(c->data + (size_t)s * XB_PAGE, zpage, XB_PAGE);
+            base = c->data + (size_t)s * XB_PAGE;
+        }
         page_out(dst, base);
         pos = q;
         i++;

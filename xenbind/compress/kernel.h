@@ -19,6 +19,7 @@ typedef struct {
     uint64_t hits;
     uint64_t misses;
     uint64_t evictions;
+    uint64_t zero_base;   /* misses sent/received as deltas against a zero page */
 } xb_cache;
 
 typedef struct {
@@ -31,6 +32,8 @@ typedef struct {
 size_t xb_max_encoded(int codec);
 int64_t xb_cache_slot(const xb_cache *c, uint64_t pfn);
 size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pages,
-                 const uint8_t *pt, size_t n, uint8_t *out);
+                 const uint8_t *pt, size_t n, uint8_t *out, uint8_t *zknown, uint64_t zbits);
+size_t xb_note_raw(uint8_t *zknown, uint64_t zbits, const uint64_t *pfns, const uint8_t *pages,
+                   size_t n);
 int64_t xb_decode(xb_cache *c, int codec, const uint8_t *in, size_t len, const uint64_t *pfns,
                   size_t npfns, uint8_t *out, size_t max_pages, xb_error *e);

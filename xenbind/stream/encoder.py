@@ -297,6 +297,12 @@ class StreamWriter:
 
     Each ``pages`` call in Format B flushes its own page buffer at its end.
     ``heartbeat()``, ``tsc_info()`` may be called between any two calls.
+
+    With a codec, the compressor exists from the first Format A body on and
+    is told of every page sent whole there (``Compressor.note_sent_raw``;
+    entries without data: ``forget_raw``), so a later cache miss on a PFN
+    the receiver holds as zeros can travel as a delta against a zero page
+    (docs/codecs.md, "zero base").
     """
 
     def __init__(
@@ -314,7 +320,7 @@ class StreamWriter:
         self.buffer_pages = buffer_pages
         self.index = 0  # the checkpoint being written
         self.format = "A"
-        self._compressor: PageCompressor | None = None
+        self._compressor = None  # xenbind.compress.Compressor, made on first use
         self._last = False
 
     def header(self) -> bytes:
@@ -324,7 +330,15 @@ class StreamWriter:
     def codec_stats(self):
         """The Format B compressor's running totals (``CodecStats``: cache
         hits/misses, pages, bytes), or None before the first Format B body."""
-        return None if self._compressor is None else self._compressor.stats
+        return None if self._compressor is None or self.format == "A" else self._compressor.stats
+
+    def _codec(self):
+        """The session's Compressor (codec "xen" or "seed"), made on first use."""
+        if self._compressor is None:
+            from ..compress import Compressor
+
+            self._compressor = Compressor(self.codec, self.cache_pages, known_pfns=self.p2m_size)
+        return self._compressor
 
     def _check_open(self) -> None:
         if self._last:
@@ -336,12 +350,19 @@ class StreamWriter:
         """Page chunks for the current body (Format A or B as the stream stands)."""
         self._check_open()
         if self.format == "A":
-            return encode_body_a(pfns, pages, types)
-        if self._compressor is None:
-            from ..compress import Compressor
-
-            self._compressor = Compressor(self.codec, self.cache_pages)
-        return list(encode_body_b(pfns, pages, self._compressor, self.buffer_pages, types))
+            out = encode_body_a(pfns, pages, types)  # checks the arguments
+            if self.codec != "none":
+                # what the receiver now holds whole: known zeros for the codec
+                pfns = np.asarray(pfns).astype(np.uint64, copy=False)
+                comp = self._codec()
+                if types is None:
+                    comp.note_sent_raw(pfns, pages)
+                else:
+                    has_data = TYPE_HAS_DATA[np.asarray(types)]
+                    comp.note_sent_raw(pfns[has_data], pages)
+                    comp.forget_raw(pfns[~has_data])
+            return out
+        return list(encode_body_b(pfns, pages, self._codec(), self.buffer_pages, types))
 
     def tsc_info(self, mode: int, nsec: int, khz: int, incarnation: int) -> bytes:
         return encode_tsc_info(mode, nsec, khz, incarnation)
