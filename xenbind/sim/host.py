@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import selectors
 import signal
@@ -264,6 +265,7 @@ class Host:
             fd = os.open(mem, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 os.posix_fallocate(fd, 0, pages * PAGE_SIZE)
+                _scrub(fd, pages * PAGE_SIZE)
             finally:
                 os.close(fd)
             _unlink(L.path(self.dir, domid, "out"))
@@ -348,6 +350,25 @@ def _read_text(p: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+#: madvise(2) MADV_POPULATE_WRITE (Linux 5.14): fault a range in, writable
+MADV_POPULATE_WRITE = 23
+
+
+def _scrub(fd: int, length: int) -> None:
+    """Fault every page of a new domain's memory in, zeroed, as Xen hands a
+    new domain scrubbed pages: fallocate alone reserves tmpfs pages but zeroes
+    each at its first touch, which charged a new backup's allocation to the
+    receiver's initial copy (on a VM whose host reclaims free memory, 0.6 to
+    over 2 s per GiB). A kernel without MADV_POPULATE_WRITE keeps the lazy way."""
+    mm = mmap.mmap(fd, length, mmap.MAP_SHARED)
+    try:
+        mm.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        pass
+    finally:
+        mm.close()
 
 
 def _unlink(p: str) -> None:
