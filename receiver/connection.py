@@ -81,6 +81,8 @@ from .staging import Staging
 log = logging.getLogger("receiver")
 
 RECV_SIZE = 1 << 20  # bytes read per recv
+#: an item with at least this much still to come is received into the decoder's buffer
+DIRECT_RECV_MIN = 64 << 10
 SOFTWARE = "remus-receiver 0.1.0"
 #: closing: how long and how much of the peer's input to drain (see _linger)
 LINGER_S = 0.2
@@ -383,8 +385,11 @@ class Connection:
                 raise _End("stalled", f"the initial copy made no progress for "
                            f"{self.cfg.stall_timeout:.0f} s")
             self.t.settimeout(wait)
+            # a batch's page data is received straight into the decoder's
+            # buffer for it (one copy of an initial copy's bytes fewer)
+            direct = self.decoder.get_buffer(DIRECT_RECV_MIN) if self.rs.passthrough else None
             try:
-                n = self.t.recv_into(buf)
+                n = self.t.recv_into(buf if direct is None else direct)
             except TimeoutError:
                 continue
             except OSError as e:
@@ -397,6 +402,10 @@ class Connection:
             # arrive completes no event until its end (seen in bench/e2e: a
             # false failover under load with the 500 ms timeout of 25 ms epochs)
             prot.life()
+            if direct is not None:
+                self.rs.streamed(n)
+                self._decode(self.decoder.buffer_updated, n)
+                continue
             try:
                 events = self.rs.feed(mv[:n])
             except ProtocolError as e:  # cannot happen after ACCEPT, but never crash
@@ -405,16 +414,19 @@ class Connection:
 
     def _consume(self, session_events: list) -> None:
         for sev in session_events:
-            if not isinstance(sev, StreamData):
-                continue
-            try:
-                events = self.decoder.feed(sev.data)
-            except MalformedStream as e:
-                self._handle(e.events)  # what arrived whole before the offending item
-                raise _End("violation", f"stream error at {e}") from None
-            except StreamError as e:
-                raise _End("violation", f"stream error at {e}") from None
-            self._handle(events)
+            if isinstance(sev, StreamData):
+                self._decode(self.decoder.feed, sev.data)
+
+    def _decode(self, step, arg) -> None:
+        """Run one decoder step (feed(data) or buffer_updated(n)) and handle its events."""
+        try:
+            events = step(arg)
+        except MalformedStream as e:
+            self._handle(e.events)  # what arrived whole before the offending item
+            raise _End("violation", f"stream error at {e}") from None
+        except StreamError as e:
+            raise _End("violation", f"stream error at {e}") from None
+        self._handle(events)
 
     def _eof(self) -> None:
         try:

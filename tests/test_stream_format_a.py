@@ -434,3 +434,63 @@ def test_encoder_rejects_misuse():
         encode_pages(np.array([1], np.uint64), np.zeros((1, PAGE), np.uint8), [6])
     with pytest.raises(ValueError):
         encode_header(0)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(format_a_streams(), st.integers(1, 5000), st.integers(0, 2**32 - 1))
+def test_direct_receive_into_get_buffer_gives_the_same_events(case, least, seed):
+    """A receiver that writes page data straight into the decoder's buffer
+    (get_buffer / buffer_updated, as recv_into would) and feeds everything
+    else in random pieces decodes exactly what feeding it all gives."""
+    p2m, s, plan = case
+    rng = np.random.default_rng(s)
+    w = StreamWriter(p2m)
+    bufs = [w.header()]
+    for i, rounds in enumerate(plan):
+        for pfns, types in rounds:
+            has = np.ones(len(pfns), bool) if types is None else np.isin(types, [13, 14, 15], invert=True)
+            bufs += w.pages(pfns, random_pages(rng, int(has.sum())), types)
+        bufs += w.end_checkpoint(CTX, last=i == len(plan) - 1)
+    data = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
+    whole = normal(decode(data, max_p2m_size=p2m)[0])
+    cut = np.random.default_rng(seed)
+    d = Decoder(max_p2m_size=p2m)
+    got: list = []
+    at = 0
+    while at < len(data):
+        piece = int(cut.integers(1, 9000))
+        view = d.get_buffer(least)
+        if view is not None:
+            assert len(view) >= least
+            k = min(piece, len(view), len(data) - at)
+            view[:k] = data[at:at + k]
+            got += d.buffer_updated(k)
+        else:
+            got += d.feed(data[at:at + piece])
+            k = min(piece, len(data) - at)
+        at += k
+    d.eof()
+    assert normal(got) == whole
+    fresh = Decoder()
+    view = fresh.get_buffer()
+    assert view is not None and len(view) == 8  # the header
+    with pytest.raises(ValueError):
+        fresh.buffer_updated(len(view) + 1)  # more than the view holds
+
+
+def test_get_buffer_offers_a_batch_page_data_whole():
+    """Once a batch's PFN list is in, get_buffer offers all its page data (the
+    receiver's recv_into target), and not while a chunk header is awaited."""
+    pfns = np.arange(16, dtype=np.uint64)
+    pages = np.full((16, PAGE), 9, np.uint8)
+    data = encode_header(64) + encode_pages(pfns, pages)
+    d = Decoder()
+    head = len(data) - 16 * PAGE
+    assert d.feed(data[:8]) == [Header(64)]
+    assert d.get_buffer(least=5) is None  # a 4-byte chunk type is awaited
+    d.feed(data[8:head])
+    view = d.get_buffer(least=64 << 10)
+    assert view is not None and len(view) == 16 * PAGE
+    view[:] = data[head:]
+    (batch_pages,) = d.buffer_updated(len(view))
+    assert np.array_equal(batch_pages.data, pages)

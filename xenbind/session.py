@@ -442,6 +442,20 @@ class ReceiverSession:
             return []
         return self._parse_hello()
 
+    @property
+    def passthrough(self) -> bool:
+        """Streaming with nothing held back: stream bytes may go to the stream
+        decoder without ``feed`` (count them with ``streamed``)."""
+        return self.state == "streaming" and not self._in.buf
+
+    def streamed(self, n: int) -> None:
+        """``n`` stream bytes went to the decoder directly (``passthrough``)."""
+        if not self.passthrough:
+            raise ProtocolError(f"streamed() in state {self.state} with "
+                                f"{len(self._in.buf)} bytes held back")
+        self.bytes_in += n
+        self._in.offset += n
+
     def _parse_hello(self) -> list:
         buf = self._in.buf
         # check the magic as far as it has arrived: fail fast on garbage

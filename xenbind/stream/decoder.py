@@ -304,6 +304,36 @@ class Decoder:
             self._events = []
         return events
 
+    # ------------------------------------------------------------ direct receive
+
+    def get_buffer(self, least: int = 1) -> memoryview | None:
+        """Where the next stream bytes may be written directly, skipping the
+        copy ``feed`` makes (asyncio's BufferedProtocol, without the I/O).
+
+        A writable view of the rest of the item being read, when the decoder
+        already holds a buffer of the item's whole length (a batch's page
+        data) and at least ``least`` bytes of it are still to come; else None.
+        The caller writes ``n`` bytes at the view's start (``recv_into``) and
+        calls ``buffer_updated(n)`` before any other call."""
+        if self._error is not None or self._closed:
+            return None
+        left = self._want - self._have
+        if left < max(1, least) or self._cap < self._want:
+            return None
+        return self._view[self._have : self._want]
+
+    def buffer_updated(self, n: int) -> list[ev.Event]:
+        """``n`` bytes were written at the start of the view ``get_buffer``
+        returned: the events they complete (as ``feed`` returns them)."""
+        if self._error is not None:
+            raise _again(self._error)
+        if not 0 <= n <= min(self._want, self._cap) - self._have:
+            raise ValueError(f"buffer_updated({n}) with {self._want - self._have} bytes of the "
+                             "item to come")
+        self._have += n
+        self.received += n
+        return self.feed(b"")
+
     def eof(self) -> None:
         """The stream ended. Quiet if it ended between checkpoints; otherwise
         ``TruncatedStream`` saying where and which checkpoint is torn.
