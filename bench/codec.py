@@ -1,6 +1,6 @@
 """Codec benchmark: throughput and size of the checkpoint codecs per change pattern.
 
-    python -m bench.codec [--quick] [--pages N] [--reps R] [--json PATH]
+    python -m bench.codec [--quick] [--pages N] [--reps R] [--json PATH] [--zero-only]
 
 For each page-change pattern (unchanged, 1 word, 16 scattered words, one
 256-byte run, half the words scattered, all words, cache miss) and each codec
@@ -9,6 +9,13 @@ a full sender buffer): encode and decode throughput in MB/s of page data
 (median of R repetitions), compressed size and ratio. Beside them, in the same
 run: a numpy copy of the same bytes (memcpy bandwidth), and zlib level 1,
 zstd level 1 and lz4 over the raw new pages and over old XOR new.
+
+A last line measures the zero test the sender runs on every page of the
+initial copy (Compressor.note_sent_raw, for the zero base): over 1 GiB (quick:
+256 MiB) in 16 MiB slices, each slice first copied into a reused buffer (the
+gather of initial_copy, which leaves it hot in the cache; that copy is the
+same-run baseline), once with zero pages (read whole) and once with random
+pages (one word read each).
 
 Times are taken on two clocks: this thread's CPU time (the table; stable on
 a shared, loaded machine) and wall time (in the JSON beside it).
@@ -236,6 +243,55 @@ def bench_generic(data: bytes, reps: int) -> dict:
     return res
 
 
+#: initial_copy's slice: 16 MiB gathered, then sent (and zero-tested)
+ZERO_SLICE_PAGES = 4096
+
+
+def bench_zero_test(total_pages: int, reps: int) -> dict:
+    """Compressor.note_sent_raw over ``total_pages`` in 16 MiB slices, beside
+    the copy that brings each slice in (the gather it follows)."""
+    rng = np.random.default_rng(5)
+    src = {
+        "zero": np.zeros((ZERO_SLICE_PAGES, PAGE_SIZE), np.uint8),
+        "random": rng.integers(0, 256, (ZERO_SLICE_PAGES, PAGE_SIZE), dtype=np.uint8),
+    }
+    src["zero"].fill(0)  # real memory, not the kernel's shared zero page
+    buf = np.empty((ZERO_SLICE_PAGES, PAGE_SIZE), np.uint8)
+    buf.fill(1)
+    slices = max(1, total_pages // ZERO_SLICE_PAGES)
+    out: dict = {"pages": slices * ZERO_SLICE_PAGES, "slice_pages": ZERO_SLICE_PAGES}
+    for kind, data in src.items():
+        comp = Compressor("seed", 1, known_pfns=slices * ZERO_SLICE_PAGES)
+        per_rep = []
+        for _ in range(reps):
+            test = [0.0, 0.0]
+            copy = [0.0, 0.0]
+            zeros = 0
+            for k in range(slices):
+                pfns = np.arange(k * ZERO_SLICE_PAGES, (k + 1) * ZERO_SLICE_PAGES, dtype=np.uint64)
+                clk = Clock()
+                np.copyto(buf, data)  # the gather stand-in: leaves the slice hot
+                w, c = clk.stop()
+                copy[0] += w
+                copy[1] += c
+                clk = Clock()
+                zeros += comp.note_sent_raw(pfns, buf)
+                w, c = clk.stop()
+                test[0] += w
+                test[1] += c
+            if zeros != (slices * ZERO_SLICE_PAGES if kind == "zero" else 0):
+                raise AssertionError(f"zero test: {zeros} zero pages among {kind} pages")
+            per_rep.append((test, copy))
+        res = {}
+        for clock, name in ((1, "cpu"), (0, "wall")):
+            t = statistics.median(r[0][clock] for r in per_rep)
+            cp = statistics.median(r[1][clock] for r in per_rep)
+            res[name] = {"test_s": t, "copy_s": cp, "test_vs_copy": t / cp if cp else 0.0,
+                         "test_MBps": out["pages"] * PAGE_SIZE / t / MB if t else 0.0}
+        out[kind] = res
+    return out
+
+
 def run(pages: int, reps: int, generic_pages: int) -> dict:
     rng = np.random.default_rng(20110624)
     old = rng.integers(0, 256, (pages, PAGE_SIZE), dtype=np.uint8)
@@ -266,6 +322,21 @@ def run(pages: int, reps: int, generic_pages: int) -> dict:
         results["patterns"][pattern] = row
     results["targets"] = check_targets(results)
     return results
+
+
+def print_zero_test(z: dict) -> None:
+    print(
+        f"\nzero test of the initial copy (Compressor.note_sent_raw, zero base): "
+        f"{z['pages'] * PAGE_SIZE / 2**30:.2f} GiB in {z['slice_pages'] * PAGE_SIZE >> 20} MiB "
+        "slices, each right after the copy that brings it in (median of the runs, CPU clock)"
+    )
+    for kind in ("zero", "random"):
+        t = z[kind]["cpu"]
+        print(
+            f"  {kind:<6} pages: {t['test_s'] * 1e3:8.1f} ms ({t['test_MBps']:7.0f} MB/s), "
+            f"the copy of the same slices {t['copy_s'] * 1e3:7.1f} ms: "
+            f"{t['test_vs_copy']:.3f} x the copy"
+        )
 
 
 def check_targets(results: dict) -> dict:
@@ -360,15 +431,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", type=int, help="pages per batch (default 8192, quick 2048)")
     ap.add_argument("--reps", type=int, help="repetitions (default 5, quick 2)")
     ap.add_argument("--json", default="bench/results/codec.json", help="where to write the JSON")
+    ap.add_argument("--zero-only", action="store_true", help="only the zero test line")
     args = ap.parse_args(argv)
     pages = args.pages or (2048 if args.quick else 8192)
     reps = args.reps or (2 if args.quick else 5)
+    zero_pages = (1 << 16) if args.quick else (1 << 18)  # 256 MiB / 1 GiB
+    if args.zero_only:
+        z = bench_zero_test(zero_pages, reps)
+        print_zero_test(z)
+        print(json.dumps(z, indent=1))
+        return 0
     res = run(pages, reps, generic_pages=min(pages, 1024 if args.quick else 2048))
+    res["zero_test"] = bench_zero_test(zero_pages, reps)
     try:
         res["loadavg_1min_after"] = os.getloadavg()[0]
     except OSError:
         res["loadavg_1min_after"] = None
     print_table(res)
+    print_zero_test(res["zero_test"])
     print(f"\nload average (1 min) at the end: {res['loadavg_1min_after']} on {os.cpu_count()} cpus")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
