@@ -5,8 +5,9 @@ Public API (used by xenbind.stream and the daemons):
     from xenbind.compress import Compressor, Decompressor, CODECS, DEFAULT_CACHE_PAGES
     CODECS == ("seed", "xen", "none"); DEFAULT_CACHE_PAGES == 8192
     Compressor(codec, cache_pages=8192).compress(pfns, pages, pagetable=None) -> bytes
+    Compressor.note_sent_raw(pfns, pages)  pages sent whole in Format A (zero base)
     Decompressor(codec, cache_pages=8192).decompress(data, pfns) -> (k, 4096) uint8
-    .stats (CodecStats: hits, misses, evictions, pages, bytes_in, bytes_out)
+    .stats (CodecStats: hits, misses, evictions, pages, bytes_in, bytes_out, zero_base)
 
 Modules:
     formats   the byte layouts of codecs "seed" and "xen", their constants
