@@ -26,6 +26,9 @@ from xenbind.errors import ConfigError
 from xenbind.service import add_control_group_argument
 from xenbind.transport import parse_hostport
 
+#: seconds remusd waits for the receiver's answer to its HELLO (--accept-timeout)
+DEFAULT_ACCEPT_TIMEOUT = 120.0
+
 #: The codecs remusd offers (xenbind.compress.CODECS; a test checks they agree).
 CODEC_NAMES = ("seed", "xen", "none")
 #: The default codec: xen, from bench/e2e's figures (docs/performance.md): a
@@ -237,7 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="declare the backup gone when a checkpoint is not acknowledged within "
                         "SEC seconds (default 2.0); the guest then runs unprotected")
     t.add_argument("--connect-timeout", metavar="SEC", type=_positive(float), default=5.0,
-                   help="TCP connect and handshake timeout (default 5.0)")
+                   help="TCP connect timeout, and the longest silence of the receiver during "
+                        "the handshake (default 5.0)")
+    t.add_argument("--accept-timeout", metavar="SEC", type=_positive(float),
+                   default=DEFAULT_ACCEPT_TIMEOUT,
+                   help="how long to wait for the receiver to accept a session: it builds the "
+                        "backup domain (allocating all its memory) before it answers, which "
+                        f"takes seconds for a large guest (default {DEFAULT_ACCEPT_TIMEOUT:g})")
     t.add_argument("--retry-min", metavar="SEC", type=_positive(float), default=0.5,
                    help="first delay before reconnecting to a lost backup (default 0.5); "
                         "doubles on each failure")

@@ -38,7 +38,7 @@ from xenbind import session as sp
 from xenbind.errors import ProtocolError, RemusError
 from xenbind.transport import PlainTransport, Transport
 
-from .config import Target
+from .config import DEFAULT_ACCEPT_TIMEOUT, Target
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,13 @@ class NetLink(Link):
     kind = "tcp"
 
     def __init__(self, target: Target, hello: sp.Hello, *, connect_timeout: float,
-                 io_timeout: float,
+                 io_timeout: float, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
                  connect: Callable[[str, int, float], Transport] | None = None) -> None:
         self.target = target
         self.hello = hello
         self.connect_timeout = connect_timeout
+        #: the receiver answers the HELLO once it has built the backup domain
+        self.accept_timeout = accept_timeout
         self.io_timeout = io_timeout
         self._connect = connect or (lambda h, p, t: PlainTransport.connect(h, p, timeout=t))
         self.t: Transport | None = None
@@ -156,13 +158,14 @@ class NetLink(Link):
             raise LinkDown(f"cannot connect to {self.target}: {e.strerror or e}") from None
         self.session = sp.SenderSession(self.hello)
         self.t.settimeout(self.connect_timeout)
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = time.monotonic() + self.accept_timeout
         try:
             self.t.sendall(self.session.hello())
             while self.accept is None:
                 if time.monotonic() > deadline:
-                    raise LinkDown(f"{self.target} did not answer the handshake within "
-                                   f"{self.connect_timeout} s")
+                    raise LinkDown(f"{self.target} did not answer the HELLO within "
+                                   f"{self.accept_timeout} s (--accept-timeout; it builds the "
+                                   "backup domain before it answers)")
                 for ev in self._read():
                     if isinstance(ev, sp.Refused):
                         raise Refused(ev.refuse.code, ev.refuse.reason)
@@ -325,7 +328,7 @@ class NetLink(Link):
 
 
 def make_link(target: Target, hello: sp.Hello, *, connect_timeout: float,
-              io_timeout: float,
+              io_timeout: float, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
               connect: Callable[[str, int, float], Transport] | None = None) -> Link:
     """``connect(host, port, timeout)`` makes the transport (remusd's choice at
     start: ``xenbind.tls.TlsClient.connect`` or, with --insecure,
@@ -333,4 +336,4 @@ def make_link(target: Target, hello: sp.Hello, *, connect_timeout: float,
     if target.kind == "file":
         return FileLink(os.path.abspath(target.path))
     return NetLink(target, hello, connect_timeout=connect_timeout, io_timeout=io_timeout,
-                   connect=connect)
+                   accept_timeout=accept_timeout, connect=connect)

@@ -129,6 +129,7 @@ class Tuning:
     def __init__(self, args) -> None:
         self.ack_timeout = float(args.ack_timeout)
         self.connect_timeout = float(args.connect_timeout)
+        self.accept_timeout = float(args.accept_timeout)
         self.retry_min = float(args.retry_min)
         self.retry_max = float(args.retry_max)
         self.precopy_rounds = int(args.precopy_rounds)
@@ -369,7 +370,8 @@ class Protector:
         hello = self._hello()
         interval = self.req.interval_ms / 1000.0
         link = make_link(self.req.target, hello, connect_timeout=t.connect_timeout,
-                         io_timeout=max(t.ack_timeout, interval), connect=t.connect)
+                         io_timeout=max(t.ack_timeout, interval),
+                         accept_timeout=t.accept_timeout, connect=t.connect)
         link.open()
         self._set("initial-copy")
         try:
