@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from xenbind import tls
 from xenbind.compress import MAX_CACHE_PAGES
 from xenbind.errors import ConfigError
-from xenbind.service import add_control_group_argument, parse_args_with_config
+from xenbind.service import add_daemon_arguments, parse_args_with_config
 from xenbind.transport import parse_hostport
 
 from .rename import check_suffix
@@ -154,17 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="address to listen on for remusd sessions (port 0: any free port; the "
                         "log line 'listening on HOST:PORT' and `status` name it)")
-    p.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG,
-                   help=f"TOML configuration file (default {DEFAULT_CONFIG}; may be absent)")
-    p.add_argument("--control", metavar="PATH", default=DEFAULT_CONTROL,
-                   help=f"control socket, owner-only (default {DEFAULT_CONTROL})")
-    p.add_argument("--sim-dir", metavar="DIR",
-                   help="use the simulated host whose directory is DIR instead of Xen")
-    p.add_argument("--insecure", action="store_true",
-                   help="accept plaintext TCP sessions instead of TLS (unauthenticated: "
-                        "anyone who reaches the port can write into backups; a warning is "
-                        "logged at every session)")
-    add_control_group_argument(p)
+    add_daemon_arguments(
+        p, config=DEFAULT_CONFIG, control=DEFAULT_CONTROL,
+        insecure_help="accept plaintext TCP sessions instead of TLS (unauthenticated: anyone "
+                      "who reaches the port can write into backups; a warning is logged at "
+                      "every session)")
     p.add_argument("--failover-timeout", metavar="MS", type=_non_negative_int, default=0,
                    help="fail over this long after the last checkpoint or heartbeat (default 0: "
                         f"per session, {FAILOVER_FACTOR} x max(interval, heartbeat) + "

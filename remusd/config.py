@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from xenbind import tls
 from xenbind.errors import ConfigError
-from xenbind.service import add_control_group_argument
+from xenbind.service import add_daemon_arguments
 from xenbind.transport import parse_hostport
 
 #: seconds remusd waits for the receiver's answer to its HELLO (--accept-timeout)
@@ -210,16 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="remusd", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE",
-                   help=f"TOML configuration file (default {DEFAULT_CONFIG}, used if it exists)")
-    p.add_argument("--control", metavar="PATH", default=DEFAULT_CONTROL,
-                   help=f"control socket remusctl talks to, mode 0600 (default {DEFAULT_CONTROL})")
-    p.add_argument("--sim-dir", metavar="DIR",
-                   help="use the simulated host whose directory is DIR instead of Xen")
-    p.add_argument("--insecure", action="store_true",
-                   help="use a plaintext (unauthenticated, unencrypted) replication link instead "
-                        "of TLS; a warning is logged at every session")
-    add_control_group_argument(p)
+    add_daemon_arguments(
+        p, config=DEFAULT_CONFIG, control=DEFAULT_CONTROL,
+        insecure_help="use a plaintext (unauthenticated, unencrypted) replication link instead "
+                      "of TLS; a warning is logged at every session")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default info)")
     g = p.add_argument_group("defaults for protected domains (remusctl protect may override)")

@@ -576,6 +576,22 @@ class ControlServer:
             self._thread.join(timeout=2)
 
 
+def add_daemon_arguments(parser: argparse.ArgumentParser, *, config: str, control: str,
+                         insecure_help: str) -> None:
+    """The options both daemons have: --config (``config`` used if it exists),
+    --control (default ``control``), --sim-dir, --insecure (what plaintext means
+    for this daemon: ``insecure_help``) and --control-group."""
+    parser.add_argument("--config", metavar="FILE", default=config,
+                        help=f"TOML configuration file (default {config}, used if it exists)")
+    parser.add_argument("--control", metavar="PATH", default=control,
+                        help=f"control socket remusctl talks to (default {control}; mode 0600, "
+                             "0660 with --control-group)")
+    parser.add_argument("--sim-dir", metavar="DIR",
+                        help="use the simulated host whose directory is DIR instead of Xen")
+    parser.add_argument("--insecure", action="store_true", help=insecure_help)
+    add_control_group_argument(parser)
+
+
 def add_control_group_argument(parser: argparse.ArgumentParser) -> None:
     """``--control-group GROUP`` (TOML ``control-group``): who else may use the control socket."""
     parser.add_argument("--control-group", metavar="GROUP",
