@@ -348,6 +348,7 @@ def window(stack: Stack, name: str, seconds: float, every: float = 0.25, probe=N
     n = len(keep)
     hits = s1["cache_hits"] - s0["cache_hits"]
     misses = s1["cache_misses"] - s0["cache_misses"]
+    zero_base = s1.get("cache_zero_base", 0) - s0.get("cache_zero_base", 0)
     page_bytes = sum(pages) * PAGE_SIZE
     return {
         "seconds": round(elapsed, 3),
@@ -359,6 +360,8 @@ def window(stack: Stack, name: str, seconds: float, every: float = 0.25, probe=N
         "wire_MBps": round(sum(nbytes) / elapsed / 1e6, 3),
         "ratio": round(page_bytes / sum(nbytes), 2) if sum(nbytes) else None,
         "cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+        # misses sent as deltas against a zero page (the receiver held the PFN as zeros)
+        "zero_base_per_checkpoint": round(zero_base / n, 3) if n else None,
         "cpu_percent": {k: round(100 * (c1[k] - c0[k]) / elapsed, 1) for k in c0},
         "timeline": timeline,
         "pause_samples_ms": pause,
@@ -632,7 +635,7 @@ def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: flo
                 w = window(stack, name, seconds)
             ratio[workload][codec] = {k: w[k] for k in ("ratio", "cache_hit_rate", "checkpoints",
                                                         "dirty_pages", "bytes_per_checkpoint",
-                                                        "wire_MBps")}
+                                                        "wire_MBps", "zero_base_per_checkpoint")}
             stack.unprotect(name)
         if workload == "hotset":
             best = max((c for c in codecs if c != "none"),
@@ -817,16 +820,18 @@ def print_table(r: dict) -> None:
                   f"{hit:>6} {cpu['remusd']:>6.0f}% {cpu['receiver']:>5.0f}% "
                   f"{cpu['primary_host']:>8.0f}% {cpu['backup_host']:>7.0f}%")
     if "ratio" in r:
-        print("\ncompression on the wire (page bytes / bytes sent), cache hit rate; interval "
-              f"{RATE_INTERVAL_MS} ms")
+        print("\ncompression on the wire (page bytes / bytes sent), cache hit rate, misses sent "
+              f"against a zero page per checkpoint; interval {RATE_INTERVAL_MS} ms")
         codecs = list(next(iter(r["ratio"].values())).keys())
-        print("  " + f"{'workload':<8}" + "".join(f" {c:>16}" for c in codecs))
+        print("  " + f"{'workload':<8}" + "".join(f" {c:>23}" for c in codecs))
         for wl, per in r["ratio"].items():
             cells = []
             for c in codecs:
                 x = per[c]
                 hit = "" if x["cache_hit_rate"] is None else f" {100 * x['cache_hit_rate']:.0f}%"
-                cells.append(f" {(x['ratio'] or 0):>9.1f}:1{hit:>5}")
+                zb = x.get("zero_base_per_checkpoint")
+                zb = "" if zb is None or c == "none" else f" z{zb:.2f}"
+                cells.append(f" {(x['ratio'] or 0):>9.1f}:1{hit:>5}{zb:>7}")
             print(f"  {wl:<8}" + "".join(cells))
     if "cache" in r:
         c = r["cache"]

@@ -175,6 +175,7 @@ class Protector:
         self.history: deque[tuple[int, float, int, int]] = deque(maxlen=HISTORY)
         self.cache_hits = 0  # the compressor's page cache, this session
         self.cache_misses = 0
+        self.cache_zero_base = 0  # misses sent as deltas against a zero page (in misses too)
         self.started = time.monotonic()
         self._fault = faults.from_env()
         self._engaged = False  # log-dirty on / output plugged by the current session
@@ -243,6 +244,7 @@ class Protector:
                 "acked_digest": self.acked_digest,
                 "cache_hits": self.cache_hits,
                 "cache_misses": self.cache_misses,
+                "cache_zero_base": self.cache_zero_base,
             }
 
     # -- the thread --------------------------------------------------------------
@@ -480,6 +482,7 @@ class Protector:
                 cs = writer.codec_stats
                 if cs is not None:
                     self.cache_hits, self.cache_misses = cs.hits, cs.misses
+                    self.cache_zero_base = cs.zero_base
             if last:
                 return self._clean_end(link)
             next_t += interval
