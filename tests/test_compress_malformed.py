@@ -29,10 +29,19 @@ def delta(offset: int, value: int) -> bytes:
 
 
 def primed(codec: str) -> Decompressor:
-    """A receiver whose mirror holds pfn 1 (and not pfn 2)."""
+    """A receiver whose mirror holds pfn 1 (and not pfn 2 nor 3), and which
+    received pfn 3 all zero and pfn 2 non-zero in Format A: pfn 3 is known
+    zero (the zero base), pfn 2 has no base at all."""
     d = Decompressor(codec, 4)
     d.decompress((FULL if codec == "seed" else b"\x80") + OLD.tobytes(), np.array([1], np.uint64))
+    raw = np.zeros((2, PAGE), np.uint8)
+    raw[0, 4095] = 1
+    assert d.note_received_raw(np.array([2, 3], np.uint64), raw) == 1
+    assert d.known_zero_pfns().tolist() == [3]
     return d
+
+
+NO_BASE = r"delta page for pfn 0x2: not in the cache and not known to be zero$"
 
 
 SEED_BAD = [
@@ -49,19 +58,30 @@ SEED_BAD = [
     ("duplicate", BEGIN + delta(8, 0) + delta(8, 1), [1], 12, r"offset 8 not above"),
     ("delta first", delta(0, 5), [1], 0, r"not preceded by BEGIN_PAGE"),
     ("delta after full", FULL + RAW + delta(0, 1), [1, 1], 4102, r"not preceded by BEGIN_PAGE"),
-    # a delta page for a pfn not in the mirror decodes against a zero page
+    # a delta page for a pfn neither in the mirror nor known zero: error 9 at
+    # the page's first byte, before its deltas are looked at
+    ("no base", BEGIN, [2], 0, NO_BASE),
+    ("no base later", FULL + RAW + BEGIN + delta(0, 1), [1, 2], 4102, NO_BASE),
+    ("no base bad deltas", BEGIN + delta(2, 1), [2], 0, NO_BASE),
+    ("no base after zero base", BEGIN + delta(8, 1) + BEGIN, [3, 2], 12, NO_BASE),
+    # one for a known-zero pfn decodes against a zero page
     # (tests/test_compress_zero_base.py); malformed, it fails like any other
-    ("zero base descending", BEGIN + delta(8, 0) + delta(4, 0), [2], 12, r"offset 4 not above"),
-    ("zero base later", FULL + RAW + BEGIN + delta(2, 1), [1, 2], 4108,
+    ("zero base descending", BEGIN + delta(8, 0) + delta(4, 0), [3], 12, r"offset 4 not above"),
+    ("zero base later", FULL + RAW + BEGIN + delta(2, 1), [1, 3], 4108,
      r"delta offset 2 not a multiple of 4"),
     ("too many pages", BEGIN + BEGIN, [1], 6, r"more pages in the data than the 1 pfns"),
     ("cut delta", BEGIN + delta(8, 1) + b"\x00\x00\x00", [1], 12, r"truncated: 3 byte"),
 ]
 
 XEN_BAD = [
-    ("zero base past end", b"\x01abcd" + b"\xff" * 8 + b"\x88", [2], 13,
+    ("unchanged no base", b"\x00", [2], 0, NO_BASE),
+    ("runs no base", b"\x01abcd" + b"\xff" * 8 + b"\x87", [2], 0, NO_BASE),
+    ("bad runs no base", b"\x81\x00", [2], 0, NO_BASE),
+    ("no base after zero base", b"\x00\x00", [3, 2], 1, NO_BASE),
+    ("no base after hit", b"\x00\x01abcd", [1, 2], 1, NO_BASE),
+    ("zero base past end", b"\x01abcd" + b"\xff" * 8 + b"\x88", [3], 13,
      r"SKIP ends at byte 4100"),
-    ("zero base cut", b"\x00\x01abcd", [1, 2], 6, r"data ends inside a page \(4 of 4096"),
+    ("zero base cut", b"\x00\x01abcd", [1, 3], 6, r"data ends inside a page \(4 of 4096"),
     ("short full page", b"\x80" + RAW[:100], [1], 0, r"truncated full page: 100 of 4096"),
     ("zero skip inside", b"\x81\x80", [1], 1, r"zero-length marker 0x80"),
     ("zero run inside", b"\x81\x00", [1], 1, r"zero-length marker 0x00"),
@@ -84,7 +104,7 @@ XEN_BAD = [
     ids=[f"seed-{c[0]}" for c in SEED_BAD] + [f"xen-{c[0]}" for c in XEN_BAD],
 )
 def test_malformed_rejected(codec, case) -> None:
-    _, blob, pfns, offset, reason = case
+    name, blob, pfns, offset, reason = case
     d = primed(codec)
     before = d.cache.snapshot()
     with pytest.raises(CodecError) as exc:
@@ -96,6 +116,11 @@ def test_malformed_rejected(codec, case) -> None:
         after = d.cache.snapshot()
         assert before[0].tolist() == after[0].tolist()
         assert np.array_equal(before[1], after[1])
+    if name == "no base after zero base":
+        # the page before it decoded (pfn 3 against zeros): out of the set
+        assert d.known_zero_pfns().tolist() == [] and 3 in d.cache
+    else:  # pfn 3 never decoded whole: still known zero
+        assert d.known_zero_pfns().tolist() == [3]
     with pytest.raises(CodecError, match="out of step"):
         d.decompress(b"", np.array([], np.uint64))
 

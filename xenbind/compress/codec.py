@@ -6,6 +6,8 @@
     pages = d.decompress(blob, pfns)           # (k, 4096), k pages in blob
 
     c.note_sent_raw(pfns, pages)               # pages sent whole in Format A
+    d = Decompressor("xen", known_zero=z)      # z: the receiver's KnownZero (zero.py),
+    d.note_received_raw(pfns, pages)           #   kept from Format A as the sender keeps its
 
 Rules:
     - Both sides hold a PageCache of the same capacity and run the same LRU
@@ -22,9 +24,12 @@ Rules:
       an eviction the receiver holds whatever was last sent). Page-table
       pages stay whole; a zero-base page not smaller than the page whole is
       sent whole. Such a miss is still a miss for the LRU (free slot or
-      evicted tail). The Decompressor needs no knowledge of it: a delta page
-      for a PFN its mirror lacks is decoded against zeros, then cached as a
-      miss, exactly as the sender did. Xen's receiver (deltas applied to the
+      evicted tail). The Decompressor keeps the same set from what it
+      receives (note_received_raw / forget_raw, every PFN decoded leaves it):
+      a delta page for a PFN its mirror lacks is decoded against zeros only
+      when that PFN is in its set (then cached as a miss, exactly as the
+      sender did), and is refused otherwise (error 9: the two sides are out
+      of step, or the stream lies). Xen's receiver (deltas applied to the
       backup's memory, which holds those zeros) decodes it the same way.
     - decompress() returns k <= len(pfns) pages; a blob holding more pages
       than pfns given, or anything malformed, raises CodecError naming the
@@ -54,15 +59,14 @@ from xenbind.compress.formats import (
     ERROR_REASONS,
     MAX_ENCODED_PAGE,
     MIN_ENCODED_PAGE,
+    NO_BASE,
 )
+from xenbind.compress.zero import MAX_KNOWN_PFNS, KnownZero, _page_rows, _pfn_array
 from xenbind.errors import CodecError, ConfigError
 
+__all__ = ["CODECS", "MAX_KNOWN_PFNS", "CodecStats", "Compressor", "Decompressor", "KnownZero"]
+
 CODECS = ("seed", "xen", "none")
-
-#: PFNs the known-zero set can cover: the 28-bit PFN field of the stream
-#: (2^28 bits = 32 MiB of bitmap at most); PFNs above it are simply unknown.
-MAX_KNOWN_PFNS = 1 << 28
-
 
 @dataclass
 class CodecStats:
@@ -103,22 +107,6 @@ def _codec_id(codec: str) -> int:
     return CODEC_IDS[codec]
 
 
-def _pfn_array(pfns: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(pfns, dtype=np.uint64)
-    if a.ndim != 1:
-        raise ValueError(f"pfns must be one-dimensional, got shape {a.shape}")
-    return a
-
-
-def _page_rows(pages: np.ndarray, n: int) -> np.ndarray:
-    pages = np.asarray(pages)
-    if pages.dtype != np.uint8 or pages.shape != (n, PAGE_SIZE):
-        raise ValueError(
-            f"pages must be uint8 of shape ({n}, {PAGE_SIZE}), got {pages.dtype} {pages.shape}"
-        )
-    return np.ascontiguousarray(pages)
-
-
 class Compressor:
     """The sender's side: encodes batches of pages against its page cache.
 
@@ -133,17 +121,8 @@ class Compressor:
         self.cache = PageCache(cache_pages)
         self.stats = CodecStats()
         self._out = np.empty(0, dtype=np.uint8)
-        # the known-zero set: bit p set = the receiver holds PFN p as zeros
-        self._zero = np.zeros(0, dtype=np.uint8)
-        self._grow_known(min(max(0, int(known_pfns)), MAX_KNOWN_PFNS))
-
-    def _grow_known(self, bits: int) -> None:
-        """Make the known-zero bitmap cover PFNs below ``bits`` (capped)."""
-        nbytes = (min(bits, MAX_KNOWN_PFNS) + 7) // 8
-        if nbytes > len(self._zero):
-            grown = np.zeros(max(nbytes, min(2 * len(self._zero), MAX_KNOWN_PFNS // 8)), np.uint8)
-            grown[: len(self._zero)] = self._zero
-            self._zero = grown
+        #: PFNs the receiver holds as zeros (zero.py); read it, do not change it
+        self.zero = KnownZero(known_pfns)
 
     def note_sent_raw(self, pfns: np.ndarray, pages: np.ndarray) -> int:
         """Record pages sent whole in Format A (row i for pfns[i], in order):
@@ -151,34 +130,20 @@ class Compressor:
         page makes it unknown. Returns how many pages were all zero. The
         test stops at a page's first non-zero word; only zero pages are read
         whole."""
-        pfns = _pfn_array(pfns)
-        pages = _page_rows(pages, len(pfns))
-        if len(pfns):
-            self._grow_known(int(pfns.max()) + 1)
-        return int(
-            lib.xb_note_raw(
-                ffi.from_buffer("uint8_t[]", self._zero),
-                len(self._zero) * 8,
-                ffi.from_buffer("uint64_t[]", pfns),
-                ffi.from_buffer("uint8_t[]", pages),
-                len(pfns),
-            )
-        )
+        return self.zero.note_raw(pfns, pages)
 
     def forget_raw(self, pfns: np.ndarray) -> None:
         """Record PFNs sent in Format A without data (XTAB, XALLOC, BROKEN):
         what the receiver holds there is no longer known."""
-        pfns = _pfn_array(pfns)
-        pfns = pfns[pfns < len(self._zero) * 8].astype(np.intp)
-        if len(pfns):
-            np.bitwise_and.at(
-                self._zero, pfns >> 3, ~(np.uint8(1) << (pfns & 7).astype(np.uint8))
-            )
+        self.zero.forget(pfns)
 
     def known_zero(self, pfn: int) -> bool:
         """Whether the receiver is known to hold ``pfn`` as zeros."""
-        pfn = int(pfn)
-        return 0 <= pfn < len(self._zero) * 8 and bool((self._zero[pfn >> 3] >> (pfn & 7)) & 1)
+        return pfn in self.zero
+
+    def known_zero_pfns(self) -> np.ndarray:
+        """The known-zero set, ascending (a fresh uint64 array)."""
+        return self.zero.pfns()
 
     def compress(
         self,
@@ -233,8 +198,7 @@ class Compressor:
             pt,
             n,
             ffi.from_buffer("uint8_t[]", out),
-            ffi.from_buffer("uint8_t[]", self._zero) if len(self._zero) else ffi.NULL,
-            len(self._zero) * 8,
+            *self.zero.c_args(),
         )
         self._account(n, n * PAGE_SIZE, size)
         return size
@@ -249,14 +213,45 @@ class Compressor:
 
 
 class Decompressor:
-    """The receiver's side: decodes blobs against a mirror of the sender's cache."""
+    """The receiver's side: decodes blobs against a mirror of the sender's cache.
 
-    def __init__(self, codec: str, cache_pages: int = DEFAULT_CACHE_PAGES) -> None:
+    ``known_zero``: the receiver's known-zero set, kept from the Format A
+    pages received before this Decompressor existed (the stream Decoder
+    hands over its own and goes on noting into it); by default an empty one.
+    A delta page for a PFN neither in the mirror nor in that set is refused
+    (error 9)."""
+
+    def __init__(
+        self,
+        codec: str,
+        cache_pages: int = DEFAULT_CACHE_PAGES,
+        known_zero: KnownZero | None = None,
+    ) -> None:
         self.codec = codec
         self._id = _codec_id(codec)
         self.cache = PageCache(cache_pages)
         self.stats = CodecStats()
         self.failed: str | None = None  # the error that put this decoder out of step
+        #: PFNs the receiver holds as zeros (zero.py); the kernel clears the
+        #: bit of every PFN decoded
+        self.zero = known_zero if known_zero is not None else KnownZero()
+
+    def note_received_raw(self, pfns: np.ndarray, pages: np.ndarray) -> int:
+        """Record pages received whole in Format A (the sender's
+        ``note_sent_raw``, on the receiving side). Returns the zero pages."""
+        return self.zero.note_raw(pfns, pages)
+
+    def forget_raw(self, pfns: np.ndarray) -> None:
+        """Record PFNs received in Format A without data."""
+        self.zero.forget(pfns)
+
+    def known_zero(self, pfn: int) -> bool:
+        """Whether this receiver holds ``pfn`` as known zeros."""
+        return pfn in self.zero
+
+    def known_zero_pfns(self) -> np.ndarray:
+        """The known-zero set, ascending (a fresh uint64 array)."""
+        return self.zero.pfns()
 
     def decompress(
         self,
@@ -303,13 +298,15 @@ class Decompressor:
             ffi.from_buffer("uint8_t[]", out),
             rows,
             err,
+            *self.zero.c_args(),
         )
         if k < 0:
             page = int(err.page)
             where = f"page {page}" + (f", pfn {int(pfns[page]):#x}" if page < len(pfns) else "")
-            reason = ERROR_REASONS.get(err.code, "error code {detail}").format(
-                detail=int(err.detail)
-            )
+            detail = int(err.detail)
+            if err.code == NO_BASE:
+                detail &= (1 << 64) - 1  # a pfn (uint64 in the int64 field)
+            reason = ERROR_REASONS.get(err.code, "error code {detail}").format(detail=detail)
             message = f"{self.codec} data byte {int(err.offset)} ({where}): {reason}"
             self.failed = message
             self._account(0, 0)

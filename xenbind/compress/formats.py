@@ -68,6 +68,10 @@ XEN_WORST_SIZE = PAGE_SIZE + 9  # every word changed: 8 x (1 + 508) + 1 + 32
 MAX_ENCODED_PAGE = {"seed": SEED_FULL_SIZE, "xen": XEN_WORST_SIZE}
 MIN_ENCODED_PAGE = {"seed": SEED_RECORD_SIZE, "xen": 1}
 
+#: error code of a delta page with no base (the caches out of step, or a
+#: stream that lies): neither in the mirror nor in the known-zero set
+NO_BASE = 9
+
 # the kernel's error codes (XB_E_* in kernel.c) and what they mean
 ERROR_REASONS = {
     1: "truncated: {detail} byte(s) left where a 6-byte record starts",
@@ -78,8 +82,7 @@ ERROR_REASONS = {
     6: "delta offset {detail} not a multiple of 4",
     7: "delta offset {detail} not above the previous delta's in this page",
     8: "delta (offset {detail}) not preceded by BEGIN_PAGE",
-    # 9 retired: "delta page for a pfn with no base in the cache". Such a page
-    # now decodes against a zero page (codec.py, "zero base"); 9 stays unused.
+    9: "delta page for pfn {detail:#x}: not in the cache and not known to be zero",
     10: "more pages in the data than the {detail} pfns listed",
     11: "zero-length marker {detail:#04x} inside a page",
     12: "RUN ends at byte {detail}, past the end of the page",

@@ -20,17 +20,19 @@
  *
  * Zero base (both codecs): a pfn the cache does not hold (a miss) may still
  * be sent as a delta page (seed BEGIN_PAGE + deltas, xen 0x00 or markers);
- * its base is then an all-zero page. The sender does so only for a pfn its
- * known-zero bitmap `zknown` marks (last sent whole in Format A, all zero,
- * and not sent in Format B since: the receiver, Xen's too, holds zeros
- * there), and only when the delta is smaller than the page sent whole. The
- * decoder needs no bitmap: a delta page for a missing pfn is decoded against
- * zeros, then the pfn is inserted as any miss (free slot or evicted tail),
- * exactly as the sender did. zero_base counts such pages on both sides.
- * zknown is bit-packed (bit pfn & 7 of byte pfn >> 3), zbits bits long;
- * pfns >= zbits are unknown. xb_note_raw keeps it for pages sent whole in
- * Format A; xb_encode clears the bit of every pfn it encodes.
- *
+ * its base is then an all-zero page. Both sides keep a known-zero bitmap
+ * `zknown` of the pfns the receiver holds as zeros: last sent whole in
+ * Format A, all zero (xb_note_raw, on the pages sent and on the pages
+ * received), and not sent in Format B since (xb_encode and xb_decode clear
+ * the bit of every pfn they encode or decode, whole or delta, hit or miss).
+ * The sender uses the zero base only for a pfn its bitmap marks, and only
+ * when the delta is smaller than the page whole. The decoder accepts a
+ * delta page for a missing pfn only when its own bitmap marks it (else
+ * XB_E_NO_BASE: the caches are out of step, or the stream lies), decodes it
+ * against zeros, then inserts the pfn as any miss (free slot or evicted
+ * tail), exactly as the sender did. zero_base counts such pages on both
+ * sides. zknown is bit-packed (bit pfn & 7 of byte pfn >> 3), zbits bits
+ * long; pfns >= zbits are unknown (never known zero).
  * Codec ids: XB_SEED = 1, XB_XEN = 2 (layouts in xenbind/compress/formats.py,
  * repeated beside the functions below).
  *
@@ -78,8 +80,7 @@ enum {
     XB_E_MISALIGNED = 6,        /* seed: offset not a multiple of 4 */
     XB_E_NOT_ASCENDING = 7,     /* seed: offsets in a page not strictly increasing */
     XB_E_DELTA_OUTSIDE = 8,     /* seed: delta not preceded by BEGIN_PAGE */
-    /* 9 is retired (was "delta page for a pfn the cache does not hold": such a
-     * page now decodes against a zero page); the number stays unused */
+    XB_E_NO_BASE = 9,           /* delta page for a pfn neither cached nor known zero */
     XB_E_TOO_MANY_PAGES = 10,   /* more pages in the blob than pfns given */
     XB_E_ZERO_LENGTH = 11,      /* xen: zero-length marker inside a page */
     XB_E_RUN_PAST_END = 12,     /* xen: RUN beyond byte 4096 of the page */
@@ -612,7 +613,8 @@ static void apply_full(xb_cache *c, uint64_t pfn, const uint8_t *src, uint8_t *d
 
 /* seed: records from pos; returns pages decoded or -1 with *e set */
 static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uint64_t *pfns,
-                           size_t npfns, uint8_t *out, size_t max_pages, xb_error *e)
+                           size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
+                           uint8_t *zknown, uint64_t zbits)
 {
     size_t pos = 0, i = 0;
     while (pos < len) {
@@ -633,12 +635,16 @@ static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uin
             if (len - pos < SEED_FULL_SIZE)
                 return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - SEED_REC));
             apply_full(c, pfns[i], in + pos + SEED_REC, dst);
+            zk_set(zknown, zbits, pfns[i], 0);
             pos += SEED_FULL_SIZE;
             i++;
             continue;
         }
-        /* BEGIN_PAGE: validate the deltas up to the next marker or the end */
+        /* BEGIN_PAGE: a base (cached, or known zero), then validate the
+         * deltas up to the next marker or the end */
         uint32_t s = cache_find(c, pfns[i]);
+        if (s == XB_NIL && !zk_test(zknown, zbits, pfns[i]))
+            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
         size_t q = pos + SEED_REC;
         int32_t prev = -1;
         while (q < len) {
@@ -673,6 +679,7 @@ static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uin
         uint8_t *base = c->data + (size_t)s * XB_PAGE;
         for (size_t r = pos + SEED_REC; r < q; r += SEED_REC)
             memcpy(base + get16(in + r), in + r + 2, 4);
+        zk_set(zknown, zbits, pfns[i], 0);
         page_out(dst, base);
         pos = q;
         i++;
@@ -682,7 +689,8 @@ static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uin
 
 /* xen: pages of one-byte markers; returns pages decoded or -1 with *e set */
 static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint64_t *pfns,
-                          size_t npfns, uint8_t *out, size_t max_pages, xb_error *e)
+                          size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
+                          uint8_t *zknown, uint64_t zbits)
 {
     size_t pos = 0, i = 0;
     while (pos < len) {
@@ -694,13 +702,17 @@ static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint
             if (len - pos < XEN_FULL_SIZE)
                 return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - 1));
             apply_full(c, pfns[i], in + pos + 1, dst);
+            zk_set(zknown, zbits, pfns[i], 0);
             pos += XEN_FULL_SIZE;
             i++;
             continue;
         }
-        /* a hit decodes in its slot; a miss against a zero page on the
-         * stack, which enters the cache only once the page is valid */
+        /* a hit decodes in its slot; a known-zero miss against a zero page
+         * on the stack, which enters the cache only once the page is valid;
+         * any other miss has no base */
         uint32_t s = cache_find(c, pfns[i]);
+        if (s == XB_NIL && !zk_test(zknown, zbits, pfns[i]))
+            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
         uint8_t zpage[XB_PAGE];
         uint8_t *base;
         if (s != XB_NIL) {
@@ -775,6 +787,7 @@ static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint
             memcpy(c->data + (size_t)s * XB_PAGE, zpage, XB_PAGE);
             base = c->data + (size_t)s * XB_PAGE;
         }
+        zk_set(zknown, zbits, pfns[i], 0);
         page_out(dst, base);
         pos = q;
         i++;
@@ -784,15 +797,20 @@ static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint
 
 /*
  * Decode the blob in[0..len) into rows of out (max_pages rows). Page i
- * belongs to pfns[i]. Returns the number of pages, or -1 with *e set; pages
- * decoded before the error have been applied to the cache.
+ * belongs to pfns[i]. zknown/zbits: the receiver's known-zero bitmap (NULL/0:
+ * none, so every delta page for a missing pfn is XB_E_NO_BASE); the bit of
+ * every pfn decoded is cleared. Returns the number of pages, or -1 with *e
+ * set; pages decoded before the error have been applied to the cache and
+ * the bitmap, the failing page to neither.
  */
 int64_t xb_decode(xb_cache *c, int codec, const uint8_t *in, size_t len, const uint64_t *pfns,
-                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e)
+                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
+                  uint8_t *zknown, uint64_t zbits)
 {
     e->code = XB_E_OK;
-    int64_t k = codec == XB_SEED ? seed_decode(c, in, len, pfns, npfns, out, max_pages, e)
-                                 : xen_decode(c, in, len, pfns, npfns, out, max_pages, e);
+    int64_t k = codec == XB_SEED
+                    ? seed_decode(c, in, len, pfns, npfns, out, max_pages, e, zknown, zbits)
+                    : xen_decode(c, in, len, pfns, npfns, out, max_pages, e, zknown, zbits);
 #if defined(__SSE2__)
     _mm_sfence();   /* order the streamed rows before Python reads them */
 #endif

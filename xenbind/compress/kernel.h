@@ -36,4 +36,5 @@ size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pa
 size_t xb_note_raw(uint8_t *zknown, uint64_t zbits, const uint64_t *pfns, const uint8_t *pages,
                    size_t n);
 int64_t xb_decode(xb_cache *c, int codec, const uint8_t *in, size_t len, const uint64_t *pfns,
-                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e);
+                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
+                  uint8_t *zknown, uint64_t zbits);

@@ -28,7 +28,8 @@ module adds:
   batch's pages (<= 4 MiB), one COMPRESSED_DATA payload (<= max_compressed,
   checked before any byte of it is buffered), one tail record (<= its cap).
   Per Format B body the decoder also keeps a bitmap of p2m_size bytes and the
-  listed-but-not-yet-decoded PFNs (<= 8 bytes per guest page).
+  listed-but-not-yet-decoded PFNs (<= 8 bytes per guest page); per stream,
+  the known-zero set (one bit per guest page, below).
   A COMPRESSED_DATA payload's buffer grows with the bytes that actually arrive
   (never past the claimed length): it starts at what the current ``feed``
   holds (at least ``GROW_MIN``) and grows ``GROW_FACTOR``-fold when full, so
@@ -50,6 +51,16 @@ module adds:
 * Codec. ENABLE_COMPRESSION makes a ``xenbind.compress.Decompressor`` for the
   announced codec (default "xen", 8192 pages); its cache mirrors the sender's.
   With ``cache_pages`` set, the stream's cache size must equal it.
+* Zero base. From the header on, the decoder keeps the receiver's known-zero
+  set (``xenbind.compress.zero.KnownZero``, p2m_size bits) exactly as the
+  sender keeps its own: each Format A page with data puts its PFN in when
+  all zero and takes it out otherwise (the kernel's zero test), each Format
+  A entry without data (XTAB, XALLOC, BROKEN) takes it out, and the codec
+  kernel takes out every PFN it decodes. ENABLE_COMPRESSION hands the set to
+  the Decompressor (the same object, so Format A pages still to come in
+  that body are noted in it). A delta page for a PFN neither in the mirror
+  nor in the set does not decode (codec error 9, a MalformedStream at the
+  COMPRESSED_DATA chunk). ``known_zero_pfns()`` reads the set.
 """
 
 from __future__ import annotations
@@ -255,6 +266,7 @@ class Decoder:
         self._announced: tuple[str, int] | None = None
         self._enabled = False  # ENABLE_COMPRESSION seen
         self._decompressor = None
+        self._zero = None  # the known-zero set (KnownZero) from the header on
         # Format B body state
         self._seen: np.ndarray | None = None
         self._listed: list[np.ndarray] = []
@@ -303,6 +315,13 @@ class Decoder:
         finally:
             self._events = []
         return events
+
+    def known_zero_pfns(self) -> np.ndarray:
+        """The receiver's known-zero set (see "Zero base"), ascending: a fresh
+        uint64 array, empty before the header and once the codec is dropped."""
+        if self._zero is None:
+            return np.zeros(0, np.uint64)
+        return self._zero.pfns()
 
     # ------------------------------------------------------------ direct receive
 
@@ -393,11 +412,12 @@ class Decoder:
         self._hvm_context = b""
 
     def _release_codec(self) -> None:
-        """Drop the Decompressor (its cache: up to max_cache_pages x 4 KiB)
-        and the Format B body state (a bitmap of p2m_size bytes, the listed
+        """Drop the Decompressor (its cache: up to max_cache_pages x 4 KiB),
+        the known-zero set and the Format B body state (a bitmap of p2m_size bytes, the listed
         PFNs). Also done when the LAST_CHECKPOINT checkpoint completes: any
         byte after it is an error, so no page will be decoded again."""
         self._decompressor = None
+        self._zero = None
         self._seen = None
         self._listed = []
         self._pending = _PfnFifo()
@@ -467,6 +487,9 @@ class Decoder:
                 0, f"header: p2m_size {p2m} exceeds the limit of {self.max_p2m_size} pages"
             )
         self.p2m_size = p2m
+        from ..compress.zero import KnownZero
+
+        self._zero = KnownZero(p2m, limit=p2m)
         self._emit(ev.Header(p2m))
         self._expect_chunk()
 
@@ -569,6 +592,10 @@ class Decoder:
         self._emit(ev.PageBatch(pfns, types))
         has_data = TYPE_HAS_DATA[types]
         data_pfns = pfns if has_data.all() else pfns[has_data]
+        if self.format == "A" and self._zero is not None and len(data_pfns) < len(pfns):
+            # Format A entries without data: what the receiver holds there
+            # is no longer known (Format B: the sender keeps its set as is)
+            self._zero.forget(pfns[~has_data])
         if self.format == "B":
             self._pending.push(data_pfns)
             self._expect_chunk()
@@ -583,6 +610,8 @@ class Decoder:
 
     def _on_page_data(self, pages: np.ndarray) -> None:
         assert self._batch_pfns is not None
+        if self._zero is not None:
+            self._zero.note_raw(self._batch_pfns, pages)  # what the receiver holds now
         self._emit(ev.Pages(self._batch_pfns, pages))
         self._pages += len(pages)
         self._batch_pfns = None
@@ -605,7 +634,7 @@ class Decoder:
             )
         from ..compress import Decompressor
 
-        self._decompressor = Decompressor(codec, cache)
+        self._decompressor = Decompressor(codec, cache, known_zero=self._zero)
         self._enabled = True
         self.codec, self.cache_pages = codec, cache
         self._emit(ev.EnableCompression(codec, cache))
