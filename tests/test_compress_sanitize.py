@@ -4,7 +4,8 @@ The decoders parse untrusted bytes. This test compiles xenbind/compress/kernel.c
 into a small C harness with -fsanitize=address,undefined, every buffer
 allocated to its exact size, and runs: random encode/decode round trips (the
 harness checks the decoded pages), with pages sent whole "in Format A" between
-batches (xb_note_raw; zeroed pages make zero-base misses), then each blob
+batches (xb_note_raw on both sides; zeroed pages make zero-base misses; the
+two known-zero maps must stay equal), then each blob
 mutated (byte flips, truncation, garbage) decoded against a copy of the
 receiver's cache. Any out-of-bounds read or write, or undefined behaviour,
 aborts the harness.
@@ -63,10 +64,13 @@ static void cache_free(xb_cache *c)
     free(c->data); free(c->pfn); free(c->prev); free(c->next); free(c->table);
 }
 
-/* decode a copy of blob[0..len) into exactly-sized buffers */
+/* decode a copy of blob[0..len) into exactly-sized buffers, against a copy
+ * of the receiver's 12-bit known-zero map (2 bytes, allocated exactly) */
 static int64_t decode_exact(xb_cache *c, int codec, const uint8_t *blob, size_t len,
-                            const uint64_t *pfns, size_t n)
+                            const uint64_t *pfns, size_t n, const uint8_t *rzk, int *code)
 {
+    uint8_t *zk = malloc(2);
+    memcpy(zk, rzk, 2);
     uint8_t *in = malloc(len ? len : 1);
     memcpy(in, blob, len);
     size_t minp = codec == XB_SEED ? 6 : 1;
@@ -75,8 +79,9 @@ static int64_t decode_exact(xb_cache *c, int codec, const uint8_t *blob, size_t 
     uint64_t *pf = malloc(n ? n * sizeof(uint64_t) : 8);
     memcpy(pf, pfns, n * sizeof(uint64_t));
     xb_error e;
-    int64_t k = xb_decode(c, codec, in, len, pf, n, out, rows, &e);
-    free(in); free(out); free(pf);
+    int64_t k = xb_decode(c, codec, in, len, pf, n, out, rows, &e, zk, 12);
+    *code = k < 0 ? e.code : 0;
+    free(in); free(out); free(pf); free(zk);
     return k;
 }
 
@@ -98,14 +103,14 @@ int main(int argc, char **argv)
 {
     int iters = argc > 1 ? atoi(argv[1]) : 200;
     uint8_t mem[12][XB_PAGE];
-    long mutated = 0, rejected = 0, zero_base = 0;
+    long mutated = 0, rejected = 0, zero_base = 0, no_base = 0;
     for (int codec = 1; codec <= 2; codec++) {
         for (int it = 0; it < iters; it++) {
             xb_cache snd, rcv;
             uint32_t cap = 1 + rnd() % 8;
             /* odd iterations: small pfns, covered by a 12-bit known-zero map */
             uint64_t mul = (it & 1) ? 1 : 0x9E3779B1ull;
-            uint8_t *zk = calloc(2, 1);
+            uint8_t *zk = calloc(2, 1), *rzk = calloc(2, 1);  /* sender's, receiver's */
             cache_new(&snd, cap);
             cache_new(&rcv, cap);
             for (int p = 0; p < 12; p++) memset(mem[p], p, XB_PAGE);
@@ -120,7 +125,8 @@ int main(int argc, char **argv)
                     rpfns[i] = p * mul;
                     memcpy(rpages + i * XB_PAGE, mem[p], XB_PAGE);
                 }
-                xb_note_raw(zk, 12, rpfns, rpages, nr);
+                size_t zs = xb_note_raw(zk, 12, rpfns, rpages, nr);
+                if (xb_note_raw(rzk, 12, rpfns, rpages, nr) != zs) return 1;
                 free(rpfns); free(rpages);
                 size_t n = rnd() % 7;
                 uint64_t *pfns = malloc(n ? n * 8 : 8);
@@ -148,7 +154,9 @@ int main(int argc, char **argv)
                     }
                     xb_cache tmp;
                     cache_copy(&tmp, &rcv);
-                    if (decode_exact(&tmp, codec, bad, blen, pfns, n) < 0) rejected++;
+                    int code;
+                    if (decode_exact(&tmp, codec, bad, blen, pfns, n, rzk, &code) < 0) rejected++;
+                    no_base += code == XB_E_NO_BASE;
                     mutated++;
                     cache_free(&tmp);
                     free(bad);
@@ -156,10 +164,15 @@ int main(int argc, char **argv)
                 /* the real blob decodes to the pages */
                 uint8_t *out = malloc(n ? n * XB_PAGE : 1);
                 xb_error e;
-                int64_t k = xb_decode(&rcv, codec, blob, len, pfns, n, out, n, &e);
+                int64_t k = xb_decode(&rcv, codec, blob, len, pfns, n, out, n, &e, rzk, 12);
                 if (k != (int64_t)n || (n && memcmp(out, pages, n * XB_PAGE) != 0)) {
                     fprintf(stderr, "round trip failed: codec %d k %lld n %zu err %d\n",
                             codec, (long long)k, n, e.code);
+                    return 1;
+                }
+                if (memcmp(zk, rzk, 2) != 0) {
+                    fprintf(stderr, "known-zero sets differ: %02x%02x vs %02x%02x\n",
+                            zk[1], zk[0], rzk[1], rzk[0]);
                     return 1;
                 }
                 free(out); free(blob); free(pfns); free(pages); free(pt);
@@ -173,9 +186,11 @@ int main(int argc, char **argv)
             cache_free(&snd);
             cache_free(&rcv);
             free(zk);
+            free(rzk);
         }
     }
-    printf("ok mutated=%ld rejected=%ld zero_base=%ld\n", mutated, rejected, zero_base);
+    printf("ok mutated=%ld rejected=%ld zero_base=%ld no_base=%ld\n", mutated, rejected,
+           zero_base, no_base);
     return 0;
 }
 """
@@ -199,6 +214,8 @@ def test_kernel_under_asan_and_ubsan(tmp_path: Path) -> None:
     res = subprocess.run([str(exe), "150"], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.startswith("ok ")
-    mutated, rejected, zero_base = (int(x.split("=")[1]) for x in res.stdout.split()[1:4])
+    mutated, rejected, zero_base, no_base = (
+        int(x.split("=")[1]) for x in res.stdout.split()[1:5])
     assert mutated > 1000 and mutated // 10 < rejected < mutated
     assert zero_base > 50  # the zero-base paths ran, under the sanitizers too
+    assert 0 < no_base < rejected  # and the refusal of a page with no base (error 9)

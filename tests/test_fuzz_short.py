@@ -299,19 +299,26 @@ def test_the_oracle_catches_what_it_should() -> None:
         model.event(Pages(np.array([99], np.uint64), np.zeros((1, 4096), np.uint8)))
     with pytest.raises(AssertionError, match="twice"):
         model.event(PageBatch(np.array([3, 3], np.uint64), np.zeros(2, np.uint8)))
-    # the reference decoder decodes a delta page with no base against zeros
-    # (the zero base), as the kernel must, and refuses a malformed one
-    assert oracles.ReferenceDecoder("xen", 1).decode(b"\x00", [0]) == ([bytes(4096)], False)
-    seed = oracles.ReferenceDecoder("seed", 1)
+    # the reference decoder refuses a delta page with no base (error 9), as
+    # the kernel must; for a known-zero PFN it decodes against zeros, and it
+    # refuses a malformed one
+    assert oracles.ReferenceDecoder("xen", 1).decode(b"\x00", [0]) == ([], True)
+    assert oracles.ReferenceDecoder("xen", 1, {0}).decode(b"\x00", [0]) == ([bytes(4096)], False)
+    seed = oracles.ReferenceDecoder("seed", 1, {5, 6})
     page = bytearray(4096)
     page[8:12] = b"\x01\x00\x00\x00"
     assert seed.decode(struct.pack("<hIhI", -100, 0, 8, 1), [5]) == ([bytes(page)], False)
-    assert list(seed.cache) == [5]
+    assert list(seed.cache) == [5] and seed.zero == {6}
     assert oracles.ReferenceDecoder("seed", 1).decode(
+        struct.pack("<hIhI", -100, 0, 8, 1), [5]) == ([], True)
+    assert oracles.ReferenceDecoder("seed", 1, {0}).decode(
         struct.pack("<hIhIhI", -100, 0, 8, 1, 4, 1), [0]) == ([], True)
-    # and the kernel agrees on such inputs
+    # and the kernel agrees on such inputs (known zero: PFNs 8..15)
+    oracles.check_codec(oracles.codec_input("seed", 1, [9, 0], struct.pack("<hIhI", -100, 0,
+                                                                            8, 1)))
     oracles.check_codec(oracles.codec_input("seed", 1, [5, 0], struct.pack("<hIhI", -100, 0,
                                                                             8, 1)))
+    oracles.check_codec(oracles.codec_input("xen", 2, [8, 8, 1], b"\x00\x00\x00"))
     oracles.check_codec(oracles.codec_input("xen", 2, [7, 7, 1], b"\x00\x00\x00"))
 
 

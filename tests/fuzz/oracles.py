@@ -515,11 +515,16 @@ def check_chunks(data: bytes) -> None:
 #
 # Before the blobs, both the Decompressor and the reference decoder are
 # primed with full pages for PFNs 0 .. cache-1 (contents from prime_page),
-# the way the seeds' Compressor is, so delta pages find their base (a delta
-# page for any other PFN decodes against a zero page).
+# the way the seeds' Compressor is, so delta pages find their base; and both
+# are told that PFNs KNOWN_ZERO (8..15) were received all zero in Format A,
+# so a delta page for one of those the cache lacks decodes against a zero
+# page (the zero base). A delta page for any other PFN the cache lacks has
+# no base (error 9). After each blob the two known-zero sets must be equal.
 
 #: Most PFNs one codec input may list.
 CODEC_MAX_PFNS = 255
+#: PFNs both sides hold as known zero before a codec input's blobs.
+KNOWN_ZERO = range(8, 16)
 
 
 def prime_page(pfn: int) -> bytes:
@@ -539,17 +544,21 @@ def codec_input(codec: str, cache_pages: int, pfns: list[int], blob1: bytes,
 class ReferenceDecoder:
     """A slow, obvious decoder of both formats (formats.py), against an LRU
     cache kept in an OrderedDict; the C kernel must agree with it exactly.
-    A delta page for a PFN not in the cache is decoded against a zero page
-    (the zero base) and, once valid, cached as a miss."""
+    ``zero``: the PFNs known zero. A delta page for a PFN not in the cache is
+    decoded against a zero page if the PFN is known zero (the zero base)
+    and, once valid, cached as a miss; otherwise it is refused. Every page
+    decoded takes its PFN out of ``zero``."""
 
-    def __init__(self, codec: str, capacity: int) -> None:
+    def __init__(self, codec: str, capacity: int, zero: set[int] | None = None) -> None:
         from collections import OrderedDict
 
         self.codec = codec
         self.capacity = capacity
         self.cache: OrderedDict[int, bytearray] = OrderedDict()  # last = most recent
+        self.zero: set[int] = set(zero or ())
 
     def _full(self, pfn: int, page: bytes) -> bytes:
+        self.zero.discard(pfn)
         if pfn in self.cache:
             self.cache.move_to_end(pfn)
         elif len(self.cache) >= self.capacity:
@@ -557,10 +566,12 @@ class ReferenceDecoder:
         self.cache[pfn] = bytearray(page)
         return bytes(page)
 
-    def _base(self, pfn: int) -> bytearray:
+    def _base(self, pfn: int) -> bytearray | None:
         """A copy of what a delta page for ``pfn`` applies to: its cached
-        contents, or zeros for a miss."""
-        return bytearray(self.cache[pfn]) if pfn in self.cache else bytearray(4096)
+        contents, zeros for a known-zero miss, None for any other miss."""
+        if pfn in self.cache:
+            return bytearray(self.cache[pfn])
+        return bytearray(4096) if pfn in self.zero else None
 
     def decode(self, blob: bytes, pfns: list[int]) -> tuple[list[bytes], bool]:
         """(pages decoded, whether it stopped on an error)."""
@@ -589,6 +600,9 @@ class ReferenceDecoder:
             if len(blob) - pos < 6 + 4096:
                 return None
             return self._full(pfn, blob[pos + 6 : pos + 6 + 4096]), pos + 6 + 4096
+        page = self._base(pfn)
+        if page is None:
+            return None
         q, prev, deltas = pos + 6, -1, []
         while q < len(blob):
             if len(blob) - q < 6:
@@ -601,7 +615,6 @@ class ReferenceDecoder:
             deltas.append((d, v))
             prev = d
             q += 6
-        page = self._base(pfn)
         for d, v in deltas:
             page[d : d + 4] = v.to_bytes(4, "little")
         return self._full(pfn, page), q
@@ -612,6 +625,8 @@ class ReferenceDecoder:
                 return None
             return self._full(pfn, blob[pos + 1 : pos + 1 + 4096]), pos + 1 + 4096
         new = self._base(pfn)
+        if new is None:
+            return None
         if blob[pos] == 0x00:
             return self._full(pfn, new), pos + 1
         q, covered = pos, 0
@@ -658,7 +673,9 @@ def check_codec(data: bytes) -> None:
         return
     codec, cache_pages, pfns, blob1, blob2 = parsed
     dec = Decompressor(codec, cache_pages)
-    ref = ReferenceDecoder(codec, cache_pages)
+    zero_pfns = np.array(KNOWN_ZERO, dtype=np.uint64)
+    dec.note_received_raw(zero_pfns, np.zeros((len(zero_pfns), 4096), np.uint8))
+    ref = ReferenceDecoder(codec, cache_pages, set(KNOWN_ZERO))
     prime_pfns = np.arange(cache_pages, dtype=np.uint64)
     prime = np.frombuffer(b"".join(prime_page(p) for p in range(cache_pages)), np.uint8)
     prime_blob = Compressor(codec, cache_pages).compress(prime_pfns, prime.reshape(-1, 4096))
@@ -675,7 +692,9 @@ def check_codec(data: bytes) -> None:
             got = dec.decompress(blob, pfn_array)
         except CodecError:
             assert ref_failed, "the C kernel refused a blob the reference decodes"
+            assert dec.known_zero_pfns().tolist() == sorted(ref.zero), "known-zero sets differ"
             return
+        assert dec.known_zero_pfns().tolist() == sorted(ref.zero), "known-zero sets differ"
         assert not ref_failed, "the C kernel accepted a blob the reference refuses"
         assert got.dtype == np.uint8 and got.shape == (len(want), 4096), got.shape
         assert got.tobytes() == b"".join(want), "decoded pages differ from the reference"

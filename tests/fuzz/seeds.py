@@ -170,7 +170,7 @@ def stream_seeds() -> dict[str, bytes]:
 
 
 def codec_seeds() -> dict[str, bytes]:
-    from tests.fuzz.oracles import codec_input, prime_page
+    from tests.fuzz.oracles import KNOWN_ZERO, codec_input, prime_page
     from xenbind.compress import Compressor
 
     out: dict[str, bytes] = {}
@@ -193,6 +193,21 @@ def codec_seeds() -> dict[str, bytes]:
             blob2 = c.compress(np.array(pfns, np.uint64), np.stack(rows))
             out[f"{codec}-cache{cache}"] = codec_input(codec, cache, pfns, blob1, blob2)
             out[f"{codec}-cache{cache}-second"] = codec_input(codec, cache, pfns, b"", blob1)
+        # the zero base: pfns 8..15 are known zero on both sides (oracles.KNOWN_ZERO)
+        c = Compressor(codec, 2)
+        prime = np.frombuffer(b"".join(prime_page(p) for p in range(2)), np.uint8)
+        c.compress(np.arange(2, dtype=np.uint64), prime.reshape(-1, 4096))
+        known = np.array(KNOWN_ZERO, dtype=np.uint64)
+        c.note_sent_raw(known, np.zeros((len(known), 4096), np.uint8))
+        rows = np.zeros((3, 4096), np.uint8)
+        rows[0, 40:48] = 7  # two words against zeros
+        rows[2, 1000:1300] = 3  # a run against zeros
+        blob1 = c.compress(np.array([9, 12, 15], np.uint64), rows)
+        assert c.stats.zero_base == 3
+        # again: 9 was evicted (a miss no longer known zero: whole), 12, 15 hits
+        rows[:, 8] = 1
+        blob2 = c.compress(np.array([9, 12, 15], np.uint64), rows)
+        out[f"{codec}-zero-base"] = codec_input(codec, 2, [9, 12, 15], blob1, blob2)
     return out
 
 
