@@ -15,7 +15,10 @@ initial copy (Compressor.note_sent_raw, for the zero base): over 1 GiB (quick:
 256 MiB) in 16 MiB slices, each slice first copied into a reused buffer (the
 gather of initial_copy, which leaves it hot in the cache; that copy is the
 same-run baseline), once with zero pages (read whole) and once with random
-pages (one word read each).
+pages (one word read each). A second line measures the receiver's twin: the
+stream Decoder zero-tests every Format A page it receives, batch by batch
+(KnownZero.note_raw over 1024-page batches, 4 MiB, each right after the copy
+that fills the batch's buffer, as the receive does).
 
 Times are taken on two clocks: this thread's CPU time (the table; stable on
 a shared, loaded machine) and wall time (in the JSON beside it).
@@ -43,6 +46,7 @@ import zstandard
 
 from xenbind import PAGE_SIZE
 from xenbind.compress import Compressor, Decompressor
+from xenbind.compress.zero import KnownZero
 
 PATTERNS = ("unchanged", "1word", "16words", "run256", "half", "all", "miss")
 SPARSE = ("1word", "16words", "run256")
@@ -245,41 +249,50 @@ def bench_generic(data: bytes, reps: int) -> dict:
 
 #: initial_copy's slice: 16 MiB gathered, then sent (and zero-tested)
 ZERO_SLICE_PAGES = 4096
+#: the receiver's unit: one Format A batch (MAX_BATCH entries, 4 MiB)
+RECEIVE_SLICE_PAGES = 1024
 
 
-def bench_zero_test(total_pages: int, reps: int) -> dict:
-    """Compressor.note_sent_raw over ``total_pages`` in 16 MiB slices, beside
-    the copy that brings each slice in (the gather it follows)."""
+def bench_zero_test(total_pages: int, reps: int, side: str = "sender") -> dict:
+    """The zero test over ``total_pages``, beside the copy that brings each
+    slice in. ``side`` "sender": Compressor.note_sent_raw in 16 MiB slices
+    (after the gather); "receiver": the stream Decoder's KnownZero.note_raw
+    in 4 MiB Format A batches (after the receive into the batch buffer)."""
+    slice_pages = ZERO_SLICE_PAGES if side == "sender" else RECEIVE_SLICE_PAGES
     rng = np.random.default_rng(5)
     src = {
-        "zero": np.zeros((ZERO_SLICE_PAGES, PAGE_SIZE), np.uint8),
-        "random": rng.integers(0, 256, (ZERO_SLICE_PAGES, PAGE_SIZE), dtype=np.uint8),
+        "zero": np.zeros((slice_pages, PAGE_SIZE), np.uint8),
+        "random": rng.integers(0, 256, (slice_pages, PAGE_SIZE), dtype=np.uint8),
     }
     src["zero"].fill(0)  # real memory, not the kernel's shared zero page
-    buf = np.empty((ZERO_SLICE_PAGES, PAGE_SIZE), np.uint8)
+    buf = np.empty((slice_pages, PAGE_SIZE), np.uint8)
     buf.fill(1)
-    slices = max(1, total_pages // ZERO_SLICE_PAGES)
-    out: dict = {"pages": slices * ZERO_SLICE_PAGES, "slice_pages": ZERO_SLICE_PAGES}
+    slices = max(1, total_pages // slice_pages)
+    out: dict = {"side": side, "pages": slices * slice_pages, "slice_pages": slice_pages}
     for kind, data in src.items():
-        comp = Compressor("seed", 1, known_pfns=slices * ZERO_SLICE_PAGES)
+        total = slices * slice_pages
+        if side == "sender":
+            note = Compressor("seed", 1, known_pfns=total).note_sent_raw
+        else:
+            note = KnownZero(total, limit=total).note_raw  # what Decoder._on_page_data runs
         per_rep = []
         for _ in range(reps):
             test = [0.0, 0.0]
             copy = [0.0, 0.0]
             zeros = 0
             for k in range(slices):
-                pfns = np.arange(k * ZERO_SLICE_PAGES, (k + 1) * ZERO_SLICE_PAGES, dtype=np.uint64)
+                pfns = np.arange(k * slice_pages, (k + 1) * slice_pages, dtype=np.uint64)
                 clk = Clock()
-                np.copyto(buf, data)  # the gather stand-in: leaves the slice hot
+                np.copyto(buf, data)  # the gather / receive stand-in: leaves the slice hot
                 w, c = clk.stop()
                 copy[0] += w
                 copy[1] += c
                 clk = Clock()
-                zeros += comp.note_sent_raw(pfns, buf)
+                zeros += note(pfns, buf)
                 w, c = clk.stop()
                 test[0] += w
                 test[1] += c
-            if zeros != (slices * ZERO_SLICE_PAGES if kind == "zero" else 0):
+            if zeros != (total if kind == "zero" else 0):
                 raise AssertionError(f"zero test: {zeros} zero pages among {kind} pages")
             per_rep.append((test, copy))
         res = {}
@@ -325,8 +338,10 @@ def run(pages: int, reps: int, generic_pages: int) -> dict:
 
 
 def print_zero_test(z: dict) -> None:
+    what = ("Compressor.note_sent_raw" if z.get("side", "sender") == "sender"
+            else "receiver: Decoder's KnownZero.note_raw")
     print(
-        f"\nzero test of the initial copy (Compressor.note_sent_raw, zero base): "
+        f"\nzero test of the initial copy ({what}, zero base): "
         f"{z['pages'] * PAGE_SIZE / 2**30:.2f} GiB in {z['slice_pages'] * PAGE_SIZE >> 20} MiB "
         "slices, each right after the copy that brings it in (median of the runs, CPU clock)"
     )
@@ -437,18 +452,21 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if args.quick else 5)
     zero_pages = (1 << 16) if args.quick else (1 << 18)  # 256 MiB / 1 GiB
     if args.zero_only:
-        z = bench_zero_test(zero_pages, reps)
-        print_zero_test(z)
-        print(json.dumps(z, indent=1))
+        for side in ("sender", "receiver"):
+            z = bench_zero_test(zero_pages, reps, side)
+            print_zero_test(z)
+            print(json.dumps(z, indent=1))
         return 0
     res = run(pages, reps, generic_pages=min(pages, 1024 if args.quick else 2048))
     res["zero_test"] = bench_zero_test(zero_pages, reps)
+    res["zero_test_receiver"] = bench_zero_test(zero_pages, reps, "receiver")
     try:
         res["loadavg_1min_after"] = os.getloadavg()[0]
     except OSError:
         res["loadavg_1min_after"] = None
     print_table(res)
     print_zero_test(res["zero_test"])
+    print_zero_test(res["zero_test_receiver"])
     print(f"\nload average (1 min) at the end: {res['loadavg_1min_after']} on {os.cpu_count()} cpus")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
