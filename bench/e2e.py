@@ -928,6 +928,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="phases to run, comma-separated (copy, pause, rate, cache, failover; "
                         "rate includes ratio)")
     p.add_argument("--memory-mib", type=int, help="guest size (default 1024, --quick 256)")
+    p.add_argument("--remusd-arg", action="append", default=[], metavar="ARG",
+                   help="pass ARG to remusd in the copy/pause/rate phases (repeatable), e.g. "
+                        "--remusd-arg=--no-prescan to measure without the pre-pause dirty scan")
     p.add_argument("--median", nargs="+", metavar="RUN_JSON",
                    help="run nothing: print the element-wise median of these runs' JSON "
                         "(and write it to --json)")
@@ -959,7 +962,9 @@ def main(argv: list[str] | None = None) -> int:
     stack = None
     try:
         if phases & {"copy", "pause", "rate"}:
-            stack = Stack(base / "main", failover_ms=MEASURE_FAILOVER_MS).start()
+            stack = Stack(base / "main", failover_ms=MEASURE_FAILOVER_MS,
+                          remusd_args=args.remusd_arg).start()
+            results["remusd_args"] = args.remusd_arg
             results["measure_failover_timeout_ms"] = MEASURE_FAILOVER_MS
             results["dirty_mode"] = stack.primary.hv.ping()["dirty_mode"]
             if "copy" in phases:

@@ -26,7 +26,10 @@ Rules:
   copied while paused, so the copy is the memory at the pause. It takes the
   per-page part of reading and clearing the log (re-protecting each dirty
   page, in the simulator ~0.45 us a page) out of the pause; the paused
-  read-and-clear then finds only the pages written since.
+  read-and-clear then finds only the pages written since. Its price is dom0
+  CPU: a second read of the log each epoch, and on a guest that writes
+  without pause (a CPU-bound writer) the re-protection of its pages while it
+  runs (remusd --no-prescan turns it off; docs/performance.md has both).
 - The checkpoint buffer is bounded by what an epoch copies, not by the
   domain's p2m_size (an HVM/PVH guest's p2m_size reaches its special pages
   near 4 GiB: a 128 MiB PVH guest has ~1M PFNs). It starts at
@@ -122,6 +125,7 @@ def strictly_sorted(pfns: np.ndarray) -> np.ndarray:
 
 
 _warned = False
+_NONE = np.empty(0, dtype=np.uint64)
 
 
 def merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -142,14 +146,16 @@ def merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = None,
-            hold: Callable[[], None] | None = None) -> Capture:
+            hold: Callable[[], None] | None = None, prescan: bool = True) -> Capture:
     """The paused part of an epoch (see the module docstring).
 
     ``extra``: PFNs to copy besides the dirty ones (the initial copy's final
     round passes the pages its last live round left behind). ``hold``: called
     last while the guest is still paused (fault injection, remusd.faults).
+    ``prescan``: read and clear the dirty log once before the pause (module
+    docstring); off, the paused read finds the whole epoch's pages.
     """
-    early = strictly_sorted(domain.read_and_clear_dirty())
+    early = strictly_sorted(domain.read_and_clear_dirty()) if prescan else _NONE
     if extra is not None and len(extra):
         early = merge_sorted(np.unique(extra.astype(np.uint64)), early)
     t0 = time.perf_counter()

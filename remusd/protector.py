@@ -130,6 +130,7 @@ class Tuning:
         self.ack_timeout = float(args.ack_timeout)
         self.connect_timeout = float(args.connect_timeout)
         self.accept_timeout = float(args.accept_timeout)
+        self.prescan = bool(getattr(args, "prescan", True))
         self.retry_min = float(args.retry_min)
         self.retry_max = float(args.retry_max)
         self.precopy_rounds = int(args.precopy_rounds)
@@ -454,7 +455,7 @@ class Protector:
                 hold = lambda i=index: faults.hang(  # noqa: E731
                     self._pacer.stop, f"domain {self.info.name}: guest paused in the capture "
                     f"of checkpoint {i}")
-            cap = capture(self.domain, cb, hold=hold)
+            cap = capture(self.domain, cb, hold=hold, prescan=t.prescan)
             t_enc = time.monotonic()
             bufs = encode(writer, cap, last=last)
             self._fault_send(link, bufs, index)

@@ -186,3 +186,14 @@ def test_merge_sorted_is_the_sorted_union():
         assert got.tolist() == sorted(a | b)
 
     check()
+
+
+def test_prescan_is_on_by_default_and_off_by_flag_or_toml(tmp_path):
+    assert _args().prescan is True
+    assert _args(["--no-prescan"]).prescan is False
+    cfg = tmp_path / "remusd.toml"
+    cfg.write_text("prescan = false\n")
+    assert _args(cfg=str(cfg)).prescan is False
+    cfg.write_text('prescan = "no"\n')
+    with pytest.raises(ConfigError, match="expected true or false"):
+        _args(cfg=str(cfg))

@@ -17,12 +17,12 @@ How each Domain operation reaches the simulated hardware:
     gather/scatter               this process's MAP_SHARED mapping of
                                  DIR/dom-N.mem: one numpy take / one put, as a
                                  foreign mapping would allow; memory never
-                                 travels through a socket. A batch made of
+                                 travels through a socket. A scatter made of
                                  long runs of consecutive PFNs (an initial
-                                 copy's) is read/written with preadv/pwritev(2)
-                                 on the file instead: the kernel copies from/to
-                                 the pages, where going through a mapping this
-                                 process has not touched yet costs a fault per page
+                                 copy's) is written with pwritev(2) on the file
+                                 instead: the kernel copies into the pages,
+                                 where writing through a mapping this process
+                                 has not touched yet costs a fault per page
     info                         metadata + the worker's status page DIR/dom-N.ctl
 
 Rules: every failure is a ``DomainError`` naming the domain and operation
@@ -54,9 +54,8 @@ from .workloads import MAGIC_PAGES, REGS_SIZE
 HOST_TIMEOUT_S = 60.0
 DOMAIN_TIMEOUT_S = 10.0
 NO_STOP = (1 << 64) - 1
-#: gather/scatter read/write with preadv/pwritev(2) when their PFNs form runs
-#: of at least this many pages on average (64 KiB): an initial copy's batches,
-#: not a checkpoint's
+#: scatter writes with pwritev(2) when its PFNs form runs of at least this
+#: many pages on average (64 KiB): an initial copy's batches, not a checkpoint's
 IO_MIN_RUN = 16
 _STATE_NAMES = {L.ST_RUNNING: "running", L.ST_PAUSED: "paused", L.ST_CRASHED: "shutdown", L.ST_IDLE: "running"}
 
@@ -405,10 +404,9 @@ class SimDomain(Domain):
         idx = self._check_pfns(pfns, "gather")
         self._check_pages(out, len(idx), "gather")
         mem = self._memory("gather")
-        bounds = self._runs(idx, out)
-        if bounds is not None:
-            self._io_runs(os.preadv, "read", idx, out, bounds)
-            return
+        # always through the mapping (no preadv for runs): the initial copy's
+        # reads fault this process's mapping in (16 pages a fault, the
+        # kernel's fault-around), so each epoch's gather finds it mapped
         np.take(mem, idx, axis=0, out=out[: len(idx)], mode="clip")
 
     def scatter(self, pfns, pages: np.ndarray) -> None:
@@ -417,14 +415,14 @@ class SimDomain(Domain):
         mem = self._memory("scatter")
         bounds = self._runs(idx, pages)
         if bounds is not None:
-            self._io_runs(os.pwritev, "write", idx, pages, bounds)
+            self._pwrite_runs(idx, pages, bounds)
             return
         mem[idx] = pages[: len(idx)]
 
     @staticmethod
     def _runs(idx: np.ndarray, pages: np.ndarray) -> np.ndarray | None:
         """Where the runs of consecutive PFNs in ``idx`` start and end (k+1
-        bounds for k runs), if they are long enough for preadv/pwritev (and
+        bounds for k runs), if they are long enough for pwritev (and
         ``pages`` is one contiguous buffer); else None."""
         if len(idx) < IO_MIN_RUN or not pages.flags.c_contiguous:
             return None
@@ -433,19 +431,18 @@ class SimDomain(Domain):
             return None
         return np.concatenate(([0], starts, [len(idx)]))
 
-    def _io_runs(self, io, what: str, idx: np.ndarray, pages: np.ndarray, bounds: np.ndarray) -> None:
-        """preadv/pwritev ``pages[bounds[k]:bounds[k+1]]`` at the run's first PFN, run by run."""
-        op = "gather" if what == "read" else "scatter"
+    def _pwrite_runs(self, idx: np.ndarray, pages: np.ndarray, bounds: np.ndarray) -> None:
+        """pwritev ``pages[bounds[k]:bounds[k+1]]`` at the run's first PFN, run by run."""
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             view = memoryview(pages[a:b]).cast("B")
             at = int(idx[a]) * PAGE_SIZE
             while len(view):
                 try:
-                    n = io(self._mem_fd, [view], at)
+                    n = os.pwritev(self._mem_fd, [view], at)
                 except OSError as e:
-                    raise self._err(op, f"cannot {what} guest memory: {e}") from None
+                    raise self._err("scatter", f"cannot write guest memory: {e}") from None
                 if n <= 0:
-                    raise self._err(op, f"cannot {what} guest memory: short {what}")
+                    raise self._err("scatter", "cannot write guest memory: short write")
                 view, at = view[n:], at + n
 
     def populated_pfns(self) -> np.ndarray:
