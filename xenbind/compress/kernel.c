@@ -185,6 +185,25 @@ static uint32_t cache_insert(xb_cache *c, uint64_t pfn)
     return s;
 }
 
+/* the slot a delta page decoded for pfn lands in: its own (s, a hit) or, for
+ * a miss against the zero base, a new one holding `init` (NULL: zeros) */
+static uint32_t delta_slot(xb_cache *c, uint32_t s, uint64_t pfn, const uint8_t *init)
+{
+    if (s != XB_NIL) {
+        cache_touch(c, s);
+        c->hits++;
+        return s;
+    }
+    c->misses++;
+    c->zero_base++;
+    s = cache_insert(c, pfn);
+    if (init)
+        memcpy(c->data + (size_t)s * XB_PAGE, init, XB_PAGE);
+    else
+        memset(c->data + (size_t)s * XB_PAGE, 0, XB_PAGE);
+    return s;
+}
+
 /* slot of pfn or -1, without any LRU effect (for inspection) */
 int64_t xb_cache_slot(const xb_cache *c, uint64_t pfn)
 {
@@ -667,15 +686,7 @@ static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uin
         }
         /* apply: to the cached copy (a hit) or to a zero page in the slot a
          * miss takes (the zero base) */
-        if (s != XB_NIL) {
-            cache_touch(c, s);
-            c->hits++;
-        } else {
-            c->misses++;
-            c->zero_base++;
-            s = cache_insert(c, pfns[i]);
-            memset(c->data + (size_t)s * XB_PAGE, 0, XB_PAGE);
-        }
+        s = delta_slot(c, s, pfns[i], NULL);
         uint8_t *base = c->data + (size_t)s * XB_PAGE;
         for (size_t r = pos + SEED_REC; r < q; r += SEED_REC)
             memcpy(base + get16(in + r), in + r + 2, 4);
@@ -777,16 +788,10 @@ static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint
                 return fail(e, code, q, i, detail);
             }
         }
-        if (s != XB_NIL) {
-            cache_touch(c, s);
-            c->hits++;
-        } else {
-            c->misses++;
-            c->zero_base++;
-            s = cache_insert(c, pfns[i]);
-            memcpy(c->data + (size_t)s * XB_PAGE, zpage, XB_PAGE);
-            base = c->data + (size_t)s * XB_PAGE;
-        }
+        if (s == XB_NIL)  /* decoded against zeros in zpage: now it takes a slot */
+            base = c->data + (size_t)delta_slot(c, s, pfns[i], zpage) * XB_PAGE;
+        else
+            delta_slot(c, s, pfns[i], NULL);
         zk_set(zknown, zbits, pfns[i], 0);
         page_out(dst, base);
         pos = q;
