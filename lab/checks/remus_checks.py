@@ -145,12 +145,7 @@ class Checks:
 
     def capture(self) -> str:
         try:
-            st0 = domain_status(SOCK)
-            require(st0 and st0["state"] == "protected", f"not protected: {st0}")
-            self.dom.pause()
-            self.paused_by_us = True
-            wait_for(lambda: (s := domain_status(SOCK)) and s["checkpoints"] >= st0["checkpoints"] + 2,
-                     120, "two checkpoints of the paused guest")
+            self._pause_between_checkpoints()
             out = ctl(SOCK, "unprotect", GUEST)
             require(out.returncode == 0, f"remusctl unprotect: {out.stderr.strip()}")
             wait_for(lambda: (s := domain_status(SOCK)) is None or s["state"] == "stopped",
@@ -165,6 +160,36 @@ class Checks:
         keys = ("p2m_size", "codec", "checkpoints", "checkpoints_whole", "pages", "ratio")
         summary = {k: info[k] for k in keys if k in info}
         return f"{os.path.getsize(STREAM)} bytes; inspect: {json.dumps(summary)[:300]}"
+
+    def _pause_between_checkpoints(self, attempts: int = 4) -> None:
+        """Pause the guest and see remusd checkpoint it twice, paused.
+
+        A pause that lands inside remusd's suspend handshake (the guest has
+        acknowledged control/shutdown=suspend and is on its way to suspend)
+        stops it half way: remusd waits for a suspend that cannot come until
+        the guest runs (up to SUSPEND_TIMEOUT, 20 s, then it stops
+        protection). So wait a shorter while, and if nothing came, unpause,
+        let that checkpoint finish, and pause again."""
+        for attempt in range(1, attempts + 1):
+            st0 = domain_status(SOCK)
+            require(st0 and st0["state"] == "protected", f"not protected: {st0}")
+            self.dom.pause()
+            self.paused_by_us = True
+            try:
+                wait_for(lambda st0=st0: (s := domain_status(SOCK))
+                         and s["checkpoints"] >= st0["checkpoints"] + 2,
+                         15, "two checkpoints of the paused guest")
+                return
+            except AssertionError:
+                if attempt == attempts:
+                    raise
+            self.dom.unpause()
+            self.paused_by_us = False
+            st1 = domain_status(SOCK)
+            require(st1 and st1["state"] == "protected", f"not protected: {st1}")
+            wait_for(lambda st1=st1: (s := domain_status(SOCK))
+                     and s["checkpoints"] >= st1["checkpoints"] + 1,
+                     60, "a checkpoint of the running guest")
 
     def pages(self) -> str:
         require(self.paused_by_us, "the guest is not paused by this check")
