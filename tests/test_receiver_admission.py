@@ -85,15 +85,20 @@ def test_peer_that_leaves_during_admission_gets_no_accept_and_no_backup(hosts, t
         # the domain can be protected again at once
         s2 = Sender(r.port, g)
         assert isinstance(s2.handshake(), Accepted)
-        s2.initial_copy()
-        s2.wait_ack(0)
-        s2.checkpoint(4, last=True)
-        s2.wait_ack(1)
-        assert isinstance(s2.next_event(), Goodbye)
-        s2.close()
+        _run_to_the_end(s2)
     finally:
         assert r.stop() == 0, r.log()[-3000:]
     assert "Traceback" not in r.log(), r.log()
+
+
+def _run_to_the_end(s: Sender) -> None:
+    """An accepted session: initial copy, one last checkpoint, both acknowledged, GOODBYE."""
+    s.initial_copy()
+    s.wait_ack(0)
+    s.checkpoint(4, last=True)
+    s.wait_ack(1)
+    assert isinstance(s.next_event(), Goodbye)
+    s.close()
 
 
 def test_reconnect_that_supersedes_a_session_still_in_admission(hosts, tmp_path, monkeypatch):
@@ -125,12 +130,7 @@ def test_reconnect_that_supersedes_a_session_still_in_admission(hosts, tmp_path,
         # the first backup is gone; the new session's works
         infos = [i for i in backup.hv.list() if i.name == g.name]
         assert [i.domid for i in infos] == [st[0]["backup_domid"]]
-        again.initial_copy()
-        again.wait_ack(0)
-        again.checkpoint(4, last=True)
-        again.wait_ack(1)
-        assert isinstance(again.next_event(), Goodbye)
-        again.close()
+        _run_to_the_end(again)
         wait_for(lambda: backup_state(backup, g.name) is None, 5, "backup destroyed")
     finally:
         assert r.stop() == 0, r.log()[-3000:]
