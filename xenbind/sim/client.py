@@ -357,16 +357,19 @@ class SimDomain(Domain):
         self._barrier_due = False
 
     def checkpoint_go(self) -> None:
+        barrier = self._leave_stop()
+        self._request("checkpoint_go", b"W", b"\1" if barrier else b"\0")
+
+    def _leave_stop(self) -> bool:
+        """Forget the stop's context; whether a barrier was asked during it."""
         barrier = self._barrier_due
         self._stop_ctx, self._barrier_due = None, False
-        self._request("checkpoint_go", b"W", b"\1" if barrier else b"\0")
+        return barrier
 
     def _end_stop(self) -> None:
         """Leave a checkpoint stop by another way than checkpoint_go: the
         barrier asked during it is sent now, the context is read afresh."""
-        barrier = self._barrier_due
-        self._stop_ctx, self._barrier_due = None, False
-        if barrier:
+        if self._leave_stop():
             self._request("output_barrier", b"B")
 
     def enable_logdirty(self) -> None:
