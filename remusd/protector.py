@@ -130,7 +130,7 @@ class Tuning:
         self.ack_timeout = float(args.ack_timeout)
         self.connect_timeout = float(args.connect_timeout)
         self.accept_timeout = float(args.accept_timeout)
-        self.prescan = bool(getattr(args, "prescan", True))
+        self.prescan = bool(args.prescan)
         self.retry_min = float(args.retry_min)
         self.retry_max = float(args.retry_max)
         self.precopy_rounds = int(args.precopy_rounds)
