@@ -13,6 +13,7 @@ be on tmpfs (``/dev/shm``) so the host uses uffd-wp dirty tracking;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 from xenbind.sim.client import SimDomain, SimHypervisor
 
@@ -147,3 +149,18 @@ class SimHost:
         """Pids of the host's live worker processes (children of the host)."""
         out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
+
+
+@contextlib.contextmanager
+def host_pair(prefix: str) -> Iterator[tuple[SimHost, SimHost]]:
+    """A primary and a backup host on fresh tmpfs directories ``PREFIX-primary-*``
+    and ``PREFIX-backup-*``, cleaned up on exit (the tests' ``hosts`` fixtures)."""
+    primary = SimHost(sim_dir(f"{prefix}-primary-")).start()
+    try:
+        backup = SimHost(sim_dir(f"{prefix}-backup-")).start()
+        try:
+            yield primary, backup
+        finally:
+            backup.cleanup()
+    finally:
+        primary.cleanup()

@@ -20,7 +20,7 @@ import uuid as uuidlib
 import numpy as np
 import pytest
 
-from tests.simhost import SimHost, sim_dir
+from tests.simhost import SimHost, host_pair
 from xenbind import PAGE_SIZE
 from xenbind.errors import DomainError
 from xenbind.hypervisor import DomainConfig
@@ -122,11 +122,8 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def hosts():
-    primary = SimHost(sim_dir("rx-primary-")).start()
-    backup = SimHost(sim_dir("rx-backup-")).start()
-    yield primary, backup
-    primary.cleanup()
-    backup.cleanup()
+    with host_pair("rx") as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from receiver import connection as rx_connection
 from receiver.config import load_config
 from receiver.daemon import ReceiverDaemon
 from receiver.server import Listener
-from tests.simhost import SimHost, sim_dir
+from tests.simhost import host_pair
 from tests.test_receiver import Guest, Receiver, Sender, backup_state, wait_for
 from xenbind.session import Accepted, Goodbye
 
@@ -36,11 +36,8 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(scope="module")
 def hosts():
-    primary = SimHost(sim_dir("rxadm-primary-")).start()
-    backup = SimHost(sim_dir("rxadm-backup-")).start()
-    yield primary, backup
-    primary.cleanup()
-    backup.cleanup()
+    with host_pair("rxadm") as pair:
+        yield pair
 
 
 def _read_until_eof(sock: socket.socket, timeout: float = 15.0) -> bytes:

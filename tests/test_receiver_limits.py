@@ -30,7 +30,7 @@ import pytest
 from receiver.config import load_config
 from receiver.daemon import ReceiverDaemon
 from receiver.server import Listener
-from tests.simhost import SimHost, sim_dir
+from tests.simhost import host_pair
 from tests.test_receiver import Guest, Receiver, Sender, backup_state, wait_for
 from xenbind.compress.formats import MAX_ENCODED_PAGE
 from xenbind.session import Accepted, Error, Refused, SenderSession
@@ -46,11 +46,8 @@ TAIL_MB = 1  # --max-context-mb and --max-device-model-mb
 
 @pytest.fixture(scope="module")
 def hosts():
-    primary = SimHost(sim_dir("rxlim-primary-")).start()
-    backup = SimHost(sim_dir("rxlim-backup-")).start()
-    yield primary, backup
-    primary.cleanup()
-    backup.cleanup()
+    with host_pair("rxlim") as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.simhost import SimHost, sim_dir
+from tests.simhost import SimHost, host_pair
 from tests.test_receiver import Guest, Receiver
 from tests.tls_certs import Pki
 from xenbind import PAGE_SIZE
@@ -72,11 +72,8 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hosts():
-    primary = SimHost(sim_dir("tls-primary-")).start()
-    backup = SimHost(sim_dir("tls-backup-")).start()
-    yield primary, backup
-    primary.cleanup()
-    backup.cleanup()
+    with host_pair("tls") as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
