@@ -15,8 +15,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 modules = []
 if os.path.exists(os.path.join(here, "xenbind", "_codec_build.py")):
     modules.append("xenbind/_codec_build.py:ffibuilder")
-if all(os.path.exists(f"/usr/include/{h}") for h in ("xenctrl.h", "xenforeignmemory.h")) and \
-        os.path.exists(os.path.join(here, "xenbind", "_xenctrl_build.py")):
+if all(
+    os.path.exists(f"/usr/include/{h}") for h in ("xenctrl.h", "xenforeignmemory.h")
+) and os.path.exists(os.path.join(here, "xenbind", "_xenctrl_build.py")):
     modules.append("xenbind/_xenctrl_build.py:ffibuilder")
 
 setup(cffi_modules=modules)

@@ -167,8 +167,9 @@ def summarise(nbytes: int, enc: Series, dec: Series) -> dict:
     return res
 
 
-def bench_codec(codec: str, pattern: str, old: np.ndarray, new: np.ndarray, reps: int,
-                copier: Copier) -> dict:
+def bench_codec(
+    codec: str, pattern: str, old: np.ndarray, new: np.ndarray, reps: int, copier: Copier
+) -> dict:
     """Encode/decode throughput and size of one codec on one pattern.
 
     The calls alternate direction (old->new, then new->old), so the cache
@@ -299,8 +300,12 @@ def bench_zero_test(total_pages: int, reps: int, side: str = "sender") -> dict:
         for clock, name in ((1, "cpu"), (0, "wall")):
             t = statistics.median(r[0][clock] for r in per_rep)
             cp = statistics.median(r[1][clock] for r in per_rep)
-            res[name] = {"test_s": t, "copy_s": cp, "test_vs_copy": t / cp if cp else 0.0,
-                         "test_MBps": out["pages"] * PAGE_SIZE / t / MB if t else 0.0}
+            res[name] = {
+                "test_s": t,
+                "copy_s": cp,
+                "test_vs_copy": t / cp if cp else 0.0,
+                "test_MBps": out["pages"] * PAGE_SIZE / t / MB if t else 0.0,
+            }
         out[kind] = res
     return out
 
@@ -338,8 +343,11 @@ def run(pages: int, reps: int, generic_pages: int) -> dict:
 
 
 def print_zero_test(z: dict) -> None:
-    what = ("Compressor.note_sent_raw" if z.get("side", "sender") == "sender"
-            else "receiver: Decoder's KnownZero.note_raw")
+    what = (
+        "Compressor.note_sent_raw"
+        if z.get("side", "sender") == "sender"
+        else "receiver: Decoder's KnownZero.note_raw"
+    )
     print(
         f"\nzero test of the initial copy ({what}, zero base): "
         f"{z['pages'] * PAGE_SIZE / 2**30:.2f} GiB in {z['slice_pages'] * PAGE_SIZE >> 20} MiB "
@@ -467,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(res)
     print_zero_test(res["zero_test"])
     print_zero_test(res["zero_test_receiver"])
-    print(f"\nload average (1 min) at the end: {res['loadavg_1min_after']} on {os.cpu_count()} cpus")
+    print(
+        f"\nload average (1 min) at the end: {res['loadavg_1min_after']} on {os.cpu_count()} cpus"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)

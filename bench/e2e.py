@@ -142,8 +142,10 @@ def wait_for(what: str, pred, timeout: float, every: float = 0.02):
         if v:
             return v
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout} s waiting for {what}"
-                               + (f" (last error: {err})" if err else ""))
+            raise RuntimeError(
+                f"timed out after {timeout} s waiting for {what}"
+                + (f" (last error: {err})" if err else "")
+            )
         time.sleep(every)
 
 
@@ -171,8 +173,9 @@ def tree_cpu(pid: int) -> float:
 class Stack:
     """Two sim hosts, remus-receiver on the backup, remusd on the primary."""
 
-    def __init__(self, base: Path, *, failover_ms: int | None = None,
-                 remusd_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, base: Path, *, failover_ms: int | None = None, remusd_args: tuple[str, ...] = ()
+    ) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.primary = SimHost(str(base / "primary"))
@@ -191,8 +194,9 @@ class Stack:
     def _start(self, name: str, argv: list[str], control: str) -> None:
         log = open(self.base / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         try:
-            p = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=ENV,
-                                 cwd=REPO)
+            p = subprocess.Popen(
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=ENV, cwd=REPO
+            )
         finally:
             log.close()
         self.procs[name] = p
@@ -208,12 +212,38 @@ class Stack:
         self.primary.start()
         self.backup.start()
         extra = ["--failover-timeout", str(self.failover_ms)] if self.failover_ms else []
-        self._start("receiver", _bin("remus-receiver", "receiver.cli") + [
-            "--listen", self.target, "--sim-dir", self.backup.dir, "--control", self.bsock,
-            "--insecure", "--config", "/dev/null", *extra], self.bsock)
-        self._start("remusd", _bin("remusd", "remusd.cli") + [
-            "--sim-dir", self.primary.dir, "--control", self.rsock, "--insecure",
-            "--config", "/dev/null", *self.remusd_args], self.rsock)
+        self._start(
+            "receiver",
+            _bin("remus-receiver", "receiver.cli")
+            + [
+                "--listen",
+                self.target,
+                "--sim-dir",
+                self.backup.dir,
+                "--control",
+                self.bsock,
+                "--insecure",
+                "--config",
+                "/dev/null",
+                *extra,
+            ],
+            self.bsock,
+        )
+        self._start(
+            "remusd",
+            _bin("remusd", "remusd.cli")
+            + [
+                "--sim-dir",
+                self.primary.dir,
+                "--control",
+                self.rsock,
+                "--insecure",
+                "--config",
+                "/dev/null",
+                *self.remusd_args,
+            ],
+            self.rsock,
+        )
         return self
 
     def log(self, name: str) -> str:
@@ -251,27 +281,42 @@ class Stack:
     def protect(self, name: str, codec: str, interval_ms: int, timeout: float = 180) -> dict:
         """Protect ``name``; wait for checkpoint 0's ACK. The initial copy figures."""
         t0 = time.monotonic()
-        control_request(self.rsock, "protect", domain=name, target=self.target,
-                        interval_ms=interval_ms, codec=codec)
+        control_request(
+            self.rsock,
+            "protect",
+            domain=name,
+            target=self.target,
+            interval_ms=interval_ms,
+            codec=codec,
+        )
 
         def protected():
             d = self.status(name)
             if d["state"] in ("unprotected", "stopped"):
-                raise RuntimeError(f"protect {name} failed: {d['reason']}\n"
-                                   f"{self.log('remusd')[-2000:]}")
+                raise RuntimeError(
+                    f"protect {name} failed: {d['reason']}\n{self.log('remusd')[-2000:]}"
+                )
             return d["state"] == "protected"
 
         wait_for(f"{name} protected", protected, timeout)
         wall = time.monotonic() - t0
-        lines = re.findall(rf"domain {re.escape(name)} protected: initial copy of (\d+) pages in "
-                           r"(\d+) round\(s\), ([\d.]+) MB, ([\d.]+) s, final pause ([\d.]+) ms",
-                           self.log("remusd"))
+        lines = re.findall(
+            rf"domain {re.escape(name)} protected: initial copy of (\d+) pages in "
+            r"(\d+) round\(s\), ([\d.]+) MB, ([\d.]+) s, final pause ([\d.]+) ms",
+            self.log("remusd"),
+        )
         if not lines:
             raise RuntimeError(f"no initial-copy line for {name} in remusd's log")
         pages, rounds, mb, secs, final = lines[-1]
-        return {"pages": int(pages), "rounds": int(rounds), "MB": float(mb), "s": float(secs),
-                "final_pause_ms": float(final), "protect_to_protected_s": round(wall, 3),
-                "MBps": round(int(pages) * PAGE_SIZE / float(secs) / 1e6, 1)}
+        return {
+            "pages": int(pages),
+            "rounds": int(rounds),
+            "MB": float(mb),
+            "s": float(secs),
+            "final_pause_ms": float(final),
+            "protect_to_protected_s": round(wall, 3),
+            "MBps": round(int(pages) * PAGE_SIZE / float(secs) / 1e6, 1),
+        }
 
     def unprotect(self, name: str) -> None:
         control_request(self.rsock, "unprotect", domain=name, wait_s=60, timeout=70)
@@ -293,8 +338,13 @@ def summary(values) -> dict:
     a = np.asarray(values, dtype=float)
     if not len(a):
         return {"n": 0}
-    return {"n": int(len(a)), "median": pct(a, 50), "p99": pct(a, 99), "max": round(float(a.max()), 3),
-            "mean": round(float(a.mean()), 3)}
+    return {
+        "n": int(len(a)),
+        "median": pct(a, 50),
+        "p99": pct(a, 99),
+        "max": round(float(a.max()), 3),
+        "mean": round(float(a.mean()), 3),
+    }
 
 
 def create(stack: Stack, name: str, memory: int, workload: str, rate: float, **kw):
@@ -335,8 +385,9 @@ def window(stack: Stack, name: str, seconds: float, every: float = 0.25, probe=N
     c1 = {k: cpu_seconds(p) for k, p in procs.items()} | {k: tree_cpu(p) for k, p in hosts.items()}
     s1 = stack.status(name, history=True)
     if s1["sessions"] != s0["sessions"] or s1["state"] != "protected":
-        raise RuntimeError(f"{name}: the session did not stay protected ({s1['state']}: "
-                           f"{s1['reason']})")
+        raise RuntimeError(
+            f"{name}: the session did not stay protected ({s1['state']}: {s1['reason']})"
+        )
     h = s1.pop("history")
     lo, hi = s0["acked"], s1["acked"]
     keep = [i for i, x in enumerate(h["index"]) if lo < x <= hi]
@@ -369,8 +420,9 @@ def window(stack: Stack, name: str, seconds: float, every: float = 0.25, probe=N
     }
 
 
-def calibrate(stack: Stack, dom, name: str, rate: float, want: int, seconds: float,
-              steps: int = 3) -> float:
+def calibrate(
+    stack: Stack, dom, name: str, rate: float, want: int, seconds: float, steps: int = 3
+) -> float:
     """Adjust the workload's rate until the median dirty pages per checkpoint
     is near ``want`` (the pages actually dirtied depend on the epoch's real
     length and on repeats); returns the rate."""
@@ -445,7 +497,7 @@ def socket_copy(mem_path: str, nbytes: int, into_tmpfs: str | None = None) -> di
         with conn:
             while True:
                 at = got[0] if dst is not None else 0
-                k = conn.recv_into(whole[at:at + SOCKET_SLICE])
+                k = conn.recv_into(whole[at : at + SOCKET_SLICE])
                 if not k:
                     break
                 got[0] += k
@@ -465,7 +517,7 @@ def socket_copy(mem_path: str, nbytes: int, into_tmpfs: str | None = None) -> di
         with socket.create_connection(("127.0.0.1", port)) as c:
             t0 = time.perf_counter()
             for off in range(0, nbytes, SOCKET_SLICE):
-                c.sendall(mv[off:off + SOCKET_SLICE])
+                c.sendall(mv[off : off + SOCKET_SLICE])
             c.shutdown(socket.SHUT_WR)
             th.join(120)
             secs = time.perf_counter() - t0
@@ -494,12 +546,19 @@ def phase_copy(stack: Stack, memory: int) -> dict:
     dom.destroy()
     alloc = populate_cost(stack.backup.dir, memory)
     ref = max(before["MBps"], after["MBps"])  # the better one: the machine's limit
-    return {"memory_MiB": memory // MiB, "initial_copy": ic, "initial_copies": copies,
-            "socket_copy_before": before,
-            "socket_copy_after": after, "socket_copy_into_fresh_tmpfs": into,
-            "tmpfs_allocation": alloc, "vs_socket": round(ic["MBps"] / ref, 3),
-            "vs_socket_into_fresh_tmpfs": round(ic["MBps"] / into["MBps"], 3),
-            "target": ">= 0.5 of the plain socket copy", "met": ic["MBps"] / ref >= 0.5}
+    return {
+        "memory_MiB": memory // MiB,
+        "initial_copy": ic,
+        "initial_copies": copies,
+        "socket_copy_before": before,
+        "socket_copy_after": after,
+        "socket_copy_into_fresh_tmpfs": into,
+        "tmpfs_allocation": alloc,
+        "vs_socket": round(ic["MBps"] / ref, 3),
+        "vs_socket_into_fresh_tmpfs": round(ic["MBps"] / into["MBps"], 3),
+        "target": ">= 0.5 of the plain socket copy",
+        "met": ic["MBps"] / ref >= 0.5,
+    }
 
 
 def pause_components(stack: Stack, memory: int, levels: dict, reps: int) -> dict:
@@ -546,7 +605,8 @@ def pause_components(stack: Stack, memory: int, levels: dict, reps: int) -> dict
                 steps["paused"].append((t[-1] - t[1]) * 1e3)
                 n.append(len(pfns))
             out[want] = {"dirty_pages": summary(n)} | {
-                k: round(float(np.median(v)), 3) for k, v in steps.items()}
+                k: round(float(np.median(v)), 3) for k, v in steps.items()
+            }
     finally:
         dom.destroy()
     return out
@@ -554,8 +614,16 @@ def pause_components(stack: Stack, memory: int, levels: dict, reps: int) -> dict
 
 #: capture()'s steps as pause_components times them (the last is the sum of
 #: the paused ones: checkpoint_stop to checkpoint_go)
-PAUSE_STEPS = ("prescan", "stop", "read_and_clear_dirty", "merge", "gather", "context_barrier",
-               "go", "paused")
+PAUSE_STEPS = (
+    "prescan",
+    "stop",
+    "read_and_clear_dirty",
+    "merge",
+    "gather",
+    "context_barrier",
+    "go",
+    "paused",
+)
 
 
 def pause_interval(want: int) -> int:
@@ -598,17 +666,28 @@ def phase_pause(stack: Stack, memory: int, seconds: float) -> dict:
         gather = summary(w.pop("probes"))
         med = w["pause_ms"].get("median", float("inf"))
         bound = 2 * gather["median"] + 1.0
-        out["levels"][str(want)] = {"interval_ms": interval, "rate_pages_per_s": round(rate), **w,
-                                    "numpy_gather_ms": gather, "bound_ms": round(bound, 3),
-                                    "met": med <= bound}
+        out["levels"][str(want)] = {
+            "interval_ms": interval,
+            "rate_pages_per_s": round(rate),
+            **w,
+            "numpy_gather_ms": gather,
+            "bound_ms": round(bound, 3),
+            "met": med <= bound,
+        }
     stack.unprotect(name)
     dom.destroy()
     out["components_ms"] = pause_components(stack, memory, out["levels"], 15)
     return out
 
 
-def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: float,
-                    codecs: tuple[str, ...], warmup: float) -> tuple[dict, dict]:
+def phase_workloads(
+    stack: Stack,
+    memory: int,
+    seconds: float,
+    rate_seconds: float,
+    codecs: tuple[str, ...],
+    warmup: float,
+) -> tuple[dict, dict]:
     """The rate phase (hotset per codec, then 10 ms) and the ratio phase
     (every workload per codec), sharing one domain per workload."""
     ratio: dict = {}
@@ -633,13 +712,25 @@ def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: flo
                 rate["codecs"][codec] = w
             else:
                 w = window(stack, name, seconds)
-            ratio[workload][codec] = {k: w[k] for k in ("ratio", "cache_hit_rate", "checkpoints",
-                                                        "dirty_pages", "bytes_per_checkpoint",
-                                                        "wire_MBps", "zero_base_per_checkpoint")}
+            ratio[workload][codec] = {
+                k: w[k]
+                for k in (
+                    "ratio",
+                    "cache_hit_rate",
+                    "checkpoints",
+                    "dirty_pages",
+                    "bytes_per_checkpoint",
+                    "wire_MBps",
+                    "zero_base_per_checkpoint",
+                )
+            }
             stack.unprotect(name)
         if workload == "hotset":
-            best = max((c for c in codecs if c != "none"),
-                       key=lambda c: rate["codecs"][c]["ratio"] or 0, default=codecs[0])
+            best = max(
+                (c for c in codecs if c != "none"),
+                key=lambda c: rate["codecs"][c]["ratio"] or 0,
+                default=codecs[0],
+            )
             stack.protect(name, best, FAST_INTERVAL_MS)
             dom.set_rate(hot_rate * RATE_INTERVAL_MS / FAST_INTERVAL_MS)
             time.sleep(warmup)
@@ -651,17 +742,29 @@ def phase_workloads(stack: Stack, memory: int, seconds: float, rate_seconds: flo
     return rate, ratio
 
 
-def phase_cache(base: Path, memory: int, seconds: float,
-                sizes: tuple[int, ...] = CACHE_SIZES, codecs: tuple[str, ...] = ("seed", "xen")
-                ) -> dict:
+def phase_cache(
+    base: Path,
+    memory: int,
+    seconds: float,
+    sizes: tuple[int, ...] = CACHE_SIZES,
+    codecs: tuple[str, ...] = ("seed", "xen"),
+) -> dict:
     """hotset with a working set of CACHE_WSS pages (twice the default cache)
     at 25 ms, seed and xen, for each cache size (remusd --cache-pages; the
     receiver's mirror follows the HELLO): ratio, hit rate, CPU."""
-    out: dict = {"workload": "hotset", "wss_pages": CACHE_WSS, "rate_pages_per_s": CACHE_RATE,
-                 "interval_ms": RATE_INTERVAL_MS, "sizes": {}}
+    out: dict = {
+        "workload": "hotset",
+        "wss_pages": CACHE_WSS,
+        "rate_pages_per_s": CACHE_RATE,
+        "interval_ms": RATE_INTERVAL_MS,
+        "sizes": {},
+    }
     for pages in sizes:
-        stack = Stack(base / f"cache-{pages}", failover_ms=MEASURE_FAILOVER_MS,
-                      remusd_args=("--cache-pages", str(pages))).start()
+        stack = Stack(
+            base / f"cache-{pages}",
+            failover_ms=MEASURE_FAILOVER_MS,
+            remusd_args=("--cache-pages", str(pages)),
+        ).start()
         try:
             dom = create(stack, "c", memory, "hotset", CACHE_RATE, wss=CACHE_WSS)
             out["sizes"][str(pages)] = per = {}
@@ -669,9 +772,17 @@ def phase_cache(base: Path, memory: int, seconds: float,
                 stack.protect("c", codec, RATE_INTERVAL_MS)
                 time.sleep(1.0)  # warm the cache
                 w = window(stack, "c", seconds)
-                per[codec] = {k: w[k] for k in ("ratio", "cache_hit_rate", "checkpoints_per_s",
-                                                "dirty_pages", "bytes_per_checkpoint",
-                                                "cpu_percent")}
+                per[codec] = {
+                    k: w[k]
+                    for k in (
+                        "ratio",
+                        "cache_hit_rate",
+                        "checkpoints_per_s",
+                        "dirty_pages",
+                        "bytes_per_checkpoint",
+                        "cpu_percent",
+                    )
+                }
                 stack.unprotect("c")
             dom.destroy()
         finally:
@@ -679,8 +790,9 @@ def phase_cache(base: Path, memory: int, seconds: float,
     return out
 
 
-def failover_trial(base: Path, memory: int, interval_ms: int, failover_ms: int | None,
-                   soak: float) -> dict:
+def failover_trial(
+    base: Path, memory: int, interval_ms: int, failover_ms: int | None, soak: float
+) -> dict:
     """One stack: a loaded domain protected for ``soak`` seconds (false
     failover or retry = unsafe), then kill -9 of the primary host and remusd."""
     stack = Stack(base, failover_ms=failover_ms).start()
@@ -693,20 +805,35 @@ def failover_trial(base: Path, memory: int, interval_ms: int, failover_ms: int |
         why = None
         while time.monotonic() < t_end:
             d = stack.status(name)
-            rx = [s for s in control_request(stack.bsock, "status")["sessions"]
-                  if s.get("domain") == name]
-            if d["state"] != "protected" or d["retries"] or d["sessions"] != 1 or \
-                    any(s.get("state") == "failed-over" for s in rx):
-                safe, why = False, f"remusd {d['state']} ({d['reason']}), receiver " \
-                                   f"{[s.get('state') for s in rx]}"
+            rx = [
+                s
+                for s in control_request(stack.bsock, "status")["sessions"]
+                if s.get("domain") == name
+            ]
+            if (
+                d["state"] != "protected"
+                or d["retries"]
+                or d["sessions"] != 1
+                or any(s.get("state") == "failed-over" for s in rx)
+            ):
+                safe, why = (
+                    False,
+                    f"remusd {d['state']} ({d['reason']}), receiver {[s.get('state') for s in rx]}",
+                )
                 break
             time.sleep(0.1)
-        res = {"failover_timeout_ms": failover_ms, "interval_ms": interval_ms, "soak_s": soak,
-               "safe": safe, "unsafe_because": why}
+        res = {
+            "failover_timeout_ms": failover_ms,
+            "interval_ms": interval_ms,
+            "soak_s": soak,
+            "safe": safe,
+            "unsafe_because": why,
+        }
         if not safe:
             return res
-        rx = [s for s in control_request(stack.bsock, "status")["sessions"]
-              if s.get("domain") == name][-1]
+        rx = [
+            s for s in control_request(stack.bsock, "status")["sessions"] if s.get("domain") == name
+        ][-1]
         res["effective_timeout_ms"] = rx["failover_timeout_ms"]
         backup = stack.backup.hv
         t_kill = time.monotonic()
@@ -718,8 +845,9 @@ def failover_trial(base: Path, memory: int, interval_ms: int, failover_ms: int |
 
         wait_for("the backup to run", running, 30, every=0.002)
         res["kill_to_running_s"] = round(time.monotonic() - t_kill, 3)
-        rx = [s for s in control_request(stack.bsock, "status")["sessions"]
-              if s.get("domain") == name][-1]
+        rx = [
+            s for s in control_request(stack.bsock, "status")["sessions"] if s.get("domain") == name
+        ][-1]
         res["receiver_detection_ms"] = rx.get("detection_ms")
         stack.primary.kill()
         with contextlib.suppress(Exception):
@@ -729,10 +857,16 @@ def failover_trial(base: Path, memory: int, interval_ms: int, failover_ms: int |
         stack.close()
 
 
-def phase_failover(base: Path, memory: int, reps: int, soak: float,
-                   candidates: tuple[int, ...] = FAILOVER_CANDIDATES_MS) -> dict:
-    default = [failover_trial(base / f"fo-default-{i}", memory, 200, None, soak)
-               for i in range(reps)]
+def phase_failover(
+    base: Path,
+    memory: int,
+    reps: int,
+    soak: float,
+    candidates: tuple[int, ...] = FAILOVER_CANDIDATES_MS,
+) -> dict:
+    default = [
+        failover_trial(base / f"fo-default-{i}", memory, 200, None, soak) for i in range(reps)
+    ]
     search = []
     shortest = None
     for ms in candidates:
@@ -743,9 +877,14 @@ def phase_failover(base: Path, memory: int, reps: int, soak: float,
         shortest = r
     times = [r["kill_to_running_s"] for r in default if r.get("kill_to_running_s") is not None]
     med = float(np.median(times)) if times else None
-    return {"default": default, "default_median_s": med, "search": search,
-            "shortest_safe": shortest, "target": "<= 1 s at the default",
-            "met": med is not None and med <= 1.0}
+    return {
+        "default": default,
+        "default_median_s": med,
+        "search": search,
+        "shortest_safe": shortest,
+        "target": "<= 1 s at the default",
+        "met": med is not None and med <= 1.0,
+    }
 
 
 # --- output ------------------------------------------------------------------------------
@@ -758,70 +897,104 @@ def machine() -> dict:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "loadavg_at_start": os.getloadavg()}
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
 def print_table(r: dict) -> None:
     m = r["machine"]
-    print(f"\nend-to-end benchmark ({r['memory_MiB']} MiB guests; {m['cpu']}, {m['cpus']} CPUs, "
-          f"kernel {m['kernel']}, load {m['loadavg_at_start'][0]:.1f}; {r['elapsed_s']:.0f} s)")
+    print(
+        f"\nend-to-end benchmark ({r['memory_MiB']} MiB guests; {m['cpu']}, {m['cpus']} CPUs, "
+        f"kernel {m['kernel']}, load {m['loadavg_at_start'][0]:.1f}; {r['elapsed_s']:.0f} s)"
+    )
     if "copy" in r:
         c = r["copy"]
         ic = c["initial_copy"]
-        print(f"\ninitial copy          {ic['MBps']:>8.1f} MB/s  ({ic['pages']} pages, {ic['rounds']} "
-              f"round(s), {ic['s']:.2f} s; median of {len(c.get('initial_copies', [ic]))} sessions)")
+        print(
+            f"\ninitial copy          {ic['MBps']:>8.1f} MB/s  ({ic['pages']} pages, {ic['rounds']} "
+            f"round(s), {ic['s']:.2f} s; median of {len(c.get('initial_copies', [ic]))} sessions)"
+        )
         for i, one in enumerate(c.get("initial_copies", [])):
-            print(f"  session {i + 1}: {one['MBps']:>8.1f} MB/s, copy {one['s']:.2f} s, protect request "
-                  f"-> protected {one['protect_to_protected_s']:.2f} s")
-        print(f"plain socket copy     {c['socket_copy_before']['MBps']:>8.1f} / "
-              f"{c['socket_copy_after']['MBps']:.1f} MB/s (before / after)")
+            print(
+                f"  session {i + 1}: {one['MBps']:>8.1f} MB/s, copy {one['s']:.2f} s, protect request "
+                f"-> protected {one['protect_to_protected_s']:.2f} s"
+            )
+        print(
+            f"plain socket copy     {c['socket_copy_before']['MBps']:>8.1f} / "
+            f"{c['socket_copy_after']['MBps']:.1f} MB/s (before / after)"
+        )
         print(f"  ratio {c['vs_socket']:.2f} (target >= 0.5: {'met' if c['met'] else 'MISSED'})")
-        print(f"socket copy into fresh tmpfs memory {c['socket_copy_into_fresh_tmpfs']['MBps']:>6.1f} MB/s"
-              f" (ratio {c['vs_socket_into_fresh_tmpfs']:.2f}); allocating fresh tmpfs alone "
-              f"{c['tmpfs_allocation']['MBps']:.1f} MB/s")
+        print(
+            f"socket copy into fresh tmpfs memory {c['socket_copy_into_fresh_tmpfs']['MBps']:>6.1f} MB/s"
+            f" (ratio {c['vs_socket_into_fresh_tmpfs']:.2f}); allocating fresh tmpfs alone "
+            f"{c['tmpfs_allocation']['MBps']:.1f} MB/s"
+        )
     if "pause" in r:
-        print("\npause per checkpoint (random workload, codec seed; target median <= 2 x gather + 1 ms)")
-        print(f"  {'pages/epoch':>11} {'interval':>8} {'dirty med':>9} {'median':>8} {'p99':>8} "
-              f"{'max':>8} {'gather':>8} {'bound':>8}  target")
+        print(
+            "\npause per checkpoint (random workload, codec seed; target median <= 2 x gather + 1 ms)"
+        )
+        print(
+            f"  {'pages/epoch':>11} {'interval':>8} {'dirty med':>9} {'median':>8} {'p99':>8} "
+            f"{'max':>8} {'gather':>8} {'bound':>8}  target"
+        )
         for want, lv in r["pause"]["levels"].items():
             p = lv["pause_ms"]
             if not p.get("n"):
                 print(f"  {want:>11} no checkpoint in the window")
                 continue
-            print(f"  {want:>11} {lv['interval_ms']:>6}ms {lv['dirty_pages'].get('median', 0):>9.0f} "
-                  f"{p['median']:>6.2f}ms {p['p99']:>6.2f}ms {p['max']:>6.2f}ms "
-                  f"{lv['numpy_gather_ms']['median']:>6.2f}ms {lv['bound_ms']:>6.2f}ms  "
-                  f"{'met' if lv['met'] else 'MISSED'}")
+            print(
+                f"  {want:>11} {lv['interval_ms']:>6}ms {lv['dirty_pages'].get('median', 0):>9.0f} "
+                f"{p['median']:>6.2f}ms {p['p99']:>6.2f}ms {p['max']:>6.2f}ms "
+                f"{lv['numpy_gather_ms']['median']:>6.2f}ms {lv['bound_ms']:>6.2f}ms  "
+                f"{'met' if lv['met'] else 'MISSED'}"
+            )
         comp = r["pause"].get("components_ms", {})
         if comp:
             keys = [k for k in PAUSE_STEPS if k in next(iter(comp.values()))]
-            print("  where the pause goes (capture's steps timed one by one on an unwatched "
-                  "domain, median ms; prescan runs before the pause):")
+            print(
+                "  where the pause goes (capture's steps timed one by one on an unwatched "
+                "domain, median ms; prescan runs before the pause):"
+            )
             print("  " + f"{'pages':>7}" + "".join(f" {k[:12]:>12}" for k in keys))
             for c in comp.values():
-                print("  " + f"{c['dirty_pages'].get('median', 0):>7.0f}"
-                      + "".join(f" {c[k]:>12.3f}" for k in keys))
+                print(
+                    "  "
+                    + f"{c['dirty_pages'].get('median', 0):>7.0f}"
+                    + "".join(f" {c[k]:>12.3f}" for k in keys)
+                )
     if "rate" in r:
         rt = r["rate"]
-        print(f"\nsustained rate (hotset, ~{rt['pages_per_epoch']} dirty pages/epoch, interval "
-              f"{rt['interval_ms']} ms; target 40/s)")
-        print(f"  {'codec':<6} {'ckpt/s':>7} {'dirty':>6} {'pause med':>9} {'p99':>7} {'KB/ckpt':>8} "
-              f"{'ratio':>6} {'hit':>6} {'remusd':>7} {'recv':>6} {'prim.host':>9} {'bkp.host':>8}")
+        print(
+            f"\nsustained rate (hotset, ~{rt['pages_per_epoch']} dirty pages/epoch, interval "
+            f"{rt['interval_ms']} ms; target 40/s)"
+        )
+        print(
+            f"  {'codec':<6} {'ckpt/s':>7} {'dirty':>6} {'pause med':>9} {'p99':>7} {'KB/ckpt':>8} "
+            f"{'ratio':>6} {'hit':>6} {'remusd':>7} {'recv':>6} {'prim.host':>9} {'bkp.host':>8}"
+        )
         rows = list(rt["codecs"].items())
         if "fast" in rt:
             rows.append((f"{rt['fast']['codec']}@{rt['fast']['interval_ms']}", rt["fast"]))
         for codec, w in rows:
             cpu = w["cpu_percent"]
             hit = "-" if w["cache_hit_rate"] is None else f"{100 * w['cache_hit_rate']:.1f}%"
-            print(f"  {codec:<6} {w['checkpoints_per_s']:>7.1f} {w['dirty_pages'].get('median', 0):>6.0f} "
-                  f"{w['pause_ms'].get('median', 0):>7.2f}ms {w['pause_ms'].get('p99', 0):>5.2f}ms "
-                  f"{w['bytes_per_checkpoint'].get('median', 0) / 1e3:>8.1f} {w['ratio'] or 0:>6.1f} "
-                  f"{hit:>6} {cpu['remusd']:>6.0f}% {cpu['receiver']:>5.0f}% "
-                  f"{cpu['primary_host']:>8.0f}% {cpu['backup_host']:>7.0f}%")
+            print(
+                f"  {codec:<6} {w['checkpoints_per_s']:>7.1f} {w['dirty_pages'].get('median', 0):>6.0f} "
+                f"{w['pause_ms'].get('median', 0):>7.2f}ms {w['pause_ms'].get('p99', 0):>5.2f}ms "
+                f"{w['bytes_per_checkpoint'].get('median', 0) / 1e3:>8.1f} {w['ratio'] or 0:>6.1f} "
+                f"{hit:>6} {cpu['remusd']:>6.0f}% {cpu['receiver']:>5.0f}% "
+                f"{cpu['primary_host']:>8.0f}% {cpu['backup_host']:>7.0f}%"
+            )
     if "ratio" in r:
-        print("\ncompression on the wire (page bytes / bytes sent), cache hit rate, misses sent "
-              f"against a zero page per checkpoint; interval {RATE_INTERVAL_MS} ms")
+        print(
+            "\ncompression on the wire (page bytes / bytes sent), cache hit rate, misses sent "
+            f"against a zero page per checkpoint; interval {RATE_INTERVAL_MS} ms"
+        )
         codecs = list(next(iter(r["ratio"].values())).keys())
         print("  " + f"{'workload':<8}" + "".join(f" {c:>23}" for c in codecs))
         for wl, per in r["ratio"].items():
@@ -835,28 +1008,41 @@ def print_table(r: dict) -> None:
             print(f"  {wl:<8}" + "".join(cells))
     if "cache" in r:
         c = r["cache"]
-        print(f"\npage cache size (hotset, working set {c['wss_pages']} pages, "
-              f"{c['rate_pages_per_s']:.0f} pages/s, interval {c['interval_ms']} ms)")
-        print(f"  {'cache pages':>11} {'MiB/side':>8} {'codec':>6} {'dirty':>6} {'hit':>6} {'ratio':>7} "
-              f"{'KB/ckpt':>8} {'remusd':>7} {'recv':>6}")
+        print(
+            f"\npage cache size (hotset, working set {c['wss_pages']} pages, "
+            f"{c['rate_pages_per_s']:.0f} pages/s, interval {c['interval_ms']} ms)"
+        )
+        print(
+            f"  {'cache pages':>11} {'MiB/side':>8} {'codec':>6} {'dirty':>6} {'hit':>6} {'ratio':>7} "
+            f"{'KB/ckpt':>8} {'remusd':>7} {'recv':>6}"
+        )
         for size, per in c["sizes"].items():
             for codec, x in per.items():
                 hit = "-" if x["cache_hit_rate"] is None else f"{100 * x['cache_hit_rate']:.1f}%"
-                print(f"  {size:>11} {int(size) * PAGE_SIZE / MiB:>8.0f} {codec:>6} "
-                      f"{x['dirty_pages'].get('median', 0):>6.0f} {hit:>6} {x['ratio'] or 0:>6.1f} "
-                      f"{x['bytes_per_checkpoint'].get('median', 0) / 1e3:>8.1f} "
-                      f"{x['cpu_percent']['remusd']:>6.0f}% {x['cpu_percent']['receiver']:>5.0f}%")
+                print(
+                    f"  {size:>11} {int(size) * PAGE_SIZE / MiB:>8.0f} {codec:>6} "
+                    f"{x['dirty_pages'].get('median', 0):>6.0f} {hit:>6} {x['ratio'] or 0:>6.1f} "
+                    f"{x['bytes_per_checkpoint'].get('median', 0) / 1e3:>8.1f} "
+                    f"{x['cpu_percent']['remusd']:>6.0f}% {x['cpu_percent']['receiver']:>5.0f}%"
+                )
     if "failover" in r:
         f = r["failover"]
         print("\nfailover (kill -9 of primary host + remusd -> backup running)")
         for t in f["default"]:
-            print(f"  default timeout ({t.get('effective_timeout_ms')} ms, interval 200 ms): "
-                  f"{t.get('kill_to_running_s')} s (receiver detection {t.get('receiver_detection_ms')} ms)")
+            print(
+                f"  default timeout ({t.get('effective_timeout_ms')} ms, interval 200 ms): "
+                f"{t.get('kill_to_running_s')} s (receiver detection {t.get('receiver_detection_ms')} ms)"
+            )
         for t in f["search"]:
-            state = (f"safe; failover {t['kill_to_running_s']} s" if t["safe"]
-                     else f"UNSAFE: {t['unsafe_because']}")
-            print(f"  --failover-timeout {t['failover_timeout_ms']} ms, interval {t['interval_ms']} ms: "
-                  f"{state}")
+            state = (
+                f"safe; failover {t['kill_to_running_s']} s"
+                if t["safe"]
+                else f"UNSAFE: {t['unsafe_because']}"
+            )
+            print(
+                f"  --failover-timeout {t['failover_timeout_ms']} ms, interval {t['interval_ms']} ms: "
+                f"{state}"
+            )
         print(f"  target <= 1 s at the default: {'met' if f['met'] else 'MISSED'}")
 
 
@@ -913,8 +1099,12 @@ def median_of_runs(runs: list) -> object:
     if isinstance(first, dict):
         keys = [k for k in first if all(isinstance(r, dict) and k in r for r in runs)]
         return {k: median_of_runs([r[k] for r in runs]) for k in keys}
-    if isinstance(first, list) and first and all(isinstance(x, dict) for x in first) \
-            and all(isinstance(r, list) and len(r) == len(first) for r in runs):
+    if (
+        isinstance(first, list)
+        and first
+        and all(isinstance(x, dict) for x in first)
+        and all(isinstance(r, list) and len(r) == len(first) for r in runs)
+    ):
         return [median_of_runs([r[i] for r in runs]) for i in range(len(first))]
     return first
 
@@ -924,16 +1114,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB guests, short windows (~1-2 min)")
     p.add_argument("--json", default=os.path.join(REPO, "bench", "results", "e2e.json"))
     p.add_argument("--plot", metavar="PNG", help="draw pause CDF and rate over time per codec")
-    p.add_argument("--only", default="copy,pause,rate,cache,failover",
-                   help="phases to run, comma-separated (copy, pause, rate, cache, failover; "
-                        "rate includes ratio)")
+    p.add_argument(
+        "--only",
+        default="copy,pause,rate,cache,failover",
+        help="phases to run, comma-separated (copy, pause, rate, cache, failover; "
+        "rate includes ratio)",
+    )
     p.add_argument("--memory-mib", type=int, help="guest size (default 1024, --quick 256)")
-    p.add_argument("--remusd-arg", action="append", default=[], metavar="ARG",
-                   help="pass ARG to remusd in the copy/pause/rate phases (repeatable), e.g. "
-                        "--remusd-arg=--no-prescan to measure without the pre-pause dirty scan")
-    p.add_argument("--median", nargs="+", metavar="RUN_JSON",
-                   help="run nothing: print the element-wise median of these runs' JSON "
-                        "(and write it to --json)")
+    p.add_argument(
+        "--remusd-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to remusd in the copy/pause/rate phases (repeatable), e.g. "
+        "--remusd-arg=--no-prescan to measure without the pre-pause dirty scan",
+    )
+    p.add_argument(
+        "--median",
+        nargs="+",
+        metavar="RUN_JSON",
+        help="run nothing: print the element-wise median of these runs' JSON "
+        "(and write it to --json)",
+    )
     args = p.parse_args(argv)
     if args.median:
         runs = []
@@ -955,15 +1157,17 @@ def main(argv: list[str] | None = None) -> int:
     memory = (args.memory_mib or (256 if args.quick else 1024)) * MiB
     win = 1.5 if args.quick else 4.0
     rate_win = 2.5 if args.quick else 10.0
-    base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                                 else None))
+    base = Path(
+        tempfile.mkdtemp(prefix="bench-e2e-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    )
     results: dict = {"machine": machine(), "memory_MiB": memory // MiB, "quick": args.quick}
     t0 = time.monotonic()
     stack = None
     try:
         if phases & {"copy", "pause", "rate"}:
-            stack = Stack(base / "main", failover_ms=MEASURE_FAILOVER_MS,
-                          remusd_args=args.remusd_arg).start()
+            stack = Stack(
+                base / "main", failover_ms=MEASURE_FAILOVER_MS, remusd_args=args.remusd_arg
+            ).start()
             results["remusd_args"] = args.remusd_arg
             results["measure_failover_timeout_ms"] = MEASURE_FAILOVER_MS
             results["dirty_mode"] = stack.primary.hv.ping()["dirty_mode"]
@@ -973,20 +1177,31 @@ def main(argv: list[str] | None = None) -> int:
                 results["pause"] = phase_pause(stack, memory, win * 1.5)
             if "rate" in phases:
                 results["rate"], results["ratio"] = phase_workloads(
-                    stack, memory, win, rate_win, CODECS, 1.0 if args.quick else 2.0)
+                    stack, memory, win, rate_win, CODECS, 1.0 if args.quick else 2.0
+                )
             stack.close()
             stack = None
         if "cache" in phases:
-            results["cache"] = phase_cache(base, min(memory, 256 * MiB), win,
-                                           *((CACHE_SIZES[:2], ("xen",)) if args.quick else ()))
+            results["cache"] = phase_cache(
+                base,
+                min(memory, 256 * MiB),
+                win,
+                *((CACHE_SIZES[:2], ("xen",)) if args.quick else ()),
+            )
         if "failover" in phases:
             results["failover"] = phase_failover(
-                base, memory, 1 if args.quick else 3, 2.0 if args.quick else 6.0,
-                (200, 100, 50) if args.quick else FAILOVER_CANDIDATES_MS)
+                base,
+                memory,
+                1 if args.quick else 3,
+                2.0 if args.quick else 6.0,
+                (200, 100, 50) if args.quick else FAILOVER_CANDIDATES_MS,
+            )
     except BaseException:
         if stack is not None:
             for name in ("remusd", "receiver"):
-                print(f"--- {name} log (last lines) ---\n{stack.log(name)[-3000:]}", file=sys.stderr)
+                print(
+                    f"--- {name} log (last lines) ---\n{stack.log(name)[-3000:]}", file=sys.stderr
+                )
         raise
     finally:
         if stack is not None:

@@ -89,8 +89,7 @@ KILL_POINTS = {  # scenario -> (REMUSD_FAULT kind, smallest N, resumed checkpoin
     "kill-after-ack": ("stall-after-ack", 0, 0),
     "kill-after-release": ("stall-after-release", 0, 0),
 }
-SCENARIOS = (*KILL_POINTS, "kill-random", "sigstop", "tcp-reset", "receiver-restart",
-             "disk-full")
+SCENARIOS = (*KILL_POINTS, "kill-random", "sigstop", "tcp-reset", "receiver-restart", "disk-full")
 
 
 class Failed(AssertionError):
@@ -178,6 +177,7 @@ def power_cut(primary: SimHost, remusd: Remusd) -> None:
 
 def wait_final(rx: Receiver, name: str, timeout: float = 20) -> dict | None:
     """The receiver's session once it settled after the primary died."""
+
     def settled():
         s = rx_session(rx, name)
         if s is None or s["state"] in ("gone", "failed-over"):
@@ -185,12 +185,20 @@ def wait_final(rx: Receiver, name: str, timeout: float = 20) -> dict | None:
         if s["state"] in ("corrupt", "broken", "ended", "superseded"):
             raise Failed(f"receiver session ended {s['state']}: {s.get('error')}")
         return None
+
     return wait_until(f"the receiver to settle domain {name}", settled, timeout)["s"]
 
 
-def check_failover(ctx: Ctx, primary: SimHost, remusd: Remusd, name: str, s: dict,
-                   acked: int | None, acked_digest: str | None,
-                   expect: int | None = None) -> str:
+def check_failover(
+    ctx: Ctx,
+    primary: SimHost,
+    remusd: Remusd,
+    name: str,
+    s: dict,
+    acked: int | None,
+    acked_digest: str | None,
+    expect: int | None = None,
+) -> str:
     """The backup resumed from the right checkpoint, byte for byte, and holds
     every acknowledged transaction."""
     rx, backup = ctx.rx, ctx.backup
@@ -207,18 +215,24 @@ def check_failover(ctx: Ctx, primary: SimHost, remusd: Remusd, name: str, s: dic
     fd = s.get("failover_digest")
     check(fd, "no failover digest in the receiver's status")
     if k in logged:
-        check(fd == logged[k], f"backup memory at failover {fd} != primary's digest "
-              f"{logged[k]} of checkpoint {k}")
+        check(
+            fd == logged[k],
+            f"backup memory at failover {fd} != primary's digest {logged[k]} of checkpoint {k}",
+        )
         how = "digest = primary's"
     else:
         top = max(logged, default=-1)
         check(k == top + 1, f"resumed from {k}, but remusd saw only up to {top} acknowledged")
-        check(s["verified"] == s["checkpoints"], f"only {s['verified']} of {s['checkpoints']} "
-              "commits verified")
+        check(
+            s["verified"] == s["checkpoints"],
+            f"only {s['verified']} of {s['checkpoints']} commits verified",
+        )
         how = "committed, ACK lost with the primary; verified by the receiver"
     lines = rx_lines(rx, name)
-    check(any("FAILOVER" in ln and f"from checkpoint {k}" in ln for ln in lines),
-          "no FAILOVER line naming the checkpoint in the receiver's log")
+    check(
+        any("FAILOVER" in ln and f"from checkpoint {k}" in ln for ln in lines),
+        "no FAILOVER line naming the checkpoint in the receiver's log",
+    )
     info = backup.lookup(name).info()
     check(info.state == "running", f"backup domain is {info.state}")
     acked_file = ctx.workdir / f"{name}.acked"
@@ -244,21 +258,21 @@ def run_kill_point(ctx: Ctx, scenario: str, run: int) -> str:
     primary = start_primary(ctx, name)
     ctx.cleanups.append(lambda: destroy_backup(ctx, name))
     remusd = start_remusd(ctx, primary, fault=f"{kind}:1:{n}")
-    remusd.ctl("protect", name, "--to", ctx.rx.target, "--interval", str(INTERVAL_MS),
-               "--verify")
+    remusd.ctl("protect", name, "--to", ctx.rx.target, "--interval", str(INTERVAL_MS), "--verify")
     wait_until("remusd to reach the fault point", lambda: "stalling" in remusd.log(), 30)
     d = remusd.domain(name)
     acked, digest = d["acked"], d["acked_digest"]
     if offset is not None:
         want = n + offset
-        check(acked == (want if want >= 0 else None),
-              f"remusd status acked {acked} at {kind}:{n}")
+        check(acked == (want if want >= 0 else None), f"remusd status acked {acked} at {kind}:{n}")
     power_cut(primary, remusd)
     s = wait_final(ctx.rx, name)
     if offset is None or n + offset < 0:
         return check_nothing_committed(ctx, name, s, acked)
-    return check_failover(ctx, primary, remusd, name, s, acked, digest, expect=n + offset) \
+    return (
+        check_failover(ctx, primary, remusd, name, s, acked, digest, expect=n + offset)
         + f" [{kind}:1:{n}]"
+    )
 
 
 def check_nothing_committed(ctx: Ctx, name: str, s: dict | None, acked: int | None) -> str:
@@ -277,8 +291,7 @@ def run_kill_random(ctx: Ctx, scenario: str, run: int) -> str:
     ctx.cleanups.append(lambda: destroy_backup(ctx, name))
     remusd = start_remusd(ctx, primary)
     delay = ctx.rng.uniform(0.0, 1.5)
-    remusd.ctl("protect", name, "--to", ctx.rx.target, "--interval", str(INTERVAL_MS),
-               "--verify")
+    remusd.ctl("protect", name, "--to", ctx.rx.target, "--interval", str(INTERVAL_MS), "--verify")
     time.sleep(delay)
     d = remusd.domain(name)  # a lower bound: more may be acknowledged before the kill
     power_cut(primary, remusd)
@@ -287,8 +300,10 @@ def run_kill_random(ctx: Ctx, scenario: str, run: int) -> str:
     s = wait_final(ctx.rx, name)
     if s is None or s["state"] == "gone":
         return check_nothing_committed(ctx, name, s, acked) + f" (killed at {delay:.2f} s)"
-    return check_failover(ctx, primary, remusd, name, s, acked, logged.get(acked)) \
+    return (
+        check_failover(ctx, primary, remusd, name, s, acked, logged.get(acked))
         + f" (killed at {delay:.2f} s)"
+    )
 
 
 def run_sigstop(ctx: Ctx, scenario: str, run: int) -> str:
@@ -298,37 +313,52 @@ def run_sigstop(ctx: Ctx, scenario: str, run: int) -> str:
     ctx.cleanups.append(lambda: destroy_backup(ctx, name))
     remusd = start_remusd(ctx, primary)
     remusd.ctl("protect", name, "--to", rx.target, "--interval", str(INTERVAL_MS), "--verify")
-    remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name,
-                what="protection")
+    remusd.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name, what="protection"
+    )
     time.sleep(ctx.rng.uniform(0, 0.3))
     os.kill(remusd.proc.pid, signal.SIGSTOP)
     ctx.cleanups.insert(0, lambda: os.kill(remusd.proc.pid, signal.SIGCONT))
     t0 = time.monotonic()
-    s = wait_until("the receiver to fail over", lambda: (lambda s: s if s and s["state"] ==
-                   "failed-over" else None)(rx_session(rx, name)), 10)
+    s = wait_until(
+        "the receiver to fail over",
+        lambda: (lambda s: s if s and s["state"] == "failed-over" else None)(rx_session(rx, name)),
+        10,
+    )
     detect = time.monotonic() - t0
     out_at_failover = released_outputs(primary, name)
     backup_domid = s["backup_domid"]
     os.kill(remusd.proc.pid, signal.SIGCONT)
-    d = remusd.wait(lambda d: d["state"] == "fenced", name, timeout=10,
-                    what="remusd to find itself fenced")
+    d = remusd.wait(
+        lambda d: d["state"] == "fenced", name, timeout=10, what="remusd to find itself fenced"
+    )
     check("failed-over" in d["reason"] or "took over" in d["reason"], d["reason"])
     check(primary.lookup(name).info().state == "paused", "the stale primary guest still runs")
     time.sleep(1.5)  # no retry loop against the receiver meanwhile
     d = remusd.domain(name)
-    check(d["state"] == "fenced" and d["retries"] == 0 and d["sessions"] == 1,
-          f"remusd after fencing: state {d['state']}, retries {d['retries']}, "
-          f"sessions {d['sessions']}")
+    check(
+        d["state"] == "fenced" and d["retries"] == 0 and d["sessions"] == 1,
+        f"remusd after fencing: state {d['state']}, retries {d['retries']}, "
+        f"sessions {d['sessions']}",
+    )
     check(remusd.proc.poll() is None, "remusd died")
     s2 = rx_session(rx, name)
-    check(s2["state"] == "failed-over" and s2["backup_domid"] == backup_domid,
-          f"the backup that took over was touched: {s2['state']} {s2['backup_domid']}")
-    refusals = [ln for ln in rx.log().splitlines() if "refused session" in ln and
-                f"for domain {name} " in ln]
+    check(
+        s2["state"] == "failed-over" and s2["backup_domid"] == backup_domid,
+        f"the backup that took over was touched: {s2['state']} {s2['backup_domid']}",
+    )
+    refusals = [
+        ln
+        for ln in rx.log().splitlines()
+        if "refused session" in ln and f"for domain {name} " in ln
+    ]
     check(len(refusals) <= 1, f"remusd hammered the receiver: {len(refusals)} refusals")
     out_after = released_outputs(primary, name)
-    check(out_after == out_at_failover, f"the fenced primary released {out_after - out_at_failover}"
-          " outputs after the backup took over")
+    check(
+        out_after == out_at_failover,
+        f"the fenced primary released {out_after - out_at_failover}"
+        " outputs after the backup took over",
+    )
     d_ack = remusd.domain(name)
     res = check_failover(ctx, primary, remusd, name, s2, d_ack["acked"], d_ack["acked_digest"])
     return f"failover {detect * 1000:.0f} ms after SIGSTOP; remusd fenced, guest paused; " + res
@@ -417,21 +447,27 @@ def run_tcp_reset(ctx: Ctx, scenario: str, run: int) -> str:
     proxy = ResetProxy(rx.port)
     ctx.cleanups.append(proxy.close)
     remusd = start_remusd(ctx, primary)
-    remusd.ctl("protect", name, "--to", proxy.target, "--interval", str(INTERVAL_MS),
-               "--verify")
-    remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name,
-                what="protection")
+    remusd.ctl("protect", name, "--to", proxy.target, "--interval", str(INTERVAL_MS), "--verify")
+    remusd.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name, what="protection"
+    )
     time.sleep(ctx.rng.uniform(0, 0.3))
     committed_before = rx_session(rx, name)["last_committed"]
     proxy.cut()
     check(proxy.cut_done.wait(10), "the proxy saw no data to cut")
-    d = remusd.wait(lambda d: d["sessions"] >= 2 and d["state"] == "protected", name,
-                    timeout=20, what="re-protection after the reset")
+    d = remusd.wait(
+        lambda d: d["sessions"] >= 2 and d["state"] == "protected",
+        name,
+        timeout=20,
+        what="re-protection after the reset",
+    )
     lines = rx_lines(rx, name)
     check(not any("FAILOVER" in ln for ln in lines), "the backup failed over after a reset")
     check(any("reset" in ln.lower() for ln in lines), "the receiver's log does not say reset")
-    check(any("unprotected" in ln and name in ln for ln in remusd.log().splitlines()),
-          "remusd's log does not say unprotected")
+    check(
+        any("unprotected" in ln and name in ln for ln in remusd.log().splitlines()),
+        "remusd's log does not say unprotected",
+    )
     s = rx_session(rx, name)
     check(s["state"] == "receiving" and s["mismatches"] == 0, f"new session {s}")
     check(primary.lookup(name).info().state == "running", "the primary guest stopped")
@@ -442,8 +478,10 @@ def run_tcp_reset(ctx: Ctx, scenario: str, run: int) -> str:
     power_cut(primary, remusd)
     s = wait_final(rx, name)
     res = check_failover(ctx, primary, remusd, name, s, d["acked"], d["acked_digest"])
-    return (f"RST after {proxy.cut_bytes} bytes of a chunk (committed {committed_before} "
-            f"before); no failover, re-protected; then {res}")
+    return (
+        f"RST after {proxy.cut_bytes} bytes of a chunk (committed {committed_before} "
+        f"before); no failover, re-protected; then {res}"
+    )
 
 
 def run_receiver_restart(ctx: Ctx, scenario: str, run: int) -> str:
@@ -456,34 +494,41 @@ def run_receiver_restart(ctx: Ctx, scenario: str, run: int) -> str:
     ctx.cleanups.append(rx.kill)
     rx.start()
     own.rx = rx
-    remusd = start_remusd(ctx, primary, "--ack-timeout", "1", "--retry-min", "0.2",
-                          "--retry-max", "0.5")
+    remusd = start_remusd(
+        ctx, primary, "--ack-timeout", "1", "--retry-min", "0.2", "--retry-max", "0.5"
+    )
     remusd.ctl("protect", name, "--to", rx.target, "--interval", str(INTERVAL_MS), "--verify")
     remusd.wait(lambda d: d["state"] == "protected", name, what="protection")
     time.sleep(ctx.rng.uniform(0, 0.5))
     rx.kill()
-    d = remusd.wait(lambda d: d["state"] == "unprotected", name, timeout=10,
-                    what="unprotected")
+    d = remusd.wait(lambda d: d["state"] == "unprotected", name, timeout=10, what="unprotected")
     check("backup lost" in d["reason"], d["reason"])
     n0 = released_outputs(primary, name)
     time.sleep(0.3)
     check(released_outputs(primary, name) > n0, "outputs held back while unprotected")
     rx.start()
-    remusd.wait(lambda d: d["state"] == "protected" and d["sessions"] >= 2, name, timeout=20,
-                what="re-protection")
-    remusd.wait(lambda d: d["acked"] is not None and d["acked"] >= 5, name,
-                what="5 checkpoints")
+    remusd.wait(
+        lambda d: d["state"] == "protected" and d["sessions"] >= 2,
+        name,
+        timeout=20,
+        what="re-protection",
+    )
+    remusd.wait(lambda d: d["acked"] is not None and d["acked"] >= 5, name, what="5 checkpoints")
     d = remusd.domain(name)
     power_cut(primary, remusd)
     s = wait_final(rx, name)
     return "unprotected, re-protected; then " + check_failover(
-        own, primary, remusd, name, s, d["acked"], d["acked_digest"])
+        own, primary, remusd, name, s, d["acked"], d["acked_digest"]
+    )
 
 
 def _mount_tmpfs(size: str) -> str:
     mnt = tempfile.mkdtemp(prefix="remus-faults-tmpfs-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", mnt],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", mnt],
+        check=True,
+        capture_output=True,
+    )
     return mnt
 
 
@@ -516,8 +561,11 @@ def run_disk_full(ctx: Ctx, scenario: str, run: int) -> str:
     except Exception:  # keep the logs that live on the tmpfs
         for sub in ("rx", "backup"):
             with contextlib.suppress(OSError):
-                shutil.copytree(Path(mnt) / sub, ctx.workdir / f"tmpfs-{sub}",
-                                ignore=shutil.ignore_patterns("*.mem", "*.sock", "filler"))
+                shutil.copytree(
+                    Path(mnt) / sub,
+                    ctx.workdir / f"tmpfs-{sub}",
+                    ignore=shutil.ignore_patterns("*.mem", "*.sock", "filler"),
+                )
         raise
 
 
@@ -535,20 +583,30 @@ def _disk_full(ctx: Ctx, run: int, mnt: str) -> str:
     remusd = start_remusd(ctx, primary, "--retry-min", "0.2", "--retry-max", "0.4")
     remusd.ctl("protect", name, "--to", rx.target, "--interval", str(INTERVAL_MS), "--verify")
     # 1. no room for the backup's 16 MiB: refused, remusd retries, the receiver serves on
-    d = remusd.wait(lambda d: d["state"] == "unprotected" and d["retries"] >= 2, name,
-                    timeout=15, what="refusals and retries")
+    d = remusd.wait(
+        lambda d: d["state"] == "unprotected" and d["retries"] >= 2,
+        name,
+        timeout=15,
+        what="refusals and retries",
+    )
     check("No space left" in (d["reason"] or ""), f"reason: {d['reason']}")
     check(rx.proc.poll() is None and rx.status()["role"] == "receiver", "the receiver died")
-    check(any("refused" in ln and "No space left" in ln for ln in rx.log().splitlines()),
-          "the receiver's log does not say why it refused")
+    check(
+        any("refused" in ln and "No space left" in ln for ln in rx.log().splitlines()),
+        "the receiver's log does not say why it refused",
+    )
     # 2. room enough: protected at the next retry
     subprocess.run(["mount", "-o", "remount,size=40m", mnt], check=True, capture_output=True)
     remusd.wait(lambda d: d["state"] == "protected", name, timeout=15, what="protection")
     # 3. fill the filesystem to the last byte while checkpoints commit
     filled = fill(Path(mnt) / "filler")
     c0 = remusd.domain(name)["checkpoints"]
-    remusd.wait(lambda d: d["checkpoints"] >= c0 + 20, name, timeout=20,
-                what="20 checkpoints on a full filesystem")
+    remusd.wait(
+        lambda d: d["checkpoints"] >= c0 + 20,
+        name,
+        timeout=20,
+        what="20 checkpoints on a full filesystem",
+    )
     s = rx_session(rx, name)
     check(s["state"] == "receiving" and s["mismatches"] == 0, f"session {s}")
     check(rx.proc.poll() is None, "the receiver died")
@@ -558,8 +616,10 @@ def _disk_full(ctx: Ctx, run: int, mnt: str) -> str:
     check(rx.proc.poll() is None, "the receiver died at failover")
     os.unlink(Path(mnt) / "filler")  # so the resumed guest's output reaches its file
     res = check_failover(own, primary, remusd, name, s, d["acked"], d["acked_digest"])
-    return f"refused for space, retried, protected; filled {filled >> 20} MiB; 20 commits " \
-           f"on a full fs; then {res}"
+    return (
+        f"refused for space, retried, protected; filled {filled >> 20} MiB; 20 commits "
+        f"on a full fs; then {res}"
+    )
 
 
 class Skip(Exception):
@@ -610,8 +670,9 @@ class Campaign:
         except Skip as e:
             res = Result(scenario, run, True, time.monotonic() - t0, f"skipped: {e}")
         except Exception as e:  # a failed run: keep its logs, go on
-            res = Result(scenario, run, False, time.monotonic() - t0,
-                         error=f"{type(e).__name__}: {e}")
+            res = Result(
+                scenario, run, False, time.monotonic() - t0, error=f"{type(e).__name__}: {e}"
+            )
         finally:
             for c in ctx.cleanups:
                 with contextlib.suppress(Exception):
@@ -643,8 +704,9 @@ class Campaign:
 def summarize(results: list[Result]) -> dict:
     per: dict[str, dict] = {}
     for r in results:
-        p = per.setdefault(r.scenario, {"runs": 0, "ok": 0, "failed": 0, "skipped": 0,
-                                        "seconds": []})
+        p = per.setdefault(
+            r.scenario, {"runs": 0, "ok": 0, "failed": 0, "skipped": 0, "seconds": []}
+        )
         p["runs"] += 1
         if not r.ok:
             p["failed"] += 1
@@ -661,16 +723,27 @@ def summarize(results: list[Result]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=len(SCENARIOS),
-                    help="runs in all, spread over the scenarios (default: one each)")
-    ap.add_argument("--scenario", action="append", choices=SCENARIOS,
-                    help="only these scenarios (repeatable)")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.faults",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=len(SCENARIOS),
+        help="runs in all, spread over the scenarios (default: one each)",
+    )
+    ap.add_argument(
+        "--scenario", action="append", choices=SCENARIOS, help="only these scenarios (repeatable)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH")
-    ap.add_argument("--keep-logs", metavar="DIR", help="where failed runs' logs go "
-                    "(default: the temp directory)")
+    ap.add_argument(
+        "--keep-logs",
+        metavar="DIR",
+        help="where failed runs' logs go (default: the temp directory)",
+    )
     args = ap.parse_args(argv)
     scenarios = args.scenario or list(SCENARIOS)
     root = Path(tempfile.mkdtemp(prefix="remus-faults-"))
@@ -683,8 +756,10 @@ def main(argv: list[str] | None = None) -> int:
             r = camp.run(sc, i)
             results.append(r)
             mark = "ok  " if r.ok else "FAIL"
-            print(f"{mark} {i:4d} {sc:20s} {r.seconds:5.1f} s  "
-                  f"{r.detail if r.ok else r.error}", flush=True)
+            print(
+                f"{mark} {i:4d} {sc:20s} {r.seconds:5.1f} s  {r.detail if r.ok else r.error}",
+                flush=True,
+            )
             if r.logs:
                 print(f"          logs: {r.logs}", flush=True)
     except KeyboardInterrupt:
@@ -694,19 +769,35 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     total = time.monotonic() - t0
     per = summarize(results)
-    print(f"\n{'scenario':20s} {'runs':>5s} {'ok':>5s} {'failed':>6s} {'skipped':>7s} "
-          f"{'mean s':>7s} {'max s':>6s}")
+    print(
+        f"\n{'scenario':20s} {'runs':>5s} {'ok':>5s} {'failed':>6s} {'skipped':>7s} "
+        f"{'mean s':>7s} {'max s':>6s}"
+    )
     for sc, p in per.items():
-        print(f"{sc:20s} {p['runs']:5d} {p['ok']:5d} {p['failed']:6d} {p['skipped']:7d} "
-              f"{p['seconds_mean']:7.2f} {p['seconds_max']:6.2f}")
+        print(
+            f"{sc:20s} {p['runs']:5d} {p['ok']:5d} {p['failed']:6d} {p['skipped']:7d} "
+            f"{p['seconds_mean']:7.2f} {p['seconds_max']:6.2f}"
+        )
     failed = [r for r in results if not r.ok]
-    print(f"{len(results)} runs, {len(failed)} failed, {total:.0f} s "
-          f"({total / max(1, len(results)):.1f} s per run)")
+    print(
+        f"{len(results)} runs, {len(failed)} failed, {total:.0f} s "
+        f"({total / max(1, len(results)):.1f} s per run)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "runs": len(results), "failed": len(failed), "seconds": round(total, 1),
-            "seed": args.seed, "scenarios": per,
-            "results": [asdict(r) for r in results]}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "runs": len(results),
+                    "failed": len(failed),
+                    "seconds": round(total, 1),
+                    "seed": args.seed,
+                    "scenarios": per,
+                    "results": [asdict(r) for r in results],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 1 if failed else 0
 
 

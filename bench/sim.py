@@ -55,7 +55,10 @@ def run_exactly(dom, n: int) -> None:
 
 def bench_pause(host: SimHost, reps: int) -> dict:
     out = {}
-    for label, workload, rate in (("random 20k pages/s", "random", 20000), ("ledger 20k tx/s", "ledger", 20000)):
+    for label, workload, rate in (
+        ("random 20k pages/s", "random", 20000),
+        ("ledger 20k tx/s", "ledger", 20000),
+    ):
         dom = host.create("64M", workload, seed=1, rate=rate)
         time.sleep(0.05)
         samples = []
@@ -105,7 +108,10 @@ def bench_dirty(host: SimHost, memory: int, reps: int, mode: str) -> dict:
 def bench_gather(host: SimHost, memory: int, reps: int) -> dict:
     pages = memory // PAGE_SIZE
     dom = host.create(memory, "idle", seed=1, paused=True)
-    dom.scatter(np.arange(0, pages, 64, dtype=np.uint64), np.full((len(range(0, pages, 64)), PAGE_SIZE), 7, np.uint8))
+    dom.scatter(
+        np.arange(0, pages, 64, dtype=np.uint64),
+        np.full((len(range(0, pages, 64)), PAGE_SIZE), 7, np.uint8),
+    )
     anon = np.ones((pages, PAGE_SIZE), dtype=np.uint8)
     rng = np.random.default_rng(1)
     out = {}
@@ -133,7 +139,11 @@ def bench_gather(host: SimHost, memory: int, reps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sim", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="256 MiB guest, fewer repetitions")
-    p.add_argument("--json", default=os.path.join(REPO, "bench", "results", "sim.json"), help="where to write JSON")
+    p.add_argument(
+        "--json",
+        default=os.path.join(REPO, "bench", "results", "sim.json"),
+        help="where to write JSON",
+    )
     args = p.parse_args(argv)
     memory = (256 if args.quick else 1024) << 20
     reps = 200 if args.quick else 2000
@@ -141,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     host = SimHost().start()
     try:
         results = {
-            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                        "loadavg_at_start": os.getloadavg()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "loadavg_at_start": os.getloadavg(),
+            },
             "host_dirty_mode": host.hv.ping()["dirty_mode"],
             "pause_unpause": bench_pause(host, reps),
             "read_and_clear_dirty": {},
@@ -155,21 +169,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         host.cleanup()
 
-    print(f"simulated host benchmark ({memory >> 20} MiB guest; {os.cpu_count()} CPUs, "
-          f"load {results['machine']['loadavg_at_start'][0]:.1f})")
+    print(
+        f"simulated host benchmark ({memory >> 20} MiB guest; {os.cpu_count()} CPUs, "
+        f"load {results['machine']['loadavg_at_start'][0]:.1f})"
+    )
     print(f"\n{'pause + unpause round trip':<40} {'median':>10} {'p99':>10}")
     for label, s in results["pause_unpause"].items():
         print(f"  {label:<38} {s['median_us']:>8.1f}us {s['p99_us']:>8.1f}us")
-    print(f"\n{'read-and-clear dirty, ' + str(memory >> 20) + ' MiB populated':<40} {'median':>10} {'p99':>10}")
+    print(
+        f"\n{'read-and-clear dirty, ' + str(memory >> 20) + ' MiB populated':<40} {'median':>10} {'p99':>10}"
+    )
     for mode, r in results["read_and_clear_dirty"].items():
         for key in ("idle", "1000_dirty"):
             s = r[key]
-            print(f"  {mode + ', ' + key.replace('_', ' '):<38} {s['median_us']:>8.1f}us {s['p99_us']:>8.1f}us")
-    print(f"\n{'gather (random pages)':<22} {'mapping':>12} {'GB/s':>7} {'numpy take':>12} {'GB/s':>7}")
+            print(
+                f"  {mode + ', ' + key.replace('_', ' '):<38} {s['median_us']:>8.1f}us {s['p99_us']:>8.1f}us"
+            )
+    print(
+        f"\n{'gather (random pages)':<22} {'mapping':>12} {'GB/s':>7} {'numpy take':>12} {'GB/s':>7}"
+    )
     for n, r in results["gather"].items():
         g, a = r["gather"], r["numpy_take_anonymous"]
-        print(f"  {n + ' pages':<20} {g['median_us']:>10.1f}us {g['GB_per_s']:>7.2f} "
-              f"{a['median_us']:>10.1f}us {a['GB_per_s']:>7.2f}")
+        print(
+            f"  {n + ' pages':<20} {g['median_us']:>10.1f}us {g['GB_per_s']:>7.2f} "
+            f"{a['median_us']:>10.1f}us {a['GB_per_s']:>7.2f}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

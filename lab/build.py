@@ -38,8 +38,17 @@ KERNEL_META = "linux-image-amd64"
 BUSYBOX = "/usr/bin/busybox"  # busybox-static: runs without any library
 #: Modules dom0 loads from its initramfs (dependencies are added), in the
 #: order given: 9p to reach the host, overlay for the root, Xen's devices.
-DOM0_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay",
-                "xen_privcmd", "xen_evtchn", "xen_gntdev", "xen_gntalloc", "xenfs"]
+DOM0_MODULES = [
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "xen_privcmd",
+    "xen_evtchn",
+    "xen_gntdev",
+    "xen_gntalloc",
+    "xenfs",
+]
 MODINFO_DEPENDS = re.compile(rb"\0depends=([^\0]*)\0")
 
 
@@ -58,8 +67,9 @@ def _kernel_package() -> str:
     have = sorted(glob.glob(str(DEBS / "linux-image-*-amd64_*.deb")))
     if have:
         return os.path.basename(have[-1]).split("_")[0]
-    out = subprocess.run(["apt-cache", "depends", KERNEL_META], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["apt-cache", "depends", KERNEL_META], check=True, capture_output=True, text=True
+    ).stdout
     m = re.search(r"Depends: (linux-image-\S+-amd64)\b", out)
     if not m:
         raise SystemExit(f"lab-build: cannot resolve {KERNEL_META} with apt-cache:\n{out}")
@@ -182,8 +192,9 @@ def build_guest_initrd() -> None:
     binary = CACHE / "labguest"
     if not _fresh(binary, [src]):
         log("gcc -static labguest.c")
-        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(binary), str(src)],
-                       check=True)
+        subprocess.run(
+            ["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(binary), str(src)], check=True
+        )
     init = LAB / "guest" / "init"
     out = CACHE / "guest-initrd.gz"
     if _fresh(out, [init, binary, Path(BUSYBOX), Path(__file__)]):
@@ -203,8 +214,10 @@ def build_guest_initrd() -> None:
 def build() -> None:
     for tool in ("apt-get", "dpkg", "gcc", BUSYBOX):
         if not shutil.which(tool):
-            raise SystemExit(f"lab-build: {tool} is missing (run scripts/install-system-deps "
-                             "or apt-get install busybox-static gcc)")
+            raise SystemExit(
+                f"lab-build: {tool} is missing (run scripts/install-system-deps "
+                "or apt-get install busybox-static gcc)"
+            )
     fetch()
     build_xen_and_kernel()
     build_dom0_initrd()

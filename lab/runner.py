@@ -56,18 +56,40 @@ def qemu_command(args: argparse.Namespace) -> list[str]:
         dom0 += f" lab.only={args.only.replace(',', '+')}"  # no commas: see -initrd
     results = RUN / "results"
     return [
-        "timeout", "--kill-after=15", str(int(args.timeout)),
-        QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", args.cpu,
-        "-m", str(args.memory), "-smp", "2",
-        "-display", "none", "-monitor", "none", "-no-reboot",
-        "-serial", f"file:{RUN / 'serial.log'}",
-        "-kernel", str(CACHE / "xen-4.17-amd64"),
-        "-append", XEN_CMDLINE + (" smap=0" if args.cpu.startswith("max") else ""),
+        "timeout",
+        "--kill-after=15",
+        str(int(args.timeout)),
+        QEMU,
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        args.cpu,
+        "-m",
+        str(args.memory),
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{RUN / 'serial.log'}",
+        "-kernel",
+        str(CACHE / "xen-4.17-amd64"),
+        "-append",
+        XEN_CMDLINE + (" smap=0" if args.cpu.startswith("max") else ""),
         # QEMU splits -initrd at commas: no comma may appear in the cmdline
-        "-initrd", f"{CACHE / 'vmlinuz'} {dom0},{CACHE / 'dom0-initrd.gz'}",
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        "-virtfs", f"local,path={ROOT},mount_tag=xenroot,security_model=none,readonly=on,multidevs=remap",
-        "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
+        "-initrd",
+        f"{CACHE / 'vmlinuz'} {dom0},{CACHE / 'dom0-initrd.gz'}",
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+        f"local,path={ROOT},mount_tag=xenroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+        f"local,path={results},mount_tag=results,security_model=none",
     ]
 
 
@@ -89,8 +111,13 @@ def boot(args: argparse.Namespace) -> tuple[str, list[R.Result], float]:
     host_fail: list[R.Result] = []
     t0 = time.monotonic()
     with open(RUN / "qemu.stderr", "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     shown = 0
     done_at: float | None = None
     try:
@@ -106,10 +133,18 @@ def boot(args: argparse.Namespace) -> tuple[str, list[R.Result], float]:
             if done_at is None and R.finished(text):
                 done_at = now
             if done_at is not None and now - done_at > DONE_GRACE:
-                host_fail.append(R.Result("FAIL", "qemu-exit", "dom0 finished but QEMU did not exit; stopped"))
+                host_fail.append(
+                    R.Result("FAIL", "qemu-exit", "dom0 finished but QEMU did not exit; stopped")
+                )
                 break
             if not R.stages(text) and now > BOOT_DEADLINE:
-                host_fail.append(R.Result("FAIL", "boot", f"dom0 did not reach its initramfs within {BOOT_DEADLINE:.0f}s"))
+                host_fail.append(
+                    R.Result(
+                        "FAIL",
+                        "boot",
+                        f"dom0 did not reach its initramfs within {BOOT_DEADLINE:.0f}s",
+                    )
+                )
                 break
     finally:
         if proc.poll() is None:
@@ -122,11 +157,22 @@ def boot(args: argparse.Namespace) -> tuple[str, list[R.Result], float]:
     elapsed = time.monotonic() - t0
     text = _read(serial)
     if proc.returncode == 124 and not R.finished(text):
-        host_fail.append(R.Result("FAIL", "timeout", f"QEMU killed after {args.timeout:.0f}s; last stage: "
-                                  f"{(R.stages(text) or ['none'])[-1]}"))
+        host_fail.append(
+            R.Result(
+                "FAIL",
+                "timeout",
+                f"QEMU killed after {args.timeout:.0f}s; last stage: "
+                f"{(R.stages(text) or ['none'])[-1]}",
+            )
+        )
     elif proc.returncode not in (0, 124, -signal.SIGTERM) and not R.finished(text):
-        host_fail.append(R.Result("FAIL", "qemu", f"QEMU exited with {proc.returncode}: "
-                                  f"{_read(RUN / 'qemu.stderr').strip()[-300:]}"))
+        host_fail.append(
+            R.Result(
+                "FAIL",
+                "qemu",
+                f"QEMU exited with {proc.returncode}: {_read(RUN / 'qemu.stderr').strip()[-300:]}",
+            )
+        )
     return text, host_fail, elapsed
 
 
@@ -134,13 +180,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lab/run", description=__doc__.splitlines()[0])
     p.add_argument("--timeout", type=float, default=1500.0, help="hard limit for QEMU, seconds")
     p.add_argument("--guest", choices=["pvh", "pv"], default="pvh", help="lab guest type")
-    p.add_argument("--only", default="", help="run only these Python check steps (comma list of modules "
-                   "or module:part, e.g. xenctrl_checks,remus_checks:file); 'none' for the shell "
-                   "checks only")
-    p.add_argument("--cpu", default=CPU, help=f"QEMU CPU model (default {CPU}; 'max' needs "
-                   "smap=0, added automatically)")
-    p.add_argument("--overcommit", action="store_true",
-                   help="exploration: vm.overcommit_memory=1 in dom0 (docs/lab.md)")
+    p.add_argument(
+        "--only",
+        default="",
+        help="run only these Python check steps (comma list of modules "
+        "or module:part, e.g. xenctrl_checks,remus_checks:file); 'none' for the shell "
+        "checks only",
+    )
+    p.add_argument(
+        "--cpu",
+        default=CPU,
+        help=f"QEMU CPU model (default {CPU}; 'max' needs smap=0, added automatically)",
+    )
+    p.add_argument(
+        "--overcommit",
+        action="store_true",
+        help="exploration: vm.overcommit_memory=1 in dom0 (docs/lab.md)",
+    )
     p.add_argument("--memory", type=int, default=2560, help="QEMU memory, MiB")
     args = p.parse_args(argv)
     if not shutil.which(QEMU):
@@ -149,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.monotonic()
     build()
     t_build = time.monotonic() - t_build
-    print(f"lab: built in {t_build:.1f}s; booting Xen under QEMU (TCG, limit {args.timeout:.0f}s)",
-          flush=True)
+    print(
+        f"lab: built in {t_build:.1f}s; booting Xen under QEMU (TCG, limit {args.timeout:.0f}s)",
+        flush=True,
+    )
     serial, host_fail, elapsed = boot(args)
     file_results = R.parse_results_file(_read(RUN / "results" / "results.txt"))
     results = R.merge(R.merge(file_results, R.parse_serial(serial)), host_fail)
@@ -162,11 +220,24 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(r.line())
     npass = sum(r.passed for r in results)
-    print(f"lab: {npass} passed, {len(results) - npass} failed; build {t_build:.1f}s, "
-          f"QEMU {elapsed:.1f}s; logs in {RUN.relative_to(REPO)}/")
-    (RUN / "summary.json").write_text(json.dumps({
-        "passed": ok, "build_seconds": round(t_build, 1), "qemu_seconds": round(elapsed, 1),
-        "guest": args.guest, "overcommit": args.overcommit, "results": [r.__dict__ for r in results]}, indent=2) + "\n")
+    print(
+        f"lab: {npass} passed, {len(results) - npass} failed; build {t_build:.1f}s, "
+        f"QEMU {elapsed:.1f}s; logs in {RUN.relative_to(REPO)}/"
+    )
+    (RUN / "summary.json").write_text(
+        json.dumps(
+            {
+                "passed": ok,
+                "build_seconds": round(t_build, 1),
+                "qemu_seconds": round(elapsed, 1),
+                "guest": args.guest,
+                "overcommit": args.overcommit,
+                "results": [r.__dict__ for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0 if ok else 1
 
 

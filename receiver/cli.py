@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot open the hypervisor: %s", e)
         return 1
     except ImportError as e:  # a build without the Xen binding
-        log.error("cannot open the hypervisor: Xen support is not available in this build "
-                  "(%s); use --sim-dir DIR for the simulated host", e)
+        log.error(
+            "cannot open the hypervisor: Xen support is not available in this build "
+            "(%s); use --sim-dir DIR for the simulated host",
+            e,
+        )
         return 1
     daemon = ReceiverDaemon(cfg, hv)
     daemon.tls = tls_server
@@ -116,15 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     where = f"simulated host {cfg.sim_dir}" if cfg.sim_dir else "Xen"
     if tls_server is not None:
         mode = "TLS"
-        log.info("TLS: certificate %s, CA %s, senders allowed: %s", cfg.tls.cert, cfg.tls.ca,
-                 ", ".join(cfg.tls.allow_peers))
+        log.info(
+            "TLS: certificate %s, CA %s, senders allowed: %s",
+            cfg.tls.cert,
+            cfg.tls.ca,
+            ", ".join(cfg.tls.allow_peers),
+        )
     else:
         mode = "plaintext, --insecure"
-    log.info("listening on %s (%s) for replication sessions; backups on %s; "
-             "control socket %s", listener.address, mode, where, cfg.control)
+    log.info(
+        "listening on %s (%s) for replication sessions; backups on %s; control socket %s",
+        listener.address,
+        mode,
+        where,
+        cfg.control,
+    )
     if tls_server is None:
-        log.warning("the replication link is plaintext (--insecure): use it only on a trusted "
-                    "network")
+        log.warning(
+            "the replication link is plaintext (--insecure): use it only on a trusted network"
+        )
     ready.set()
 
     watchdog = Watchdog(lambda: daemon.monitor_alive() and listener.alive()).start()

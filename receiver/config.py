@@ -125,6 +125,7 @@ def _positive(kind):
         if value <= 0:
             raise ValueError(f"{text} is not positive")
         return value
+
     conv.__name__ = kind.__name__
     return conv
 
@@ -142,69 +143,152 @@ def _cache_pages(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if not 1 <= value <= MAX_CACHE_PAGES:
-        raise argparse.ArgumentTypeError(f"{value} pages is outside 1..{MAX_CACHE_PAGES} (the "
-                                         "codec cache's own limit)")
+        raise argparse.ArgumentTypeError(
+            f"{value} pages is outside 1..{MAX_CACHE_PAGES} (the codec cache's own limit)"
+        )
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="remus-receiver", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--listen", metavar="HOST:PORT",
-                   help="address to listen on for remusd sessions (port 0: any free port; the "
-                        "log line 'listening on HOST:PORT' and `status` name it)")
+        prog="remus-receiver",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to listen on for remusd sessions (port 0: any free port; the "
+        "log line 'listening on HOST:PORT' and `status` name it)",
+    )
     add_daemon_arguments(
-        p, config=DEFAULT_CONFIG, control=DEFAULT_CONTROL,
+        p,
+        config=DEFAULT_CONFIG,
+        control=DEFAULT_CONTROL,
         insecure_help="accept plaintext TCP sessions instead of TLS (unauthenticated: anyone "
-                      "who reaches the port can write into backups; a warning is logged at "
-                      "every session)")
-    p.add_argument("--failover-timeout", metavar="MS", type=_non_negative_int, default=0,
-                   help="fail over this long after the last checkpoint or heartbeat (default 0: "
-                        f"per session, {FAILOVER_FACTOR} x max(interval, heartbeat) + "
-                        f"{FAILOVER_MARGIN_MS} ms, at least {FAILOVER_MIN_MS} ms; 900 ms at the "
-                        "200 ms interval)")
-    p.add_argument("--heartbeat", metavar="MS", type=_positive(int), default=100,
-                   help="send a heartbeat to the sender at least this often (default 100)")
-    p.add_argument("--handshake-timeout", metavar="S", type=_positive(float), default=10.0,
-                   help="drop a connection that sends no complete HELLO within S seconds "
-                        "(default 10)")
-    p.add_argument("--stall-timeout", metavar="S", type=_positive(float), default=30.0,
-                   help="drop a session whose initial copy makes no progress for S seconds "
-                        "(default 30; after the first commit the failover timeout rules)")
-    p.add_argument("--max-sessions", metavar="N", type=_positive(int), default=64,
-                   help="sessions open at once (default 64)")
-    p.add_argument("--max-pages", metavar="N", type=_positive(int), default=1 << 24,
-                   help="largest domain accepted, in 4 KiB pages (default 16777216 = 64 GiB)")
-    p.add_argument("--max-staged-mb", metavar="MB", type=_positive(int), default=1024,
-                   help="largest checkpoint staged per session, MiB (default 1024)")
-    p.add_argument("--max-compressed-mb", metavar="MB", type=_positive(int), default=64,
-                   help="largest COMPRESSED_DATA chunk accepted, MiB (default 64)")
-    p.add_argument("--max-context-mb", metavar="MB", type=_positive(int), default=16,
-                   help="largest HVM context record in a checkpoint's tail, MiB (default 16)")
-    p.add_argument("--max-device-model-mb", metavar="MB", type=_positive(int), default=64,
-                   help="largest device-model record in a checkpoint's tail, MiB (default 64)")
-    p.add_argument("--max-cache-pages", metavar="N", type=_cache_pages, default=MAX_CACHE_PAGES,
-                   help="largest codec page cache a session may ask for, in 4 KiB pages "
-                        f"(default and at most {MAX_CACHE_PAGES} = 1 GiB); a HELLO asking for "
-                        "more, or for a sender buffer whose COMPRESSED_DATA chunks could exceed "
-                        "--max-compressed-mb, is refused `limit` at the handshake")
-    p.add_argument("--on-link-loss", choices=("failover", "wait"), default="failover",
-                   help="after a commit, the link closed or went silent (default failover)")
-    p.add_argument("--on-violation", choices=("wait", "failover"), default="wait",
-                   help="after a commit, the stream broke a rule (default wait)")
-    p.add_argument("--on-unprotect", choices=("destroy", "keep"), default="destroy",
-                   help="a clean end of protection: the paused backup is destroyed or kept "
-                        "(default destroy)")
-    p.add_argument("--backup-rename", metavar="SUFFIX", default=None,
-                   help="TEST/LAB ONLY: create each backup domain as NAME+SUFFIX with a UUID "
-                        "derived from the primary's (uuid5), so primary and backup can share "
-                        "one host (the Xen lab's single dom0). Sessions and the failover "
-                        "fence stay keyed on the primary's UUID. Never set this in "
-                        "production: after a failover the guest runs under another name and "
-                        "UUID (default: off)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-                   help="log verbosity (default info)")
+        "who reaches the port can write into backups; a warning is logged at "
+        "every session)",
+    )
+    p.add_argument(
+        "--failover-timeout",
+        metavar="MS",
+        type=_non_negative_int,
+        default=0,
+        help="fail over this long after the last checkpoint or heartbeat (default 0: "
+        f"per session, {FAILOVER_FACTOR} x max(interval, heartbeat) + "
+        f"{FAILOVER_MARGIN_MS} ms, at least {FAILOVER_MIN_MS} ms; 900 ms at the "
+        "200 ms interval)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        metavar="MS",
+        type=_positive(int),
+        default=100,
+        help="send a heartbeat to the sender at least this often (default 100)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        metavar="S",
+        type=_positive(float),
+        default=10.0,
+        help="drop a connection that sends no complete HELLO within S seconds (default 10)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        metavar="S",
+        type=_positive(float),
+        default=30.0,
+        help="drop a session whose initial copy makes no progress for S seconds "
+        "(default 30; after the first commit the failover timeout rules)",
+    )
+    p.add_argument(
+        "--max-sessions",
+        metavar="N",
+        type=_positive(int),
+        default=64,
+        help="sessions open at once (default 64)",
+    )
+    p.add_argument(
+        "--max-pages",
+        metavar="N",
+        type=_positive(int),
+        default=1 << 24,
+        help="largest domain accepted, in 4 KiB pages (default 16777216 = 64 GiB)",
+    )
+    p.add_argument(
+        "--max-staged-mb",
+        metavar="MB",
+        type=_positive(int),
+        default=1024,
+        help="largest checkpoint staged per session, MiB (default 1024)",
+    )
+    p.add_argument(
+        "--max-compressed-mb",
+        metavar="MB",
+        type=_positive(int),
+        default=64,
+        help="largest COMPRESSED_DATA chunk accepted, MiB (default 64)",
+    )
+    p.add_argument(
+        "--max-context-mb",
+        metavar="MB",
+        type=_positive(int),
+        default=16,
+        help="largest HVM context record in a checkpoint's tail, MiB (default 16)",
+    )
+    p.add_argument(
+        "--max-device-model-mb",
+        metavar="MB",
+        type=_positive(int),
+        default=64,
+        help="largest device-model record in a checkpoint's tail, MiB (default 64)",
+    )
+    p.add_argument(
+        "--max-cache-pages",
+        metavar="N",
+        type=_cache_pages,
+        default=MAX_CACHE_PAGES,
+        help="largest codec page cache a session may ask for, in 4 KiB pages "
+        f"(default and at most {MAX_CACHE_PAGES} = 1 GiB); a HELLO asking for "
+        "more, or for a sender buffer whose COMPRESSED_DATA chunks could exceed "
+        "--max-compressed-mb, is refused `limit` at the handshake",
+    )
+    p.add_argument(
+        "--on-link-loss",
+        choices=("failover", "wait"),
+        default="failover",
+        help="after a commit, the link closed or went silent (default failover)",
+    )
+    p.add_argument(
+        "--on-violation",
+        choices=("wait", "failover"),
+        default="wait",
+        help="after a commit, the stream broke a rule (default wait)",
+    )
+    p.add_argument(
+        "--on-unprotect",
+        choices=("destroy", "keep"),
+        default="destroy",
+        help="a clean end of protection: the paused backup is destroyed or kept (default destroy)",
+    )
+    p.add_argument(
+        "--backup-rename",
+        metavar="SUFFIX",
+        default=None,
+        help="TEST/LAB ONLY: create each backup domain as NAME+SUFFIX with a UUID "
+        "derived from the primary's (uuid5), so primary and backup can share "
+        "one host (the Xen lab's single dom0). Sessions and the failover "
+        "fence stay keyed on the primary's UUID. Never set this in "
+        "production: after a failover the guest runs under another name and "
+        "UUID (default: off)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="log verbosity (default info)",
+    )
     tls.add_arguments(p, role="receiver")
     return p
 
@@ -216,15 +300,28 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         raise ConfigError("--listen HOST:PORT is required (flag or `listen` in the config file)")
     host, port = parse_hostport(args.listen, what="--listen")
     return ReceiverConfig(
-        host=host, port=port, control=args.control, sim_dir=args.sim_dir,
-        insecure=args.insecure, failover_timeout_ms=args.failover_timeout,
-        heartbeat_ms=args.heartbeat, handshake_timeout=args.handshake_timeout,
-        stall_timeout=args.stall_timeout, max_sessions=args.max_sessions,
-        max_pages=args.max_pages, max_staged_bytes=args.max_staged_mb << 20,
-        max_compressed=args.max_compressed_mb << 20, max_context=args.max_context_mb << 20,
-        max_device_model=args.max_device_model_mb << 20, max_cache_pages=args.max_cache_pages,
+        host=host,
+        port=port,
+        control=args.control,
+        sim_dir=args.sim_dir,
+        insecure=args.insecure,
+        failover_timeout_ms=args.failover_timeout,
+        heartbeat_ms=args.heartbeat,
+        handshake_timeout=args.handshake_timeout,
+        stall_timeout=args.stall_timeout,
+        max_sessions=args.max_sessions,
+        max_pages=args.max_pages,
+        max_staged_bytes=args.max_staged_mb << 20,
+        max_compressed=args.max_compressed_mb << 20,
+        max_context=args.max_context_mb << 20,
+        max_device_model=args.max_device_model_mb << 20,
+        max_cache_pages=args.max_cache_pages,
         on_link_loss=args.on_link_loss,
-        on_violation=args.on_violation, on_unprotect=args.on_unprotect,
-        log_level=args.log_level, config_file=args.config,
-        tls=tls.settings_from_args(args, role="receiver"), control_group=args.control_group,
-        backup_rename=check_suffix(args.backup_rename) if args.backup_rename else None)
+        on_violation=args.on_violation,
+        on_unprotect=args.on_unprotect,
+        log_level=args.log_level,
+        config_file=args.config,
+        tls=tls.settings_from_args(args, role="receiver"),
+        control_group=args.control_group,
+        backup_rename=check_suffix(args.backup_rename) if args.backup_rename else None,
+    )

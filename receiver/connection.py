@@ -161,8 +161,9 @@ class Connection:
 
     def who(self) -> str:
         if self.prot is not None:
-            return f"session {self.prot.hello.session_id[:8]} from {self.peer} " \
-                   f"({self.prot.label()})"
+            return (
+                f"session {self.prot.hello.session_id[:8]} from {self.peer} ({self.prot.label()})"
+            )
         return f"connection from {self.peer}"
 
     def run(self) -> None:
@@ -175,8 +176,9 @@ class Connection:
                 frame = self._error_frame(ERR_INTERNAL, "internal error on the receiver")
                 if frame is not None:
                     self.send(frame)
-                self.daemon.session_ended(self.prot, self, "violation",
-                                          "internal error on the receiver (see log)")
+                self.daemon.session_ended(
+                    self.prot, self, "violation", "internal error on the receiver (see log)"
+                )
         finally:
             self._release()
             self._linger()
@@ -227,13 +229,22 @@ class Connection:
             self.t = tls.accept(self.t, self.cfg.handshake_timeout)
         except TlsRefused as e:
             self.daemon.tls_refused += 1
-            log.warning("connection from %s refused before the session handshake: %s%s",
-                        self.peer, e.reason, f" ({e.detail})" if e.detail else "")
+            log.warning(
+                "connection from %s refused before the session handshake: %s%s",
+                self.peer,
+                e.reason,
+                f" ({e.detail})" if e.detail else "",
+            )
             if e.plaintext_hello:
                 # tell a plaintext remusd why, in its own protocol (none of its bytes is read)
                 self.t.settimeout(1.0)
-                self.send(self.rs.refuse("bad-hello", "this receiver requires TLS: configure "
-                                         "remusd with tls-cert, tls-key and tls-ca"))
+                self.send(
+                    self.rs.refuse(
+                        "bad-hello",
+                        "this receiver requires TLS: configure "
+                        "remusd with tls-cert, tls-key and tls-ca",
+                    )
+                )
             return False
         log.debug("connection from %s: TLS established (%s)", self.peer, self.t.describe())
         return True
@@ -244,8 +255,11 @@ class Connection:
         while hello is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.closing.is_set():
-                log.warning("%s: no complete HELLO within %.1f s; closed", self.who(),
-                            self.cfg.handshake_timeout)
+                log.warning(
+                    "%s: no complete HELLO within %.1f s; closed",
+                    self.who(),
+                    self.cfg.handshake_timeout,
+                )
                 return False
             self.t.settimeout(min(remaining, 0.5))
             try:
@@ -277,9 +291,14 @@ class Connection:
         try:
             prot = self.daemon.admit(hello, self)
         except Refusal as r:
-            log.warning("connection from %s: refused session %s for domain %s (%s): %s",
-                        self.peer, hello.session_id[:8], hello.domain.name, hello.domain.uuid,
-                        r.reason)
+            log.warning(
+                "connection from %s: refused session %s for domain %s (%s): %s",
+                self.peer,
+                hello.session_id[:8],
+                hello.domain.name,
+                hello.domain.uuid,
+                r.reason,
+            )
             self.send(self.rs.refuse(r.code, r.reason))
             return False
         self.prot = prot
@@ -291,17 +310,26 @@ class Connection:
         with self._rs_lock:
             if gone is None and self.closing.is_set():
                 gone = "closed by the receiver during admission (before ACCEPT)"
-            accept = None if gone is not None else self.rs.accept(Accept(
-                session_id=hello.session_id,
-                failover_timeout_ms=round(prot.failover_timeout * 1000),
-                heartbeat_ms=self.cfg.heartbeat_ms,
-                limits={"max_pages": self.cfg.max_pages,
-                        "max_staged_bytes": self.cfg.max_staged_bytes,
-                        "max_compressed": self.cfg.max_compressed,
-                        "max_context": self.cfg.max_context,
-                        "max_device_model": self.cfg.max_device_model,
-                        "max_cache_pages": self.cfg.max_cache_pages},
-                software=SOFTWARE))
+            accept = (
+                None
+                if gone is not None
+                else self.rs.accept(
+                    Accept(
+                        session_id=hello.session_id,
+                        failover_timeout_ms=round(prot.failover_timeout * 1000),
+                        heartbeat_ms=self.cfg.heartbeat_ms,
+                        limits={
+                            "max_pages": self.cfg.max_pages,
+                            "max_staged_bytes": self.cfg.max_staged_bytes,
+                            "max_compressed": self.cfg.max_compressed,
+                            "max_context": self.cfg.max_context,
+                            "max_device_model": self.cfg.max_device_model,
+                            "max_cache_pages": self.cfg.max_cache_pages,
+                        },
+                        software=SOFTWARE,
+                    )
+                )
+            )
         if accept is None:
             # nothing was committed: the daemon destroys the backup (or a
             # newer session already did) and logs the one line
@@ -342,10 +370,13 @@ class Connection:
         opts = hello.options
         cfg = self.cfg
         self.decoder = Decoder(
-            max_p2m_size=hello.domain.pages, max_compressed=cfg.max_compressed,
-            max_context=cfg.max_context, max_device_model=cfg.max_device_model,
+            max_p2m_size=hello.domain.pages,
+            max_compressed=cfg.max_compressed,
+            max_context=cfg.max_context,
+            max_device_model=cfg.max_device_model,
             max_cache_pages=cfg.max_cache_pages,
-            cache_pages=opts.cache_pages if opts.codec != "none" else None)
+            cache_pages=opts.cache_pages if opts.codec != "none" else None,
+        )
         self.staging = Staging(hello.domain.pages, self.cfg.max_staged_bytes)
         try:
             # which backup PFNs have memory: the ones the stream fills and the
@@ -378,12 +409,16 @@ class Connection:
             if wait <= 0:
                 if not self.send(self.rs.heartbeat(prot.last_committed)):
                     # a frame may be half-written: the link is unusable
-                    raise _End("link-lost", "cannot send to the sender (connection lost, or it "
-                               "stopped reading)")
+                    raise _End(
+                        "link-lost",
+                        "cannot send to the sender (connection lost, or it stopped reading)",
+                    )
                 wait = hb
             if prot.state == "initial-copy" and now - prot.last_life > self.cfg.stall_timeout:
-                raise _End("stalled", f"the initial copy made no progress for "
-                           f"{self.cfg.stall_timeout:.0f} s")
+                raise _End(
+                    "stalled",
+                    f"the initial copy made no progress for {self.cfg.stall_timeout:.0f} s",
+                )
             self.t.settimeout(wait)
             # a batch's page data is received straight into the decoder's
             # buffer for it (one copy of an initial copy's bytes fewer)
@@ -434,8 +469,11 @@ class Connection:
         except TruncatedStream as e:
             dropped = self.staging.pages
             self.staging.discard()
-            raise _End("link-lost", f"connection closed mid-stream ({e}; {dropped} staged pages "
-                       "of the torn checkpoint dropped)") from None
+            raise _End(
+                "link-lost",
+                f"connection closed mid-stream ({e}; {dropped} staged pages "
+                "of the torn checkpoint dropped)",
+            ) from None
         except StreamError as e:
             raise _End("link-lost", f"connection closed: {e}") from None
         raise _End("link-lost", "connection closed between checkpoints")
@@ -467,8 +505,11 @@ class Connection:
                 beat = True
             elif isinstance(ev, Header):
                 if ev.p2m_size != prot.config.pages:
-                    raise _End("violation", f"stream header says {ev.p2m_size} pages, the "
-                               f"HELLO said {prot.config.pages}")
+                    raise _End(
+                        "violation",
+                        f"stream header says {ev.p2m_size} pages, the "
+                        f"HELLO said {prot.config.pages}",
+                    )
             elif isinstance(ev, Tail):
                 self.context = ev.context
             elif isinstance(ev, MemoryDigest):
@@ -477,8 +518,10 @@ class Connection:
                 self.last_flag = True
             elif isinstance(ev, CodecAnnounce | EnableCompression):
                 if opts.codec == "none" or ev.codec != opts.codec:
-                    raise _End("violation", f"stream switches to codec {ev.codec}, the HELLO "
-                               f"said {opts.codec}")
+                    raise _End(
+                        "violation",
+                        f"stream switches to codec {ev.codec}, the HELLO said {opts.codec}",
+                    )
             elif isinstance(ev, CheckpointEnd):
                 self._commit(ev)
         prot.life(heartbeat=beat)
@@ -498,8 +541,9 @@ class Connection:
                 else:
                     n = self.staging.commit(prot.backup, self.context, self.physmap)
             except DomainError as e:
-                raise _End("corrupt", f"commit of checkpoint {end.index} failed half-way: {e}") \
-                    from None
+                raise _End(
+                    "corrupt", f"commit of checkpoint {end.index} failed half-way: {e}"
+                ) from None
             first = prot.state == "initial-copy"
             prot.state = "receiving"
             prot.last_committed = end.index
@@ -513,11 +557,21 @@ class Connection:
                 self.digest = None
         commit_ms = (time.monotonic() - t0) * 1000
         if first:
-            log.info("%s: initial copy committed (%d pages, %.1f MB received); the backup is "
-                     "failover-capable", self.who(), n, prot.bytes_in / 1e6)
+            log.info(
+                "%s: initial copy committed (%d pages, %.1f MB received); the backup is "
+                "failover-capable",
+                self.who(),
+                n,
+                prot.bytes_in / 1e6,
+            )
         else:
-            log.debug("%s: checkpoint %d committed (%d pages, %.2f ms)", self.who(), end.index, n,
-                      commit_ms)
+            log.debug(
+                "%s: checkpoint %d committed (%d pages, %.2f ms)",
+                self.who(),
+                end.index,
+                n,
+                commit_ms,
+            )
         if not self.send(self.rs.ack(end.index, verified=verified, mismatch=mismatch)):
             raise _End("link-lost", f"connection lost sending ACK({end.index})")
         if self.last_flag:
@@ -528,24 +582,37 @@ class Connection:
         and compare it with the stream's; returns (verified, mismatch)."""
         prot = self.prot
         if digest.algorithm != "xxh3-128":
-            log.warning("%s: checkpoint %d: digest algorithm %s not supported; not verified",
-                        self.who(), index, digest.algorithm)
+            log.warning(
+                "%s: checkpoint %d: digest algorithm %s not supported; not verified",
+                self.who(),
+                index,
+                digest.algorithm,
+            )
             return False, False
         got = prot.digest()
         if got == digest.digest:
             prot.verified += 1
             return True, False
         prot.mismatches += 1
-        log.error("%s: verify MISMATCH at checkpoint %d: the backup's memory digest %s differs "
-                  "from the primary's %s (mismatch #%d)", self.who(), index, got.hex(),
-                  digest.digest.hex(), prot.mismatches)
+        log.error(
+            "%s: verify MISMATCH at checkpoint %d: the backup's memory digest %s differs "
+            "from the primary's %s (mismatch #%d)",
+            self.who(),
+            index,
+            got.hex(),
+            digest.digest.hex(),
+            prot.mismatches,
+        )
         return False, True
 
     # ------------------------------------------------------------- end
 
     def _finish(self, end: _End) -> None:
-        frames = {"violation": (ERR_PROTOCOL, end.message), "stalled": (ERR_STALLED, end.message),
-                  "corrupt": (ERR_INTERNAL, end.message)}
+        frames = {
+            "violation": (ERR_PROTOCOL, end.message),
+            "stalled": (ERR_STALLED, end.message),
+            "corrupt": (ERR_INTERNAL, end.message),
+        }
         frame = None
         with self._rs_lock:
             if self.rs.state == "streaming":  # else the daemon's ERROR went first

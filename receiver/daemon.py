@@ -141,8 +141,11 @@ class ReceiverDaemon:
         if self.stopping.is_set():
             raise Refusal("busy", "the receiver is shutting down")
         if d.pages > cfg.max_pages:
-            raise Refusal("limit", f"domain {d.name} has {d.pages} pages, more than this "
-                          f"receiver's max-pages {cfg.max_pages}")
+            raise Refusal(
+                "limit",
+                f"domain {d.name} has {d.pages} pages, more than this "
+                f"receiver's max-pages {cfg.max_pages}",
+            )
         self._check_options(hello)
         with self.lock:
             if self.open_sessions() >= cfg.max_sessions:
@@ -151,8 +154,10 @@ class ReceiverDaemon:
             if old is not None:
                 self._resolve_old(old, hello)
             # reserve the UUID at once so two HELLOs cannot race past each other
-            timeout = cfg.failover_timeout_for(hello.options.interval_ms,
-                                               hello.options.heartbeat_ms) / 1000
+            timeout = (
+                cfg.failover_timeout_for(hello.options.interval_ms, hello.options.heartbeat_ms)
+                / 1000
+            )
             prot = Protection(hello=hello, peer=conn.peer, failover_timeout=timeout)
             prot.connection = conn
             self.protections[d.uuid] = prot
@@ -161,14 +166,23 @@ class ReceiverDaemon:
                 if prot.state != "initial-copy":
                     # a reconnect superseded it while it waited for the lock
                     # (_resolve_old): create nothing for it
-                    raise Refusal("busy", f"{prot.label()}: a newer session of the domain "
-                                  "replaced this one during admission")
+                    raise Refusal(
+                        "busy",
+                        f"{prot.label()}: a newer session of the domain "
+                        "replaced this one during admission",
+                    )
                 # the backup's own identity: the primary's, unless backup-rename
                 # (test/lab) derives another one; the fence checks that identity
                 bd = backup_config(d, cfg.backup_rename)
                 if bd is not d:
-                    log.warning("domain %s (%s): backup-rename (test/lab only): the backup is "
-                                "created as %s (%s)", d.name, d.uuid, bd.name, bd.uuid)
+                    log.warning(
+                        "domain %s (%s): backup-rename (test/lab only): the backup is "
+                        "created as %s (%s)",
+                        d.name,
+                        d.uuid,
+                        bd.name,
+                        bd.uuid,
+                    )
                 self._check_host(bd)
                 with self.hv_lock:
                     prot.backup = self.hv.create_backup(bd)
@@ -180,18 +194,33 @@ class ReceiverDaemon:
             self._forget(prot)
             raise Refusal("internal", f"cannot create the backup domain: {e}") from None
         o = hello.options
-        log.info("%s from %s: session %s accepted (generation %d, %d pages, %d vCPU, codec %s, "
-                 "interval %d ms, verify %s); backup domain %d created paused; failover "
-                 "timeout %d ms", prot.label(), conn.peer, hello.session_id[:8], hello.generation,
-                 d.pages, d.vcpus, o.codec, o.interval_ms, "on" if o.verify else "off",
-                 prot.backup_domid, round(timeout * 1000))
+        log.info(
+            "%s from %s: session %s accepted (generation %d, %d pages, %d vCPU, codec %s, "
+            "interval %d ms, verify %s); backup domain %d created paused; failover "
+            "timeout %d ms",
+            prot.label(),
+            conn.peer,
+            hello.session_id[:8],
+            hello.generation,
+            d.pages,
+            d.vcpus,
+            o.codec,
+            o.interval_ms,
+            "on" if o.verify else "off",
+            prot.backup_domid,
+            round(timeout * 1000),
+        )
         if conn.t.kind == "plain":
-            log.warning("%s: session %s runs over plaintext TCP (--insecure): anyone on the "
-                        "path can read or forge this guest's memory", prot.label(),
-                        hello.session_id[:8])
+            log.warning(
+                "%s: session %s runs over plaintext TCP (--insecure): anyone on the "
+                "path can read or forge this guest's memory",
+                prot.label(),
+                hello.session_id[:8],
+            )
         else:
-            log.info("%s: session %s over %s", prot.label(), hello.session_id[:8],
-                     conn.t.describe())
+            log.info(
+                "%s: session %s over %s", prot.label(), hello.session_id[:8], conn.t.describe()
+            )
         return prot
 
     def _check_options(self, hello: Hello) -> None:
@@ -204,26 +233,35 @@ class ReceiverDaemon:
         if o.codec == "none":
             return
         if o.cache_pages > cfg.max_cache_pages:
-            raise Refusal("limit", f"options: a {o.codec} cache of {o.cache_pages} pages, more "
-                          f"than this receiver's max-cache-pages {cfg.max_cache_pages}")
+            raise Refusal(
+                "limit",
+                f"options: a {o.codec} cache of {o.cache_pages} pages, more "
+                f"than this receiver's max-cache-pages {cfg.max_cache_pages}",
+            )
         per_page = MAX_ENCODED_PAGE[o.codec]
         worst = o.buffer_pages * per_page
         if worst > cfg.max_compressed:
-            raise Refusal("limit", f"options: a sender buffer of {o.buffer_pages} pages makes "
-                          f"{o.codec} COMPRESSED_DATA chunks of up to {worst} bytes, more than "
-                          f"this receiver's max-compressed-mb {cfg.max_compressed >> 20} "
-                          f"(buffer-pages {cfg.max_compressed // per_page} at most)")
+            raise Refusal(
+                "limit",
+                f"options: a sender buffer of {o.buffer_pages} pages makes "
+                f"{o.codec} COMPRESSED_DATA chunks of up to {worst} bytes, more than "
+                f"this receiver's max-compressed-mb {cfg.max_compressed >> 20} "
+                f"(buffer-pages {cfg.max_compressed // per_page} at most)",
+            )
 
     def _resolve_old(self, old: Protection, hello: Hello) -> None:
         """A HELLO for a domain we already hold (called under self.lock)."""
         with old.lock:
             if old.state == "failed-over":
                 if self._exists(old):
-                    raise Refusal("fenced", f"{old.label()} failed over to this host at "
-                                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.failed_over_wall))} "
-                                  f"from checkpoint {old.last_committed} and runs here as domain "
-                                  f"{old.backup_domid}; refusing to overwrite it (destroy it "
-                                  "here first to protect the guest again)")
+                    raise Refusal(
+                        "fenced",
+                        f"{old.label()} failed over to this host at "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.failed_over_wall))} "
+                        f"from checkpoint {old.last_committed} and runs here as domain "
+                        f"{old.backup_domid}; refusing to overwrite it (destroy it "
+                        "here first to protect the guest again)",
+                    )
                 self.protections.pop(old.uuid, None)
                 return
             if old.state in ("ended", "gone", "superseded"):
@@ -232,9 +270,12 @@ class ReceiverDaemon:
                     self._destroy(old, "a new protection of the domain replaces the kept backup")
                 return
             if hello.generation < old.generation:
-                raise Refusal("busy", f"{old.label()} is already protected by session "
-                              f"{old.hello.session_id[:8]} of a newer protection (state "
-                              f"{old.state}, generation {old.generation} > {hello.generation})")
+                raise Refusal(
+                    "busy",
+                    f"{old.label()} is already protected by session "
+                    f"{old.hello.session_id[:8]} of a newer protection (state "
+                    f"{old.state}, generation {old.generation} > {hello.generation})",
+                )
             # a newer protection of the same domain: it replaces the old one
             prev = old.state
             old.state = "superseded"
@@ -242,12 +283,22 @@ class ReceiverDaemon:
             conn = old.connection
             old.connection = None
             if conn is not None:
-                conn.close_from_daemon(ERR_SUPERSEDED, f"session {hello.session_id[:8]} "
-                                       f"(generation {hello.generation}) replaces this one")
-            log.warning("%s: session %s (generation %d, %s) superseded by session %s "
-                        "(generation %d); its backup domain %s is destroyed", old.label(),
-                        old.hello.session_id[:8], old.generation, prev, hello.session_id[:8],
-                        hello.generation, old.backup_domid)
+                conn.close_from_daemon(
+                    ERR_SUPERSEDED,
+                    f"session {hello.session_id[:8]} "
+                    f"(generation {hello.generation}) replaces this one",
+                )
+            log.warning(
+                "%s: session %s (generation %d, %s) superseded by session %s "
+                "(generation %d); its backup domain %s is destroyed",
+                old.label(),
+                old.hello.session_id[:8],
+                old.generation,
+                prev,
+                hello.session_id[:8],
+                hello.generation,
+                old.backup_domid,
+            )
             self._destroy(old, "superseded")
             self.protections.pop(old.uuid, None)
 
@@ -272,14 +323,23 @@ class ReceiverDaemon:
             if info.uuid.lower() != d.uuid:
                 continue
             if info.state != "running":
-                log.warning("domain %s (%s): destroying %s leftover domain %d (a backup of "
-                            "an earlier receiver run)", d.name, d.uuid, info.state, info.domid)
+                log.warning(
+                    "domain %s (%s): destroying %s leftover domain %d (a backup of "
+                    "an earlier receiver run)",
+                    d.name,
+                    d.uuid,
+                    info.state,
+                    info.domid,
+                )
                 with self.hv_lock:
                     self.hv.lookup(info.domid).destroy()
                 continue
-            raise Refusal("fenced", f"a domain with UUID {d.uuid} already runs on this host "
-                          f"(domain {info.domid}, {info.state}): it failed over here or was "
-                          "started by hand; refusing to overwrite it")
+            raise Refusal(
+                "fenced",
+                f"a domain with UUID {d.uuid} already runs on this host "
+                f"(domain {info.domid}, {info.state}): it failed over here or was "
+                "started by hand; refusing to overwrite it",
+            )
 
     def _exists(self, prot: Protection) -> bool:
         if prot.backup_domid is None:
@@ -297,8 +357,13 @@ class ReceiverDaemon:
             with self.hv_lock:
                 prot.backup.destroy()
         except DomainError as e:
-            log.warning("%s: destroying backup domain %s (%s) failed: %s", prot.label(),
-                        prot.backup_domid, why, e)
+            log.warning(
+                "%s: destroying backup domain %s (%s) failed: %s",
+                prot.label(),
+                prot.backup_domid,
+                why,
+                e,
+            )
         prot.backup = None
 
     def _forget(self, prot: Protection) -> None:
@@ -315,24 +380,38 @@ class ReceiverDaemon:
                 prot.connection = None
             if not prot.commit_allowed():
                 # failed over, superseded, ... meanwhile: that path did the work
-                log.info("%s: session %s closed (%s): %s", prot.label(),
-                         prot.hello.session_id[:8], prot.state, message)
+                log.info(
+                    "%s: session %s closed (%s): %s",
+                    prot.label(),
+                    prot.hello.session_id[:8],
+                    prot.state,
+                    message,
+                )
                 return
             prot.last_error = None if kind == "clean" else message
             if prot.state == "initial-copy" and kind == "admission":
                 prot.state = "gone"
                 self._destroy(prot, "no ACCEPT sent")
-                log.warning("%s: session %s: %s; backup domain %s destroyed (nothing was "
-                            "committed)", prot.label(), prot.hello.session_id[:8], message,
-                            prot.backup_domid)
+                log.warning(
+                    "%s: session %s: %s; backup domain %s destroyed (nothing was committed)",
+                    prot.label(),
+                    prot.hello.session_id[:8],
+                    message,
+                    prot.backup_domid,
+                )
             elif prot.state == "initial-copy":
                 # destroyed first, then said so: a reader of the log (a test,
                 # an operator) must find the backup gone once the line is there
                 prot.state = "gone"
                 self._destroy(prot, "initial copy incomplete")
-                log.error("%s: session %s ended before the initial copy completed: %s; backup "
-                          "domain %s destroyed (nothing was committed)", prot.label(),
-                          prot.hello.session_id[:8], message, prot.backup_domid)
+                log.error(
+                    "%s: session %s ended before the initial copy completed: %s; backup "
+                    "domain %s destroyed (nothing was committed)",
+                    prot.label(),
+                    prot.hello.session_id[:8],
+                    message,
+                    prot.backup_domid,
+                )
             else:
                 self._apply_policy(prot, kind, message)
                 return
@@ -347,42 +426,75 @@ class ReceiverDaemon:
             keep = cfg.on_unprotect == "keep"
             if not keep:
                 self._destroy(prot, "protection ended")  # before the log line says so
-            log.info("%s: protection ended cleanly after checkpoint %s (%s); no failover; "
-                     "backup domain %s %s", prot.label(), last, message, prot.backup_domid,
-                     "kept paused" if keep else "destroyed")
+            log.info(
+                "%s: protection ended cleanly after checkpoint %s (%s); no failover; "
+                "backup domain %s %s",
+                prot.label(),
+                last,
+                message,
+                prot.backup_domid,
+                "kept paused" if keep else "destroyed",
+            )
             return
         if kind == "corrupt":
             prot.state = "corrupt"
             prot.armed = False
-            log.critical("%s: %s; the backup domain %s is inconsistent and will NOT be "
-                         "resumed automatically", prot.label(), message, prot.backup_domid)
+            log.critical(
+                "%s: %s; the backup domain %s is inconsistent and will NOT be "
+                "resumed automatically",
+                prot.label(),
+                message,
+                prot.backup_domid,
+            )
             return
         if kind == "violation":
             prot.state = "broken"
             prot.armed = cfg.on_violation == "failover"
-            what = ("failing over when the failover timeout has passed, unless the primary "
-                    "reconnects first (on-violation=failover)" if prot.armed else
-                    "the backup stays paused at it until the primary reconnects or an "
-                    "operator fails over (on-violation=wait)")
-            log.error("%s: session %s broke the protocol: %s; committed checkpoint %s is "
-                      "untouched; %s", prot.label(), prot.hello.session_id[:8], message,
-                      last, what)
+            what = (
+                "failing over when the failover timeout has passed, unless the primary "
+                "reconnects first (on-violation=failover)"
+                if prot.armed
+                else "the backup stays paused at it until the primary reconnects or an "
+                "operator fails over (on-violation=wait)"
+            )
+            log.error(
+                "%s: session %s broke the protocol: %s; committed checkpoint %s is untouched; %s",
+                prot.label(),
+                prot.hello.session_id[:8],
+                message,
+                last,
+                what,
+            )
             return
         # link-lost, stalled, closed
         if self.stopping.is_set():
             prot.state = "link-lost"
             prot.armed = False
-            log.warning("%s: session %s closed as the receiver stops; backup domain %s stays "
-                        "paused at checkpoint %s", prot.label(), prot.hello.session_id[:8],
-                        prot.backup_domid, last)
+            log.warning(
+                "%s: session %s closed as the receiver stops; backup domain %s stays "
+                "paused at checkpoint %s",
+                prot.label(),
+                prot.hello.session_id[:8],
+                prot.backup_domid,
+                last,
+            )
             return
         prot.state = "link-lost"
         prot.armed = cfg.on_link_loss == "failover"
         remaining = max(0.0, prot.failover_timeout - (time.monotonic() - prot.last_life))
-        what = (f"failing over in {remaining * 1000:.0f} ms unless the primary reconnects"
-                if prot.armed else "waiting for the primary to reconnect (on-link-loss=wait)")
-        log.warning("%s: session %s lost after checkpoint %s: %s; %s", prot.label(),
-                    prot.hello.session_id[:8], last, message, what)
+        what = (
+            f"failing over in {remaining * 1000:.0f} ms unless the primary reconnects"
+            if prot.armed
+            else "waiting for the primary to reconnect (on-link-loss=wait)"
+        )
+        log.warning(
+            "%s: session %s lost after checkpoint %s: %s; %s",
+            prot.label(),
+            prot.hello.session_id[:8],
+            last,
+            message,
+            what,
+        )
 
     # ------------------------------------------------------------- failover
 
@@ -413,22 +525,36 @@ class ReceiverDaemon:
             prot.detection_ms = silence * 1000
             conn = prot.connection
             prot.connection = None
-        log.warning("%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
-                    "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
-                    "is now fenced on this host%s", prot.label(), prot.backup_domid,
-                    prot.last_committed, (time.monotonic() - prot.committed_at) * 1000, reason,
-                    prot.detection_ms, prot.failover_timeout * 1000, digest)
+        log.warning(
+            "%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
+            "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
+            "is now fenced on this host%s",
+            prot.label(),
+            prot.backup_domid,
+            prot.last_committed,
+            (time.monotonic() - prot.committed_at) * 1000,
+            reason,
+            prot.detection_ms,
+            prot.failover_timeout * 1000,
+            digest,
+        )
         if conn is not None:
             conn.close_from_daemon(
-                ERR_FAILED_OVER, f"the backup of domain {prot.name} took over from checkpoint "
-                f"{prot.last_committed}: do not re-protect to this receiver")
-        return {"domain": prot.name, "uuid": prot.uuid, "backup_domid": prot.backup_domid,
-                "resumed_from": prot.last_committed, "detection_ms": round(prot.detection_ms, 1),
-                "memory_digest": prot.failover_digest}
+                ERR_FAILED_OVER,
+                f"the backup of domain {prot.name} took over from checkpoint "
+                f"{prot.last_committed}: do not re-protect to this receiver",
+            )
+        return {
+            "domain": prot.name,
+            "uuid": prot.uuid,
+            "backup_domid": prot.backup_domid,
+            "resumed_from": prot.last_committed,
+            "detection_ms": round(prot.detection_ms, 1),
+            "memory_digest": prot.failover_digest,
+        }
 
     def start_monitor(self) -> None:
-        monitor = threading.Thread(target=self._monitor_loop, name="failover-timer",
-                                   daemon=True)
+        monitor = threading.Thread(target=self._monitor_loop, name="failover-timer", daemon=True)
         monitor.start()
         self._monitor = monitor  # set once started: shutdown joins only started threads
 
@@ -456,10 +582,14 @@ class ReceiverDaemon:
         if prot.state == "receiving":
             prot.armed = armed_open
         if prot.armed:
-            what = "link lost" if prot.state == "link-lost" else (
-                "stream broken" if prot.state == "broken" else "session silent")
-            self.failover(prot, f"no checkpoint and no heartbeat for {silence * 1000:.0f} ms "
-                          f"({what})")
+            what = (
+                "link lost"
+                if prot.state == "link-lost"
+                else ("stream broken" if prot.state == "broken" else "session silent")
+            )
+            self.failover(
+                prot, f"no checkpoint and no heartbeat for {silence * 1000:.0f} ms ({what})"
+            )
         elif prot.state == "receiving" and prot.connection is not None:
             # on-link-loss = wait: end the silent session, keep the backup paused
             conn = prot.connection
@@ -483,13 +613,20 @@ class ReceiverDaemon:
             "listen": self.listen_address,
             "hypervisor": getattr(self.hv, "kind", "?"),
             "insecure": self.cfg.insecure,
-            "tls": None if self.tls is None else {
-                "cert": self.tls.settings.cert, "ca": self.tls.settings.ca,
+            "tls": None
+            if self.tls is None
+            else {
+                "cert": self.tls.settings.cert,
+                "ca": self.tls.settings.ca,
                 "allow_peers": list(self.tls.settings.allow_peers),
-                "refused": self.tls_refused, "loads": self.tls.source.loads},
-            "policies": {"on_link_loss": self.cfg.on_link_loss,
-                         "on_violation": self.cfg.on_violation,
-                         "on_unprotect": self.cfg.on_unprotect},
+                "refused": self.tls_refused,
+                "loads": self.tls.source.loads,
+            },
+            "policies": {
+                "on_link_loss": self.cfg.on_link_loss,
+                "on_violation": self.cfg.on_violation,
+                "on_unprotect": self.cfg.on_unprotect,
+            },
             "connections_in_handshake": max(0, handshaking),
             "sessions": [p.status() for p in prots],
         }

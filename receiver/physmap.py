@@ -50,8 +50,11 @@ class Physmap:
         if p.size == 0:
             return 0
         if int(p.max()) >= self.pages:
-            raise DomainError(self.domain.domid, "populate",
-                              f"PFN {int(p.max()):#x} is past the last page {self.pages - 1:#x}")
+            raise DomainError(
+                self.domain.domid,
+                "populate",
+                f"PFN {int(p.max()):#x} is past the last page {self.pages - 1:#x}",
+            )
         idx = p.astype(np.intp)
         missing = p[~self.backed[idx]]
         if missing.size == 0:
@@ -60,6 +63,10 @@ class Physmap:
         self.domain.populate(missing)
         self.backed[missing.astype(np.intp)] = True
         self.populated += int(missing.size)
-        log.debug("backup domain %s: populated %d PFNs (first %#x)", self.domain.domid,
-                  missing.size, int(missing[0]))
+        log.debug(
+            "backup domain %s: populated %d PFNs (first %#x)",
+            self.domain.domid,
+            missing.size,
+            int(missing[0]),
+        )
         return int(missing.size)

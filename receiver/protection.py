@@ -136,13 +136,15 @@ class Protection:
             "pages": self.config.pages,
             "last_committed": self.last_committed,
             "checkpoints": self.checkpoints,
-            "committed_age_s": None if self.committed_at is None
+            "committed_age_s": None
+            if self.committed_at is None
             else round(now - self.committed_at, 3),
             "bytes": self.bytes_in,
             "pages_committed": self.pages_committed,
             "last_checkpoint_pages": self.last_checkpoint_pages,
             "last_life_age_s": round(now - self.last_life, 3),
-            "last_heartbeat_age_s": None if self.last_heartbeat is None
+            "last_heartbeat_age_s": None
+            if self.last_heartbeat is None
             else round(now - self.last_heartbeat, 3),
             "failover_timeout_ms": round(self.failover_timeout * 1000),
             "armed": self.armed,

@@ -40,8 +40,9 @@ class Listener:
         sock.settimeout(0.2)  # accept() wakes to notice a stop
         self.sock = sock
         bound = sock.getsockname()
-        self.address = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 \
-            else f"{bound[0]}:{bound[1]}"
+        self.address = (
+            f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+        )
         self._thread: threading.Thread | None = None
         self._last_flood_log = 0.0
 
@@ -69,8 +70,9 @@ class Listener:
             if not self.daemon.connection_opened(conn):
                 now = time.monotonic()
                 if now - self._last_flood_log > 1:
-                    log.warning("connection from %s closed at once: too many connections open",
-                                conn.peer)
+                    log.warning(
+                        "connection from %s closed at once: too many connections open", conn.peer
+                    )
                     self._last_flood_log = now
                 conn.t.close()
                 continue

@@ -47,10 +47,12 @@ class Staging:
         if (self.pages + k) * PAGE_SIZE > self.max_bytes:
             raise StagingFull(
                 f"checkpoint larger than the staging cap of {self.max_bytes >> 20} MiB "
-                f"({self.pages + k} pages); raise max-staged-mb")
+                f"({self.pages + k} pages); raise max-staged-mb"
+            )
         if k and int(pfns.max()) >= self.p2m_size:
-            raise RemusError(f"staging: PFN {int(pfns.max())} past the last page "
-                             f"{self.p2m_size - 1}")
+            raise RemusError(
+                f"staging: PFN {int(pfns.max())} past the last page {self.p2m_size - 1}"
+            )
         self._batches.append((pfns, data))
         self.pages += k
 

@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         startup = validate(args)
         tls_settings = tls.settings_from_args(args, role="sender")
         if any(r.target.kind == "tcp" for r in startup):
-            tls.require_link_security(tls_settings, args.insecure,
-                                      what="protect entries with a network target refused")
+            tls.require_link_security(
+                tls_settings, args.insecure, what="protect entries with a network target refused"
+            )
         # how protectors connect (remusd.protector.Tuning reads args.connector)
         if tls_settings is not None:
             args.connector = tls.TlsClient(tls_settings).connect  # loads the files now
@@ -68,17 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hv = open_hypervisor(args.sim_dir)
     except ImportError as e:
-        return _fail(f"cannot use Xen: this build has no Xen support ({e}); "
-                     "use --sim-dir DIR for the simulator", EXIT_HYPERVISOR)
+        return _fail(
+            f"cannot use Xen: this build has no Xen support ({e}); "
+            "use --sim-dir DIR for the simulator",
+            EXIT_HYPERVISOR,
+        )
     except RemusError as e:
         return _fail(f"cannot open the hypervisor: {e}", EXIT_HYPERVISOR)
-    log.info("remusd starting (%s hypervisor%s, control %s, config %s)", hv.kind,
-             f" at {args.sim_dir}" if args.sim_dir else "", args.control,
-             args.config or "none")
+    log.info(
+        "remusd starting (%s hypervisor%s, control %s, config %s)",
+        hv.kind,
+        f" at {args.sim_dir}" if args.sim_dir else "",
+        args.control,
+        args.config or "none",
+    )
     if tls_settings is not None:
-        log.info("replication link: TLS (certificate %s, CA %s; a receiver must be named %s)",
-                 tls_settings.cert, tls_settings.ca,
-                 " or ".join(tls_settings.allow_peers) or "as its target's HOST")
+        log.info(
+            "replication link: TLS (certificate %s, CA %s; a receiver must be named %s)",
+            tls_settings.cert,
+            tls_settings.ca,
+            " or ".join(tls_settings.allow_peers) or "as its target's HOST",
+        )
     elif args.insecure:
         log.warning("replication link: plaintext (--insecure): use it only on a trusted network")
     else:

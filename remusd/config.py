@@ -78,7 +78,9 @@ def check_interval(ms: int) -> int:
     if not isinstance(ms, int) or isinstance(ms, bool):
         raise ConfigError(f"interval {ms!r} is not a whole number of milliseconds")
     if not MIN_INTERVAL_MS <= ms <= MAX_INTERVAL_MS:
-        raise ConfigError(f"interval {ms} ms out of range ({MIN_INTERVAL_MS}..{MAX_INTERVAL_MS} ms)")
+        raise ConfigError(
+            f"interval {ms} ms out of range ({MIN_INTERVAL_MS}..{MAX_INTERVAL_MS} ms)"
+        )
     return ms
 
 
@@ -121,8 +123,9 @@ class ProtectRequest:
             raise ConfigError("protect: 'verify' must be true or false")
         if not isinstance(codec, str):
             raise ConfigError("protect: 'codec' must be a string")
-        return cls(str(domain), Target.parse(target), check_interval(interval),
-                   check_codec(codec), verify)
+        return cls(
+            str(domain), Target.parse(target), check_interval(interval), check_codec(codec), verify
+        )
 
     @classmethod
     def parse_spec(cls, spec: str, defaults: argparse.Namespace) -> ProtectRequest:
@@ -208,60 +211,133 @@ EPILOG = textwrap.dedent("""\
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="remusd", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="remusd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_daemon_arguments(
-        p, config=DEFAULT_CONFIG, control=DEFAULT_CONTROL,
+        p,
+        config=DEFAULT_CONFIG,
+        control=DEFAULT_CONTROL,
         insecure_help="use a plaintext (unauthenticated, unencrypted) replication link instead "
-                      "of TLS; a warning is logged at every session")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="log verbosity (default info)")
+        "of TLS; a warning is logged at every session",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info)",
+    )
     g = p.add_argument_group("defaults for protected domains (remusctl protect may override)")
-    g.add_argument("--interval", metavar="MS", type=int, default=DEFAULT_INTERVAL_MS,
-                   help=f"checkpoint interval in ms (default {DEFAULT_INTERVAL_MS}, "
-                        f"minimum {MIN_INTERVAL_MS})")
-    g.add_argument("--codec", choices=list(CODEC_NAMES), default=DEFAULT_CODEC,
-                   help="checkpoint compression: xen (Xen 4.2-4.5's format, the default), "
-                        "seed (delta words) or none (uncompressed Format A)")
-    g.add_argument("--verify", action="store_true",
-                   help="add a digest of the whole guest memory to each checkpoint "
-                        "(debugging; lengthens the pause)")
-    g.add_argument("--protect", metavar="DOMAIN=TARGET", action="append", default=[],
-                   help="protect DOMAIN at start-up, TARGET being HOST:PORT or file:PATH "
-                        "(repeatable)")
+    g.add_argument(
+        "--interval",
+        metavar="MS",
+        type=int,
+        default=DEFAULT_INTERVAL_MS,
+        help=f"checkpoint interval in ms (default {DEFAULT_INTERVAL_MS}, "
+        f"minimum {MIN_INTERVAL_MS})",
+    )
+    g.add_argument(
+        "--codec",
+        choices=list(CODEC_NAMES),
+        default=DEFAULT_CODEC,
+        help="checkpoint compression: xen (Xen 4.2-4.5's format, the default), "
+        "seed (delta words) or none (uncompressed Format A)",
+    )
+    g.add_argument(
+        "--verify",
+        action="store_true",
+        help="add a digest of the whole guest memory to each checkpoint "
+        "(debugging; lengthens the pause)",
+    )
+    g.add_argument(
+        "--protect",
+        metavar="DOMAIN=TARGET",
+        action="append",
+        default=[],
+        help="protect DOMAIN at start-up, TARGET being HOST:PORT or file:PATH (repeatable)",
+    )
     t = p.add_argument_group("timeouts and tuning")
-    t.add_argument("--ack-timeout", metavar="SEC", type=_positive(float), default=2.0,
-                   help="declare the backup gone when a checkpoint is not acknowledged within "
-                        "SEC seconds (default 2.0); the guest then runs unprotected")
-    t.add_argument("--connect-timeout", metavar="SEC", type=_positive(float), default=5.0,
-                   help="TCP connect timeout, and the longest silence of the receiver during "
-                        "the handshake (default 5.0)")
-    t.add_argument("--accept-timeout", metavar="SEC", type=_positive(float),
-                   default=DEFAULT_ACCEPT_TIMEOUT,
-                   help="how long to wait for the receiver to accept a session: it builds the "
-                        "backup domain (allocating all its memory) before it answers, which "
-                        f"takes seconds for a large guest (default {DEFAULT_ACCEPT_TIMEOUT:g})")
-    t.add_argument("--retry-min", metavar="SEC", type=_positive(float), default=0.5,
-                   help="first delay before reconnecting to a lost backup (default 0.5); "
-                        "doubles on each failure")
-    t.add_argument("--retry-max", metavar="SEC", type=_positive(float), default=30.0,
-                   help="longest delay between reconnection attempts (default 30)")
-    t.add_argument("--precopy-rounds", metavar="N", type=_positive(int), default=5,
-                   help="at most N live pre-copy rounds in the initial copy before the final "
-                        "paused round (default 5)")
-    t.add_argument("--precopy-threshold", metavar="PAGES", type=_positive(int), default=256,
-                   help="stop pre-copying once a round has fewer dirty pages (default 256)")
-    t.add_argument("--no-prescan", dest="prescan", action="store_false",
-                   help="read the dirty log only while the guest is paused (TOML: prescan = "
-                        "false). By default it is also read just before each pause, which "
-                        "shortens the pause (1,000 scattered dirty pages: 2.1 -> 1.3 ms in the "
-                        "simulator) for more dom0 CPU, most on guests that write without pause")
-    t.add_argument("--buffer-pages", metavar="N", type=_positive(int),
-                   default=DEFAULT_BUFFER_PAGES,
-                   help=f"sender page buffer per COMPRESSED_DATA chunk (default "
-                        f"{DEFAULT_BUFFER_PAGES}, as Xen)")
-    t.add_argument("--cache-pages", metavar="N", type=_positive(int), default=DEFAULT_CACHE_PAGES,
-                   help=f"page cache of the compressing codecs (default {DEFAULT_CACHE_PAGES})")
+    t.add_argument(
+        "--ack-timeout",
+        metavar="SEC",
+        type=_positive(float),
+        default=2.0,
+        help="declare the backup gone when a checkpoint is not acknowledged within "
+        "SEC seconds (default 2.0); the guest then runs unprotected",
+    )
+    t.add_argument(
+        "--connect-timeout",
+        metavar="SEC",
+        type=_positive(float),
+        default=5.0,
+        help="TCP connect timeout, and the longest silence of the receiver during "
+        "the handshake (default 5.0)",
+    )
+    t.add_argument(
+        "--accept-timeout",
+        metavar="SEC",
+        type=_positive(float),
+        default=DEFAULT_ACCEPT_TIMEOUT,
+        help="how long to wait for the receiver to accept a session: it builds the "
+        "backup domain (allocating all its memory) before it answers, which "
+        f"takes seconds for a large guest (default {DEFAULT_ACCEPT_TIMEOUT:g})",
+    )
+    t.add_argument(
+        "--retry-min",
+        metavar="SEC",
+        type=_positive(float),
+        default=0.5,
+        help="first delay before reconnecting to a lost backup (default 0.5); "
+        "doubles on each failure",
+    )
+    t.add_argument(
+        "--retry-max",
+        metavar="SEC",
+        type=_positive(float),
+        default=30.0,
+        help="longest delay between reconnection attempts (default 30)",
+    )
+    t.add_argument(
+        "--precopy-rounds",
+        metavar="N",
+        type=_positive(int),
+        default=5,
+        help="at most N live pre-copy rounds in the initial copy before the final "
+        "paused round (default 5)",
+    )
+    t.add_argument(
+        "--precopy-threshold",
+        metavar="PAGES",
+        type=_positive(int),
+        default=256,
+        help="stop pre-copying once a round has fewer dirty pages (default 256)",
+    )
+    t.add_argument(
+        "--no-prescan",
+        dest="prescan",
+        action="store_false",
+        help="read the dirty log only while the guest is paused (TOML: prescan = "
+        "false). By default it is also read just before each pause, which "
+        "shortens the pause (1,000 scattered dirty pages: 2.1 -> 1.3 ms in the "
+        "simulator) for more dom0 CPU, most on guests that write without pause",
+    )
+    t.add_argument(
+        "--buffer-pages",
+        metavar="N",
+        type=_positive(int),
+        default=DEFAULT_BUFFER_PAGES,
+        help=f"sender page buffer per COMPRESSED_DATA chunk (default "
+        f"{DEFAULT_BUFFER_PAGES}, as Xen)",
+    )
+    t.add_argument(
+        "--cache-pages",
+        metavar="N",
+        type=_positive(int),
+        default=DEFAULT_CACHE_PAGES,
+        help=f"page cache of the compressing codecs (default {DEFAULT_CACHE_PAGES})",
+    )
     tls.add_arguments(p, role="sender")
     return p
 

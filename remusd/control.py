@@ -87,20 +87,30 @@ class Daemon:
 
     def protect(self, req: ProtectRequest) -> dict:
         if req.target.kind == "tcp" and getattr(self.args, "connector", None) is None:
-            raise ConfigError("a network target needs TLS (remusd --tls-cert, --tls-key, "
-                              "--tls-ca) or, for a plaintext link, remusd --insecure")
+            raise ConfigError(
+                "a network target needs TLS (remusd --tls-cert, --tls-key, "
+                "--tls-ca) or, for a plaintext link, remusd --insecure"
+            )
         domain = self.hv.lookup(domain_ref(req.domain))
         info = domain.info()
         with self._lock:
             old = self.protectors.get(info.domid)
             if old is not None and old.alive:
-                raise RemusError(f"domain {info.name} ({info.domid}) is already protected "
-                                 f"to {old.req.target} (state {old.state}); unprotect it first")
+                raise RemusError(
+                    f"domain {info.name} ({info.domid}) is already protected "
+                    f"to {old.req.target} (state {old.state}); unprotect it first"
+                )
             p = Protector(domain, info, req, self.tuning)
             self.protectors[info.domid] = p
-        log.info("protecting domain %s (%d) to %s every %d ms, codec %s%s", info.name,
-                 info.domid, req.target, req.interval_ms, req.codec,
-                 ", verify" if req.verify else "")
+        log.info(
+            "protecting domain %s (%d) to %s every %d ms, codec %s%s",
+            info.name,
+            info.domid,
+            req.target,
+            req.interval_ms,
+            req.codec,
+            ", verify" if req.verify else "",
+        )
         p.start()
         return p.status()
 
@@ -116,8 +126,10 @@ class Daemon:
         p = self._find(ref)
         p.stop()
         if not p.join(timeout):
-            raise RemusError(f"domain {p.info.name}: the clean end did not finish within "
-                             f"{timeout} s (state {p.state})")
+            raise RemusError(
+                f"domain {p.info.name}: the clean end did not finish within "
+                f"{timeout} s (state {p.state})"
+            )
         return p.status()
 
     # -- life cycle --------------------------------------------------------------
@@ -134,8 +146,9 @@ class Daemon:
         deadline = time.monotonic() + timeout
         for p in prots:
             if not p.join(max(0.0, deadline - time.monotonic())):
-                log.warning("domain %s: clean end unfinished at shutdown (state %s)",
-                            p.info.name, p.state)
+                log.warning(
+                    "domain %s: clean end unfinished at shutdown (state %s)", p.info.name, p.state
+                )
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -121,45 +121,90 @@ def _target(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="remusctl", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=fmt)
-    p.add_argument("--control", metavar="PATH", default=DEFAULT_CONTROL,
-                   help=f"the daemon's control socket (default {DEFAULT_CONTROL})")
-    p.add_argument("--timeout", metavar="SEC", type=float, default=30.0,
-                   help="how long to wait for the daemon's answer (default 30)")
+    p = argparse.ArgumentParser(
+        prog="remusctl", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt
+    )
+    p.add_argument(
+        "--control",
+        metavar="PATH",
+        default=DEFAULT_CONTROL,
+        help=f"the daemon's control socket (default {DEFAULT_CONTROL})",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="SEC",
+        type=float,
+        default=30.0,
+        help="how long to wait for the daemon's answer (default 30)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    pr = sub.add_parser("protect", help="start protecting a domain", description=PROTECT_HELP,
-                        epilog=PROTECT_EPILOG, formatter_class=fmt)
+    pr = sub.add_parser(
+        "protect",
+        help="start protecting a domain",
+        description=PROTECT_HELP,
+        epilog=PROTECT_EPILOG,
+        formatter_class=fmt,
+    )
     pr.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
-    pr.add_argument("--to", metavar="TARGET", required=True, type=_target,
-                    help="HOST:PORT of the backup's remus-receiver, or file:PATH")
-    pr.add_argument("--interval", metavar="MS", type=_interval,
-                    help=f"checkpoint interval in ms (default: remusd's, 200 unless "
-                         f"configured; minimum {MIN_INTERVAL_MS})")
-    pr.add_argument("--codec", choices=list(CODEC_NAMES),
-                    help="checkpoint compression (default: remusd's, seed unless configured): "
-                         "seed, xen (Xen 4.2-4.5's format) or none (uncompressed)")
-    pr.add_argument("--verify", action="store_true", default=None,
-                    help="send a digest of all guest memory with each checkpoint; the "
-                         "backup checks it (debugging: lengthens the pause)")
+    pr.add_argument(
+        "--to",
+        metavar="TARGET",
+        required=True,
+        type=_target,
+        help="HOST:PORT of the backup's remus-receiver, or file:PATH",
+    )
+    pr.add_argument(
+        "--interval",
+        metavar="MS",
+        type=_interval,
+        help=f"checkpoint interval in ms (default: remusd's, 200 unless "
+        f"configured; minimum {MIN_INTERVAL_MS})",
+    )
+    pr.add_argument(
+        "--codec",
+        choices=list(CODEC_NAMES),
+        help="checkpoint compression (default: remusd's, seed unless configured): "
+        "seed, xen (Xen 4.2-4.5's format) or none (uncompressed)",
+    )
+    pr.add_argument(
+        "--verify",
+        action="store_true",
+        default=None,
+        help="send a digest of all guest memory with each checkpoint; the "
+        "backup checks it (debugging: lengthens the pause)",
+    )
 
-    un = sub.add_parser("unprotect", help="end the protection of a domain cleanly",
-                        description=UNPROTECT_HELP, formatter_class=fmt,
-                        epilog="example:\n  remusctl unprotect ledger")
+    un = sub.add_parser(
+        "unprotect",
+        help="end the protection of a domain cleanly",
+        description=UNPROTECT_HELP,
+        formatter_class=fmt,
+        epilog="example:\n  remusctl unprotect ledger",
+    )
     un.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
 
-    fo = sub.add_parser("failover", help="(receiver) run the backup of a domain now",
-                        description=FAILOVER_HELP, formatter_class=fmt,
-                        epilog="example:\n  remusctl --control /run/remus/receiver.sock "
-                               "failover ledger")
-    fo.add_argument("domain", metavar="DOMAIN", help="name or UUID of the protected domain, "
-                    "or the backup's domid")
+    fo = sub.add_parser(
+        "failover",
+        help="(receiver) run the backup of a domain now",
+        description=FAILOVER_HELP,
+        formatter_class=fmt,
+        epilog="example:\n  remusctl --control /run/remus/receiver.sock failover ledger",
+    )
+    fo.add_argument(
+        "domain",
+        metavar="DOMAIN",
+        help="name or UUID of the protected domain, or the backup's domid",
+    )
 
-    st = sub.add_parser("status", help="show the protected domains", description=STATUS_HELP,
-                        formatter_class=fmt,
-                        epilog="examples:\n  remusctl status\n  remusctl status --json\n"
-                               "  remusctl --control /run/remus/receiver.sock status")
+    st = sub.add_parser(
+        "status",
+        help="show the protected domains",
+        description=STATUS_HELP,
+        formatter_class=fmt,
+        epilog="examples:\n  remusctl status\n  remusctl status --json\n"
+        "  remusctl --control /run/remus/receiver.sock status",
+    )
     st.add_argument("--json", action="store_true", help="machine-readable output (stable)")
     return p
 
@@ -190,8 +235,10 @@ def _cell(v: Any) -> str:
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -203,8 +250,10 @@ REMUSD_COLUMNS = [
     ("PAUSE ms", lambda d: _cell(d["last_pause_ms"])),
     ("DIRTY", lambda d: _cell(d["dirty_pages"])),
     ("SENT", lambda d: _fmt_bytes(d["bytes_sent"])),
-    ("RATIO", lambda d: "-" if d["compression_ratio"] is None
-     else f"{d['compression_ratio']:.1f}:1"),
+    (
+        "RATIO",
+        lambda d: "-" if d["compression_ratio"] is None else f"{d['compression_ratio']:.1f}:1",
+    ),
     ("TARGET", lambda d: d["target"]),
     ("CODEC", lambda d: d["codec"] + ("+verify" if d.get("verify") else "")),
     ("INTERVAL", lambda d: f"{d['interval_ms']} ms"),
@@ -226,8 +275,11 @@ def render_status(st: Any) -> str:
             return out[0] + "\nno protected domains"
         rows = [[f(d) for _, f in REMUSD_COLUMNS] for d in doms]
         out.append(table(rows, [h for h, _ in REMUSD_COLUMNS]))
-        reasons = [f"  {d['name']}: {d['reason']}" for d in doms
-                   if d.get("reason") and d["state"] in ("unprotected", "fenced", "stopped")]
+        reasons = [
+            f"  {d['name']}: {d['reason']}"
+            for d in doms
+            if d.get("reason") and d["state"] in ("unprotected", "fenced", "stopped")
+        ]
         if reasons:
             out.append("reasons:\n" + "\n".join(reasons))
         return "\n".join(out)
@@ -245,8 +297,9 @@ def render_status(st: Any) -> str:
             cols = [c for c in RECEIVER_COLUMNS if c in keys] or keys
             rows = [[_cell(item.get(c)) for c in cols] for item in val]
             out.append(table(rows, [RECEIVER_HEADERS.get(c, c.upper()) for c in cols]))
-            errors = [f"  {item.get('domain', '?')}: {item['error']}" for item in val
-                      if item.get("error")]
+            errors = [
+                f"  {item.get('domain', '?')}: {item['error']}" for item in val if item.get("error")
+            ]
             if errors:
                 out.append("errors:\n" + "\n".join(errors))
     return "\n".join(out)
@@ -254,10 +307,25 @@ def render_status(st: Any) -> str:
 
 #: The receiver's session fields shown in the human table (remus-receiver's
 #: status object, see its documentation; --json shows all of them).
-RECEIVER_COLUMNS = ["domain", "backup_domid", "state", "last_committed", "checkpoints", "bytes",
-                    "last_life_age_s", "failover_timeout_ms", "verified", "mismatches", "peer"]
-RECEIVER_HEADERS = {"backup_domid": "BACKUP", "last_committed": "COMMITTED",
-                    "last_life_age_s": "SILENT s", "failover_timeout_ms": "FAILOVER ms"}
+RECEIVER_COLUMNS = [
+    "domain",
+    "backup_domid",
+    "state",
+    "last_committed",
+    "checkpoints",
+    "bytes",
+    "last_life_age_s",
+    "failover_timeout_ms",
+    "verified",
+    "mismatches",
+    "peer",
+]
+RECEIVER_HEADERS = {
+    "backup_domid": "BACKUP",
+    "last_committed": "COMMITTED",
+    "last_life_age_s": "SILENT s",
+    "failover_timeout_ms": "FAILOVER ms",
+}
 
 
 # --------------------------------------------------------------------------- main
@@ -281,19 +349,29 @@ def main(argv: list[str] | None = None) -> int:
             if args.verify:
                 req["verify"] = True
             d = control_request(args.control, "protect", timeout=args.timeout, **req)
-            print(f"protecting {d['name']} ({d['domid']}) to {d['target']}: every "
-                  f"{d['interval_ms']} ms, codec {d['codec']}"
-                  f"{', verify' if d['verify'] else ''}")
+            print(
+                f"protecting {d['name']} ({d['domid']}) to {d['target']}: every "
+                f"{d['interval_ms']} ms, codec {d['codec']}"
+                f"{', verify' if d['verify'] else ''}"
+            )
         elif args.command == "unprotect":
-            d = control_request(args.control, "unprotect", domain=args.domain,
-                                timeout=args.timeout + 5, wait_s=args.timeout)
-            print(f"{d['name']} ({d['domid']}): {d['state']} after {d['checkpoints']} "
-                  f"checkpoints; the guest runs unprotected")
+            d = control_request(
+                args.control,
+                "unprotect",
+                domain=args.domain,
+                timeout=args.timeout + 5,
+                wait_s=args.timeout,
+            )
+            print(
+                f"{d['name']} ({d['domid']}): {d['state']} after {d['checkpoints']} "
+                f"checkpoints; the guest runs unprotected"
+            )
         elif args.command == "failover":
-            d = control_request(args.control, "failover", domain=args.domain,
-                                timeout=args.timeout)
-            print(f"{d['domain']}: backup domain {d['backup_domid']} is running, resumed from "
-                  f"checkpoint {d['resumed_from']}")
+            d = control_request(args.control, "failover", domain=args.domain, timeout=args.timeout)
+            print(
+                f"{d['domain']}: backup domain {d['backup_domid']} is running, resumed from "
+                f"checkpoint {d['resumed_from']}"
+            )
     except ControlError as e:
         print(f"remusctl: {e}", file=sys.stderr)
         return 1

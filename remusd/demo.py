@@ -57,8 +57,9 @@ def _bin(name: str) -> list[str]:
     path = BIN / name
     if path.exists():
         return [str(path)]
-    module = {"remusd": "remusd.cli", "remusctl": "remusd.ctl",
-              "remus-receiver": "receiver.cli"}[name]
+    module = {"remusd": "remusd.cli", "remusctl": "remusd.ctl", "remus-receiver": "receiver.cli"}[
+        name
+    ]
     return [PY, "-m", module]
 
 
@@ -71,8 +72,13 @@ class Procs:
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.procs[name] = p
         return p
@@ -105,8 +111,12 @@ class Procs:
 
 
 def sim(sim_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([PY, "-m", "xenbind.sim", "--dir", str(sim_dir), *args],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [PY, "-m", "xenbind.sim", "--dir", str(sim_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if check and r.returncode != 0:
         raise RuntimeError(f"xenbind.sim {' '.join(args)} failed: {r.stderr.strip()}")
     return r
@@ -151,31 +161,84 @@ def run(args: argparse.Namespace) -> int:
             procs.start(name, [PY, "-m", "xenbind.sim", "host", "--dir", str(d)])
         for d in (primary, backup):
             wait_for(f"the simulated host at {d}", lambda d=d: (d / "host.sock").exists(), 30)
-        domid = sim(primary, "create", "--memory", args.memory, "--workload", "ledger",
-                    "--seed", "1", "--rate", str(args.rate), "--name", "ledger").stdout.strip()
-        say(f"2. guest 'ledger' (domain {domid}, {args.memory}) runs a bank on the primary: "
-            f"{args.rate} transactions/s, each acknowledged to its client")
+        domid = sim(
+            primary,
+            "create",
+            "--memory",
+            args.memory,
+            "--workload",
+            "ledger",
+            "--seed",
+            "1",
+            "--rate",
+            str(args.rate),
+            "--name",
+            "ledger",
+        ).stdout.strip()
+        say(
+            f"2. guest 'ledger' (domain {domid}, {args.memory}) runs a bank on the primary: "
+            f"{args.rate} transactions/s, each acknowledged to its client"
+        )
         tls = base / "tls"
         ca = pki.make_ca(tls, "remus-demo-ca")
         rx_cert = pki.make_host_cert(tls, ca, "backup.demo", ["127.0.0.1"])
         tx_cert = pki.make_host_cert(tls, ca, "primary.demo")
-        say(f"3. remus-receiver on the backup (127.0.0.1:{port}), remusd on the primary, "
-            f"linked by TLS 1.3 (throwaway CA and host certificates in {tls})")
-        procs.start("receiver", _bin("remus-receiver") + [
-            "--listen", f"127.0.0.1:{port}", "--sim-dir", str(backup), "--control", bsock,
-            "--config", "/dev/null", "--tls-cert", rx_cert.cert, "--tls-key", rx_cert.key,
-            "--tls-ca", ca.cert, "--allow-peer", "primary.demo"])
-        procs.start("remusd", _bin("remusd") + [
-            "--sim-dir", str(primary), "--control", rsock, "--config", "/dev/null",
-            "--tls-cert", tx_cert.cert, "--tls-key", tx_cert.key, "--tls-ca", ca.cert])
+        say(
+            f"3. remus-receiver on the backup (127.0.0.1:{port}), remusd on the primary, "
+            f"linked by TLS 1.3 (throwaway CA and host certificates in {tls})"
+        )
+        procs.start(
+            "receiver",
+            _bin("remus-receiver")
+            + [
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--sim-dir",
+                str(backup),
+                "--control",
+                bsock,
+                "--config",
+                "/dev/null",
+                "--tls-cert",
+                rx_cert.cert,
+                "--tls-key",
+                rx_cert.key,
+                "--tls-ca",
+                ca.cert,
+                "--allow-peer",
+                "primary.demo",
+            ],
+        )
+        procs.start(
+            "remusd",
+            _bin("remusd")
+            + [
+                "--sim-dir",
+                str(primary),
+                "--control",
+                rsock,
+                "--config",
+                "/dev/null",
+                "--tls-cert",
+                tx_cert.cert,
+                "--tls-key",
+                tx_cert.key,
+                "--tls-ca",
+                ca.cert,
+            ],
+        )
         wait_for("remus-receiver", lambda: control_request(bsock, "status", timeout=2), 30)
         wait_for("remusd", lambda: control_request(rsock, "status", timeout=2), 30)
-        control_request(rsock, "protect", domain="ledger", target=f"127.0.0.1:{port}",
-                        interval_ms=args.interval)
+        control_request(
+            rsock, "protect", domain="ledger", target=f"127.0.0.1:{port}", interval_ms=args.interval
+        )
         say(f"4. remusctl protect ledger --to 127.0.0.1:{port} --interval {args.interval}")
         t0 = time.monotonic()
-        wait_for("the initial copy", lambda: sessions_of(control_request(rsock, "status"))[0]
-                 ["state"] == "protected", 60)
+        wait_for(
+            "the initial copy",
+            lambda: sessions_of(control_request(rsock, "status"))[0]["state"] == "protected",
+            60,
+        )
         say(f"   initial copy done in {time.monotonic() - t0:.2f} s; checkpointing:")
         say("   time  state      ckpt/s  pause ms  dirty pages  ratio    MB/s  acked")
         prev = sessions_of(control_request(rsock, "status"))[0]
@@ -189,8 +252,10 @@ def run(args: argparse.Namespace) -> int:
             mbs = (d["bytes_sent"] - prev["bytes_sent"]) / dt / 1e6
             ratio = "-" if d["compression_ratio"] is None else f"{d['compression_ratio']:.1f}:1"
             pause = "-" if d["last_pause_ms"] is None else f"{d['last_pause_ms']:.2f}"
-            say(f"   {sec:3d} s  {d['state']:<10} {cps:6.1f}  {pause:>8}  {d['dirty_pages']!s:>11}"
-                f"  {ratio:>6}  {mbs:6.2f}  {d['acked']}")
+            say(
+                f"   {sec:3d} s  {d['state']:<10} {cps:6.1f}  {pause:>8}  {d['dirty_pages']!s:>11}"
+                f"  {ratio:>6}  {mbs:6.2f}  {d['acked']}"
+            )
             prev, prev_t = d, now
         final = sessions_of(control_request(rsock, "status"))[0]
         say("5. power cut: SIGKILL to the primary host and remusd")
@@ -208,32 +273,46 @@ def run(args: argparse.Namespace) -> int:
 
         s = wait_for("the backup to take over", failed_over, 30)
         detect = time.monotonic() - t_kill
-        say(f"6. the backup took over {detect:.2f} s after the kill, resuming from checkpoint "
+        say(
+            f"6. the backup took over {detect:.2f} s after the kill, resuming from checkpoint "
             f"{s.get('last_committed')} (remusd had seen checkpoint {final['acked']} or later "
-            "acknowledged)")
+            "acknowledged)"
+        )
         acked = base / "acked.txt"
         out = sim(primary, "outputs", "ledger").stdout
         acked.write_text(out)
         n_acked = sum(1 for ln in out.splitlines() if ln.startswith("ack "))
         time.sleep(1.0)  # let the resumed guest run a little
         bl = json.loads(sim(backup, "list", "--json").stdout)
-        bdom = next((d for d in (bl if isinstance(bl, list) else bl.get("domains", []))
-                     if d.get("name") == "ledger"), None)
+        bdom = next(
+            (
+                d
+                for d in (bl if isinstance(bl, list) else bl.get("domains", []))
+                if d.get("name") == "ledger"
+            ),
+            None,
+        )
         # the check reads the guest's memory: pause it for a consistent view
         sim(backup, "pause", "ledger")
-        say("7. ledger-check on the (now paused) backup against the primary's released "
-            f"outputs ({n_acked} acknowledged transactions)")
+        say(
+            "7. ledger-check on the (now paused) backup against the primary's released "
+            f"outputs ({n_acked} acknowledged transactions)"
+        )
         chk = sim(backup, "ledger-check", "ledger", "--acked", str(acked), check=False)
         for line in (chk.stdout + chk.stderr).strip().splitlines():
             say(f"   {line}")
         ok = chk.returncode == 0
         say("")
         say("summary")
-        say(f"  checkpoints acknowledged before the cut: {final['checkpoints']} "
+        say(
+            f"  checkpoints acknowledged before the cut: {final['checkpoints']} "
             f"(interval {args.interval} ms), last pause {final['last_pause_ms']} ms, "
-            f"compression {final['compression_ratio']}:1")
-        say(f"  failover detected and done in {detect:.2f} s; backup domain "
-            f"{bdom.get('domid') if bdom else '?'} is {bdom.get('state') if bdom else '?'}")
+            f"compression {final['compression_ratio']}:1"
+        )
+        say(
+            f"  failover detected and done in {detect:.2f} s; backup domain "
+            f"{bdom.get('domid') if bdom else '?'} is {bdom.get('state') if bdom else '?'}"
+        )
         say(f"  every acknowledged transaction survived: {'YES' if ok else 'NO'}")
         return 0 if ok else 1
     except KeyboardInterrupt:
@@ -255,12 +334,17 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m remusd.demo",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seconds", type=int, default=8, help="seconds of live figures (default 8)")
-    p.add_argument("--interval", type=int, default=100, help="checkpoint interval, ms (default 100)")
+    p.add_argument(
+        "--interval", type=int, default=100, help="checkpoint interval, ms (default 100)"
+    )
     p.add_argument("--memory", default="64M", help="guest memory (default 64M)")
-    p.add_argument("--rate", type=int, default=2000,
-                   help="ledger transactions per second (default 2000)")
+    p.add_argument(
+        "--rate", type=int, default=2000, help="ledger transactions per second (default 2000)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the working directory and logs")
     args = p.parse_args(argv)
 

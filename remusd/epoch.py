@@ -118,8 +118,10 @@ def strictly_sorted(pfns: np.ndarray) -> np.ndarray:
         global _warned
         if not _warned:
             _warned = True
-            log.warning("the hypervisor's dirty log returned unsorted or repeated PFNs; "
-                        "deduplicating (reported once)")
+            log.warning(
+                "the hypervisor's dirty log returned unsorted or repeated PFNs; "
+                "deduplicating (reported once)"
+            )
         return np.unique(pfns)
     return pfns
 
@@ -145,8 +147,13 @@ def merge_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return c[keep]
 
 
-def capture(domain: Domain, cb: CheckpointBuffer, extra: np.ndarray | None = None,
-            hold: Callable[[], None] | None = None, prescan: bool = True) -> Capture:
+def capture(
+    domain: Domain,
+    cb: CheckpointBuffer,
+    extra: np.ndarray | None = None,
+    hold: Callable[[], None] | None = None,
+    prescan: bool = True,
+) -> Capture:
     """The paused part of an epoch (see the module docstring).
 
     ``extra``: PFNs to copy besides the dirty ones (the initial copy's final

@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 
 ENV = "REMUSD_FAULT"
 
-KINDS = ("stall-mid-checkpoint", "stall-paused", "stall-mid-chunk", "stall-before-tail",
-         "stall-after-ack", "stall-after-release")
+KINDS = (
+    "stall-mid-checkpoint",
+    "stall-paused",
+    "stall-mid-chunk",
+    "stall-before-tail",
+    "stall-after-ack",
+    "stall-after-release",
+)
 #: kinds that have no meaning for the initial copy (checkpoint 0)
 EPOCH_ONLY = ("stall-paused", "stall-mid-chunk")
 
@@ -57,10 +63,21 @@ def from_env() -> Fault | None:
         return None
     kind, _, rest = spec.partition(":")
     s, _, n = rest.partition(":")
-    if (kind not in KINDS or not s.isdigit() or not n.isdigit() or int(s) < 1
-            or (kind in EPOCH_ONLY and int(n) == 0)):
-        log.error("%s=%r not understood (KIND:SESSION:INDEX, KIND one of %s; %s need "
-                  "INDEX >= 1); ignored", ENV, spec, ", ".join(KINDS), ", ".join(EPOCH_ONLY))
+    if (
+        kind not in KINDS
+        or not s.isdigit()
+        or not n.isdigit()
+        or int(s) < 1
+        or (kind in EPOCH_ONLY and int(n) == 0)
+    ):
+        log.error(
+            "%s=%r not understood (KIND:SESSION:INDEX, KIND one of %s; %s need "
+            "INDEX >= 1); ignored",
+            ENV,
+            spec,
+            ", ".join(KINDS),
+            ", ".join(EPOCH_ONLY),
+        )
         return None
     log.warning("fault injection armed: %s=%s", ENV, spec)
     return Fault(kind, int(s), int(n))

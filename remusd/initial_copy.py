@@ -61,13 +61,20 @@ class CopyResult:
     final: Capture  # the final paused round: the caller encodes and sends it
 
 
-def _send_pages(link: Link, writer: StreamWriter, domain: Domain, cb: CheckpointBuffer,
-                pfns: np.ndarray, beat: Callable[[], None], stop: Callable[[], bool]) -> int:
+def _send_pages(
+    link: Link,
+    writer: StreamWriter,
+    domain: Domain,
+    cb: CheckpointBuffer,
+    pfns: np.ndarray,
+    beat: Callable[[], None],
+    stop: Callable[[], bool],
+) -> int:
     sent = 0
     for s in range(0, len(pfns), SLICE_PAGES):
         if stop():
             break
-        part = pfns[s:s + SLICE_PAGES]
+        part = pfns[s : s + SLICE_PAGES]
         view = cb.view(len(part))
         domain.gather(part, view)
         sent += link.send(writer.pages(part, view))
@@ -84,11 +91,12 @@ def holes_of(pages: int, populated: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask).astype(np.uint64)
 
 
-def _send_holes(link: Link, writer: StreamWriter, holes: np.ndarray,
-                beat: Callable[[], None]) -> int:
+def _send_holes(
+    link: Link, writer: StreamWriter, holes: np.ndarray, beat: Callable[[], None]
+) -> int:
     sent = 0
     for s in range(0, len(holes), XTAB_SLICE):
-        part = holes[s:s + XTAB_SLICE]
+        part = holes[s : s + XTAB_SLICE]
         types = np.full(len(part), TYPE_XTAB, dtype=np.uint8)
         sent += link.send(writer.pages(part, _NO_PAGES, types))
         link.poll()
@@ -96,9 +104,17 @@ def _send_holes(link: Link, writer: StreamWriter, holes: np.ndarray,
     return sent
 
 
-def initial_copy(domain: Domain, link: Link, writer: StreamWriter, cb: CheckpointBuffer, *,
-                 rounds: int, threshold: int, heartbeat_s: float,
-                 stop: Callable[[], bool]) -> CopyResult:
+def initial_copy(
+    domain: Domain,
+    link: Link,
+    writer: StreamWriter,
+    cb: CheckpointBuffer,
+    *,
+    rounds: int,
+    threshold: int,
+    heartbeat_s: float,
+    stop: Callable[[], bool],
+) -> CopyResult:
     """Send checkpoint 0 up to its final paused round (see the module docstring).
 
     Returns the final capture: the caller encodes and sends it (with
@@ -120,8 +136,13 @@ def initial_copy(domain: Domain, link: Link, writer: StreamWriter, cb: Checkpoin
     pfns = strictly_sorted(np.asarray(domain.populated_pfns(), dtype=np.uint64))
     holes = holes_of(pages, pfns)
     if len(holes):
-        log.info("domain %s: %d of %d PFNs populated; %d holes sent as XTAB", domain.domid,
-                 len(pfns), pages, len(holes))
+        log.info(
+            "domain %s: %d of %d PFNs populated; %d holes sent as XTAB",
+            domain.domid,
+            len(pfns),
+            pages,
+            len(holes),
+        )
         total += _send_holes(link, writer, holes, beat)
     n_pages = 0
     done = 0
@@ -130,8 +151,12 @@ def initial_copy(domain: Domain, link: Link, writer: StreamWriter, cb: Checkpoin
         total += _send_pages(link, writer, domain, cb, pfns, beat, stop)
         n_pages += len(pfns)
         pfns = strictly_sorted(domain.read_and_clear_dirty())
-        log.debug("domain %s: pre-copy round %d sent; %d pages dirtied meanwhile",
-                  domain.domid, done, len(pfns))
+        log.debug(
+            "domain %s: pre-copy round %d sent; %d pages dirtied meanwhile",
+            domain.domid,
+            done,
+            len(pfns),
+        )
         if stop() or done >= rounds or len(pfns) < threshold:
             break
     # the final round, paused: pick up what the last live round left

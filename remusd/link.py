@@ -58,8 +58,11 @@ class LinkDown(RemusError):
 
 class Refused(LinkDown):
     def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"receiver refused the session ({code}): {reason}",
-                         permanent=code in PERMANENT_REFUSALS, fenced=code == "fenced")
+        super().__init__(
+            f"receiver refused the session ({code}): {reason}",
+            permanent=code in PERMANENT_REFUSALS,
+            fenced=code == "fenced",
+        )
         self.code = code
 
 
@@ -75,8 +78,9 @@ class Link:
     def send(self, buffers: Sequence) -> int:
         raise NotImplementedError
 
-    def wait_ack(self, index: int, deadline: float, heartbeat: Callable[[], None],
-                 heartbeat_s: float) -> sp.Ack:
+    def wait_ack(
+        self, index: int, deadline: float, heartbeat: Callable[[], None], heartbeat_s: float
+    ) -> sp.Ack:
         raise NotImplementedError
 
     def poll(self) -> None:
@@ -113,8 +117,9 @@ class FileLink(Link):
             raise LinkDown(f"writing {self.path}: {e.strerror}") from None
         return n
 
-    def wait_ack(self, index: int, deadline: float, heartbeat: Callable[[], None],
-                 heartbeat_s: float) -> sp.Ack:
+    def wait_ack(
+        self, index: int, deadline: float, heartbeat: Callable[[], None], heartbeat_s: float
+    ) -> sp.Ack:
         return sp.Ack(index)  # written and flushed: acknowledged
 
     def close(self) -> None:
@@ -131,9 +136,16 @@ class NetLink(Link):
 
     kind = "tcp"
 
-    def __init__(self, target: Target, hello: sp.Hello, *, connect_timeout: float,
-                 io_timeout: float, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
-                 connect: Callable[[str, int, float], Transport] | None = None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        hello: sp.Hello,
+        *,
+        connect_timeout: float,
+        io_timeout: float,
+        accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
+        connect: Callable[[str, int, float], Transport] | None = None,
+    ) -> None:
         self.target = target
         self.hello = hello
         self.connect_timeout = connect_timeout
@@ -163,9 +175,11 @@ class NetLink(Link):
             self.t.sendall(self.session.hello())
             while self.accept is None:
                 if time.monotonic() > deadline:
-                    raise LinkDown(f"{self.target} did not answer the HELLO within "
-                                   f"{self.accept_timeout} s (--accept-timeout; it builds the "
-                                   "backup domain before it answers)")
+                    raise LinkDown(
+                        f"{self.target} did not answer the HELLO within "
+                        f"{self.accept_timeout} s (--accept-timeout; it builds the "
+                        "backup domain before it answers)"
+                    )
                 for ev in self._read():
                     if isinstance(ev, sp.Refused):
                         raise Refused(ev.refuse.code, ev.refuse.reason)
@@ -192,7 +206,8 @@ class NetLink(Link):
             return []
         except OSError as e:
             raise self._last_words(
-                LinkDown(f"link to {self.target} broke: {e.strerror or e}")) from None
+                LinkDown(f"link to {self.target} broke: {e.strerror or e}")
+            ) from None
         try:
             if not data:
                 self.session.eof()
@@ -206,15 +221,21 @@ class NetLink(Link):
     def _handle(self, ev) -> None:
         if isinstance(ev, sp.Ack):
             if self.acked is not None and ev.index <= self.acked:
-                raise LinkDown(f"{self.target} acknowledged checkpoint {ev.index} "
-                               f"after {self.acked}")
+                raise LinkDown(
+                    f"{self.target} acknowledged checkpoint {ev.index} after {self.acked}"
+                )
             self.acked = ev.index
             if ev.mismatch:
-                log.error("backup %s reports a memory digest mismatch at checkpoint %d",
-                          self.target, ev.index)
+                log.error(
+                    "backup %s reports a memory digest mismatch at checkpoint %d",
+                    self.target,
+                    ev.index,
+                )
         elif isinstance(ev, sp.Error):
-            raise LinkDown(f"{self.target} ended the session ({ev.code_name}): {ev.reason}",
-                           fenced=ev.code == sp.ERR_FAILED_OVER)
+            raise LinkDown(
+                f"{self.target} ended the session ({ev.code_name}): {ev.reason}",
+                fenced=ev.code == sp.ERR_FAILED_OVER,
+            )
         elif isinstance(ev, sp.Goodbye):
             raise LinkDown(f"{self.target} said goodbye: {ev.reason}")
 
@@ -293,8 +314,9 @@ class NetLink(Link):
             for ev in self._read():
                 self._handle(ev)
 
-    def wait_ack(self, index: int, deadline: float, heartbeat: Callable[[], None],
-                 heartbeat_s: float) -> sp.Ack:
+    def wait_ack(
+        self, index: int, deadline: float, heartbeat: Callable[[], None], heartbeat_s: float
+    ) -> sp.Ack:
         assert self.t is not None
         next_beat = time.monotonic() + heartbeat_s
         last: sp.Ack | None = None
@@ -313,8 +335,7 @@ class NetLink(Link):
             if not ready:
                 continue
             for ev in self._read():
-                if (isinstance(ev, sp.Goodbye) and self.acked is not None
-                        and self.acked >= index):
+                if isinstance(ev, sp.Goodbye) and self.acked is not None and self.acked >= index:
                     break  # the receiver's goodbye after our last checkpoint's ACK
                 self._handle(ev)
                 if isinstance(ev, sp.Ack):
@@ -327,13 +348,25 @@ class NetLink(Link):
             self.t = None
 
 
-def make_link(target: Target, hello: sp.Hello, *, connect_timeout: float,
-              io_timeout: float, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
-              connect: Callable[[str, int, float], Transport] | None = None) -> Link:
+def make_link(
+    target: Target,
+    hello: sp.Hello,
+    *,
+    connect_timeout: float,
+    io_timeout: float,
+    accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
+    connect: Callable[[str, int, float], Transport] | None = None,
+) -> Link:
     """``connect(host, port, timeout)`` makes the transport (remusd's choice at
     start: ``xenbind.tls.TlsClient.connect`` or, with --insecure,
     ``xenbind.tls.plaintext_connect``)."""
     if target.kind == "file":
         return FileLink(os.path.abspath(target.path))
-    return NetLink(target, hello, connect_timeout=connect_timeout, io_timeout=io_timeout,
-                   accept_timeout=accept_timeout, connect=connect)
+    return NetLink(
+        target,
+        hello,
+        connect_timeout=connect_timeout,
+        io_timeout=io_timeout,
+        accept_timeout=accept_timeout,
+        connect=connect,
+    )

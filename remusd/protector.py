@@ -85,8 +85,10 @@ class _StallingLink:
         n = self._link.send(buffers)
         self._sent += n
         if self._sent >= self._limit:
-            faults.hang(self._pacer.stop, f"domain {self._name}: sent {self._sent} bytes of "
-                        "the initial copy")
+            faults.hang(
+                self._pacer.stop,
+                f"domain {self._name}: sent {self._sent} bytes of the initial copy",
+            )
         return n
 
     def poll(self) -> None:
@@ -144,8 +146,9 @@ class Tuning:
 class Protector:
     """The session thread of one domain."""
 
-    def __init__(self, domain: Domain, info: DomainInfo, req: ProtectRequest,
-                 tuning: Tuning) -> None:
+    def __init__(
+        self, domain: Domain, info: DomainInfo, req: ProtectRequest, tuning: Tuning
+    ) -> None:
         self.domain = domain
         self.info = info
         self.req = req
@@ -153,8 +156,7 @@ class Protector:
         self._lock = threading.Lock()
         self._stop = threading.Event()  # asked to end (clean)
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"protect-{info.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"protect-{info.name}", daemon=True)
         self.generation = time.time_ns()
         # status (under _lock)
         self.state = "initial-copy"
@@ -219,8 +221,12 @@ class Protector:
             extra = {}
             if history:
                 cols = list(zip(*self.history, strict=True)) or [(), (), (), ()]
-                extra["history"] = {"index": list(cols[0]), "pause_ms": list(cols[1]),
-                                    "pages": list(cols[2]), "bytes": list(cols[3])}
+                extra["history"] = {
+                    "index": list(cols[0]),
+                    "pause_ms": list(cols[1]),
+                    "pages": list(cols[2]),
+                    "bytes": list(cols[3]),
+                }
             return extra | {
                 "domid": self.info.domid,
                 "name": self.info.name,
@@ -233,7 +239,8 @@ class Protector:
                 "verify": self.req.verify,
                 "checkpoints": self.checkpoints,
                 "acked": self.acked,
-                "last_pause_ms": None if self.last_pause_ms is None
+                "last_pause_ms": None
+                if self.last_pause_ms is None
                 else round(self.last_pause_ms, 3),
                 "dirty_pages": self.dirty_pages,
                 "bytes_sent": self.bytes_sent,
@@ -265,8 +272,11 @@ class Protector:
                     break
                 self._unprotect(f"backup lost: {e.reason}")
                 if e.permanent:
-                    log.error("domain %s: %s; not retrying (unprotect and protect again "
-                              "to retry)", self.info.name, e.reason)
+                    log.error(
+                        "domain %s: %s; not retrying (unprotect and protect again to retry)",
+                        self.info.name,
+                        e.reason,
+                    )
                     self._set("unprotected", f"{e.reason} (not retrying)")
                     self._stop.wait()
                     break
@@ -275,14 +285,22 @@ class Protector:
                     # the receiver holds a committed backup and fails it over after
                     # its timeout of silence unless a new session supersedes it first
                     # (a reset link, a receiver that closed on a hiccup): reconnect now
-                    log.warning("domain %s unprotected: %s; reconnecting at once (the "
-                                "receiver fails over after %d ms without us)", self.info.name,
-                                e.reason, self._failover_capable)
+                    log.warning(
+                        "domain %s unprotected: %s; reconnecting at once (the "
+                        "receiver fails over after %d ms without us)",
+                        self.info.name,
+                        e.reason,
+                        self._failover_capable,
+                    )
                     self._failover_capable = None
                     wait = 0.0
                 else:
-                    log.warning("domain %s unprotected: %s; retrying in %.1f s",
-                                self.info.name, e.reason, delay)
+                    log.warning(
+                        "domain %s unprotected: %s; retrying in %.1f s",
+                        self.info.name,
+                        e.reason,
+                        delay,
+                    )
                 if self._stop.wait(wait):
                     break
                 with self._lock:
@@ -338,27 +356,43 @@ class Protector:
                     op()
                 except DomainError as err:
                     log.warning("domain %s: %s", self.info.name, err)
-            log.critical("domain %s FENCED: %s; the backup runs the guest now: this copy is "
-                         "paused and its unacknowledged output withheld (destroy it here, "
-                         "then protect the guest from the backup host)", self.info.name,
-                         e.reason)
+            log.critical(
+                "domain %s FENCED: %s; the backup runs the guest now: this copy is "
+                "paused and its unacknowledged output withheld (destroy it here, "
+                "then protect the guest from the backup host)",
+                self.info.name,
+                e.reason,
+            )
             self._set("fenced", f"{e.reason} (this copy paused; not retrying)")
         else:
-            log.critical("domain %s FENCED: %s; this copy ran unprotected meanwhile: possible "
-                         "SPLIT BRAIN, an operator must decide which copy lives; not retrying",
-                         self.info.name, e.reason)
+            log.critical(
+                "domain %s FENCED: %s; this copy ran unprotected meanwhile: possible "
+                "SPLIT BRAIN, an operator must decide which copy lives; not retrying",
+                self.info.name,
+                e.reason,
+            )
             self._set("fenced", f"{e.reason} (possible split brain; not retrying)")
 
     def _hello(self) -> sp.Hello:
         i = self.info
         return sp.Hello(
             session_id=sp.new_session_id(),
-            options=sp.Options(codec=self.req.codec, cache_pages=self.tuning.cache_pages,
-                               buffer_pages=self.tuning.buffer_pages,
-                               interval_ms=self.req.interval_ms,
-                               heartbeat_ms=self.req.interval_ms, verify=self.req.verify),
-            domain=DomainConfig(name=i.name, uuid=i.uuid, pages=i.pages, vcpus=i.vcpus,
-                                hvm=i.hvm, extra=dict(i.extra)),
+            options=sp.Options(
+                codec=self.req.codec,
+                cache_pages=self.tuning.cache_pages,
+                buffer_pages=self.tuning.buffer_pages,
+                interval_ms=self.req.interval_ms,
+                heartbeat_ms=self.req.interval_ms,
+                verify=self.req.verify,
+            ),
+            domain=DomainConfig(
+                name=i.name,
+                uuid=i.uuid,
+                pages=i.pages,
+                vcpus=i.vcpus,
+                hvm=i.hvm,
+                extra=dict(i.extra),
+            ),
             generation=self.generation,
             software=SOFTWARE,
         )
@@ -372,9 +406,14 @@ class Protector:
         t = self.tuning
         hello = self._hello()
         interval = self.req.interval_ms / 1000.0
-        link = make_link(self.req.target, hello, connect_timeout=t.connect_timeout,
-                         io_timeout=max(t.ack_timeout, interval),
-                         accept_timeout=t.accept_timeout, connect=t.connect)
+        link = make_link(
+            self.req.target,
+            hello,
+            connect_timeout=t.connect_timeout,
+            io_timeout=max(t.ack_timeout, interval),
+            accept_timeout=t.accept_timeout,
+            connect=t.connect,
+        )
         link.open()
         self._set("initial-copy")
         try:
@@ -389,11 +428,21 @@ class Protector:
             self.session_id = hello.session_id if link.kind == "tcp" else None
             self.sessions += 1
             self.acked = None
-        log.info("domain %s: session %s to %s (codec %s, interval %d ms%s): initial copy",
-                 self.info.name, hello.session_id[:8], self.req.target, self.req.codec,
-                 self.req.interval_ms, ", verify" if self.req.verify else "")
-        writer = StreamWriter(self.info.pages, codec=self.req.codec,
-                              cache_pages=t.cache_pages, buffer_pages=t.buffer_pages)
+        log.info(
+            "domain %s: session %s to %s (codec %s, interval %d ms%s): initial copy",
+            self.info.name,
+            hello.session_id[:8],
+            self.req.target,
+            self.req.codec,
+            self.req.interval_ms,
+            ", verify" if self.req.verify else "",
+        )
+        writer = StreamWriter(
+            self.info.pages,
+            codec=self.req.codec,
+            cache_pages=t.cache_pages,
+            buffer_pages=t.buffer_pages,
+        )
         cb = CheckpointBuffer(self.info.pages, self.req.verify)
 
         def heartbeat() -> None:
@@ -406,18 +455,27 @@ class Protector:
         finally:
             self._pacer.stop()
 
-    def _protect(self, link: Link, writer: StreamWriter, cb: CheckpointBuffer, heartbeat,
-                 interval: float) -> Link:
+    def _protect(
+        self, link: Link, writer: StreamWriter, cb: CheckpointBuffer, heartbeat, interval: float
+    ) -> Link:
         t = self.tuning
         t0 = time.monotonic()
         self._engaged = True
         copy_link = link
         if self._fault_at("stall-mid-checkpoint", 0):
-            copy_link = _StallingLink(link, self.info.pages * 4096 // 2, self.info.name,
-                                      self._pacer)
-        res = initial_copy(self.domain, copy_link, writer, cb, rounds=t.precopy_rounds,
-                           threshold=t.precopy_threshold, heartbeat_s=interval,
-                           stop=self._stop.is_set)
+            copy_link = _StallingLink(
+                link, self.info.pages * 4096 // 2, self.info.name, self._pacer
+            )
+        res = initial_copy(
+            self.domain,
+            copy_link,
+            writer,
+            cb,
+            rounds=t.precopy_rounds,
+            threshold=t.precopy_threshold,
+            heartbeat_s=interval,
+            stop=self._stop.is_set,
+        )
         last = self._stop.is_set()
         bufs = encode(writer, res.final, last=last)
         self._fault_send(link, bufs, 0)
@@ -431,9 +489,16 @@ class Protector:
             self.bytes_sent += sent
             self.last_pause_ms = res.final.pause_ms
             self.dirty_pages = len(res.final.pfns)
-        log.info("domain %s protected: initial copy of %d pages in %d round(s), %.1f MB, "
-                 "%.2f s, final pause %.1f ms", self.info.name, res.pages_sent, res.rounds,
-                 sent / 1e6, time.monotonic() - t0, res.final.pause_ms)
+        log.info(
+            "domain %s protected: initial copy of %d pages in %d round(s), %.1f MB, "
+            "%.2f s, final pause %.1f ms",
+            self.info.name,
+            res.pages_sent,
+            res.rounds,
+            sent / 1e6,
+            time.monotonic() - t0,
+            res.final.pause_ms,
+        )
         if last:
             return self._clean_end(link)
         self._set("protected")
@@ -453,8 +518,9 @@ class Protector:
             hold = None
             if self._fault_at("stall-paused", index):
                 hold = lambda i=index: faults.hang(  # noqa: E731
-                    self._pacer.stop, f"domain {self.info.name}: guest paused in the capture "
-                    f"of checkpoint {i}")
+                    self._pacer.stop,
+                    f"domain {self.info.name}: guest paused in the capture of checkpoint {i}",
+                )
             cap = capture(self.domain, cb, hold=hold, prescan=t.prescan)
             t_enc = time.monotonic()
             bufs = encode(writer, cap, last=last)
@@ -467,11 +533,19 @@ class Protector:
             self._acked(link, index, _nothing if last else heartbeat, interval, cap.digest)
             if log.isEnabledFor(logging.DEBUG):
                 t_end = time.monotonic()
-                log.debug("domain %s: checkpoint %d: %d pages, %d bytes; capture %.1f ms "
-                          "(paused %.2f), encode %.1f ms, send %.1f ms, ack %.1f ms",
-                          self.info.name, index, len(cap.pfns), n, (t_enc - t_cap) * 1e3,
-                          cap.pause_ms, (t_send - t_enc) * 1e3, (t_ack - t_send) * 1e3,
-                          (t_end - t_ack) * 1e3)
+                log.debug(
+                    "domain %s: checkpoint %d: %d pages, %d bytes; capture %.1f ms "
+                    "(paused %.2f), encode %.1f ms, send %.1f ms, ack %.1f ms",
+                    self.info.name,
+                    index,
+                    len(cap.pfns),
+                    n,
+                    (t_enc - t_cap) * 1e3,
+                    cap.pause_ms,
+                    (t_send - t_enc) * 1e3,
+                    (t_ack - t_send) * 1e3,
+                    (t_end - t_ack) * 1e3,
+                )
             with self._lock:
                 self.bytes_sent += n
                 self.last_pause_ms = cap.pause_ms
@@ -490,8 +564,9 @@ class Protector:
             if next_t < time.monotonic():  # overran: start the next epoch now
                 next_t = time.monotonic()
 
-    def _acked(self, link: Link, index: int, heartbeat, interval: float,
-               digest: bytes | None) -> None:
+    def _acked(
+        self, link: Link, index: int, heartbeat, interval: float, digest: bytes | None
+    ) -> None:
         deadline = time.monotonic() + self.tuning.ack_timeout
         ack = link.wait_ack(index, deadline, heartbeat, interval)
         with self._lock:
@@ -501,15 +576,24 @@ class Protector:
             if ack.mismatch:
                 self.mismatches += 1
         if self._fault_at("stall-after-ack", index):
-            faults.hang(self._pacer.stop, f"domain {self.info.name}: checkpoint {index} "
-                        "acknowledged, its output not released")
+            faults.hang(
+                self._pacer.stop,
+                f"domain {self.info.name}: checkpoint {index} "
+                "acknowledged, its output not released",
+            )
         self.domain.output_release()
         if self._fault_at("stall-after-release", index):
-            faults.hang(self._pacer.stop, f"domain {self.info.name}: checkpoint {index} "
-                        "acknowledged and its output released")
+            faults.hang(
+                self._pacer.stop,
+                f"domain {self.info.name}: checkpoint {index} acknowledged and its output released",
+            )
         if digest is not None:
-            log.debug("domain %s: checkpoint %d acknowledged, xxh3-128 %s", self.info.name,
-                      index, digest.hex())
+            log.debug(
+                "domain %s: checkpoint %d acknowledged, xxh3-128 %s",
+                self.info.name,
+                index,
+                digest.hex(),
+            )
 
     def _fault_at(self, kind: str, index: int) -> bool:
         return self._fault is not None and self._fault.at(kind, self.sessions, index)
@@ -517,8 +601,10 @@ class Protector:
     def _fault_send(self, link: Link, bufs: list, index: int) -> None:
         """Fault injection (remusd.faults): send part of checkpoint ``index``
         and hang, as a primary dying in mid-transmission would."""
-        if self._fault is None or not any(self._fault_at(k, index) for k in (
-                "stall-mid-checkpoint", "stall-mid-chunk", "stall-before-tail")):
+        if self._fault is None or not any(
+            self._fault_at(k, index)
+            for k in ("stall-mid-checkpoint", "stall-mid-chunk", "stall-before-tail")
+        ):
             return
         if self._fault.kind == "stall-mid-checkpoint" and index == 0:
             return  # the initial copy's own bytes: _StallingLink
@@ -527,22 +613,30 @@ class Protector:
         if self._fault_at("stall-mid-checkpoint", index):
             data = b"".join(faults.flat(bufs))
             link.send([data[: len(data) // 2]])
-            faults.hang(self._pacer.stop, f"domain {name}: sent {len(data) // 2} of "
-                        f"{len(data)} bytes of checkpoint {index}")
+            faults.hang(
+                self._pacer.stop,
+                f"domain {name}: sent {len(data) // 2} of {len(data)} bytes of checkpoint {index}",
+            )
         if self._fault_at("stall-mid-chunk", index):
             first = faults.flat(bufs[:1])[0]
             link.send([first[: len(first) // 2]])
-            faults.hang(self._pacer.stop, f"domain {name}: sent {len(first) // 2} of the "
-                        f"{len(first)} bytes of checkpoint {index}'s first chunk")
+            faults.hang(
+                self._pacer.stop,
+                f"domain {name}: sent {len(first) // 2} of the "
+                f"{len(first)} bytes of checkpoint {index}'s first chunk",
+            )
         if self._fault_at("stall-before-tail", index):
             n = link.send(bufs[:-1])
-            faults.hang(self._pacer.stop, f"domain {name}: sent checkpoint {index} but its "
-                        f"tail ({n} bytes)")
+            faults.hang(
+                self._pacer.stop, f"domain {name}: sent checkpoint {index} but its tail ({n} bytes)"
+            )
 
     def _clean_end(self, link: Link) -> Link:
-        log.info("domain %s: session ended cleanly (LAST_CHECKPOINT acknowledged); "
-                 "the guest runs unprotected", self.info.name)
+        log.info(
+            "domain %s: session ended cleanly (LAST_CHECKPOINT acknowledged); "
+            "the guest runs unprotected",
+            self.info.name,
+        )
         self._unprotect("unprotected on request")
         self._set("stopped", "unprotected on request")
         return link
-

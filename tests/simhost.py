@@ -48,7 +48,9 @@ class SimHost:
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.hv = SimHypervisor(self.dir)
-        self._env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self._env = dict(
+            os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -58,14 +60,19 @@ class SimHost:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "xenbind.sim", "host", "--dir", self.dir],
-                stdout=log, stderr=log, env=self._env, cwd=REPO,
+                stdout=log,
+                stderr=log,
+                env=self._env,
+                cwd=REPO,
             )
         finally:
             log.close()
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sim host exited with {self.proc.returncode}: {self.log()[-2000:]}")
+                raise RuntimeError(
+                    f"sim host exited with {self.proc.returncode}: {self.log()[-2000:]}"
+                )
             try:
                 if self.hv.ping()["pid"] == self.proc.pid:
                     return self
@@ -73,7 +80,9 @@ class SimHost:
                 pass
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"sim host did not start in {self.start_timeout}s: {self.log()[-2000:]}")
+                raise RuntimeError(
+                    f"sim host did not start in {self.start_timeout}s: {self.log()[-2000:]}"
+                )
             time.sleep(0.02)
 
     @property
@@ -131,11 +140,18 @@ class SimHost:
     def lookup(self, ref: int | str) -> SimDomain:
         return self.hv.lookup(ref)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess:
         """Run ``python -m xenbind.sim --dir DIR ARGS...``; text output captured."""
         return subprocess.run(
             [sys.executable, "-m", "xenbind.sim", "--dir", self.dir, *args],
-            capture_output=True, text=True, env=self._env, cwd=REPO, check=check, timeout=timeout,
+            capture_output=True,
+            text=True,
+            env=self._env,
+            cwd=REPO,
+            check=check,
+            timeout=timeout,
         )
 
     def log(self) -> str:

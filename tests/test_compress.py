@@ -40,6 +40,7 @@ CODEC_NAMES = ("seed", "xen")
 
 # ---------------------------------------------------------------- oracles
 
+
 def xen_reference(old: np.ndarray, new: np.ndarray) -> bytes:
     """One cached page as Xen's compress_page emits it: walk the words, close
     the current run when its kind changes or it holds 127 words, force the
@@ -134,6 +135,7 @@ class Model:
 
 # -------------------------------------------------------------- strategies
 
+
 @st.composite
 def page_change(draw, base: np.ndarray) -> np.ndarray:
     """New contents of a page from its previous contents."""
@@ -194,6 +196,7 @@ def assert_mirrors(c: Compressor, d: Decompressor) -> None:
 
 
 # ------------------------------------------------------------------- tests
+
 
 def test_public_constants() -> None:
     assert CODECS == ("seed", "xen", "none")
@@ -397,8 +400,21 @@ def test_any_uint64_pfn_is_a_key(codec: str) -> None:
     assert_mirrors(c, d)
 
 
-RUN_SPANS = [(0, 64), (64, 128), (60, 200), (63, 65), (127, 129), (0, 1024), (1, 1023),
-             (960, 1024), (0, 127), (0, 128), (0, 254), (897, 1024), (5, 6)]
+RUN_SPANS = [
+    (0, 64),
+    (64, 128),
+    (60, 200),
+    (63, 65),
+    (127, 129),
+    (0, 1024),
+    (1, 1023),
+    (960, 1024),
+    (0, 127),
+    (0, 128),
+    (0, 254),
+    (897, 1024),
+    (5, 6),
+]
 
 
 @pytest.mark.parametrize("codec", CODEC_NAMES)
@@ -408,8 +424,11 @@ def test_runs_across_mask_word_boundaries_match_reference(codec: str) -> None:
     rng = np.random.default_rng(5)
     old = rng.integers(0, 256, PAGE, dtype=np.uint8)
     ref = xen_reference if codec == "xen" else seed_reference
-    spans = [[s] for s in RUN_SPANS] + [[(0, 64), (128, 192)], [(10, 70), (70, 71)],
-                                         [(0, 64), (65, 129), (1000, 1024)]]
+    spans = [[s] for s in RUN_SPANS] + [
+        [(0, 64), (128, 192)],
+        [(10, 70), (70, 71)],
+        [(0, 64), (65, 129), (1000, 1024)],
+    ]
     pfn = np.array([1], np.uint64)
     for group in spans:
         new = old.copy()

@@ -68,8 +68,12 @@ def golden_cases():
             new,
             BEGIN + delta(8, 0xCAFE) + delta(20, 0xBEEF),
             # skip 2, run 1, skip 2, run 1, skip 1018 = 8*127 + 2
-            b"\x82\x01" + struct.pack("<I", 0xCAFE) + b"\x82\x01" + struct.pack("<I", 0xBEEF)
-            + b"\xff" * 8 + b"\x82",
+            b"\x82\x01"
+            + struct.pack("<I", 0xCAFE)
+            + b"\x82\x01"
+            + struct.pack("<I", 0xBEEF)
+            + b"\xff" * 8
+            + b"\x82",
         )
     )
     # a run of 200 words at word 10: split 127 + 73
@@ -80,8 +84,13 @@ def golden_cases():
             "run of 200",
             new,
             BEGIN + b"".join(delta(4 * (10 + i), 1 + i) for i in range(200)),
-            b"\x8a" + b"\x7f" + vals[: 127 * 4] + b"\x49" + vals[127 * 4 :]
-            + b"\xff" * 6 + b"\xb4",  # skip 814 = 6*127 + 52
+            b"\x8a"
+            + b"\x7f"
+            + vals[: 127 * 4]
+            + b"\x49"
+            + vals[127 * 4 :]
+            + b"\xff" * 6
+            + b"\xb4",  # skip 814 = 6*127 + 52
         )
     )
     # run of exactly 127 words then exactly 127 unchanged at the end
@@ -104,7 +113,8 @@ def golden_cases():
             new,
             FULL + vals,
             b"".join(b"\x7f" + vals[508 * i : 508 * (i + 1)] for i in range(8))
-            + b"\x08" + vals[4064:],
+            + b"\x08"
+            + vals[4064:],
         )
     )
     # 682 changed words (0..681): still deltas in seed (6 + 6 * 682 = 4098 bytes)
@@ -117,7 +127,9 @@ def golden_cases():
             BEGIN + b"".join(delta(4 * i, i) for i in range(682)),
             # run 682 = 5*127 + 47, skip 342 = 2*127 + 88
             b"".join(b"\x7f" + vals[508 * i : 508 * (i + 1)] for i in range(5))
-            + b"\x2f" + vals[2540:] + b"\xff\xff\xd8",
+            + b"\x2f"
+            + vals[2540:]
+            + b"\xff\xff\xd8",
         )
     )
     # 683 changed words: one more than the seed's delta budget -> FULL_PAGE
@@ -129,7 +141,9 @@ def golden_cases():
             new,
             FULL + new.tobytes(),
             b"".join(b"\x7f" + vals[508 * i : 508 * (i + 1)] for i in range(5))
-            + b"\x30" + vals[2540:] + b"\xff\xff\xd7",
+            + b"\x30"
+            + vals[2540:]
+            + b"\xff\xff\xd7",
         )
     )
     return cases
@@ -167,10 +181,14 @@ def test_multi_page_blob_golden(codec) -> None:
         want = FULL + p7.tobytes() + BEGIN + delta(12, 0xFFFFFFFF) + BEGIN + FULL + p1b.tobytes()
     else:
         want = (
-            b"\x80" + p7.tobytes()
-            + b"\x83\x01\xff\xff\xff\xff" + b"\xff" * 8 + b"\x84"  # skip 3, run 1, skip 1020 = 8*127 + 4
+            b"\x80"
+            + p7.tobytes()
+            + b"\x83\x01\xff\xff\xff\xff"
+            + b"\xff" * 8
+            + b"\x84"  # skip 3, run 1, skip 1020 = 8*127 + 4
             + b"\x00"
-            + b"\x80" + p1b.tobytes()
+            + b"\x80"
+            + p1b.tobytes()
         )
     assert c.compress(pfns, pages, np.array([False, False, False, True])) == want
     assert np.array_equal(d.decompress(want, pfns), pages)

@@ -67,8 +67,13 @@ SEED_BAD = [
     # one for a known-zero pfn decodes against a zero page
     # (tests/test_compress_zero_base.py); malformed, it fails like any other
     ("zero base descending", BEGIN + delta(8, 0) + delta(4, 0), [3], 12, r"offset 4 not above"),
-    ("zero base later", FULL + RAW + BEGIN + delta(2, 1), [1, 3], 4108,
-     r"delta offset 2 not a multiple of 4"),
+    (
+        "zero base later",
+        FULL + RAW + BEGIN + delta(2, 1),
+        [1, 3],
+        4108,
+        r"delta offset 2 not a multiple of 4",
+    ),
     ("too many pages", BEGIN + BEGIN, [1], 6, r"more pages in the data than the 1 pfns"),
     ("cut delta", BEGIN + delta(8, 1) + b"\x00\x00\x00", [1], 12, r"truncated: 3 byte"),
 ]
@@ -79,8 +84,7 @@ XEN_BAD = [
     ("bad runs no base", b"\x81\x00", [2], 0, NO_BASE),
     ("no base after zero base", b"\x00\x00", [3, 2], 1, NO_BASE),
     ("no base after hit", b"\x00\x01abcd", [1, 2], 1, NO_BASE),
-    ("zero base past end", b"\x01abcd" + b"\xff" * 8 + b"\x88", [3], 13,
-     r"SKIP ends at byte 4100"),
+    ("zero base past end", b"\x01abcd" + b"\xff" * 8 + b"\x88", [3], 13, r"SKIP ends at byte 4100"),
     ("zero base cut", b"\x00\x01abcd", [1, 3], 6, r"data ends inside a page \(4 of 4096"),
     ("short full page", b"\x80" + RAW[:100], [1], 0, r"truncated full page: 100 of 4096"),
     ("zero skip inside", b"\x81\x80", [1], 1, r"zero-length marker 0x80"),
@@ -92,8 +96,13 @@ XEN_BAD = [
     ("ends in 2nd page", b"\x00\x81", [1, 1], 2, r"data ends inside a page \(4 of 4096"),
     ("run then ends", b"\x01abcd\xff", [1], 6, r"data ends inside a page \(512 of 4096"),
     ("runs then zero", b"\x02abcdefgh\x81\x01ijkl\x00", [1], 15, r"zero-length marker 0x00"),
-    ("runs then past", b"\x7f" + RAW[:508] + b"\xff" * 7 + b"\x7f" + RAW[:508], [1], 516,
-     r"RUN ends at byte 4572"),
+    (
+        "runs then past",
+        b"\x7f" + RAW[:508] + b"\xff" * 7 + b"\x7f" + RAW[:508],
+        [1],
+        516,
+        r"RUN ends at byte 4572",
+    ),
     ("too many pages", b"\x00\x00", [1], 1, r"more pages in the data than the 1 pfns"),
 ]
 

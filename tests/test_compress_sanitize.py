@@ -203,8 +203,16 @@ def test_kernel_under_asan_and_ubsan(tmp_path: Path) -> None:
     exe = tmp_path / "harness"
     subprocess.run(
         [
-            "gcc", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-            "-fno-omit-frame-pointer", f"-I{KERNEL.parent}", "-o", str(exe), str(src),
+            "gcc",
+            "-O1",
+            "-g",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer",
+            f"-I{KERNEL.parent}",
+            "-o",
+            str(exe),
+            str(src),
         ],
         check=True,
         capture_output=True,
@@ -214,8 +222,7 @@ def test_kernel_under_asan_and_ubsan(tmp_path: Path) -> None:
     res = subprocess.run([str(exe), "150"], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.startswith("ok ")
-    mutated, rejected, zero_base, no_base = (
-        int(x.split("=")[1]) for x in res.stdout.split()[1:5])
+    mutated, rejected, zero_base, no_base = (int(x.split("=")[1]) for x in res.stdout.split()[1:5])
     assert mutated > 1000 and mutated // 10 < rejected < mutated
     assert zero_base > 50  # the zero-base paths ran, under the sanitizers too
     assert 0 < no_base < rejected  # and the refusal of a page with no base (error 9)

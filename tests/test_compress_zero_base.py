@@ -67,6 +67,7 @@ def u64(*pfns: int) -> np.ndarray:
 
 # ------------------------------------------------------------ the property
 
+
 @st.composite
 def interleavings(draw):
     """A cache size and a list of steps over a small PFN universe:
@@ -98,8 +99,14 @@ def interleavings(draw):
                 mem[p] = draw(page_change(mem[p]))
                 pages.append(mem[p])
                 pts.append(draw(st.integers(0, 5)) == 0)
-            steps.append(("batch", u64(*pfns), np.array(pages, np.uint8).reshape(n, PAGE),
-                          np.array(pts, bool)))
+            steps.append(
+                (
+                    "batch",
+                    u64(*pfns),
+                    np.array(pages, np.uint8).reshape(n, PAGE),
+                    np.array(pts, bool),
+                )
+            )
     return capacity, universe, steps
 
 
@@ -135,7 +142,10 @@ def test_interleavings_round_trip_mirror_and_model(codec: str, history) -> None:
             assert c.known_zero(p) == d.known_zero(p) == (p in model.zero), p
     assert c.stats.zero_base == d.stats.zero_base == model.zero_base
     assert (c.stats.hits, c.stats.misses, c.stats.evictions) == (
-        d.stats.hits, d.stats.misses, d.stats.evictions)
+        d.stats.hits,
+        d.stats.misses,
+        d.stats.evictions,
+    )
 
 
 @st.composite
@@ -150,8 +160,14 @@ def stream_histories(draw):
         for _ in range(count):
             pfns = draw(st.lists(st.integers(0, p2m - 1), max_size=p2m, unique=True))
             types = [draw(st.sampled_from(TYPES)) for _ in pfns]
-            steps.append((kind, pfns, types, [
-                draw(st.sampled_from(["zero", "change", "word"])) for _ in pfns]))
+            steps.append(
+                (
+                    kind,
+                    pfns,
+                    types,
+                    [draw(st.sampled_from(["zero", "change", "word"])) for _ in pfns],
+                )
+            )
     return p2m, cache, steps
 
 
@@ -227,6 +243,7 @@ def test_decoder_keeps_the_set_per_entry_in_stream_order() -> None:
 
 # ------------------------------------------------------------ the ledger case
 
+
 @pytest.mark.parametrize("codec", CODECS)
 def test_log_entry_in_a_page_of_zeros_is_tiny(codec: str) -> None:
     """Initial copy of zero pages, then one page gets a 32-byte log entry."""
@@ -300,6 +317,7 @@ def test_stream_writer_tells_the_compressor_of_format_a(codec: str) -> None:
 
 # ------------------------------------------------------------ the rule's edges
 
+
 @pytest.mark.parametrize("codec", CODECS)
 def test_known_zero_pfn_with_any_contents_round_trips(codec: str) -> None:
     rng = np.random.default_rng(4)
@@ -325,8 +343,14 @@ def test_known_zero_pfn_with_any_contents_round_trips(codec: str) -> None:
     fresh.note_sent_raw(pfns, zeros(8))
     one = [len(fresh.compress(u64(p), pages[p : p + 1])) for p in range(6)]
     if codec == "seed":
-        assert one == [6, 6 + 2 * 6, F.SEED_FULL_SIZE, 6 + 512 * 6, F.SEED_FULL_SIZE,
-                       F.SEED_FULL_SIZE]
+        assert one == [
+            6,
+            6 + 2 * 6,
+            F.SEED_FULL_SIZE,
+            6 + 512 * 6,
+            F.SEED_FULL_SIZE,
+            F.SEED_FULL_SIZE,
+        ]
         assert fresh.stats.zero_base == 3
     else:
         assert one[0] == 1 and one[1] == 1 + 8 + 8 + 1  # RUN(2), SKIP 127 x 8, SKIP 6
@@ -405,8 +429,10 @@ def test_delta_page_for_a_known_zero_pfn_decodes_against_zeros(codec: str) -> No
     zeros is that delta applied to zeros, cached as a miss (the LRU tail
     evicted when full), and the PFN leaves the set."""
     d = Decompressor(codec, 1)
-    d.decompress((b"\x80" if codec == "xen" else struct.pack("<hI", -101, 0)) + bytes(
-        range(256)) * 16, u64(1))
+    d.decompress(
+        (b"\x80" if codec == "xen" else struct.pack("<hI", -101, 0)) + bytes(range(256)) * 16,
+        u64(1),
+    )
     assert d.note_received_raw(u64(2, 3), zeros(2)) == 2
     if codec == "seed":
         blob = BEGIN + struct.pack("<hI", 8, 0xDEADBEEF)
@@ -444,8 +470,9 @@ def test_delta_page_without_a_base_is_refused(codec: str, why: str) -> None:
     elif why == "evicted":  # decoded once (leaves the set), then evicted
         d.note_received_raw(u64(5), zeros())
         d.decompress(b"\x00" if codec == "xen" else BEGIN, u64(5))
-        d.decompress((b"\x80" if codec == "xen" else struct.pack("<hI", -101, 0)) + bytes(PAGE),
-                     u64(6))
+        d.decompress(
+            (b"\x80" if codec == "xen" else struct.pack("<hI", -101, 0)) + bytes(PAGE), u64(6)
+        )
         assert 5 not in d.cache
     elif why == "renoted":  # a later pre-copy round sent it non-zero
         d.note_received_raw(u64(5), zeros())
@@ -479,8 +506,9 @@ def test_stream_with_a_lying_sender_is_refused_at_the_chunk(codec: str, lie: str
     pfn = 13 if lie == "never sent" else 5
     head = w.header()
     # joined at once: Format A buffers are views of mem
-    head += b"".join(bytes(b) for b in w.checkpoint(np.arange(sent, dtype=np.uint64),
-                                                     mem[:sent], CTX))
+    head += b"".join(
+        bytes(b) for b in w.checkpoint(np.arange(sent, dtype=np.uint64), mem[:sent], CTX)
+    )
     mem[2, 0] = 9
     # an honest zero-base checkpoint
     head += b"".join(bytes(b) for b in w.checkpoint(u64(2), mem[2:3], CTX))
@@ -495,8 +523,7 @@ def test_stream_with_a_lying_sender_is_refused_at_the_chunk(codec: str, lie: str
     dec = Decoder()
     events = dec.feed(head)
     assert sum(isinstance(e, CheckpointEnd) for e in events) == 2
-    assert dec.known_zero_pfns().tolist() == [
-        p for p in range(sent) if p not in (2, 5)]
+    assert dec.known_zero_pfns().tolist() == [p for p in range(sent) if p not in (2, 5)]
     with pytest.raises(MalformedStream) as exc:
         dec.feed(body)
     err = exc.value
@@ -536,6 +563,7 @@ def test_malformed_zero_base_page_never_reaches_the_mirror(codec: str) -> None:
 
 
 # ------------------------------------------------------------ zero test, bitmap
+
 
 def test_zero_test_sees_one_byte_anywhere() -> None:
     positions = [0, 1, 3, 4, 15, 16, 63, 64, 127, 128, 129, 2047, 2048, 4032, 4094, 4095]
@@ -582,4 +610,5 @@ def test_error_codes_match_the_kernel() -> None:
     assert set(enum) - {0} == set(F.ERROR_REASONS)
     assert enum[9] == "XB_E_NO_BASE" and F.NO_BASE == 9
     assert F.ERROR_REASONS[9].format(detail=0x2A) == (
-        "delta page for pfn 0x2a: not in the cache and not known to be zero")
+        "delta page for pfn 0x2a: not in the cache and not known to be zero"
+    )

@@ -29,8 +29,10 @@ from tests.simhost import SimHost, sim_dir
 from xenbind.errors import ConfigError
 from xenbind.service import ControlServer, control_request, peer_credentials
 
-pytestmark = [pytest.mark.timeout(60),
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")]
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users"),
+]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM_PY = "/usr/bin/python3"
@@ -66,13 +68,21 @@ def as_user(uid: int, gid: int, groups: list[int] | None = None):
         os.setgroups(groups or [])
         os.setgid(gid)
         os.setuid(uid)
+
     return drop
 
 
-def ask(path: str, uid: int = NOBODY.pw_uid, gid: int = NOBODY.pw_gid,
-        groups: list[int] | None = None) -> dict:
-    r = subprocess.run([SYSTEM_PY, "-c", CLIENT, path], capture_output=True, text=True,
-                       timeout=30, preexec_fn=as_user(uid, gid, groups), cwd="/")
+def ask(
+    path: str, uid: int = NOBODY.pw_uid, gid: int = NOBODY.pw_gid, groups: list[int] | None = None
+) -> dict:
+    r = subprocess.run(
+        [SYSTEM_PY, "-c", CLIENT, path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=as_user(uid, gid, groups),
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1, r.stdout  # one line, whatever the answer
@@ -105,14 +115,16 @@ def test_stranger_refused_by_peer_credentials(sockdir, caplog):
         with caplog.at_level(logging.WARNING, logger="xenbind.service"):
             got = ask(str(path))
             assert got["ok"] is False
-            assert re.match(r"permission denied: uid 65534 \(nobody\) is not root, the "
-                            r"daemon's user", got["error"]), got
+            assert re.match(
+                r"permission denied: uid 65534 \(nobody\) is not root, the "
+                r"daemon's user",
+                got["error"],
+            ), got
             deadline = time.monotonic() + 5
             while srv.refused < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
         assert srv.refused == 1
-        assert any("refused pid" in r.message and "uid 65534" in r.message
-                   for r in caplog.records)
+        assert any("refused pid" in r.message and "uid 65534" in r.message for r in caplog.records)
         # root is served
         assert control_request(str(path), "status") == {"cmd": "status", "answered": True}
         assert ask(str(path), uid=0, gid=0)["ok"] is True
@@ -135,8 +147,10 @@ def test_group_member_accepted_others_refused(sockdir):
         assert got["ok"] is False and f"group {NOGROUP}" in got["error"]
         # the process's gid is the group, or one of its supplementary groups: accepted
         assert ask(str(path), uid=daemon.pw_uid, gid=NOBODY.pw_gid)["ok"] is True
-        assert ask(str(path), uid=daemon.pw_uid, gid=daemon.pw_gid,
-                   groups=[NOBODY.pw_gid])["ok"] is True
+        assert (
+            ask(str(path), uid=daemon.pw_uid, gid=daemon.pw_gid, groups=[NOBODY.pw_gid])["ok"]
+            is True
+        )
         assert srv.refused == 1
     finally:
         srv.close()
@@ -171,10 +185,26 @@ def test_receiver_control_group_end_to_end(tmp_path):
         for name, extra in (("grp", ["--control-group", NOGROUP]), ("solo", [])):
             ctl = d / f"{name}.sock"
             log = open(d / f"{name}.log", "wb")  # noqa: SIM115
-            procs.append(subprocess.Popen(
-                [exe, "--listen", "127.0.0.1:0", "--insecure", "--sim-dir", backup.dir,
-                 "--control", str(ctl), "--config", "/dev/null", *extra],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        exe,
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--insecure",
+                        "--sim-dir",
+                        backup.dir,
+                        "--control",
+                        str(ctl),
+                        "--config",
+                        "/dev/null",
+                        *extra,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                )
+            )
             log.close()
         deadline = time.monotonic() + 20
         while not ((d / "grp.sock").exists() and (d / "solo.sock").exists()):

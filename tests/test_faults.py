@@ -43,8 +43,11 @@ def small_tmpfs():
 
     def make(size: str) -> str:
         mnt = tempfile.mkdtemp(prefix="remus-test-tmpfs-")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
         mounted.append(mnt)
@@ -88,32 +91,45 @@ def test_scenarios_cover_the_issue():
     kinds = {bf.KILL_POINTS[s][0] for s in bf.KILL_POINTS}
     assert kinds == set(rf.KINDS)
     assert {"kill-random", "sigstop", "tcp-reset", "receiver-restart", "disk-full"} <= set(
-        bf.SCENARIOS)
+        bf.SCENARIOS
+    )
     assert set(bf.RUNNERS) == set(bf.SCENARIOS)
 
 
 def test_summary_counts():
-    rs = [bf.Result("a", 0, True, 1.0, "x"), bf.Result("a", 1, False, 3.0, error="boom"),
-          bf.Result("b", 2, True, 2.0, "skipped: no root")]
+    rs = [
+        bf.Result("a", 0, True, 1.0, "x"),
+        bf.Result("a", 1, False, 3.0, error="boom"),
+        bf.Result("b", 2, True, 2.0, "skipped: no root"),
+    ]
     per = bf.summarize(rs)
-    assert per["a"] == {"runs": 2, "ok": 1, "failed": 1, "skipped": 0, "seconds_mean": 2.0,
-                        "seconds_max": 3.0}
+    assert per["a"] == {
+        "runs": 2,
+        "ok": 1,
+        "failed": 1,
+        "skipped": 0,
+        "seconds_mean": 2.0,
+        "seconds_max": 3.0,
+    }
     assert per["b"]["skipped"] == 1 and per["b"]["ok"] == 0
 
 
 # --------------------------------------------------------------------- REMUSD_FAULT
 
 
-@pytest.mark.parametrize("spec,want", [
-    ("stall-paused:1:3", rf.Fault("stall-paused", 1, 3)),
-    ("stall-after-ack:2:0", rf.Fault("stall-after-ack", 2, 0)),
-    ("stall-mid-checkpoint:1:0", rf.Fault("stall-mid-checkpoint", 1, 0)),
-    ("stall-paused:1:0", None),  # no paused capture of its own in checkpoint 0
-    ("stall-mid-chunk:0:4", None),  # sessions count from 1
-    ("explode:1:1", None),
-    ("stall-paused:x:1", None),
-    ("stall-paused", None),
-])
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("stall-paused:1:3", rf.Fault("stall-paused", 1, 3)),
+        ("stall-after-ack:2:0", rf.Fault("stall-after-ack", 2, 0)),
+        ("stall-mid-checkpoint:1:0", rf.Fault("stall-mid-checkpoint", 1, 0)),
+        ("stall-paused:1:0", None),  # no paused capture of its own in checkpoint 0
+        ("stall-mid-chunk:0:4", None),  # sessions count from 1
+        ("explode:1:1", None),
+        ("stall-paused:x:1", None),
+        ("stall-paused", None),
+    ],
+)
 def test_fault_spec(monkeypatch, spec, want):
     monkeypatch.setenv(rf.ENV, spec)
     assert rf.from_env() == want
@@ -195,8 +211,14 @@ def _config(name: str, size: int):
 
     from xenbind.hypervisor import DomainConfig
 
-    return DomainConfig(name=name, uuid=str(uuid.uuid4()), pages=size // 4096, vcpus=1,
-                        hvm=True, extra={"workload": "idle", "seed": 1})
+    return DomainConfig(
+        name=name,
+        uuid=str(uuid.uuid4()),
+        pages=size // 4096,
+        vcpus=1,
+        hvm=True,
+        extra={"workload": "idle", "seed": 1},
+    )
 
 
 def test_output_on_a_full_filesystem_waits_in_a_backlog(small_tmpfs):
@@ -210,7 +232,7 @@ def test_output_on_a_full_filesystem_waits_in_a_backlog(small_tmpfs):
     i = 0
     while i < 1000:  # unplugged: released at once, but the file is full
         n = rng.randint(1, 50)
-        buf.emit(records[i:i + n])
+        buf.emit(records[i : i + n])
         i += n
     assert buf.released == i and buf.backlog
     os.unlink(filler)
@@ -235,10 +257,12 @@ def _scripted_receiver(lsock, then_error, close_how: str):
     rs = sp.ReceiverSession()
     hello = None
     while hello is None:
-        hello = next((e.hello for e in rs.feed(c.recv(65536))
-                      if isinstance(e, sp.HelloReceived)), None)
-    c.sendall(rs.accept(sp.Accept(session_id=hello.session_id, failover_timeout_ms=500,
-                                  heartbeat_ms=100)))
+        hello = next(
+            (e.hello for e in rs.feed(c.recv(65536)) if isinstance(e, sp.HelloReceived)), None
+        )
+    c.sendall(
+        rs.accept(sp.Accept(session_id=hello.session_id, failover_timeout_ms=500, heartbeat_ms=100))
+    )
     then_error.wait(10)
     c.sendall(rs.error(sp.ERR_FAILED_OVER, "the backup took over from checkpoint 7"))
     time.sleep(0.05)
@@ -268,11 +292,17 @@ def test_send_error_after_failover_reports_fenced(close_how):
     go = threading.Event()
     th = threading.Thread(target=_scripted_receiver, args=(lsock, go, close_how), daemon=True)
     th.start()
-    hello = sp.Hello(session_id=sp.new_session_id(), options=sp.Options(),
-                     domain=DomainConfig(name="g", uuid=str(uuid.uuid4()), pages=64, vcpus=1,
-                                         hvm=True, extra={}), generation=1)
-    link = NetLink(Target("tcp", "127.0.0.1", lsock.getsockname()[1]), hello,
-                   connect_timeout=5, io_timeout=5)
+    hello = sp.Hello(
+        session_id=sp.new_session_id(),
+        options=sp.Options(),
+        domain=DomainConfig(
+            name="g", uuid=str(uuid.uuid4()), pages=64, vcpus=1, hvm=True, extra={}
+        ),
+        generation=1,
+    )
+    link = NetLink(
+        Target("tcp", "127.0.0.1", lsock.getsockname()[1]), hello, connect_timeout=5, io_timeout=5
+    )
     link.open()
     go.set()
     th.join(10)

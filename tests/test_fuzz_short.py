@@ -31,8 +31,11 @@ from xenbind.hypervisor import Context
 from xenbind.stream import CheckpointEnd, Decoder, Pages, StreamWriter, Tail
 from xenbind.stream.format import TAG_COMPRESSED_DATA, TYPE_HAS_DATA
 
-SETTINGS = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 #: Page types drawn for entries: mostly NOTAB, some page tables, some without data.
 TYPES = [0x0, 0x0, 0x0, 0x0, 0x1, 0x9, 0xF, 0xE, 0xD]
@@ -91,8 +94,11 @@ def valid_streams(draw) -> Built:
                 how = draw(st.sampled_from(["same", "word", "words", "run", "all"]))
                 rows.append(_change(mem[p], how, rng))
         pages = np.stack(rows) if rows else np.zeros((0, 4096), np.uint8)
-        ctx = Context(tuple(int(x) for x in rng.integers(0, 2**40, 3)),
-                      bytes(draw(st.binary(max_size=40))), bytes(draw(st.binary(max_size=40))))
+        ctx = Context(
+            tuple(int(x) for x in rng.integers(0, 2**40, 3)),
+            bytes(draw(st.binary(max_size=40))),
+            bytes(draw(st.binary(max_size=40))),
+        )
         if draw(st.booleans()):
             b.items.append(w.heartbeat())
         if draw(st.integers(0, 5)) == 0:
@@ -141,16 +147,18 @@ def test_valid_streams_decode_to_what_was_encoded(b: Built, cut_seed: int) -> No
 
 def _pfn_item_positions(b: Built) -> list[int]:
     """Indexes of items that start with a +ve chunk (a PFN array follows)."""
-    return [i for i, it in enumerate(b.items[1:], 1)
-            if len(it) >= 12 and 0 < struct.unpack_from("<i", it)[0] <= 1024]
+    return [
+        i
+        for i, it in enumerate(b.items[1:], 1)
+        if len(it) >= 12 and 0 < struct.unpack_from("<i", it)[0] <= 1024
+    ]
 
 
 MUTATIONS = ["truncate", "flip", "drop", "duplicate", "swap", "shift_length"]
 
 
 @SETTINGS
-@given(valid_streams(), st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3),
-       st.data())
+@given(valid_streams(), st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3), st.data())
 def test_mutated_streams_only_raise_stream_error(b: Built, muts: list[str], data) -> None:
     items = list(b.items)
     for m in muts:
@@ -210,14 +218,21 @@ def test_pfn_past_p2m_size_is_refused(b: Built, data) -> None:
 
 
 @SETTINGS
-@given(valid_streams(), st.sampled_from(["context", "device_model", "compressed"]),
-       st.sampled_from([0xFFFF_FFFF, 1 << 31, (1 << 12) + 1]), st.data())
+@given(
+    valid_streams(),
+    st.sampled_from(["context", "device_model", "compressed"]),
+    st.sampled_from([0xFFFF_FFFF, 1 << 31, (1 << 12) + 1]),
+    st.data(),
+)
 def test_huge_lengths_are_refused(b: Built, field: str, huge: int, data) -> None:
     """A length over the cap is refused at its own offset, whatever follows."""
     data_b = bytearray(b.data)
     if field == "compressed":
-        pos = [i for i, it in enumerate(b.items)
-               if len(it) >= 12 and struct.unpack_from("<i", it)[0] == TAG_COMPRESSED_DATA]
+        pos = [
+            i
+            for i, it in enumerate(b.items)
+            if len(it) >= 12 and struct.unpack_from("<i", it)[0] == TAG_COMPRESSED_DATA
+        ]
         if not pos:
             return
         i = data.draw(st.sampled_from(pos))
@@ -309,18 +324,18 @@ def test_the_oracle_catches_what_it_should() -> None:
     page[8:12] = b"\x01\x00\x00\x00"
     assert seed.decode(struct.pack("<hIhI", -100, 0, 8, 1), [5]) == ([bytes(page)], False)
     assert list(seed.cache) == [5] and seed.zero == {6}
-    assert oracles.ReferenceDecoder("seed", 1).decode(
-        struct.pack("<hIhI", -100, 0, 8, 1), [5]) == ([], True)
+    assert oracles.ReferenceDecoder("seed", 1).decode(struct.pack("<hIhI", -100, 0, 8, 1), [5]) == (
+        [],
+        True,
+    )
     assert oracles.ReferenceDecoder("seed", 1, {0}).decode(
-        struct.pack("<hIhIhI", -100, 0, 8, 1, 4, 1), [0]) == ([], True)
+        struct.pack("<hIhIhI", -100, 0, 8, 1, 4, 1), [0]
+    ) == ([], True)
     # and the kernel agrees on such inputs (known zero: PFNs 8..15)
-    oracles.check_codec(oracles.codec_input("seed", 1, [9, 0], struct.pack("<hIhI", -100, 0,
-                                                                            8, 1)))
-    oracles.check_codec(oracles.codec_input("seed", 1, [5, 0], struct.pack("<hIhI", -100, 0,
-                                                                            8, 1)))
+    oracles.check_codec(oracles.codec_input("seed", 1, [9, 0], struct.pack("<hIhI", -100, 0, 8, 1)))
+    oracles.check_codec(oracles.codec_input("seed", 1, [5, 0], struct.pack("<hIhI", -100, 0, 8, 1)))
     oracles.check_codec(oracles.codec_input("xen", 2, [8, 8, 1], b"\x00\x00\x00"))
     oracles.check_codec(oracles.codec_input("xen", 2, [7, 7, 1], b"\x00\x00\x00"))
-
 
 
 @SETTINGS

@@ -47,7 +47,10 @@ def test_serial_results_latest_wins_and_prefix_tolerated():
 def test_results_file_needs_status_at_line_start():
     text = "PASS a: one\nnoise FAIL b: not a result\nFAIL c: two\n"
     res = R.parse_results_file(text)
-    assert [(r.status, r.name, r.detail) for r in res] == [("PASS", "a", "one"), ("FAIL", "c", "two")]
+    assert [(r.status, r.name, r.detail) for r in res] == [
+        ("PASS", "a", "one"),
+        ("FAIL", "c", "two"),
+    ]
 
 
 def test_serial_ignores_unprefixed_lines():
@@ -85,14 +88,14 @@ def read_newc(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
     """A small independent newc reader: (name, mode, data, rdev) per entry."""
     out, off = [], 0
     while True:
-        assert data[off:off + 6] == b"070701", f"bad magic at {off}"
-        f = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        assert data[off : off + 6] == b"070701", f"bad magic at {off}"
+        f = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
         namesize, filesize = f[11], f[6]
-        name = data[off + 110: off + 110 + namesize - 1].decode()
+        name = data[off + 110 : off + 110 + namesize - 1].decode()
         assert data[off + 110 + namesize - 1] == 0
         off += 110 + namesize
         off += (4 - off % 4) % 4
-        body = data[off: off + filesize]
+        body = data[off : off + filesize]
         off += filesize
         off += (4 - off % 4) % 4
         if name == "TRAILER!!!":
@@ -134,7 +137,13 @@ def test_newc_refuses_unknown_kind():
 
 def fake_ko(tmp_path, name: str, depends: str):
     p = tmp_path / f"{name}.ko"
-    p.write_bytes(b"\x7fELF junk\0license=GPL\0depends=" + depends.encode() + b"\0name=" + name.encode() + b"\0")
+    p.write_bytes(
+        b"\x7fELF junk\0license=GPL\0depends="
+        + depends.encode()
+        + b"\0name="
+        + name.encode()
+        + b"\0"
+    )
     return p
 
 
@@ -149,8 +158,11 @@ def test_module_order_puts_dependencies_first(tmp_path):
     }
     order = module_order(["9p", "xenfs"], index)
     assert sorted(order) == sorted(index)
-    for mod, deps in [("9p", ["9pnet", "fscache", "netfs"]), ("fscache", ["netfs"]),
-                      ("xenfs", ["xen_privcmd"])]:
+    for mod, deps in [
+        ("9p", ["9pnet", "fscache", "netfs"]),
+        ("fscache", ["netfs"]),
+        ("xenfs", ["xen_privcmd"]),
+    ]:
         for d in deps:
             assert order.index(d) < order.index(mod)
 
@@ -217,8 +229,14 @@ def test_qemu_command_keeps_commas_out_of_the_dom0_cmdline():
 
     from lab.runner import CPU, qemu_command
 
-    args = argparse.Namespace(guest="pvh", only="xenctrl_checks,remus_checks:file", overcommit=True,
-                              timeout=600.0, memory=2560, cpu=CPU)
+    args = argparse.Namespace(
+        guest="pvh",
+        only="xenctrl_checks,remus_checks:file",
+        overcommit=True,
+        timeout=600.0,
+        memory=2560,
+        cpu=CPU,
+    )
     cmd = qemu_command(args)
     assert cmd[:3] == ["timeout", "--kill-after=15", "600"]
     initrd = cmd[cmd.index("-initrd") + 1]

@@ -57,8 +57,9 @@ _n = iter(range(1, 10_000))
 
 def new_domain(host: SimHost, pages: int = PAGES, workload: str = "idle"):
     name = f"lf{next(_n)}-{os.getpid()}"
-    return host.create(memory=pages * PAGE_SIZE, workload=workload, seed=3, name=name,
-                       uuid=str(uuidlib.uuid4()))
+    return host.create(
+        memory=pages * PAGE_SIZE, workload=workload, seed=3, name=name, uuid=str(uuidlib.uuid4())
+    )
 
 
 class HoleyDomain:
@@ -80,8 +81,11 @@ class HoleyDomain:
         p = np.asarray(pfns, dtype=np.uint64)
         if not self._ok[p.astype(np.intp)].all():
             bad = p[~self._ok[p.astype(np.intp)]]
-            raise DomainError(self.domid, "xenforeignmemory_map(gather)",
-                              f"first PFN {int(bad[0]):#x}: EINVAL (a hole)")
+            raise DomainError(
+                self.domid,
+                "xenforeignmemory_map(gather)",
+                f"first PFN {int(bad[0]):#x}: EINVAL (a hole)",
+            )
         self.gathered.append(p.copy())
         self.dom.gather(p, out)
 
@@ -152,8 +156,9 @@ def _holey(host) -> tuple[HoleyDomain, np.ndarray, np.ndarray]:
 
 def _copy(hd: HoleyDomain, link, writer: StreamWriter):
     cb = CheckpointBuffer(PAGES, verify=False, initial=64)
-    res = initial_copy(hd, link, writer, cb, rounds=2, threshold=1, heartbeat_s=1.0,
-                       stop=lambda: False)
+    res = initial_copy(
+        hd, link, writer, cb, rounds=2, threshold=1, heartbeat_s=1.0, stop=lambda: False
+    )
     link.send(encode(writer, res.final))
     return res
 
@@ -188,15 +193,18 @@ def test_initial_copy_sends_holes_as_xtab_and_never_gathers_them(host, tmp_path)
 
 
 def _hello(config: DomainConfig) -> Hello:
-    return Hello(session_id=new_session_id(),
-                 options=Options(codec="seed", interval_ms=100, heartbeat_ms=100),
-                 domain=config, generation=time.time_ns(), software="test_lab_fixes")
+    return Hello(
+        session_id=new_session_id(),
+        options=Options(codec="seed", interval_ms=100, heartbeat_ms=100),
+        domain=config,
+        generation=time.time_ns(),
+        software="test_lab_fixes",
+    )
 
 
 def _config(dom) -> DomainConfig:
     i = dom.info()
-    return DomainConfig(name=i.name, uuid=i.uuid, pages=i.pages, vcpus=i.vcpus,
-                        extra=dict(i.extra))
+    return DomainConfig(name=i.name, uuid=i.uuid, pages=i.pages, vcpus=i.vcpus, extra=dict(i.extra))
 
 
 def _netlink(port: int, hello: Hello) -> NetLink:
@@ -284,8 +292,13 @@ def test_physmap_populates_only_missing_pfns_once():
 
 
 def test_backup_rename_identity():
-    cfg = DomainConfig(name="guest", uuid="0f8fad5b-d9cb-469f-a165-70867728950e", pages=8,
-                       vcpus=1, extra={"type": "pvh"})
+    cfg = DomainConfig(
+        name="guest",
+        uuid="0f8fad5b-d9cb-469f-a165-70867728950e",
+        pages=8,
+        vcpus=1,
+        extra={"type": "pvh"},
+    )
     assert backup_config(cfg, None) is cfg
     b = backup_config(cfg, "-backup")
     assert b.name == "guest-backup" and b.uuid != cfg.uuid
@@ -312,16 +325,18 @@ def test_backup_rename_on_one_host_fails_over_and_keeps_the_fence(host, tmp_path
     finally:
         assert plain.stop() == 0
     os.makedirs(tmp_path / "rename")
-    r = Receiver(host.dir, str(tmp_path / "rename"), "--failover-timeout", "400",
-                 "--backup-rename=-backup")  # "=": the suffix starts with a dash
+    r = Receiver(
+        host.dir, str(tmp_path / "rename"), "--failover-timeout", "400", "--backup-rename=-backup"
+    )  # "=": the suffix starts with a dash
     try:
         hello = _hello(cfg)
         link = _netlink(r.port, hello)
         link.open()
         writer = StreamWriter(cfg.pages, codec="seed")
         cb = CheckpointBuffer(cfg.pages, verify=False)
-        res = initial_copy(dom, link, writer, cb, rounds=1, threshold=1, heartbeat_s=1.0,
-                           stop=lambda: False)
+        res = initial_copy(
+            dom, link, writer, cb, rounds=1, threshold=1, heartbeat_s=1.0, stop=lambda: False
+        )
         link.send(encode(writer, res.final))
         link.wait_ack(0, time.monotonic() + 30, lambda: None, 1.0)
         dom.disable_logdirty()
@@ -377,30 +392,48 @@ def test_build_info_from_xl_json_and_the_backup_config():
 
     extra = build_info_from_json(XL_LIST_L)
     assert extra == {
-        "type": "pvh", "memory_mib": 128, "maxmem_mib": 129,
-        "kernel": "/work/main/lab/cache/vmlinuz", "ramdisk": "/work/main/lab/cache/guest-initrd.gz",
-        "cmdline": "console=hvc0 quiet", "tsc_mode": "native",
-        "cpuid": ["0x80000001:edx=xxxx0xxxxxxxxxxxxxxxxxxxxxxxxxxx",
-                  "0x7,0x0:ebx=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"],
+        "type": "pvh",
+        "memory_mib": 128,
+        "maxmem_mib": 129,
+        "kernel": "/work/main/lab/cache/vmlinuz",
+        "ramdisk": "/work/main/lab/cache/guest-initrd.gz",
+        "cmdline": "console=hvc0 quiet",
+        "tsc_mode": "native",
+        "cpuid": [
+            "0x80000001:edx=xxxx0xxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            "0x7,0x0:ebx=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0",
+        ],
     }
     # p2m_size of the lab's 128 MiB PVH guest: the memory comes from extra, not from it
-    text = xl_config(DomainConfig(name="labguest-backup", uuid=derived_uuid(
-        "0f8fad5b-d9cb-469f-a165-70867728950e", "-backup"), pages=1044480, vcpus=1, extra=extra))
+    text = xl_config(
+        DomainConfig(
+            name="labguest-backup",
+            uuid=derived_uuid("0f8fad5b-d9cb-469f-a165-70867728950e", "-backup"),
+            pages=1044480,
+            vcpus=1,
+            extra=extra,
+        )
+    )
     lines = dict(line.split(" = ", 1) for line in text.splitlines())
     assert lines["memory"] == "128" and lines["maxmem"] == "129"
     assert lines["type"] == '"pvh"' and lines["tsc_mode"] == '"native"'
     assert lines["kernel"] == '"/work/main/lab/cache/vmlinuz"'
-    assert lines["cpuid"] == ('[ "0x80000001:edx=xxxx0xxxxxxxxxxxxxxxxxxxxxxxxxxx", '
-                              '"0x7,0x0:ebx=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0" ]')
+    assert lines["cpuid"] == (
+        '[ "0x80000001:edx=xxxx0xxxxxxxxxxxxxxxxxxxxxxxxxxx", '
+        '"0x7,0x0:ebx=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0" ]'
+    )
 
 
-@pytest.mark.parametrize("extra", [
-    {"cpuid": ['0x1:eax=' + "x" * 31 + '"\nkernel="/evil']},
-    {"cpuid": "host,rdtscp=0"},  # not a list
-    {"memory_mib": "128"},
-    {"memory_mib": 0},
-    {"tsc_mode": 'native"\nx="'},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"cpuid": ["0x1:eax=" + "x" * 31 + '"\nkernel="/evil']},
+        {"cpuid": "host,rdtscp=0"},  # not a list
+        {"memory_mib": "128"},
+        {"memory_mib": 0},
+        {"tsc_mode": 'native"\nx="'},
+    ],
+)
 def test_backup_config_extras_are_checked(extra):
     from xenbind.xl import xl_config
 

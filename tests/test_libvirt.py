@@ -73,11 +73,19 @@ def test_define_and_start_a_paused_backup(virt):
 
 
 def test_defined_but_not_started_has_no_domid(virt):
-    cfg = DomainConfig(name="pv-backup", uuid="", pages=4096, vcpus=1, hvm=False,
-                       extra={"kernel": "/boot/vmlinuz-guest", "cmdline": "console=hvc0"})
+    cfg = DomainConfig(
+        name="pv-backup",
+        uuid="",
+        pages=4096,
+        vcpus=1,
+        hvm=False,
+        extra={"kernel": "/boot/vmlinuz-guest", "cmdline": "console=hvc0"},
+    )
     assert virt.define_backup(cfg, start_paused=False) == -1
     xml = ET.fromstring(virt.conn.lookupByName("pv-backup").XMLDesc())
-    assert xml.find("os/type").text == "linux" and xml.find("os/kernel").text == "/boot/vmlinuz-guest"
+    assert (
+        xml.find("os/type").text == "linux" and xml.find("os/kernel").text == "/boot/vmlinuz-guest"
+    )
     with pytest.raises(DomainError, match="not running"):
         virt.resolve_domid("pv-backup")
 

@@ -46,16 +46,27 @@ def header(p2m: int = P2M) -> bytes:
 
 
 def tail(ctx: bytes = b"", dm: bytes = b"") -> bytes:
-    return (struct.pack("<QQQ", 1, 2, 3) + struct.pack("<I", len(ctx)) + ctx
-            + DEVICE_MODEL_SIGNATURE + struct.pack("<I", len(dm)) + dm)
+    return (
+        struct.pack("<QQQ", 1, 2, 3)
+        + struct.pack("<I", len(ctx))
+        + ctx
+        + DEVICE_MODEL_SIGNATURE
+        + struct.pack("<I", len(dm))
+        + dm
+    )
 
 
 def format_b_prefix() -> bytes:
     """Header, an empty Format A checkpoint that enables the xen codec with a
     4-page cache, then the start of a Format B body listing PFN 5."""
-    return (header() + struct.pack("<iII", TAG_CODEC, 1, 4)
-            + struct.pack("<i", TAG_ENABLE_COMPRESSION) + struct.pack("<i", 0) + tail()
-            + struct.pack("<iQ", 1, 5))
+    return (
+        header()
+        + struct.pack("<iII", TAG_CODEC, 1, 4)
+        + struct.pack("<i", TAG_ENABLE_COMPRESSION)
+        + struct.pack("<i", 0)
+        + tail()
+        + struct.pack("<iQ", 1, 5)
+    )
 
 
 def peak_of(fn: Callable[[], object]) -> tuple[int, object]:
@@ -94,22 +105,38 @@ CLAIMS = {
     "p2m_size 2^64-1": (header((1 << 64) - 1), 0, "p2m_size"),
     "COMPRESSED_DATA 2^63": (
         format_b_prefix() + struct.pack("<iQ", TAG_COMPRESSED_DATA, 1 << 63),
-        len(format_b_prefix()), "cap"),
+        len(format_b_prefix()),
+        "cap",
+    ),
     "COMPRESSED_DATA 2^64-1": (
         format_b_prefix() + struct.pack("<iQ", TAG_COMPRESSED_DATA, (1 << 64) - 1),
-        len(format_b_prefix()), "cap"),
+        len(format_b_prefix()),
+        "cap",
+    ),
     "COMPRESSED_DATA cap+1": (
         format_b_prefix() + struct.pack("<iQ", TAG_COMPRESSED_DATA, CAPS["max_compressed"] + 1),
-        len(format_b_prefix()), "cap"),
+        len(format_b_prefix()),
+        "cap",
+    ),
     "HVM context 4 GiB": (
         header() + struct.pack("<i", 0) + struct.pack("<QQQI", 1, 2, 3, 0xFFFF_FFFF),
-        len(header()) + 4 + 24, "cap"),
+        len(header()) + 4 + 24,
+        "cap",
+    ),
     "device model 4 GiB": (
-        header() + struct.pack("<i", 0) + struct.pack("<QQQI", 1, 2, 3, 0)
-        + DEVICE_MODEL_SIGNATURE + struct.pack("<I", 0xFFFF_FFFF),
-        len(header()) + 4 + 28 + 21, "cap"),
+        header()
+        + struct.pack("<i", 0)
+        + struct.pack("<QQQI", 1, 2, 3, 0)
+        + DEVICE_MODEL_SIGNATURE
+        + struct.pack("<I", 0xFFFF_FFFF),
+        len(header()) + 4 + 28 + 21,
+        "cap",
+    ),
     "CODEC cache 2^32-1 pages": (
-        header() + struct.pack("<iII", TAG_CODEC, 1, 0xFFFF_FFFF), len(header()), "cache"),
+        header() + struct.pack("<iII", TAG_CODEC, 1, 0xFFFF_FFFF),
+        len(header()),
+        "cache",
+    ),
     "batch of 2^31-1 pages": (header() + struct.pack("<i", 0x7FFF_FFFF), len(header()), "batch"),
 }
 
@@ -211,8 +238,9 @@ def rx(tmp_path_factory):
 
     primary = SimHost(sim_dir("mem-primary-")).start()
     backup = SimHost(sim_dir("mem-backup-")).start()
-    r = Receiver(backup.dir, str(tmp_path_factory.mktemp("mem-receiver")),
-                 "--max-compressed-mb", "4")
+    r = Receiver(
+        backup.dir, str(tmp_path_factory.mktemp("mem-receiver")), "--max-compressed-mb", "4"
+    )
     yield r, primary
     code = r.stop()
     primary.cleanup()
@@ -233,7 +261,8 @@ def _sender(port: int, primary, *, codec: str = "seed"):
     g = Guest(primary)
     s = Sender(port, g, codec=codec, verify=False)
     s.hello = dataclasses.replace(
-        s.hello, options=dataclasses.replace(s.hello.options, cache_pages=64, buffer_pages=64))
+        s.hello, options=dataclasses.replace(s.hello.options, cache_pages=64, buffer_pages=64)
+    )
     s.ss = SenderSession(s.hello)
     s.writer = StreamWriter(g.pages, codec=codec, cache_pages=64, buffer_pages=64)
     assert isinstance(s.handshake(), Accepted)
@@ -245,17 +274,30 @@ def _claims(pages: int) -> dict[str, tuple[bool, bytes]]:
     hdr = struct.pack("<Q", pages)
     return {
         "p2m_size 2^40": (False, struct.pack("<Q", 1 << 40)),
-        "HVM context 4 GiB": (False, hdr + struct.pack("<i", 0)
-                              + struct.pack("<QQQI", 1, 2, 3, 0xFFFF_FFFF)),
-        "device model 4 GiB": (False, hdr + struct.pack("<i", 0)
-                               + struct.pack("<QQQI", 1, 2, 3, 0) + DEVICE_MODEL_SIGNATURE
-                               + struct.pack("<I", 0xFFFF_FFFF)),
-        "batch of 1024 pages then EOF": (False, hdr + struct.pack("<i", 1024)
-                                         + np.arange(1024, dtype="<u8").tobytes()),
-        "COMPRESSED_DATA 2^63": (True, struct.pack("<iQ", 1, 5)
-                                 + struct.pack("<iQ", TAG_COMPRESSED_DATA, 1 << 63)),
-        "COMPRESSED_DATA at the cap then EOF": (True, struct.pack("<iQ", 1, 5) + struct.pack(
-            "<iQ", TAG_COMPRESSED_DATA, 4 << 20)),
+        "HVM context 4 GiB": (
+            False,
+            hdr + struct.pack("<i", 0) + struct.pack("<QQQI", 1, 2, 3, 0xFFFF_FFFF),
+        ),
+        "device model 4 GiB": (
+            False,
+            hdr
+            + struct.pack("<i", 0)
+            + struct.pack("<QQQI", 1, 2, 3, 0)
+            + DEVICE_MODEL_SIGNATURE
+            + struct.pack("<I", 0xFFFF_FFFF),
+        ),
+        "batch of 1024 pages then EOF": (
+            False,
+            hdr + struct.pack("<i", 1024) + np.arange(1024, dtype="<u8").tobytes(),
+        ),
+        "COMPRESSED_DATA 2^63": (
+            True,
+            struct.pack("<iQ", 1, 5) + struct.pack("<iQ", TAG_COMPRESSED_DATA, 1 << 63),
+        ),
+        "COMPRESSED_DATA at the cap then EOF": (
+            True,
+            struct.pack("<iQ", 1, 5) + struct.pack("<iQ", TAG_COMPRESSED_DATA, 4 << 20),
+        ),
     }
 
 

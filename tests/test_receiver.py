@@ -71,11 +71,28 @@ class Receiver:
         empty = os.path.join(workdir, "empty.toml")
         open(empty, "w").close()
         self.proc = subprocess.Popen(
-            [RECEIVER, "--listen", "127.0.0.1:0", *(["--insecure"] if insecure else []),
-             "--sim-dir", backup_dir, "--control", self.control, "--config", empty,
-             "--handshake-timeout", "1", "--stall-timeout", "2", *extra],
-            stdout=self.logf, stderr=subprocess.STDOUT, cwd=REPO,
-            env=dict(os.environ, JOURNAL_STREAM=""))  # plain lines, whoever runs pytest
+            [
+                RECEIVER,
+                "--listen",
+                "127.0.0.1:0",
+                *(["--insecure"] if insecure else []),
+                "--sim-dir",
+                backup_dir,
+                "--control",
+                self.control,
+                "--config",
+                empty,
+                "--handshake-timeout",
+                "1",
+                "--stall-timeout",
+                "2",
+                *extra,
+            ],
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=dict(os.environ, JOURNAL_STREAM=""),
+        )  # plain lines, whoever runs pytest
         deadline = time.monotonic() + 20
         while True:
             m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log())
@@ -144,13 +161,23 @@ class Guest:
 
     def __init__(self, primary: SimHost, pages: int = PAGES) -> None:
         self.name = f"g{next(_names)}-{os.getpid()}"
-        self.dom = primary.create(memory=pages * PAGE_SIZE, workload="idle", seed=1,
-                                  name=self.name, uuid=str(uuidlib.uuid4()))
+        self.dom = primary.create(
+            memory=pages * PAGE_SIZE,
+            workload="idle",
+            seed=1,
+            name=self.name,
+            uuid=str(uuidlib.uuid4()),
+        )
         self.dom.pause()
         info = self.dom.info()
-        self.config = DomainConfig(name=info.name, uuid=info.uuid, pages=info.pages,
-                                   vcpus=info.vcpus, hvm=True, extra={"workload": "idle",
-                                                                      "seed": 1})
+        self.config = DomainConfig(
+            name=info.name,
+            uuid=info.uuid,
+            pages=info.pages,
+            vcpus=info.vcpus,
+            hvm=True,
+            extra={"workload": "idle", "seed": 1},
+        )
         self.context = self.dom.get_context()
         self.pages = pages
         self.memory = np.zeros((pages, PAGE_SIZE), dtype=np.uint8)
@@ -174,15 +201,26 @@ class Guest:
 class Sender:
     """The test's hand-written sender: one session to the receiver."""
 
-    def __init__(self, port: int, guest: Guest, *, codec: str = "seed", verify: bool = True,
-                 generation: int | None = None, interval_ms: int = INTERVAL_MS) -> None:
+    def __init__(
+        self,
+        port: int,
+        guest: Guest,
+        *,
+        codec: str = "seed",
+        verify: bool = True,
+        generation: int | None = None,
+        interval_ms: int = INTERVAL_MS,
+    ) -> None:
         self.guest = guest
-        self.hello = Hello(session_id=new_session_id(),
-                           options=Options(codec=codec, interval_ms=interval_ms,
-                                           heartbeat_ms=interval_ms, verify=verify),
-                           domain=guest.config,
-                           generation=time.time_ns() if generation is None else generation,
-                           software="test-sender")
+        self.hello = Hello(
+            session_id=new_session_id(),
+            options=Options(
+                codec=codec, interval_ms=interval_ms, heartbeat_ms=interval_ms, verify=verify
+            ),
+            domain=guest.config,
+            generation=time.time_ns() if generation is None else generation,
+            software="test-sender",
+        )
         self.ss = SenderSession(self.hello)
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -284,8 +322,9 @@ def wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def protected(receiver: Receiver, hosts, *, codec: str = "seed", verify: bool = True,
-              checkpoints: int = 1) -> tuple[Guest, Sender]:
+def protected(
+    receiver: Receiver, hosts, *, codec: str = "seed", verify: bool = True, checkpoints: int = 1
+) -> tuple[Guest, Sender]:
     """A guest with its initial copy and ``checkpoints`` - 1 more committed."""
     primary, _ = hosts
     g = Guest(primary)
@@ -350,9 +389,12 @@ def test_verify_mismatch_is_logged_and_flagged(receiver, hosts):
 
 
 def _raw_hello(guest: Guest, **fields) -> bytes:
-    hello = Hello(session_id=new_session_id(), options=Options(interval_ms=INTERVAL_MS,
-                                                              heartbeat_ms=INTERVAL_MS),
-                  domain=guest.config, generation=time.time_ns())
+    hello = Hello(
+        session_id=new_session_id(),
+        options=Options(interval_ms=INTERVAL_MS, heartbeat_ms=INTERVAL_MS),
+        domain=guest.config,
+        generation=time.time_ns(),
+    )
     return encode_hello(hello)
 
 
@@ -370,7 +412,7 @@ def _expect_refused(port: int, raw: bytes, code: str) -> str:
     assert status == 1, data
     import json
 
-    body = json.loads(data[PREFIX.size:PREFIX.size + length])
+    body = json.loads(data[PREFIX.size : PREFIX.size + length])
     assert body["code"] == code, body
     return body["reason"]
 
@@ -408,8 +450,10 @@ def test_hostile_sessions_leave_a_concurrent_good_session_unharmed(receiver, hos
     t.start()
     try:
         # 1. garbage instead of a HELLO
-        assert "bad HELLO magic" in _expect_refused(receiver.port, os.urandom(64) + b"x",
-                                                    "bad-hello") or True
+        assert (
+            "bad HELLO magic" in _expect_refused(receiver.port, os.urandom(64) + b"x", "bad-hello")
+            or True
+        )
         receiver.wait_log(r"connection from 127\.0\.0\.1:\d+: refused: .*not a Remus session")
         # 2. a HELLO in a future protocol version
         h = Guest(primary)
@@ -420,8 +464,10 @@ def test_hostile_sessions_leave_a_concurrent_good_session_unharmed(receiver, hos
         # 3. a HELLO whose JSON is broken
         body = b'{"session": 1'
         assert "JSON" in _expect_refused(
-            receiver.port, PREFIX.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, len(body)) + body,
-            "bad-hello")
+            receiver.port,
+            PREFIX.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, len(body)) + body,
+            "bad-hello",
+        )
         # 4. a HELLO with an oversized length: refused before any body is read
         _expect_refused(receiver.port, PREFIX.pack(HELLO_MAGIC, 1, 0, 0xFFFFFFF0), "bad-hello")
         # 5. a stream whose header disagrees with the HELLO
@@ -438,8 +484,9 @@ def test_hostile_sessions_leave_a_concurrent_good_session_unharmed(receiver, hos
         wait_for(lambda: backup_state(backup, g6.name) is None, 5, "backup of g6 destroyed")
         # 7. a truncated chunk, then close
         g7 = Guest(primary)
-        s7 = _session_then(receiver.port, g7, encode_header(PAGES) + struct.pack("<iQ", 1, 3)
-                           + bytes(100))
+        s7 = _session_then(
+            receiver.port, g7, encode_header(PAGES) + struct.pack("<iQ", 1, 3) + bytes(100)
+        )
         receiver.wait_log(rf"{g7.name}.*ended before the initial copy completed.*torn")
         # 8. after a commit: an oversized COMPRESSED_DATA length
         g8, s8 = protected(receiver, hosts, verify=False)
@@ -447,8 +494,10 @@ def test_hostile_sessions_leave_a_concurrent_good_session_unharmed(receiver, hos
         s8.send(struct.pack("<iQ", 1, 5) + struct.pack("<iQ", TAG_COMPRESSED_DATA, 1 << 40))
         ev = s8.next_event()
         assert isinstance(ev, Error) and ev.code == ERR_PROTOCOL
-        receiver.wait_log(rf"{g8.name}.*broke the protocol.*committed checkpoint 0 is "
-                          "untouched.*on-violation=wait")
+        receiver.wait_log(
+            rf"{g8.name}.*broke the protocol.*committed checkpoint 0 is "
+            "untouched.*on-violation=wait"
+        )
         # 9. after a commit: garbage in place of a chunk
         g9, s9 = protected(receiver, hosts, verify=False)
         s9.send(b"\x55" * 64)
@@ -501,8 +550,10 @@ def test_failover_when_heartbeats_stop_then_fence(receiver, hosts):
     s.send(s.writer.pages(pfns, data))
     ev = s.next_event(timeout=5)
     assert isinstance(ev, Error) and ev.code == ERR_FAILED_OVER
-    m = receiver.wait_log(rf"{g.name}.*FAILOVER: backup domain \d+ resumed from checkpoint 2 "
-                          r".*detection took (\d+) ms")
+    m = receiver.wait_log(
+        rf"{g.name}.*FAILOVER: backup domain \d+ resumed from checkpoint 2 "
+        r".*detection took (\d+) ms"
+    )
     assert FAILOVER_S * 1000 <= int(m.group(1)) < FAILOVER_S * 1000 + 500
     wait_for(lambda: backup_state(backup, g.name) == "running", 5, "backup running")
     mem = backup_memory(backup, g.name)
@@ -581,11 +632,21 @@ def test_manual_failover_of_a_broken_session(receiver, hosts):
 def test_status_lists_sessions(receiver, hosts):
     st = receiver.status()
     assert st["role"] == "receiver" and st["listen"] == f"127.0.0.1:{receiver.port}"
-    assert st["policies"] == {"on_link_loss": "failover", "on_violation": "wait",
-                              "on_unprotect": "destroy"}
+    assert st["policies"] == {
+        "on_link_loss": "failover",
+        "on_violation": "wait",
+        "on_unprotect": "destroy",
+    }
     for sess in st["sessions"]:
-        assert {"domain", "state", "last_committed", "bytes", "pages_committed",
-                "last_heartbeat_age_s", "mismatches"} <= set(sess)
+        assert {
+            "domain",
+            "state",
+            "last_committed",
+            "bytes",
+            "pages_committed",
+            "last_heartbeat_age_s",
+            "mismatches",
+        } <= set(sess)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -598,8 +659,14 @@ def _empty(tmp_path) -> str:
 
 
 def _run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run([RECEIVER, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env=dict(os.environ, JOURNAL_STREAM=""))
+    return subprocess.run(
+        [RECEIVER, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=dict(os.environ, JOURNAL_STREAM=""),
+    )
 
 
 def test_cli_refuses_plaintext_without_insecure(tmp_path):
@@ -609,8 +676,15 @@ def test_cli_refuses_plaintext_without_insecure(tmp_path):
 
 
 def test_cli_without_sim_dir_off_dom0_exits_at_once(tmp_path):
-    r = _run("--listen", "127.0.0.1:0", "--insecure", "--control", str(tmp_path / "c.sock"),
-             "--config", _empty(tmp_path))
+    r = _run(
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--control",
+        str(tmp_path / "c.sock"),
+        "--config",
+        _empty(tmp_path),
+    )
     assert r.returncode == 1
     assert "hypervisor" in r.stderr and "Traceback" not in r.stderr
 
@@ -629,10 +703,13 @@ def test_cli_config_errors(tmp_path):
 def test_cli_config_file_and_sigterm(tmp_path, hosts):
     _, backup = hosts
     cfg = tmp_path / "r.toml"
-    cfg.write_text(f'listen = "127.0.0.1:0"\ninsecure = true\nsim-dir = "{backup.dir}"\n'
-                   f'control = "{tmp_path / "c.sock"}"\nfailover-timeout = 700\n')
-    p = subprocess.Popen([RECEIVER, "--config", str(cfg)], stderr=subprocess.PIPE, text=True,
-                         cwd=REPO)
+    cfg.write_text(
+        f'listen = "127.0.0.1:0"\ninsecure = true\nsim-dir = "{backup.dir}"\n'
+        f'control = "{tmp_path / "c.sock"}"\nfailover-timeout = 700\n'
+    )
+    p = subprocess.Popen(
+        [RECEIVER, "--config", str(cfg)], stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     try:
         line = ""
         deadline = time.monotonic() + 20
@@ -650,8 +727,7 @@ def test_cli_config_file_and_sigterm(tmp_path, hosts):
 
 def test_staging_cap_and_failover_on_violation_policy(hosts, tmp_path):
     primary, backup = hosts
-    r = Receiver(backup.dir, str(tmp_path), "--max-staged-mb", "1", "--on-violation",
-                 "failover")
+    r = Receiver(backup.dir, str(tmp_path), "--max-staged-mb", "1", "--on-violation", "failover")
     try:
         g, s = protected(r, hosts, verify=False, checkpoints=2)
         expected = g.memory.copy()
@@ -662,8 +738,7 @@ def test_staging_cap_and_failover_on_violation_policy(hosts, tmp_path):
         ev = s.next_event()
         assert isinstance(ev, Error) and ev.code == ERR_PROTOCOL and "staging cap" in ev.reason
         r.wait_log(rf"{g.name}.*broke the protocol.*staging cap.*on-violation=failover")
-        r.wait_log(rf"{g.name}.*FAILOVER: backup domain \d+ resumed from checkpoint 1",
-                   timeout=5)
+        r.wait_log(rf"{g.name}.*FAILOVER: backup domain \d+ resumed from checkpoint 1", timeout=5)
         wait_for(lambda: backup_state(backup, g.name) == "running", 5, "backup running")
         assert np.array_equal(backup_memory(backup, g.name)[: g.usable], expected[: g.usable])
         s.close()
@@ -680,8 +755,13 @@ def test_sigterm_closes_sessions_without_failover(hosts, tmp_path):
     ev = s.next_event()
     assert isinstance(ev, Error) and ev.code_name == "shutdown"
     s.close()
-    assert f"{g.name}" in r.wait_log(r"closed as the receiver stops; backup domain \d+ stays "
-                                     r"paused at checkpoint 0").string
+    assert (
+        f"{g.name}"
+        in r.wait_log(
+            r"closed as the receiver stops; backup domain \d+ stays "
+            r"paused at checkpoint 0"
+        ).string
+    )
     assert "FAILOVER" not in r.log() and "Traceback" not in r.log()
     assert backup_state(backup, g.name) == "paused"
 
@@ -694,7 +774,9 @@ def test_initial_copy_that_stalls_is_dropped(receiver, hosts):
     s.send(encode_header(PAGES) + struct.pack("<iQ", 1, 0))  # then nothing, link open
     ev = s.next_event(timeout=10)
     assert isinstance(ev, Error) and ev.code_name == "stalled"
-    receiver.wait_log(rf"{g.name}.*ended before the initial copy completed: the initial copy "
-                      r"made no progress for 2 s; backup domain \d+ destroyed")
+    receiver.wait_log(
+        rf"{g.name}.*ended before the initial copy completed: the initial copy "
+        r"made no progress for 2 s; backup domain \d+ destroyed"
+    )
     assert backup_state(backup, g.name) is None
     s.close()

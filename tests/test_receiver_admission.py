@@ -75,8 +75,10 @@ def test_peer_that_leaves_during_admission_gets_no_accept_and_no_backup(hosts, t
         # a peer that left is not answered: no ACCEPT (nor any frame)
         assert _read_until_eof(s.sock) == b""
         s.close()
-        r.wait_log(rf"{g.name} .*session {s.hello.session_id[:8]}: peer left during admission "
-                   r"\(before ACCEPT\); backup domain \d+ destroyed \(nothing was committed\)")
+        r.wait_log(
+            rf"{g.name} .*session {s.hello.session_id[:8]}: peer left during admission "
+            r"\(before ACCEPT\); backup domain \d+ destroyed \(nothing was committed\)"
+        )
         assert backup_state(backup, g.name) is None
         assert _sessions(r, g.name) == []
         # the domain can be protected again at once
@@ -108,18 +110,25 @@ def test_reconnect_that_supersedes_a_session_still_in_admission(hosts, tmp_path,
         first = Sender(r.port, g)
         first.sock.sendall(first.ss.hello())
         # the backup exists, ACCEPT is not sent yet
-        wait_for(lambda: any(x["backup_domid"] is not None for x in _sessions(r, g.name)), 10,
-                 "the first session's backup created")
+        wait_for(
+            lambda: any(x["backup_domid"] is not None for x in _sessions(r, g.name)),
+            10,
+            "the first session's backup created",
+        )
         first_domid = _sessions(r, g.name)[0]["backup_domid"]
         first.close()  # remusd gave up the handshake ...
         # ... and reconnects with the same protection (the same generation)
         again = Sender(r.port, g, generation=first.hello.generation)
         assert isinstance(again.handshake(), Accepted)
-        r.wait_log(rf"session {first.hello.session_id[:8]} .*superseded by session "
-                   rf"{again.hello.session_id[:8]}")
+        r.wait_log(
+            rf"session {first.hello.session_id[:8]} .*superseded by session "
+            rf"{again.hello.session_id[:8]}"
+        )
         # the first session ends with one clean line once its admission is over
-        r.wait_log(rf"{g.name} .*session {first.hello.session_id[:8]} closed \(superseded\): "
-                   r"peer left during admission")
+        r.wait_log(
+            rf"{g.name} .*session {first.hello.session_id[:8]} closed \(superseded\): "
+            r"peer left during admission"
+        )
         assert "accept() in state" not in r.log()
         st = _sessions(r, g.name)
         assert len(st) == 1 and st[0]["session"] == again.hello.session_id
@@ -139,9 +148,21 @@ def test_shutdown_while_a_session_thread_is_being_started(hosts, tmp_path, monke
     shutdown must skip the thread not started yet (it ends by itself: its
     connection is closing), and join the ones that run."""
     _, backup = hosts
-    cfg = load_config(["--listen", "127.0.0.1:0", "--insecure", "--config", os.devnull,
-                       "--sim-dir", backup.dir, "--control", str(tmp_path / "c.sock"),
-                       "--handshake-timeout", "5"])
+    cfg = load_config(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+            "--config",
+            os.devnull,
+            "--sim-dir",
+            backup.dir,
+            "--control",
+            str(tmp_path / "c.sock"),
+            "--handshake-timeout",
+            "5",
+        ]
+    )
     from xenbind.sim.client import SimHypervisor
 
     hv = SimHypervisor(backup.dir)

@@ -53,22 +53,37 @@ def hosts():
 @pytest.fixture(scope="module")
 def rx(hosts, tmp_path_factory):
     _, backup = hosts
-    r = Receiver(backup.dir, str(tmp_path_factory.mktemp("rxlim")),
-                 "--max-cache-pages", str(CACHE_CAP), "--max-compressed-mb", str(COMPRESSED_MB),
-                 "--max-context-mb", str(TAIL_MB), "--max-device-model-mb", str(TAIL_MB))
+    r = Receiver(
+        backup.dir,
+        str(tmp_path_factory.mktemp("rxlim")),
+        "--max-cache-pages",
+        str(CACHE_CAP),
+        "--max-compressed-mb",
+        str(COMPRESSED_MB),
+        "--max-context-mb",
+        str(TAIL_MB),
+        "--max-device-model-mb",
+        str(TAIL_MB),
+    )
     yield r
     assert r.stop() == 0, r.log()[-3000:]
     assert "Traceback" not in r.log(), r.log()[-3000:]
 
 
-def _sender(port: int, guest: Guest, *, codec: str, cache_pages: int = 64,
-            buffer_pages: int = 64) -> Sender:
+def _sender(
+    port: int, guest: Guest, *, codec: str, cache_pages: int = 64, buffer_pages: int = 64
+) -> Sender:
     s = Sender(port, guest, codec=codec, verify=False)
-    s.hello = dataclasses.replace(s.hello, options=dataclasses.replace(
-        s.hello.options, cache_pages=cache_pages, buffer_pages=buffer_pages))
+    s.hello = dataclasses.replace(
+        s.hello,
+        options=dataclasses.replace(
+            s.hello.options, cache_pages=cache_pages, buffer_pages=buffer_pages
+        ),
+    )
     s.ss = SenderSession(s.hello)
-    s.writer = StreamWriter(guest.pages, codec=codec, cache_pages=cache_pages,
-                            buffer_pages=buffer_pages)
+    s.writer = StreamWriter(
+        guest.pages, codec=codec, cache_pages=cache_pages, buffer_pages=buffer_pages
+    )
     return s
 
 
@@ -108,8 +123,7 @@ def test_hello_at_the_caps_is_served(rx, hosts, codec):
     g = Guest(primary)
     most = (COMPRESSED_MB << 20) // MAX_ENCODED_PAGE["xen"]
     if codec == "none":
-        s = _sender(rx.port, g, codec="none", cache_pages=CACHE_CAP * 4,
-                    buffer_pages=most * 4)
+        s = _sender(rx.port, g, codec="none", cache_pages=CACHE_CAP * 4, buffer_pages=most * 4)
     else:
         s = _sender(rx.port, g, codec="xen", cache_pages=CACHE_CAP, buffer_pages=most)
     reply = s.handshake()
@@ -146,8 +160,11 @@ def test_tail_caps_come_from_the_configuration(rx, hosts, record):
     s = _sender(rx.port, g, codec="seed")
     assert isinstance(s.handshake(), Accepted)
     over = (TAIL_MB << 20) + 1  # the Decoder's defaults are 16 and 64 MiB
-    claim = _tail_claim(g.pages, over, None) if record == "HVM context" else \
-        _tail_claim(g.pages, 0, over)
+    claim = (
+        _tail_claim(g.pages, over, None)
+        if record == "HVM context"
+        else _tail_claim(g.pages, 0, over)
+    )
     s.send(claim)
     # with the built-in default the receiver would wait for the record's bytes
     # and see EOF (link-lost); the configured cap refuses the length itself
@@ -161,14 +178,18 @@ def test_tail_caps_come_from_the_configuration(rx, hosts, record):
 
 def test_config_file_keys_for_the_caps(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('listen = "127.0.0.1:7000"\nmax-context-mb = 2\nmax_device_model_mb = 3\n'
-                    "max-cache-pages = 4096\n")
+    path.write_text(
+        'listen = "127.0.0.1:7000"\nmax-context-mb = 2\nmax_device_model_mb = 3\n'
+        "max-cache-pages = 4096\n"
+    )
     cfg = load_config(["--config", str(path)])
-    assert (cfg.max_context, cfg.max_device_model, cfg.max_cache_pages) == (2 << 20, 3 << 20,
-                                                                            4096)
+    assert (cfg.max_context, cfg.max_device_model, cfg.max_cache_pages) == (2 << 20, 3 << 20, 4096)
     default = load_config(["--config", os.devnull, "--listen", "127.0.0.1:7000"])
     assert (default.max_context, default.max_device_model, default.max_cache_pages) == (
-        16 << 20, 64 << 20, 1 << 18)
+        16 << 20,
+        64 << 20,
+        1 << 18,
+    )
     path.write_text('listen = "127.0.0.1:7000"\nmax-cache-pages = 262145\n')
     from xenbind.errors import ConfigError
 
@@ -194,9 +215,23 @@ class _Recording(ReceiverDaemon):
 @pytest.fixture
 def inproc(hosts, tmp_path):
     _, backup = hosts
-    cfg = load_config(["--listen", "127.0.0.1:0", "--insecure", "--config", os.devnull,
-                       "--sim-dir", backup.dir, "--control", str(tmp_path / "c.sock"),
-                       "--on-link-loss", "wait", "--handshake-timeout", "2"])
+    cfg = load_config(
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+            "--config",
+            os.devnull,
+            "--sim-dir",
+            backup.dir,
+            "--control",
+            str(tmp_path / "c.sock"),
+            "--on-link-loss",
+            "wait",
+            "--handshake-timeout",
+            "2",
+        ]
+    )
     from xenbind.sim.client import SimHypervisor
 
     hv = SimHypervisor(backup.dir)
@@ -235,4 +270,3 @@ def test_an_ended_session_releases_its_decoder(inproc, hosts):
     assert cache() is None, "the ended session's codec cache is still alive"
     assert conn in daemon.seen  # freed although the Connection itself is still held
     assert backup_state(backup, g.name) == "paused"
-

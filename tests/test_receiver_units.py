@@ -54,8 +54,12 @@ def test_failover_timeout_default_rule(tmp_path):
 
 
 def test_config_precedence_and_errors(tmp_path):
-    cfg = _cfg(tmp_path, "--max-staged-mb", "8",
-               toml='listen = "[::1]:7001"\nmax-staged-mb = 4\non_violation = "failover"\n')
+    cfg = _cfg(
+        tmp_path,
+        "--max-staged-mb",
+        "8",
+        toml='listen = "[::1]:7001"\nmax-staged-mb = 4\non_violation = "failover"\n',
+    )
     assert (cfg.host, cfg.port) == ("::1", 7001)
     assert cfg.max_staged_bytes == 8 << 20  # the flag wins over the file
     assert cfg.on_violation == "failover" and cfg.on_link_loss == "failover"

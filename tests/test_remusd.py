@@ -48,11 +48,17 @@ def test_interval_bounds():
 
 def test_defaults_and_toml(tmp_path):
     a = _args()
-    assert (a.interval, a.codec, a.control, a.insecure) == (200, "xen", "/run/remus/remusd.sock",
-                                                           False)
+    assert (a.interval, a.codec, a.control, a.insecure) == (
+        200,
+        "xen",
+        "/run/remus/remusd.sock",
+        False,
+    )
     cfg = tmp_path / "remusd.toml"
-    cfg.write_text('interval = 50\ncodec = "seed"\nack-timeout = 0.5\ninsecure = true\n'
-                   'protect = ["ledger=127.0.0.1:7788", "3=file:/tmp/s"]\n')
+    cfg.write_text(
+        'interval = 50\ncodec = "seed"\nack-timeout = 0.5\ninsecure = true\n'
+        'protect = ["ledger=127.0.0.1:7788", "3=file:/tmp/s"]\n'
+    )
     a = _args(["--interval", "30"], cfg=str(cfg))
     assert a.interval == 30 and a.codec == "seed" and a.ack_timeout == 0.5 and a.insecure
     reqs = validate(a)
@@ -73,13 +79,18 @@ def test_protect_request_from_json():
     d = _args(["--interval", "100", "--codec", "none"])
     r = ProtectRequest.from_json({"domain": 3, "target": "h:1"}, d)
     assert (r.domain, r.interval_ms, r.codec, r.verify) == ("3", 100, "none", False)
-    r = ProtectRequest.from_json({"domain": "x", "target": "file:/f", "interval_ms": 20,
-                                  "codec": "seed", "verify": True}, d)
+    r = ProtectRequest.from_json(
+        {"domain": "x", "target": "file:/f", "interval_ms": 20, "codec": "seed", "verify": True}, d
+    )
     assert (r.interval_ms, r.codec, r.verify) == (20, "seed", True)
-    for bad in ({"target": "h:1"}, {"domain": "x"}, {"domain": "x", "target": "h:1", "codec": "zip"},
-                {"domain": "x", "target": "h:1", "verify": "yes"},
-                {"domain": "x", "target": "h:1", "interval_ms": "fast"},
-                {"domain": True, "target": "h:1"}):
+    for bad in (
+        {"target": "h:1"},
+        {"domain": "x"},
+        {"domain": "x", "target": "h:1", "codec": "zip"},
+        {"domain": "x", "target": "h:1", "verify": "yes"},
+        {"domain": "x", "target": "h:1", "interval_ms": "fast"},
+        {"domain": True, "target": "h:1"},
+    ):
         with pytest.raises(ConfigError):
             ProtectRequest.from_json(bad, d)
 
@@ -98,21 +109,51 @@ def test_remusctl_parsing(tmp_path, monkeypatch):
 
 
 def _dom(**kw):
-    d = {"domid": 3, "name": "ledger", "state": "protected", "reason": None, "since": 0.0,
-         "target": "127.0.0.1:7788", "codec": "seed", "interval_ms": 100, "verify": False,
-         "checkpoints": 42, "acked": 41, "last_pause_ms": 0.731, "dirty_pages": 120,
-         "bytes_sent": 12_345_678, "compression_ratio": 7.5, "session": "ab" * 16,
-         "sessions": 1, "retries": 0, "verify_mismatches": 0}
+    d = {
+        "domid": 3,
+        "name": "ledger",
+        "state": "protected",
+        "reason": None,
+        "since": 0.0,
+        "target": "127.0.0.1:7788",
+        "codec": "seed",
+        "interval_ms": 100,
+        "verify": False,
+        "checkpoints": 42,
+        "acked": 41,
+        "last_pause_ms": 0.731,
+        "dirty_pages": 120,
+        "bytes_sent": 12_345_678,
+        "compression_ratio": 7.5,
+        "session": "ab" * 16,
+        "sessions": 1,
+        "retries": 0,
+        "verify_mismatches": 0,
+    }
     d.update(kw)
     return d
 
 
 def test_render_status_remusd():
-    st = {"daemon": "remusd", "version": "0.1.0", "pid": 1, "hypervisor": "sim",
-          "uptime_s": 3.0,
-          "domains": [_dom(), _dom(domid=4, name="web", state="unprotected",
-                                   reason="backup lost: refused", acked=None,
-                                   compression_ratio=None, last_pause_ms=None)]}
+    st = {
+        "daemon": "remusd",
+        "version": "0.1.0",
+        "pid": 1,
+        "hypervisor": "sim",
+        "uptime_s": 3.0,
+        "domains": [
+            _dom(),
+            _dom(
+                domid=4,
+                name="web",
+                state="unprotected",
+                reason="backup lost: refused",
+                acked=None,
+                compression_ratio=None,
+                last_pause_ms=None,
+            ),
+        ],
+    }
     out = ctl.render_status(st)
     lines = out.splitlines()
     assert lines[1].split()[:3] == ["DOMAIN", "STATE", "CHECKPOINTS"]
@@ -124,8 +165,12 @@ def test_render_status_remusd():
 
 
 def test_render_status_other_daemon():
-    st = {"daemon": "remus-receiver", "version": "0.1.0", "listen": "127.0.0.1:7788",
-          "sessions": [{"domain": "ledger", "state": "committed", "committed": 12}]}
+    st = {
+        "daemon": "remus-receiver",
+        "version": "0.1.0",
+        "listen": "127.0.0.1:7788",
+        "sessions": [{"domain": "ledger", "state": "committed", "committed": 12}],
+    }
     out = ctl.render_status(st)
     assert "remus-receiver" in out and "127.0.0.1:7788" in out
     assert "DOMAIN" in out and "committed" in out and "12" in out
@@ -139,17 +184,29 @@ def test_remusctl_unreachable(tmp_path, capsys):
 
 @pytest.mark.parametrize("mod", ["remusd.cli", "remusd.ctl"])
 def test_help_is_a_manual(mod):
-    r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0
     for section in ("examples:", "exit status:", "files:"):
         assert section in r.stdout, section
 
 
 def test_remusd_exits_at_once_without_xen(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "remusd.cli", "--control",
-                        str(tmp_path / "c.sock"), "--config", "/dev/null"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remusd.cli",
+            "--control",
+            str(tmp_path / "c.sock"),
+            "--config",
+            "/dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert "Xen" in r.stderr or "hypervisor" in r.stderr
     assert not (tmp_path / "c.sock").exists()
@@ -158,14 +215,30 @@ def test_remusd_exits_at_once_without_xen(tmp_path):
 def test_remusd_bad_config_exits_2(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("nonsense = 1\n")
-    r = subprocess.run([sys.executable, "-m", "remusd.cli", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "remusd.cli", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "unknown key 'nonsense'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "remusd.cli", "--config", "/dev/null",
-                        "--protect", "x=127.0.0.1:9", "--sim-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "remusd.cli",
+            "--config",
+            "/dev/null",
+            "--protect",
+            "x=127.0.0.1:9",
+            "--sim-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--insecure" in r.stderr
-
 
 
 def test_merge_sorted_is_the_sorted_union():
@@ -181,7 +254,9 @@ def test_merge_sorted_is_the_sorted_union():
 
     @given(pfn_sets, pfn_sets)
     def check(a: set, b: set) -> None:
-        got = merge_sorted(np.array(sorted(a), dtype=np.uint64), np.array(sorted(b), dtype=np.uint64))
+        got = merge_sorted(
+            np.array(sorted(a), dtype=np.uint64), np.array(sorted(b), dtype=np.uint64)
+        )
         assert got.dtype == np.uint64
         assert got.tolist() == sorted(a | b)
 

@@ -48,9 +48,21 @@ def notify(tmp_path):
 def _start(sim_host, tmp_path, env=None, *extra):
     ctl = str(tmp_path / "remusd.sock")
     log = open(tmp_path / "remusd.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(BIN / "remusd"), "--sim-dir", sim_host.dir, "--control", ctl,
-                             "--config", "/dev/null", *extra],
-                            stdout=log, stderr=log, env=dict(os.environ, **(env or {})))
+    proc = subprocess.Popen(
+        [
+            str(BIN / "remusd"),
+            "--sim-dir",
+            sim_host.dir,
+            "--control",
+            ctl,
+            "--config",
+            "/dev/null",
+            *extra,
+        ],
+        stdout=log,
+        stderr=log,
+        env=dict(os.environ, **(env or {})),
+    )
     log.close()
     return proc, ctl
 
@@ -58,8 +70,9 @@ def _start(sim_host, tmp_path, env=None, *extra):
 def test_notify_ready_watchdog_and_sigterm(sim_host, tmp_path, notify):
     path, s = notify
     dom = sim_host.create("16M", "ledger", seed=2, rate=1000, name="ledger")
-    proc, ctl = _start(sim_host, tmp_path, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000",
-                                            "JOURNAL_STREAM": ""})
+    proc, ctl = _start(
+        sim_host, tmp_path, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000", "JOURNAL_STREAM": ""}
+    )
     try:
         got: list[bytes] = []
 
@@ -76,10 +89,13 @@ def test_notify_ready_watchdog_and_sigterm(sim_host, tmp_path, notify):
         assert control_request(ctl, "status")["domains"] == []
         _wait(lambda: seen(b"WATCHDOG=1"), what="WATCHDOG=1")
         stream = tmp_path / "s.stream"
-        control_request(ctl, "protect", domain=str(dom.domid), target=f"file:{stream}",
-                        interval_ms=20)
-        _wait(lambda: control_request(ctl, "status")["domains"][0]["checkpoints"] >= 5,
-              what="checkpoints")
+        control_request(
+            ctl, "protect", domain=str(dom.domid), target=f"file:{stream}", interval_ms=20
+        )
+        _wait(
+            lambda: control_request(ctl, "status")["domains"][0]["checkpoints"] >= 5,
+            what="checkpoints",
+        )
         _wait(lambda: seen(b"STATUS=1 protected"), what="STATUS line")
         # errors a caller gets back
         with pytest.raises(ControlError, match="already protected"):
@@ -102,8 +118,12 @@ def test_notify_ready_watchdog_and_sigterm(sim_host, tmp_path, notify):
     log = (tmp_path / "remusd.log").read_text()
     assert "session ended cleanly" in log
     # the stream ends with LAST_CHECKPOINT: a whole, clean stream
-    r = subprocess.run([sys.executable, "-m", "xenbind.stream", "inspect", "--json",
-                        str(stream)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "xenbind.stream", "inspect", "--json", str(stream)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["last_checkpoint"] is True and summary["torn"] is None
@@ -115,9 +135,20 @@ def test_second_remusd_on_same_socket_refused(sim_host, tmp_path):
     proc, ctl = _start(sim_host, tmp_path)
     try:
         _wait(lambda: control_request(ctl, "status"), what="remusd")
-        r = subprocess.run([str(BIN / "remusd"), "--sim-dir", sim_host.dir, "--control", ctl,
-                            "--config", "/dev/null"], capture_output=True, text=True,
-                           timeout=30)
+        r = subprocess.run(
+            [
+                str(BIN / "remusd"),
+                "--sim-dir",
+                sim_host.dir,
+                "--control",
+                ctl,
+                "--config",
+                "/dev/null",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 2 and "in use" in r.stderr
     finally:
         proc.terminate()
@@ -128,14 +159,21 @@ def test_protect_entries_from_config(sim_host, tmp_path):
     sim_host.create("16M", "idle", seed=1, name="quiet")
     stream = tmp_path / "quiet.stream"
     cfg = tmp_path / "remusd.toml"
-    cfg.write_text(f'interval = 25\ncodec = "xen"\nprotect = ["quiet=file:{stream}"]\n'
-                   f'control = "{tmp_path / "c.sock"}"\n')
-    proc = subprocess.Popen([str(BIN / "remusd"), "--sim-dir", sim_host.dir, "--config",
-                             str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg.write_text(
+        f'interval = 25\ncodec = "xen"\nprotect = ["quiet=file:{stream}"]\n'
+        f'control = "{tmp_path / "c.sock"}"\n'
+    )
+    proc = subprocess.Popen(
+        [str(BIN / "remusd"), "--sim-dir", sim_host.dir, "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         ctl = str(tmp_path / "c.sock")
-        d = _wait(lambda: [d for d in control_request(ctl, "status")["domains"]
-                           if d["checkpoints"] >= 3], what="protection from the config file")[0]
+        d = _wait(
+            lambda: [d for d in control_request(ctl, "status")["domains"] if d["checkpoints"] >= 3],
+            what="protection from the config file",
+        )[0]
         assert (d["name"], d["codec"], d["interval_ms"]) == ("quiet", "xen", 25)
         assert d["target"] == f"file:{stream}"
     finally:

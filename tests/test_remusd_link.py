@@ -51,13 +51,22 @@ def _slow_receiver(delay: float) -> tuple[socket.socket, threading.Thread]:
 
 
 def _link(port: int, accept_timeout: float) -> NetLink:
-    hello = sp.Hello(session_id=sp.new_session_id(),
-                     options=sp.Options(codec="xen", interval_ms=100, heartbeat_ms=100),
-                     domain=DomainConfig(name="slow", uuid="5c8c3d6e-4bd4-4a0c-9f43-0d4b5f3f7a10",
-                                         pages=1024, vcpus=1),
-                     generation=time.time_ns(), software="test_remusd_link")
-    return NetLink(Target("tcp", "127.0.0.1", port), hello, connect_timeout=0.3, io_timeout=2,
-                   accept_timeout=accept_timeout)
+    hello = sp.Hello(
+        session_id=sp.new_session_id(),
+        options=sp.Options(codec="xen", interval_ms=100, heartbeat_ms=100),
+        domain=DomainConfig(
+            name="slow", uuid="5c8c3d6e-4bd4-4a0c-9f43-0d4b5f3f7a10", pages=1024, vcpus=1
+        ),
+        generation=time.time_ns(),
+        software="test_remusd_link",
+    )
+    return NetLink(
+        Target("tcp", "127.0.0.1", port),
+        hello,
+        connect_timeout=0.3,
+        io_timeout=2,
+        accept_timeout=accept_timeout,
+    )
 
 
 def test_a_backup_slower_to_build_than_the_connect_timeout_is_waited_for():
@@ -77,7 +86,9 @@ def test_no_answer_within_the_accept_timeout_is_a_clear_link_error():
     link = _link(srv.getsockname()[1], accept_timeout=0.8)
     t0 = time.monotonic()
     try:
-        with pytest.raises(LinkDown, match=r"did not answer the HELLO within 0.8 s \(--accept-timeout"):
+        with pytest.raises(
+            LinkDown, match=r"did not answer the HELLO within 0.8 s \(--accept-timeout"
+        ):
             link.open()
         assert time.monotonic() - t0 < 3
     finally:

@@ -193,7 +193,7 @@ def test_control_roundtrip_and_errors(tmp_path):
             assert json.loads(f.readline())["result"] == {"args": 1}
             assert json.loads(f.readline())["result"] == {"args": 2}
             s.sendall(b"[1,2]\n")
-            assert "string \"cmd\"" in json.loads(f.readline())["error"]
+            assert 'string "cmd"' in json.loads(f.readline())["error"]
             assert f.readline() == b""  # closed after a malformed request
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(5)

@@ -46,17 +46,33 @@ UUID = "12345678-9abc-def0-1234-56789abcdef0"
 
 
 def make_hello(**kw) -> Hello:
-    domain = DomainConfig(name="guest1", uuid=UUID, pages=256, vcpus=2, hvm=True,
-                          extra={"workload": "ledger", "seed": 1})
-    args = dict(session_id=new_session_id(), options=Options(codec="xen", verify=True),
-                domain=domain, generation=7, software="test 1")
+    domain = DomainConfig(
+        name="guest1",
+        uuid=UUID,
+        pages=256,
+        vcpus=2,
+        hvm=True,
+        extra={"workload": "ledger", "seed": 1},
+    )
+    args = dict(
+        session_id=new_session_id(),
+        options=Options(codec="xen", verify=True),
+        domain=domain,
+        generation=7,
+        software="test 1",
+    )
     args.update(kw)
     return Hello(**args)
 
 
 def accept_for(hello: Hello) -> Accept:
-    return Accept(session_id=hello.session_id, failover_timeout_ms=900, heartbeat_ms=100,
-                  limits={"max_pages": 1 << 20}, software="receiver-test")
+    return Accept(
+        session_id=hello.session_id,
+        failover_timeout_ms=900,
+        heartbeat_ms=100,
+        limits={"max_pages": 1 << 20},
+        software="receiver-test",
+    )
 
 
 def handshake(hello: Hello | None = None):
@@ -80,14 +96,14 @@ def test_handshake_round_trip_byte_at_a_time():
     assert struct.unpack_from("<H", raw, 8)[0] == PROTOCOL_VERSION
     got = []
     for i in range(len(raw)):
-        got += r.feed(raw[i:i + 1])
+        got += r.feed(raw[i : i + 1])
     assert got == [HelloReceived(hello)]
     assert got[0].hello.domain.extra == {"workload": "ledger", "seed": 1}
     reply = r.accept(accept_for(hello))
     assert reply[:8] == REPLY_MAGIC
     out = []
     for i in range(len(reply)):
-        out += s.feed(reply[i:i + 1])
+        out += s.feed(reply[i : i + 1])
     assert out == [Accepted(accept_for(hello))]
     assert s.state == "established"
 
@@ -107,13 +123,23 @@ def test_stream_bytes_pass_through_including_early_ones():
 
 def test_frames_round_trip():
     s, r = handshake()
-    data = (r.ack(0) + r.heartbeat(None) + r.ack(5, verified=True) + r.heartbeat(5)
-            + r.ack(6, mismatch=True))
+    data = (
+        r.ack(0)
+        + r.heartbeat(None)
+        + r.ack(5, verified=True)
+        + r.heartbeat(5)
+        + r.ack(6, mismatch=True)
+    )
     events = []
     for i in range(0, len(data), 3):
-        events += s.feed(data[i:i + 3])
-    assert events == [Ack(0), Heartbeat(None), Ack(5, verified=True), Heartbeat(5),
-                      Ack(6, mismatch=True)]
+        events += s.feed(data[i : i + 3])
+    assert events == [
+        Ack(0),
+        Heartbeat(None),
+        Ack(5, verified=True),
+        Heartbeat(5),
+        Ack(6, mismatch=True),
+    ]
     events = s.feed(r.error(ERR_FAILED_OVER, "domain guest1 failed over here"))
     assert events == [Error(ERR_FAILED_OVER, "domain guest1 failed over here")]
     assert events[0].code_name == "failed-over"
@@ -157,8 +183,15 @@ def test_sender_refuses_an_accept_in_an_unknown_version():
     hello = make_hello()
     s = SenderSession(hello)
     s.hello()
-    body = json.dumps({"session": hello.session_id, "failover_timeout_ms": 1,
-                       "heartbeat_ms": 1, "limits": {}, "software": ""}).encode()
+    body = json.dumps(
+        {
+            "session": hello.session_id,
+            "failover_timeout_ms": 1,
+            "heartbeat_ms": 1,
+            "limits": {},
+            "software": "",
+        }
+    ).encode()
     with pytest.raises(HandshakeError, match="version 9"):
         s.feed(PREFIX.pack(REPLY_MAGIC, 9, 0, len(body)) + body)
 
@@ -182,29 +215,32 @@ def test_hello_length_cap_before_allocation(length):
 
 def _hello_with(mutate) -> bytes:
     hello = make_hello()
-    obj = json.loads(encode_hello(hello)[PREFIX.size:])
+    obj = json.loads(encode_hello(hello)[PREFIX.size :])
     mutate(obj)
     body = json.dumps(obj).encode()
     return PREFIX.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, len(body)) + body
 
 
-@pytest.mark.parametrize("mutate,code,match", [
-    (lambda o: o.pop("session"), "bad-hello", "session"),
-    (lambda o: o.update(session="XYZ"), "bad-hello", "session"),
-    (lambda o: o["options"].update(codec="gzip"), "codec", "unknown codec"),
-    (lambda o: o["options"].update(verify=1), "bad-hello", "verify"),
-    (lambda o: o["options"].update(interval_ms=0), "bad-hello", "interval_ms"),
-    (lambda o: o["options"].update(cache_pages=True), "bad-hello", "cache_pages"),
-    (lambda o: o["domain"].update(pages=1 << 40), "bad-hello", "pages"),
-    (lambda o: o["domain"].update(pages=-1), "bad-hello", "pages"),
-    (lambda o: o["domain"].update(uuid="not-a-uuid"), "bad-hello", "uuid"),
-    (lambda o: o["domain"].update(name=""), "bad-hello", "name"),
-    (lambda o: o["domain"].update(name="a\nb"), "bad-hello", "name"),
-    (lambda o: o["domain"].update(extra=[]), "bad-hello", "extra"),
-    (lambda o: o["domain"].update(extra={"x": "y" * 20000}), "bad-hello", "extra"),
-    (lambda o: o.update(generation=-1), "bad-hello", "generation"),
-    (lambda o: o.update(domain="guest"), "bad-hello", "domain"),
-])
+@pytest.mark.parametrize(
+    "mutate,code,match",
+    [
+        (lambda o: o.pop("session"), "bad-hello", "session"),
+        (lambda o: o.update(session="XYZ"), "bad-hello", "session"),
+        (lambda o: o["options"].update(codec="gzip"), "codec", "unknown codec"),
+        (lambda o: o["options"].update(verify=1), "bad-hello", "verify"),
+        (lambda o: o["options"].update(interval_ms=0), "bad-hello", "interval_ms"),
+        (lambda o: o["options"].update(cache_pages=True), "bad-hello", "cache_pages"),
+        (lambda o: o["domain"].update(pages=1 << 40), "bad-hello", "pages"),
+        (lambda o: o["domain"].update(pages=-1), "bad-hello", "pages"),
+        (lambda o: o["domain"].update(uuid="not-a-uuid"), "bad-hello", "uuid"),
+        (lambda o: o["domain"].update(name=""), "bad-hello", "name"),
+        (lambda o: o["domain"].update(name="a\nb"), "bad-hello", "name"),
+        (lambda o: o["domain"].update(extra=[]), "bad-hello", "extra"),
+        (lambda o: o["domain"].update(extra={"x": "y" * 20000}), "bad-hello", "extra"),
+        (lambda o: o.update(generation=-1), "bad-hello", "generation"),
+        (lambda o: o.update(domain="guest"), "bad-hello", "domain"),
+    ],
+)
 def test_bad_hello_fields(mutate, code, match):
     r = ReceiverSession()
     with pytest.raises(HandshakeError, match=match) as err:
@@ -213,7 +249,7 @@ def test_bad_hello_fields(mutate, code, match):
 
 
 def test_hello_body_not_json_or_not_object():
-    for body in (b"\xff\xfe", b"[1, 2]", b"{\"a\": ", b"[" * 3000 + b"]" * 3000):
+    for body in (b"\xff\xfe", b"[1, 2]", b'{"a": ', b"[" * 3000 + b"]" * 3000):
         r = ReceiverSession()
         with pytest.raises(HandshakeError):
             r.feed(PREFIX.pack(HELLO_MAGIC, PROTOCOL_VERSION, 0, len(body)) + body)
@@ -239,13 +275,16 @@ def test_receiver_eof_in_handshake():
         r.eof()
 
 
-@pytest.mark.parametrize("frame,match", [
-    (encode_frame(FRAME_ACK, 0, b"\0" * 4), "payload length"),
-    (encode_frame(FRAME_ACK, 0x80, b"\0" * 8), "flags"),
-    (encode_frame(99, 0, b""), "unknown frame type"),
-    (FRAME_HEADER.pack(3, 1, 1 << 31), "exceeds"),
-    (encode_frame(2, 1, b"\0" * 8), "flags must be 0"),
-])
+@pytest.mark.parametrize(
+    "frame,match",
+    [
+        (encode_frame(FRAME_ACK, 0, b"\0" * 4), "payload length"),
+        (encode_frame(FRAME_ACK, 0x80, b"\0" * 8), "flags"),
+        (encode_frame(99, 0, b""), "unknown frame type"),
+        (FRAME_HEADER.pack(3, 1, 1 << 31), "exceeds"),
+        (encode_frame(2, 1, b"\0" * 8), "flags must be 0"),
+    ],
+)
 def test_bad_frames(frame, match):
     s, _ = handshake()
     with pytest.raises(ProtocolError, match=match):
@@ -280,7 +319,7 @@ def test_receiver_garbage_never_crashes(data):
 def test_hello_with_corruption_never_crashes(noise, where):
     raw = bytearray(encode_hello(make_hello()))
     where = min(where, len(raw))
-    raw[where:where + len(noise)] = noise
+    raw[where : where + len(noise)] = noise
     r = ReceiverSession()
     try:
         r.feed(bytes(raw))

@@ -96,8 +96,21 @@ def test_a_worker_that_dies_is_reported(sim_host):
 
 
 def test_cli_create_list_pause_digest_destroy(sim_host):
-    domid = sim_host.cli("create", "--memory", "16M", "--workload", "hotset", "--seed", "3",
-                         "--rate", "5000", "--wss", "100", "--name", "hot").stdout.strip()
+    domid = sim_host.cli(
+        "create",
+        "--memory",
+        "16M",
+        "--workload",
+        "hotset",
+        "--seed",
+        "3",
+        "--rate",
+        "5000",
+        "--wss",
+        "100",
+        "--name",
+        "hot",
+    ).stdout.strip()
     assert domid == "1"
     rows = json.loads(sim_host.cli("list", "--json").stdout)
     assert rows[0]["name"] == "hot" and rows[0]["pages"] == 4096 and rows[0]["workload"] == "hotset"
@@ -116,7 +129,9 @@ def test_cli_create_list_pause_digest_destroy(sim_host):
     assert r.returncode == 1 and "already exists" in r.stderr
     r = sim_host.cli("create", "--memory", "12345", check=False)
     assert r.returncode == 2 and "4 KiB pages" in r.stderr
-    r = sim_host.cli("create", "--memory", "16M", "--workload", "ledger", "--accounts", "100000000", check=False)
+    r = sim_host.cli(
+        "create", "--memory", "16M", "--workload", "ledger", "--accounts", "100000000", check=False
+    )
     assert r.returncode == 1 and "accounts" in r.stderr
     sim_host.cli("destroy", "hot")
     assert not os.path.exists(os.path.join(sim_host.dir, "dom-1.mem"))
@@ -151,7 +166,9 @@ def test_scatter_of_runs_and_of_scattered_pages_lands_every_page(sim_host):
 
     expect = np.zeros((pages, PAGE_SIZE), dtype=np.uint8)
     # two long runs (pwritev), with PFN 40 at the end of the first run repeated at the start
-    runs = np.concatenate([np.arange(10, 41), np.arange(40, 90), np.arange(200, 264)]).astype(np.uint64)
+    runs = np.concatenate([np.arange(10, 41), np.arange(40, 90), np.arange(200, 264)]).astype(
+        np.uint64
+    )
     data = fill(len(runs))
     dom.scatter(runs, data)
     for pfn, page in zip(runs.tolist(), data, strict=True):

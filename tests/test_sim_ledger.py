@@ -112,8 +112,14 @@ def test_ledger_check_cli_detects_corruption(sim_host):
 def test_backup_without_a_checkpoint_does_not_run(sim_host):
     from xenbind.hypervisor import DomainConfig
 
-    cfg = DomainConfig("b", "00000000-0000-0000-0000-000000000001", 4096, 1, True,
-                       {"workload": "ledger", "seed": 1, "rate": 1000})
+    cfg = DomainConfig(
+        "b",
+        "00000000-0000-0000-0000-000000000001",
+        4096,
+        1,
+        True,
+        {"workload": "ledger", "seed": 1, "rate": 1000},
+    )
     dom = sim_host.hv.create_backup(cfg)
     assert dom.info().state == "paused"
     dom.unpause()

@@ -26,7 +26,9 @@ def make_stream(codec: str = "seed", p2m: int = 64, rounds: int = 3, seed: int =
     mem = rng.integers(0, 256, (p2m, PAGE), dtype=np.uint8)
     w = StreamWriter(p2m, codec=codec)
     bufs = [w.header()]
-    bufs += w.checkpoint(np.arange(p2m, dtype=np.uint64), mem.copy(), CTX, digest=memory_digest(mem))
+    bufs += w.checkpoint(
+        np.arange(p2m, dtype=np.uint64), mem.copy(), CTX, digest=memory_digest(mem)
+    )
     states = [mem.copy()]
     for _ in range(rounds):
         pfns = np.sort(rng.choice(p2m, 10, replace=False)).astype(np.uint64)

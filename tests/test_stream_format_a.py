@@ -209,9 +209,11 @@ def format_a_streams(draw):
         for _ in range(draw(st.integers(0, 3))):
             n = draw(st.integers(0, min(p2m, 2500)))
             pfns = rng.choice(p2m, size=n, replace=False).astype(np.uint64)
-            types = rng.choice(
-                np.array([0, 1, 2, 3, 4, 9, 10, 11, 12, 13, 14, 15], np.uint8), size=n
-            ) if draw(st.booleans()) else None
+            types = (
+                rng.choice(np.array([0, 1, 2, 3, 4, 9, 10, 11, 12, 13, 14, 15], np.uint8), size=n)
+                if draw(st.booleans())
+                else None
+            )
             rounds.append((pfns, types))
         plan.append(rounds)
     return p2m, seed, plan
@@ -230,7 +232,11 @@ def test_format_a_round_trip(case):
     ctxs = []
     for i, rounds in enumerate(plan):
         for pfns, types in rounds:
-            has = np.ones(len(pfns), bool) if types is None else np.isin(types, [13, 14, 15], invert=True)
+            has = (
+                np.ones(len(pfns), bool)
+                if types is None
+                else np.isin(types, [13, 14, 15], invert=True)
+            )
             pages = random_pages(rng, int(has.sum()))
             mem[pfns[has].astype(np.intp)] = pages
             bufs += w.pages(pfns, pages, types)
@@ -266,14 +272,26 @@ def test_heartbeat_anywhere_a_chunk_may_start_changes_nothing():
     p = random_pages(rng, 2)
     hb = encode_heartbeat()
     plain = b"".join(
-        [encode_header(4), encode_pages(np.array([0, 1], np.uint64), p), encode_end(), encode_tail(CTX)]
+        [
+            encode_header(4),
+            encode_pages(np.array([0, 1], np.uint64), p),
+            encode_end(),
+            encode_tail(CTX),
+        ]
     )
     beat = b"".join(
         [
-            encode_header(4), hb, hb,
-            encode_pages(np.array([0], np.uint64), p[:1]), hb,
-            encode_pages(np.array([1], np.uint64), p[1:]), hb,
-            encode_end(), encode_tail(CTX), hb, hb,
+            encode_header(4),
+            hb,
+            hb,
+            encode_pages(np.array([0], np.uint64), p[:1]),
+            hb,
+            encode_pages(np.array([1], np.uint64), p[1:]),
+            hb,
+            encode_end(),
+            encode_tail(CTX),
+            hb,
+            hb,
         ]
     )
     e1, _ = decode(plain)
@@ -333,7 +351,11 @@ MALFORMED = {
     "p2m_size over limit": (u64(1 << 30), 0, "exceeds the limit"),
     "batch too big": (body(i32(1025)), 8, "exceeds the maximum of 1024"),
     "pfn beyond p2m": (body(i32(2), entry(1), entry(4)), 8 + 4 + 8, "not below p2m_size"),
-    "pfn duplicate in batch": (body(i32(3), entry(2), entry(1), entry(2)), 8 + 4 + 16, "twice in one batch"),
+    "pfn duplicate in batch": (
+        body(i32(3), entry(2), entry(1), entry(2)),
+        8 + 4 + 16,
+        "twice in one batch",
+    ),
     "reserved entry bits": (body(i32(1), u64(1 << 40)), 12, "bits 32-63"),
     "invalid type 5": (body(i32(1), entry(0, 5)), 12, "invalid page type"),
     "invalid type 8": (body(i32(2), entry(0), entry(1, 8)), 20, "invalid page type"),
@@ -341,8 +363,7 @@ MALFORMED = {
     "xen tag not supported": (body(i32(-1)), 8, "enable_verify_mode"),
     "xen tag vcpu_info": (body(i32(-2)), 8, "vcpu_info"),
     "compressed before enable": (body(i32(-12), u64(4), b"abcd"), 8, "before ENABLE_COMPRESSION"),
-    "compressed in format A body": (
-        body(i32(-13), i32(-12), u64(1), b"\x00"), 12, "Format A body"),
+    "compressed in format A body": (body(i32(-13), i32(-12), u64(1), b"\x00"), 12, "Format A body"),
     "enable twice": (body(i32(-13), i32(-13)), 12, "twice"),
     "codec after enable": (body(i32(-13), i32(-1001), u32(2), u32(10)), 12, "after ENABLE"),
     "codec twice": (body(i32(-1001), u32(2), u32(10), i32(-1001), u32(2), u32(10)), 20, "twice"),
@@ -351,16 +372,26 @@ MALFORMED = {
     "codec cache huge": (body(i32(-1001), u32(2), u32(0xFFFFFFFF)), 8, "cache of"),
     "digest unknown alg": (body(i32(-1002), u32(7), u32(16)), 8, "unknown algorithm"),
     "digest bad length": (body(i32(-1002), u32(1), u32(1 << 31)), 8, "expected 16"),
-    "context too long": (body(encode_end(), b"\0" * 24, u32(0xFFFFFFFF)), 8 + 4 + 24, "HVM context"),
+    "context too long": (
+        body(encode_end(), b"\0" * 24, u32(0xFFFFFFFF)),
+        8 + 4 + 24,
+        "HVM context",
+    ),
     "device model too long": (
         body(encode_end(), b"\0" * 24, u32(0), b"DeviceModelRecord0002", u32(0xFFFFFFF0)),
-        8 + 4 + 24 + 4 + 21, "device-model record of"),
+        8 + 4 + 24 + 4 + 21,
+        "device-model record of",
+    ),
     "wrong signature": (
         body(encode_end(), b"\0" * 24, u32(0), b"QemuDeviceModelRecord", u32(0)),
-        8 + 4 + 24 + 4, "signature"),
+        8 + 4 + 24 + 4,
+        "signature",
+    ),
     "after last checkpoint": (
         body(encode_last_checkpoint(), encode_end(), encode_tail(CTX), b"\0"),
-        8 + 4 + 4 + len(encode_tail(CTX)), "LAST_CHECKPOINT"),
+        8 + 4 + 4 + len(encode_tail(CTX)),
+        "LAST_CHECKPOINT",
+    ),
 }
 
 
@@ -448,7 +479,11 @@ def test_direct_receive_into_get_buffer_gives_the_same_events(case, least, seed)
     bufs = [w.header()]
     for i, rounds in enumerate(plan):
         for pfns, types in rounds:
-            has = np.ones(len(pfns), bool) if types is None else np.isin(types, [13, 14, 15], invert=True)
+            has = (
+                np.ones(len(pfns), bool)
+                if types is None
+                else np.isin(types, [13, 14, 15], invert=True)
+            )
             bufs += w.pages(pfns, random_pages(rng, int(has.sum())), types)
         bufs += w.end_checkpoint(CTX, last=i == len(plan) - 1)
     data = b"".join(bytes(memoryview(b).cast("B")) for b in bufs)
@@ -463,10 +498,10 @@ def test_direct_receive_into_get_buffer_gives_the_same_events(case, least, seed)
         if view is not None:
             assert len(view) >= least
             k = min(piece, len(view), len(data) - at)
-            view[:k] = data[at:at + k]
+            view[:k] = data[at : at + k]
             got += d.buffer_updated(k)
         else:
-            got += d.feed(data[at:at + piece])
+            got += d.feed(data[at : at + piece])
             k = min(piece, len(data) - at)
         at += k
     d.eof()

@@ -206,7 +206,11 @@ def test_format_b_round_trip(case):
         pfns = rng.choice(p2m, size=n, replace=False) if shuffle else np.arange(n)
         pfns = pfns.astype(np.uint64)
         types = np.full(n, 1 if pattern == "pagetable" else 0, np.uint8)
-        pages = np.stack([mutate(rng, mem[int(p)], pattern) for p in pfns]) if n else np.zeros((0, PAGE), np.uint8)
+        pages = (
+            np.stack([mutate(rng, mem[int(p)], pattern) for p in pfns])
+            if n
+            else np.zeros((0, PAGE), np.uint8)
+        )
         mem[pfns.astype(np.intp)] = pages
         bufs += w.checkpoint(pfns, pages, CTX, types, digest=memory_digest(mem))
     data = b"".join(bufs)
@@ -276,7 +280,9 @@ def test_buffer_not_multiple_of_batch():
     rng = np.random.default_rng(6)
     pages = random_pages(rng, 2500)
     body = b"".join(
-        encode_body_b(np.arange(2500, dtype=np.uint64), pages, Compressor("seed"), buffer_pages=1000)
+        encode_body_b(
+            np.arange(2500, dtype=np.uint64), pages, Compressor("seed"), buffer_pages=1000
+        )
     )
     assert chunk_types(body, 0) == [1024, "CD", 1024, "CD", 452, "CD"]
 
@@ -296,7 +302,11 @@ def full_page_xen(n: int) -> bytes:
 
 def test_b_pfn_listed_twice_in_body():
     pre = b_prefix()
-    data = pre + encode_pfn_list(np.array([1, 2], np.uint64)) + encode_pfn_list(np.array([3, 2], np.uint64))
+    data = (
+        pre
+        + encode_pfn_list(np.array([1, 2], np.uint64))
+        + encode_pfn_list(np.array([3, 2], np.uint64))
+    )
     with pytest.raises(MalformedStream) as ei:
         Decoder().feed(data)
     assert ei.value.offset == len(pre) + 4 + 16 + 4 + 8

@@ -107,16 +107,25 @@ def seed_stream(**kw) -> bytes:
 
 
 def tail() -> bytes:
-    return (struct.pack("<QQQ", 1, 2, 3) + struct.pack("<I", 0) + DEVICE_MODEL_SIGNATURE
-            + struct.pack("<I", 0))
+    return (
+        struct.pack("<QQQ", 1, 2, 3)
+        + struct.pack("<I", 0)
+        + DEVICE_MODEL_SIGNATURE
+        + struct.pack("<I", 0)
+    )
 
 
 def format_b_prefix(codec_id: int = 2, cache: int = 4) -> bytes:
     """Header, an empty Format A checkpoint enabling the codec (seed by
     default), the start of a Format B body listing PFN 5."""
-    return (struct.pack("<Q", 64) + struct.pack("<iII", TAG_CODEC, codec_id, cache)
-            + struct.pack("<i", TAG_ENABLE_COMPRESSION) + struct.pack("<i", 0) + tail()
-            + struct.pack("<iQ", 1, 5))
+    return (
+        struct.pack("<Q", 64)
+        + struct.pack("<iII", TAG_CODEC, codec_id, cache)
+        + struct.pack("<i", TAG_ENABLE_COMPRESSION)
+        + struct.pack("<i", 0)
+        + tail()
+        + struct.pack("<iQ", 1, 5)
+    )
 
 
 def claim(n: int) -> bytes:
@@ -211,7 +220,10 @@ def test_decoder_that_raised_is_freed_and_drops_its_decompressor() -> None:
                     d.feed(b"" if call == "feed empty" else b"\0")
             assert type(ei.value) is type(first)
             assert (ei.value.offset, ei.value.reason, str(ei.value)) == (
-                first.offset, first.reason, str(first))
+                first.offset,
+                first.reason,
+                str(first),
+            )
             assert ei.value.events == [] and ei.value is not first
         del first, ei
         ref = weakref.ref(d)
@@ -381,8 +393,14 @@ def decode_in(data: bytes, sizes: list[int]) -> tuple[list, Decoder]:
 
 @pytest.mark.parametrize(
     "sizes",
-    [[1 << 30], [MiB], [4096], [1000, 65536 + 3, 1], [GROW_MIN - 1, 2 * GROW_MIN + 1, 13],
-     [300_000, 5]],
+    [
+        [1 << 30],
+        [MiB],
+        [4096],
+        [1000, 65536 + 3, 1],
+        [GROW_MIN - 1, 2 * GROW_MIN + 1, 13],
+        [300_000, 5],
+    ],
     ids=["whole", "1MiB", "4KiB", "mixed", "around-GROW_MIN", "300k+5"],
 )
 def test_big_payloads_decode_the_same_however_split(sizes: list[int]) -> None:

@@ -41,12 +41,17 @@ def test_unit_verifies(unit, tmp_path):
     assert (VENV_BIN / binary).exists(), f"{binary} is not installed in the venv"
     text = src.read_text()
     rewritten = _rewrite(text, binary)
-    diff = [(a, b) for a, b in zip(text.splitlines(), rewritten.splitlines(), strict=True)
-            if a != b]
+    diff = [
+        (a, b) for a, b in zip(text.splitlines(), rewritten.splitlines(), strict=True) if a != b
+    ]
     assert len(diff) == 1 and diff[0][0].startswith("ExecStart=")
     (tmp_path / unit).write_text(rewritten)
-    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     # verify is silent on a clean unit; any warning about ours is a defect
     noise = [ln for ln in (r.stdout + r.stderr).splitlines() if unit in ln]

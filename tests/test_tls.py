@@ -80,9 +80,20 @@ def hosts():
 def receiver(pki, hosts, tmp_path_factory):
     _, backup = hosts
     b = pki["backup"]
-    r = Receiver(backup.dir, str(tmp_path_factory.mktemp("rx")), *TLS_TIMEOUTS, "--tls-cert",
-                 b.cert, "--tls-key", b.key, "--tls-ca", pki["ca"].ca, "--allow-peer",
-                 "primary.test", insecure=False)
+    r = Receiver(
+        backup.dir,
+        str(tmp_path_factory.mktemp("rx")),
+        *TLS_TIMEOUTS,
+        "--tls-cert",
+        b.cert,
+        "--tls-key",
+        b.key,
+        "--tls-ca",
+        pki["ca"].ca,
+        "--allow-peer",
+        "primary.test",
+        insecure=False,
+    )
     yield r
     assert r.stop() == 0, r.log()[-3000:]
     assert "Traceback" not in r.log(), r.log()
@@ -111,10 +122,13 @@ class Session:
     def __init__(self, t: Transport, guest: Guest) -> None:
         self.t = t
         self.guest = guest
-        self.hello = Hello(session_id=new_session_id(),
-                           options=Options(codec="seed", interval_ms=50, heartbeat_ms=50),
-                           domain=guest.config, generation=time.time_ns(),
-                           software="test-tls-sender")
+        self.hello = Hello(
+            session_id=new_session_id(),
+            options=Options(codec="seed", interval_ms=50, heartbeat_ms=50),
+            domain=guest.config,
+            generation=time.time_ns(),
+            software="test-tls-sender",
+        )
         self.ss = SenderSession(self.hello)
         self.writer = StreamWriter(guest.pages, codec="seed")
         self.events: list = []
@@ -140,15 +154,23 @@ class Session:
 
     def run(self, checkpoints: int) -> None:
         g = self.guest
-        self.t.send_buffers([self.writer.header(), *self.writer.pages(
-            np.arange(g.pages, dtype=np.uint64), g.memory),
-            *self.writer.end_checkpoint(g.context)])
+        self.t.send_buffers(
+            [
+                self.writer.header(),
+                *self.writer.pages(np.arange(g.pages, dtype=np.uint64), g.memory),
+                *self.writer.end_checkpoint(g.context),
+            ]
+        )
         ev = self.next_event()
         assert isinstance(ev, Ack) and ev.index == 0, ev
         for i in range(1, checkpoints + 1):
             pfns, data = g.dirty(30)
-            self.t.send_buffers([*self.writer.pages(pfns, data),
-                                 *self.writer.end_checkpoint(g.context, last=i == checkpoints)])
+            self.t.send_buffers(
+                [
+                    *self.writer.pages(pfns, data),
+                    *self.writer.end_checkpoint(g.context, last=i == checkpoints),
+                ]
+            )
             ev = self.next_event()
             assert isinstance(ev, Ack) and ev.index == i, ev
 
@@ -180,9 +202,13 @@ def test_good_pair_commits_checkpoints(receiver, pki, hosts):
     t = client(pki).connect("127.0.0.1", receiver.port, 10)
     s = Session(t, g)
     assert isinstance(s.handshake(), Accepted)
-    s.t.send_buffers([s.writer.header(), *s.writer.pages(np.arange(g.pages, dtype=np.uint64),
-                                                         g.memory),
-                      *s.writer.end_checkpoint(g.context)])
+    s.t.send_buffers(
+        [
+            s.writer.header(),
+            *s.writer.pages(np.arange(g.pages, dtype=np.uint64), g.memory),
+            *s.writer.end_checkpoint(g.context),
+        ]
+    )
     assert s.next_event().index == 0
     for i in (1, 2, 3):
         pfns, data = g.dirty(40)
@@ -232,12 +258,14 @@ def _tls_attempt(pki, receiver, leaf: str):
                 raise ConnectionError("closed")
         finally:
             t.close()
+
     return attempt
 
 
-@pytest.mark.parametrize("leaf,reason", [("evil", "unknown CA"),
-                                         ("expired", "expired certificate"),
-                                         ("intruder", "name not allowed")])
+@pytest.mark.parametrize(
+    "leaf,reason",
+    [("evil", "unknown CA"), ("expired", "expired certificate"), ("intruder", "name not allowed")],
+)
 def test_bad_certificates_are_refused(receiver, pki, hosts, leaf, reason):
     _refused_case(receiver, pki, hosts, _tls_attempt(pki, receiver, leaf), reason)
 
@@ -253,6 +281,7 @@ def test_client_without_certificate_is_refused(receiver, pki, hosts):
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 if not s.recv(100):
                     raise ConnectionError("closed")
+
     _refused_case(receiver, pki, hosts, attempt, "no certificate")
 
 
@@ -265,6 +294,7 @@ def test_plaintext_client_is_refused_with_a_reason(receiver, pki, hosts):
             got["reply"] = Session(t, g).handshake()
         finally:
             t.close()
+
     _refused_case(receiver, pki, hosts, attempt, "plaintext client")
     # the plaintext remusd is told why, in its own protocol
     reply = got["reply"]
@@ -289,11 +319,25 @@ def test_sender_refuses_a_bad_receiver_certificate(pki, hosts, tmp_path, case):
         want, seen = "unknown CA", "the peer does not trust this host's certificate"
     else:
         rogue = pki["ca"].leaf("backup.test", expired=True, filename="backup-expired")
-        want, seen = "expired certificate", r"the peer refuses this host's certificate " \
-            r"\(expired certificate\)"
-    r = Receiver(backup.dir, str(tmp_path / "rogue"), *TLS_TIMEOUTS, "--tls-cert", rogue.cert,
-                 "--tls-key", rogue.key, "--tls-ca", pki["ca"].ca, "--allow-peer", "*",
-                 insecure=False)
+        want, seen = (
+            "expired certificate",
+            r"the peer refuses this host's certificate "
+            r"\(expired certificate\)",
+        )
+    r = Receiver(
+        backup.dir,
+        str(tmp_path / "rogue"),
+        *TLS_TIMEOUTS,
+        "--tls-cert",
+        rogue.cert,
+        "--tls-key",
+        rogue.key,
+        "--tls-ca",
+        pki["ca"].ca,
+        "--allow-peer",
+        "*",
+        insecure=False,
+    )
     try:
         with pytest.raises(TlsRefused, match=want):
             client(pki).connect("127.0.0.1", r.port, 10)
@@ -339,9 +383,20 @@ def test_rotation_without_restart(pki, hosts, tmp_path):
     b = pki["backup"]
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(Path(old.ca).read_bytes())
-    r = Receiver(backup.dir, str(tmp_path / "rot"), *TLS_TIMEOUTS, "--tls-cert", b.cert,
-                 "--tls-key", b.key, "--tls-ca", str(bundle), "--allow-peer", "primary.test",
-                 insecure=False)
+    r = Receiver(
+        backup.dir,
+        str(tmp_path / "rot"),
+        *TLS_TIMEOUTS,
+        "--tls-cert",
+        b.cert,
+        "--tls-key",
+        b.key,
+        "--tls-ca",
+        str(bundle),
+        "--allow-peer",
+        "primary.test",
+        insecure=False,
+    )
     try:
         fresh = new.leaf("primary.test", filename="primary-new")
         fresh_client = TlsClient(TlsSettings(fresh.cert, fresh.key, old.ca))
@@ -395,17 +450,17 @@ def test_name_patterns():
     assert name_allowed(["x", "y"], ["*"]) == "x"
     assert name_allowed(["*.example.org"], ["a.example.org"]) is None
     assert name_allowed([], ["*"]) is None
-    cert = {"subject": ((("commonName", "cn.test"),),),
-            "subjectAltName": (("DNS", "san.test"), ("IP Address", "10.0.0.1"),
-                               ("email", "x@y"))}
+    cert = {
+        "subject": ((("commonName", "cn.test"),),),
+        "subjectAltName": (("DNS", "san.test"), ("IP Address", "10.0.0.1"), ("email", "x@y")),
+    }
     assert peer_names(cert) == ["san.test", "10.0.0.1", "cn.test"]
 
 
 def _args(**kw):
     import argparse
 
-    base = {"tls_cert": None, "tls_key": None, "tls_ca": None, "allow_peer": [],
-            "insecure": False}
+    base = {"tls_cert": None, "tls_key": None, "tls_ca": None, "allow_peer": [], "insecure": False}
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -429,10 +484,25 @@ def test_settings_rules(pki):
 
 
 def _run_receiver(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RECEIVER, "--listen", "127.0.0.1:0", "--config", "/dev/null",
-                           "--control", str(tmp_path / "c.sock"), "--sim-dir", str(tmp_path),
-                           *args], capture_output=True, text=True, timeout=60, cwd=REPO,
-                          env=dict(os.environ, JOURNAL_STREAM=""))
+    return subprocess.run(
+        [
+            RECEIVER,
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            "/dev/null",
+            "--control",
+            str(tmp_path / "c.sock"),
+            "--sim-dir",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=dict(os.environ, JOURNAL_STREAM=""),
+    )
 
 
 def test_receiver_start_up_refusals(pki, tmp_path):
@@ -447,28 +517,51 @@ def test_receiver_start_up_refusals(pki, tmp_path):
     loose = tmp_path / "loose.key"
     loose.write_bytes(Path(p.key).read_bytes())
     loose.chmod(0o644)
-    r = _run_receiver(tmp_path, "--tls-cert", p.cert, "--tls-key", str(loose), "--tls-ca", ca,
-                      "--allow-peer", "x")
+    r = _run_receiver(
+        tmp_path, "--tls-cert", p.cert, "--tls-key", str(loose), "--tls-ca", ca, "--allow-peer", "x"
+    )
     assert r.returncode == 2 and "accessible by other users" in r.stderr
-    r = _run_receiver(tmp_path, "--tls-cert", p.cert, "--tls-key", pki["primary"].key,
-                      "--tls-ca", ca, "--allow-peer", "x")
+    r = _run_receiver(
+        tmp_path,
+        "--tls-cert",
+        p.cert,
+        "--tls-key",
+        pki["primary"].key,
+        "--tls-ca",
+        ca,
+        "--allow-peer",
+        "x",
+    )
     assert r.returncode == 2 and "does not match" in r.stderr
-    r = _run_receiver(tmp_path, "--tls-cert", p.cert, "--tls-key", p.key, "--tls-ca", p.key,
-                      "--allow-peer", "x")
+    r = _run_receiver(
+        tmp_path, "--tls-cert", p.cert, "--tls-key", p.key, "--tls-ca", p.key, "--allow-peer", "x"
+    )
     assert r.returncode == 2 and "tls-ca" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_remusd_start_up_refusals(pki, tmp_path):
     remusd = os.path.join(os.path.dirname(sys.executable), "remusd")
-    base = [remusd, "--config", "/dev/null", "--control", str(tmp_path / "d.sock"),
-            "--sim-dir", str(tmp_path)]
-    r = subprocess.run([*base, "--protect", "x=127.0.0.1:9"], capture_output=True, text=True,
-                       timeout=60)
+    base = [
+        remusd,
+        "--config",
+        "/dev/null",
+        "--control",
+        str(tmp_path / "d.sock"),
+        "--sim-dir",
+        str(tmp_path),
+    ]
+    r = subprocess.run(
+        [*base, "--protect", "x=127.0.0.1:9"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "TLS" in r.stderr and "--insecure" in r.stderr
     p = pki["primary"]
-    r = subprocess.run([*base, "--tls-cert", p.cert, "--tls-key", p.key, "--tls-ca",
-                        str(tmp_path / "absent.crt")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*base, "--tls-cert", p.cert, "--tls-key", p.key, "--tls-ca", str(tmp_path / "absent.crt")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "absent.crt" in r.stderr
 
 
@@ -509,8 +602,9 @@ def test_openssl_pki_makes_certificates_that_work(tmp_path):
     th = threading.Thread(target=serve)
     th.start()
     try:
-        t = TlsClient(TlsSettings(b.cert, b.key, ca.cert)).connect("127.0.0.1",
-                                                                   ls.getsockname()[1], 10)
+        t = TlsClient(TlsSettings(b.cert, b.key, ca.cert)).connect(
+            "127.0.0.1", ls.getsockname()[1], 10
+        )
         # many small buffers and a big one, coalesced into few records, in order
         bufs = [bytes([i]) * 10 for i in range(100)] + [np.arange(99_000 // 8, dtype=np.uint64)]
         n = t.send_buffers(bufs)

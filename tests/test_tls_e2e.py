@@ -51,9 +51,14 @@ class Proc:
         self.name, self.control = name, control
         self.logpath = workdir / f"{name}.log"
         log = open(self.logpath, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=REPO,
-                                     stdin=subprocess.DEVNULL,
-                                     env=dict(os.environ, JOURNAL_STREAM=""))
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, JOURNAL_STREAM=""),
+        )
         log.close()
         wait_until(f"{name} to answer", self.status, 30)
 
@@ -74,8 +79,12 @@ class Proc:
 @pytest.fixture
 def pki(tmp_path):
     ca = Pki(tmp_path / "pki", "remus-e2e-ca")
-    return {"ca": ca.ca, "backup": ca.leaf("backup.test"),
-            "primary": ca.leaf("primary.test"), "stranger": ca.leaf("stranger.test")}
+    return {
+        "ca": ca.ca,
+        "backup": ca.leaf("backup.test"),
+        "primary": ca.leaf("primary.test"),
+        "stranger": ca.leaf("stranger.test"),
+    }
 
 
 @pytest.fixture
@@ -90,11 +99,30 @@ def procs():
 
 def receiver(procs, workdir: Path, backup, pki) -> tuple[Proc, int]:
     b = pki["backup"]
-    p = Proc("receiver", workdir, [
-        str(BIN / "remus-receiver"), "--listen", "127.0.0.1:0", "--sim-dir", backup.dir,
-        "--control", str(workdir / "rx.sock"), "--config", "/dev/null",
-        "--tls-cert", b.cert, "--tls-key", b.key, "--tls-ca", pki["ca"],
-        "--allow-peer", "primary.test"], str(workdir / "rx.sock"))
+    p = Proc(
+        "receiver",
+        workdir,
+        [
+            str(BIN / "remus-receiver"),
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-dir",
+            backup.dir,
+            "--control",
+            str(workdir / "rx.sock"),
+            "--config",
+            "/dev/null",
+            "--tls-cert",
+            b.cert,
+            "--tls-key",
+            b.key,
+            "--tls-ca",
+            pki["ca"],
+            "--allow-peer",
+            "primary.test",
+        ],
+        str(workdir / "rx.sock"),
+    )
     procs.append(p)
     port = int(re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)", p.log()).group(1))
     return p, port
@@ -102,9 +130,25 @@ def receiver(procs, workdir: Path, backup, pki) -> tuple[Proc, int]:
 
 def remusd(procs, workdir: Path, primary, *security: str, name: str = "remusd") -> Proc:
     ctl = str(workdir / f"{name}.sock")
-    p = Proc(name, workdir, [str(BIN / "remusd"), "--sim-dir", primary.dir, "--control", ctl,
-                             "--config", "/dev/null", "--retry-min", "0.2", "--retry-max", "0.5",
-                             *security], ctl)
+    p = Proc(
+        name,
+        workdir,
+        [
+            str(BIN / "remusd"),
+            "--sim-dir",
+            primary.dir,
+            "--control",
+            ctl,
+            "--config",
+            "/dev/null",
+            "--retry-min",
+            "0.2",
+            "--retry-max",
+            "0.5",
+            *security,
+        ],
+        ctl,
+    )
     procs.append(p)
     return p
 
@@ -118,25 +162,38 @@ def domain(d: Proc, name: str) -> dict:
     return [x for x in d.status()["domains"] if x["name"] == name][0]
 
 
-def test_tls_end_to_end_failover_keeps_every_acked_transaction(sim_host_factory, procs,
-                                                               tmp_path, pki):
+def test_tls_end_to_end_failover_keeps_every_acked_transaction(
+    sim_host_factory, procs, tmp_path, pki
+):
     primary, backup = sim_host_factory(), sim_host_factory()
     primary.create("16M", "ledger", seed=3, rate=2000, name="ledger")
     rx, port = receiver(procs, tmp_path, backup, pki)
     d = remusd(procs, tmp_path, primary, *tls_flags(pki, "primary"))
-    control_request(d.control, "protect", domain="ledger", target=f"127.0.0.1:{port}",
-                    interval_ms=50)
-    wait_until("20 acknowledged checkpoints over TLS",
-               lambda: domain(d, "ledger")["state"] == "protected"
-               and (domain(d, "ledger")["acked"] or 0) >= 20, 60)
+    control_request(
+        d.control, "protect", domain="ledger", target=f"127.0.0.1:{port}", interval_ms=50
+    )
+    wait_until(
+        "20 acknowledged checkpoints over TLS",
+        lambda: (
+            domain(d, "ledger")["state"] == "protected"
+            and (domain(d, "ledger")["acked"] or 0) >= 20
+        ),
+        60,
+    )
     assert re.search(r"session \w+ over TLSv1\.3 .*peer primary\.test", rx.log())
     assert "plaintext" not in rx.log() + d.log()
     # power cut
     d.kill()
     primary.kill()
-    wait_until("the backup to take over",
-               lambda: [s for s in rx.status()["sessions"]
-                        if s["domain"] == "ledger" and s["state"] == "failed-over"], 20)
+    wait_until(
+        "the backup to take over",
+        lambda: [
+            s
+            for s in rx.status()["sessions"]
+            if s["domain"] == "ledger" and s["state"] == "failed-over"
+        ],
+        20,
+    )
     acked = tmp_path / "acked.txt"
     # the outputs the primary released (to the outside world) before it died
     out = primary.cli("outputs", "ledger")
@@ -152,10 +209,14 @@ def test_remusd_with_a_name_not_allowed_is_refused(sim_host_factory, procs, tmp_
     primary.create("4M", "idle", seed=1, name="quiet")
     rx, port = receiver(procs, tmp_path, backup, pki)
     d = remusd(procs, tmp_path, primary, *tls_flags(pki, "stranger"))
-    control_request(d.control, "protect", domain="quiet", target=f"127.0.0.1:{port}",
-                    interval_ms=50)
-    wait_until("two refusals", lambda: rx.log().count(
-        "refused before the session handshake: name not allowed") >= 2, 30)
+    control_request(
+        d.control, "protect", domain="quiet", target=f"127.0.0.1:{port}", interval_ms=50
+    )
+    wait_until(
+        "two refusals",
+        lambda: rx.log().count("refused before the session handshake: name not allowed") >= 2,
+        30,
+    )
     st = domain(d, "quiet")
     assert st["state"] in ("unprotected", "initial-copy"), st
     assert "quiet" not in {i.name for i in backup.hv.list()}
@@ -163,17 +224,21 @@ def test_remusd_with_a_name_not_allowed_is_refused(sim_host_factory, procs, tmp_
     assert "certificate names stranger.test" in rx.log()
 
 
-def test_insecure_remusd_against_tls_receiver_is_told_why(sim_host_factory, procs, tmp_path,
-                                                          pki):
+def test_insecure_remusd_against_tls_receiver_is_told_why(sim_host_factory, procs, tmp_path, pki):
     primary, backup = sim_host_factory(), sim_host_factory()
     primary.create("4M", "idle", seed=1, name="quiet")
     rx, port = receiver(procs, tmp_path, backup, pki)
     d = remusd(procs, tmp_path, primary, "--insecure")
-    control_request(d.control, "protect", domain="quiet", target=f"127.0.0.1:{port}",
-                    interval_ms=50)
-    st = wait_until("remusd to give up", lambda: (lambda s: s if "not retrying" in
-                                                  (s["reason"] or "") else None)(
-        domain(d, "quiet")), 30)
+    control_request(
+        d.control, "protect", domain="quiet", target=f"127.0.0.1:{port}", interval_ms=50
+    )
+    st = wait_until(
+        "remusd to give up",
+        lambda: (lambda s: s if "not retrying" in (s["reason"] or "") else None)(
+            domain(d, "quiet")
+        ),
+        30,
+    )
     assert st["state"] == "unprotected" and "requires TLS" in st["reason"], st
     assert "plaintext TCP (--insecure)" in d.log()  # the per-session warning
     assert "refused before the session handshake: plaintext client" in rx.log()

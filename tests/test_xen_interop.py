@@ -135,7 +135,9 @@ def parse_v2(data: bytes) -> dict:
 
 def build_stream(rng: np.random.Generator):
     p2m = 3000
-    ctx = Context((0xFEFF0, 0xFEFF1, 0xFEFF2), bytes(rng.integers(0, 256, 600, np.uint8)), b"QEVM" * 50)
+    ctx = Context(
+        (0xFEFF0, 0xFEFF1, 0xFEFF2), bytes(rng.integers(0, 256, 600, np.uint8)), b"QEVM" * 50
+    )
     # 2500 scattered pages (three 1024-entry batches), then a pre-copy round
     # sending some again (the later copy wins), then XTAB and XALLOC entries.
     pfns1 = rng.choice(np.arange(1, p2m), 2500, replace=False).astype(np.uint64)
@@ -170,7 +172,19 @@ def test_convert_legacy_stream_and_verify(tools, tmp_path):
     v2 = tmp_path / "v2.stream"
     legacy.write_bytes(data)
 
-    r = run_tool(tools, "convert-legacy-stream", "-i", str(legacy), "-o", str(v2), "-w", "64", "-g", "hvm", "-v")
+    r = run_tool(
+        tools,
+        "convert-legacy-stream",
+        "-i",
+        str(legacy),
+        "-o",
+        str(v2),
+        "-w",
+        "64",
+        "-g",
+        "hvm",
+        "-v",
+    )
     assert r.returncode == 0, f"convert-legacy-stream failed:\n{r.stdout}\n{r.stderr}"
     assert "X86_TSC_INFO: mode 2, 123456789 ns, 2400000 khz, 3 incarn" in r.stdout
 
@@ -214,7 +228,9 @@ def test_writer_codec_none_first_checkpoint_converts(tools, tmp_path):
     f = tmp_path / "s.stream"
     v2 = tmp_path / "v2.stream"
     f.write_bytes(b"".join(bytes(b) for b in bufs))
-    r = run_tool(tools, "convert-legacy-stream", "-i", str(f), "-o", str(v2), "-w", "64", "-g", "hvm")
+    r = run_tool(
+        tools, "convert-legacy-stream", "-i", str(f), "-o", str(v2), "-w", "64", "-g", "hvm"
+    )
     assert r.returncode == 0, r.stderr
     r = run_tool(tools, "verify-stream-v2", "-i", str(v2))
     assert r.returncode == 0, r.stderr
@@ -230,5 +246,16 @@ def test_xen_tool_stops_at_compression(tools, tmp_path):
     data = encode_header(4) + encode_enable_compression() + encode_end()
     f = tmp_path / "c.stream"
     f.write_bytes(data)
-    r = run_tool(tools, "convert-legacy-stream", "-i", str(f), "-o", str(tmp_path / "o"), "-w", "64", "-g", "hvm")
+    r = run_tool(
+        tools,
+        "convert-legacy-stream",
+        "-i",
+        str(f),
+        "-o",
+        str(tmp_path / "o"),
+        "-w",
+        "64",
+        "-g",
+        "hvm",
+    )
     assert r.returncode != 0 and "todo" in r.stderr

@@ -43,7 +43,9 @@ def test_binding_compiles_and_loads():
 def test_every_symbol_the_module_needs_is_bound():
     _need_binding()
     lib = xenctrl._lib
-    missing = [s for s in xenctrl.REQUIRED_SYMBOLS + xenctrl.REQUIRED_CONSTANTS if not hasattr(lib, s)]
+    missing = [
+        s for s in xenctrl.REQUIRED_SYMBOLS + xenctrl.REQUIRED_CONSTANTS if not hasattr(lib, s)
+    ]
     assert not missing, f"not bound in xenbind._xenctrl: {missing}"
 
 
@@ -53,9 +55,17 @@ def test_symbol_list_covers_every_lib_use_in_the_module():
     tree = ast.parse((ROOT / "xenbind" / "xenctrl.py").read_text())
     used = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "_lib":
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "_lib"
+        ):
             used.add(node.attr)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("HVM_PARAM_"):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.startswith("HVM_PARAM_")
+        ):
             used.add(node.value)
     listed = set(xenctrl.REQUIRED_SYMBOLS) | set(xenctrl.REQUIRED_CONSTANTS)
     assert used - listed == set(), f"used but not listed: {sorted(used - listed)}"
@@ -70,7 +80,11 @@ def test_c_types_match_what_the_module_assumes():
     assert ffi.sizeof("vcpu_guest_context_any_t") > 1000
     lib = xenctrl._lib
     assert lib.XEN_DOMCTL_SHADOW_OP_CLEAN == 11 and lib.XEN_DOMCTL_SHADOW_OP_PEEK == 12
-    assert (lib.HVM_PARAM_IOREQ_PFN, lib.HVM_PARAM_BUFIOREQ_PFN, lib.HVM_PARAM_STORE_PFN) == (5, 6, 1)
+    assert (lib.HVM_PARAM_IOREQ_PFN, lib.HVM_PARAM_BUFIOREQ_PFN, lib.HVM_PARAM_STORE_PFN) == (
+        5,
+        6,
+        1,
+    )
 
 
 def test_dirty_helper_sizes_and_refusals():

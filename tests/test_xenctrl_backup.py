@@ -35,8 +35,17 @@ def test_pv_and_pvh_need_a_kernel():
         xl_config(DomainConfig(name="g", uuid="", pages=256, vcpus=1, hvm=False))
     with pytest.raises(ConfigError, match="kernel"):
         xl_config(DomainConfig(name="g", uuid="", pages=256, vcpus=1, extra={"type": "pvh"}))
-    kv = _parse(xl_config(DomainConfig(
-        name="g", uuid="", pages=256, vcpus=1, extra={"type": "pvh", "kernel": "/k", "cmdline": "console=hvc0"})))
+    kv = _parse(
+        xl_config(
+            DomainConfig(
+                name="g",
+                uuid="",
+                pages=256,
+                vcpus=1,
+                extra={"type": "pvh", "kernel": "/k", "cmdline": "console=hvc0"},
+            )
+        )
+    )
     assert kv["type"] == "pvh" and kv["kernel"] == "/k" and kv["cmdline"] == "console=hvc0"
     assert "uuid" not in kv
 
@@ -46,7 +55,9 @@ def test_pv_and_pvh_need_a_kernel():
     [
         DomainConfig(name='x"\nkernel="/evil', uuid="", pages=1, vcpus=1),
         DomainConfig(name="x", uuid='"; evil', pages=1, vcpus=1),
-        DomainConfig(name="x", uuid="", pages=1, vcpus=1, extra={"type": "pvh", "kernel": '/k"\nx="'}),
+        DomainConfig(
+            name="x", uuid="", pages=1, vcpus=1, extra={"type": "pvh", "kernel": '/k"\nx="'}
+        ),
         DomainConfig(name="x", uuid="", pages=1, vcpus=1, extra={"type": "qemu"}),
         DomainConfig(name="x", uuid="", pages=0, vcpus=1),
         DomainConfig(name="", uuid="", pages=1, vcpus=1),

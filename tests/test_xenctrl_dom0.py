@@ -126,4 +126,4 @@ def test_present_pfns_cover_the_guests_ram_and_can_be_read(guest):
     assert 0 < present.size <= guest.pages
     assert present.size >= info.extra["tot_pages"] * 9 // 10  # the RAM it has, minus a little
     out = np.zeros((min(present.size, 1024), PAGE_SIZE), np.uint8)
-    guest.gather(present[-out.shape[0]:], out)  # the highest present pages map
+    guest.gather(present[-out.shape[0] :], out)  # the highest present pages map

@@ -50,8 +50,9 @@ SCRIPT = textwrap.dedent(
 def _netns_available() -> bool:
     if not (shutil.which("unshare") and shutil.which("tc") and shutil.which("ip")):
         return False
-    r = subprocess.run(["unshare", "-n", "ip", "link", "add", "x", "type", "ifb"],
-                       capture_output=True, timeout=10)
+    r = subprocess.run(
+        ["unshare", "-n", "ip", "link", "add", "x", "type", "ifb"], capture_output=True, timeout=10
+    )
     return r.returncode == 0
 
 
@@ -69,7 +70,10 @@ def test_vif_discovery_and_ifb_names(tmp_path):
 def test_plug_buffer_cycle_or_clear_error_in_a_netns():
     out = subprocess.run(
         ["unshare", "-n", sys.executable, "-c", SCRIPT],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])

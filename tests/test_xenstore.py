@@ -62,8 +62,13 @@ def xenstored(tmp_path_factory):
     rundir = tmp_path_factory.mktemp("xenstored")
     sock = str(rundir / "socket")
     env = dict(os.environ, XENSTORED_RUNDIR=str(rundir), XENSTORED_PATH=sock)
-    proc = subprocess.Popen([binary, "-N", "-D"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [binary, "-N", "-D"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 5
         while not os.path.exists(sock) and proc.poll() is None and time.monotonic() < deadline:
@@ -75,8 +80,10 @@ def xenstored(tmp_path_factory):
         time.sleep(0.2)
         rc = proc.poll()
         died = f"xenstored exited with {rc}" + (" (SIGSEGV)" if rc == -signal.SIGSEGV else "")
-        pytest.skip(f"no working xenstored here (not a dom0; {binary} -N -D: "
-                    f"{died if rc is not None else why}); these tests run in the Xen lab")
+        pytest.skip(
+            f"no working xenstored here (not a dom0; {binary} -N -D: "
+            f"{died if rc is not None else why}); these tests run in the Xen lab"
+        )
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -99,10 +106,14 @@ def xs(xenstored):
 
 # -- no server needed ------------------------------------------------------------
 
+
 def test_paths():
     assert domain_path(7) == "/local/domain/7"
     assert shutdown_path(7) == "/local/domain/7/control/shutdown"
-    assert uuid_from_vm_path("/vm/6D0E1E71-9ACF-4C15-BECA-9DF84C5BB34D") == "6d0e1e71-9acf-4c15-beca-9df84c5bb34d"
+    assert (
+        uuid_from_vm_path("/vm/6D0E1E71-9ACF-4C15-BECA-9DF84C5BB34D")
+        == "6d0e1e71-9acf-4c15-beca-9df84c5bb34d"
+    )
     assert uuid_from_vm_path("/vm/short") is None
     assert uuid_from_vm_path("/local/domain/1") is None
 
@@ -128,6 +139,7 @@ def test_connect_to_a_dead_socket_is_hypervisor_unavailable(tmp_path):
 
 
 # -- against a real xenstored ------------------------------------------------------
+
 
 def test_read_write_list_remove(xs):
     base = f"/tool/remus-test-{os.getpid()}"
@@ -178,7 +190,10 @@ def test_suspend_handshake_with_a_guest_that_answers(xs):
     suspended = threading.Event()
 
     def guest():  # what a PV kernel's xenbus shutdown handler does
-        with XenStore.connect(xs._client.router.connection.path, timeout=3.0) as g, g.watch(node) as w:
+        with (
+            XenStore.connect(xs._client.router.connection.path, timeout=3.0) as g,
+            g.watch(node) as w,
+        ):
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 if g.read(node) == "suspend":

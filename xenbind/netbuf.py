@@ -70,8 +70,12 @@ class OutputBuffer:
     """The plug qdisc buffer of one domain's vifs."""
 
     def __init__(
-        self, domid: int, vifs: list[str], limit_bytes: int | None = None,
-        tc: str = "tc", ip: str = "ip",
+        self,
+        domid: int,
+        vifs: list[str],
+        limit_bytes: int | None = None,
+        tc: str = "tc",
+        ip: str = "ip",
     ) -> None:
         self.domid = domid
         self.vifs = list(vifs)
@@ -122,11 +126,32 @@ class OutputBuffer:
                 plug += ["limit", str(int(self.limit_bytes))]
             self._run(plug)
             self._run([self._tc, "qdisc", "replace", "dev", vif, "ingress"])
-            self._run([
-                self._tc, "filter", "replace", "dev", vif, "parent", "ffff:", "pref", "10",
-                "protocol", "all", "u32", "match", "u32", "0", "0",
-                "action", "mirred", "egress", "redirect", "dev", ifb,
-            ])
+            self._run(
+                [
+                    self._tc,
+                    "filter",
+                    "replace",
+                    "dev",
+                    vif,
+                    "parent",
+                    "ffff:",
+                    "pref",
+                    "10",
+                    "protocol",
+                    "all",
+                    "u32",
+                    "match",
+                    "u32",
+                    "0",
+                    "0",
+                    "action",
+                    "mirred",
+                    "egress",
+                    "redirect",
+                    "dev",
+                    ifb,
+                ]
+            )
 
     def _plug(self, op: str) -> None:
         for ifb in self.ifbs:

@@ -65,17 +65,40 @@ def make_ca(directory: str | Path, name: str = "remus-ca", *, days: int = CA_DAY
     d.mkdir(parents=True, exist_ok=True)
     _check_name(name)
     crt, key = d / f"{name}.crt", d / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(key), "-out", str(crt), "-days", str(days), "-subj", f"/CN={name}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(crt),
+        "-days",
+        str(days),
+        "-subj",
+        f"/CN={name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     os.chmod(key, 0o600)
     os.chmod(crt, 0o644)  # a certificate is public
     return CertFiles(str(crt), str(key))
 
 
-def make_host_cert(directory: str | Path, ca: CertFiles, host: str,
-                   sans: Sequence[str] = (), *, days: int = HOST_DAYS) -> CertFiles:
+def make_host_cert(
+    directory: str | Path,
+    ca: CertFiles,
+    host: str,
+    sans: Sequence[str] = (),
+    *,
+    days: int = HOST_DAYS,
+) -> CertFiles:
     """A certificate for ``host`` signed by ``ca``; SAN = host plus ``sans``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -88,15 +111,47 @@ def make_host_cert(directory: str | Path, ca: CertFiles, host: str,
             alt.append(f"DNS:{_check_name(n)}")
     crt, key, csr = d / f"{host}.crt", d / f"{host}.key", d / f"{host}.csr"
     ext = d / f"{host}.ext"
-    ext.write_text(f"subjectAltName = {','.join(dict.fromkeys(alt))}\n"
-                   "basicConstraints = critical,CA:FALSE\n"
-                   "keyUsage = critical,digitalSignature\n"
-                   "extendedKeyUsage = serverAuth,clientAuth\n")
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={host}")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", ca.cert, "-CAkey", ca.key,
-             "-CAcreateserial", "-CAserial", str(d / "serial.srl"), "-out", str(crt),
-             "-days", str(days), "-sha256", "-extfile", str(ext))
+    ext.write_text(
+        f"subjectAltName = {','.join(dict.fromkeys(alt))}\n"
+        "basicConstraints = critical,CA:FALSE\n"
+        "keyUsage = critical,digitalSignature\n"
+        "extendedKeyUsage = serverAuth,clientAuth\n"
+    )
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        f"/CN={host}",
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        ca.cert,
+        "-CAkey",
+        ca.key,
+        "-CAcreateserial",
+        "-CAserial",
+        str(d / "serial.srl"),
+        "-out",
+        str(crt),
+        "-days",
+        str(days),
+        "-sha256",
+        "-extfile",
+        str(ext),
+    )
     os.chmod(key, 0o600)
     os.chmod(crt, 0o644)
     csr.unlink()

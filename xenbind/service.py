@@ -238,8 +238,9 @@ def setup_logging(level: str | int = "info", *, stream: Any = None) -> None:
     if under_journal(stream):
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
-        fmt = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
-                                "%Y-%m-%d %H:%M:%S")
+        fmt = logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
+        )
         handler.setFormatter(fmt)
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -391,8 +392,15 @@ def _process_groups(pid: int) -> set[int]:
 class ControlServer:
     """A Unix-socket JSON-lines server; ``handler(request) -> result``."""
 
-    def __init__(self, path: str, handler: Handler, *, max_request: int = DEFAULT_MAX_REQUEST,
-                 client_timeout: float = 30.0, group: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        handler: Handler,
+        *,
+        max_request: int = DEFAULT_MAX_REQUEST,
+        client_timeout: float = 30.0,
+        group: str | None = None,
+    ) -> None:
         self.path = path
         self.handler = handler
         self.max_request = max_request
@@ -431,15 +439,19 @@ class ControlServer:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            raise ConfigError(f"control socket {self.path}: cannot give it to group "
-                              f"{self.group}: {e.strerror}") from None
+            raise ConfigError(
+                f"control socket {self.path}: cannot give it to group {self.group}: {e.strerror}"
+            ) from None
         sock.listen(16)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._thread.start()
         who = "root" if self.uid == 0 else f"root and uid {self.uid}"
-        log.info("control socket listening on %s (%s)", self.path,
-                 f"{who} and group {self.group}" if self.gid is not None else f"{who} only")
+        log.info(
+            "control socket listening on %s (%s)",
+            self.path,
+            f"{who} and group {self.group}" if self.gid is not None else f"{who} only",
+        )
         return self
 
     def allowed(self, uid: int, gid: int, pid: int | None = None) -> bool:
@@ -456,8 +468,9 @@ class ControlServer:
         self.refused += 1
         who = f"uid {uid}" + (f" ({pwd.getpwuid(uid).pw_name})" if _known_uid(uid) else "")
         rule = "root, the daemon's user" + (f" or group {self.group}" if self.group else "")
-        log.warning("control socket: refused pid %d %s gid %d: only %s may use it", pid, who,
-                    gid, rule)
+        log.warning(
+            "control socket: refused pid %d %s gid %d: only %s may use it", pid, who, gid, rule
+        )
         with contextlib.suppress(OSError):
             conn.settimeout(_REFUSE_DRAIN_S)
             self._reply(conn, {"ok": False, "error": f"permission denied: {who} is not {rule}"})
@@ -499,8 +512,9 @@ class ControlServer:
                     return
                 time.sleep(0.05)
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="control-client",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="control-client", daemon=True
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -522,18 +536,22 @@ class ControlServer:
                 nl = buf.find(b"\n")
                 if nl < 0:
                     if len(buf) > self.max_request:
-                        self._reply(conn, {"ok": False, "error":
-                                           f"request longer than {self.max_request} bytes"})
+                        self._reply(
+                            conn,
+                            {"ok": False, "error": f"request longer than {self.max_request} bytes"},
+                        )
                         return
                     chunk = conn.recv(65536)
                     if not chunk:
                         return
                     buf += chunk
                     continue
-                line, buf = buf[:nl], buf[nl + 1:]
+                line, buf = buf[:nl], buf[nl + 1 :]
                 if len(line) > self.max_request:
-                    self._reply(conn, {"ok": False, "error":
-                                       f"request longer than {self.max_request} bytes"})
+                    self._reply(
+                        conn,
+                        {"ok": False, "error": f"request longer than {self.max_request} bytes"},
+                    )
                     return
                 response, keep = self._answer(line)
                 self._reply(conn, response)
@@ -550,7 +568,10 @@ class ControlServer:
         except (ValueError, UnicodeDecodeError):
             return {"ok": False, "error": "request is not valid JSON"}, False
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-            return {"ok": False, "error": 'request must be a JSON object with a string "cmd"'}, False
+            return {
+                "ok": False,
+                "error": 'request must be a JSON object with a string "cmd"',
+            }, False
         try:
             return {"ok": True, "result": self.handler(req)}, True
         except RemusError as e:
@@ -576,28 +597,43 @@ class ControlServer:
             self._thread.join(timeout=2)
 
 
-def add_daemon_arguments(parser: argparse.ArgumentParser, *, config: str, control: str,
-                         insecure_help: str) -> None:
+def add_daemon_arguments(
+    parser: argparse.ArgumentParser, *, config: str, control: str, insecure_help: str
+) -> None:
     """The options both daemons have: --config (``config`` used if it exists),
     --control (default ``control``), --sim-dir, --insecure (what plaintext means
     for this daemon: ``insecure_help``) and --control-group."""
-    parser.add_argument("--config", metavar="FILE", default=config,
-                        help=f"TOML configuration file (default {config}, used if it exists)")
-    parser.add_argument("--control", metavar="PATH", default=control,
-                        help=f"control socket remusctl talks to (default {control}; mode 0600, "
-                             "0660 with --control-group)")
-    parser.add_argument("--sim-dir", metavar="DIR",
-                        help="use the simulated host whose directory is DIR instead of Xen")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=config,
+        help=f"TOML configuration file (default {config}, used if it exists)",
+    )
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        default=control,
+        help=f"control socket remusctl talks to (default {control}; mode 0600, "
+        "0660 with --control-group)",
+    )
+    parser.add_argument(
+        "--sim-dir",
+        metavar="DIR",
+        help="use the simulated host whose directory is DIR instead of Xen",
+    )
     parser.add_argument("--insecure", action="store_true", help=insecure_help)
     add_control_group_argument(parser)
 
 
 def add_control_group_argument(parser: argparse.ArgumentParser) -> None:
     """``--control-group GROUP`` (TOML ``control-group``): who else may use the control socket."""
-    parser.add_argument("--control-group", metavar="GROUP",
-                        help="also let members of GROUP use the control socket (mode 0660, "
-                             "owned by GROUP); default: only root and the daemon's user "
-                             "(mode 0600). Every client is checked with SO_PEERCRED")
+    parser.add_argument(
+        "--control-group",
+        metavar="GROUP",
+        help="also let members of GROUP use the control socket (mode 0660, "
+        "owned by GROUP); default: only root and the daemon's user "
+        "(mode 0600). Every client is checked with SO_PEERCRED",
+    )
 
 
 def _known_uid(uid: int) -> bool:
@@ -619,8 +655,9 @@ def control_request(path: str, cmd: str, *, timeout: float = 10.0, **args: Any) 
         except FileNotFoundError:
             raise ControlError(f"no daemon at {path} (the control socket does not exist)") from None
         except PermissionError:
-            raise ControlError(f"permission denied on {path} (run as the daemon's user, "
-                               "usually root)") from None
+            raise ControlError(
+                f"permission denied on {path} (run as the daemon's user, usually root)"
+            ) from None
         except OSError as e:
             raise ControlError(f"cannot reach the daemon at {path}: {e.strerror}") from None
         try:

@@ -83,8 +83,12 @@ FRAME_ACK = 1  # payload uint64 index of the checkpoint just committed
 FRAME_HEARTBEAT = 2  # payload uint64 last committed index, NO_CHECKPOINT if none
 FRAME_ERROR = 3  # payload reason text; flags = ERR_* code; connection closes
 FRAME_GOODBYE = 4  # payload reason text; clean end; connection closes
-FRAME_NAMES = {FRAME_ACK: "ACK", FRAME_HEARTBEAT: "HEARTBEAT", FRAME_ERROR: "ERROR",
-               FRAME_GOODBYE: "GOODBYE"}
+FRAME_NAMES = {
+    FRAME_ACK: "ACK",
+    FRAME_HEARTBEAT: "HEARTBEAT",
+    FRAME_ERROR: "ERROR",
+    FRAME_GOODBYE: "GOODBYE",
+}
 
 #: ACK flags (verify mode): the backup's memory digest was checked after the
 #: commit and matched (ACK_VERIFIED) or did not (ACK_MISMATCH).
@@ -98,9 +102,14 @@ ERR_FAILED_OVER = 3  # the backup took over: do not re-protect to this receiver
 ERR_INTERNAL = 4  # the receiver could not commit (hypervisor error, ...)
 ERR_SHUTDOWN = 5  # the receiver daemon is stopping
 ERR_SUPERSEDED = 6  # a newer session for the same domain replaced this one
-ERROR_NAMES = {ERR_PROTOCOL: "protocol", ERR_STALLED: "stalled",
-               ERR_FAILED_OVER: "failed-over", ERR_INTERNAL: "internal",
-               ERR_SHUTDOWN: "shutdown", ERR_SUPERSEDED: "superseded"}
+ERROR_NAMES = {
+    ERR_PROTOCOL: "protocol",
+    ERR_STALLED: "stalled",
+    ERR_FAILED_OVER: "failed-over",
+    ERR_INTERNAL: "internal",
+    ERR_SHUTDOWN: "shutdown",
+    ERR_SUPERSEDED: "superseded",
+}
 
 #: Cap on the reason text of ERROR / GOODBYE / REFUSE (bytes of UTF-8).
 MAX_REASON_BYTES = 1024
@@ -297,13 +306,15 @@ def _clip(text: str, cap: int = MAX_REASON_BYTES) -> bytes:
 def encode_hello(hello: Hello) -> bytes:
     """The bytes of a HELLO (prefix + JSON body)."""
     validate_hello(hello)
-    body = _dump_json({
-        "session": hello.session_id,
-        "generation": hello.generation,
-        "software": hello.software,
-        "options": asdict(hello.options),
-        "domain": asdict(hello.domain),
-    })
+    body = _dump_json(
+        {
+            "session": hello.session_id,
+            "generation": hello.generation,
+            "software": hello.software,
+            "options": asdict(hello.options),
+            "domain": asdict(hello.domain),
+        }
+    )
     return PREFIX.pack(HELLO_MAGIC, hello.version, 0, len(body)) + body
 
 
@@ -317,8 +328,9 @@ def parse_hello_body(obj: dict, version: int, offset: int = 0) -> Hello:
     o = _need(obj, "options", dict, "hello", offset)
     codec = _need(o, "codec", str, "options", offset)
     if codec not in CODECS:
-        raise HandshakeError("codec", f"options: unknown codec {codec[:32]!r} (known: "
-                             f"{', '.join(CODECS)})", offset)
+        raise HandshakeError(
+            "codec", f"options: unknown codec {codec[:32]!r} (known: {', '.join(CODECS)})", offset
+        )
     options = Options(
         codec=codec,
         cache_pages=_int_in(o, "cache_pages", 1, MAX_CACHE_PAGES, "options", offset),
@@ -345,27 +357,42 @@ def parse_hello_body(obj: dict, version: int, offset: int = 0) -> Hello:
         hvm=_need(d, "hvm", bool, "domain", offset),
         extra=extra,
     )
-    return Hello(session_id=session, options=options, domain=domain, generation=generation,
-                 software=software, version=version)
+    return Hello(
+        session_id=session,
+        options=options,
+        domain=domain,
+        generation=generation,
+        software=software,
+        version=version,
+    )
 
 
 def validate_hello(hello: Hello) -> None:
     """Check a Hello the way the receiver will (the sender calls this on its own)."""
-    obj = json.loads(json.dumps({
-        "session": hello.session_id, "generation": hello.generation,
-        "software": hello.software, "options": asdict(hello.options),
-        "domain": asdict(hello.domain)}))
+    obj = json.loads(
+        json.dumps(
+            {
+                "session": hello.session_id,
+                "generation": hello.generation,
+                "software": hello.software,
+                "options": asdict(hello.options),
+                "domain": asdict(hello.domain),
+            }
+        )
+    )
     parse_hello_body(obj, hello.version)
 
 
 def encode_accept(accept: Accept) -> bytes:
-    body = _dump_json({
-        "session": accept.session_id,
-        "failover_timeout_ms": accept.failover_timeout_ms,
-        "heartbeat_ms": accept.heartbeat_ms,
-        "limits": accept.limits,
-        "software": accept.software,
-    })
+    body = _dump_json(
+        {
+            "session": accept.session_id,
+            "failover_timeout_ms": accept.failover_timeout_ms,
+            "heartbeat_ms": accept.heartbeat_ms,
+            "limits": accept.limits,
+            "software": accept.software,
+        }
+    )
     return PREFIX.pack(REPLY_MAGIC, accept.version, REPLY_ACCEPT, len(body)) + body
 
 
@@ -411,9 +438,12 @@ class ReceiverSession:
     refuse_for(exc) and close.
     """
 
-    def __init__(self, min_version: int = MIN_PROTOCOL_VERSION,
-                 max_version: int = PROTOCOL_VERSION,
-                 max_early_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        min_version: int = MIN_PROTOCOL_VERSION,
+        max_version: int = PROTOCOL_VERSION,
+        max_early_bytes: int = 1 << 20,
+    ) -> None:
         self.min_version = min_version
         self.max_version = max_version
         #: stream bytes a sender may push before our ACCEPT (it should not)
@@ -437,8 +467,10 @@ class ReceiverSession:
         self._in.add(data)
         if self.state == "deciding":
             if len(self._in.buf) > self.max_early_bytes:
-                raise ProtocolError(f"byte {self._in.offset}: more than {self.max_early_bytes} "
-                                    "bytes of stream sent before ACCEPT")
+                raise ProtocolError(
+                    f"byte {self._in.offset}: more than {self.max_early_bytes} "
+                    "bytes of stream sent before ACCEPT"
+                )
             return []
         return self._parse_hello()
 
@@ -451,8 +483,9 @@ class ReceiverSession:
     def streamed(self, n: int) -> None:
         """``n`` stream bytes went to the decoder directly (``passthrough``)."""
         if not self.passthrough:
-            raise ProtocolError(f"streamed() in state {self.state} with "
-                                f"{len(self._in.buf)} bytes held back")
+            raise ProtocolError(
+                f"streamed() in state {self.state} with {len(self._in.buf)} bytes held back"
+            )
         self.bytes_in += n
         self._in.offset += n
 
@@ -460,7 +493,7 @@ class ReceiverSession:
         buf = self._in.buf
         # check the magic as far as it has arrived: fail fast on garbage
         head = bytes(buf[:8])
-        if head != HELLO_MAGIC[:len(head)]:
+        if head != HELLO_MAGIC[: len(head)]:
             raise HandshakeError("bad-hello", f"not a Remus session (bad HELLO magic {head!r})", 0)
         if len(buf) < PREFIX.size:
             return []
@@ -468,14 +501,18 @@ class ReceiverSession:
         if not self.min_version <= version <= self.max_version:
             who = "too old" if version < self.min_version else "too new"
             raise HandshakeError(
-                "version", f"sender speaks protocol version {version}, {who} for this receiver "
+                "version",
+                f"sender speaks protocol version {version}, {who} for this receiver "
                 f"(it speaks {self.min_version}..{self.max_version}); upgrade the "
-                f"{'sender' if version < self.min_version else 'receiver'}", 8)
+                f"{'sender' if version < self.min_version else 'receiver'}",
+                8,
+            )
         if status != 0:
             raise HandshakeError("bad-hello", f"HELLO status field is {status}, must be 0", 10)
         if not 2 <= length <= MAX_HELLO_BYTES:
-            raise HandshakeError("bad-hello", f"HELLO body length {length} outside "
-                                 f"2..{MAX_HELLO_BYTES}", 12)
+            raise HandshakeError(
+                "bad-hello", f"HELLO body length {length} outside 2..{MAX_HELLO_BYTES}", 12
+            )
         if len(buf) < PREFIX.size + length:
             return []
         self._in.take(PREFIX.size)
@@ -488,8 +525,10 @@ class ReceiverSession:
     def eof(self) -> None:
         """The sender closed: ProtocolError if it did so inside the handshake."""
         if self.state in ("hello", "deciding") and (self._in.buf or self.state == "hello"):
-            raise ProtocolError(f"byte {self._in.offset + len(self._in.buf)}: connection closed "
-                                "during the handshake")
+            raise ProtocolError(
+                f"byte {self._in.offset + len(self._in.buf)}: connection closed "
+                "during the handshake"
+            )
         self.state = "closed"
 
     def accept(self, accept: Accept) -> bytes:
@@ -569,17 +608,19 @@ class SenderSession:
     def _parse_reply(self):
         buf = self._in.buf
         head = bytes(buf[:8])
-        if head != REPLY_MAGIC[:len(head)]:
-            raise HandshakeError("bad-hello", "the peer is not a Remus receiver (bad reply "
-                                 f"magic {head!r})", 0)
+        if head != REPLY_MAGIC[: len(head)]:
+            raise HandshakeError(
+                "bad-hello", f"the peer is not a Remus receiver (bad reply magic {head!r})", 0
+            )
         if len(buf) < PREFIX.size:
             return None
         _, version, status, length = PREFIX.unpack_from(buf)
         if status not in (REPLY_ACCEPT, REPLY_REFUSE):
             raise HandshakeError("bad-hello", f"reply status {status} unknown", 10)
         if not 2 <= length <= MAX_HELLO_BYTES:
-            raise HandshakeError("bad-hello", f"reply body length {length} outside "
-                                 f"2..{MAX_HELLO_BYTES}", 12)
+            raise HandshakeError(
+                "bad-hello", f"reply body length {length} outside 2..{MAX_HELLO_BYTES}", 12
+            )
         if len(buf) < PREFIX.size + length:
             return None
         self._in.take(PREFIX.size)
@@ -592,16 +633,20 @@ class SenderSession:
             self.state = "refused"
             return Refused(Refuse(code[:32], reason[:MAX_REASON_BYTES], version))
         if not self.min_version <= version <= self._hello.version:
-            raise HandshakeError("version", f"receiver accepted with protocol version {version}; "
-                                 f"this sender speaks {self.min_version}..{self._hello.version}",
-                                 8)
+            raise HandshakeError(
+                "version",
+                f"receiver accepted with protocol version {version}; "
+                f"this sender speaks {self.min_version}..{self._hello.version}",
+                8,
+            )
         session = _need(obj, "session", str, "accept", off)
         if session != self._hello.session_id:
             raise HandshakeError("bad-hello", "accept names another session id", off)
         accept = Accept(
             session_id=session,
-            failover_timeout_ms=_int_in(obj, "failover_timeout_ms", 1, MAX_INTERVAL_MS,
-                                        "accept", off),
+            failover_timeout_ms=_int_in(
+                obj, "failover_timeout_ms", 1, MAX_INTERVAL_MS, "accept", off
+            ),
             heartbeat_ms=_int_in(obj, "heartbeat_ms", 1, MAX_INTERVAL_MS, "accept", off),
             limits=_need(obj, "limits", dict, "accept", off),
             software=_str_max(obj, "software", MAX_SOFTWARE_LEN, "accept", off),
@@ -619,12 +664,16 @@ class SenderSession:
         ftype, flags, length = FRAME_HEADER.unpack_from(buf)
         if ftype in (FRAME_ACK, FRAME_HEARTBEAT):
             if length != 8:
-                raise ProtocolError(f"byte {off}: {FRAME_NAMES[ftype]} frame with payload "
-                                    f"length {length}, must be 8")
+                raise ProtocolError(
+                    f"byte {off}: {FRAME_NAMES[ftype]} frame with payload "
+                    f"length {length}, must be 8"
+                )
         elif ftype in (FRAME_ERROR, FRAME_GOODBYE):
             if length > MAX_REASON_BYTES:
-                raise ProtocolError(f"byte {off}: {FRAME_NAMES[ftype]} reason of {length} bytes "
-                                    f"exceeds {MAX_REASON_BYTES}")
+                raise ProtocolError(
+                    f"byte {off}: {FRAME_NAMES[ftype]} reason of {length} bytes "
+                    f"exceeds {MAX_REASON_BYTES}"
+                )
         else:
             raise ProtocolError(f"byte {off}: unknown frame type {ftype}")
         if ftype == FRAME_ACK and flags & ~(ACK_VERIFIED | ACK_MISMATCH):
@@ -650,8 +699,9 @@ class SenderSession:
     def eof(self) -> None:
         """The receiver closed; ProtocolError if it did so inside a reply or frame."""
         if self._in.buf:
-            raise ProtocolError(f"byte {self._in.offset + len(self._in.buf)}: connection closed "
-                                "inside a frame")
+            raise ProtocolError(
+                f"byte {self._in.offset + len(self._in.buf)}: connection closed inside a frame"
+            )
         if self.state == "waiting":
             raise ProtocolError("connection closed before the receiver answered the HELLO")
         self.state = "closed"

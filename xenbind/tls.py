@@ -82,8 +82,7 @@ SSL_REASONS = {
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no certificate",
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no certificate",
     "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust this host's certificate (unknown CA)",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED":
-        "the peer refuses this host's certificate (expired certificate)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer refuses this host's certificate (expired certificate)",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refuses this host's certificate (bad certificate)",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer refuses this host's certificate",
     "TLSV1_ALERT_PROTOCOL_VERSION": "TLS version not supported by the peer (TLS 1.3 needed)",
@@ -122,21 +121,35 @@ class TlsSettings:
 def add_arguments(parser: argparse.ArgumentParser, *, role: str) -> None:
     """The TLS flags (``--tls-cert``, ``--tls-key``, ``--tls-ca``, ``--allow-peer``)."""
     if role == "receiver":
-        peer_help = ("a name a sender's certificate must carry (subjectAltName DNS/IP or CN; "
-                     "repeatable; '*.example' = one label under example, '*' = any "
-                     "certificate of the CA); at least one is required with TLS")
+        peer_help = (
+            "a name a sender's certificate must carry (subjectAltName DNS/IP or CN; "
+            "repeatable; '*.example' = one label under example, '*' = any "
+            "certificate of the CA); at least one is required with TLS"
+        )
     else:
-        peer_help = ("a name the receiver's certificate must carry (repeatable; same syntax as "
-                     "the receiver's); default: the HOST of each HOST:PORT target")
+        peer_help = (
+            "a name the receiver's certificate must carry (repeatable; same syntax as "
+            "the receiver's); default: the HOST of each HOST:PORT target"
+        )
     g = parser.add_argument_group(
-        "replication link security (TLS is the default; see docs/operations.md, Certificates)")
-    g.add_argument("--tls-cert", metavar="FILE",
-                   help="this host's certificate, PEM (the chain to the CA may follow)")
-    g.add_argument("--tls-key", metavar="FILE",
-                   help="the certificate's private key, PEM, not readable by others")
-    g.add_argument("--tls-ca", metavar="FILE",
-                   help="CA certificate(s) a peer's certificate must chain to, PEM (a bundle of "
-                        "the old and new CA during a rotation)")
+        "replication link security (TLS is the default; see docs/operations.md, Certificates)"
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="this host's certificate, PEM (the chain to the CA may follow)",
+    )
+    g.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="the certificate's private key, PEM, not readable by others",
+    )
+    g.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="CA certificate(s) a peer's certificate must chain to, PEM (a bundle of "
+        "the old and new CA during a rotation)",
+    )
     g.add_argument("--allow-peer", metavar="NAME", action="append", default=[], help=peer_help)
 
 
@@ -151,35 +164,46 @@ def settings_from_args(args: argparse.Namespace, *, role: str) -> TlsSettings | 
     given = {k for k, v in files.items() if v}
     if args.insecure:
         if given:
-            raise ConfigError(f"--insecure and {', '.join(sorted(given))} both given: choose "
-                              "TLS (the default) or plaintext")
+            raise ConfigError(
+                f"--insecure and {', '.join(sorted(given))} both given: choose "
+                "TLS (the default) or plaintext"
+            )
         return None
     if not given:
         return None  # the daemon decides (require_link_security)
     missing = sorted(set(files) - given)
     if missing:
-        raise ConfigError(f"TLS needs tls-cert, tls-key and tls-ca together; missing "
-                          f"{', '.join(missing)}")
+        raise ConfigError(
+            f"TLS needs tls-cert, tls-key and tls-ca together; missing {', '.join(missing)}"
+        )
     peers = tuple(p.strip() for p in args.allow_peer)
     for p in peers:
         if not p or (p != "*" and "*" in p and not (p.startswith("*.") and "*" not in p[2:])):
             raise ConfigError(f"allow-peer {p!r}: a name, '*.domain' or '*'")
     if role == "receiver" and not peers:
-        raise ConfigError("TLS on the receiver needs at least one --allow-peer NAME (the "
-                          "senders' certificate names; '*' accepts any certificate of the CA)")
-    return TlsSettings(cert=os.path.abspath(args.tls_cert), key=os.path.abspath(args.tls_key),
-                       ca=os.path.abspath(args.tls_ca), allow_peers=peers)
+        raise ConfigError(
+            "TLS on the receiver needs at least one --allow-peer NAME (the "
+            "senders' certificate names; '*' accepts any certificate of the CA)"
+        )
+    return TlsSettings(
+        cert=os.path.abspath(args.tls_cert),
+        key=os.path.abspath(args.tls_key),
+        ca=os.path.abspath(args.tls_ca),
+        allow_peers=peers,
+    )
 
 
-def require_link_security(settings: TlsSettings | None, insecure: bool, *,
-                          what: str = "refusing to start") -> None:
+def require_link_security(
+    settings: TlsSettings | None, insecure: bool, *, what: str = "refusing to start"
+) -> None:
     """ConfigError when neither TLS nor --insecure is configured."""
     if settings is None and not insecure:
         raise ConfigError(
             "the replication link needs TLS (--tls-cert, --tls-key, --tls-ca, and on the "
             "receiver --allow-peer; or the keys tls-cert... in the config file; see "
             f"docs/operations.md, Certificates) or, for plaintext on a trusted network, "
-            f"--insecure: {what}")
+            f"--insecure: {what}"
+        )
 
 
 # --------------------------------------------------------------------------- names
@@ -245,9 +269,11 @@ def check_key_file(path: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"tls-key {path} is not a regular file")
     if st.st_mode & 0o007:
-        raise ConfigError(f"tls-key {path} is accessible by other users (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}): chmod 0600 (or 0640 with the "
-                          "daemon's group) it")
+        raise ConfigError(
+            f"tls-key {path} is accessible by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): chmod 0600 (or 0640 with the "
+            "daemon's group) it"
+        )
 
 
 def build_context(settings: TlsSettings, *, server: bool) -> ssl.SSLContext:
@@ -266,19 +292,23 @@ def build_context(settings: TlsSettings, *, server: bool) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(settings.cert, settings.key)
     except FileNotFoundError as e:
-        raise ConfigError(f"tls-cert/tls-key: {e.filename or settings.cert}: no such file") \
-            from None
+        raise ConfigError(
+            f"tls-cert/tls-key: {e.filename or settings.cert}: no such file"
+        ) from None
     except (ssl.SSLError, OSError) as e:
-        raise ConfigError(f"cannot load tls-cert {settings.cert} with tls-key {settings.key}: "
-                          f"{getattr(e, 'reason', None) or e} (not PEM, or the key does not "
-                          "match the certificate)") from None
+        raise ConfigError(
+            f"cannot load tls-cert {settings.cert} with tls-key {settings.key}: "
+            f"{getattr(e, 'reason', None) or e} (not PEM, or the key does not "
+            "match the certificate)"
+        ) from None
     try:
         ctx.load_verify_locations(cafile=settings.ca)
     except FileNotFoundError:
         raise ConfigError(f"tls-ca {settings.ca}: no such file") from None
     except (ssl.SSLError, OSError) as e:
-        raise ConfigError(f"cannot load tls-ca {settings.ca}: {getattr(e, 'reason', None) or e}") \
-            from None
+        raise ConfigError(
+            f"cannot load tls-ca {settings.ca}: {getattr(e, 'reason', None) or e}"
+        ) from None
     if not ctx.get_ca_certs():
         raise ConfigError(f"tls-ca {settings.ca} holds no CA certificate")
     return ctx
@@ -307,13 +337,20 @@ class ContextSource:
                     return self._ctx
                 ctx = build_context(self.settings, server=self.server)
             except ConfigError as e:
-                log.error("TLS files changed but cannot be loaded (%s); still using the "
-                          "certificates loaded before", e)
+                log.error(
+                    "TLS files changed but cannot be loaded (%s); still using the "
+                    "certificates loaded before",
+                    e,
+                )
                 return self._ctx
             self._ctx, self._stamp = ctx, stamp
             self.loads += 1
-            log.info("TLS certificates re-read (%s, %s, %s): new connections use them",
-                     self.settings.cert, self.settings.key, self.settings.ca)
+            log.info(
+                "TLS certificates re-read (%s, %s, %s): new connections use them",
+                self.settings.cert,
+                self.settings.key,
+                self.settings.ca,
+            )
             return ctx
 
 
@@ -393,8 +430,11 @@ class TlsServer:
                 head = sock.recv(len(HELLO_MAGIC), socket.MSG_PEEK)
                 hello = bool(head) and HELLO_MAGIC.startswith(head)
             plain = " (a remusd HELLO: the sender runs with --insecure)" if hello else ""
-            raise TlsRefused("plaintext client", f"first byte 0x{first:02x} is not a TLS "
-                             f"handshake{plain}", plaintext_hello=hello)
+            raise TlsRefused(
+                "plaintext client",
+                f"first byte 0x{first:02x} is not a TLS handshake{plain}",
+                plaintext_hello=hello,
+            )
         ctx = self.source.context()
         try:
             ssock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -409,8 +449,11 @@ class TlsServer:
         if not names:
             raise TlsRefused("name not allowed", "the certificate carries no name")
         if name_allowed(names, self.settings.allow_peers) is None:
-            raise TlsRefused("name not allowed", f"certificate names {', '.join(names)}; "
-                             f"allowed: {', '.join(self.settings.allow_peers)}")
+            raise TlsRefused(
+                "name not allowed",
+                f"certificate names {', '.join(names)}; "
+                f"allowed: {', '.join(self.settings.allow_peers)}",
+            )
         ssock.setblocking(True)
         return TlsTransport(ssock, names)
 
@@ -441,9 +484,11 @@ class TlsClient:
             names = peer_names(ssock.getpeercert())
             allowed = self.settings.allow_peers
             if allowed and name_allowed(names, allowed) is None:
-                raise TlsRefused(f"TLS with {host}:{port}: name not allowed",
-                                 f"the receiver's certificate names {', '.join(names) or '-'}; "
-                                 f"allowed: {', '.join(allowed)}")
+                raise TlsRefused(
+                    f"TLS with {host}:{port}: name not allowed",
+                    f"the receiver's certificate names {', '.join(names) or '-'}; "
+                    f"allowed: {', '.join(allowed)}",
+                )
             ssock.setblocking(True)
             ssock.settimeout(timeout)
             return TlsTransport(ssock, names)
@@ -453,9 +498,12 @@ class TlsClient:
             raise
 
 
-
 def plaintext_connect(host: str, port: int, timeout: float) -> PlainTransport:
     """The sender's plaintext connection (``--insecure``), with its warning."""
-    log.warning("connecting to %s:%d over plaintext TCP (--insecure): anyone on the path can "
-                "read or forge this guest's memory", host, port)
+    log.warning(
+        "connecting to %s:%d over plaintext TCP (--insecure): anyone on the path can "
+        "read or forge this guest's memory",
+        host,
+        port,
+    )
     return PlainTransport.connect(host, port, timeout=timeout)

@@ -131,7 +131,7 @@ class PlainTransport(Transport):
         total = sum(v.nbytes for v in views)
         i = 0
         while i < len(views):
-            sent = self.sock.sendmsg(views[i:i + _IOV_MAX])
+            sent = self.sock.sendmsg(views[i : i + _IOV_MAX])
             # drop what went out; keep the tail of a partly sent buffer
             while sent and i < len(views):
                 if sent >= views[i].nbytes:

@@ -134,7 +134,9 @@ REQUIRED_CONSTANTS = (
 
 log = logging.getLogger(__name__)
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
 
 
 def binding_available() -> bool:
@@ -197,7 +199,12 @@ def check_pfns(domain: int, op: str, pfns: np.ndarray, pages: int) -> np.ndarray
 
 
 def _check_page_array(domain: int, op: str, a: np.ndarray, n: int, writable: bool) -> None:
-    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 2 or a.shape[1] != PAGE_SIZE:
+    if (
+        not isinstance(a, np.ndarray)
+        or a.dtype != np.uint8
+        or a.ndim != 2
+        or a.shape[1] != PAGE_SIZE
+    ):
         raise DomainError(domain, op, f"page buffer must be uint8 of shape (n, {PAGE_SIZE})")
     if a.shape[0] < n:
         raise DomainError(domain, op, f"page buffer holds {a.shape[0]} pages, {n} PFNs given")
@@ -280,8 +287,11 @@ class XenDomain(Domain):
             try:
                 self._build = build_info(self.domid)
             except DomainError as e:
-                log.info("domain %s: no libxl record (%s); the backup gets max_pages of "
-                         "memory", self.domid, e)
+                log.info(
+                    "domain %s: no libxl record (%s); the backup gets max_pages of memory",
+                    self.domid,
+                    e,
+                )
                 max_pages = int(self._raw_info().max_pages)
                 self._build = {"memory_mib": max(1, -(-max_pages * PAGE_SIZE // (1 << 20)))}
         return dict(self._build)
@@ -300,8 +310,11 @@ class XenDomain(Domain):
     def _checkpoint_mode(self) -> str:
         mode = os.environ.get(CHECKPOINT_MODE_ENV, "auto")
         if mode not in ("auto", "pause", "suspend"):
-            raise DomainError(self.domid, "checkpoint", f"{CHECKPOINT_MODE_ENV}={mode!r}: "
-                              "expected auto, pause or suspend")
+            raise DomainError(
+                self.domid,
+                "checkpoint",
+                f"{CHECKPOINT_MODE_ENV}={mode!r}: expected auto, pause or suspend",
+            )
         if mode == "auto":
             return "suspend" if self._build_info().get("type") in ("pv", "pvh") else "pause"
         return mode
@@ -321,11 +334,16 @@ class XenDomain(Domain):
         cannot answer: it is paused (counted) instead, as an HVM guest is.
         """
         self._stopped_by = "pause"
-        if self._checkpoint_mode() == "suspend" and \
-                not int(self._raw_info().flags) & _lib.XEN_DOMINF_paused:
+        if (
+            self._checkpoint_mode() == "suspend"
+            and not int(self._raw_info().flags) & _lib.XEN_DOMINF_paused
+        ):
             self._hv._xenstore().suspend(
-                self.domid, lambda: self._hv.is_suspended(self.domid),
-                ack_timeout=SUSPEND_ACK_TIMEOUT, suspend_timeout=SUSPEND_TIMEOUT)
+                self.domid,
+                lambda: self._hv.is_suspended(self.domid),
+                ack_timeout=SUSPEND_ACK_TIMEOUT,
+                suspend_timeout=SUSPEND_TIMEOUT,
+            )
             self._stopped_by = "suspend"
             return
         self.pause()
@@ -389,7 +407,8 @@ class XenDomain(Domain):
         if rc != self.pages:
             # libxc's save treats a short count as failure too.
             raise DomainError(
-                self.domid, f"xc_logdirty_control({name})",
+                self.domid,
+                f"xc_logdirty_control({name})",
                 f"processed {rc} of {self.pages} pages",
             )
         return dirty_bitmap_to_pfns(buf, self.pages)
@@ -409,7 +428,9 @@ class XenDomain(Domain):
             n = chunk.size
             arr = _ffi.from_buffer("xen_pfn_t[]", chunk)
             err = np.zeros(n, dtype=np.intc)
-            addr = _lib.xenforeignmemory_map(fmem, self.domid, prot, n, arr, _ffi.from_buffer("int[]", err))
+            addr = _lib.xenforeignmemory_map(
+                fmem, self.domid, prot, n, arr, _ffi.from_buffer("int[]", err)
+            )
             if addr == _ffi.NULL:
                 raise self._fail(f"xenforeignmemory_map({op}, {n} pages)")
             try:
@@ -417,7 +438,8 @@ class XenDomain(Domain):
                 if bad.size:
                     i = int(bad[0])
                     raise DomainError(
-                        self.domid, f"xenforeignmemory_map({op})",
+                        self.domid,
+                        f"xenforeignmemory_map({op})",
                         f"{bad.size} of {n} pages refused; first PFN {int(chunk[i]):#x}: "
                         f"{_errtext(abs(int(err[i])))}",
                     )
@@ -455,8 +477,12 @@ class XenDomain(Domain):
             n = chunk.size
             err = np.zeros(n, dtype=np.intc)
             addr = _lib.xenforeignmemory_map(
-                fmem, self.domid, _lib.PROT_READ, n,
-                _ffi.from_buffer("xen_pfn_t[]", chunk), _ffi.from_buffer("int[]", err),
+                fmem,
+                self.domid,
+                _lib.PROT_READ,
+                n,
+                _ffi.from_buffer("xen_pfn_t[]", chunk),
+                _ffi.from_buffer("int[]", err),
             )
             if addr == _ffi.NULL:
                 raise self._fail(f"xenforeignmemory_map(probe PFNs {start:#x}+{n})")
@@ -517,7 +543,8 @@ class XenDomain(Domain):
     def set_context(self, ctx: Context) -> None:
         if not self.is_hvm():
             raise DomainError(
-                self.domid, "set_context",
+                self.domid,
+                "set_context",
                 "PV vCPU context restore needs page-table (MFN) translation; not implemented",
             )
         blob = bytes(ctx.hvm_context)
@@ -528,7 +555,10 @@ class XenDomain(Domain):
             raise self._fail("xc_domain_hvm_setcontext")
         names = ("HVM_PARAM_IOREQ_PFN", "HVM_PARAM_BUFIOREQ_PFN", "HVM_PARAM_STORE_PFN")
         for name, pfn in zip(names, ctx.magic_pfns, strict=True):
-            if pfn and _lib.xc_hvm_param_set(self._hv.xch, self.domid, getattr(_lib, name), pfn) < 0:
+            if (
+                pfn
+                and _lib.xc_hvm_param_set(self._hv.xch, self.domid, getattr(_lib, name), pfn) < 0
+            ):
                 raise self._fail(f"xc_hvm_param_set({name})")
 
     def _output(self):
@@ -586,7 +616,9 @@ class XenHypervisor(Hypervisor):
                 "xen-privcmd module and mount xenfs on /proc/xen)"
             )
         self.xch, self.fmem = open_xc()
-        self.libvirt_uri = libvirt_uri if libvirt_uri is not None else os.environ.get(LIBVIRT_URI_ENV)
+        self.libvirt_uri = (
+            libvirt_uri if libvirt_uri is not None else os.environ.get(LIBVIRT_URI_ENV)
+        )
         self._xs = None
         self._domains: weakref.WeakSet[XenDomain] = weakref.WeakSet()
 

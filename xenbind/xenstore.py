@@ -304,8 +304,9 @@ class XenStore:
         return found[0]
 
     # -- waits -------------------------------------------------------------------
-    def wait_until(self, cond: Callable[[], bool], watch_path: str, timeout: float,
-                   who, what: str) -> None:
+    def wait_until(
+        self, cond: Callable[[], bool], watch_path: str, timeout: float, who, what: str
+    ) -> None:
         """Return once ``cond()`` holds, checked on each event of a watch on
         ``watch_path`` and every POLL_INTERVAL; DomainError after ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -318,16 +319,23 @@ class XenStore:
                     raise DomainError(who, what, f"not done within {timeout}s")
                 w.wait(min(left, POLL_INTERVAL))
 
-    def wait_released(self, domid: int, timeout: float,
-                      alive: Callable[[int], bool] | None = None) -> None:
+    def wait_released(
+        self, domid: int, timeout: float, alive: Callable[[int], bool] | None = None
+    ) -> None:
         """Return once domain ``domid`` is gone (@releaseDomain fired and
         ``alive(domid)`` is false; by default: its /local/domain node is gone)."""
         check = alive or (lambda d: self.exists(domain_path(d)))
-        self.wait_until(lambda: not check(domid), RELEASE_DOMAIN, timeout, domid,
-                        "wait for destruction")
+        self.wait_until(
+            lambda: not check(domid), RELEASE_DOMAIN, timeout, domid, "wait for destruction"
+        )
 
-    def suspend(self, domid: int, is_suspended: Callable[[], bool],
-                ack_timeout: float = 5.0, suspend_timeout: float = 10.0) -> None:
+    def suspend(
+        self,
+        domid: int,
+        is_suspended: Callable[[], bool],
+        ack_timeout: float = 5.0,
+        suspend_timeout: float = 10.0,
+    ) -> None:
         """The PV suspend handshake through control/shutdown (module docstring)."""
         node = shutdown_path(domid)
         with self.watch(node) as w:
@@ -339,12 +347,18 @@ class XenStore:
                     if self.read(node) == "suspend":
                         self.write(node, "")  # withdraw, as libxl does
                     raise DomainError(
-                        domid, "suspend",
+                        domid,
+                        "suspend",
                         f"guest did not acknowledge control/shutdown=suspend within {ack_timeout}s",
                     )
                 w.wait(min(left, POLL_INTERVAL))
-        self.wait_until(is_suspended, RELEASE_DOMAIN, suspend_timeout, domid,
-                        "suspend (wait for SHUTDOWN_suspend)")
+        self.wait_until(
+            is_suspended,
+            RELEASE_DOMAIN,
+            suspend_timeout,
+            domid,
+            "suspend (wait for SHUTDOWN_suspend)",
+        )
 
 
 class _XsError(DomainError):

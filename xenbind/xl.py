@@ -104,8 +104,9 @@ def xl_config(config: DomainConfig) -> str:
             lines.append(_q(key, str(config.extra[key])))
     cpuid = config.extra.get("cpuid")
     if cpuid is not None:
-        if not isinstance(cpuid, list) or not all(isinstance(c, str) and _CPUID.match(c)
-                                                  for c in cpuid):
+        if not isinstance(cpuid, list) or not all(
+            isinstance(c, str) and _CPUID.match(c) for c in cpuid
+        ):
             raise ConfigError(f"cpuid {cpuid!r} is not a list of xend-style CPUID strings")
         if cpuid:
             lines.append("cpuid = [ " + ", ".join(f'"{c}"' for c in cpuid) + " ]")
@@ -159,8 +160,11 @@ def cpuid_to_xend(policy) -> list[str]:
         sub = e.get("subleaf")
         if isinstance(sub, int) and 0 <= sub < 0xFFFFFFFF:
             head += f",{sub:#x}"
-        regs = [f"{r}={e[r]}" for r in ("eax", "ebx", "ecx", "edx")
-                if isinstance(e.get(r), str) and re.match(r"^[01xks]{32}$", e[r])]
+        regs = [
+            f"{r}={e[r]}"
+            for r in ("eax", "ebx", "ecx", "edx")
+            if isinstance(e.get(r), str) and re.match(r"^[01xks]{32}$", e[r])
+        ]
         if regs:
             out.append(f"{head}:{','.join(regs)}")
     return out

@@ -68,8 +68,9 @@ class Daemon:
     def __init__(self, args: list[str], log: str) -> None:
         self.logpath = os.path.join(RESULTS, log)
         self.log = open(self.logpath, "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
     def tail(self, n: int = 3) -> str:
         try:
@@ -90,8 +91,12 @@ class Daemon:
 
 
 def ctl(sock: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "remusd.ctl", "--control", sock, "--timeout", "60", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "remusd.ctl", "--control", sock, "--timeout", "60", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def domain_status(sock: str) -> dict | None:
@@ -120,8 +125,21 @@ class Checks:
 
     def start_remusd(self, log: str, *extra: str) -> Daemon:
         os.makedirs(os.path.dirname(SOCK), exist_ok=True)
-        d = Daemon([PY, "-m", "remusd.cli", "--control", SOCK, "--interval", str(INTERVAL_MS),
-                    "--log-level", "info", *extra], log)
+        d = Daemon(
+            [
+                PY,
+                "-m",
+                "remusd.cli",
+                "--control",
+                SOCK,
+                "--interval",
+                str(INTERVAL_MS),
+                "--log-level",
+                "info",
+                *extra,
+            ],
+            log,
+        )
         wait_for(lambda: os.path.exists(SOCK) or d.proc.poll() is not None, 120, "remusd socket")
         require(d.proc.poll() is None, f"remusd exited with {d.proc.returncode}: {d.tail()}")
         return d
@@ -133,28 +151,48 @@ class Checks:
                 os.unlink(p)
         self.remusd = self.start_remusd("remusd-file.log")
         out = ctl(SOCK, "protect", GUEST, "--to", f"file:{STREAM}")
-        require(out.returncode == 0, f"remusctl protect: {out.stderr.strip() or out.stdout.strip()}")
-        st = wait_for(lambda: (s := domain_status(SOCK)) and s["state"] != "initial-copy"
-                      and (s["checkpoints"] >= 3 or s["state"] != "protected") and s,
-                      300, "protected with 3 checkpoints")
-        require(st["state"] == "protected", f"state {st['state']}: {st.get('reason')}; "
-                f"remusd: {self.remusd.tail()}")
-        return (f"state=protected checkpoints={st['checkpoints']} last_pause_ms="
-                f"{st['last_pause_ms']} dirty_pages={st['dirty_pages']} bytes={st['bytes_sent']} "
-                f"codec={st['codec']}")
+        require(
+            out.returncode == 0, f"remusctl protect: {out.stderr.strip() or out.stdout.strip()}"
+        )
+        st = wait_for(
+            lambda: (
+                (s := domain_status(SOCK))
+                and s["state"] != "initial-copy"
+                and (s["checkpoints"] >= 3 or s["state"] != "protected")
+                and s
+            ),
+            300,
+            "protected with 3 checkpoints",
+        )
+        require(
+            st["state"] == "protected",
+            f"state {st['state']}: {st.get('reason')}; remusd: {self.remusd.tail()}",
+        )
+        return (
+            f"state=protected checkpoints={st['checkpoints']} last_pause_ms="
+            f"{st['last_pause_ms']} dirty_pages={st['dirty_pages']} bytes={st['bytes_sent']} "
+            f"codec={st['codec']}"
+        )
 
     def capture(self) -> str:
         try:
             self._pause_between_checkpoints()
             out = ctl(SOCK, "unprotect", GUEST)
             require(out.returncode == 0, f"remusctl unprotect: {out.stderr.strip()}")
-            wait_for(lambda: (s := domain_status(SOCK)) is None or s["state"] == "stopped",
-                     60, "unprotect")
+            wait_for(
+                lambda: (s := domain_status(SOCK)) is None or s["state"] == "stopped",
+                60,
+                "unprotect",
+            )
         finally:
             self.remusd.stop()
         require(os.path.getsize(STREAM) > 0, "empty stream file")
-        out = subprocess.run([PY, "-m", "xenbind.stream", "inspect", "--json", STREAM],
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [PY, "-m", "xenbind.stream", "inspect", "--json", STREAM],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         require(out.returncode == 0, f"inspect exit {out.returncode}: {out.stderr.strip()[-300:]}")
         self.inspect = info = json.loads(out.stdout)
         keys = ("p2m_size", "codec", "checkpoints", "checkpoints_whole", "pages", "ratio")
@@ -176,9 +214,13 @@ class Checks:
             self.dom.pause()
             self.paused_by_us = True
             try:
-                wait_for(lambda st0=st0: (s := domain_status(SOCK))
-                         and s["checkpoints"] >= st0["checkpoints"] + 2,
-                         15, "two checkpoints of the paused guest")
+                wait_for(
+                    lambda st0=st0: (
+                        (s := domain_status(SOCK)) and s["checkpoints"] >= st0["checkpoints"] + 2
+                    ),
+                    15,
+                    "two checkpoints of the paused guest",
+                )
                 return
             except AssertionError:
                 if attempt == attempts:
@@ -187,14 +229,22 @@ class Checks:
             self.paused_by_us = False
             st1 = domain_status(SOCK)
             require(st1 and st1["state"] == "protected", f"not protected: {st1}")
-            wait_for(lambda st1=st1: (s := domain_status(SOCK))
-                     and s["checkpoints"] >= st1["checkpoints"] + 1,
-                     60, "a checkpoint of the running guest")
+            wait_for(
+                lambda st1=st1: (
+                    (s := domain_status(SOCK)) and s["checkpoints"] >= st1["checkpoints"] + 1
+                ),
+                60,
+                "a checkpoint of the running guest",
+            )
 
     def pages(self) -> str:
         require(self.paused_by_us, "the guest is not paused by this check")
-        out = subprocess.run([PY, "-m", "xenbind.stream", "replay", "-o", IMAGE, STREAM],
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [PY, "-m", "xenbind.stream", "replay", "-o", IMAGE, STREAM],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         require(out.returncode == 0, f"replay exit {out.returncode}: {out.stderr.strip()[-300:]}")
         image = np.memmap(IMAGE, dtype=np.uint8, mode="r").reshape(-1, PAGE_SIZE)
         compared = unmapped = 0
@@ -225,18 +275,25 @@ class Checks:
         # below 1 MiB and none of labguest's own is tolerated, and named.
         own = set(self.layout.pattern_pfns) | {self.layout.counter_pfn}
         shinfo = [p for p in differ if p < SHARED_INFO_BELOW and p not in own]
-        require(len(differ) - len(shinfo) == 0 and len(shinfo) <= 1,
-                f"{len(differ)}/{compared} pages differ between capture and guest, "
-                f"first PFNs {differ[:8]}")
+        require(
+            len(differ) - len(shinfo) == 0 and len(shinfo) <= 1,
+            f"{len(differ)}/{compared} pages differ between capture and guest, "
+            f"first PFNs {differ[:8]}",
+        )
         lay = self.layout
-        bad = [i for i, p in enumerate(lay.pattern_pfns)
-               if not np.array_equal(image[p], expected_pattern_page(i))]
+        bad = [
+            i
+            for i, p in enumerate(lay.pattern_pfns)
+            if not np.array_equal(image[p], expected_pattern_page(i))
+        ]
         require(not bad, f"{len(bad)} pattern pages wrong in the replayed image")
         counter = counter_value(image[lay.counter_pfn])
         note = f"; PFN {shinfo[0]} (Xen's shared-info page) differs" if shinfo else ""
-        return (f"{compared - len(shinfo)} RAM pages of the paused guest equal the replayed "
-                f"capture ({unmapped} unmappable skipped){note}; pattern intact; counter at "
-                f"capture {counter}")
+        return (
+            f"{compared - len(shinfo)} RAM pages of the paused guest equal the replayed "
+            f"capture ({unmapped} unmappable skipped){note}; pattern intact; counter at "
+            f"capture {counter}"
+        )
 
     def release(self) -> None:
         if self.paused_by_us:
@@ -269,50 +326,100 @@ class Checks:
     # -- step 5: a backup domain and a failover ---------------------------------
     def failover(self) -> str:
         port = 7788
-        recv = Daemon([PY, "-m", "receiver.cli", "--listen", f"127.0.0.1:{port}", "--control",
-                       RSOCK, "--insecure", "--log-level", "info", "--failover-timeout", "5000",
-                       "--stall-timeout", "300", "--handshake-timeout", "60",
-                       f"--backup-rename={BACKUP_SUFFIX}"], "receiver.log")
+        recv = Daemon(
+            [
+                PY,
+                "-m",
+                "receiver.cli",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--control",
+                RSOCK,
+                "--insecure",
+                "--log-level",
+                "info",
+                "--failover-timeout",
+                "5000",
+                "--stall-timeout",
+                "300",
+                "--handshake-timeout",
+                "60",
+                f"--backup-rename={BACKUP_SUFFIX}",
+            ],
+            "receiver.log",
+        )
         remusd = None
         try:
-            wait_for(lambda: os.path.exists(RSOCK) or recv.proc.poll() is not None, 120,
-                     "receiver socket")
+            wait_for(
+                lambda: os.path.exists(RSOCK) or recv.proc.poll() is not None,
+                120,
+                "receiver socket",
+            )
             require(recv.proc.poll() is None, f"receiver exited: {recv.tail()}")
             # xl create of the backup takes 30-60 s under TCG: the handshake waits for it
-            remusd = self.start_remusd("remusd-tcp.log", "--insecure", "--connect-timeout", "300",
-                                       "--ack-timeout", "120")
+            remusd = self.start_remusd(
+                "remusd-tcp.log", "--insecure", "--connect-timeout", "300", "--ack-timeout", "120"
+            )
             out = ctl(SOCK, "protect", GUEST, "--to", f"127.0.0.1:{port}")
             require(out.returncode == 0, f"remusctl protect: {out.stderr.strip()}")
-            st = wait_for(lambda: (s := domain_status(SOCK)) and s["state"] != "initial-copy"
-                          and (s["checkpoints"] >= 3 or s["state"] != "protected") and s,
-                          400, "protected over TCP with 3 checkpoints")
-            require(st["state"] == "protected", f"state {st['state']}: {st.get('reason')}; "
-                    f"remusd: {remusd.tail()}; receiver: {recv.tail()}")
+            st = wait_for(
+                lambda: (
+                    (s := domain_status(SOCK))
+                    and s["state"] != "initial-copy"
+                    and (s["checkpoints"] >= 3 or s["state"] != "protected")
+                    and s
+                ),
+                400,
+                "protected over TCP with 3 checkpoints",
+            )
+            require(
+                st["state"] == "protected",
+                f"state {st['state']}: {st.get('reason')}; "
+                f"remusd: {remusd.tail()}; receiver: {recv.tail()}",
+            )
             bname = GUEST + BACKUP_SUFFIX
             paused = [d for d in self.hv.list() if d.name == bname]
-            require(paused and paused[0].state == "paused",
-                    f"backup {bname} not found paused: {[(d.name, d.state) for d in paused]}")
+            require(
+                paused and paused[0].state == "paused",
+                f"backup {bname} not found paused: {[(d.name, d.state) for d in paused]}",
+            )
             # the primary dies: remusd killed, the guest paused (a dead host runs nothing)
             self.dom.pause()
             self.paused_by_us = True
             counter_primary = counter_value(read_pages(self.dom, [self.layout.counter_pfn])[0])
             remusd.stop(signal.SIGKILL)
             remusd = None
-            backup_ids = wait_for(lambda: [d.domid for d in self.hv.list()
-                                           if d.name == bname and d.state == "running"] or None,
-                                  120, f"{bname} running after failover ({recv.tail()})")
+            backup_ids = wait_for(
+                lambda: (
+                    [d.domid for d in self.hv.list() if d.name == bname and d.state == "running"]
+                    or None
+                ),
+                120,
+                f"{bname} running after failover ({recv.tail()})",
+            )
             backup = self.hv.lookup(backup_ids[0])
             c0 = counter_value(read_pages(backup, [self.layout.counter_pfn])[0])
-            c1 = wait_for(lambda: (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0]))
-                          != c0 and c, 60, f"the backup's counter to move from {c0}")
+            c1 = wait_for(
+                lambda: (
+                    (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0])) != c0
+                    and c
+                ),
+                60,
+                f"the backup's counter to move from {c0}",
+            )
             lay = self.layout
             got = read_pages(backup, lay.pattern_pfns)
-            bad = [i for i in range(len(lay.pattern_pfns))
-                   if not np.array_equal(got[i], expected_pattern_page(i))]
+            bad = [
+                i
+                for i in range(len(lay.pattern_pfns))
+                if not np.array_equal(got[i], expected_pattern_page(i))
+            ]
             require(not bad, f"{len(bad)} of labguest's pattern pages wrong on the backup")
-            return (f"backup {bname} (domid {backup.domid}) runs after failover: counter "
-                    f"{c0} -> {c1} (primary stopped at {counter_primary}); the "
-                    f"{len(lay.pattern_pfns)} pattern pages intact on the backup")
+            return (
+                f"backup {bname} (domid {backup.domid}) runs after failover: counter "
+                f"{c0} -> {c1} (primary stopped at {counter_primary}); the "
+                f"{len(lay.pattern_pfns)} pattern pages intact on the backup"
+            )
         finally:
             if remusd is not None:
                 remusd.stop()
@@ -325,8 +432,11 @@ def main(argv: list[str]) -> int:
     try:
         c = Checks()
     except Exception as e:  # noqa: BLE001 - reported as this module's FAIL
-        emit("FAIL", "remus-failover" if part == "failover" else "remus-protect",
-             f"setup: {type(e).__name__}: {e}")
+        emit(
+            "FAIL",
+            "remus-failover" if part == "failover" else "remus-protect",
+            f"setup: {type(e).__name__}: {e}",
+        )
         return 1
     if part == "failover":
         run_check("remus-failover", c.failover)

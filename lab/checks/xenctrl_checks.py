@@ -92,9 +92,11 @@ class Checks:
             by_name = self.hv.lookup(GUEST).domid
         except Exception as e:  # noqa: BLE001 - reported in the detail
             by_name = f"lookup by name failed: {e}"
-        return (f"dom0 pages={d0.pages} vcpus={d0.vcpus} state={d0.state}; guest domid={g.domid} "
-                f"name={g.name!r} pages={g.pages} vcpus={g.vcpus} state={g.state} hvm={g.hvm}; "
-                f"lookup({GUEST!r})->{by_name}")
+        return (
+            f"dom0 pages={d0.pages} vcpus={d0.vcpus} state={d0.state}; guest domid={g.domid} "
+            f"name={g.name!r} pages={g.pages} vcpus={g.vcpus} state={g.state} hvm={g.hvm}; "
+            f"lookup({GUEST!r})->{by_name}"
+        )
 
     def counter(self) -> int:
         return counter_value(read_pages(self.dom, [self.layout.counter_pfn])[0])
@@ -122,8 +124,7 @@ class Checks:
         require(p0 == p1, f"counter moved while paused: {p0} -> {p1}")
         require(state == "paused", f"info().state while paused is {state!r}")
         c2 = self.wait_counter_moves(p1, 20.0)
-        return (f"running {c0}->{c1}; paused {p0}=={p1} for 2s (state={state}); "
-                f"unpaused -> {c2}")
+        return f"running {c0}->{c1}; paused {p0}=={p1} for 2s (state={state}); unpaused -> {c2}"
 
     def logdirty(self) -> str:
         lay = self.layout
@@ -144,17 +145,24 @@ class Checks:
         clean = sorted(set(lay.pattern_pfns) & got)
         require(not clean, f"{len(clean)} pattern pages (written once) reported dirty: {clean[:8]}")
         require(list(dirty) == sorted(dirty), "dirty PFNs are not sorted")
-        return (f"{len(got)} dirty PFNs in 2s (counter {c0}->{c1}) include all {len(want)} "
-                f"rewritten pages and none of {len(lay.pattern_pfns)} pattern pages")
+        return (
+            f"{len(got)} dirty PFNs in 2s (counter {c0}->{c1}) include all {len(want)} "
+            f"rewritten pages and none of {len(lay.pattern_pfns)} pattern pages"
+        )
 
     def foreign_map(self) -> str:
         pfns = self.layout.pattern_pfns
         pages = read_pages(self.dom, pfns)
-        bad = [i for i in range(len(pfns)) if not np.array_equal(pages[i], expected_pattern_page(i))]
+        bad = [
+            i for i in range(len(pfns)) if not np.array_equal(pages[i], expected_pattern_page(i))
+        ]
         if bad:
             first = bad[0]
-            require(False, f"{len(bad)}/{len(pfns)} pattern pages differ; page {first} (pfn "
-                    f"{pfns[first]}) starts {pages[first][:16].tobytes()!r}")
+            require(
+                False,
+                f"{len(bad)}/{len(pfns)} pattern pages differ; page {first} (pfn "
+                f"{pfns[first]}) starts {pages[first][:16].tobytes()!r}",
+            )
         return f"all {len(pfns)} pattern pages read at the guest-reported PFNs match byte for byte"
 
     def context(self) -> str:
@@ -168,8 +176,10 @@ class Checks:
         require(magic == HVM_SAVE_MAGIC, f"header magic {magic:#x}")
         require(codes[-1] == HVM_CODE_END, f"last record type {codes[-1]}, not END")
         require(HVM_CODE_CPU in codes, "no CPU record")
-        return (f"{len(blob)} bytes, {len(recs)} records (types {sorted(set(codes))}), "
-                f"magic_pfns={tuple(ctx.magic_pfns)}, device_model {len(ctx.device_model)} bytes")
+        return (
+            f"{len(blob)} bytes, {len(recs)} records (types {sorted(set(codes))}), "
+            f"magic_pfns={tuple(ctx.magic_pfns)}, device_model {len(ctx.device_model)} bytes"
+        )
 
 
 def main() -> int:
@@ -179,8 +189,13 @@ def main() -> int:
         emit("FAIL", "xc-open", f"cannot read the guest's PFN report: {e}")
         return 1
     opened = run_check("xc-open", c.open)
-    steps = [("xc-dominfo", c.dominfo), ("xc-pause", c.pause), ("xc-logdirty", c.logdirty),
-             ("xc-foreign-map", c.foreign_map), ("xc-context", c.context)]
+    steps = [
+        ("xc-dominfo", c.dominfo),
+        ("xc-pause", c.pause),
+        ("xc-logdirty", c.logdirty),
+        ("xc-foreign-map", c.foreign_map),
+        ("xc-context", c.context),
+    ]
     for name, fn in steps:
         if opened:
             run_check(name, fn)

@@ -55,8 +55,10 @@ class Checks:
         from xenbind.hypervisor import open_hypervisor
 
         info = open_hypervisor(None).lookup(domid).info()
-        require(uuid is not None and uuid.lower() == info.uuid.lower(),
-                f"xenstore uuid {uuid} != xenctrl uuid {info.uuid}")
+        require(
+            uuid is not None and uuid.lower() == info.uuid.lower(),
+            f"xenstore uuid {uuid} != xenctrl uuid {info.uuid}",
+        )
         missing = "no-such-domain-xyz"
         try:
             self.xs.domid_of(missing)
@@ -75,8 +77,10 @@ class Checks:
         reason = hv.shutdown_reason(domid)
         state = xl("list", str(domid)).splitlines()[-1].split()[4]
         require(reason == 2, f"shutdown reason {reason}, not SHUTDOWN_suspend (2)")
-        return (f"guest acknowledged control/shutdown=suspend and suspended in "
-                f"{time.monotonic() - t0:.1f}s (shutdown reason 2, xl state {state})")
+        return (
+            f"guest acknowledged control/shutdown=suspend and suspended in "
+            f"{time.monotonic() - t0:.1f}s (shutdown reason 2, xl state {state})"
+        )
 
     def watch_destroy(self) -> str:
         domid = int(os.environ["LAB_GUEST_DOMID"])
@@ -90,7 +94,9 @@ class Checks:
             xl("destroy", str(domid))
             fired = w.wait(60.0)
             dt = time.monotonic() - t0
-        require(fired == RELEASE_DOMAIN, f"watch event {fired!r} within 60s, wanted {RELEASE_DOMAIN}")
+        require(
+            fired == RELEASE_DOMAIN, f"watch event {fired!r} within 60s, wanted {RELEASE_DOMAIN}"
+        )
         self.xs.wait_released(domid, timeout=60)
         require(not self.xs.exists(path), f"{path} still exists")
         return f"@releaseDomain fired {dt:.2f}s after xl destroy; {path} removed"
@@ -100,8 +106,10 @@ def main(argv: list[str]) -> int:
     part = argv[0] if argv else "names"
     c = Checks()
     connected = run_check("xs-connect" if part == "names" else "xs-connect-lifecycle", c.connect)
-    steps = {"names": [("xs-names", c.names)],
-             "lifecycle": [("xs-suspend", c.suspend), ("xs-watch-destroy", c.watch_destroy)]}[part]
+    steps = {
+        "names": [("xs-names", c.names)],
+        "lifecycle": [("xs-suspend", c.suspend), ("xs-watch-destroy", c.watch_destroy)],
+    }[part]
     for name, fn in steps:
         if connected:
             run_check(name, fn)

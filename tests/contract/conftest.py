@@ -37,7 +37,9 @@ class SimHarness:
         self.domains = []
 
     def new_guest(self, kind: str = "writer", seed: int = 1, memory: int = GUEST_MEMORY):
-        workload = {"writer": "random", "ledger": "ledger", "hotset": "hotset", "idle": "idle"}[kind]
+        workload = {"writer": "random", "ledger": "ledger", "hotset": "hotset", "idle": "idle"}[
+            kind
+        ]
         rate = {"random": 20000, "ledger": 2000, "hotset": 20000, "idle": 0}[workload]
         dom = self.hypervisor.create(memory, workload, seed, rate, dirty_mode=self.dirty_mode)
         self.domains.append(dom)

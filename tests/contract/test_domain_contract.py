@@ -25,7 +25,9 @@ def _all_pages(dom) -> np.ndarray:
 
 
 def _config(info) -> DomainConfig:
-    return DomainConfig(info.name + "-backup", info.uuid, info.pages, info.vcpus, info.hvm, dict(info.extra))
+    return DomainConfig(
+        info.name + "-backup", info.uuid, info.pages, info.vcpus, info.hvm, dict(info.extra)
+    )
 
 
 def test_lookup_by_domid_name_and_uuid(harness):
@@ -74,7 +76,9 @@ def test_dirty_bitmap_sees_exactly_the_written_pages(harness):
         dirty = dom.read_and_clear_dirty()
         assert dirty.dtype == np.uint64 and np.all(np.diff(dirty.astype(np.int64)) > 0)
         changed = np.flatnonzero((_all_pages(dom) != before).any(axis=1))
-        assert set(changed.tolist()) <= set(dirty.tolist()), "a changed page is not in the dirty set"
+        assert set(changed.tolist()) <= set(dirty.tolist()), (
+            "a changed page is not in the dirty set"
+        )
         expected = harness.written_pages(dom, start, start + n)
         if expected is not None:
             assert set(dirty.tolist()) == expected

@@ -49,8 +49,10 @@ def wait_until(what: str, pred: Callable[[], object], timeout: float, every: flo
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
-                                 + (f" (last error: {last_exc})" if last_exc else ""))
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what}"
+                + (f" (last error: {last_exc})" if last_exc else "")
+            )
         time.sleep(every)
 
 
@@ -66,8 +68,9 @@ class Daemon:
 
     name = "daemon"
 
-    def __init__(self, workdir: Path, argv: list[str], control: str,
-                 env: dict | None = None) -> None:
+    def __init__(
+        self, workdir: Path, argv: list[str], control: str, env: dict | None = None
+    ) -> None:
         self.env = dict(ENV, **(env or {}))
         self.workdir = workdir
         self.argv = argv
@@ -78,15 +81,17 @@ class Daemon:
     def start(self, timeout: float = 30) -> Daemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=self.env, cwd=REPO,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=log, env=self.env, cwd=REPO, stdin=subprocess.DEVNULL
+            )
         finally:
             log.close()
 
         def up():
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                     f"{self.log()[-3000:]}")
+                raise AssertionError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
             return control_request(self.control, "status", timeout=2)
 
         wait_until(f"{self.name} to answer on {self.control}", up, timeout)
@@ -119,8 +124,13 @@ class Daemon:
             return ""
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([str(BIN / "remusctl"), "--control", self.control, *args],
-                           capture_output=True, text=True, env=ENV, timeout=60)
+        r = subprocess.run(
+            [str(BIN / "remusctl"), "--control", self.control, *args],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=60,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"remusctl {' '.join(args)}: rc {r.returncode}: {r.stderr}")
         return r
@@ -131,8 +141,19 @@ class Remusd(Daemon):
 
     def __init__(self, workdir: Path, host: SimHost, *extra: str, env: dict | None = None) -> None:
         control = str(workdir / "remusd.sock")
-        argv = [str(BIN / "remusd"), "--sim-dir", host.dir, "--control", control,
-                "--insecure", "--config", "/dev/null", "--log-level", "debug", *extra]
+        argv = [
+            str(BIN / "remusd"),
+            "--sim-dir",
+            host.dir,
+            "--control",
+            control,
+            "--insecure",
+            "--config",
+            "/dev/null",
+            "--log-level",
+            "debug",
+            *extra,
+        ]
         super().__init__(workdir, argv, control, env)
         self.host = host
 
@@ -142,11 +163,18 @@ class Remusd(Daemon):
                 return d
         raise KeyError(name)
 
-    def wait(self, pred: Callable[[dict], bool], domain: str, timeout: float = 30,
-             what: str = "a condition") -> dict:
-        return wait_until(f"{what} on domain {domain}",
-                          lambda: (lambda d: d if pred(d) else None)(self.domain(domain)),
-                          timeout)
+    def wait(
+        self,
+        pred: Callable[[dict], bool],
+        domain: str,
+        timeout: float = 30,
+        what: str = "a condition",
+    ) -> dict:
+        return wait_until(
+            f"{what} on domain {domain}",
+            lambda: (lambda d: d if pred(d) else None)(self.domain(domain)),
+            timeout,
+        )
 
 
 class Receiver(Daemon):
@@ -154,8 +182,19 @@ class Receiver(Daemon):
 
     def __init__(self, workdir: Path, host: SimHost, port: int, *extra: str) -> None:
         control = str(workdir / "receiver.sock")
-        argv = [str(BIN / "remus-receiver"), "--listen", f"127.0.0.1:{port}", "--sim-dir",
-                host.dir, "--control", control, "--insecure", "--config", "/dev/null", *extra]
+        argv = [
+            str(BIN / "remus-receiver"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--sim-dir",
+            host.dir,
+            "--control",
+            control,
+            "--insecure",
+            "--config",
+            "/dev/null",
+            *extra,
+        ]
         super().__init__(workdir, argv, control)
         self.port = port
         self.host = host
@@ -165,8 +204,9 @@ class Receiver(Daemon):
         return f"127.0.0.1:{self.port}"
 
     def session(self, name: str) -> dict | None:
-        found = [s for s in entries(self.status()) if s.get("domain") == name
-                 or s.get("name") == name]
+        found = [
+            s for s in entries(self.status()) if s.get("domain") == name or s.get("name") == name
+        ]
         return found[-1] if found else None
 
 

@@ -14,8 +14,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def test_demo_passes_and_cleans_up():
-    r = subprocess.run([sys.executable, "-m", "remusd.demo", "--seconds", "2", "--memory", "32M"],
-                       capture_output=True, text=True, env=ENV, timeout=110)
+    r = subprocess.run(
+        [sys.executable, "-m", "remusd.demo", "--seconds", "2", "--memory", "32M"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=110,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "ledger-check: domain ledger: OK" in out

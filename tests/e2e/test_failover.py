@@ -60,8 +60,11 @@ def test_verify_mode_every_checkpoint_matches(hosts, daemons):
     for name in ("ledger", "hot"):
         remusd.ctl("protect", name, "--to", rx.target, "--interval", "30", "--verify")
     for name in ("ledger", "hot"):
-        remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 20, name,
-                    what="20 verified checkpoints")
+        remusd.wait(
+            lambda d: d["state"] == "protected" and d["checkpoints"] >= 20,
+            name,
+            what="20 verified checkpoints",
+        )
     for name in ("ledger", "hot"):
         d = remusd.domain(name)
         assert d["verify_mismatches"] == 0 and d["acked_digest"]
@@ -73,8 +76,11 @@ def test_verify_mode_every_checkpoint_matches(hosts, daemons):
     for name in ("ledger", "hot"):
         remusd.ctl("unprotect", name)
         assert remusd.domain(name)["state"] == "stopped"
-    wait_until("the receiver to end both sessions",
-               lambda: all(rx.session(n)["state"] == "ended" for n in ("ledger", "hot")), 20)
+    wait_until(
+        "the receiver to end both sessions",
+        lambda: all(rx.session(n)["state"] == "ended" for n in ("ledger", "hot")),
+        20,
+    )
 
 
 def test_kill_mid_checkpoint_backup_holds_last_acked(hosts, daemons, workdir):
@@ -86,15 +92,24 @@ def test_kill_mid_checkpoint_backup_holds_last_acked(hosts, daemons, workdir):
     rx = daemons.receiver(backup, "--on-link-loss", "wait")
     remusd = daemons.remusd(primary, env={"REMUSD_FAULT": "stall-mid-checkpoint:1:12"})
     remusd.ctl("protect", "ledger", "--to", rx.target, "--interval", "30", "--verify")
-    wait_until("remusd to stall inside checkpoint 12",
-               lambda: "sent" in remusd.log() and "stalling" in remusd.log(), 30)
+    wait_until(
+        "remusd to stall inside checkpoint 12",
+        lambda: "sent" in remusd.log() and "stalling" in remusd.log(),
+        30,
+    )
     d = remusd.domain("ledger")  # the control thread still answers
     assert d["acked"] == 11 and d["acked_digest"]
-    wait_until("the receiver to have committed checkpoint 11",
-               lambda: rx.session("ledger")["last_committed"] == 11, 10)
+    wait_until(
+        "the receiver to have committed checkpoint 11",
+        lambda: rx.session("ledger")["last_committed"] == 11,
+        10,
+    )
     power_cut(primary, remusd)
-    wait_until("the receiver to see the link lost",
-               lambda: rx.session("ledger")["state"] in ("link-lost", "broken"), 20)
+    wait_until(
+        "the receiver to see the link lost",
+        lambda: rx.session("ledger")["state"] in ("link-lost", "broken"),
+        20,
+    )
     s = rx.session("ledger")
     assert s["last_committed"] == 11, s  # the torn checkpoint 12 was dropped
     assert backup_digest(backup, "ledger") == d["acked_digest"]
@@ -122,9 +137,11 @@ def test_power_cut_backup_takes_over(hosts, daemons, workdir, when):
     time.sleep(when)
     seen = remusd.domain("ledger")["acked"]
     power_cut(primary, remusd)
-    s = wait_until("the backup to take over",
-                   lambda: (lambda s: s if s["state"] == "failed-over" else None)(
-                       rx.session("ledger")), 20)
+    s = wait_until(
+        "the backup to take over",
+        lambda: (lambda s: s if s["state"] == "failed-over" else None)(rx.session("ledger")),
+        20,
+    )
     assert s["last_committed"] >= seen
     info = backup.lookup("ledger").info()
     assert info.state == "running"
@@ -138,28 +155,41 @@ def test_receiver_restart_unprotected_then_reprotected(hosts, daemons):
     primary, backup = hosts
     dom = primary.create("16M", "ledger", seed=13, rate=2000, name="ledger")
     rx = daemons.receiver(backup)
-    remusd = daemons.remusd(primary, "--ack-timeout", "1", "--retry-min", "0.2",
-                            "--retry-max", "0.5")
+    remusd = daemons.remusd(
+        primary, "--ack-timeout", "1", "--retry-min", "0.2", "--retry-max", "0.5"
+    )
     remusd.ctl("protect", "ledger", "--to", rx.target, "--interval", "20")
     remusd.wait(lambda d: d["state"] == "protected", "ledger", what="protection")
     rx.kill()
-    d = remusd.wait(lambda d: d["state"] == "unprotected", "ledger", timeout=10,
-                    what="the unprotected state")
+    d = remusd.wait(
+        lambda d: d["state"] == "unprotected", "ledger", timeout=10, what="the unprotected state"
+    )
     assert "backup lost" in d["reason"]
     # unprotected: outputs flow at once, without checkpoints
     n0 = len(primary.cli("outputs", str(dom.domid)).stdout.splitlines())
     time.sleep(0.5)
     n1 = len(primary.cli("outputs", str(dom.domid)).stdout.splitlines())
     assert n1 > n0
-    retries = remusd.wait(lambda d: d["retries"] >= 2, "ledger", timeout=10,
-                          what="retries")["retries"]
+    retries = remusd.wait(lambda d: d["retries"] >= 2, "ledger", timeout=10, what="retries")[
+        "retries"
+    ]
     assert retries >= 2
     rx.start()
-    d = remusd.wait(lambda d: d["state"] == "protected" and d["sessions"] == 2, "ledger",
-                    timeout=20, what="re-protection")
+    d = remusd.wait(
+        lambda d: d["state"] == "protected" and d["sessions"] == 2,
+        "ledger",
+        timeout=20,
+        what="re-protection",
+    )
     assert d["acked"] is not None
-    wait_until("the new receiver to commit", lambda: rx.session("ledger")["last_committed"]
-               is not None and rx.session("ledger")["state"] == "receiving", 10)
+    wait_until(
+        "the new receiver to commit",
+        lambda: (
+            rx.session("ledger")["last_committed"] is not None
+            and rx.session("ledger")["state"] == "receiving"
+        ),
+        10,
+    )
     # remusctl shows both sides
     out = remusd.ctl("status").stdout
     assert "ledger (1)" in out and "protected" in out
@@ -176,8 +206,9 @@ def test_sender_buffer_corner_case_verified(hosts, daemons):
     primary.create("16M", "random", seed=21, rate=40000, name="rnd")
     rx = daemons.receiver(backup)
     remusd = daemons.remusd(primary, "--buffer-pages", "64", "--cache-pages", "256")
-    remusd.ctl("protect", "rnd", "--to", rx.target, "--interval", "50", "--verify",
-               "--codec", "xen")
+    remusd.ctl(
+        "protect", "rnd", "--to", rx.target, "--interval", "50", "--verify", "--codec", "xen"
+    )
     big = []
 
     def enough():
@@ -206,8 +237,12 @@ def test_backup_stops_acknowledging(hosts, daemons):
     remusd.wait(lambda d: d["state"] == "protected", "ledger", what="protection")
     os.kill(rx.proc.pid, signal.SIGSTOP)
     try:
-        d = remusd.wait(lambda d: d["state"] == "unprotected", "ledger", timeout=10,
-                        what="unprotected after the ack timeout")
+        d = remusd.wait(
+            lambda d: d["state"] == "unprotected",
+            "ledger",
+            timeout=10,
+            what="unprotected after the ack timeout",
+        )
         assert "acknowledge" in d["reason"] or "stalled" in d["reason"], d["reason"]
         n0 = len(primary.cli("outputs", str(dom.domid)).stdout.splitlines())
         time.sleep(0.4)
@@ -224,11 +259,13 @@ def test_sigterm_remusd_is_a_clean_end(hosts, daemons):
     rx = daemons.receiver(backup)
     remusd = daemons.remusd(primary)
     remusd.ctl("protect", "ledger", "--to", rx.target, "--interval", "20")
-    remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 5, "ledger",
-                what="protection")
+    remusd.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 5, "ledger", what="protection"
+    )
     assert remusd.stop() == 0
-    wait_until("the receiver to see the clean end",
-               lambda: rx.session("ledger")["state"] == "ended", 10)
+    wait_until(
+        "the receiver to see the clean end", lambda: rx.session("ledger")["state"] == "ended", 10
+    )
     time.sleep(1.0)  # longer than the failover timeout: still no failover
     assert rx.session("ledger")["state"] == "ended"
     assert "FAILOVER" not in rx.log()
@@ -246,6 +283,7 @@ def test_power_cut_during_initial_copy_no_failover(hosts, daemons):
     wait_until("remusd to stall in the initial copy", lambda: "stalling" in remusd.log(), 20)
     assert remusd.domain("ledger")["state"] == "initial-copy"
     power_cut(primary, remusd)
+
     def ended():
         s = rx.session("ledger")
         return s is None or s["state"] == "gone"

@@ -17,8 +17,11 @@ from .conftest import ENV, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-XEN_TOOLS = [Path(os.environ.get("XEN_TOOLS_ROOT", "/nonexistent")),
-             Path(__file__).resolve().parents[2] / ".cache" / "xen-tools", Path("/")]
+XEN_TOOLS = [
+    Path(os.environ.get("XEN_TOOLS_ROOT", "/nonexistent")),
+    Path(__file__).resolve().parents[2] / ".cache" / "xen-tools",
+    Path("/"),
+]
 
 
 def _sha256(path: Path) -> str:
@@ -34,10 +37,12 @@ def test_file_stream_replays_to_last_checkpoint(sim_host, daemons, workdir, code
     dom = sim_host.create("16M", "ledger", seed=3, rate=2000, name="ledger")
     remusd = daemons.remusd(sim_host)
     stream = workdir / f"ledger-{codec}.stream"
-    remusd.ctl("protect", "ledger", "--to", f"file:{stream}", "--interval", "20",
-               "--codec", codec)
-    remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 15, "ledger",
-                what="15 checkpoints")
+    remusd.ctl("protect", "ledger", "--to", f"file:{stream}", "--interval", "20", "--codec", codec)
+    remusd.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 15,
+        "ledger",
+        what="15 checkpoints",
+    )
     # freeze the guest (an operator pause; remusd's own pauses are counted on
     # top), so the last checkpoint, taken by the clean end, is its memory now
     sim_host.cli("pause", str(dom.domid))
@@ -50,30 +55,62 @@ def test_file_stream_replays_to_last_checkpoint(sim_host, daemons, workdir, code
     primary = sim_host.cli("digest", str(dom.domid)).stdout.split()[0]
 
     image = workdir / "image"
-    rep = subprocess.run([sys.executable, "-m", "xenbind.stream", "replay", str(stream), "-o",
-                          str(image)], capture_output=True, text=True, env=ENV, timeout=60)
+    rep = subprocess.run(
+        [sys.executable, "-m", "xenbind.stream", "replay", str(stream), "-o", str(image)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert rep.returncode == 0, rep.stderr
     assert os.path.getsize(image) == dom.info().pages * 4096
     assert _sha256(image) == primary, "replayed image differs from the primary's memory"
 
-    ins = subprocess.run([sys.executable, "-m", "xenbind.stream", "inspect", str(stream)],
-                         capture_output=True, text=True, env=ENV, timeout=60)
+    ins = subprocess.run(
+        [sys.executable, "-m", "xenbind.stream", "inspect", str(stream)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert ins.returncode == 0, ins.stderr
 
     if codec == "none":
-        root = next((r for r in XEN_TOOLS
-                     if (r / "usr/lib/xen-4.17/bin/convert-legacy-stream").exists()), None)
+        root = next(
+            (r for r in XEN_TOOLS if (r / "usr/lib/xen-4.17/bin/convert-legacy-stream").exists()),
+            None,
+        )
         if root is None:
             pytest.fail("Xen's convert-legacy-stream is missing (scripts/install-system-deps)")
         tools = root / "usr/lib/xen-4.17"
         env = dict(ENV, PYTHONPATH=str(tools / "lib/python"))
         v2 = workdir / "v2.stream"
-        conv = subprocess.run(["python3", str(tools / "bin/convert-legacy-stream"), "-i",
-                               str(stream), "-o", str(v2), "-w", "64", "-g", "hvm"],
-                              capture_output=True, text=True, env=env, timeout=120)
+        conv = subprocess.run(
+            [
+                "python3",
+                str(tools / "bin/convert-legacy-stream"),
+                "-i",
+                str(stream),
+                "-o",
+                str(v2),
+                "-w",
+                "64",
+                "-g",
+                "hvm",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert conv.returncode == 0, conv.stdout + conv.stderr
-        ver = subprocess.run(["python3", str(tools / "bin/verify-stream-v2"), "-i", str(v2)],
-                             capture_output=True, text=True, env=env, timeout=120)
+        ver = subprocess.run(
+            ["python3", str(tools / "bin/verify-stream-v2"), "-i", str(v2)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert ver.returncode == 0, ver.stdout + ver.stderr
 
 
@@ -100,14 +137,24 @@ def test_heavy_writer_precopy_rounds_and_full_buffers(sim_host, daemons, workdir
     log = remusd.log()
     rounds = [int(x) for x in re.findall(r"in (\d+) round\(s\)", log)]
     assert rounds and rounds[0] > 1, "expected several live pre-copy rounds"
-    ins = subprocess.run([sys.executable, "-m", "xenbind.stream", "inspect", "--json",
-                          str(stream)], capture_output=True, text=True, env=ENV, timeout=60)
+    ins = subprocess.run(
+        [sys.executable, "-m", "xenbind.stream", "inspect", "--json", str(stream)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert ins.returncode == 0, ins.stderr
     summary = json.loads(ins.stdout)
     # some body needed more than one COMPRESSED_DATA chunk: the buffer filled mid-body
     assert any(c["compressed_chunks"] > 1 for c in summary["per_checkpoint"])
     image = workdir / "image"
-    rep = subprocess.run([sys.executable, "-m", "xenbind.stream", "replay", str(stream), "-o",
-                          str(image)], capture_output=True, text=True, env=ENV, timeout=60)
+    rep = subprocess.run(
+        [sys.executable, "-m", "xenbind.stream", "replay", str(stream), "-o", str(image)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert rep.returncode == 0, rep.stderr
     assert _sha256(image) == sim_host.cli("digest", str(dom.domid)).stdout.split()[0]

@@ -200,20 +200,36 @@ def _norm(event) -> object:
     from xenbind.stream import PageBatch, Pages
 
     if isinstance(event, Pages):
-        return ("Pages", event.pfns.dtype.str, event.pfns.tobytes(), event.data.dtype.str,
-                event.data.shape, hashlib.sha1(event.data.tobytes()).digest(),
-                event.compressed_bytes)
+        return (
+            "Pages",
+            event.pfns.dtype.str,
+            event.pfns.tobytes(),
+            event.data.dtype.str,
+            event.data.shape,
+            hashlib.sha1(event.data.tobytes()).digest(),
+            event.compressed_bytes,
+        )
     if isinstance(event, PageBatch):
-        return ("PageBatch", event.pfns.dtype.str, event.pfns.tobytes(), event.types.dtype.str,
-                event.types.tobytes())
+        return (
+            "PageBatch",
+            event.pfns.dtype.str,
+            event.pfns.tobytes(),
+            event.types.dtype.str,
+            event.types.tobytes(),
+        )
     return event
 
 
 def _error_key(exc: StreamError | None) -> object:
     if exc is None:
         return None
-    return (type(exc).__name__, exc.offset, exc.reason,
-            getattr(exc, "torn_checkpoint", None), getattr(exc, "checkpoints", None))
+    return (
+        type(exc).__name__,
+        exc.offset,
+        exc.reason,
+        getattr(exc, "torn_checkpoint", None),
+        getattr(exc, "checkpoints", None),
+    )
 
 
 def decode_all(chunks: list[bytes], caps: dict | None = None) -> tuple[list, StreamError | None]:
@@ -395,11 +411,14 @@ def check_stream(data: bytes) -> None:
     whole_events, whole_error = decode_all([data])
     split_events, split_error = decode_all(pieces(data))
     assert _error_key(whole_error) == _error_key(split_error), (
-        f"whole: {whole_error!r}; split: {split_error!r}")
+        f"whole: {whole_error!r}; split: {split_error!r}"
+    )
     assert [_norm(e) for e in whole_events] == [_norm(e) for e in split_events], (
-        "events differ between whole and split feeding")
-    model = StreamModel(FUZZ_CAPS["max_p2m_size"], FUZZ_CAPS["max_context"],
-                        FUZZ_CAPS["max_device_model"])
+        "events differ between whole and split feeding"
+    )
+    model = StreamModel(
+        FUZZ_CAPS["max_p2m_size"], FUZZ_CAPS["max_context"], FUZZ_CAPS["max_device_model"]
+    )
     for e in whole_events:
         model.event(e)
     if whole_error is None:
@@ -488,11 +507,19 @@ def chunks_program(data: bytes) -> bytes:
             out.append(struct.pack("<i", TAG_HEARTBEAT))
         elif op == 10:
             ctx, dm = bytes(nxt() % 8), bytes(nxt() % 8)
-            out.append(struct.pack("<iQQQI", 0, 1, 2, 3, len(ctx)) + ctx + DEVICE_MODEL_SIGNATURE
-                       + struct.pack("<I", len(dm)) + dm)
+            out.append(
+                struct.pack("<iQQQI", 0, 1, 2, 3, len(ctx))
+                + ctx
+                + DEVICE_MODEL_SIGNATURE
+                + struct.pack("<I", len(dm))
+                + dm
+            )
         else:
-            out.append(struct.pack("<i", int.from_bytes(bytes([nxt(), nxt(), nxt(), nxt()]),
-                                                        "little", signed=True)))
+            out.append(
+                struct.pack(
+                    "<i", int.from_bytes(bytes([nxt(), nxt(), nxt(), nxt()]), "little", signed=True)
+                )
+            )
     return b"".join(out)
 
 
@@ -532,8 +559,9 @@ def prime_page(pfn: int) -> bytes:
     return bytes((pfn * 7 + i) & 0xFF for i in range(256)) * 16
 
 
-def codec_input(codec: str, cache_pages: int, pfns: list[int], blob1: bytes,
-                blob2: bytes = b"") -> bytes:
+def codec_input(
+    codec: str, cache_pages: int, pfns: list[int], blob1: bytes, blob2: bytes = b""
+) -> bytes:
     """A ``codec`` input (for the seed generator and the tests)."""
     assert codec in ("seed", "xen") and 1 <= cache_pages <= 8 and len(pfns) <= CODEC_MAX_PFNS
     assert len(blob1) < 1 << 16

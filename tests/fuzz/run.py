@@ -48,16 +48,29 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.run", description=__doc__.split("\n")[0])
     p.add_argument("--target", default="stream", help="stream | codec | session | reply")
     p.add_argument("--runs", type=int, default=100_000, help="inputs to run (libFuzzer -runs)")
-    p.add_argument("--corpus", type=Path, default=None,
-                   help="corpus directory (default: /tmp/remus-fuzz/<target>)")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="corpus directory (default: /tmp/remus-fuzz/<target>)",
+    )
     p.add_argument("--artifacts", type=Path, default=None, help="where crash inputs go")
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
     p.add_argument("--seed", type=int, default=0, help="libFuzzer -seed (0: random)")
-    p.add_argument("--chunk", type=int, default=CHUNK_RUNS,
-                   help="run at most this many inputs per process; longer runs are split "
-                        "into successive processes sharing the corpus (0: never split)")
-    p.add_argument("--replay", type=Path, nargs="*", default=None,
-                   help="run the target once on each file and print the outcome")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=CHUNK_RUNS,
+        help="run at most this many inputs per process; longer runs are split "
+        "into successive processes sharing the corpus (0: never split)",
+    )
+    p.add_argument(
+        "--replay",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="run the target once on each file and print the outcome",
+    )
     p.add_argument("--list", action="store_true", help="list the targets and exit")
     return p.parse_args(argv), extra
 
@@ -105,8 +118,19 @@ def run_in_chunks(args: argparse.Namespace, extra: list[str]) -> int:
     done, part = 0, 0
     while done < args.runs:
         n = min(args.chunk, args.runs - done)
-        cmd = [sys.executable, "-m", "tests.fuzz.run", "--target", args.target, "--runs", str(n),
-               "--max-len", str(args.max_len), "--chunk", "0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.fuzz.run",
+            "--target",
+            args.target,
+            "--runs",
+            str(n),
+            "--max-len",
+            str(args.max_len),
+            "--chunk",
+            "0",
+        ]
         if args.corpus:
             cmd += ["--corpus", str(args.corpus)]
         if args.artifacts:
@@ -148,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(sorted(oracles.TARGETS)))
         return 0
     if args.target not in oracles.TARGETS:
-        print(f"unknown target {args.target!r}; known: {', '.join(sorted(oracles.TARGETS))}",
-              file=sys.stderr)
+        print(
+            f"unknown target {args.target!r}; known: {', '.join(sorted(oracles.TARGETS))}",
+            file=sys.stderr,
+        )
         return 2
     if args.replay is not None:
         return replay(args.target, args.replay)
@@ -165,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     for d in (seeds_dir, found_dir, artifacts):
         d.mkdir(parents=True, exist_ok=True)
     n = write_seeds(args.target, seeds_dir)
-    print(f"fuzz: target {args.target}, {n} seeds in {seeds_dir}, corpus {found_dir}, "
-          f"crashes -> {artifacts}", flush=True)
+    print(
+        f"fuzz: target {args.target}, {n} seeds in {seeds_dir}, corpus {found_dir}, "
+        f"crashes -> {artifacts}",
+        flush=True,
+    )
 
     fn = oracles.TARGETS[args.target]
     count = 0

@@ -40,8 +40,11 @@ def _page(seed: int) -> np.ndarray:
 
 
 def _pages(pfns: list[int], version: int = 0) -> np.ndarray:
-    return np.stack([_page(p * 1000 + version) for p in pfns]) if pfns else np.zeros(
-        (0, 4096), np.uint8)
+    return (
+        np.stack([_page(p * 1000 + version) for p in pfns])
+        if pfns
+        else np.zeros((0, 4096), np.uint8)
+    )
 
 
 def _touch(pages: np.ndarray, words: list[int], value: int = 0xA5) -> np.ndarray:
@@ -86,8 +89,14 @@ def stream_seeds() -> dict[str, bytes]:
     out["a-types-empty-body"] = b"".join(b)
 
     # --- Format B -----------------------------------------------------------
-    def b_stream(codec: str, cache: int, buffer_pages: int, rounds: list[tuple[list[int], int]],
-                 types: list | None = None, p2m: int = 32) -> bytes:
+    def b_stream(
+        codec: str,
+        cache: int,
+        buffer_pages: int,
+        rounds: list[tuple[list[int], int]],
+        types: list | None = None,
+        p2m: int = 32,
+    ) -> bytes:
         w = StreamWriter(p2m, codec=codec, cache_pages=cache, buffer_pages=buffer_pages)
         b = [w.header()]
         b += w.checkpoint(np.array([0], u64), _pages([0]), CTX)  # initial copy
@@ -113,13 +122,14 @@ def stream_seeds() -> dict[str, bytes]:
         return b"".join(b)
 
     for codec in ("xen", "seed"):
-        out[f"{codec}-default-cache"] = b_stream(codec, 8192, 8192, [([2, 3], 0), ([2, 3], 1),
-                                                                     ([3], 3)])
+        out[f"{codec}-default-cache"] = b_stream(
+            codec, 8192, 8192, [([2, 3], 0), ([2, 3], 1), ([3], 3)]
+        )
         out[f"{codec}-interleaved"] = b_stream(codec, 4, 1, [([4, 5], 0), ([4, 5, 6], 1)])
         out[f"{codec}-evict"] = b_stream(codec, 1, 8192, [([7], 0), ([8], 0), ([8, 7], 1)])
         out[f"{codec}-runs-types"] = b_stream(
-            codec, 2, 2, [([1, 9], 0), ([1, 9, 20, 21], 2)],
-            types=[[0, 0], [0, 0x1, 0xF, 0xE]])
+            codec, 2, 2, [([1, 9], 0), ([1, 9, 20, 21], 2)], types=[[0, 0], [0, 0x1, 0xF, 0xE]]
+        )
     # by hand: PFN chunks of a few entries each, COMPRESSED_DATA chunks whose
     # pages straddle several of them (the seed thread's corner case, at a size
     # the fuzzer can afford: Xen's 8192-page buffer would need 8 full batches)
@@ -137,23 +147,39 @@ def stream_seeds() -> dict[str, bytes]:
     for codec in ("xen", "seed"):
         comp = Compressor(codec, 8)
         p = {k: _page(k) for k in range(8)}
-        b = [encode_header(16), encode_codec(codec, 8), encode_enable_compression(),
-             encode_end(), encode_tail(CTX)]
+        b = [
+            encode_header(16),
+            encode_codec(codec, 8),
+            encode_enable_compression(),
+            encode_end(),
+            encode_tail(CTX),
+        ]
         # body 1: +2 [0,1] +3 [2,XTAB 9,3] DATA(0,1,2) +1 [4] DATA(3,4)
-        b += [encode_pfn_list(np.array([0, 1], u64)),
-              encode_pfn_list(np.array([2, 9, 3], u64), np.array([0, 0xF, 0], np.uint8)),
-              encode_compressed(comp.compress(np.array([0, 1, 2], u64),
-                                              np.stack([p[0], p[1], p[2]]))),
-              encode_pfn_list(np.array([4], u64)),
-              encode_compressed(comp.compress(np.array([3, 4], u64), np.stack([p[3], p[4]]))),
-              encode_end(), encode_tail(CTX)]
+        b += [
+            encode_pfn_list(np.array([0, 1], u64)),
+            encode_pfn_list(np.array([2, 9, 3], u64), np.array([0, 0xF, 0], np.uint8)),
+            encode_compressed(
+                comp.compress(np.array([0, 1, 2], u64), np.stack([p[0], p[1], p[2]]))
+            ),
+            encode_pfn_list(np.array([4], u64)),
+            encode_compressed(comp.compress(np.array([3, 4], u64), np.stack([p[3], p[4]]))),
+            encode_end(),
+            encode_tail(CTX),
+        ]
         # body 2: the same pages, a few words changed, one chunk of 5 across 3 listings
         q = {k: _touch(p[k][None], [k, 100 + k])[0] for k in range(5)}
-        b += [encode_pfn_list(np.array([4, 3], u64)), encode_pfn_list(np.array([0], u64)),
-              encode_pfn_list(np.array([1, 2], u64)),
-              encode_compressed(comp.compress(np.array([4, 3, 0, 1, 2], u64),
-                                              np.stack([q[4], q[3], q[0], q[1], q[2]]))),
-              encode_end(), encode_tail(CTX)]
+        b += [
+            encode_pfn_list(np.array([4, 3], u64)),
+            encode_pfn_list(np.array([0], u64)),
+            encode_pfn_list(np.array([1, 2], u64)),
+            encode_compressed(
+                comp.compress(
+                    np.array([4, 3, 0, 1, 2], u64), np.stack([q[4], q[3], q[0], q[1], q[2]])
+                )
+            ),
+            encode_end(),
+            encode_tail(CTX),
+        ]
         out[f"{codec}-straddle"] = b"".join(b)
 
     # a stream that stops mid-checkpoint (the torn last checkpoint)
@@ -161,11 +187,14 @@ def stream_seeds() -> dict[str, bytes]:
     out["xen-torn"] = full[: len(full) - 37]
 
     # --- tails -----------------------------------------------------------------
-    for name, ctx in (("empty", Context((0, 0, 0), b"", b"")),
-                      ("big", Context((1, 2, 3), bytes(range(256)) * 8, b"dm" * 700))):
+    for name, ctx in (
+        ("empty", Context((0, 0, 0), b"", b"")),
+        ("big", Context((1, 2, 3), bytes(range(256)) * 8, b"dm" * 700)),
+    ):
         w = StreamWriter(4, codec="none")
-        out[f"tail-{name}"] = b"".join([w.header(), *w.checkpoint(
-            np.array([2], u64), _pages([2]), ctx, last=True)])
+        out[f"tail-{name}"] = b"".join(
+            [w.header(), *w.checkpoint(np.array([2], u64), _pages([2]), ctx, last=True)]
+        )
     return out
 
 
@@ -217,11 +246,19 @@ def session_seeds() -> dict[str, bytes]:
 
     out: dict[str, bytes] = {}
     for codec in ("seed", "xen", "none"):
-        h = Hello(session_id="ab" * 16,
-                  options=Options(codec=codec, cache_pages=512, verify=codec == "xen"),
-                  domain=DomainConfig("guest-1", "12345678-9abc-def0-1234-56789abcdef0", 4096, 2,
-                                      extra={"workload": "ledger", "seed": 3}),
-                  generation=5, software="remusd 0.1.0")
+        h = Hello(
+            session_id="ab" * 16,
+            options=Options(codec=codec, cache_pages=512, verify=codec == "xen"),
+            domain=DomainConfig(
+                "guest-1",
+                "12345678-9abc-def0-1234-56789abcdef0",
+                4096,
+                2,
+                extra={"workload": "ledger", "seed": 3},
+            ),
+            generation=5,
+            software="remusd 0.1.0",
+        )
         out[f"hello-{codec}"] = encode_hello(h) + b"\x10\x00\x00\x00\x00\x00\x00\x00"
     return out
 
@@ -260,11 +297,49 @@ def chunks_seeds() -> dict[str, bytes]:
         "a-two-pages": bytes([15, B, 1, 3, 0, 4, 0, DATA, 2, 0x11, 0x22, TSC, END, 3, 2]),
         # enable xen with cache 4, end; Format B: +2 listed, full pages, end; then
         # +1 listed, unchanged page, end
-        "b-xen": bytes([15, CODEC, 1, 4, ENABLE, END, 0, 0, B, 1, 3, 0, 4, 0, FULL, 0, 0x33,
-                        FULL, 0, 0x44, HB, END, 1, 1, B, 0, 3, 0, CD, 1, 0x00, LAST, END, 0, 0]),
+        "b-xen": bytes(
+            [
+                15,
+                CODEC,
+                1,
+                4,
+                ENABLE,
+                END,
+                0,
+                0,
+                B,
+                1,
+                3,
+                0,
+                4,
+                0,
+                FULL,
+                0,
+                0x33,
+                FULL,
+                0,
+                0x44,
+                HB,
+                END,
+                1,
+                1,
+                B,
+                0,
+                3,
+                0,
+                CD,
+                1,
+                0x00,
+                LAST,
+                END,
+                0,
+                0,
+            ]
+        ),
         # legacy enable (no CODEC), an XTAB entry, a digest
-        "b-legacy": bytes([7, ENABLE, DIGEST, END, 0, 0, B, 1, 1, 0xF0, 2, 0, FULL, 0, 9,
-                           END, 2, 2]),
+        "b-legacy": bytes(
+            [7, ENABLE, DIGEST, END, 0, 0, B, 1, 1, 0xF0, 2, 0, FULL, 0, 9, END, 2, 2]
+        ),
     }
 
 

@@ -68,6 +68,7 @@ __all__ = ["CODECS", "MAX_KNOWN_PFNS", "CodecStats", "Compressor", "Decompressor
 
 CODECS = ("seed", "xen", "none")
 
+
 @dataclass
 class CodecStats:
     """Running totals of one Compressor or Decompressor.

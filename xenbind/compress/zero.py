@@ -89,8 +89,11 @@ class KnownZero:
         zk, bits = self.c_args()
         return int(
             lib.xb_note_raw(
-                zk, bits, ffi.from_buffer("uint64_t[]", pfns),
-                ffi.from_buffer("uint8_t[]", pages), len(pfns),
+                zk,
+                bits,
+                ffi.from_buffer("uint64_t[]", pfns),
+                ffi.from_buffer("uint8_t[]", pages),
+                len(pfns),
             )
         )
 
@@ -99,9 +102,7 @@ class KnownZero:
         pfns = _pfn_array(pfns)
         pfns = pfns[pfns < np.uint64(self.bits)].astype(np.intp)
         if len(pfns):
-            np.bitwise_and.at(
-                self.bitmap, pfns >> 3, ~(np.uint8(1) << (pfns & 7).astype(np.uint8))
-            )
+            np.bitwise_and.at(self.bitmap, pfns >> 3, ~(np.uint8(1) << (pfns & 7).astype(np.uint8)))
 
     def __contains__(self, pfn: object) -> bool:
         try:

@@ -68,7 +68,9 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 64M, 1G, 262144K)")
     size = int(t) * mult
     if size % 4096 or size <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive whole number of 4 KiB pages")
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} is not a positive whole number of 4 KiB pages"
+        )
     return size
 
 
@@ -109,27 +111,49 @@ def build_parser() -> argparse.ArgumentParser:
         "Create a domain, start its workload (unless --paused) and print its domid.",
     )
     c.add_argument(
-        "--memory", metavar="SIZE", type=parse_size, default=parse_size("64M"),
+        "--memory",
+        metavar="SIZE",
+        type=parse_size,
+        default=parse_size("64M"),
         help="guest memory: bytes or K/M/G suffix, whole 4 KiB pages (default 64M)",
     )
     c.add_argument(
-        "--workload", default="idle", choices=["idle", "random", "hotset", "scan", "ledger"],
+        "--workload",
+        default="idle",
+        choices=["idle", "random", "hotset", "scan", "ledger"],
         help="what the guest does (see 'python -m xenbind.sim --help'; default idle)",
     )
     c.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    c.add_argument("--rate", type=float, default=None, help="steps per second (pages/s; ledger: transactions/s)")
+    c.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="steps per second (pages/s; ledger: transactions/s)",
+    )
     c.add_argument("--name", default=None, help="domain name (default simN)")
     c.add_argument("--paused", action="store_true", help="create the domain paused")
     c.add_argument("--wss", type=int, default=0, help="hotset: working-set pages (default 1024)")
     c.add_argument("--zipf", type=float, default=0.0, help="hotset: Zipf exponent (default 1.1)")
-    c.add_argument("--accounts", type=int, default=0, help="ledger: number of accounts (default 1000)")
     c.add_argument(
-        "--dirty-mode", default="auto", choices=["auto", "uffd-wp", "bitmap"], help="log-dirty mechanism"
+        "--accounts", type=int, default=0, help="ledger: number of accounts (default 1000)"
+    )
+    c.add_argument(
+        "--dirty-mode",
+        default="auto",
+        choices=["auto", "uffd-wp", "bitmap"],
+        help="log-dirty mechanism",
     )
     ls = add("list", "list the host's domains")
-    ls.add_argument("--json", action="store_true", help="one JSON array: domid, name, pages, workload, state, ...")
-    for name, what in (("pause", "pause a domain (pauses are counted)"), ("unpause", "unpause a domain"),
-                       ("destroy", "destroy a domain and remove its files")):
+    ls.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON array: domid, name, pages, workload, state, ...",
+    )
+    for name, what in (
+        ("pause", "pause a domain (pauses are counted)"),
+        ("unpause", "unpause a domain"),
+        ("destroy", "destroy a domain and remove its files"),
+    ):
         add(name, what).add_argument("id", metavar="ID", help="domid or name")
     r = add("set-rate", "change a domain's workload rate")
     r.add_argument("id", metavar="ID", help="domid or name")
@@ -156,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the host died. Exit status 1 and one line per violation on any failure.",
     )
     lc.add_argument("id", metavar="ID", help="domid or name")
-    lc.add_argument("--acked", metavar="FILE", help="acknowledgements ('outputs' format) that must be in the log")
+    lc.add_argument(
+        "--acked",
+        metavar="FILE",
+        help="acknowledgements ('outputs' format) that must be in the log",
+    )
     return p
 
 
@@ -207,8 +235,15 @@ def _run(args, sim_dir: str) -> int:
     hv = SimHypervisor(sim_dir)
     if args.cmd == "create":
         dom = hv.create(
-            args.memory, args.workload, args.seed, args.rate, args.name,
-            paused=args.paused, wss=args.wss, zipf=args.zipf, accounts=args.accounts,
+            args.memory,
+            args.workload,
+            args.seed,
+            args.rate,
+            args.name,
+            paused=args.paused,
+            wss=args.wss,
+            zipf=args.zipf,
+            accounts=args.accounts,
             dirty_mode=args.dirty_mode,
         )
         print(dom.domid)
@@ -216,15 +251,24 @@ def _run(args, sim_dir: str) -> int:
         infos = hv.list()
         if args.json:
             rows = [
-                {"domid": i.domid, "name": i.name, "uuid": i.uuid, "pages": i.pages,
-                 "vcpus": i.vcpus, "state": i.state, "workload": i.extra["workload"],
-                 "dirty_mode": i.extra["dirty_mode"], **{k: v for k, v in i.extra.items()
-                                                        if k not in ("workload", "dirty_mode")}}
+                {
+                    "domid": i.domid,
+                    "name": i.name,
+                    "uuid": i.uuid,
+                    "pages": i.pages,
+                    "vcpus": i.vcpus,
+                    "state": i.state,
+                    "workload": i.extra["workload"],
+                    "dirty_mode": i.extra["dirty_mode"],
+                    **{k: v for k, v in i.extra.items() if k not in ("workload", "dirty_mode")},
+                }
                 for i in infos
             ]
             print(json.dumps(rows, indent=1))
         else:
-            print(f"{'ID':>4} {'NAME':<16} {'MEMORY':>8} {'WORKLOAD':<8} {'STATE':<9} {'STEP':>10} DIRTY")
+            print(
+                f"{'ID':>4} {'NAME':<16} {'MEMORY':>8} {'WORKLOAD':<8} {'STATE':<9} {'STEP':>10} DIRTY"
+            )
             for i in infos:
                 print(
                     f"{i.domid:>4} {i.name:<16} {i.pages * 4096 >> 20:>7}M {i.extra['workload']:<8} "

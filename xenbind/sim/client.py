@@ -57,7 +57,12 @@ NO_STOP = (1 << 64) - 1
 #: scatter writes with pwritev(2) when its PFNs form runs of at least this
 #: many pages on average (64 KiB): an initial copy's batches, not a checkpoint's
 IO_MIN_RUN = 16
-_STATE_NAMES = {L.ST_RUNNING: "running", L.ST_PAUSED: "paused", L.ST_CRASHED: "shutdown", L.ST_IDLE: "running"}
+_STATE_NAMES = {
+    L.ST_RUNNING: "running",
+    L.ST_PAUSED: "paused",
+    L.ST_CRASHED: "shutdown",
+    L.ST_IDLE: "running",
+}
 
 
 def _params_out(meta: dict) -> dict:
@@ -239,7 +244,8 @@ class SimDomain(Domain):
             except OSError as e:
                 self._drop_socket()
                 raise self._err(
-                    op, f"domain is not running (destroyed, crashed, or host in {self.dir} down): {e}"
+                    op,
+                    f"domain is not running (destroyed, crashed, or host in {self.dir} down): {e}",
                 ) from None
             if not reply:
                 self._drop_socket()
@@ -311,7 +317,9 @@ class SimDomain(Domain):
         code = int(ctl[L.W_STATE])
         state = _STATE_NAMES.get(code, "running") if alive else "shutdown"
         extra.update(
-            dirty_mode=L.MODE_CODES.get(int(ctl[L.W_MODE]), self.meta.get("dirty_mode_in_use", "?")),
+            dirty_mode=L.MODE_CODES.get(
+                int(ctl[L.W_MODE]), self.meta.get("dirty_mode_in_use", "?")
+            ),
             step=int(ctl[L.W_STEP]),
             pause_count=int(ctl[L.W_PAUSE]),
             logdirty=bool(ctl[L.W_LOGDIRTY]),
@@ -399,8 +407,12 @@ class SimDomain(Domain):
             self._request("read_and_clear_dirty", b"R")
             if self._bitmap_mm is None:
                 with open(L.path(self.dir, self.domid, "dirty"), "rb") as f:
-                    self._bitmap_mm = mmap.mmap(f.fileno(), 2 * self.pages, mmap.MAP_SHARED, mmap.PROT_READ)
-            snap = np.frombuffer(self._bitmap_mm, dtype=np.uint8, count=self.pages, offset=self.pages)
+                    self._bitmap_mm = mmap.mmap(
+                        f.fileno(), 2 * self.pages, mmap.MAP_SHARED, mmap.PROT_READ
+                    )
+            snap = np.frombuffer(
+                self._bitmap_mm, dtype=np.uint8, count=self.pages, offset=self.pages
+            )
             return np.flatnonzero(snap).astype(np.uint64)
 
     def gather(self, pfns, out: np.ndarray) -> None:
@@ -463,13 +475,16 @@ class SimDomain(Domain):
 
     def _context(self, blob: bytes) -> Context:
         return Context(
-            magic_pfns=self.magic_pfns(), hvm_context=blob[:REGS_SIZE], device_model=blob[REGS_SIZE:]
+            magic_pfns=self.magic_pfns(),
+            hvm_context=blob[:REGS_SIZE],
+            device_model=blob[REGS_SIZE:],
         )
 
     def set_context(self, ctx: Context) -> None:
         if tuple(ctx.magic_pfns) != self.magic_pfns():
             raise self._err(
-                "set_context", f"magic PFNs {tuple(ctx.magic_pfns)} differ from this domain's {self.magic_pfns()}"
+                "set_context",
+                f"magic PFNs {tuple(ctx.magic_pfns)} differ from this domain's {self.magic_pfns()}",
             )
         self._end_stop()
         self._request("set_context", b"S", bytes(ctx.hvm_context) + bytes(ctx.device_model))
@@ -547,7 +562,9 @@ class SimDomain(Domain):
         deadline = time.monotonic() + timeout
         while self.step < step:
             if time.monotonic() > deadline:
-                raise self._err("wait_step", f"guest at step {self.step}, {step} not reached in {timeout}s")
+                raise self._err(
+                    "wait_step", f"guest at step {self.step}, {step} not reached in {timeout}s"
+                )
             time.sleep(0.001)
 
     def set_rate(self, rate: float) -> None:

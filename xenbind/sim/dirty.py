@@ -123,7 +123,9 @@ def _new_userfaultfd() -> int:
         dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
         why = os.strerror(err) if err else "no syscall number for this machine"
-        raise DirtyTrackingError(e.errno or 0, f"userfaultfd(2): {why}; /dev/userfaultfd: {e.strerror}") from e
+        raise DirtyTrackingError(
+            e.errno or 0, f"userfaultfd(2): {why}; /dev/userfaultfd: {e.strerror}"
+        ) from e
     try:
         fd = _libc.ioctl(dev, USERFAULTFD_IOC_NEW, ctypes.c_void_p(flags))
         if fd < 0:
@@ -148,7 +150,9 @@ class UffdWriteProtect:
         self.fd = _new_userfaultfd()
         try:
             wanted = (
-                UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+                UFFD_FEATURE_WP_ASYNC
+                | UFFD_FEATURE_WP_UNPOPULATED
+                | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
             )
             api = (ctypes.c_uint64 * 3)(UFFD_API, wanted, 0)
             try:
@@ -256,7 +260,9 @@ def _expand_ranges(first: np.ndarray, last: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     if len(first) == total:  # every region is a single page: the common case
         return first.astype(np.uint64, copy=True)
-    offsets = np.repeat(first.astype(np.int64) - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    offsets = np.repeat(
+        first.astype(np.int64) - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths
+    )
     return (np.arange(total, dtype=np.int64) + offsets).astype(np.uint64)
 
 

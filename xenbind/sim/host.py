@@ -66,7 +66,9 @@ class Host:
     def __init__(self, sim_dir: str) -> None:
         self.dir = os.path.abspath(sim_dir)
         os.makedirs(self.dir, exist_ok=True)
-        self.lock_fd = os.open(L.host_path(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.lock_fd = os.open(
+            L.host_path(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
         try:
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,7 +111,9 @@ class Host:
         self.shutdown()
 
     def shutdown(self) -> None:
-        log(f"stopping: {sum(1 for d in self.domains.values() if d['pid'])} domains die with the host")
+        log(
+            f"stopping: {sum(1 for d in self.domains.values() if d['pid'])} domains die with the host"
+        )
         for domid in list(self.domains):
             self._kill(domid)
         for p in (L.host_path(self.dir, "sock"), L.host_path(self.dir, "pid")):
@@ -273,8 +277,10 @@ class Host:
         except OSError as e:
             for ext in ("json", "mem"):
                 _unlink(L.path(self.dir, domid, ext))
-            raise HostError(f"cannot allocate {pages * PAGE_SIZE >> 20} MiB of memory for "
-                            f"domain {name} in {self.dir}: {e.strerror or e}") from None
+            raise HostError(
+                f"cannot allocate {pages * PAGE_SIZE >> 20} MiB of memory for "
+                f"domain {name} in {self.dir}: {e.strerror or e}"
+            ) from None
         pid = self._spawn(domid)
         self.domains[domid] = {"pid": pid, "meta": meta, "exit": None}
         started = _read_line_timeout(self._ready_fd, WORKER_START_TIMEOUT_S)
@@ -284,15 +290,21 @@ class Host:
             del self.domains[domid]
             for ext in ("json", "mem", "ctl", "dirty", "out", "sock"):
                 _unlink(L.path(self.dir, domid, ext))
-            raise HostError(f"domain did not start: {started[4:] or 'worker exited'} (see dom-{domid}.log)")
+            raise HostError(
+                f"domain did not start: {started[4:] or 'worker exited'} (see dom-{domid}.log)"
+            )
         meta["dirty_mode_in_use"] = started.split()[1]
         L.write_meta(self.dir, meta)
-        log(f"created domain {domid} ({name}): {pages} pages, {workload}, {meta['dirty_mode_in_use']}")
+        log(
+            f"created domain {domid} ({name}): {pages} pages, {workload}, {meta['dirty_mode_in_use']}"
+        )
         return self._meta(domid)
 
     def _spawn(self, domid: int) -> int:
         r, w = os.pipe()
-        logf = os.open(L.path(self.dir, domid, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        logf = os.open(
+            L.path(self.dir, domid, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+        )
         pid = os.fork()
         if pid == 0:  # the domain's worker
             code = 1

@@ -42,8 +42,21 @@ import numpy as np
 
 CTL_MAGIC = 0x31304C5443534D53  # b"SMSCTL01" little-endian
 CTL_WORDS = 16
-(W_MAGIC, W_PID, W_ADDR, W_LEN, W_PAUSE, W_STEP, W_LOGDIRTY, W_MODE, W_STATE, W_STOP,
- W_RELEASED, W_BUFFERED, W_BARRIERS) = range(13)
+(
+    W_MAGIC,
+    W_PID,
+    W_ADDR,
+    W_LEN,
+    W_PAUSE,
+    W_STEP,
+    W_LOGDIRTY,
+    W_MODE,
+    W_STATE,
+    W_STOP,
+    W_RELEASED,
+    W_BUFFERED,
+    W_BARRIERS,
+) = range(13)
 MODE_CODES = {1: "uffd-wp", 2: "bitmap"}
 ST_RUNNING, ST_PAUSED, ST_CRASHED, ST_IDLE = 1, 2, 3, 4
 

@@ -180,7 +180,9 @@ class LedgerWorkload:
         return self.regs.step >= self.layout.log_capacity
 
 
-def parse_acks(lines: Iterable[str], source: str = "acknowledgements") -> list[tuple[int, int, int, int]]:
+def parse_acks(
+    lines: Iterable[str], source: str = "acknowledgements"
+) -> list[tuple[int, int, int, int]]:
     """Parse ``ack <txid> <from> <to> <amount>`` lines; ValueError names the bad line."""
     acks = []
     for no, line in enumerate(lines, 1):
@@ -189,7 +191,9 @@ def parse_acks(lines: Iterable[str], source: str = "acknowledgements") -> list[t
             continue
         parts = line.split()
         if len(parts) != 5 or parts[0] != "ack" or not all(p.isdigit() for p in parts[1:]):
-            raise ValueError(f"{source} line {no}: expected 'ack TXID FROM TO AMOUNT', got {line[:80]!r}")
+            raise ValueError(
+                f"{source} line {no}: expected 'ack TXID FROM TO AMOUNT', got {line[:80]!r}"
+            )
         acks.append(tuple(int(p) for p in parts[1:]))
     return acks
 
@@ -230,19 +234,28 @@ def check_ledger(
         problems.append(f"total broken: balances sum to {s}, the ledger's total is {total}")
     neg = np.flatnonzero(bal < 0)
     if len(neg):
-        problems.append(f"{len(neg)} negative balances (first: account {int(neg[0])} = {int(bal[neg[0]])})")
+        problems.append(
+            f"{len(neg)} negative balances (first: account {int(neg[0])} = {int(bal[neg[0]])})"
+        )
     log = np.frombuffer(raw, dtype=ENTRY_DTYPE, count=cap, offset=lay.log_off)
     used = log[:count]
     bad = np.flatnonzero(used["txid"] != np.arange(count, dtype=np.uint64))
     if len(bad):
-        problems.append(f"log entry {int(bad[0])} has txid {int(used['txid'][bad[0]])} ({len(bad)} misnumbered)")
+        problems.append(
+            f"log entry {int(bad[0])} has txid {int(used['txid'][bad[0]])} ({len(bad)} misnumbered)"
+        )
     bad = np.flatnonzero((used["src"] >= n) | (used["dst"] >= n) | (used["src"] == used["dst"]))
     if len(bad):
         problems.append(f"log entry {int(bad[0])} names invalid accounts ({len(bad)} entries)")
     bad = np.flatnonzero(used["check"] != _entry_check_v(seed, used))
     if len(bad):
         problems.append(f"log entry {int(bad[0])} fails its check word ({len(bad)} entries)")
-    rest = np.frombuffer(raw, dtype=np.uint8, count=(cap - count) * ENTRY_SIZE, offset=lay.log_off + count * ENTRY_SIZE)
+    rest = np.frombuffer(
+        raw,
+        dtype=np.uint8,
+        count=(cap - count) * ENTRY_SIZE,
+        offset=lay.log_off + count * ENTRY_SIZE,
+    )
     if rest.any():
         first = int(np.flatnonzero(rest)[0]) // ENTRY_SIZE + count
         problems.append(f"log entry {first} is past tx_count {count} but not empty (torn append)")

@@ -60,7 +60,9 @@ def outputs(sim_dir: str, ref: int | str) -> bytes:
         return b""
 
 
-def ledger_check(sim_dir: str, ref: int | str, acked_path: str | None = None) -> tuple[list[str], dict]:
+def ledger_check(
+    sim_dir: str, ref: int | str, acked_path: str | None = None
+) -> tuple[list[str], dict]:
     meta = find(sim_dir, ref, "ledger-check")
     acked = None
     if acked_path is not None:
@@ -68,7 +70,9 @@ def ledger_check(sim_dir: str, ref: int | str, acked_path: str | None = None) ->
             with open(acked_path) as f:
                 acked = parse_acks(f, acked_path)
         except OSError as e:
-            raise DomainError(meta["domid"], "ledger-check", f"cannot read {acked_path}: {e}") from None
+            raise DomainError(
+                meta["domid"], "ledger-check", f"cannot read {acked_path}: {e}"
+            ) from None
         except ValueError as e:
             raise DomainError(meta["domid"], "ledger-check", str(e)) from None
     mm = _map(sim_dir, meta, "ledger-check")

@@ -96,8 +96,11 @@ class Worker:
         self.ctl[:] = 0
 
         self.regs = new_registers(
-            meta["workload"], int(meta["seed"]), float(meta["rate"]),
-            int(meta.get("a", 0)), float(meta.get("b", 0.0)),
+            meta["workload"],
+            int(meta["seed"]),
+            float(meta["rate"]),
+            int(meta.get("a", 0)),
+            float(meta.get("b", 0.0)),
         )
         self.workload = make_workload(self.regs, self.usable)
         self.crash_reason: str | None = None
@@ -121,7 +124,9 @@ class Worker:
                 log(f"uffd-wp unavailable ({e}); falling back to the bitmap")
         if self.uffd is None:
             self.mode = MODE_BITMAP
-            bfd = os.open(L.path(sim_dir, domid, "dirty"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            bfd = os.open(
+                L.path(sim_dir, domid, "dirty"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
             try:
                 os.posix_fallocate(bfd, 0, 2 * self.pages)
                 self.bm_mm = mmap.mmap(bfd, 2 * self.pages, mmap.MAP_SHARED)
@@ -208,7 +213,9 @@ class Worker:
                 if due > self.regs.rate * MAX_BACKLOG_S + self.workload.max_batch:
                     self.t0, self.base_step, due = now, self.regs.step, 1
                 if due <= 0:
-                    timeout = max(0.0, self.t0 + (self.regs.step + 1 - self.base_step) / self.regs.rate - now)
+                    timeout = max(
+                        0.0, self.t0 + (self.regs.step + 1 - self.base_step) / self.regs.rate - now
+                    )
                 else:
                     timeout = 0
             self.was_runnable = run
@@ -345,4 +352,3 @@ def run_worker(sim_dir: str, domid: int, ready_fd: int, host_pid: int) -> None:
         os.write(ready_fd, f"err {e}\n".encode())
         raise
     w.serve()
-

@@ -253,7 +253,9 @@ def _stride(seed: int, usable: int) -> tuple[int, int]:
     return stride, h64(seed, 0, 6) % usable
 
 
-def new_registers(kind: str, seed: int, rate: float | None, a: int = 0, b: float = 0.0) -> Registers:
+def new_registers(
+    kind: str, seed: int, rate: float | None, a: int = 0, b: float = 0.0
+) -> Registers:
     if kind not in KIND_ID:
         raise RegistersError(f"unknown workload {kind!r} (one of {', '.join(KINDS)})")
     if rate is None:

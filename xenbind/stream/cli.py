@@ -297,7 +297,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         for e in _decode(args.file):
             if isinstance(e, ev.Header):
-                image = np.memmap(args.output, dtype=np.uint8, mode="w+", shape=(e.p2m_size, PAGE_SIZE))
+                image = np.memmap(
+                    args.output, dtype=np.uint8, mode="w+", shape=(e.p2m_size, PAGE_SIZE)
+                )
             elif isinstance(e, ev.Pages):
                 assert image is not None
                 if applied == 0:

@@ -347,8 +347,9 @@ class Decoder:
         if self._error is not None:
             raise _again(self._error)
         if not 0 <= n <= min(self._want, self._cap) - self._have:
-            raise ValueError(f"buffer_updated({n}) with {self._want - self._have} bytes of the "
-                             "item to come")
+            raise ValueError(
+                f"buffer_updated({n}) with {self._want - self._have} bytes of the item to come"
+            )
         self._have += n
         self.received += n
         return self.feed(b"")
@@ -555,7 +556,8 @@ class Decoder:
         if not valid.all():
             i = int(np.argmin(valid))
             raise self._fail(
-                base + 8 * i, f"{ckpt}: PFN entry {int(raw[i]):#x} has invalid page type {types[i]:#x}"
+                base + 8 * i,
+                f"{ckpt}: PFN entry {int(raw[i]):#x} has invalid page type {types[i]:#x}",
             )
         pfns = raw & np.uint64(PFN_MASK)
         named = types != TYPE_XTAB
@@ -741,7 +743,9 @@ class Decoder:
 
     def _on_context(self, buf: bytearray) -> None:
         self._hvm_context = bytes(buf)
-        self._expect(len(DEVICE_MODEL_SIGNATURE), Decoder._on_signature, "the device-model signature")
+        self._expect(
+            len(DEVICE_MODEL_SIGNATURE), Decoder._on_signature, "the device-model signature"
+        )
 
     def _on_signature(self, buf: bytearray) -> None:
         if bytes(buf) != DEVICE_MODEL_SIGNATURE:
