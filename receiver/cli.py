@@ -32,7 +32,7 @@ import sys
 import threading
 
 from xenbind.errors import ConfigError, RemusError
-from xenbind.hypervisor import open_hypervisor
+from xenbind.factory import open_hypervisor
 from xenbind.service import ControlServer, Watchdog, sd_notify, setup_logging
 from xenbind.tls import TlsServer, require_link_security
 

@@ -38,8 +38,8 @@ import numpy as np
 import xxhash
 
 from xenbind import PAGE_SIZE
-from xenbind.hypervisor import DomainConfig
 from xenbind.session import Hello
+from xenbind.types import DomainConfig
 
 DIGEST_SLAB = 4096  # pages gathered at a time to digest the backup's memory
 

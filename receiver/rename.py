@@ -26,7 +26,7 @@ import uuid
 from dataclasses import replace
 
 from xenbind.errors import ConfigError
-from xenbind.hypervisor import DomainConfig
+from xenbind.types import DomainConfig
 
 #: uuid5 namespace of derived backup UUIDs (uuid5(NAMESPACE_URL, "remus-ha:backup-rename")).
 BACKUP_RENAME_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "remus-ha:backup-rename")

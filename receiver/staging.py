@@ -22,7 +22,8 @@ import numpy as np
 
 from xenbind import PAGE_SIZE
 from xenbind.errors import RemusError
-from xenbind.hypervisor import Context, Domain
+from xenbind.hypervisor import Domain
+from xenbind.types import Context
 
 
 class StagingFull(RemusError):

@@ -17,7 +17,7 @@ import time
 
 from xenbind import tls
 from xenbind.errors import ConfigError, RemusError
-from xenbind.hypervisor import open_hypervisor
+from xenbind.factory import open_hypervisor
 from xenbind.service import (
     ControlServer,
     Watchdog,

@@ -51,8 +51,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from xenbind import PAGE_SIZE
-from xenbind.hypervisor import Context, Domain
+from xenbind.hypervisor import Domain
 from xenbind.stream.encoder import StreamWriter, memory_digest
+from xenbind.types import Context
 
 log = logging.getLogger(__name__)
 

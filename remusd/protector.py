@@ -47,8 +47,9 @@ from collections import deque
 
 from xenbind import session as sp
 from xenbind.errors import DomainError
-from xenbind.hypervisor import Domain, DomainConfig, DomainInfo
+from xenbind.hypervisor import Domain
 from xenbind.stream.encoder import StreamWriter
+from xenbind.types import DomainConfig, DomainInfo
 
 from . import faults
 from .config import ProtectRequest

@@ -37,7 +37,6 @@ from xenbind.compress import formats as F
 from xenbind.compress.codec import MAX_KNOWN_PFNS
 from xenbind.compress.zero import KnownZero
 from xenbind.errors import CodecError
-from xenbind.hypervisor import Context
 from xenbind.stream import CheckpointEnd, Decoder, MalformedStream, Pages, StreamWriter
 from xenbind.stream.format import (
     TYPE_BROKEN,
@@ -47,6 +46,7 @@ from xenbind.stream.format import (
     TYPE_XALLOC,
     TYPE_XTAB,
 )
+from xenbind.types import Context
 
 PAGE = 4096
 CODECS = ("seed", "xen")

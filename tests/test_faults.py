@@ -209,7 +209,7 @@ def test_create_on_a_full_filesystem_is_refused_cleanly(small_tmpfs):
 def _config(name: str, size: int):
     import uuid
 
-    from xenbind.hypervisor import DomainConfig
+    from xenbind.types import DomainConfig
 
     return DomainConfig(
         name=name,
@@ -284,7 +284,7 @@ def test_send_error_after_failover_reports_fenced(close_how):
     from remusd.config import Target
     from remusd.link import LinkDown, NetLink
     from xenbind import session as sp
-    from xenbind.hypervisor import DomainConfig
+    from xenbind.types import DomainConfig
 
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))

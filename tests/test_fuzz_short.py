@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from tests.fuzz import oracles, seeds
 from xenbind.errors import StreamError
-from xenbind.hypervisor import Context
 from xenbind.stream import CheckpointEnd, Decoder, Pages, StreamWriter, Tail
 from xenbind.stream.format import TAG_COMPRESSED_DATA, TYPE_HAS_DATA
+from xenbind.types import Context
 
 SETTINGS = settings(
     max_examples=150,

@@ -34,10 +34,10 @@ from tests.simhost import SimHost, sim_dir
 from tests.test_receiver import Receiver
 from xenbind import PAGE_SIZE
 from xenbind.errors import ConfigError, DomainError
-from xenbind.hypervisor import DomainConfig
 from xenbind.session import Hello, Options, new_session_id
 from xenbind.stream import Decoder, PageBatch, Pages, StreamWriter
 from xenbind.stream.format import TYPE_NOTAB, TYPE_XTAB
+from xenbind.types import DomainConfig
 
 pytestmark = pytest.mark.timeout(120)
 

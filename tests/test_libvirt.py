@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from xenbind.errors import ConfigError, DomainError
-from xenbind.hypervisor import DomainConfig
+from xenbind.types import DomainConfig
 
 try:
     import libvirt

@@ -23,7 +23,6 @@ import pytest
 from tests.simhost import SimHost, host_pair
 from xenbind import PAGE_SIZE
 from xenbind.errors import DomainError
-from xenbind.hypervisor import DomainConfig
 from xenbind.service import control_request
 from xenbind.session import (
     ERR_FAILED_OVER,
@@ -45,6 +44,7 @@ from xenbind.session import (
 )
 from xenbind.stream import StreamWriter, encode_header, memory_digest
 from xenbind.stream.format import TAG_COMPRESSED_DATA
+from xenbind.types import DomainConfig
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ import pytest
 from remusd.config import Target
 from remusd.link import LinkDown, NetLink
 from xenbind import session as sp
-from xenbind.hypervisor import DomainConfig
+from xenbind.types import DomainConfig
 
 
 def _slow_receiver(delay: float) -> tuple[socket.socket, threading.Thread]:

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenbind.errors import ProtocolError
-from xenbind.hypervisor import DomainConfig
 from xenbind.session import (
     ACK_MISMATCH,
     ERR_FAILED_OVER,
@@ -41,6 +40,7 @@ from xenbind.session import (
     encode_hello,
     new_session_id,
 )
+from xenbind.types import DomainConfig
 
 UUID = "12345678-9abc-def0-1234-56789abcdef0"
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.simhost import SimHost
 from xenbind.errors import DomainError
-from xenbind.hypervisor import open_hypervisor
+from xenbind.factory import open_hypervisor
 
 
 def _gone(pid: int) -> bool:

@@ -110,7 +110,7 @@ def test_ledger_check_cli_detects_corruption(sim_host):
 
 
 def test_backup_without_a_checkpoint_does_not_run(sim_host):
-    from xenbind.hypervisor import DomainConfig
+    from xenbind.types import DomainConfig
 
     cfg = DomainConfig(
         "b",
@@ -132,7 +132,7 @@ def test_backup_without_a_checkpoint_does_not_run(sim_host):
 
 def test_backup_accepts_context_before_memory(sim_host):
     """The receiver may set the context before or after writing the pages."""
-    from xenbind.hypervisor import DomainConfig
+    from xenbind.types import DomainConfig
 
     primary = sim_host.create("16M", "ledger", seed=8, rate=5000, paused=True)
     _run(primary, 200)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xenbind.hypervisor import Context
 from xenbind.stream import StreamWriter, encode_memory_digest, memory_digest
 from xenbind.stream.cli import main
+from xenbind.types import Context
 
 PAGE = 4096
 CTX = Context((1, 2, 3), b"ctx", b"dm")

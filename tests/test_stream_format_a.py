@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from tests.test_stream_common import decode, decode_bytewise, normal, random_pages, replay_events
 from xenbind.errors import StreamError
-from xenbind.hypervisor import Context
 from xenbind.stream import (
     CheckpointEnd,
     Decoder,
@@ -39,6 +38,7 @@ from xenbind.stream import (
     encode_tsc_info,
     memory_digest,
 )
+from xenbind.types import Context
 
 PAGE = 4096
 CTX = Context((0xFEFF0, 0xFEFF1, 0xFEFF2), b"CTX!", b"DM")

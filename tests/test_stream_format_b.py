@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from tests.test_stream_common import decode, decode_bytewise, normal, random_pages, replay_events
 from xenbind.compress import Compressor
-from xenbind.hypervisor import Context
 from xenbind.stream import (
     CheckpointEnd,
     CodecAnnounce,
@@ -36,6 +35,7 @@ from xenbind.stream import (
     encode_tail,
     memory_digest,
 )
+from xenbind.types import Context
 
 PAGE = 4096
 CTX = Context((7, 8, 9), b"hvm", b"qemu")

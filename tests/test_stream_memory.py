@@ -34,7 +34,6 @@ import pytest
 
 from tests.test_stream_common import merge_pages, random_pages, replay_events
 from xenbind.errors import StreamError
-from xenbind.hypervisor import Context
 from xenbind.stream import (
     CheckpointEnd,
     Decoder,
@@ -50,6 +49,7 @@ from xenbind.stream.format import (
     TAG_COMPRESSED_DATA,
     TAG_ENABLE_COMPRESSION,
 )
+from xenbind.types import Context
 
 PAGE = 4096
 CTX = Context((1, 2, 3), b"hvm", b"qemu")

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xenbind.hypervisor import Context
 from xenbind.stream import (
     StreamWriter,
     encode_enable_compression,
@@ -33,6 +32,7 @@ from xenbind.stream import (
     encode_tail,
     encode_tsc_info,
 )
+from xenbind.types import Context
 
 PAGE = 4096
 ROOT = Path(__file__).resolve().parent.parent

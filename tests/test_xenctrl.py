@@ -103,7 +103,7 @@ def test_open_off_dom0_names_the_missing_device():
     with pytest.raises(HypervisorUnavailable) as ei:
         xenctrl.XenHypervisor()
     assert "/dev/xen/privcmd" in str(ei.value) and "not a Xen dom0" in str(ei.value)
-    from xenbind.hypervisor import open_hypervisor
+    from xenbind.factory import open_hypervisor
 
     with pytest.raises(HypervisorUnavailable):
         open_hypervisor(None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from xenbind.errors import ConfigError
-from xenbind.hypervisor import DomainConfig
+from xenbind.types import DomainConfig
 from xenbind.xl import xl_config
 
 UUID = "6d0e1e71-9acf-4c15-beca-9df84c5bb34d"

@@ -1,7 +1,9 @@
 """The domain interface both daemons program against.
 
 Two hypervisors stand behind it: the simulated one (``xenbind.sim``), the
-embedded default, and real Xen (``xenbind.xenctrl``). The sender and the
+embedded default, and real Xen (``xenbind.xenctrl``); ``xenbind.factory``
+picks one. The value types (``DomainInfo``, ``DomainConfig``, ``Context``)
+live in ``xenbind.types``. The sender and the
 receiver need exactly what is here and nothing more:
 
     look up          Hypervisor.lookup(domid | name | uuid) -> Domain
@@ -42,58 +44,12 @@ Rules this interface keeps (every implementation enforces them):
 from __future__ import annotations
 
 import abc
-import os
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError
+from .types import Context, DomainConfig, DomainInfo, PageArray, PfnArray
 
-#: Page contents are passed as uint8 arrays of shape (n, PAGE_SIZE).
-PageArray = np.ndarray
-#: PFN lists are 1-D uint64 arrays.
-PfnArray = np.ndarray
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    """What a lookup tells about a domain."""
-
-    domid: int
-    name: str
-    uuid: str
-    pages: int  # p2m_size: number of guest pages, PFNs are 0 .. pages-1
-    vcpus: int
-    state: str  # "running", "paused", "shutdown", "dying"
-    hvm: bool = True
-    extra: dict = field(default_factory=dict)  # hypervisor-specific (sim: workload, seed)
-
-
-@dataclass(frozen=True)
-class DomainConfig:
-    """What the backup needs to create its domain (travels in the handshake)."""
-
-    name: str
-    uuid: str
-    pages: int
-    vcpus: int
-    hvm: bool = True
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Context:
-    """The state that travels in a checkpoint's tail.
-
-    ``magic_pfns``: the three HVM "magic" PFNs (ioreq, buffered ioreq,
-    xenstore) in that order. ``hvm_context``: the HVM context blob (for the
-    simulator: the workload's registers). ``device_model``: the device model
-    record's payload.
-    """
-
-    magic_pfns: tuple[int, int, int]
-    hvm_context: bytes
-    device_model: bytes
+__all__ = ["Domain", "Hypervisor"]
 
 
 class Domain(abc.ABC):
@@ -192,20 +148,3 @@ class Hypervisor(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
-
-
-def open_hypervisor(sim_dir: str | os.PathLike | None = None) -> Hypervisor:
-    """The simulated host whose directory is ``sim_dir``, or real Xen.
-
-    Real Xen raises ``HypervisorUnavailable`` off a dom0, with a message
-    naming what is missing.
-    """
-    if sim_dir is not None:
-        from .sim.client import SimHypervisor
-
-        if not os.path.isdir(sim_dir):
-            raise ConfigError(f"simulated host directory {sim_dir} does not exist")
-        return SimHypervisor(sim_dir)
-    from .xenctrl import XenHypervisor
-
-    return XenHypervisor()

@@ -53,7 +53,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 
 from .errors import ProtocolError
-from .hypervisor import DomainConfig
+from .types import DomainConfig
 
 # --- constants -------------------------------------------------------------
 

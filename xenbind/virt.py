@@ -29,7 +29,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from .errors import ConfigError, DomainError
-from .hypervisor import DomainConfig
+from .types import DomainConfig
 
 try:
     import libvirt as _libvirt

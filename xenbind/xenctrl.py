@@ -57,7 +57,8 @@ import numpy as np
 
 from . import PAGE_SIZE
 from .errors import DomainError, HypervisorUnavailable
-from .hypervisor import Context, Domain, DomainConfig, DomainInfo, Hypervisor
+from .hypervisor import Domain, Hypervisor
+from .types import Context, DomainConfig, DomainInfo
 
 try:  # the compiled binding exists only where libxen-dev was installed
     from ._xenctrl import ffi as _ffi

@@ -47,7 +47,7 @@ import tempfile
 
 from . import PAGE_SIZE
 from .errors import ConfigError, DomainError
-from .hypervisor import DomainConfig
+from .types import DomainConfig
 
 #: Seconds ``xl create`` may take (it builds the domain and runs hotplug scripts).
 CREATE_TIMEOUT = 120.0

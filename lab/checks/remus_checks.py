@@ -115,7 +115,7 @@ def read_pages(dom, pfns) -> np.ndarray:
 
 class Checks:
     def __init__(self) -> None:
-        from xenbind.hypervisor import open_hypervisor
+        from xenbind.factory import open_hypervisor
 
         self.layout = read_layout()
         self.hv = open_hypervisor(None)

@@ -69,7 +69,7 @@ class Checks:
         self.layout = read_layout()
 
     def open(self) -> str:
-        from xenbind.hypervisor import open_hypervisor
+        from xenbind.factory import open_hypervisor
 
         self.hv = open_hypervisor(None)
         require(getattr(self.hv, "kind", None) == "xen", f"hypervisor kind {self.hv.kind!r}")

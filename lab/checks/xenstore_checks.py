@@ -52,7 +52,7 @@ class Checks:
         require(self.xs.name_of(0) == "Domain-0", f"name_of(0) = {self.xs.name_of(0)!r}")
         require(self.xs.domid_of("Domain-0") == 0, "domid_of('Domain-0') != 0")
         uuid = self.xs.uuid_of(domid)
-        from xenbind.hypervisor import open_hypervisor
+        from xenbind.factory import open_hypervisor
 
         info = open_hypervisor(None).lookup(domid).info()
         require(
@@ -68,7 +68,7 @@ class Checks:
         return f"{GUEST} <-> {domid}, Domain-0 <-> 0, uuid {uuid} agrees with xenctrl"
 
     def suspend(self) -> str:
-        from xenbind.hypervisor import open_hypervisor
+        from xenbind.factory import open_hypervisor
 
         domid = int(os.environ["LAB_GUEST_DOMID"])
         hv = open_hypervisor(None)

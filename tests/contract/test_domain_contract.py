@@ -15,7 +15,7 @@ import pytest
 
 from xenbind import PAGE_SIZE
 from xenbind.errors import DomainError
-from xenbind.hypervisor import DomainConfig
+from xenbind.types import DomainConfig
 
 
 def _all_pages(dom) -> np.ndarray:

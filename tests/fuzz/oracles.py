@@ -122,7 +122,6 @@ def check_receiver_session(data: bytes) -> None:
 
 
 def _sender_session_run(chunks: list[bytes]) -> tuple:
-    from xenbind.hypervisor import DomainConfig
     from xenbind.session import (
         MAX_REASON_BYTES,
         Accepted,
@@ -135,6 +134,7 @@ def _sender_session_run(chunks: list[bytes]) -> tuple:
         Refused,
         SenderSession,
     )
+    from xenbind.types import DomainConfig
 
     hello = Hello(
         session_id=SENDER_SESSION_ID,

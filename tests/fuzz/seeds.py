@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xenbind.hypervisor import Context
+from xenbind.types import Context
 
 #: The HVM tail most seeds carry.
 CTX = Context((0xFEFF0, 0xFEFF1, 0xFEFF2), b"hvm-ctx\x00" * 3, b"qemu-dm\x01")
@@ -241,8 +241,8 @@ def codec_seeds() -> dict[str, bytes]:
 
 
 def session_seeds() -> dict[str, bytes]:
-    from xenbind.hypervisor import DomainConfig
     from xenbind.session import Hello, Options, encode_hello
+    from xenbind.types import DomainConfig
 
     out: dict[str, bytes] = {}
     for codec in ("seed", "xen", "none"):

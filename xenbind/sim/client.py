@@ -46,7 +46,8 @@ import numpy as np
 
 from .. import PAGE_SIZE
 from ..errors import DomainError
-from ..hypervisor import Context, Domain, DomainConfig, DomainInfo, Hypervisor
+from ..hypervisor import Domain, Hypervisor
+from ..types import Context, DomainConfig, DomainInfo
 from . import layout as L
 from .dirty import MODE_UFFD, DirtyTrackingError, PagemapScanner
 from .workloads import MAGIC_PAGES, REGS_SIZE

@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CodecError, StreamError
-from ..hypervisor import Context
+from ..types import Context
 from . import events as ev
 from .format import (
     CODEC_NAMES,

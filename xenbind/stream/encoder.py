@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 import xxhash
 
-from ..hypervisor import Context
+from ..types import Context
 from .format import (
     CHUNK_END,
     CODEC_IDS,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..hypervisor import Context
+from ..types import Context
 
 
 @dataclass(frozen=True, slots=True)
