@@ -84,9 +84,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from daemonkit.control import ControlError, control_request  # noqa: E402
 from tests.simhost import SimHost  # noqa: E402
 from xenbind import PAGE_SIZE  # noqa: E402
-from xenbind.service import ControlError, control_request  # noqa: E402
 from xenbind.sim import layout as L  # noqa: E402
 from xenbind.sim.workloads import DEFAULT_RATE  # noqa: E402
 

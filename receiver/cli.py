@@ -31,10 +31,13 @@ import signal
 import sys
 import threading
 
+from daemonkit.control import ControlServer
+from daemonkit.logs import setup_logging
+from daemonkit.systemd import Watchdog, sd_notify
+from daemonkit.tls import TlsServer, require_link_security
 from xenbind.errors import ConfigError, RemusError
 from xenbind.factory import open_hypervisor
-from xenbind.service import ControlServer, Watchdog, sd_notify, setup_logging
-from xenbind.tls import TlsServer, require_link_security
+from xenbind.session import HELLO_MAGIC
 
 from .config import load_config
 from .daemon import ReceiverDaemon
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     tls_server = None
     if cfg.tls is not None:
         try:
-            tls_server = TlsServer(cfg.tls)
+            tls_server = TlsServer(cfg.tls, plaintext_magic=HELLO_MAGIC)
         except ConfigError as e:
             log.error("TLS: %s", e)
             return 2

@@ -2,7 +2,7 @@
 
 Every option is a flag and a key of the TOML file (``/etc/remus/receiver.toml``
 by default; keys are the long flag names, e.g. ``failover-timeout = 900``).
-Precedence: built-in defaults < the file < flags (``xenbind.service``).
+Precedence: built-in defaults < the file < flags (``daemonkit.config``).
 
 Policies (what the receiver does when a session ends badly) are options too;
 their meaning is in ``receiver/daemon.py`` and docs/protocol.md ("The receiver's
@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from xenbind import tls
+from daemonkit import tls
+from daemonkit.config import add_daemon_arguments, parse_args_with_config
+from daemonkit.transport import parse_hostport
 from xenbind.compress import MAX_CACHE_PAGES
 from xenbind.errors import ConfigError
-from xenbind.service import add_daemon_arguments, parse_args_with_config
-from xenbind.transport import parse_hostport
 
 from .rename import check_suffix
 

@@ -1,7 +1,7 @@
 """One replication session on the receiver: one connection, one thread.
 
     tls         unless --insecure: the TLS handshake and the peer's name check
-                (xenbind.tls) within handshake-timeout; a refused peer is
+                (daemonkit.tls) within handshake-timeout; a refused peer is
                 closed before one byte of its session is read
     handshake   read the HELLO (within handshake-timeout), ask the daemon to
                 admit it (it creates the paused backup domain or refuses),
@@ -48,6 +48,8 @@ import os
 import threading
 import time
 
+from daemonkit.tls import TlsRefused
+from daemonkit.transport import Transport
 from xenbind.errors import DomainError, ProtocolError, RemusError, StreamError
 from xenbind.session import (
     ERR_INTERNAL,
@@ -72,8 +74,6 @@ from xenbind.stream import (
     Tail,
 )
 from xenbind.stream.decoder import MalformedStream, TruncatedStream
-from xenbind.tls import TlsRefused
-from xenbind.transport import Transport
 
 from .physmap import Physmap
 from .staging import Staging

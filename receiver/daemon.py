@@ -110,7 +110,7 @@ class ReceiverDaemon:
         self.protections: dict[str, Protection] = {}  # by UUID
         self.connections: set = set()
         self.listen_address: str | None = None
-        #: xenbind.tls.TlsServer; None for plaintext (--insecure)
+        #: daemonkit.tls.TlsServer; None for plaintext (--insecure)
         self.tls = None
         self.tls_refused = 0  # connections refused by the TLS handshake or the name check
         self.stopping = threading.Event()

@@ -4,7 +4,7 @@ Rules kept here:
 - Accepting does no I/O on the new connection: it is handed over as a
   ``PlainTransport``; with TLS configured the connection's own thread runs the
   TLS handshake (``Connection._secure``), so a slow or hostile client never
-  blocks the accept loop. Sessions see a ``xenbind.transport.Transport``.
+  blocks the accept loop. Sessions see a ``daemonkit.transport.Transport``.
 - A flood of connections cannot exhaust the daemon: past the connection cap
   (2 x max-sessions + 8) a new connection is closed at once, with a log line
   at most once a second.
@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 
+from daemonkit.transport import PlainTransport
 from xenbind.errors import ConfigError
-from xenbind.transport import PlainTransport
 
 from .connection import Connection
 

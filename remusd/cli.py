@@ -15,16 +15,13 @@ import sys
 import threading
 import time
 
-from xenbind import tls
+from daemonkit import tls
+from daemonkit.config import parse_args_with_config
+from daemonkit.control import ControlServer
+from daemonkit.logs import setup_logging
+from daemonkit.systemd import Watchdog, sd_notify
 from xenbind.errors import ConfigError, RemusError
 from xenbind.factory import open_hypervisor
-from xenbind.service import (
-    ControlServer,
-    Watchdog,
-    parse_args_with_config,
-    sd_notify,
-    setup_logging,
-)
 
 from .config import DEFAULT_CONFIG, build_parser, validate
 from .control import Daemon

@@ -2,7 +2,7 @@
 
 Every option is a flag and a TOML key of /etc/remus/remusd.toml (the flag's
 long name, ``-`` or ``_``); precedence: built-in default < TOML < flag (see
-``xenbind.service.parse_args_with_config``). The daemon-wide defaults for a
+``daemonkit.config.parse_args_with_config``). The daemon-wide defaults for a
 protected domain (``interval``, ``codec``...) apply when ``remusctl protect``
 does not say otherwise. ``protect`` entries in the TOML (or repeated
 ``--protect`` flags) are protected when the daemon starts::
@@ -21,10 +21,10 @@ import argparse
 import textwrap
 from dataclasses import asdict, dataclass
 
-from xenbind import tls
+from daemonkit import tls
+from daemonkit.config import add_daemon_arguments
+from daemonkit.transport import parse_hostport
 from xenbind.errors import ConfigError
-from xenbind.service import add_daemon_arguments
-from xenbind.transport import parse_hostport
 
 #: seconds remusd waits for the receiver's answer to its HELLO (--accept-timeout)
 DEFAULT_ACCEPT_TIMEOUT = 120.0

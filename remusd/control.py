@@ -1,6 +1,6 @@
 """remusd's control requests: what remusctl may ask over the control socket.
 
-Requests (JSON lines, framing in ``xenbind.service``)::
+Requests (JSON lines, framing in ``daemonkit.control``)::
 
     {"cmd": "status", "history": false?}
         -> {"daemon": "remusd", "version", "pid", "hypervisor", "uptime_s",

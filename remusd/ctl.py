@@ -14,8 +14,8 @@ import sys
 import textwrap
 from typing import Any
 
+from daemonkit.control import ControlError, control_request
 from xenbind.errors import ConfigError
-from xenbind.service import ControlError, control_request
 
 from .config import CODEC_NAMES, DEFAULT_CONTROL, MIN_INTERVAL_MS, Target
 

@@ -9,7 +9,7 @@ What it does, every step a real process:
 3. ``remus-receiver`` on the backup and ``remusd`` on the primary, linked
    over loopback by TLS 1.3 with mutual authentication, the default mode:
    a throwaway CA and a certificate per host are made at start with the
-   ``openssl`` command (``xenbind.pki``, the commands of docs/operations.md);
+   ``openssl`` command (``daemonkit.pki``, the commands of docs/operations.md);
 4. ``remusctl protect ledger --interval 100``, then a line of live figures
    per second: checkpoints/s, pause, dirty pages, compression ratio, MB/s;
 5. the primary host and remusd are killed with SIGKILL (a power cut);
@@ -39,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from xenbind import pki
-from xenbind.service import ControlError, control_request
+from daemonkit import pki
+from daemonkit.control import ControlError, control_request
 
 PY = sys.executable
 BIN = Path(sys.executable).parent

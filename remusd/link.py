@@ -11,7 +11,7 @@ Two kinds of link behind one small interface the protector drives::
 
 ``NetLink`` speaks the session protocol of ``xenbind.session`` (handshake,
 then the raw legacy stream one way, ACK/HEARTBEAT frames the other) over a
-``xenbind.transport.Transport``. ``FileLink`` writes the bare legacy stream
+``daemonkit.transport.Transport``. ``FileLink`` writes the bare legacy stream
 (no handshake) like ``xl remus -b`` but kept; a checkpoint counts as
 acknowledged once written and flushed.
 
@@ -34,9 +34,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from daemonkit.transport import PlainTransport, Transport
 from xenbind import session as sp
 from xenbind.errors import ProtocolError, RemusError
-from xenbind.transport import PlainTransport, Transport
 
 from .config import DEFAULT_ACCEPT_TIMEOUT, Target
 
@@ -358,8 +358,8 @@ def make_link(
     connect: Callable[[str, int, float], Transport] | None = None,
 ) -> Link:
     """``connect(host, port, timeout)`` makes the transport (remusd's choice at
-    start: ``xenbind.tls.TlsClient.connect`` or, with --insecure,
-    ``xenbind.tls.plaintext_connect``)."""
+    start: ``daemonkit.tls.TlsClient.connect`` or, with --insecure,
+    ``daemonkit.tls.plaintext_connect``)."""
     if target.kind == "file":
         return FileLink(os.path.abspath(target.path))
     return NetLink(

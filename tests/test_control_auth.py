@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from daemonkit.control import ControlServer, control_request, peer_credentials
 from tests.simhost import SimHost, sim_dir
 from xenbind.errors import ConfigError
-from xenbind.service import ControlServer, control_request, peer_credentials
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -112,7 +112,7 @@ def test_stranger_refused_by_peer_credentials(sockdir, caplog):
         assert ask(str(path)) == {"connect_error": 13}  # EACCES
         # widened by mistake: SO_PEERCRED still refuses, with one line
         os.chmod(path, 0o666)
-        with caplog.at_level(logging.WARNING, logger="xenbind.service"):
+        with caplog.at_level(logging.WARNING, logger="daemonkit.control"):
             got = ask(str(path))
             assert got["ok"] is False
             assert re.match(

@@ -20,10 +20,10 @@ import uuid as uuidlib
 import numpy as np
 import pytest
 
+from daemonkit.control import control_request
 from tests.simhost import SimHost, host_pair
 from xenbind import PAGE_SIZE
 from xenbind.errors import DomainError
-from xenbind.service import control_request
 from xenbind.session import (
     ERR_FAILED_OVER,
     ERR_PROTOCOL,

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from daemonkit.config import parse_args_with_config
 from remusd import ctl
 from remusd.config import (
     CODEC_NAMES,
@@ -17,7 +18,6 @@ from remusd.config import (
     validate,
 )
 from xenbind.errors import ConfigError
-from xenbind.service import parse_args_with_config
 
 
 def _args(argv=(), cfg=None):

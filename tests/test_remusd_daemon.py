@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from xenbind.service import ControlError, control_request
+from daemonkit.control import ControlError, control_request
 
 pytestmark = pytest.mark.timeout(90)
 

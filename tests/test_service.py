@@ -1,4 +1,4 @@
-"""xenbind.service: config precedence, logging format, sd_notify, control socket."""
+"""daemonkit (config, logs, systemd, control): config precedence, logging format, sd_notify, control socket."""
 
 from __future__ import annotations
 
@@ -13,18 +13,12 @@ import threading
 
 import pytest
 
+from daemonkit.config import parse_args_with_config
+from daemonkit.control import ControlError, ControlServer, control_request
+from daemonkit.logs import setup_logging
+from daemonkit.systemd import Watchdog, sd_notify, watchdog_interval
+from daemonkit.transport import PlainTransport, parse_hostport
 from xenbind.errors import ConfigError, RemusError
-from xenbind.service import (
-    ControlError,
-    ControlServer,
-    Watchdog,
-    control_request,
-    parse_args_with_config,
-    sd_notify,
-    setup_logging,
-    watchdog_interval,
-)
-from xenbind.transport import PlainTransport, parse_hostport
 
 
 def _parser() -> argparse.ArgumentParser:

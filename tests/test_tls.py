@@ -1,6 +1,6 @@
 """TLS on the replication link, against a real remus-receiver process.
 
-A hand-written sender (xenbind.tls.TlsClient + xenbind.session + the stream
+A hand-written sender (daemonkit.tls.TlsClient + xenbind.session + the stream
 encoder, not remusd) connects with throwaway certificates (tests/tls_certs.py):
 the good pair commits checkpoints; an unknown CA, an expired certificate, a
 name the receiver does not allow, no certificate at all and a plaintext client
@@ -25,14 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.simhost import SimHost, host_pair
-from tests.test_receiver import Guest, Receiver
-from tests.tls_certs import Pki
-from xenbind import PAGE_SIZE
-from xenbind.errors import ConfigError
-from xenbind.session import Accepted, Ack, Hello, Options, Refused, SenderSession, new_session_id
-from xenbind.stream import StreamWriter
-from xenbind.tls import (
+from daemonkit.tls import (
     ContextSource,
     TlsClient,
     TlsRefused,
@@ -41,7 +34,14 @@ from xenbind.tls import (
     peer_names,
     settings_from_args,
 )
-from xenbind.transport import PlainTransport, Transport
+from daemonkit.transport import PlainTransport, Transport
+from tests.simhost import SimHost, host_pair
+from tests.test_receiver import Guest, Receiver
+from tests.tls_certs import Pki
+from xenbind import PAGE_SIZE
+from xenbind.errors import ConfigError
+from xenbind.session import Accepted, Ack, Hello, Options, Refused, SenderSession, new_session_id
+from xenbind.stream import StreamWriter
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -566,12 +566,12 @@ def test_remusd_start_up_refusals(pki, tmp_path):
 
 
 def test_openssl_pki_makes_certificates_that_work(tmp_path):
-    """xenbind.pki (the demo's CA, the docs' openssl commands): a CA and two
+    """daemonkit.pki (the demo's CA, the docs' openssl commands): a CA and two
     host certificates that complete a mutually authenticated handshake."""
     import threading
 
-    from xenbind import pki as openssl_pki
-    from xenbind.tls import TlsServer
+    from daemonkit import pki as openssl_pki
+    from daemonkit.tls import TlsServer
 
     ca = openssl_pki.make_ca(tmp_path, "ca")
     a = openssl_pki.make_host_cert(tmp_path, ca, "a.test", ["127.0.0.1"])

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from daemonkit.control import ControlError, control_request
 from tests.simhost import REPO
 from tests.tls_certs import Pki
-from xenbind.service import ControlError, control_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

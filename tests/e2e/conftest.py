@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from daemonkit.control import ControlError, control_request
 from tests.simhost import REPO, SimHost, sim_dir
-from xenbind.service import ControlError, control_request
 
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -3,7 +3,7 @@
 The replication link lets the sender write any byte into a guest's memory on
 the backup, so by default it runs over TLS with mutual authentication (stdlib
 ``ssl``); plaintext needs ``--insecure`` on both daemons. This module decides
-who may talk; ``xenbind.transport.TlsTransport`` then carries the bytes, and
+who may talk; ``daemonkit.transport.TlsTransport`` then carries the bytes, and
 the session protocol above never knows which transport it runs on.
 
 Configuration (both daemons, flags and TOML keys of the same name)::
@@ -55,7 +55,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from xenbind.errors import ConfigError
+
 from .transport import PlainTransport, TlsTransport
 
 log = logging.getLogger(__name__)
@@ -408,7 +409,10 @@ def _first_byte(sock: socket.socket, deadline: float) -> int | None:
 class TlsServer:
     """The receiver's side: turn an accepted TCP connection into a TlsTransport."""
 
-    def __init__(self, settings: TlsSettings) -> None:
+    def __init__(self, settings: TlsSettings, *, plaintext_magic: bytes = b"") -> None:
+        #: the first bytes a plaintext client of ours sends (remusd's HELLO
+        #: magic): a refused connection that starts with them is told why
+        self.plaintext_magic = plaintext_magic
         self.settings = settings
         self.source = ContextSource(settings, server=True)
 
@@ -424,11 +428,10 @@ class TlsServer:
             raise TlsRefused("closed before the TLS handshake")
         if first != TLS_HANDSHAKE_RECORD:
             hello = False
+            magic = self.plaintext_magic
             with contextlib.suppress(OSError):
-                from .session import HELLO_MAGIC
-
-                head = sock.recv(len(HELLO_MAGIC), socket.MSG_PEEK)
-                hello = bool(head) and HELLO_MAGIC.startswith(head)
+                head = sock.recv(len(magic), socket.MSG_PEEK) if magic else b""
+                hello = bool(head) and magic.startswith(head)
             plain = " (a remusd HELLO: the sender runs with --insecure)" if hello else ""
             raise TlsRefused(
                 "plaintext client",

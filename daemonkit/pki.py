@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from xenbind.errors import ConfigError
 
 #: Validity of a CA made here and of the host certificates it signs, in days.
 CA_DAYS = 3650

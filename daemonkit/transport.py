@@ -8,7 +8,7 @@ the protocol. Two kinds:
     PlainTransport  a TCP socket; the daemons use it only when told ``--insecure``
     TlsTransport    TLS 1.3 over TCP, mutually authenticated; the default. Who
                     may connect, the handshake and the certificates are
-                    ``xenbind.tls``'s job; this class only moves bytes.
+                    ``daemonkit.tls``'s job; this class only moves bytes.
 
 Rules:
 - Every blocking call has a timeout (``settimeout``); a timeout raises
@@ -31,7 +31,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigError
+from xenbind.errors import ConfigError
 
 #: sendmsg accepts at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 1024
@@ -168,7 +168,7 @@ _COALESCE_MAX = 65536
 
 
 class TlsTransport(PlainTransport):
-    """TLS over TCP (an ``ssl.SSLSocket`` after its handshake, see ``xenbind.tls``).
+    """TLS over TCP (an ``ssl.SSLSocket`` after its handshake, see ``daemonkit.tls``).
 
     ``peer_names`` are the names of the peer's verified certificate. An
     ``ssl.SSLError`` while reading (an alert, a bad record) is raised as a
