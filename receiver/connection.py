@@ -87,7 +87,7 @@ SOFTWARE = "remus-receiver 0.1.0"
 #: closing: how long and how much of the peer's input to drain (see _linger)
 LINGER_S = 0.2
 LINGER_MAX_BYTES = 16 << 20
-#: TEST-ONLY fault hook (tests/test_receiver_admission.py): seconds every
+#: TEST-ONLY fault hook (tests/receiver/test_admission.py): seconds every
 #: admission waits between "backup domain created" and ACCEPT, to widen the
 #: window a slow ``xl create`` opened in the Xen lab. Unset in production.
 ADMIT_DELAY_ENV = "REMUS_RECEIVER_TEST_ADMIT_DELAY_S"

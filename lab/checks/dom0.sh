@@ -10,7 +10,7 @@
 #   guest-running   the guest's workload reported its PFNs on its console
 #   then the Python checks of lab/checks/*.py (xenctrl, xenstore, remus), each
 #   printing its own result lines, and (step "dom0_pytest") the project's own
-#   dom0 test modules (tests/test_xenctrl_dom0.py, tests/test_xenstore.py),
+#   dom0 test modules (tests/xenbind/test_xenctrl_dom0.py, tests/xenbind/test_xenstore.py),
 #   which skip off a dom0: here every test must run and pass.
 #
 # Result lines: "LAB-RESULT PASS|FAIL name: detail", on the console (the
@@ -37,7 +37,7 @@ for arg in $(cat /proc/cmdline); do
 done
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LAB_REPO=$REPO LAB_RESULTS=$RESULTS LAB_GUEST=$GUEST LAB_GUEST_TYPE=$GUEST_TYPE
-DOM0_TESTS="tests/test_xenctrl_dom0.py tests/test_xenstore.py"
+DOM0_TESTS="tests/xenbind/test_xenctrl_dom0.py tests/xenbind/test_xenstore.py"
 export LAB_CONSOLE_LOG=/var/log/xen/console/guest-$GUEST.log
 : > "$OUT"
 

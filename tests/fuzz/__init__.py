@@ -2,7 +2,7 @@
 
     oracles   one function per target: bytes in, the rules checked, nothing
               but the project's own errors may come out (no atheris needed:
-              tests/test_fuzz_short.py calls the same functions)
+              tests/fuzz/test_short_run.py calls the same functions)
     seeds     the seed corpus, written by the project's own encoders
     run       the atheris/libFuzzer driver: python -m tests.fuzz.run --help
 

@@ -24,7 +24,7 @@ wrongly across ``feed`` calls):
                 after the HELLO; a HELLO is only yielded with fields within the
                 protocol's caps; errors are ProtocolError
 
-Nothing here imports atheris: ``tests/test_fuzz_short.py`` runs the same
+Nothing here imports atheris: ``tests/fuzz/test_short_run.py`` runs the same
 oracles on hypothesis-generated inputs inside the normal suite.
 """
 

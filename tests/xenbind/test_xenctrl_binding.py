@@ -1,6 +1,6 @@
 """xenbind.xenctrl off a dom0: the binding compiles, loads, binds every symbol
 the module calls, refuses to open with a clear error, and validates arguments
-before any hypercall. (On a dom0, tests/test_xenctrl_dom0.py runs instead.)"""
+before any hypercall. (On a dom0, tests/xenbind/test_xenctrl_dom0.py runs instead.)"""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from xenbind import PAGE_SIZE, xenctrl
 from xenbind.errors import DomainError, HypervisorUnavailable
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 HEADERS = all(os.path.exists(f"/usr/include/{h}") for h in ("xenctrl.h", "xenforeignmemory.h"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ON_DOM0 = os.path.exists(xenctrl.PRIVCMD_DEVICE)

@@ -30,8 +30,8 @@ from remusd.config import Target
 from remusd.epoch import CheckpointBuffer, capture, encode
 from remusd.initial_copy import initial_copy
 from remusd.link import FileLink, NetLink, Refused
+from tests.receiver.test_daemon_process import Receiver
 from tests.simhost import SimHost, sim_dir
-from tests.test_receiver import Receiver
 from xenbind import PAGE_SIZE
 from xenbind.errors import ConfigError, DomainError
 from xenbind.session import Hello, Options, new_session_id

@@ -5,7 +5,7 @@ a delta against an all-zero page (docs/codecs.md, "Zero base").
   entries without data) and compressed batches (hits, misses, known-zero
   misses, page tables, a PFN twice in a batch) decode to exactly the input;
   after every batch the receiver's mirror equals the sender's cache and the
-  independent model (tests.test_compress.Model, with the known-zero rule),
+  independent model (tests.xenbind.compress.test_codec_roundtrips.Model, with the known-zero rule),
   byte for byte; after every step the receiver's known-zero set equals the
   sender's and the model's. The same through the StreamWriter and the
   stream Decoder (the set kept from the header, handed to the Decompressor).
@@ -31,7 +31,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_compress import Model, assert_mirrors, full_reference, page_change
+from tests.xenbind.compress.test_codec_roundtrips import (
+    Model,
+    assert_mirrors,
+    full_reference,
+    page_change,
+)
 from xenbind.compress import Compressor, Decompressor
 from xenbind.compress import formats as F
 from xenbind.compress.codec import MAX_KNOWN_PFNS
@@ -50,7 +55,7 @@ from xenbind.types import Context
 
 PAGE = 4096
 CODECS = ("seed", "xen")
-KERNEL = Path(__file__).resolve().parent.parent / "xenbind" / "compress" / "kernel.c"
+KERNEL = Path(__file__).resolve().parents[3] / "xenbind" / "compress" / "kernel.c"
 BEGIN = struct.pack("<hI", -100, 0)
 #: page types of Format A entries the strategies draw from: with data, and without
 TYPES = [TYPE_NOTAB, TYPE_NOTAB, TYPE_NOTAB, TYPE_L1TAB, TYPE_XTAB, TYPE_XALLOC, TYPE_BROKEN]

@@ -28,7 +28,7 @@ from xenbind.xenstore import (
     uuid_from_vm_path,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHED_XENSTORED = ROOT / ".cache/xen-tools/usr/lib/xen-4.17/bin/xenstored"
 DOM0_SOCKETS = ("/run/xenstored/socket", "/var/run/xenstored/socket")
 FAKE_DOMID = 32000  # a domid no real domain has (DOMID_FIRST_RESERVED is 0x7FF0)

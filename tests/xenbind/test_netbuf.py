@@ -15,7 +15,7 @@ import pytest
 
 from xenbind.netbuf import ifb_name, vifs_of
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
     """

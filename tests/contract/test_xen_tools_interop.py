@@ -35,7 +35,7 @@ from xenbind.stream import (
 from xenbind.types import Context
 
 PAGE = 4096
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 XEN_LIB = "usr/lib/xen-4.17"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = {"remusd.service": "remusd", "remus-receiver.service": "remus-receiver"}
 VENV_BIN = Path(sys.executable).parent
 

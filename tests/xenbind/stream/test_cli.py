@@ -17,7 +17,7 @@ from xenbind.types import Context
 
 PAGE = 4096
 CTX = Context((1, 2, 3), b"ctx", b"dm")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def make_stream(codec: str = "seed", p2m: int = 64, rounds: int = 3, seed: int = 0):

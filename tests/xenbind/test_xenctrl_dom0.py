@@ -6,7 +6,7 @@ skip with the reason).
                                    write puts back the bytes just read)
 
 Run in the lab's dom0: ``REMUS_XEN_GUEST=labguest .venv/bin/pytest -q
-tests/test_xenctrl_dom0.py tests/test_xenstore.py``.
+tests/xenbind/test_xenctrl_dom0.py tests/xenbind/test_xenstore.py``.
 """
 
 from __future__ import annotations

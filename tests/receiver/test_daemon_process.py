@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid as uuidlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ from xenbind.types import DomainConfig
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(Path(__file__).resolve().parents[2])
 RECEIVER = os.path.join(os.path.dirname(sys.executable), "remus-receiver")
 PAGES = 512  # 2 MiB domains
 INTERVAL_MS = 50  # -> default failover timeout max(500, 3*50+300) = 500 ms

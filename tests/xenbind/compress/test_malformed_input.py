@@ -65,7 +65,7 @@ SEED_BAD = [
     ("no base bad deltas", BEGIN + delta(2, 1), [2], 0, NO_BASE),
     ("no base after zero base", BEGIN + delta(8, 1) + BEGIN, [3, 2], 12, NO_BASE),
     # one for a known-zero pfn decodes against a zero page
-    # (tests/test_compress_zero_base.py); malformed, it fails like any other
+    # (tests/xenbind/compress/test_zero_base.py); malformed, it fails like any other
     ("zero base descending", BEGIN + delta(8, 0) + delta(4, 0), [3], 12, r"offset 4 not above"),
     (
         "zero base later",

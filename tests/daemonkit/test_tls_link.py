@@ -35,8 +35,8 @@ from daemonkit.tls import (
     settings_from_args,
 )
 from daemonkit.transport import PlainTransport, Transport
+from tests.receiver.test_daemon_process import Guest, Receiver
 from tests.simhost import SimHost, host_pair
-from tests.test_receiver import Guest, Receiver
 from tests.tls_certs import Pki
 from xenbind import PAGE_SIZE
 from xenbind.errors import ConfigError
@@ -45,10 +45,10 @@ from xenbind.stream import StreamWriter
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(Path(__file__).resolve().parents[2])
 RECEIVER = os.path.join(os.path.dirname(sys.executable), "remus-receiver")
 PAGES = 256  # 1 MiB guests
-#: the receiver's timeouts these tests were written for (tests.test_receiver's are shorter)
+#: the receiver's timeouts these tests were written for (tests.receiver.test_daemon_process's are shorter)
 TLS_TIMEOUTS = ("--handshake-timeout", "2", "--stall-timeout", "30")
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_stream_common import decode, decode_bytewise, normal, random_pages, replay_events
+from tests.xenbind.stream.common import decode, decode_bytewise, normal, random_pages, replay_events
 from xenbind.compress import Compressor
 from xenbind.stream import (
     CheckpointEnd,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-KERNEL = Path(__file__).resolve().parent.parent / "xenbind" / "compress" / "kernel.c"
+KERNEL = Path(__file__).resolve().parents[3] / "xenbind" / "compress" / "kernel.c"
 
 HARNESS = r"""
 #include "kernel.c"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_stream_common import decode, decode_bytewise, normal, random_pages, replay_events
+from tests.xenbind.stream.common import decode, decode_bytewise, normal, random_pages, replay_events
 from xenbind.errors import StreamError
 from xenbind.stream import (
     CheckpointEnd,

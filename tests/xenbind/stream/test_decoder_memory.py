@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from tests.test_stream_common import merge_pages, random_pages, replay_events
+from tests.xenbind.stream.common import merge_pages, random_pages, replay_events
 from xenbind.errors import StreamError
 from xenbind.stream import (
     CheckpointEnd,

@@ -30,8 +30,8 @@ import pytest
 from receiver.config import load_config
 from receiver.daemon import ReceiverDaemon
 from receiver.server import Listener
+from tests.receiver.test_daemon_process import Guest, Receiver, Sender, backup_state, wait_for
 from tests.simhost import host_pair
-from tests.test_receiver import Guest, Receiver, Sender, backup_state, wait_for
 from xenbind.compress.formats import MAX_ENCODED_PAGE
 from xenbind.session import Accepted, Error, Refused, SenderSession
 from xenbind.stream import StreamWriter

@@ -27,8 +27,8 @@ from receiver import connection as rx_connection
 from receiver.config import load_config
 from receiver.daemon import ReceiverDaemon
 from receiver.server import Listener
+from tests.receiver.test_daemon_process import Guest, Receiver, Sender, backup_state, wait_for
 from tests.simhost import host_pair
-from tests.test_receiver import Guest, Receiver, Sender, backup_state, wait_for
 from xenbind.session import Accepted, Goodbye
 
 pytestmark = pytest.mark.timeout(90)

@@ -233,8 +233,8 @@ RSS_GROWTH_LIMIT = 24 << 20
 
 @pytest.fixture(scope="module")
 def rx(tmp_path_factory):
+    from tests.receiver.test_daemon_process import Receiver
     from tests.simhost import SimHost, sim_dir
-    from tests.test_receiver import Receiver
 
     primary = SimHost(sim_dir("mem-primary-")).start()
     backup = SimHost(sim_dir("mem-backup-")).start()
@@ -250,12 +250,12 @@ def rx(tmp_path_factory):
 
 
 def _sender(port: int, primary, *, codec: str = "seed"):
-    """A test sender (tests/test_receiver.py) with a small codec cache and
+    """A test sender (tests/receiver/test_daemon_process.py) with a small codec cache and
     sender buffer (the receiver refuses a buffer whose chunks could exceed its
     --max-compressed-mb 4 at the handshake), accepted."""
     import dataclasses
 
-    from tests.test_receiver import Guest, Sender
+    from tests.receiver.test_daemon_process import Guest, Sender
     from xenbind.session import Accepted, SenderSession
 
     g = Guest(primary)
