@@ -24,7 +24,8 @@ import pytest
 
 from tests.simhost import SimHost, sim_dir
 from xenbind.sim import postmortem
-from xenbind.sim.workloads import MAGIC_PAGES, Registers, make_workload
+from xenbind.sim.guest import make_workload
+from xenbind.sim.workloads import MAGIC_PAGES, Registers
 
 GUEST_MEMORY = 16 << 20
 

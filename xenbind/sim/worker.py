@@ -46,8 +46,9 @@ import numpy as np
 from .. import PAGE_SIZE
 from . import layout as L
 from .dirty import MODE_BITMAP, MODE_UFFD, DirtyTrackingError, SharedBitmap, UffdWriteProtect
+from .guest import make_workload
 from .outputs import OutputBuffer
-from .workloads import MAGIC_PAGES, Registers, RegistersError, make_workload, new_registers
+from .workloads import MAGIC_PAGES, Registers, RegistersError, new_registers
 
 PR_SET_PDEATHSIG = 1
 NO_STOP = (1 << 64) - 1

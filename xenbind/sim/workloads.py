@@ -268,12 +268,3 @@ def new_registers(
     if kind == "ledger":
         a = a or DEFAULT_ACCOUNTS
     return Registers(KIND_ID[kind], seed & _M64, 0, float(rate), int(a), float(b))
-
-
-def make_workload(regs: Registers, usable: int):
-    """The workload object for ``regs`` over ``usable`` guest pages."""
-    if regs.kind_name == "ledger":
-        from .ledger import LedgerWorkload
-
-        return LedgerWorkload(regs, usable)
-    return PageWorkload(regs, usable)

@@ -9,6 +9,7 @@ import pytest
 
 from xenbind import PAGE_SIZE
 from xenbind.sim import dirty
+from xenbind.sim.guest import make_workload
 from xenbind.sim.ledger import check_ledger, parse_acks
 from xenbind.sim.outputs import OutputBuffer
 from xenbind.sim.workloads import (
@@ -16,7 +17,6 @@ from xenbind.sim.workloads import (
     RegistersError,
     h64,
     h64v,
-    make_workload,
     new_registers,
 )
 

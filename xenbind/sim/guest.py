@@ -1,0 +1,18 @@
+"""Which workload object runs a simulated guest, by its registers' kind.
+
+Apart from ``workloads`` (the page workloads and the registers) and
+``ledger`` (the bank guest, built on the registers): the one module that
+knows both, so that neither imports the other back.
+"""
+
+from __future__ import annotations
+
+from .ledger import LedgerWorkload
+from .workloads import PageWorkload, Registers
+
+
+def make_workload(regs: Registers, usable: int) -> PageWorkload | LedgerWorkload:
+    """The workload object for ``regs`` over ``usable`` guest pages."""
+    if regs.kind_name == "ledger":
+        return LedgerWorkload(regs, usable)
+    return PageWorkload(regs, usable)
