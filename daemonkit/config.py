@@ -95,7 +95,16 @@ def _convert_one(where: str, action: argparse.Action, value: Any) -> Any:
             result = conv(str(value)) if not isinstance(value, str) else conv(value)
     except (ValueError, TypeError, argparse.ArgumentTypeError, ConfigError) as e:
         raise ConfigError(f"{where}: invalid value {value!r} ({e})") from None
-    if action.choices is not None and result not in action.choices:
+    if isinstance(value, str) and isinstance(result, int | float) and not isinstance(result, bool):
+        # a TOML string is never a number: `interval = "100"` is a typo the
+        # file's reader should hear about, not a value quietly converted
+        raise ConfigError(f"{where}: expected a number, got the string {value!r} (write {value})")
+    return result if action.choices is None else _choice(where, action, result)
+
+
+def _choice(where: str, action: argparse.Action, result: Any) -> Any:
+    assert action.choices is not None
+    if result not in action.choices:
         choices = ", ".join(map(str, action.choices))
         raise ConfigError(f"{where}: {result!r} is not one of {choices}")
     return result

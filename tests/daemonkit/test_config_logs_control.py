@@ -71,6 +71,8 @@ def test_default_config_is_read(tmp_path):
         ("bogus = 1\n", "unknown key 'bogus'"),
         ('interval = "fast"\n', "key 'interval'"),
         ("interval = 1.5\n", "key 'interval'"),
+        ('interval = "100"\n', "key 'interval': expected a number, got the string '100'"),
+        ('timeout = "1.5"\n', "key 'timeout': expected a number"),
         ('insecure = "yes"\n', "true or false"),
         ('codec = "zip"\n', "not one of"),
         ("interval = [1]\n", "single value"),
@@ -82,6 +84,28 @@ def test_config_errors(tmp_path, text, match):
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=match):
         parse_args_with_config(_parser(), ["--config", str(cfg)])
+
+
+def test_a_string_is_not_a_number_for_a_validating_type(tmp_path):
+    # the daemons' own converters (receiver.config._positive(int) and the
+    # like) accept the text "100" from a command line; from TOML it is a typo
+    def positive(text: str) -> int:
+        n = int(text)
+        if n <= 0:
+            raise argparse.ArgumentTypeError("must be positive")
+        return n
+
+    p = _parser()
+    p.add_argument("--pages", type=positive, default=1)
+    p.add_argument("--name", type=str, default="x")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('pages = "100"\n')
+    with pytest.raises(ConfigError, match="'pages': expected a number"):
+        parse_args_with_config(p, ["--config", str(cfg)])
+    cfg.write_text('pages = 100\nname = "100"\n')  # a string option keeps its string
+    args = parse_args_with_config(p, ["--config", str(cfg)])
+    assert (args.pages, args.name) == (100, "100")
+    assert parse_args_with_config(p, ["--pages", "7"]).pages == 7  # the command line is text
 
 
 def test_dash_and_underscore_keys(tmp_path):
