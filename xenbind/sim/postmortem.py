@@ -3,13 +3,23 @@
 ``digest`` hashes a domain's memory file, ``outputs`` reads its released
 output, ``ledger_check`` runs the ledger checker on its memory file. None of
 them needs the host process; all raise ``DomainError`` naming the domain.
+
+``ledger_check`` reads one consistent view: a private copy of the memory
+taken while the guest does not run. When the host answers and the domain's
+guest is running, it is paused for the copy (counted, as every pause) and
+unpaused after; a domain already paused, or a host that died, does not move.
+The check then runs on the copy, so nothing it holds points into the mapping
+(a view into a mapping that is closed under it is the ``BufferError: cannot
+close exported pointers exist`` an earlier version died of).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -75,12 +85,32 @@ def ledger_check(
             ) from None
         except ValueError as e:
             raise DomainError(meta["domid"], "ledger-check", str(e)) from None
-    mm = _map(sim_dir, meta, "ledger-check")
-    try:
-        mem = np.frombuffer(mm, dtype=np.uint8)
+    with _still(sim_dir, meta):
+        mm = _map(sim_dir, meta, "ledger-check")
         try:
-            return check_ledger(mem, int(meta["pages"]) - MAGIC_PAGES, acked)
+            mem = np.frombuffer(mm, dtype=np.uint8).copy()  # the consistent view
         finally:
-            del mem
+            mm.close()
+    return check_ledger(mem, int(meta["pages"]) - MAGIC_PAGES, acked)
+
+
+@contextlib.contextmanager
+def _still(sim_dir: str, meta: dict) -> Iterator[None]:
+    """The domain's guest does not write while the block runs: paused here
+    if the host answers and it runs, else left as it is (paused already,
+    or its host is gone and nothing moves)."""
+    from .client import SimHypervisor
+
+    try:
+        dom = SimHypervisor(sim_dir).lookup(meta["domid"])
+        running = dom.info().state == "running"
+    except DomainError:
+        running = False  # the host died (or the domain with it): the file is still
+    if not running:
+        yield
+        return
+    dom.pause()
+    try:
+        yield
     finally:
-        mm.close()
+        dom.unpause()
