@@ -39,6 +39,7 @@ import statistics
 import time
 import zlib
 from collections.abc import Callable
+from typing import TypeVar
 
 import lz4.frame
 import numpy as np
@@ -52,6 +53,7 @@ PATTERNS = ("unchanged", "1word", "16words", "run256", "half", "all", "miss")
 SPARSE = ("1word", "16words", "run256")
 WORDS = PAGE_SIZE // 4
 MB = 1e6
+_T = TypeVar("_T")
 
 
 def make_pattern(name: str, old: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -80,8 +82,8 @@ def make_pattern(name: str, old: np.ndarray, rng: np.random.Generator) -> np.nda
     return new
 
 
-def median_time(fn: Callable[[int], object], reps: int) -> float:
-    """Median CPU time of fn over reps calls (see Clock)."""
+def median_time(fn: Callable[..., object], reps: int) -> float:
+    """Median CPU time of fn(r) over reps calls r (see Clock)."""
     times = []
     for r in range(reps):
         t0 = time.thread_time()
@@ -128,8 +130,9 @@ class Series:
         self.op: list[tuple[float, float]] = []
         self.cpy: list[tuple[float, float]] = []
 
-    def timed(self, copier: Copier, fn: Callable[[], object]) -> object:
-        """Run fn, timed, with the memcpy timed on both sides (the faster kept)."""
+    def timed(self, copier: Copier, fn: Callable[..., _T]) -> _T:
+        """Run fn() (a lambda may bind its loop values as defaults), timed,
+        with the memcpy timed on both sides (the faster kept)."""
         c0 = copier.time()
         clk = Clock()
         res = fn()

@@ -78,6 +78,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,6 +88,7 @@ sys.path.insert(0, REPO)
 from daemonkit.control import ControlError, control_request  # noqa: E402
 from tests.simhost import SimHost  # noqa: E402
 from xenbind import PAGE_SIZE  # noqa: E402
+from xenbind.compress.formats import CODECS  # noqa: E402  (every codec is benched)
 from xenbind.sim import layout as L  # noqa: E402
 from xenbind.sim.workloads import DEFAULT_RATE  # noqa: E402
 
@@ -94,7 +96,6 @@ BIN = Path(sys.executable).parent
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
-CODECS = ("seed", "xen", "none")
 WORKLOADS = ("ledger", "hotset", "random", "scan")
 #: hotset shape: working set = the codecs' default cache (8192 pages, 32 MiB)
 HOTSET_WSS = 8192
@@ -653,6 +654,7 @@ def phase_pause(stack: Stack, memory: int, seconds: float) -> dict:
                 stack.unprotect(name)
             interval = pause_interval(want)
             out.setdefault("initial_copy", stack.protect(name, "seed", interval))
+        assert interval is not None  # set above on the first level
         rate = calibrate(stack, dom, name, want * 1000 / interval, want, 1.5)
         buf = np.empty((want, PAGE_SIZE), dtype=np.uint8)
 
@@ -697,7 +699,7 @@ def phase_workloads(
         kw = {"wss": HOTSET_WSS} if workload == "hotset" else {}
         dom = create(stack, name, memory, workload, RATIO_RATE.get(workload, 100000.0), **kw)
         ratio[workload] = {}
-        hot_rate = None
+        hot_rate = 0.0  # the hotset's calibrated rate (pages/s); only hotset uses it
         if workload == "hotset":  # in a session of its own: every codec then starts cold
             stack.protect(name, "none", RATE_INTERVAL_MS)
             hot_rate = calibrate(stack, dom, name, 120000.0, RATE_PAGES, 1.5)
@@ -1083,7 +1085,7 @@ def plot(r: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def median_of_runs(runs: list) -> object:
+def median_of_runs(runs: list[Any]) -> Any:
     """Element-wise median of several runs' results: numbers -> median,
     booleans -> true if true in most runs, lists of dicts -> element-wise,
     sample lists and strings -> the first run's."""

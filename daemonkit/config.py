@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import tomllib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from xenbind.errors import ConfigError
 
@@ -83,7 +83,10 @@ def _convert_one(where: str, action: argparse.Action, value: Any) -> Any:
         raise ConfigError(f"{where}: expected a single value, got {value!r}")
     if isinstance(value, bool) and action.type not in (None, bool):
         raise ConfigError(f"{where}: expected a value, got {value!r}")
-    conv = action.type
+    # argparse also allows a registered type's name here; this project's
+    # parsers give callables only
+    conv = cast("Callable[[Any], Any] | None", action.type)
+    result: Any  # what the option's type makes of the value
     try:
         if conv is None:
             result = value if isinstance(value, str) else str(value)

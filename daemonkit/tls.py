@@ -372,6 +372,7 @@ def _classify(e: BaseException) -> TlsRefused:
 
 def _handshake(ssock: ssl.SSLSocket, deadline: float) -> None:
     """Run the handshake on a non-blocking SSLSocket until ``deadline``."""
+    want: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]]
     while True:
         try:
             ssock.do_handshake()

@@ -176,6 +176,7 @@ class TlsTransport(PlainTransport):
     """
 
     kind = "tls"
+    sock: ssl.SSLSocket
 
     def __init__(self, sock: ssl.SSLSocket, peer_names: list[str] | None = None) -> None:
         super().__init__(sock)

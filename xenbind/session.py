@@ -50,8 +50,11 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar, overload
 
+from .compress.formats import CODECS as CODECS  # codecs a HELLO may name (re-exported)
 from .errors import ProtocolError
 from .types import DomainConfig
 
@@ -120,9 +123,6 @@ _U64 = struct.Struct("<Q")
 #: REFUSE codes (JSON "code" field): the sender can decide whether to retry.
 REFUSE_CODES = ("version", "bad-hello", "codec", "limit", "fenced", "busy", "internal")
 
-#: Codecs a HELLO may name (the same as xenbind.compress.CODECS).
-CODECS = ("seed", "xen", "none")
-
 #: Caps on HELLO fields (the receiver has its own, tighter, limits on top).
 MAX_NAME_LEN = 128
 MAX_SOFTWARE_LEN = 128
@@ -183,7 +183,7 @@ class Accept:
     session_id: str
     failover_timeout_ms: int  # the receiver fails over this long after the last sign of life
     heartbeat_ms: int  # the receiver sends HEARTBEAT at least this often
-    limits: dict = field(default_factory=dict)  # max_pages, max_staged_bytes, max_compressed
+    limits: dict[str, Any] = field(default_factory=dict)  # max_pages, max_staged_bytes, ...
     software: str = ""
     version: int = PROTOCOL_VERSION
 
@@ -211,7 +211,7 @@ class HelloReceived:
 class StreamData:
     """Receiver side: bytes of the legacy stream, in order, untouched."""
 
-    data: bytes | memoryview
+    data: bytes | bytearray | memoryview  # what feed() was given, when it held nothing back
 
 
 @dataclass(frozen=True)
@@ -251,10 +251,29 @@ class Goodbye:
     reason: str
 
 
+#: What ReceiverSession.feed returns a list of.
+ReceiverEvent = HelloReceived | StreamData
+#: What SenderSession.feed returns a list of.
+SenderEvent = Accepted | Refused | Ack | Heartbeat | Error | Goodbye
+
+
 # --- JSON field checking ---------------------------------------------------
 
 
-def _need(obj: dict, key: str, kind: type | tuple, where: str, offset: int) -> object:
+_T = TypeVar("_T")
+#: A decoded JSON object (HELLO / ACCEPT / REFUSE body).
+JsonObject = Mapping[str, object]
+
+
+@overload
+def _need(obj: JsonObject, key: str, kind: type[_T], where: str, offset: int) -> _T: ...
+@overload
+def _need(
+    obj: JsonObject, key: str, kind: tuple[type[Any], ...], where: str, offset: int
+) -> object: ...
+def _need(
+    obj: JsonObject, key: str, kind: type[Any] | tuple[type[Any], ...], where: str, offset: int
+) -> object:
     if key not in obj:
         raise HandshakeError("bad-hello", f"{where}: field {key!r} missing", offset)
     value = obj[key]
@@ -265,21 +284,21 @@ def _need(obj: dict, key: str, kind: type | tuple, where: str, offset: int) -> o
     return value
 
 
-def _int_in(obj: dict, key: str, lo: int, hi: int, where: str, offset: int) -> int:
+def _int_in(obj: JsonObject, key: str, lo: int, hi: int, where: str, offset: int) -> int:
     value = _need(obj, key, int, where, offset)
     if not lo <= value <= hi:
         raise HandshakeError("bad-hello", f"{where}: {key}={value} outside {lo}..{hi}", offset)
     return value
 
 
-def _str_max(obj: dict, key: str, cap: int, where: str, offset: int) -> str:
+def _str_max(obj: JsonObject, key: str, cap: int, where: str, offset: int) -> str:
     value = _need(obj, key, str, where, offset)
     if len(value) > cap:
         raise HandshakeError("bad-hello", f"{where}: {key} longer than {cap} characters", offset)
     return value
 
 
-def _load_json(body: bytes, offset: int, code: str = "bad-hello") -> dict:
+def _load_json(body: bytes, offset: int, code: str = "bad-hello") -> dict[str, object]:
     try:
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -289,7 +308,7 @@ def _load_json(body: bytes, offset: int, code: str = "bad-hello") -> dict:
     return obj
 
 
-def _dump_json(obj: dict) -> bytes:
+def _dump_json(obj: JsonObject) -> bytes:
     body = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
     if len(body) > MAX_HELLO_BYTES:
         raise ProtocolError(f"handshake body of {len(body)} bytes exceeds {MAX_HELLO_BYTES}")
@@ -318,7 +337,7 @@ def encode_hello(hello: Hello) -> bytes:
     return PREFIX.pack(HELLO_MAGIC, hello.version, 0, len(body)) + body
 
 
-def parse_hello_body(obj: dict, version: int, offset: int = 0) -> Hello:
+def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
     """A Hello from its decoded JSON object; HandshakeError naming the bad field."""
     session = _need(obj, "session", str, "hello", offset)
     if not _HEX32.match(session):
@@ -453,7 +472,7 @@ class ReceiverSession:
         self._in = _Buffer()
         self.bytes_in = 0
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[ReceiverEvent]:
         self.bytes_in += len(data)
         if self.state == "streaming":
             if self._in.buf:
@@ -489,7 +508,7 @@ class ReceiverSession:
         self.bytes_in += n
         self._in.offset += n
 
-    def _parse_hello(self) -> list:
+    def _parse_hello(self) -> list[ReceiverEvent]:
         buf = self._in.buf
         # check the magic as far as it has arrived: fail fast on garbage
         head = bytes(buf[:8])
@@ -584,7 +603,7 @@ class SenderSession:
         self.state = "waiting"
         return encode_hello(self._hello)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[SenderEvent]:
         if self.state in ("refused", "closed"):
             if len(data):
                 raise ProtocolError("data received after the session ended")
@@ -592,20 +611,20 @@ class SenderSession:
         if self.state == "new":
             raise ProtocolError("data received before HELLO was sent")
         self._in.add(data)
-        events: list = []
+        events: list[SenderEvent] = []
         if self.state == "waiting":
             ev = self._parse_reply()
             if ev is None:
                 return events
             events.append(ev)
         while self.state == "established":
-            ev = self._parse_frame()
-            if ev is None:
+            frame = self._parse_frame()
+            if frame is None:
                 break
-            events.append(ev)
+            events.append(frame)
         return events
 
-    def _parse_reply(self):
+    def _parse_reply(self) -> Accepted | Refused | None:
         buf = self._in.buf
         head = bytes(buf[:8])
         if head != REPLY_MAGIC[: len(head)]:
@@ -628,8 +647,9 @@ class SenderSession:
         off = PREFIX.size
         if status == REPLY_REFUSE:
             # read leniently: a refusal from any version must reach the operator
-            code = obj.get("code") if isinstance(obj.get("code"), str) else "internal"
-            reason = obj.get("reason") if isinstance(obj.get("reason"), str) else "(no reason)"
+            raw_code, raw_reason = obj.get("code"), obj.get("reason")
+            code = raw_code if isinstance(raw_code, str) else "internal"
+            reason = raw_reason if isinstance(raw_reason, str) else "(no reason)"
             self.state = "refused"
             return Refused(Refuse(code[:32], reason[:MAX_REASON_BYTES], version))
         if not self.min_version <= version <= self._hello.version:
@@ -656,7 +676,7 @@ class SenderSession:
         self.state = "established"
         return Accepted(accept)
 
-    def _parse_frame(self):
+    def _parse_frame(self) -> Ack | Heartbeat | Error | Goodbye | None:
         buf = self._in.buf
         if len(buf) < FRAME_HEADER.size:
             return None

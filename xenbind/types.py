@@ -14,14 +14,15 @@ without a cycle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 #: Page contents are passed as uint8 arrays of shape (n, PAGE_SIZE).
-PageArray = np.ndarray
+PageArray: TypeAlias = npt.NDArray[np.uint8]
 #: PFN lists are 1-D uint64 arrays.
-PfnArray = np.ndarray
+PfnArray: TypeAlias = npt.NDArray[np.uint64]
 
 
 @dataclass(frozen=True)

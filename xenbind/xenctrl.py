@@ -399,6 +399,7 @@ class XenDomain(Domain):
         if self._dirty == _ffi.NULL:
             raise DomainError(self.domid, name, "log-dirty mode is not enabled")
         buf = self._dirty_buf
+        assert buf is not None  # allocated with self._dirty (enable_logdirty)
         count = _ffi.new("uint32_t *")
         rc = _lib.remus_dirty_op(
             self._hv.xch, self._dirty, self.domid, sop, _ffi.from_buffer(buf), buf.size, count

@@ -150,7 +150,7 @@ def cpuid_to_xend(policy) -> list[str]:
     """libxl's JSON CPUID policy (a list of {"leaf", "subleaf"?, "eax".."edx"})
     as xl's xend-style list: ``"0x80000001:edx=xxxx0xxx..."``. Entries or
     registers of another shape are left out."""
-    out = []
+    out: list[str] = []
     if not isinstance(policy, list):
         return out
     for e in policy:

@@ -31,12 +31,16 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from lab.checks.guestlog import PAGE_SIZE, counter_value, expected_pattern_page, read_layout
 from lab.checks.report import emit, require, run_check
 from xenbind.xenstore import XenStore
+
+if TYPE_CHECKING:
+    from xenbind.xenctrl import XenHypervisor
 
 GUEST = os.environ.get("LAB_GUEST", "labguest")
 RESULTS = os.environ.get("LAB_RESULTS", "/tmp")
@@ -118,7 +122,7 @@ class Checks:
         from xenbind.factory import open_hypervisor
 
         self.layout = read_layout()
-        self.hv = open_hypervisor(None)
+        self.hv = cast("XenHypervisor", open_hypervisor(None))  # real Xen, in dom0
         self.dom = self.hv.lookup(GUEST)
         self.paused_by_us = False
         self.inspect: dict = {}

@@ -25,11 +25,15 @@ import struct
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from lab.checks.guestlog import PAGE_SIZE, counter_value, expected_pattern_page, read_layout
 from lab.checks.report import emit, require, run_check
+
+if TYPE_CHECKING:
+    from xenbind.xenctrl import XenDomain, XenHypervisor
 
 GUEST = os.environ.get("LAB_GUEST", "labguest")
 HVM_SAVE_MAGIC = 0x54381286  # struct hvm_save_header.magic
@@ -63,15 +67,17 @@ def hvm_records(blob: bytes) -> list[tuple[int, int, int]]:
 
 
 class Checks:
+    # opened by open(), the first check
+    hv: XenHypervisor
+    dom: XenDomain
+
     def __init__(self) -> None:
-        self.hv = None
-        self.dom = None
         self.layout = read_layout()
 
     def open(self) -> str:
         from xenbind.factory import open_hypervisor
 
-        self.hv = open_hypervisor(None)
+        self.hv = cast("XenHypervisor", open_hypervisor(None))  # checked just below
         require(getattr(self.hv, "kind", None) == "xen", f"hypervisor kind {self.hv.kind!r}")
         self.domid = guest_domid()
         self.dom = self.hv.lookup(self.domid)
@@ -88,6 +94,7 @@ class Checks:
         require(g.state == "running", f"guest state {g.state!r}")
         want_hvm = os.environ.get("LAB_GUEST_TYPE", "pvh") != "pv"
         require(g.hvm == want_hvm, f"guest hvm={g.hvm}, expected {want_hvm}")
+        by_name: int | str
         try:
             by_name = self.hv.lookup(GUEST).domid
         except Exception as e:  # noqa: BLE001 - reported in the detail

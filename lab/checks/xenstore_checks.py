@@ -21,8 +21,13 @@ import os
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, cast
 
 from lab.checks.report import emit, require, run_check
+
+if TYPE_CHECKING:
+    from xenbind.xenctrl import XenHypervisor
+    from xenbind.xenstore import XenStore
 
 GUEST = os.environ.get("LAB_GUEST", "labguest")
 RELEASE_DOMAIN = "@releaseDomain"
@@ -36,12 +41,20 @@ def xl(*args: str, timeout: float = 60) -> str:
 
 class Checks:
     def __init__(self) -> None:
-        self.xs = None
+        self._xs: XenStore | None = None
+
+    @property
+    def xs(self) -> XenStore:
+        """The connection connect() (the first check) made; main() skips the
+        other checks without it."""
+        if self._xs is None:
+            raise AssertionError("no xenstore connection")
+        return self._xs
 
     def connect(self) -> str:
         from xenbind.xenstore import XenStore
 
-        self.xs = XenStore.connect()
+        self._xs = XenStore.connect()
         top = self.xs.list("/local/domain")
         return f"connected; /local/domain lists {sorted(top)}"
 
@@ -71,7 +84,7 @@ class Checks:
         from xenbind.factory import open_hypervisor
 
         domid = int(os.environ["LAB_GUEST_DOMID"])
-        hv = open_hypervisor(None)
+        hv = cast("XenHypervisor", open_hypervisor(None))  # real Xen, in dom0
         t0 = time.monotonic()
         self.xs.suspend(domid, lambda: hv.is_suspended(domid), ack_timeout=60, suspend_timeout=120)
         reason = hv.shutdown_reason(domid)
@@ -115,8 +128,8 @@ def main(argv: list[str]) -> int:
             run_check(name, fn)
         else:
             emit("FAIL", name, "skipped: no xenstore connection")
-    if c.xs is not None:
-        c.xs.close()
+    if c._xs is not None:
+        c._xs.close()
     return 0
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from tests.simhost import SimHost, sim_dir
 from xenbind.sim import postmortem
+from xenbind.sim.client import SimDomain
 from xenbind.sim.guest import make_workload
 from xenbind.sim.workloads import MAGIC_PAGES, Registers
 
@@ -35,7 +36,7 @@ class SimHarness:
         self.host = host
         self.hypervisor = host.hv
         self.dirty_mode = dirty_mode
-        self.domains = []
+        self.domains: list[SimDomain] = []
 
     def new_guest(self, kind: str = "writer", seed: int = 1, memory: int = GUEST_MEMORY):
         workload = {"writer": "random", "ledger": "ledger", "hotset": "hotset", "idle": "idle"}[

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -78,7 +79,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / f"{self.name}.log"
 
-    def start(self, timeout: float = 30) -> Daemon:
+    def start(self, timeout: float = 30) -> Self:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(

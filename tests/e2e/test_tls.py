@@ -124,7 +124,9 @@ def receiver(procs, workdir: Path, backup, pki) -> tuple[Proc, int]:
         str(workdir / "rx.sock"),
     )
     procs.append(p)
-    port = int(re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)", p.log()).group(1))
+    m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)", p.log())
+    assert m is not None, p.log()
+    port = int(m.group(1))
     return p, port
 
 

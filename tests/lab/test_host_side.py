@@ -86,7 +86,8 @@ def test_not_finished_without_marker():
 
 def read_newc(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
     """A small independent newc reader: (name, mode, data, rdev) per entry."""
-    out, off = [], 0
+    out: list[tuple[str, int, bytes, tuple[int, int]]] = []
+    off = 0
     while True:
         assert data[off : off + 6] == b"070701", f"bad magic at {off}"
         f = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]

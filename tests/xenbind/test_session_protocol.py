@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -54,7 +55,7 @@ def make_hello(**kw) -> Hello:
         hvm=True,
         extra={"workload": "ledger", "seed": 1},
     )
-    args = dict(
+    args: dict[str, Any] = dict(
         session_id=new_session_id(),
         options=Options(codec="xen", verify=True),
         domain=domain,
@@ -82,8 +83,8 @@ def handshake(hello: Hello | None = None):
     events = r.feed(s.hello())
     assert events == [HelloReceived(hello)]
     reply = r.accept(accept_for(hello))
-    events = s.feed(reply)
-    assert events == [Accepted(accept_for(hello))]
+    answer = s.feed(reply)
+    assert answer == [Accepted(accept_for(hello))]
     return s, r
 
 

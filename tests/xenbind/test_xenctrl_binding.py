@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+from typing import cast
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def _offline_domain(pages: int) -> xenctrl.XenDomain:
         fmem = xenctrl._ffi.NULL
 
     d = xenctrl.XenDomain.__new__(xenctrl.XenDomain)
-    d._hv, d.domid, d.pages = NoHandles(), 9, pages
+    d._hv, d.domid, d.pages = cast(xenctrl.XenHypervisor, NoHandles()), 9, pages
     d._dirty, d._dirty_buf, d._netbuf = xenctrl._ffi.NULL, None, None
     return d
 

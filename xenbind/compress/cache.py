@@ -23,10 +23,12 @@ tools look inside without changing the LRU order.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from xenbind import PAGE_SIZE
 from xenbind._codec import ffi, lib
 from xenbind.errors import ConfigError
+from xenbind.types import PageArray, PfnArray
 
 DEFAULT_CACHE_PAGES = 8192  # Xen's DELTA_CACHE_SIZE / page size
 MAX_CACHE_PAGES = 1 << 18  # 1 GiB of cache: the most a peer may make us allocate
@@ -44,11 +46,11 @@ class PageCache:
         capacity = int(capacity)
         tsize = 1 << max(1, (2 * capacity - 1).bit_length())
         self.capacity = capacity
-        self.data = np.zeros((capacity, PAGE_SIZE), dtype=np.uint8)
-        self.pfn = np.zeros(capacity, dtype=np.uint64)
-        self.prev = np.full(capacity, NIL, dtype=np.uint32)
-        self.next = np.full(capacity, NIL, dtype=np.uint32)
-        self.table = np.zeros(tsize, dtype=np.uint32)
+        self.data: PageArray = np.zeros((capacity, PAGE_SIZE), dtype=np.uint8)
+        self.pfn: PfnArray = np.zeros(capacity, dtype=np.uint64)
+        self.prev: npt.NDArray[np.uint32] = np.full(capacity, NIL, dtype=np.uint32)
+        self.next: npt.NDArray[np.uint32] = np.full(capacity, NIL, dtype=np.uint32)
+        self.table: npt.NDArray[np.uint32] = np.zeros(tsize, dtype=np.uint32)
         self._bufs = [
             ffi.from_buffer("uint8_t[]", self.data),
             ffi.from_buffer("uint64_t[]", self.pfn),
@@ -87,25 +89,25 @@ class PageCache:
     def __contains__(self, pfn: int) -> bool:
         return lib.xb_cache_slot(self.c, int(pfn)) >= 0
 
-    def get(self, pfn: int) -> np.ndarray | None:
+    def get(self, pfn: int) -> PageArray | None:
         """A copy of the cached contents of `pfn`, or None; no LRU effect."""
         s = lib.xb_cache_slot(self.c, int(pfn))
         return None if s < 0 else self.data[s].copy()
 
-    def _slots(self) -> np.ndarray:
+    def _slots(self) -> npt.NDArray[np.int64]:
         """Slot indices from the head (most recent) to the tail of the LRU list."""
-        slots = []
+        slots: list[int] = []
         s = int(self.c.head)
         while s != NIL and len(slots) <= self.capacity:
             slots.append(s)
             s = int(self.next[s])
         return np.array(slots, dtype=np.int64)
 
-    def order(self) -> np.ndarray:
+    def order(self) -> PfnArray:
         """The cached PFNs from most to least recently used."""
         return self.pfn[self._slots()]
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+    def snapshot(self) -> tuple[PfnArray, PageArray]:
         """(pfns MRU->LRU, their contents in that order): the cache's whole state."""
         idx = self._slots()
         return self.pfn[idx], self.data[idx]

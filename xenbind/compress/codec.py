@@ -48,14 +48,17 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from xenbind import PAGE_SIZE
 from xenbind._codec import ffi, lib
 from xenbind.compress.cache import DEFAULT_CACHE_PAGES, PageCache
 from xenbind.compress.formats import (
     CODEC_IDS,
+    CODECS,
     ERROR_REASONS,
     MAX_ENCODED_PAGE,
     MIN_ENCODED_PAGE,
@@ -63,10 +66,12 @@ from xenbind.compress.formats import (
 )
 from xenbind.compress.zero import MAX_KNOWN_PFNS, KnownZero, _page_rows, _pfn_array
 from xenbind.errors import CodecError, ConfigError
+from xenbind.types import PageArray, PfnArray
+
+if TYPE_CHECKING:
+    from xenbind._codec import CData  # the stub's type of a cffi pointer
 
 __all__ = ["CODECS", "MAX_KNOWN_PFNS", "CodecStats", "Compressor", "Decompressor", "KnownZero"]
-
-CODECS = ("seed", "xen", "none")
 
 
 @dataclass
@@ -125,7 +130,7 @@ class Compressor:
         #: PFNs the receiver holds as zeros (zero.py); read it, do not change it
         self.zero = KnownZero(known_pfns)
 
-    def note_sent_raw(self, pfns: np.ndarray, pages: np.ndarray) -> int:
+    def note_sent_raw(self, pfns: npt.ArrayLike, pages: PageArray) -> int:
         """Record pages sent whole in Format A (row i for pfns[i], in order):
         an all-zero page makes its PFN known zero at the receiver, any other
         page makes it unknown. Returns how many pages were all zero. The
@@ -133,7 +138,7 @@ class Compressor:
         whole."""
         return self.zero.note_raw(pfns, pages)
 
-    def forget_raw(self, pfns: np.ndarray) -> None:
+    def forget_raw(self, pfns: npt.ArrayLike) -> None:
         """Record PFNs sent in Format A without data (XTAB, XALLOC, BROKEN):
         what the receiver holds there is no longer known."""
         self.zero.forget(pfns)
@@ -142,15 +147,15 @@ class Compressor:
         """Whether the receiver is known to hold ``pfn`` as zeros."""
         return pfn in self.zero
 
-    def known_zero_pfns(self) -> np.ndarray:
+    def known_zero_pfns(self) -> PfnArray:
         """The known-zero set, ascending (a fresh uint64 array)."""
         return self.zero.pfns()
 
     def compress(
         self,
-        pfns: np.ndarray,
-        pages: np.ndarray,
-        pagetable: np.ndarray | None = None,
+        pfns: npt.ArrayLike,
+        pages: PageArray,
+        pagetable: npt.ArrayLike | None = None,
     ) -> bytes:
         """Encode `pages` (row i belongs to pfns[i]) in order; the payload of one
         COMPRESSED_DATA chunk. Updates the cache page by page."""
@@ -162,9 +167,9 @@ class Compressor:
 
     def compress_view(
         self,
-        pfns: np.ndarray,
-        pages: np.ndarray,
-        pagetable: np.ndarray | None = None,
+        pfns: npt.ArrayLike,
+        pages: PageArray,
+        pagetable: npt.ArrayLike | None = None,
         *,
         headroom: int = 0,
     ) -> memoryview:
@@ -177,15 +182,20 @@ class Compressor:
         pfns = _pfn_array(pfns)
         out = np.empty(headroom + max(1, len(pfns) * MAX_ENCODED_PAGE[self.codec]), np.uint8)
         size = self._encode(pfns, pages, pagetable, out[headroom:])
-        return memoryview(out[: headroom + size])
+        # .data is memoryview(array); numpy types the buffer protocol for 3.12+ only
+        return out[: headroom + size].data
 
     def _encode(
-        self, pfns: np.ndarray, pages: np.ndarray, pagetable: np.ndarray | None, out: np.ndarray
+        self,
+        pfns: PfnArray,
+        pages: PageArray,
+        pagetable: npt.ArrayLike | None,
+        out: npt.NDArray[np.uint8],
     ) -> int:
         """Run the kernel into ``out`` (room for the worst case); the size."""
         n = len(pfns)
         pages = _page_rows(pages, n)
-        pt = ffi.NULL
+        pt: CData = ffi.NULL
         if pagetable is not None:
             pt_arr = np.ascontiguousarray(pagetable, dtype=np.bool_)
             if pt_arr.shape != (n,):
@@ -237,12 +247,12 @@ class Decompressor:
         #: bit of every PFN decoded
         self.zero = known_zero if known_zero is not None else KnownZero()
 
-    def note_received_raw(self, pfns: np.ndarray, pages: np.ndarray) -> int:
+    def note_received_raw(self, pfns: npt.ArrayLike, pages: PageArray) -> int:
         """Record pages received whole in Format A (the sender's
         ``note_sent_raw``, on the receiving side). Returns the zero pages."""
         return self.zero.note_raw(pfns, pages)
 
-    def forget_raw(self, pfns: np.ndarray) -> None:
+    def forget_raw(self, pfns: npt.ArrayLike) -> None:
         """Record PFNs received in Format A without data."""
         self.zero.forget(pfns)
 
@@ -250,16 +260,16 @@ class Decompressor:
         """Whether this receiver holds ``pfn`` as known zeros."""
         return pfn in self.zero
 
-    def known_zero_pfns(self) -> np.ndarray:
+    def known_zero_pfns(self) -> PfnArray:
         """The known-zero set, ascending (a fresh uint64 array)."""
         return self.zero.pfns()
 
     def decompress(
         self,
-        data: bytes | bytearray | memoryview,
-        pfns: np.ndarray,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
+        data: bytes | bytearray | memoryview | npt.NDArray[np.uint8],
+        pfns: npt.ArrayLike,
+        out: PageArray | None = None,
+    ) -> PageArray:
         """Decode the pages in `data`; the i-th belongs to pfns[i]. Returns a
         (k, 4096) uint8 array, k = pages in data (<= len(pfns)).
 

@@ -40,7 +40,15 @@ Codec "xen" (Xen 4.2-4.5 tools/libxc/xc_compression.c, byte for byte):
 
 from __future__ import annotations
 
+from typing import Final
+
 from xenbind import PAGE_SIZE
+
+#: Every codec a session may use, in order of preference: the two formats
+#: below, and "none" (Format A: pages travel raw, no compressed form). The
+#: one definition: xenbind.compress.CODECS, the HELLO check
+#: (xenbind.session) and the daemons' options all read this tuple.
+CODECS: Final = ("seed", "xen", "none")
 
 WORD_SIZE = 4
 WORDS_PER_PAGE = PAGE_SIZE // WORD_SIZE

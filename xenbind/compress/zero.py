@@ -25,24 +25,31 @@ the same order, so the receiver's set equals the sender's):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, SupportsInt, cast
+
 import numpy as np
+import numpy.typing as npt
 
 from xenbind import PAGE_SIZE
 from xenbind._codec import ffi, lib
+from xenbind.types import PageArray, PfnArray
+
+if TYPE_CHECKING:
+    from xenbind._codec import CData  # the stub's type of a cffi pointer
 
 #: PFNs the known-zero set can cover: the 28-bit PFN field of the stream
 #: (2^28 bits = 32 MiB of bitmap at most); PFNs above it are simply unknown.
 MAX_KNOWN_PFNS = 1 << 28
 
 
-def _pfn_array(pfns: np.ndarray) -> np.ndarray:
+def _pfn_array(pfns: npt.ArrayLike) -> PfnArray:
     a = np.ascontiguousarray(pfns, dtype=np.uint64)
     if a.ndim != 1:
         raise ValueError(f"pfns must be one-dimensional, got shape {a.shape}")
     return a
 
 
-def _page_rows(pages: np.ndarray, n: int) -> np.ndarray:
+def _page_rows(pages: PageArray, n: int) -> PageArray:
     pages = np.asarray(pages)
     if pages.dtype != np.uint8 or pages.shape != (n, PAGE_SIZE):
         raise ValueError(
@@ -56,7 +63,7 @@ class KnownZero:
 
     def __init__(self, size: int = 0, limit: int = MAX_KNOWN_PFNS) -> None:
         self.limit = min(max(0, int(limit)), MAX_KNOWN_PFNS)
-        self.bitmap = np.zeros(0, dtype=np.uint8)
+        self.bitmap: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
         self._grow(max(0, int(size)))
 
     @property
@@ -73,13 +80,13 @@ class KnownZero:
             grown[: len(self.bitmap)] = self.bitmap
             self.bitmap = grown
 
-    def c_args(self) -> tuple:
+    def c_args(self) -> tuple[CData, int]:
         """(zknown, zbits) for the kernel: the bitmap and its length in bits."""
         if not len(self.bitmap):
             return ffi.NULL, 0
         return ffi.from_buffer("uint8_t[]", self.bitmap), self.bits
 
-    def note_raw(self, pfns: np.ndarray, pages: np.ndarray) -> int:
+    def note_raw(self, pfns: npt.ArrayLike, pages: PageArray) -> int:
         """Pages sent (or received) whole in Format A, row i for pfns[i]:
         zero pages in, others out. Returns how many were all zero."""
         pfns = _pfn_array(pfns)
@@ -97,21 +104,23 @@ class KnownZero:
             )
         )
 
-    def forget(self, pfns: np.ndarray) -> None:
+    def forget(self, pfns: npt.ArrayLike) -> None:
         """PFNs sent (or received) in Format A without data: out of the set."""
-        pfns = _pfn_array(pfns)
-        pfns = pfns[pfns < np.uint64(self.bits)].astype(np.intp)
-        if len(pfns):
-            np.bitwise_and.at(self.bitmap, pfns >> 3, ~(np.uint8(1) << (pfns & 7).astype(np.uint8)))
+        a = _pfn_array(pfns)
+        idx = a[a < np.uint64(self.bits)].astype(np.intp)
+        if len(idx):
+            np.bitwise_and.at(self.bitmap, idx >> 3, ~(np.uint8(1) << (idx & 7).astype(np.uint8)))
 
     def __contains__(self, pfn: object) -> bool:
         try:
-            p = int(pfn)  # type: ignore[call-overload]
+            # any object: int() takes what it can (ints, numpy ints), the
+            # except clause answers the rest
+            p = int(cast(SupportsInt, pfn))
         except (TypeError, ValueError):
             return False
         return 0 <= p < self.bits and bool((self.bitmap[p >> 3] >> (p & 7)) & 1)
 
-    def pfns(self) -> np.ndarray:
+    def pfns(self) -> PfnArray:
         """The PFNs in the set, ascending (uint64; a fresh array)."""
         bits = np.unpackbits(self.bitmap, bitorder="little")[: self.bits]
         return np.flatnonzero(bits).astype(np.uint64)

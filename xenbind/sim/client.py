@@ -450,7 +450,7 @@ class SimDomain(Domain):
     def _pwrite_runs(self, idx: np.ndarray, pages: np.ndarray, bounds: np.ndarray) -> None:
         """pwritev ``pages[bounds[k]:bounds[k+1]]`` at the run's first PFN, run by run."""
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            view = memoryview(pages[a:b]).cast("B")
+            view = memoryview(pages[a:b]).cast("B")  # type: ignore[arg-type]  # numpy: Buffer on 3.12+ only
             at = int(idx[a]) * PAGE_SIZE
             while len(view):
                 try:
@@ -573,7 +573,7 @@ class SimDomain(Domain):
 
     def digest(self) -> str:
         """SHA-256 of the whole memory (pause first for a stable answer)."""
-        return hashlib.sha256(self._memory("digest")).hexdigest()
+        return hashlib.sha256(self._memory("digest")).hexdigest()  # type: ignore[arg-type]  # numpy: Buffer on 3.12+ only
 
     @property
     def uffd(self) -> bool:

@@ -52,10 +52,14 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    import mmap
 
 MODE_UFFD = "uffd-wp"
 MODE_BITMAP = "bitmap"
@@ -203,7 +207,9 @@ class PagemapScanner:
         except OSError as e:
             raise DirtyTrackingError(e.errno or 0, f"open /proc/{pid}/pagemap: {e.strerror}") from e
         self._vec = (ctypes.c_uint64 * (3 * SCAN_VEC_LEN))()
-        self._vec_np = np.frombuffer(self._vec, dtype=np.uint64).reshape(SCAN_VEC_LEN, 3)
+        # numpy's frombuffer stub leaves out ctypes arrays (buffers all the same)
+        vec = np.frombuffer(self._vec, dtype=np.uint64)  # type: ignore[call-overload]
+        self._vec_np = vec.reshape(SCAN_VEC_LEN, 3)
         self._arg = (ctypes.c_uint64 * 12)()
 
     def scan(self, reprotect: bool = True) -> np.ndarray:
@@ -275,7 +281,7 @@ class SharedBitmap:
     the snapshot).
     """
 
-    def __init__(self, buf: memoryview | bytearray, pages: int) -> None:
+    def __init__(self, buf: memoryview | bytearray | mmap.mmap, pages: int) -> None:
         arr = np.frombuffer(buf, dtype=np.uint8, count=2 * pages)
         self.live = arr[:pages]
         self.snap = arr[pages:]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 
@@ -104,7 +105,7 @@ class LedgerWorkload:
 
     def init_memory(self, mem64: np.ndarray) -> None:
         lay = self.layout
-        buf = memoryview(mem64).cast("B")
+        buf = memoryview(mem64).cast("B")  # type: ignore[arg-type]  # numpy: Buffer on 3.12+ only
         n = lay.accounts
         struct.pack_into(
             HEADER_FORMAT,
@@ -123,7 +124,7 @@ class LedgerWorkload:
 
     def check_memory(self, mem64: np.ndarray) -> str | None:
         """Why this memory cannot run the ledger (None if it can)."""
-        buf = memoryview(mem64).cast("B")
+        buf = memoryview(mem64).cast("B")  # type: ignore[arg-type]  # numpy: Buffer on 3.12+ only
         magic, n, cap, _total, _init, count, seed = struct.unpack_from(HEADER_FORMAT, buf, 0)
         if magic != MAGIC:
             return "guest memory holds no ledger (bad magic)"
@@ -139,7 +140,7 @@ class LedgerWorkload:
     def run(self, mem64: np.ndarray, n: int, mark: Marker | None) -> list[bytes]:
         lay = self.layout
         regs = self.regs
-        buf = memoryview(mem64).cast("B")
+        buf = memoryview(mem64).cast("B")  # type: ignore[arg-type]  # numpy: Buffer on 3.12+ only
         seed = regs.seed
         accounts = lay.accounts
         boff = lay.balances_off
@@ -194,7 +195,7 @@ def parse_acks(
             raise ValueError(
                 f"{source} line {no}: expected 'ack TXID FROM TO AMOUNT', got {line[:80]!r}"
             )
-        acks.append(tuple(int(p) for p in parts[1:]))
+        acks.append(cast("tuple[int, int, int, int]", tuple(int(p) for p in parts[1:])))
     return acks
 
 
@@ -206,7 +207,7 @@ def check_ledger(
     Returns (violations, summary); no violation means every invariant holds.
     """
     problems: list[str] = []
-    raw = memoryview(np.ascontiguousarray(mem[: usable * PAGE_SIZE]).reshape(-1))
+    raw = memoryview(np.ascontiguousarray(mem[: usable * PAGE_SIZE]).reshape(-1))  # type: ignore[arg-type]  # numpy: Buffer on 3.12+ only
     if len(raw) < PAGE_SIZE:
         return ["memory is smaller than one page"], {}
     magic, n, cap, total, init, count, seed = struct.unpack_from(HEADER_FORMAT, raw, 0)
@@ -261,9 +262,9 @@ def check_ledger(
         problems.append(f"log entry {first} is past tx_count {count} but not empty (torn append)")
     if not problems:
         replay = np.full(n, init, dtype=np.int64)
-        amount = used["amount"].astype(np.int64)
-        np.subtract.at(replay, used["src"].astype(np.intp), amount)
-        np.add.at(replay, used["dst"].astype(np.intp), amount)
+        amounts = used["amount"].astype(np.int64)
+        np.subtract.at(replay, used["src"].astype(np.intp), amounts)
+        np.add.at(replay, used["dst"].astype(np.intp), amounts)
         diff = np.flatnonzero(replay != bal)
         if len(diff):
             a = int(diff[0])
@@ -279,12 +280,13 @@ def check_ledger(
             if txid >= count:
                 msg = f"acknowledged transaction {txid} is missing from the log (log holds {count})"
             else:
-                e = used[txid]
-                if (int(e["src"]), int(e["dst"]), int(e["amount"])) == (src, dst, amount):
+                entry = used[txid]
+                logged = (int(entry["src"]), int(entry["dst"]), int(entry["amount"]))
+                if logged == (src, dst, amount):
                     continue
                 msg = (
                     f"acknowledged transaction {txid} ({src}->{dst} {amount}) differs from the log "
-                    f"({int(e['src'])}->{int(e['dst'])} {int(e['amount'])})"
+                    f"({int(entry['src'])}->{int(entry['dst'])} {int(entry['amount'])})"
                 )
             missing += 1
             first_msg = first_msg or msg

@@ -40,6 +40,7 @@ import socket
 import struct
 import sys
 import time
+from typing import cast
 
 import numpy as np
 
@@ -224,7 +225,7 @@ class Worker:
                 if key.data is None:
                     self._accept()
                 else:
-                    self._handle(key.fileobj)
+                    self._handle(cast(socket.socket, key.fileobj))  # _accept registered it
             if due > 0 and self.runnable():
                 n = min(due, self.workload.max_batch, self.stop_at - self.regs.step)
                 self._run(n)
@@ -289,6 +290,7 @@ class Worker:
             if self.uffd is not None:
                 self.uffd.protect_all()
             else:
+                assert self.bitmap is not None  # made at start when uffd is not
                 self.bitmap.live.fill(0)
             self.logdirty = True
             return b""

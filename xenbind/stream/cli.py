@@ -17,8 +17,9 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -117,9 +118,9 @@ class _Checkpoint:
     compressed_chunks: int = 0
     compressed_bytes: int = 0
     heartbeats: int = 0
-    tags: Counter = field(default_factory=Counter)
+    tags: Counter[str] = field(default_factory=Counter)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         ratio = self.pages * PAGE_SIZE / self.compressed_bytes if self.compressed_bytes else None
         return {
             "index": self.index,
@@ -144,8 +145,8 @@ _TAG_EVENTS = {
 }
 
 
-def _inspect(path: str) -> tuple[dict, StreamError | None]:
-    summary: dict = {
+def _inspect(path: str) -> tuple[dict[str, Any], StreamError | None]:
+    summary: dict[str, Any] = {
         "file": path,
         "bytes": os.path.getsize(path),
         "p2m_size": None,
@@ -167,7 +168,7 @@ def _inspect(path: str) -> tuple[dict, StreamError | None]:
         "torn": None,
         "per_checkpoint": [],
     }
-    tags: Counter = Counter()
+    tags: Counter[str] = Counter()
     cur = _Checkpoint(0, start=8)
     error: StreamError | None = None
     try:
@@ -224,7 +225,7 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: dict[str, Any]) -> None:
     out = sys.stdout.write
     p2m = s["p2m_size"]
     out(f"stream      {s['file']}: {s['bytes']} bytes ({_mib(s['bytes'])})\n")
@@ -390,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func  # cmd_inspect / cmd_replay
     try:
-        return args.func(args)
+        return command(args)
     except BrokenPipeError:
         # the reader went away (e.g. `inspect ... | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -68,12 +68,13 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import CodecError, StreamError
-from ..types import Context
+from ..types import Context, PageArray, PfnArray
 from . import events as ev
 from .format import (
     CODEC_NAMES,
@@ -102,6 +103,10 @@ from .format import (
     TYPE_XTAB,
 )
 
+if TYPE_CHECKING:  # imported on first use at run time (the codec's C kernel)
+    from ..compress import Decompressor
+    from ..compress.zero import KnownZero
+
 _INT = struct.Struct("<i")
 _UINT = struct.Struct("<I")
 _ULONG = struct.Struct("<Q")
@@ -124,9 +129,9 @@ class MalformedStream(StreamError):
     """The stream broke a rule. ``events``: what the failing ``feed`` call
     decoded before the offending item."""
 
-    def __init__(self, offset: int, reason: str, events: list | None = None) -> None:
+    def __init__(self, offset: int, reason: str, events: list[ev.Event] | None = None) -> None:
         super().__init__(offset, reason)
-        self.events: list = events if events is not None else []
+        self.events: list[ev.Event] = events if events is not None else []
 
 
 class TruncatedStream(StreamError):
@@ -146,16 +151,16 @@ class _PfnFifo:
     """Data-carrying PFNs listed in a Format B body and not yet decoded."""
 
     def __init__(self) -> None:
-        self._parts: deque[np.ndarray] = deque()
+        self._parts: deque[PfnArray] = deque()
         self._head = 0  # entries of _parts[0] already taken
         self.count = 0
 
-    def push(self, pfns: np.ndarray) -> None:
+    def push(self, pfns: PfnArray) -> None:
         if len(pfns):
             self._parts.append(pfns)
             self.count += len(pfns)
 
-    def peek(self, n: int) -> np.ndarray:
+    def peek(self, n: int) -> PfnArray:
         """The next ``n`` PFNs (n <= count); copies at most n entries."""
         first = self._parts[0][self._head :]
         if len(first) >= n:
@@ -246,7 +251,7 @@ class Decoder:
         self.cache_pages: int | None = None
         self.last = False
 
-        self._events: list = []
+        self._events: list[ev.Event] = []
         self._error: StreamError | None = None  # kept without traceback: see _again
         self._closed = False  # close() was called
         self._chunk_start = 0  # offset of the chunk being read
@@ -255,7 +260,7 @@ class Decoder:
         self._want = 0
         self._have = 0
         self._cap = 0
-        self._dest: bytearray | np.ndarray = bytearray()
+        self._dest: bytearray | npt.NDArray[np.uint8] = bytearray()
         self._view = memoryview(self._dest)
         self._handler: Handler = Decoder._on_header
         self._what = ""
@@ -265,13 +270,13 @@ class Decoder:
         self._last_here = False  # LAST_CHECKPOINT in this body
         self._announced: tuple[str, int] | None = None
         self._enabled = False  # ENABLE_COMPRESSION seen
-        self._decompressor = None
-        self._zero = None  # the known-zero set (KnownZero) from the header on
+        self._decompressor: Decompressor | None = None
+        self._zero: KnownZero | None = None  # the known-zero set from the header on
         # Format B body state
-        self._seen: np.ndarray | None = None
-        self._listed: list[np.ndarray] = []
+        self._seen: npt.NDArray[np.bool_] | None = None
+        self._listed: list[PfnArray] = []
         self._pending = _PfnFifo()
-        self._batch_pfns: np.ndarray | None = None
+        self._batch_pfns: PfnArray | None = None
         # tail pieces
         self._magic: tuple[int, int, int] = (0, 0, 0)
         self._hvm_context = b""
@@ -289,7 +294,7 @@ class Decoder:
         mv = memoryview(data)
         if mv.ndim != 1 or mv.itemsize != 1:
             mv = mv.cast("B")
-        events: list = []
+        events: list[ev.Event] = []
         self._events = events
         n = len(mv)
         i = 0
@@ -316,7 +321,7 @@ class Decoder:
             self._events = []
         return events
 
-    def known_zero_pfns(self) -> np.ndarray:
+    def known_zero_pfns(self) -> PfnArray:
         """The receiver's known-zero set (see "Zero base"), ascending: a fresh
         uint64 array, empty before the header and once the codec is dropped."""
         if self._zero is None:
@@ -430,7 +435,7 @@ class Decoder:
         n: int,
         handler: Handler,
         what: str,
-        dest: bytearray | np.ndarray | None = None,
+        dest: bytearray | npt.NDArray[np.uint8] | None = None,
         *,
         grow: bool = False,
     ) -> None:
@@ -442,7 +447,8 @@ class Decoder:
         elif dest is None:
             dest = bytearray(n)
         self._dest = dest
-        self._view = memoryview(dest.reshape(-1) if isinstance(dest, np.ndarray) else dest)
+        # (.data: memoryview(array); numpy types the buffer protocol for 3.12+ only)
+        self._view = dest.reshape(-1).data if isinstance(dest, np.ndarray) else memoryview(dest)
         self._cap = len(self._view)
         self._want = n
         self._have = 0
@@ -461,7 +467,7 @@ class Decoder:
         dest = np.empty(size, np.uint8)
         dest[:have] = self._dest[:have]
         self._dest = dest
-        self._view = memoryview(dest)
+        self._view = dest.data
         self._cap = size
 
     def _fail(self, offset: int, reason: str) -> MalformedStream:
@@ -610,7 +616,7 @@ class Decoder:
         else:
             self._expect_chunk()
 
-    def _on_page_data(self, pages: np.ndarray) -> None:
+    def _on_page_data(self, pages: PageArray) -> None:
         assert self._batch_pfns is not None
         if self._zero is not None:
             self._zero.note_raw(self._batch_pfns, pages)  # what the receiver holds now
@@ -684,12 +690,16 @@ class Decoder:
         # buffered as it arrives, not at the claimed length (see "Memory")
         self._expect(n, Decoder._on_compressed, "a COMPRESSED_DATA payload", grow=True)
 
-    def _on_compressed(self, buf: np.ndarray) -> None:
+    def _on_compressed(self, buf: npt.NDArray[np.uint8]) -> None:
         at = self._chunk_start
         n = len(buf)
         # Every page costs at least one byte of compressed data, so a chunk of
         # n bytes holds at most n pages: the window stays O(n).
         window = self._pending.peek(min(self._pending.count, n))
+        # COMPRESSED_DATA is only read once ENABLE_COMPRESSION made the
+        # Decompressor, which goes only when the decoder is done
+        assert self._decompressor is not None
+        failed: str | None
         try:
             pages = self._decompressor.decompress(buf, window)
         except CodecError as e:

@@ -31,12 +31,16 @@ Rules kept here:
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import xxhash
 
-from ..types import Context
+from ..types import Context, PageArray, PfnArray
+
+if TYPE_CHECKING:  # imported on first use at run time (the codec's C kernel)
+    from ..compress import CodecStats, Compressor
 from .format import (
     CHUNK_END,
     CODEC_IDS,
@@ -71,8 +75,22 @@ class PageCompressor(Protocol):
     """What ``encode_body_b`` needs of ``xenbind.compress.Compressor``."""
 
     def compress(
-        self, pfns: np.ndarray, pages: np.ndarray, pagetable: np.ndarray | None = None
+        self, pfns: PfnArray, pages: PageArray, pagetable: npt.NDArray[np.bool_] | None = None
     ) -> bytes: ...
+
+
+class _CompressView(Protocol):
+    """``Compressor.compress_view``: what ``encode_body_b`` uses when the
+    compressor has it (encodes in place, after ``headroom`` bytes)."""
+
+    def __call__(
+        self,
+        pfns: PfnArray,
+        pages: PageArray,
+        pagetable: npt.NDArray[np.bool_] | None = None,
+        *,
+        headroom: int = 0,
+    ) -> memoryview: ...
 
 
 def encode_header(p2m_size: int) -> bytes:
@@ -81,7 +99,9 @@ def encode_header(p2m_size: int) -> bytes:
     return _ULONG.pack(p2m_size)
 
 
-def _entries(pfns: np.ndarray, types: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _entries(
+    pfns: npt.ArrayLike, types: npt.ArrayLike | None
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
     """PFN entries (uint64 LE) and the per-entry type array, checked."""
     pfns = np.asarray(pfns)
     if pfns.ndim != 1:
@@ -102,7 +122,7 @@ def _entries(pfns: np.ndarray, types: np.ndarray | None) -> tuple[np.ndarray, np
     return entries, t
 
 
-def _check_pages(pages: np.ndarray, count: int) -> np.ndarray:
+def _check_pages(pages: PageArray, count: int) -> PageArray:
     pages = np.asarray(pages)
     if pages.dtype != np.uint8 or pages.ndim != 2 or pages.shape[1] != PAGE_SIZE:
         raise ValueError("pages must be a uint8 array of shape (n, 4096)")
@@ -111,11 +131,11 @@ def _check_pages(pages: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(pages)
 
 
-def _batch_header(entries: np.ndarray) -> bytes:
+def _batch_header(entries: npt.NDArray[np.uint64]) -> bytes:
     return _INT.pack(len(entries)) + entries.tobytes()
 
 
-def encode_pfn_list(pfns: np.ndarray, types: np.ndarray | None = None) -> bytes:
+def encode_pfn_list(pfns: npt.ArrayLike, types: npt.ArrayLike | None = None) -> bytes:
     """Format B listing: +ve chunks of at most 1024 entries, no page data."""
     entries, _ = _entries(pfns, types)
     return b"".join(
@@ -124,14 +144,14 @@ def encode_pfn_list(pfns: np.ndarray, types: np.ndarray | None = None) -> bytes:
 
 
 def encode_body_a(
-    pfns: np.ndarray, pages: np.ndarray, types: np.ndarray | None = None
+    pfns: npt.ArrayLike, pages: PageArray, types: npt.ArrayLike | None = None
 ) -> list[Buffer]:
     """Format A: +ve chunks of at most 1024 entries, each followed by the data of
     its data-carrying entries. Page data are memoryviews of ``pages``."""
     entries, t = _entries(pfns, types)
     has_data = TYPE_HAS_DATA[t]
     pages = _check_pages(pages, int(has_data.sum()))
-    flat = memoryview(pages.reshape(-1))
+    flat = pages.reshape(-1).data  # memoryview(...): numpy types it for 3.12+ only
     out: list[Buffer] = []
     row = 0
     for s in range(0, len(entries), MAX_BATCH):
@@ -144,17 +164,19 @@ def encode_body_a(
     return out
 
 
-def encode_pages(pfns: np.ndarray, pages: np.ndarray, types: np.ndarray | None = None) -> bytes:
+def encode_pages(
+    pfns: npt.ArrayLike, pages: PageArray, types: npt.ArrayLike | None = None
+) -> bytes:
     """``encode_body_a`` joined into one bytes object."""
     return b"".join(encode_body_a(pfns, pages, types))
 
 
 def encode_body_b(
-    pfns: np.ndarray,
-    pages: np.ndarray,
+    pfns: npt.ArrayLike,
+    pages: PageArray,
     compressor: PageCompressor,
     buffer_pages: int = DEFAULT_BUFFER_PAGES,
-    types: np.ndarray | None = None,
+    types: npt.ArrayLike | None = None,
 ) -> list[Buffer]:
     """Format B page chunks for one batch of pages, as Xen's sender lays them out.
 
@@ -178,7 +200,7 @@ def encode_body_b(
     # a compressor that can encode in place (the project's Compressor) leaves
     # room for the chunk header before the payload: one buffer per chunk and
     # no copy of the payload
-    in_place = getattr(compressor, "compress_view", None)
+    in_place: _CompressView | None = getattr(compressor, "compress_view", None)
 
     def flush(lo: int, hi: int) -> Buffer:
         args = (data_pfns[lo:hi], pages[lo:hi], pagetable[lo:hi] if any_pagetable else None)
@@ -258,10 +280,10 @@ def encode_memory_digest(digest: bytes, algorithm: str = "xxh3-128") -> bytes:
     return struct.pack("<iII", TAG_MEMORY_DIGEST, alg, len(digest)) + bytes(digest)
 
 
-def memory_digest(memory: bytes | memoryview | np.ndarray) -> bytes:
+def memory_digest(memory: bytes | memoryview | npt.NDArray[np.generic]) -> bytes:
     """xxh3-128 of the whole guest memory (canonical big-endian digest)."""
     if isinstance(memory, np.ndarray):
-        memory = memoryview(np.ascontiguousarray(memory).reshape(-1))
+        memory = np.ascontiguousarray(memory).reshape(-1).data  # memoryview(...)
     return xxhash.xxh3_128(memory).digest()
 
 
@@ -320,19 +342,19 @@ class StreamWriter:
         self.buffer_pages = buffer_pages
         self.index = 0  # the checkpoint being written
         self.format = "A"
-        self._compressor = None  # xenbind.compress.Compressor, made on first use
+        self._compressor: Compressor | None = None  # made on first use
         self._last = False
 
     def header(self) -> bytes:
         return encode_header(self.p2m_size)
 
     @property
-    def codec_stats(self):
+    def codec_stats(self) -> CodecStats | None:
         """The Format B compressor's running totals (``CodecStats``: cache
         hits/misses, pages, bytes), or None before the first Format B body."""
         return None if self._compressor is None or self.format == "A" else self._compressor.stats
 
-    def _codec(self):
+    def _codec(self) -> Compressor:
         """The session's Compressor (codec "xen" or "seed"), made on first use."""
         if self._compressor is None:
             from ..compress import Compressor
@@ -345,7 +367,7 @@ class StreamWriter:
             raise ValueError("the stream already ended with LAST_CHECKPOINT")
 
     def pages(
-        self, pfns: np.ndarray, pages: np.ndarray, types: np.ndarray | None = None
+        self, pfns: npt.ArrayLike, pages: PageArray, types: npt.ArrayLike | None = None
     ) -> list[Buffer]:
         """Page chunks for the current body (Format A or B as the stream stands)."""
         self._check_open()
@@ -395,10 +417,10 @@ class StreamWriter:
 
     def checkpoint(
         self,
-        pfns: np.ndarray,
-        pages: np.ndarray,
+        pfns: npt.ArrayLike,
+        pages: PageArray,
         ctx: Context,
-        types: np.ndarray | None = None,
+        types: npt.ArrayLike | None = None,
         *,
         digest: bytes | None = None,
         last: bool = False,

@@ -16,11 +16,12 @@ import struct
 from collections import OrderedDict
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from xenbind._codec import lib
 
+from xenbind._codec import lib
 from xenbind.compress import (
     CODECS,
     DEFAULT_CACHE_PAGES,
@@ -142,6 +143,7 @@ def page_change(draw, base: np.ndarray) -> np.ndarray:
     new = base.copy()
     w = new.view(np.uint32)
     kind = draw(st.sampled_from(["same", "one", "scattered", "run", "all", "random", "mask"]))
+    idx: npt.ArrayLike  # the words to change
     if kind == "one":
         idx = [draw(st.integers(0, WORDS - 1))]
     elif kind == "scattered":
@@ -236,7 +238,8 @@ def test_round_trip_mirror_and_model(codec: str, history) -> None:
         assert_mirrors(c, d)
         assert c.cache.order().tolist() == model.order()
         for pfn, page in model.lru.items():
-            assert np.array_equal(c.cache.get(pfn), page)
+            got = c.cache.get(pfn)
+            assert got is not None and np.array_equal(got, page)
     assert c.stats.hits == d.stats.hits
     assert c.stats.misses == d.stats.misses
     assert c.stats.evictions == d.stats.evictions

@@ -43,6 +43,7 @@ from xenbind.compress.codec import MAX_KNOWN_PFNS
 from xenbind.compress.zero import KnownZero
 from xenbind.errors import CodecError
 from xenbind.stream import CheckpointEnd, Decoder, MalformedStream, Pages, StreamWriter
+from xenbind.stream.encoder import Buffer
 from xenbind.stream.format import (
     TYPE_BROKEN,
     TYPE_HAS_DATA,
@@ -140,7 +141,8 @@ def test_interleavings_round_trip_mirror_and_model(codec: str, history) -> None:
             assert_mirrors(c, d)
             assert c.cache.order().tolist() == model.order()
             for pfn, page in model.lru.items():
-                assert np.array_equal(c.cache.get(pfn), page)
+                got = c.cache.get(pfn)
+                assert got is not None and np.array_equal(got, page)
         want = sorted(model.zero)
         assert c.known_zero_pfns().tolist() == d.known_zero_pfns().tolist() == want
         for p in range(universe):
@@ -287,7 +289,7 @@ def test_stream_writer_tells_the_compressor_of_format_a(codec: str) -> None:
     types = np.zeros(44, np.uint8)
     types[30:34] = TYPE_XTAB  # holes: sent without data
     has_data = types != TYPE_XTAB
-    bufs = [w.header()]
+    bufs: list[Buffer] = [w.header()]
     bufs += w.pages(data_pfns, mem[:44][has_data], types)
     bufs += w.pages(np.arange(44, p2m, dtype=np.uint64), mem[44:])
     bufs += w.end_checkpoint(ctx)
@@ -447,7 +449,11 @@ def test_delta_page_for_a_known_zero_pfn_decodes_against_zeros(codec: str) -> No
     want = zeros()
     want[0, 8:12] = np.frombuffer(struct.pack("<I", 0xDEADBEEF), np.uint8)
     assert np.array_equal(got, want)
-    assert d.cache.order().tolist() == [2] and np.array_equal(d.cache.get(2), want[0])
+    assert (
+        d.cache.order().tolist() == [2]
+        and (cached := d.cache.get(2)) is not None
+        and np.array_equal(cached, want[0])
+    )
     assert (d.stats.misses, d.stats.evictions, d.stats.zero_base) == (2, 1, 1)
     assert d.known_zero_pfns().tolist() == [3]
     empty = b"\x00" if codec == "xen" else BEGIN
@@ -522,7 +528,8 @@ def test_stream_with_a_lying_sender_is_refused_at_the_chunk(codec: str, lie: str
     mem[pfn] = 0
     mem[pfn, 8] = 0x44
     body = b"".join(bytes(b) for b in w.checkpoint(u64(pfn), mem[pfn : pfn + 1], CTX))
-    assert w.codec_stats.zero_base == 2
+    stats = w.codec_stats
+    assert stats is not None and stats.zero_base == 2
     chunk_at = len(head) + 4 + 8  # after the listing chunk of one entry
     assert struct.unpack_from("<i", body, 12)[0] == -12  # COMPRESSED_DATA there
     dec = Decoder()
@@ -562,7 +569,11 @@ def test_malformed_zero_base_page_never_reaches_the_mirror(codec: str) -> None:
         bad = b"\x01abcd" + b"\xff" * 8 + b"\x88"  # SKIP past the end
     with pytest.raises(CodecError, match=r"page 0, pfn 0x2\)"):
         d.decompress(bad, u64(2))
-    assert d.cache.order().tolist() == [1] and np.array_equal(d.cache.get(1), old)
+    assert (
+        d.cache.order().tolist() == [1]
+        and (cached := d.cache.get(1)) is not None
+        and np.array_equal(cached, old)
+    )
     assert (d.stats.misses, d.stats.evictions, d.stats.zero_base) == (1, 0, 0)
     assert d.known_zero_pfns().tolist() == [2]
 

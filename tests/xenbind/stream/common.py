@@ -42,7 +42,7 @@ def decode_bytewise(data: bytes, **kw) -> list:
 
 def normal(events: list) -> list:
     """Events as plain tuples (arrays -> lists, page data -> bytes)."""
-    res = []
+    res: list[object] = []
     for e in events:
         if isinstance(e, PageBatch):
             res.append(("PageBatch", e.pfns.tolist(), e.types.tolist()))

@@ -13,6 +13,7 @@ import pytest
 
 from xenbind.stream import StreamWriter, encode_memory_digest, memory_digest
 from xenbind.stream.cli import main
+from xenbind.stream.encoder import Buffer
 from xenbind.types import Context
 
 PAGE = 4096
@@ -25,7 +26,7 @@ def make_stream(codec: str = "seed", p2m: int = 64, rounds: int = 3, seed: int =
     rng = np.random.default_rng(seed)
     mem = rng.integers(0, 256, (p2m, PAGE), dtype=np.uint8)
     w = StreamWriter(p2m, codec=codec)
-    bufs = [w.header()]
+    bufs: list[Buffer] = [w.header()]
     bufs += w.checkpoint(
         np.arange(p2m, dtype=np.uint64), mem.copy(), CTX, digest=memory_digest(mem)
     )

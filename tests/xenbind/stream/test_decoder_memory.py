@@ -42,6 +42,7 @@ from xenbind.stream import (
     TruncatedStream,
 )
 from xenbind.stream.decoder import GROW_FACTOR, GROW_MIN
+from xenbind.stream.encoder import Buffer
 from xenbind.stream.format import (
     DEFAULT_MAX_COMPRESSED,
     DEVICE_MODEL_SIGNATURE,
@@ -95,7 +96,7 @@ def seed_stream_and_payloads(
     w = StreamWriter(P2M, codec="seed", cache_pages=128, buffer_pages=16)
     pfns = np.arange(pages, dtype=np.uint64) * 3
     mem = random_pages(rng, pages)
-    bufs = [w.header()]
+    bufs: list[Buffer] = [w.header()]
     for i in range(checkpoints):
         mem[:, (i * 64) % PAGE] ^= 0x5A
         bufs += w.checkpoint(pfns, mem, CTX, last=last and i == checkpoints - 1)
@@ -314,7 +315,7 @@ def test_control_a_payload_that_arrives_is_seen() -> None:
 
     def run() -> None:
         for _ in range(n // MiB):
-            d.feed(body)  # the last piece completes it; zeros do not decode
+            d.feed(body.data)  # the last piece completes it; zeros do not decode
 
     peak = peak_of(run)
     assert n <= peak < (1 + GROW_FACTOR) * n, f"peak {peak >> 10} KiB for {n >> 20} MiB"

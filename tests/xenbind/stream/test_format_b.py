@@ -35,6 +35,7 @@ from xenbind.stream import (
     encode_tail,
     memory_digest,
 )
+from xenbind.stream.encoder import Buffer
 from xenbind.types import Context
 
 PAGE = 4096
@@ -66,7 +67,7 @@ P2b[20:24] = [1, 2, 3, 4]  # word 5 changed
 
 def golden_writer(codec: str) -> bytes:
     w = StreamWriter(4, codec=codec)
-    bufs = [w.header()]
+    bufs: list[Buffer] = [w.header()]
     bufs += w.checkpoint(np.array([0], np.uint64), P0[None], CTX)
     bufs += w.checkpoint(np.array([0, 2], np.uint64), np.stack([P0b, P2]), CTX)
     bufs += w.checkpoint(np.array([0, 2], np.uint64), np.stack([P0b, P2b]), CTX)
