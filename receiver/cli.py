@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    tls_server = None
+    tls_server: TlsServer | None = None
     if cfg.tls is not None:
         try:
             tls_server = TlsServer(cfg.tls, plaintext_magic=HELLO_MAGIC)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.start_monitor()
     listener.start()
     where = f"simulated host {cfg.sim_dir}" if cfg.sim_dir else "Xen"
-    if tls_server is not None:
+    if tls_server is not None and cfg.tls is not None:
         mode = "TLS"
         log.info(
             "TLS: certificate %s, CA %s, senders allowed: %s",

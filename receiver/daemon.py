@@ -30,7 +30,9 @@ Admission of a HELLO (``admit``), in this order:
                                                    unless the peer left or the
                                                    session was closed meanwhile
 
-End of a session (``session_ended``), by what ended it:
+End of a session (``session_ended``), by what ended it (receiver.policy
+turns the end kind and the configuration into an event of its table; the
+table is the one place a Protection's state changes):
     before checkpoint 0 committed (any cause)   the backup is destroyed: it holds
                                                 nothing usable
       admission (no ACCEPT sent: the peer left
@@ -58,11 +60,21 @@ committed checkpoint; the domain is then fenced. The log says which checkpoint
 it resumed from and how long detection took (the silence before the decision).
 
 The failover timer (``monitor``): one thread checks every 10 ms each
-Protection whose timer is armed:
-    receiving     armed when on-link-loss = failover (silence on an open link)
+Protection whose timer is armed, and every open session (receiving):
+    receiving     silent[on-link-loss]: failover, or (wait) the session is
+                  ended as stalled
     link-lost     armed when on-link-loss = failover
     broken        armed when on-violation = failover
-With on-link-loss = wait, a silent open session is ended as stalled instead.
+Each expiry runs in a thread of its own, so a domain whose lock is held (a
+long commit, a digest, a destroy) never delays another domain's failover.
+
+Locks (one domain's create, destroy, commit or digest never delays another
+domain's failover, admission or ``status``):
+- ``self.lock`` guards the registry and the connection set only; it is never
+  held across a hypervisor call or a send, nor while taking a Protection's lock.
+- A Protection's ``lock`` serialises that domain's commit, failover, destroy
+  and supersede; it is never held across ``create_backup``.
+- No hypervisor-wide lock: create, list and destroy run unlocked, side by side.
 
 Shutdown (``shutdown``): every connection is closed (ERROR shutdown once
 accepted, nothing before), then the session threads and the failover timer
@@ -77,48 +89,59 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
+from daemonkit.tls import TlsServer
+from daemonkit.transport import TlsTransport
 from xenbind.compress.formats import MAX_ENCODED_PAGE
 from xenbind.errors import DomainError, RemusError
+from xenbind.hypervisor import Domain, Hypervisor
 from xenbind.session import ERR_FAILED_OVER, ERR_SHUTDOWN, ERR_STALLED, ERR_SUPERSEDED, Hello
+from xenbind.types import DomainConfig, DomainInfo
 
+from . import policy
 from .config import ReceiverConfig
-from .protection import FAILOVER_STATES, Protection
+from .core import Refusal
+from .protection import Protection
 from .rename import backup_config
+
+if TYPE_CHECKING:
+    from .connection import Connection
 
 log = logging.getLogger("receiver")
 
 MONITOR_PERIOD = 0.01  # seconds between failover-timer checks
 SHUTDOWN_JOIN_S = 3.0  # shutdown: how long to wait for all session threads, together
-
-
-class Refusal(RemusError):
-    """A HELLO the receiver will not serve; ``code`` goes into REFUSE."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+#: a superseding admission waits at most this long for the older one's create to end
+CREATE_WAIT_S = 120.0
+#: the ERROR code of each policy close action
+CLOSE_CODES = {
+    policy.CLOSE_SUPERSEDED: ERR_SUPERSEDED,
+    policy.CLOSE_FAILED_OVER: ERR_FAILED_OVER,
+    policy.CLOSE_STALLED: ERR_STALLED,
+}
 
 
 class ReceiverDaemon:
-    def __init__(self, cfg: ReceiverConfig, hypervisor) -> None:
+    def __init__(self, cfg: ReceiverConfig, hypervisor: Hypervisor) -> None:
         self.cfg = cfg
         self.hv = hypervisor
-        self.hv_lock = threading.Lock()  # hypervisor-wide calls (create, list, destroy)
-        self.lock = threading.RLock()  # the registry and the connection set
+        #: the registry and the connection set only: never held across a
+        #: hypervisor call, a send, or while taking a Protection's lock
+        self.lock = threading.RLock()
         self.protections: dict[str, Protection] = {}  # by UUID
-        self.connections: set = set()
+        self.connections: set[Connection] = set()
+        self._expiring: set[int] = set()  # id() of the Protections an expiry thread handles
         self.listen_address: str | None = None
-        #: daemonkit.tls.TlsServer; None for plaintext (--insecure)
-        self.tls = None
+        #: None for plaintext (--insecure)
+        self.tls: TlsServer | None = None
         self.tls_refused = 0  # connections refused by the TLS handshake or the name check
         self.stopping = threading.Event()
         self._monitor: threading.Thread | None = None
 
     # ------------------------------------------------------------- connections
 
-    def connection_opened(self, conn) -> bool:
+    def connection_opened(self, conn: Connection) -> bool:
         """False if too many connections are open (the caller closes it)."""
         with self.lock:
             if len(self.connections) >= 2 * self.cfg.max_sessions + 8:
@@ -126,7 +149,7 @@ class ReceiverDaemon:
             self.connections.add(conn)
             return True
 
-    def connection_closed(self, conn) -> None:
+    def connection_closed(self, conn: Connection) -> None:
         with self.lock:
             self.connections.discard(conn)
 
@@ -135,7 +158,12 @@ class ReceiverDaemon:
 
     # ------------------------------------------------------------- admission
 
-    def admit(self, hello: Hello, conn) -> Protection:
+    def admit(self, hello: Hello, conn: Connection) -> Protection:
+        """Admit ``hello`` (the table in this module's docstring) and create
+        its backup. No lock another domain needs is held across a
+        hypervisor call: the registry lock only for the registry itself, the
+        old Protection's lock (this domain's) for superseding it, none at all
+        across create_backup."""
         cfg = self.cfg
         d = hello.domain
         if self.stopping.is_set():
@@ -150,49 +178,74 @@ class ReceiverDaemon:
         with self.lock:
             if self.open_sessions() >= cfg.max_sessions:
                 raise Refusal("busy", f"{cfg.max_sessions} sessions already open (max-sessions)")
-            old = self.protections.get(d.uuid)
-            if old is not None:
-                self._resolve_old(old, hello)
-            # reserve the UUID at once so two HELLOs cannot race past each other
-            timeout = (
-                cfg.failover_timeout_for(hello.options.interval_ms, hello.options.heartbeat_ms)
-                / 1000
-            )
-            prot = Protection(hello=hello, peer=conn.peer, failover_timeout=timeout)
-            prot.connection = conn
-            self.protections[d.uuid] = prot
+        timeout = (
+            cfg.failover_timeout_for(hello.options.interval_ms, hello.options.heartbeat_ms) / 1000
+        )
+        prot = Protection(hello=hello, peer=conn.peer, failover_timeout=timeout)
+        prot.connection = conn
+        # reserve the UUID (superseding an older protection first), so two
+        # HELLOs cannot race past each other
+        while True:
+            with self.lock:
+                old = self.protections.get(d.uuid)
+                if old is None:
+                    if self.open_sessions() >= cfg.max_sessions:
+                        raise Refusal(
+                            "busy", f"{cfg.max_sessions} sessions already open (max-sessions)"
+                        )
+                    self.protections[d.uuid] = prot
+                    break
+            self._resolve_old(old, hello)  # this domain's lock only; then look again
         try:
+            # the backup's own identity: the primary's, unless backup-rename
+            # (test/lab) derives another one; the fence checks that identity
+            bd = backup_config(d, cfg.backup_rename)
+            if bd is not d:
+                log.warning(
+                    "domain %s (%s): backup-rename (test/lab only): the backup is "
+                    "created as %s (%s)",
+                    d.name,
+                    d.uuid,
+                    bd.name,
+                    bd.uuid,
+                )
+            self._check_host(bd)
             with prot.lock:
-                if prot.state != "initial-copy":
-                    # a reconnect superseded it while it waited for the lock
-                    # (_resolve_old): create nothing for it
+                if prot.state != policy.INITIAL_COPY:
+                    # a reconnect superseded it while it waited: create nothing for it
                     raise Refusal(
                         "busy",
                         f"{prot.label()}: a newer session of the domain "
                         "replaced this one during admission",
                     )
-                # the backup's own identity: the primary's, unless backup-rename
-                # (test/lab) derives another one; the fence checks that identity
-                bd = backup_config(d, cfg.backup_rename)
-                if bd is not d:
+            created = self.hv.create_backup(bd)  # seconds, maybe: no lock held
+            backup: Domain | None = created
+            with prot.lock:
+                if prot.state == policy.INITIAL_COPY:
+                    prot.backup = created
+                    prot.backup_domid = created.domid
+                    backup = None
+            if backup is not None:
+                # superseded while it was created: the newer session destroyed
+                # nothing of it (there was nothing yet), so this admission does
+                try:
+                    backup.destroy()
+                except DomainError as e:
                     log.warning(
-                        "domain %s (%s): backup-rename (test/lab only): the backup is "
-                        "created as %s (%s)",
-                        d.name,
-                        d.uuid,
-                        bd.name,
-                        bd.uuid,
+                        "%s: destroying backup domain %s (superseded during admission) failed: %s",
+                        prot.label(),
+                        backup.domid,
+                        e,
                     )
-                self._check_host(bd)
-                with self.hv_lock:
-                    prot.backup = self.hv.create_backup(bd)
-                prot.backup_domid = prot.backup.domid
+                return prot  # the connection sees ``closing`` and sends no ACCEPT
         except Refusal:
             self._forget(prot)
             raise
         except RemusError as e:  # ConfigError (a derived name too long) included
             self._forget(prot)
             raise Refusal("internal", f"cannot create the backup domain: {e}") from None
+        finally:
+            prot.created.set()
         o = hello.options
         log.info(
             "%s from %s: session %s accepted (generation %d, %d pages, %d vCPU, codec %s, "
@@ -210,7 +263,7 @@ class ReceiverDaemon:
             prot.backup_domid,
             round(timeout * 1000),
         )
-        if conn.t.kind == "plain":
+        if not isinstance(conn.t, TlsTransport):
             log.warning(
                 "%s: session %s runs over plaintext TCP (--insecure): anyone on the "
                 "path can read or forge this guest's memory",
@@ -250,24 +303,29 @@ class ReceiverDaemon:
             )
 
     def _resolve_old(self, old: Protection, hello: Hello) -> None:
-        """A HELLO for a domain we already hold (called under self.lock)."""
+        """A HELLO for a domain we already hold: refuse it, or move the old
+        Protection out of the way (policy ``replaced`` / ``superseded``).
+        Called with no lock held; takes the old Protection's lock only."""
+        exists = self._exists(old) if old.state in (policy.FAILED_OVER, policy.ENDED) else False
+        waiting = None
         with old.lock:
-            if old.state == "failed-over":
-                if self._exists(old):
-                    raise Refusal(
-                        "fenced",
-                        f"{old.label()} failed over to this host at "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.failed_over_wall))} "
-                        f"from checkpoint {old.last_committed} and runs here as domain "
-                        f"{old.backup_domid}; refusing to overwrite it (destroy it "
-                        "here first to protect the guest again)",
-                    )
-                self.protections.pop(old.uuid, None)
-                return
-            if old.state in ("ended", "gone", "superseded"):
-                self.protections.pop(old.uuid, None)
-                if old.state == "ended" and old.backup is not None and self._exists(old):
-                    self._destroy(old, "a new protection of the domain replaces the kept backup")
+            if old.state == policy.FAILED_OVER and exists:
+                raise Refusal(
+                    "fenced",
+                    f"{old.label()} failed over to this host at "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.failed_over_wall))} "
+                    f"from checkpoint {old.last_committed} and runs here as domain "
+                    f"{old.backup_domid}; refusing to overwrite it (destroy it "
+                    "here first to protect the guest again)",
+                )
+            if policy.allows(old.state, "replaced"):
+                if not exists:
+                    old.backup = None  # nothing left to destroy
+                self._carry_out(
+                    old,
+                    policy.advance(old, "replaced"),
+                    "a new protection of the domain replaces the kept backup",
+                )
                 return
             if hello.generation < old.generation:
                 raise Refusal(
@@ -278,16 +336,7 @@ class ReceiverDaemon:
                 )
             # a newer protection of the same domain: it replaces the old one
             prev = old.state
-            old.state = "superseded"
-            old.armed = False
-            conn = old.connection
-            old.connection = None
-            if conn is not None:
-                conn.close_from_daemon(
-                    ERR_SUPERSEDED,
-                    f"session {hello.session_id[:8]} "
-                    f"(generation {hello.generation}) replaces this one",
-                )
+            actions = policy.advance(old, "superseded")
             log.warning(
                 "%s: session %s (generation %d, %s) superseded by session %s "
                 "(generation %d); its backup domain %s is destroyed",
@@ -299,24 +348,51 @@ class ReceiverDaemon:
                 hello.generation,
                 old.backup_domid,
             )
-            self._destroy(old, "superseded")
-            self.protections.pop(old.uuid, None)
+            self._carry_out(
+                old,
+                actions,
+                "superseded",
+                close=f"session {hello.session_id[:8]} (generation {hello.generation}) "
+                "replaces this one",
+            )
+            if old.backup_domid is None:
+                waiting = old  # its backup is being created: see it destroyed first
+        if waiting is not None:
+            # per domain only: this session's thread waits for the older
+            # admission's create to end (it destroys what it made), so the
+            # fence check below does not take that backup for a leftover
+            waiting.created.wait(CREATE_WAIT_S)
 
-    def _list(self) -> list:
+    def _carry_out(
+        self, prot: Protection, actions: tuple[str, ...], why: str, close: str = ""
+    ) -> None:
+        """The actions of a policy move, in order (under ``prot.lock``)."""
+        for action in actions:
+            if action == policy.DESTROY:
+                self._destroy(prot, why)
+            elif action == policy.FORGET:
+                self._forget(prot)
+            elif action.startswith("close:"):
+                conn, prot.connection = prot.connection, None
+                if conn is not None:
+                    conn.close_from_daemon(CLOSE_CODES[action], close)
+            elif action != policy.FAILOVER:  # failover: the caller's next step
+                raise RemusError(f"policy action {action!r} unknown")
+
+    def _list(self) -> list[DomainInfo]:
         """hv.list(), retried a few times on a DomainError (a transient
         failure of the hypervisor call; the simulator's list itself leaves out
-        a domain destroyed while it is being listed)."""
+        a domain destroyed while it is being listed). No lock held."""
         for attempt in range(5):
             try:
-                with self.hv_lock:
-                    return self.hv.list()
+                return self.hv.list()
             except DomainError:
                 if attempt == 4:
                     raise
                 time.sleep(0.02)
         return []
 
-    def _check_host(self, d) -> None:
+    def _check_host(self, d: DomainConfig) -> None:
         """Fence against a domain with this UUID already on the host."""
         infos = self._list()
         for info in infos:
@@ -331,8 +407,7 @@ class ReceiverDaemon:
                     info.state,
                     info.domid,
                 )
-                with self.hv_lock:
-                    self.hv.lookup(info.domid).destroy()
+                self.hv.lookup(info.domid).destroy()
                 continue
             raise Refusal(
                 "fenced",
@@ -351,11 +426,11 @@ class ReceiverDaemon:
         return any(i.domid == prot.backup_domid for i in infos)
 
     def _destroy(self, prot: Protection, why: str) -> None:
+        """Destroy ``prot``'s backup (under ``prot.lock``: this domain's only)."""
         if prot.backup is None:
             return
         try:
-            with self.hv_lock:
-                prot.backup.destroy()
+            prot.backup.destroy()
         except DomainError as e:
             log.warning(
                 "%s: destroying backup domain %s (%s) failed: %s",
@@ -373,7 +448,7 @@ class ReceiverDaemon:
 
     # ------------------------------------------------------------- end of a session
 
-    def session_ended(self, prot: Protection, conn, kind: str, message: str) -> None:
+    def session_ended(self, prot: Protection, conn: Connection, kind: str, message: str) -> None:
         """Apply the policy for how ``conn``'s session on ``prot`` ended."""
         with prot.lock:
             if prot.connection is conn:
@@ -389,43 +464,34 @@ class ReceiverDaemon:
                 )
                 return
             prot.last_error = None if kind == "clean" else message
-            if prot.state == "initial-copy" and kind == "admission":
-                prot.state = "gone"
-                self._destroy(prot, "no ACCEPT sent")
-                log.warning(
-                    "%s: session %s: %s; backup domain %s destroyed (nothing was committed)",
-                    prot.label(),
-                    prot.hello.session_id[:8],
-                    message,
-                    prot.backup_domid,
-                )
-            elif prot.state == "initial-copy":
-                # destroyed first, then said so: a reader of the log (a test,
-                # an operator) must find the backup gone once the line is there
-                prot.state = "gone"
-                self._destroy(prot, "initial copy incomplete")
-                log.error(
-                    "%s: session %s ended before the initial copy completed: %s; backup "
-                    "domain %s destroyed (nothing was committed)",
-                    prot.label(),
-                    prot.hello.session_id[:8],
-                    message,
-                    prot.backup_domid,
-                )
-            else:
-                self._apply_policy(prot, kind, message)
-                return
-        self._forget(prot)  # outside prot.lock: admit() takes self.lock, then prot.lock
+            first = prot.state == policy.INITIAL_COPY
+            event = policy.end_event(prot.state, kind, self.cfg, self.stopping.is_set())
+            # destroyed first, then said so: a reader of the log (a test, an
+            # operator) must find the backup gone once the line is there
+            self._carry_out(prot, policy.advance(prot, event), "session ended")
+            self._log_end(prot, event, message, first)
 
-    def _apply_policy(self, prot: Protection, kind: str, message: str) -> None:
-        """session_ended for a domain with committed state (under prot.lock)."""
-        cfg = self.cfg
+    def _log_end(self, prot: Protection, event: str, message: str, first: bool) -> None:
+        sid = prot.hello.session_id[:8]
         last = prot.last_committed
-        if kind == "clean":
-            prot.state = "ended"
-            keep = cfg.on_unprotect == "keep"
-            if not keep:
-                self._destroy(prot, "protection ended")  # before the log line says so
+        if first and event == "admission-failed":
+            log.warning(
+                "%s: session %s: %s; backup domain %s destroyed (nothing was committed)",
+                prot.label(),
+                sid,
+                message,
+                prot.backup_domid,
+            )
+        elif first:
+            log.error(
+                "%s: session %s ended before the initial copy completed: %s; backup "
+                "domain %s destroyed (nothing was committed)",
+                prot.label(),
+                sid,
+                message,
+                prot.backup_domid,
+            )
+        elif event.startswith("clean"):
             log.info(
                 "%s: protection ended cleanly after checkpoint %s (%s); no failover; "
                 "backup domain %s %s",
@@ -433,12 +499,9 @@ class ReceiverDaemon:
                 last,
                 message,
                 prot.backup_domid,
-                "kept paused" if keep else "destroyed",
+                "kept paused" if event == "clean[keep]" else "destroyed",
             )
-            return
-        if kind == "corrupt":
-            prot.state = "corrupt"
-            prot.armed = False
+        elif event == "corrupt":
             log.critical(
                 "%s: %s; the backup domain %s is inconsistent and will NOT be "
                 "resumed automatically",
@@ -446,10 +509,7 @@ class ReceiverDaemon:
                 message,
                 prot.backup_domid,
             )
-            return
-        if kind == "violation":
-            prot.state = "broken"
-            prot.armed = cfg.on_violation == "failover"
+        elif event.startswith("violation"):
             what = (
                 "failing over when the failover timeout has passed, unless the primary "
                 "reconnects first (on-violation=failover)"
@@ -460,51 +520,47 @@ class ReceiverDaemon:
             log.error(
                 "%s: session %s broke the protocol: %s; committed checkpoint %s is untouched; %s",
                 prot.label(),
-                prot.hello.session_id[:8],
+                sid,
                 message,
                 last,
                 what,
             )
-            return
-        # link-lost, stalled, closed
-        if self.stopping.is_set():
-            prot.state = "link-lost"
-            prot.armed = False
+        elif event == "stopping":
             log.warning(
                 "%s: session %s closed as the receiver stops; backup domain %s stays "
                 "paused at checkpoint %s",
                 prot.label(),
-                prot.hello.session_id[:8],
+                sid,
                 prot.backup_domid,
                 last,
             )
-            return
-        prot.state = "link-lost"
-        prot.armed = cfg.on_link_loss == "failover"
-        remaining = max(0.0, prot.failover_timeout - (time.monotonic() - prot.last_life))
-        what = (
-            f"failing over in {remaining * 1000:.0f} ms unless the primary reconnects"
-            if prot.armed
-            else "waiting for the primary to reconnect (on-link-loss=wait)"
-        )
-        log.warning(
-            "%s: session %s lost after checkpoint %s: %s; %s",
-            prot.label(),
-            prot.hello.session_id[:8],
-            last,
-            message,
-            what,
-        )
+        else:
+            remaining = max(0.0, prot.failover_timeout - (time.monotonic() - prot.last_life))
+            what = (
+                f"failing over in {remaining * 1000:.0f} ms unless the primary reconnects"
+                if prot.armed
+                else "waiting for the primary to reconnect (on-link-loss=wait)"
+            )
+            log.warning(
+                "%s: session %s lost after checkpoint %s: %s; %s",
+                prot.label(),
+                sid,
+                last,
+                message,
+                what,
+            )
 
     # ------------------------------------------------------------- failover
 
     def failover(self, prot: Protection, reason: str, *, manual: bool = False) -> dict:
         with prot.lock:
             silence = time.monotonic() - prot.last_life
-            if prot.state not in FAILOVER_STATES:
+            if not policy.allows(prot.state, "resumed"):
                 raise RemusError(f"{prot.label()} cannot fail over in state {prot.state}")
             if not manual and (not prot.armed or silence < prot.failover_timeout):
                 return {}  # a sign of life or a new session came in meanwhile
+            backup = prot.backup
+            assert backup is not None, "a failover-capable Protection has its backup"
             digest = ""
             if prot.hello.options.verify:  # debugging: the memory it resumes with
                 try:
@@ -513,35 +569,32 @@ class ReceiverDaemon:
                 except DomainError as e:
                     log.error("%s: cannot digest the backup before failover: %s", prot.label(), e)
             try:
-                prot.backup.unpause()
+                backup.unpause()
             except DomainError as e:
-                prot.state = "corrupt"
-                prot.armed = False
+                policy.advance(prot, "resume-failed")
                 log.critical("%s: FAILOVER FAILED: %s", prot.label(), e)
                 raise
-            prot.state = "failed-over"
-            prot.armed = False
             prot.failed_over_wall = time.time()
             prot.detection_ms = silence * 1000
-            conn = prot.connection
-            prot.connection = None
-        log.warning(
-            "%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
-            "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
-            "is now fenced on this host%s",
-            prot.label(),
-            prot.backup_domid,
-            prot.last_committed,
-            (time.monotonic() - prot.committed_at) * 1000,
-            reason,
-            prot.detection_ms,
-            prot.failover_timeout * 1000,
-            digest,
-        )
-        if conn is not None:
-            conn.close_from_daemon(
-                ERR_FAILED_OVER,
-                f"the backup of domain {prot.name} took over from checkpoint "
+            actions = policy.advance(prot, "resumed")
+            log.warning(
+                "%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
+                "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
+                "is now fenced on this host%s",
+                prot.label(),
+                prot.backup_domid,
+                prot.last_committed,
+                (time.monotonic() - (prot.committed_at or 0.0)) * 1000,
+                reason,
+                prot.detection_ms,
+                prot.failover_timeout * 1000,
+                digest,
+            )
+            self._carry_out(
+                prot,
+                actions,
+                "failed over",
+                close=f"the backup of domain {prot.name} took over from checkpoint "
                 f"{prot.last_committed}: do not re-protect to this receiver",
             )
         return {
@@ -562,38 +615,52 @@ class ReceiverDaemon:
         return self._monitor is not None and self._monitor.is_alive()
 
     def _monitor_loop(self) -> None:
+        """Never blocks on one domain: each expiry runs in a thread of its own
+        (a domain's commit or failover holds its lock, and may take seconds)."""
         while not self.stopping.wait(MONITOR_PERIOD):
             with self.lock:
                 prots = list(self.protections.values())
             now = time.monotonic()
             for prot in prots:
-                if prot.state not in FAILOVER_STATES:
+                if prot.state not in policy.FAILOVER_STATES or id(prot) in self._expiring:
                     continue
+                if not prot.armed and prot.state != policy.RECEIVING:
+                    continue  # its timer is off
                 silence = now - prot.last_life
                 if silence < prot.failover_timeout:
                     continue
-                try:
-                    self._expire(prot, silence)
-                except Exception:  # the timer must outlive any one domain's trouble
-                    log.exception("%s: failover timer", prot.label())
+                self._expiring.add(id(prot))
+                threading.Thread(
+                    target=self._expire, args=(prot,), name=f"expire-{prot.name}", daemon=True
+                ).start()
 
-    def _expire(self, prot: Protection, silence: float) -> None:
-        armed_open = prot.state == "receiving" and self.cfg.on_link_loss == "failover"
-        if prot.state == "receiving":
-            prot.armed = armed_open
-        if prot.armed:
-            what = (
-                "link lost"
-                if prot.state == "link-lost"
-                else ("stream broken" if prot.state == "broken" else "session silent")
-            )
-            self.failover(
-                prot, f"no checkpoint and no heartbeat for {silence * 1000:.0f} ms ({what})"
-            )
-        elif prot.state == "receiving" and prot.connection is not None:
-            # on-link-loss = wait: end the silent session, keep the backup paused
-            conn = prot.connection
-            conn.close_from_daemon(ERR_STALLED, f"nothing received for {silence * 1000:.0f} ms")
+    def _expire(self, prot: Protection) -> None:
+        try:
+            with prot.lock:
+                silence = time.monotonic() - prot.last_life
+                if prot.state not in policy.FAILOVER_STATES or silence < prot.failover_timeout:
+                    return  # a sign of life, a new session or a failover came first
+                if not prot.armed and prot.state != policy.RECEIVING:
+                    return
+                actions = policy.advance(prot, policy.silence_event(prot.state, self.cfg))
+                if policy.FAILOVER in actions:
+                    what = (
+                        "link lost"
+                        if prot.state == policy.LINK_LOST
+                        else ("stream broken" if prot.state == policy.BROKEN else "session silent")
+                    )
+                    self.failover(
+                        prot,
+                        f"no checkpoint and no heartbeat for {silence * 1000:.0f} ms ({what})",
+                    )
+                # on-link-loss = wait: end the silent session, keep the backup paused
+                self._carry_out(
+                    prot, actions, "silent", close=f"nothing received for {silence * 1000:.0f} ms"
+                )
+        except Exception:  # the timer must outlive any one domain's trouble
+            log.exception("%s: failover timer", prot.label())
+        finally:
+            self._expiring.discard(id(prot))
 
     # ------------------------------------------------------------- control
 

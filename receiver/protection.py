@@ -23,8 +23,12 @@ Rules kept here:
 - ``lock`` serialises a commit against a failover: a failover never runs in the
   middle of a commit, and a commit never writes into a backup that failed over
   or was replaced (``commit_allowed`` is checked under the lock).
-- ``armed`` says whether the failover timer runs. It is set only once
-  something is committed.
+- ``state`` and ``armed`` (whether the failover timer runs) change only by
+  receiver.policy's table (``policy.advance``, under ``lock``); ``armed`` is
+  set only once something is committed.
+- ``lock`` is this domain's alone, never held across creating the backup
+  (``created`` says when the admission's create is over), and never taken
+  while the daemon's registry lock is held.
 - Times are ``time.monotonic()`` seconds; wall-clock times only for display.
 """
 
@@ -33,20 +37,24 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
 
 from xenbind import PAGE_SIZE
+from xenbind.hypervisor import Domain
 from xenbind.session import Hello
 from xenbind.types import DomainConfig
 
+from .policy import COMMIT_STATES, FAILOVER_STATES, INITIAL_COPY
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
 DIGEST_SLAB = 4096  # pages gathered at a time to digest the backup's memory
 
-#: States in which a session's commit may still write into the backup.
-COMMIT_STATES = ("initial-copy", "receiving")
-#: States in which the domain may be failed over (it has committed state).
-FAILOVER_STATES = ("receiving", "link-lost", "broken")
+__all__ = ["COMMIT_STATES", "FAILOVER_STATES", "Protection"]
 
 
 @dataclass
@@ -54,12 +62,14 @@ class Protection:
     hello: Hello
     peer: str
     failover_timeout: float  # seconds
-    backup: object = None  # xenbind.hypervisor.Domain
+    backup: Domain | None = None
     backup_domid: int | None = None
-    state: str = "initial-copy"
-    armed: bool = False
+    state: str = INITIAL_COPY  # receiver.policy's table moves it
+    armed: bool = False  # receiver.policy's table moves it
     lock: threading.RLock = field(default_factory=threading.RLock)
-    connection: object = None  # receiver.connection.Connection while the session is open
+    #: set once the admission's create_backup is over (done or failed)
+    created: threading.Event = field(default_factory=threading.Event)
+    connection: Connection | None = None  # while the session is open
     started_wall: float = field(default_factory=time.time)
     last_life: float = field(default_factory=time.monotonic)
     last_heartbeat: float | None = None
@@ -112,8 +122,9 @@ class Protection:
         for lo in range(0, pages, DIGEST_SLAB):
             hi = min(pages, lo + DIGEST_SLAB)
             out = self._slab[: hi - lo]
+            assert self.backup is not None, "digest of a destroyed backup"
             self.backup.gather(np.arange(lo, hi, dtype=np.uint64), out)
-            h.update(memoryview(out).cast("B"))
+            h.update(out.data.cast("B"))
         return h.digest()
 
     def commit_allowed(self) -> bool:

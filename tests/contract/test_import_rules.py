@@ -7,7 +7,8 @@
     everywhere   no import cycle between modules (function-level imports
                  count too: a lazy import hides a cycle, it does not remove it)
 
-Every import statement of every module counts, wherever it stands. ``from P
+Every import statement of every module counts, wherever it stands, except
+under ``if TYPE_CHECKING:`` (never run: annotations only). ``from P
 import X`` is an edge to ``P.X`` when that is a module, else to ``P``; a
 module's edges to its own enclosing packages are left out (Python runs a
 package's ``__init__`` before any of its submodules, whoever imports them).
@@ -50,6 +51,9 @@ def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
 def _edges(mod: str) -> set[str]:
     path = MODULES[mod]
     tree = ast.parse(path.read_text(), str(path))
+    for guard in ast.walk(tree):  # drop the bodies of `if TYPE_CHECKING:`
+        if isinstance(guard, ast.If) and "TYPE_CHECKING" in ast.unparse(guard.test):
+            guard.body = []
     out: set[str] = set()
     for node in ast.walk(tree):
         targets: list[str] = []

@@ -20,6 +20,9 @@ wrongly across ``feed`` calls):
                 CheckpointEnd indexes count up from 0 with no gap; a Format B
                 body never yields more pages than it listed; the Header comes
                 first and once; nothing follows LAST_CHECKPOINT's checkpoint
+    core        receiver.core.ReceiverCore over a connection's bytes: only its
+                documented End comes out, no torn checkpoint is committed, no
+                page past p2m_size is written, staging stays bounded (below)
     session     the receiver's stream bytes after ACCEPT are exactly the input
                 after the HELLO; a HELLO is only yielded with fields within the
                 protocol's caps; errors are ProtocolError
@@ -728,12 +731,145 @@ def check_codec(data: bytes) -> None:
         assert got.tobytes() == b"".join(want), "decoded pages differ from the reference"
 
 
+# --- the receiver's core ---------------------------------------------------------
+#
+# Target ``core``: receiver.core.ReceiverCore driven with the input as the
+# bytes of one connection (a HELLO, then the stream), fed whole, and in pieces
+# through receive_data and the zero-copy get_buffer/buffer_updated path, then
+# EOF and a late tick. Rules: nothing but End comes out as the end (no
+# exception), End comes once and last; every page written lies below the
+# HELLO's p2m_size; a commit happens only for a checkpoint the stream decoder
+# itself completed (never a torn one), with exactly its pages; staged pages
+# stay within max-staged; the ended core holds no decoder nor staging.
+
+#: HELLOs for more pages than this are refused (the daemon's max-pages)
+CORE_MAX_PAGES = 4096
+CORE_LIMITS = dict(
+    max_pages=CORE_MAX_PAGES,
+    max_staged_bytes=64 * 4096,
+    max_compressed=1 << 20,
+    max_context=1 << 16,
+    max_device_model=1 << 16,
+    max_cache_pages=1024,
+    heartbeat_ms=100,
+    handshake_timeout=5.0,
+    stall_timeout=30.0,
+)
+
+
+class RecordingBackup:
+    """The core's Backup as a list of what it was asked to do."""
+
+    def __init__(self, p2m_size: int, max_staged: int) -> None:
+        self.p2m_size = p2m_size
+        self.max_staged = max_staged
+        self.pending: list[int] = []  # checkpoint 0's pages written so far
+        self.commits: list[tuple[int, list[int]]] = []
+
+    def write(self, pfns, data) -> None:
+        assert (pfns < self.p2m_size).all(), "an initial-copy page past p2m_size"
+        assert data.shape == (len(pfns), 4096)
+        self.pending.extend(int(p) for p in pfns)
+
+    def commit(self, req):
+        from receiver.core import Committed
+
+        staged = [int(p) for pfns, _ in req.staging._batches for p in pfns]
+        assert req.staging.bytes <= self.max_staged, "staged past max-staged"
+        assert all(p < self.p2m_size for p in staged), "a staged page past p2m_size"
+        pages = self.pending if req.first else staged
+        assert req.first == (not self.commits)
+        self.commits.append((req.index, pages))
+        self.pending = []
+        req.staging.discard()
+        return Committed(len(pages))
+
+
+def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> tuple:
+    from receiver.core import Admit, End, Limits, ReceiverCore, Send
+
+    core = ReceiverCore(Limits(**CORE_LIMITS), now=0.0)
+    backup: RecordingBackup | None = None
+    ends: list = []
+
+    def run(actions: list) -> None:
+        nonlocal backup
+        for i, a in enumerate(actions):
+            if isinstance(a, Admit):
+                p2m = a.hello.domain.pages
+                if p2m > CORE_MAX_PAGES:
+                    run(core.refuse("limit", "too big"))
+                    continue
+                backup = RecordingBackup(p2m, CORE_LIMITS["max_staged_bytes"])
+                run(core.accept(1000, backup, 0.0))
+            elif isinstance(a, End):
+                assert i == len(actions) - 1 and not ends, "End not last, or twice"
+                ends.append(a.kind)
+            else:
+                assert isinstance(a, Send) or type(a).__name__ == "HeartbeatSeen"
+
+    run(core.tick(0.0))
+    for piece in cuts if cuts is not None else [data]:
+        view = memoryview(piece)
+        while len(view) and not ends:
+            buf = core.get_buffer() if direct else None
+            if buf is not None:
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                view = view[n:]
+                run(core.buffer_updated(n))
+            else:
+                run(core.receive_data(view))
+                view = view[len(view) :]
+    if not ends:
+        run(core.receive_eof())
+    run(core.tick(1e6))
+    assert len(ends) == 1, f"ends {ends}"
+    assert core.decoder is None and core.staging is None, "an ended core holds its buffers"
+    commits = backup.commits if backup is not None else []
+    return ends[0], commits, core.hello
+
+
+def check_core(data: bytes) -> None:
+    """Target ``core``: the receiver's ReceiverCore over one connection's bytes."""
+    from xenbind.session import PREFIX
+    from xenbind.stream import CheckpointEnd, Pages
+
+    whole = _core_run(data, None, False)
+    split = _core_run(data, pieces(data), True)
+    assert whole[:2] == split[:2], f"whole {whole[:2]!r} != split {split[:2]!r}"
+    kind, commits, hello = whole
+    if not commits:
+        return
+    # every commit is a checkpoint the decoder completed, with exactly its pages
+    body = data[PREFIX.size + PREFIX.unpack_from(data)[3] :]
+    caps = dict(
+        max_p2m_size=hello.domain.pages,
+        max_compressed=CORE_LIMITS["max_compressed"],
+        max_context=CORE_LIMITS["max_context"],
+        max_device_model=CORE_LIMITS["max_device_model"],
+        max_cache_pages=CORE_LIMITS["max_cache_pages"],
+        cache_pages=hello.options.cache_pages if hello.options.codec != "none" else None,
+    )
+    events, _ = decode_all([body], caps)
+    whole_ckpts: list[tuple[int, list[int]]] = []
+    pages: list[int] = []
+    for e in events:
+        if isinstance(e, Pages):
+            pages.extend(int(p) for p in e.pfns)
+        elif isinstance(e, CheckpointEnd):
+            whole_ckpts.append((e.index, pages))
+            pages = []
+    assert commits == whole_ckpts[: len(commits)], "a commit that is not a whole checkpoint"
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "stream": check_stream,
     "chunks": check_chunks,
     "session": check_receiver_session,
     "reply": check_sender_session,
     "codec": check_codec,
+    "core": check_core,
 }
 
 

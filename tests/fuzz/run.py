@@ -12,6 +12,9 @@ Targets (tests/fuzz/oracles.py has each one's rules):
              decoder, both formats
     session  xenbind.session.ReceiverSession: the HELLO and what follows
     reply    xenbind.session.SenderSession: ACCEPT/REFUSE and the frames
+    chunks   streams written chunk by chunk from a program (structure-aware)
+    core     receiver.core.ReceiverCore (the receiver's session: handshake,
+             initial copy, staging, commits) over one connection's bytes
 
 The seed corpus (tests/fuzz/seeds.py, written by the project's encoders) is
 generated into ``<corpus>/seeds`` on each start; libFuzzer adds what it finds
@@ -46,7 +49,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     else:
         extra = []
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.run", description=__doc__.split("\n")[0])
-    p.add_argument("--target", default="stream", help="stream | codec | session | reply")
+    p.add_argument(
+        "--target", default="stream", help="stream | chunks | codec | session | reply | core"
+    )
     p.add_argument("--runs", type=int, default=100_000, help="inputs to run (libFuzzer -runs)")
     p.add_argument(
         "--corpus",
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _parse(sys.argv[1:] if argv is None else argv)
     import atheris
 
-    with atheris.instrument_imports(include=["xenbind", "tests.fuzz.oracles"]):
+    with atheris.instrument_imports(include=["xenbind", "receiver", "tests.fuzz.oracles"]):
+        import receiver.core  # noqa: F401
         import xenbind.compress  # noqa: F401
         import xenbind.session  # noqa: F401
 

@@ -16,7 +16,8 @@ Stream seeds (all small enough for the fuzzer's max_len):
     tail-*     tails with empty and larger HVM context / device-model records
 Codec seeds: header (tests/fuzz/oracles.py) + blobs of both formats against a
 primed cache. Session seeds: HELLOs of every codec followed by stream bytes.
-Reply seeds: ACCEPT or REFUSE followed by frames.
+Reply seeds: ACCEPT or REFUSE followed by frames. Core seeds: each stream
+seed behind a HELLO that matches it (pages, codec, cache).
 """
 
 from __future__ import annotations
@@ -343,7 +344,38 @@ def chunks_seeds() -> dict[str, bytes]:
     }
 
 
+def core_seeds() -> dict[str, bytes]:
+    """Target ``core``: a HELLO matching each stream seed (pages, codec, cache), then it."""
+    from xenbind.session import Hello, Options, encode_hello
+    from xenbind.stream import CodecAnnounce, Decoder, EnableCompression, Header
+    from xenbind.types import DomainConfig
+
+    out: dict[str, bytes] = {}
+    for name, stream in stream_seeds().items():
+        d = Decoder(max_p2m_size=1 << 20)
+        try:
+            events = d.feed(stream)
+        except Exception:  # noqa: BLE001 - a torn or broken seed: skip it
+            continue
+        pages = next((e.p2m_size for e in events if isinstance(e, Header)), 0)
+        codec, cache = "none", 8192
+        for e in events:
+            if isinstance(e, CodecAnnounce | EnableCompression):
+                codec, cache = e.codec, e.cache_pages
+        if not pages:
+            continue
+        hello = Hello(
+            session_id="cd" * 16,
+            options=Options(codec=codec, cache_pages=cache),
+            domain=DomainConfig("fuzz", "12345678-9abc-def0-1234-56789abcdef0", pages, 1),
+            generation=1,
+        )
+        out[f"core-{name}"] = encode_hello(hello) + stream
+    return out
+
+
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
+    "core": core_seeds,
     "stream": stream_seeds,
     "chunks": chunks_seeds,
     "codec": codec_seeds,

@@ -289,6 +289,39 @@ def test_session_oracles_on_mutated_handshakes(target: str, data) -> None:
     oracles.TARGETS[target](bytes(raw))
 
 
+@SETTINGS
+@given(st.sampled_from(sorted(seeds.core_seeds().items())), st.data())
+def test_core_oracle_on_mutated_sessions(seed_item, data) -> None:
+    """Target ``core``: the receiver's ReceiverCore over mutated sessions."""
+    _, raw = seed_item
+    raw = bytearray(raw)
+    for _ in range(data.draw(st.integers(0, 4))):
+        j = data.draw(st.integers(0, len(raw) - 1))
+        raw[j] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        del raw[data.draw(st.integers(0, len(raw))) :]
+    oracles.check_core(bytes(raw))
+
+
+def test_core_oracle_catches_a_torn_commit() -> None:
+    """The core oracle is not vacuous: a commit the decoder never completed is a finding."""
+    raw = next(iter(seeds.core_seeds().values()))
+    oracles.check_core(raw)
+    real = oracles.RecordingBackup.commit
+
+    def commit_twice(self, req):
+        done = real(self, req)
+        self.commits.append((req.index + 1, []))  # a checkpoint that never arrived
+        return done
+
+    oracles.RecordingBackup.commit = commit_twice
+    try:
+        with pytest.raises(AssertionError, match="whole checkpoint"):
+            oracles.check_core(raw)
+    finally:
+        oracles.RecordingBackup.commit = real
+
+
 @pytest.mark.parametrize("target", sorted(seeds.SEEDS))
 def test_every_seed_is_valid_for_its_target(target: str) -> None:
     found = seeds.SEEDS[target]()

@@ -8,10 +8,16 @@ reconnect had superseded it while it was still creating the backup), and
 ``daemon.shutdown()`` raised "cannot join thread before it is started".
 
 A slow hypervisor is made two ways here: the backup host's process is stopped
-(SIGSTOP) while the receiver asks it for the backup, or the receiver's
-test-only fault hook ``REMUS_RECEIVER_TEST_ADMIT_DELAY_S`` (receiver.connection)
-holds a session between "backup created" and ACCEPT, the window the lab's
-reconnect fell into.
+(SIGSTOP) while the receiver asks it for the backup, or the backup host is a
+simulated host with a slow toolstack (``--create-delay``, docs/simulator.md:
+the backup domain exists at once, its create returns seconds later), the
+window the lab's reconnect fell into.
+
+And one domain's slow create must delay no other domain: while domain A's
+backup is being created (and A's reconnect waits for it), domain B fails over
+within its failover timeout and ``status`` answers at once (seen before the
+fix: B's failover took 13 s instead of 0.6 s and status hung 12.5 s while a
+4 GiB backup was created).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import os
 import signal
 import socket
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,8 +36,9 @@ from receiver.config import load_config
 from receiver.daemon import ReceiverDaemon
 from receiver.server import Listener
 from tests.receiver.test_daemon_process import Guest, Receiver, Sender, backup_state, wait_for
-from tests.simhost import host_pair
+from tests.simhost import SimHost, host_pair, sim_dir
 from xenbind.session import Accepted, Goodbye
+from xenbind.sim.__main__ import CREATE_DELAY_ENV
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,6 +47,25 @@ pytestmark = pytest.mark.timeout(90)
 def hosts():
     with host_pair("rxadm") as pair:
         yield pair
+
+
+@pytest.fixture
+def slow_backup(monkeypatch) -> Iterator[SimHost]:
+    """A backup host whose every create takes CREATE_DELAY_S (a slow xl create)."""
+    monkeypatch.setenv(CREATE_DELAY_ENV, str(CREATE_DELAY_S))
+    host = SimHost(sim_dir("rxadm-slow-")).start()
+    monkeypatch.delenv(CREATE_DELAY_ENV)
+    try:
+        yield host
+    finally:
+        host.cleanup()
+
+
+CREATE_DELAY_S = 1.5
+
+
+def _on_host(host: SimHost, name: str) -> list[int]:
+    return [i.domid for i in host.hv.list() if i.name == name]
 
 
 def _read_until_eof(sock: socket.socket, timeout: float = 15.0) -> bytes:
@@ -100,22 +128,18 @@ def _run_to_the_end(s: Sender) -> None:
     s.close()
 
 
-def test_reconnect_that_supersedes_a_session_still_in_admission(hosts, tmp_path, monkeypatch):
-    primary, backup = hosts
-    # every admission waits 1.5 s between "backup created" and ACCEPT (test-only hook)
-    monkeypatch.setenv(rx_connection.ADMIT_DELAY_ENV, "1.5")
+def test_reconnect_that_supersedes_a_session_still_in_admission(hosts, slow_backup, tmp_path):
+    primary, _ = hosts
+    backup = slow_backup  # every create returns CREATE_DELAY_S after the domain exists
     r = Receiver(backup.dir, str(tmp_path))
     try:
         g = Guest(primary)
         first = Sender(r.port, g)
         first.sock.sendall(first.ss.hello())
-        # the backup exists, ACCEPT is not sent yet
-        wait_for(
-            lambda: any(x["backup_domid"] is not None for x in _sessions(r, g.name)),
-            10,
-            "the first session's backup created",
-        )
-        first_domid = _sessions(r, g.name)[0]["backup_domid"]
+        # the backup exists on the host, its create has not returned: no ACCEPT yet
+        first_domid = wait_for(
+            lambda: _on_host(backup, g.name), 10, "the first session's backup created"
+        )[0]
         first.close()  # remusd gave up the handshake ...
         # ... and reconnects with the same protection (the same generation)
         again = Sender(r.port, g, generation=first.hello.generation)
@@ -134,12 +158,74 @@ def test_reconnect_that_supersedes_a_session_still_in_admission(hosts, tmp_path,
         assert len(st) == 1 and st[0]["session"] == again.hello.session_id
         assert st[0]["backup_domid"] != first_domid
         # the first backup is gone; the new session's works
-        infos = [i for i in backup.hv.list() if i.name == g.name]
-        assert [i.domid for i in infos] == [st[0]["backup_domid"]]
+        assert _on_host(backup, g.name) == [st[0]["backup_domid"]]
         _run_to_the_end(again)
         wait_for(lambda: backup_state(backup, g.name) is None, 5, "backup destroyed")
     finally:
         assert r.stop() == 0, r.log()[-3000:]
+    assert "Traceback" not in r.log(), r.log()
+
+
+SLOW_CREATE_S = 6.0
+FAILOVER_TIMEOUT_MS = 600
+
+
+def test_a_slow_create_delays_no_other_domain(hosts, tmp_path, monkeypatch):
+    """Domain A's backup takes SLOW_CREATE_S to create and A reconnects
+    meanwhile (the lab's case); domain B loses its link during that time: B
+    fails over within its failover timeout, and status answers at once."""
+    primary, _ = hosts
+    monkeypatch.setenv(CREATE_DELAY_ENV, str(SLOW_CREATE_S))
+    slow = SimHost(sim_dir("rxadm-slower-")).start()
+    monkeypatch.delenv(CREATE_DELAY_ENV)
+    r = Receiver(slow.dir, str(tmp_path), "--failover-timeout", str(FAILOVER_TIMEOUT_MS))
+    try:
+        gb, ga = Guest(primary), Guest(primary)
+        b = Sender(r.port, gb)
+        assert isinstance(b.handshake(), Accepted)  # (its own create is slow too)
+        b.initial_copy()
+        b.wait_ack(0)
+        assert r.session(gb.name)["state"] == "receiving"
+        # A: its HELLO, then a reconnect while its backup is still being created
+        a1 = Sender(r.port, ga)
+        a1.sock.sendall(a1.ss.hello())
+        t_create = time.monotonic()
+        wait_for(lambda: _on_host(slow, ga.name), 10, "A's backup being created")
+        a2 = Sender(r.port, ga, generation=a1.hello.generation)
+        a2.sock.sendall(a2.ss.hello())
+        time.sleep(0.5)  # its admission runs (the supersede must not wait for A's create)
+        # B's primary dies
+        b.close()
+        t_lost = time.monotonic()
+        t0 = time.monotonic()
+        st = r.status()
+        status_s = time.monotonic() - t0
+        assert status_s < 1.0, f"status took {status_s:.1f} s during A's create"
+        assert any(s["domain"] == gb.name for s in st["sessions"])
+        wait_for(
+            lambda: r.session(gb.name)["state"] == "failed-over",
+            FAILOVER_TIMEOUT_MS / 1000 + 2.0,
+            "B's failover",
+        )
+        took = time.monotonic() - t_lost
+        assert took < FAILOVER_TIMEOUT_MS / 1000 + 1.5, f"B's failover took {took:.1f} s"
+        # all of that happened while A's backup was still being created
+        assert time.monotonic() - t_create < SLOW_CREATE_S, "A's create was not slow enough"
+        assert backup_state(slow, gb.name) == "running"
+        # A: the reconnect is served once the first create is over (and its
+        # backup gone), after a create of its own
+        a1.close()
+        a2.sock.settimeout(3 * SLOW_CREATE_S)
+        while a2.reply is None:
+            data = a2.sock.recv(65536)
+            assert data, "receiver closed without answering A's reconnect"
+            a2.reply = next((e for e in a2.ss.feed(data) if isinstance(e, Accepted)), None)
+        assert _on_host(slow, ga.name) == [_sessions(r, ga.name)[0]["backup_domid"]]
+        r.wait_log(rf"superseded by session {a2.hello.session_id[:8]}")
+        _run_to_the_end(a2)
+    finally:
+        assert r.stop() == 0, r.log()[-3000:]
+        slow.cleanup()
     assert "Traceback" not in r.log(), r.log()
 
 

@@ -57,6 +57,10 @@ See docs/simulator.md for the whole story.
 """
 
 
+#: the default of ``host --create-delay`` (seconds), for hosts started by others (tests)
+CREATE_DELAY_ENV = "REMUS_SIM_CREATE_DELAY_S"
+
+
 def parse_size(text: str) -> int:
     """'64M', '1G', '65536K', '4096' (bytes) -> bytes; whole pages only."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -99,11 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    add(
+    h = add(
         "host",
         "run the simulated host in the foreground",
         "Run the simulated host owning DIR in the foreground until SIGTERM or SIGINT\n"
         "(a clean stop: every domain dies, the files stay). One host per DIR.",
+    )
+    h.add_argument(
+        "--create-delay",
+        metavar="SECONDS",
+        type=float,
+        default=float(os.environ.get(CREATE_DELAY_ENV) or 0),
+        help="a slow toolstack: every create is answered this long after it is done, "
+        f"the host serving other requests meanwhile (default ${CREATE_DELAY_ENV} or 0)",
     )
     c = add(
         "create",
@@ -198,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         from .host import main as host_main
 
-        return host_main(sim_dir)
+        if args.create_delay < 0:
+            print("error: --create-delay must be 0 or more seconds", file=sys.stderr)
+            return 2
+        return host_main(sim_dir, args.create_delay)
 
     from ..errors import RemusError
 

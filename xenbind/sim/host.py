@@ -25,10 +25,16 @@ runs) and, for a domain whose worker died, ``"exit"`` (how it ended).
 Rules: the host is single-threaded (so forking a worker is safe); it is the
 only writer of ``dom-N.json`` and the only process that creates or removes
 domain files; requests are served one at a time, each bounded by a timeout.
+
+A slow toolstack (``--create-delay S``, as a large ``xl create`` takes
+seconds): a create is carried out at once (the domain is listed, paused or
+running) but its reply is held back S seconds, while the host goes on serving
+other requests; a reply whose client has gone is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import mmap
@@ -63,8 +69,11 @@ def log(msg: str) -> None:
 
 
 class Host:
-    def __init__(self, sim_dir: str) -> None:
+    def __init__(self, sim_dir: str, create_delay: float = 0.0) -> None:
         self.dir = os.path.abspath(sim_dir)
+        self.create_delay = create_delay
+        #: create replies held back (--create-delay): (due, connection, reply)
+        self._deferred: list[tuple[float, socket.socket, bytes]] = []
         os.makedirs(self.dir, exist_ok=True)
         self.lock_fd = os.open(
             L.host_path(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
@@ -99,21 +108,40 @@ class Host:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        log("ready")
+        log("ready" + (f" (create delay {self.create_delay:g} s)" if self.create_delay else ""))
         while not self.stopping:
-            for _ in self.sel.select(0.2):
+            wait = 0.2
+            if self._deferred:
+                wait = max(0.0, min(wait, min(d[0] for d in self._deferred) - time.monotonic()))
+            for _ in self.sel.select(wait):
                 try:
                     conn, _ = self.listener.accept()
                 except OSError:
                     continue
                 self._serve(conn)
+            self._send_deferred()
             self._reap()
         self.shutdown()
+
+    def _send_deferred(self, force: bool = False) -> None:
+        now = time.monotonic()
+        keep = []
+        for due, conn, reply in self._deferred:
+            if due > now and not force:
+                keep.append((due, conn, reply))
+                continue
+            try:
+                conn.sendall(reply)
+            except OSError as e:
+                log(f"client connection: {e}")
+            conn.close()
+        self._deferred = keep
 
     def shutdown(self) -> None:
         log(
             f"stopping: {sum(1 for d in self.domains.values() if d['pid'])} domains die with the host"
         )
+        self._send_deferred(force=True)
         for domid in list(self.domains):
             self._kill(domid)
         for p in (L.host_path(self.dir, "sock"), L.host_path(self.dir, "pid")):
@@ -156,7 +184,8 @@ class Host:
         self._conn = conn  # closed in forked workers
         conn.settimeout(REQUEST_TIMEOUT_S)
         try:
-            with conn:
+            with contextlib.ExitStack() as stack:
+                stack.callback(conn.close)
                 buf = b""
                 while b"\n" not in buf:
                     chunk = conn.recv(4096)
@@ -165,6 +194,7 @@ class Host:
                     buf += chunk
                     if len(buf) > MAX_REQUEST:
                         raise HostError("request too long")
+                req = None
                 try:
                     req = json.loads(buf.split(b"\n", 1)[0])
                     if not isinstance(req, dict):
@@ -175,7 +205,13 @@ class Host:
                 except Exception as e:  # keep the host up; say what broke
                     log(traceback.format_exc())
                     reply = {"ok": False, "error": f"internal error: {e}"}
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                data = json.dumps(reply).encode() + b"\n"
+                if self.create_delay > 0 and reply["ok"] and req["op"] == "create":
+                    due = time.monotonic() + self.create_delay
+                    self._deferred.append((due, conn, data))
+                    stack.pop_all()  # kept open for the reply
+                    return
+                conn.sendall(data)
         except OSError as e:
             log(f"client connection: {e}")
 
@@ -313,6 +349,8 @@ class Host:
                 self.sel.close()
                 self.listener.close()
                 self._conn.close()
+                for _, deferred, _ in self._deferred:
+                    deferred.close()
                 os.close(self.lock_fd)
                 os.dup2(logf, 2)
                 os.dup2(logf, 1)
@@ -390,9 +428,9 @@ def _unlink(p: str) -> None:
         pass
 
 
-def main(sim_dir: str) -> int:
+def main(sim_dir: str, create_delay: float = 0.0) -> int:
     try:
-        host = Host(sim_dir)
+        host = Host(sim_dir, create_delay)
     except HostError as e:
         log(str(e))
         return 1

@@ -1,0 +1,128 @@
+"""The core's Backup for one Protection: where a session's pages meet the domain.
+
+    ProtectionBackup(prot, who)   who(): the session's name for log lines
+    open()                        probe the backup's physmap (receiver.physmap)
+    write(pfns, data)             checkpoint 0's pages, into the paused backup
+    commit(req)                   a whole checkpoint: pages + context, then the
+                                  policy's ``committed`` move and the figures;
+                                  in verify mode the digest check
+
+Rules kept here:
+- Nothing is written into the backup outside the Protection's lock, and only
+  while the Protection is in a commit state (never after a failover, never
+  into a replaced backup): else ``BackupClosed``.
+- The lock is the Protection's own: a commit (and its digest) delays only
+  this domain's failover, never another domain's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from xenbind.hypervisor import Domain
+from xenbind.stream import MemoryDigest
+
+from . import policy
+from .core import BackupClosed, CommitRequest, Committed
+from .physmap import Physmap
+from .protection import Protection
+
+log = logging.getLogger("receiver")
+
+
+class ProtectionBackup:
+    def __init__(self, prot: Protection, who: Callable[[], str]) -> None:
+        self.prot = prot
+        self.who = who
+        self.physmap: Physmap | None = None
+
+    def _domain(self) -> Domain:
+        backup = self.prot.backup
+        if not self.prot.commit_allowed() or backup is None:
+            raise BackupClosed(f"backup is {self.prot.state}")
+        return backup
+
+    def open(self) -> None:
+        """Which backup PFNs have memory: the ones the stream fills and the
+        backup lacks are populated before they are written."""
+        with self.prot.lock:
+            self.physmap = Physmap(self._domain(), self.prot.config.pages)
+
+    def write(self, pfns: np.ndarray, data: np.ndarray) -> None:
+        with self.prot.lock:
+            domain = self._domain()
+            if self.physmap is not None:
+                self.physmap.ensure(pfns)
+            domain.scatter(pfns, data)
+
+    def commit(self, req: CommitRequest) -> Committed:
+        prot = self.prot
+        t0 = time.monotonic()
+        verified = mismatch = False
+        with prot.lock:
+            domain = self._domain()
+            first = prot.state == policy.INITIAL_COPY
+            if first:
+                domain.set_context(req.context)
+                n = req.pages
+            else:
+                n = req.staging.commit(domain, req.context, self.physmap)
+            policy.advance(prot, "committed")
+            prot.last_committed = req.index
+            prot.committed_at = time.monotonic()
+            prot.checkpoints += 1
+            prot.pages_committed += n
+            prot.last_checkpoint_pages = n
+            prot.life()
+            if req.digest is not None:
+                verified, mismatch = self._verify(req.index, req.digest)
+        commit_ms = (time.monotonic() - t0) * 1000
+        if first:
+            log.info(
+                "%s: initial copy committed (%d pages, %.1f MB received); the backup is "
+                "failover-capable",
+                self.who(),
+                n,
+                prot.bytes_in / 1e6,
+            )
+        else:
+            log.debug(
+                "%s: checkpoint %d committed (%d pages, %.2f ms)",
+                self.who(),
+                req.index,
+                n,
+                commit_ms,
+            )
+        return Committed(n, verified, mismatch)
+
+    def _verify(self, index: int, digest: MemoryDigest) -> tuple[bool, bool]:
+        """Digest the backup's memory (xxh3-128 over every page, in PFN order)
+        and compare it with the stream's; returns (verified, mismatch)."""
+        prot = self.prot
+        if digest.algorithm != "xxh3-128":
+            log.warning(
+                "%s: checkpoint %d: digest algorithm %s not supported; not verified",
+                self.who(),
+                index,
+                digest.algorithm,
+            )
+            return False, False
+        got = prot.digest()
+        if got == digest.digest:
+            prot.verified += 1
+            return True, False
+        prot.mismatches += 1
+        log.error(
+            "%s: verify MISMATCH at checkpoint %d: the backup's memory digest %s differs "
+            "from the primary's %s (mismatch #%d)",
+            self.who(),
+            index,
+            got.hex(),
+            digest.digest.hex(),
+            prot.mismatches,
+        )
+        return False, True

@@ -1,0 +1,630 @@
+"""The receiver's side of one session, sans-IO (h11's Connection, for the receiver).
+
+Inputs: bytes (``receive_data``, or ``get_buffer``/``buffer_updated`` for the
+zero-copy path), ``receive_eof``, ``connection_lost``, timer ticks
+(``tick(now)``: time is passed in, never read) and the driver's answers
+(``accept``/``refuse`` to an ``Admit``, ``close`` from the daemon, ``fail``,
+``send_failed``). Every input returns a list of actions, to carry out in
+order:
+
+    Send(data, on_failure)  write these bytes; if they cannot be written and
+                            ``on_failure`` is set, drop the rest of the list and
+                            carry out ``send_failed(send)`` instead
+    Admit(hello)            ask the daemon to admit this HELLO, then answer with
+                            ``accept(...)`` or ``refuse(...)``
+    HeartbeatSeen()         the sender's HEARTBEAT arrived (for status)
+    End(kind, message)      the session is over; always the last action, once
+
+Session states (CORE_TABLE; ``_move`` is the one function that changes it)::
+
+    state         event      new state     what happens
+    handshake     hello      admitting     a whole, valid HELLO: Admit(hello)
+    admitting     accept     initial-copy  ACCEPT sent; decoder and staging made
+    initial-copy  committed  checkpoints   checkpoint 0 committed: ACK
+    checkpoints   committed  checkpoints   checkpoint N committed: ACK
+    (any)         end        ended         End(kind, message), nothing big kept
+
+End kinds: before admission ``bad-hello`` (REFUSE sent), ``timeout`` (no
+HELLO within handshake-timeout), ``lost``, ``left``, ``refused`` (the
+driver's refusal); from admission on ``admission`` (before ACCEPT),
+``clean``, ``link-lost``, ``stalled``, ``violation``, ``corrupt``, ``closed``
+(receiver.policy turns them into the Protection's next state).
+
+The pages go into the backup through the ``Backup`` passed to ``accept``
+(receiver.backup for a real Protection; a test's in-memory one): ``write``
+for the initial copy's pages (checkpoint 0 goes straight into the paused
+backup), ``commit`` for a checkpoint (staged pages + context, at its
+CheckpointEnd). ``BackupClosed`` from either ends the session ``closed``;
+``DomainError`` ends it ``corrupt``.
+
+Rules kept here:
+- The core never touches a socket, a clock, a thread or a lock, and never
+  calls the hypervisor: only its Backup does.
+- A torn checkpoint is dropped: staged pages reach the Backup only at their
+  checkpoint's CheckpointEnd, and are discarded at EOF or any other end.
+- Events a failing feed decoded before the offending item are handled first:
+  a checkpoint that arrived whole before garbage is still committed.
+- Every Decoder cap comes from ``Limits`` (the configuration); the guest's
+  size from the HELLO.
+- Bad input from the peer never raises out of the core: it ends the session
+  (End) with a clear message; only a bug does.
+- An ended session holds nothing big: at End the decoder is closed and
+  dropped, the staged pages and the last tail are dropped.
+- A HEARTBEAT frame is due whenever nothing was sent for heartbeat-ms
+  (``tick``); the initial copy ends ``stalled`` after stall-timeout without a
+  byte or a commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from xenbind.errors import DomainError, ProtocolError, RemusError, StreamError
+from xenbind.session import (
+    ERR_INTERNAL,
+    ERR_PROTOCOL,
+    ERR_STALLED,
+    Accept,
+    HandshakeError,
+    Hello,
+    HelloReceived,
+    ReceiverSession,
+    StreamData,
+)
+from xenbind.stream import (
+    CheckpointEnd,
+    CodecAnnounce,
+    Decoder,
+    EnableCompression,
+    Header,
+    Heartbeat,
+    LastCheckpoint,
+    MemoryDigest,
+    Pages,
+    Tail,
+)
+from xenbind.stream.decoder import MalformedStream, TruncatedStream
+from xenbind.stream.events import Event
+from xenbind.types import Context
+
+from .staging import Staging
+
+#: an item with at least this much still to come is received into the decoder's buffer
+DIRECT_RECV_MIN = 64 << 10
+#: the longest wait for a HELLO between two ticks (seconds)
+HANDSHAKE_POLL_S = 0.5
+
+HANDSHAKE = "handshake"
+ADMITTING = "admitting"
+INITIAL_COPY = "initial-copy"
+CHECKPOINTS = "checkpoints"
+ENDED = "ended"
+
+CORE_TABLE: dict[tuple[str, str], str] = {
+    (HANDSHAKE, "hello"): ADMITTING,
+    (ADMITTING, "accept"): INITIAL_COPY,
+    (INITIAL_COPY, "committed"): CHECKPOINTS,
+    (CHECKPOINTS, "committed"): CHECKPOINTS,
+    (HANDSHAKE, "end"): ENDED,
+    (ADMITTING, "end"): ENDED,
+    (INITIAL_COPY, "end"): ENDED,
+    (CHECKPOINTS, "end"): ENDED,
+}
+
+STREAMING = (INITIAL_COPY, CHECKPOINTS)
+
+#: End kinds that send the sender an ERROR frame, with its code
+_ERROR_CODES = {"violation": ERR_PROTOCOL, "stalled": ERR_STALLED, "corrupt": ERR_INTERNAL}
+
+
+# --- configuration and the backup ---------------------------------------------------
+
+
+class Refusal(RemusError):
+    """A HELLO the receiver will not serve (raised by the daemon's admission);
+    ``code`` and ``reason`` go into the REFUSE frame."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the configuration fixes for every session (receiver.config)."""
+
+    max_pages: int
+    max_staged_bytes: int
+    max_compressed: int
+    max_context: int
+    max_device_model: int
+    max_cache_pages: int
+    heartbeat_ms: int
+    handshake_timeout: float  # seconds
+    stall_timeout: float  # seconds
+    software: str = ""
+
+    def accept_limits(self) -> dict[str, int]:
+        return {
+            "max_pages": self.max_pages,
+            "max_staged_bytes": self.max_staged_bytes,
+            "max_compressed": self.max_compressed,
+            "max_context": self.max_context,
+            "max_device_model": self.max_device_model,
+            "max_cache_pages": self.max_cache_pages,
+        }
+
+
+class BackupClosed(RemusError):
+    """The backup takes no more writes (it failed over, or was replaced)."""
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """Checkpoint ``index`` arrived whole: write it into the backup."""
+
+    index: int
+    first: bool  # checkpoint 0: its pages are in the backup already (``write``)
+    staging: Staging  # the checkpoint's pages (empty for checkpoint 0)
+    context: Context
+    digest: MemoryDigest | None  # verify mode: compare the backup's memory after
+    pages: int  # checkpoint 0: the pages written by ``write``
+
+
+@dataclass(frozen=True)
+class Committed:
+    pages: int
+    verified: bool = False
+    mismatch: bool = False
+
+
+class Backup(Protocol):
+    def write(self, pfns: np.ndarray, data: np.ndarray) -> None:
+        """Checkpoint 0's pages, straight into the paused backup."""
+
+    def commit(self, req: CommitRequest) -> Committed:
+        """Staged pages and context, whole; then the digest check if asked."""
+
+
+# --- actions ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    data: bytes
+    on_failure: str | None = None  # the End message if it cannot be sent; None: ignore
+
+
+@dataclass(frozen=True)
+class Admit:
+    hello: Hello
+
+
+@dataclass(frozen=True)
+class HeartbeatSeen:
+    pass
+
+
+@dataclass(frozen=True)
+class End:
+    kind: str
+    message: str
+
+
+Action = Send | Admit | HeartbeatSeen | End
+
+
+class _End(Exception):
+    """Unwinds the handling of one input to its End (internal)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# --- the core ---------------------------------------------------------------------
+
+
+class ReceiverCore:
+    def __init__(self, limits: Limits, now: float) -> None:
+        self.limits = limits
+        self.state = HANDSHAKE
+        self.rs = ReceiverSession()
+        self.hello: Hello | None = None
+        self.decoder: Decoder | None = None  # from ACCEPT to the End
+        self.staging: Staging | None = None
+        self.backup: Backup | None = None
+        self.last_committed: int | None = None
+        self._now = now
+        self._started = now
+        self._last_sent = now
+        self._last_life = now
+        self._early = False  # stream bytes that came with the HELLO wait for after ACCEPT
+        self._context: Context | None = None
+        self._digest: MemoryDigest | None = None
+        self._last_flag = False
+        self._initial_pages = 0
+        self._out: list[Action] = []
+
+    # ------------------------------------------------------------- the table
+
+    def _move(self, event: str) -> None:
+        new = CORE_TABLE.get((self.state, event))
+        if new is None:
+            raise ProtocolError(f"receiver core: {event!r} in state {self.state!r}")
+        self.state = new
+
+    @property
+    def ended(self) -> bool:
+        return self.state == ENDED
+
+    # ------------------------------------------------------------- inputs
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: a heartbeat when due, the handshake and stall timeouts."""
+        self._now = now
+        if self.state == HANDSHAKE and now - self._started >= self.limits.handshake_timeout:
+            return self._end(
+                "timeout", f"no complete HELLO within {self.limits.handshake_timeout:.1f} s; closed"
+            )
+        if self.state not in STREAMING:
+            return []
+        return self._run(self._tick)
+
+    def next_wait(self, now: float) -> float:
+        """Seconds the driver may wait for input before the next ``tick``."""
+        if self.state == HANDSHAKE:
+            left = self.limits.handshake_timeout - (now - self._started)
+            return max(0.0, min(left, HANDSHAKE_POLL_S))
+        if self.state in STREAMING:
+            return max(0.0, self.limits.heartbeat_ms / 1000 - (now - self._last_sent))
+        return HANDSHAKE_POLL_S
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Action]:
+        if self.state == ENDED:
+            return []
+        if self.state == HANDSHAKE:
+            return self._handshake_data(data)
+        if self.state == ADMITTING:
+            try:
+                self.rs.feed(data)  # kept for after ACCEPT
+            except ProtocolError as e:
+                self._out.append(Send(self.rs.refuse("bad-hello", str(e))))
+                return self._end("admission", f"refused during admission: {e}")
+            return []
+        return self._run(self._stream_data, data)
+
+    def get_buffer(self) -> memoryview | None:
+        """Where to receive the next bytes directly (a batch's page data goes
+        straight into the decoder's buffer for it), or None: use receive_data."""
+        if self.state not in STREAMING or self._early or self.decoder is None:
+            return None
+        if not self.rs.passthrough:
+            return None
+        return self.decoder.get_buffer(DIRECT_RECV_MIN)
+
+    def buffer_updated(self, n: int) -> list[Action]:
+        """``n`` bytes were received into ``get_buffer()``'s buffer."""
+        return self._run(self._direct, n)
+
+    def receive_eof(self) -> list[Action]:
+        if self.state == HANDSHAKE:
+            try:
+                self.rs.eof()
+            except ProtocolError as e:
+                self._out.append(Send(self.rs.refuse("bad-hello", str(e))))
+                return self._end("bad-hello", f"refused: {e}")
+            return self._end("left", "closed before sending a HELLO")
+        if self.state == ADMITTING:
+            return self._end("admission", "peer left during admission (before ACCEPT)")
+        if self.state in STREAMING:
+            return self._run(self._eof)
+        return []
+
+    def connection_lost(self, error: OSError) -> list[Action]:
+        why = error.strerror or error
+        if self.state == HANDSHAKE:
+            return self._end("lost", f"connection lost during the handshake: {error}")
+        if self.state == ADMITTING:
+            return self._end("admission", f"peer left during admission (before ACCEPT): {why}")
+        if self.state in STREAMING:
+            return self._end("link-lost", f"connection lost: {why}")
+        return []
+
+    def accept(self, failover_timeout_ms: int, backup: Backup, now: float) -> list[Action]:
+        """The daemon admitted the HELLO and made the backup (which may have
+        taken seconds, hence ``now``): ACCEPT."""
+        hello = self.hello
+        if self.state != ADMITTING or hello is None:
+            raise ProtocolError(f"receiver core: accept in state {self.state!r}")
+        lim = self.limits
+        frame = self.rs.accept(
+            Accept(
+                session_id=hello.session_id,
+                failover_timeout_ms=failover_timeout_ms,
+                heartbeat_ms=lim.heartbeat_ms,
+                limits=lim.accept_limits(),
+                software=lim.software,
+            )
+        )
+        self._move("accept")
+        opts = hello.options
+        self.decoder = Decoder(
+            max_p2m_size=hello.domain.pages,
+            max_compressed=lim.max_compressed,
+            max_context=lim.max_context,
+            max_device_model=lim.max_device_model,
+            max_cache_pages=lim.max_cache_pages,
+            cache_pages=opts.cache_pages if opts.codec != "none" else None,
+        )
+        self.staging = Staging(hello.domain.pages, lim.max_staged_bytes)
+        self.backup = backup
+        self._now = now
+        self._last_life = now  # the stall clock starts now, not at the HELLO
+        self._early = True
+        return [self._send(frame, "connection lost sending ACCEPT")]
+
+    def refuse(self, code: str, reason: str) -> list[Action]:
+        """REFUSE the HELLO (the daemon's decision, or the TLS check's)."""
+        if self.state not in (HANDSHAKE, ADMITTING):
+            return []
+        self._out.append(Send(self.rs.refuse(code, reason)))
+        return self._end("refused", reason)
+
+    def close(self, code: int, reason: str) -> list[Action]:
+        """The daemon ends the session (failover, a newer session, shutdown):
+        ERROR ``code`` once ACCEPT was sent, nothing before."""
+        if self.state == HANDSHAKE:
+            return self._end(
+                "timeout", f"no complete HELLO within {self.limits.handshake_timeout:.1f} s; closed"
+            )
+        if self.state == ADMITTING:
+            return self._end("admission", "closed by the receiver during admission (before ACCEPT)")
+        if self.state in STREAMING:
+            self._out.append(Send(self.rs.error(code, reason)))
+            return self._end("closed", "closed by the receiver")
+        return []
+
+    def fail(self, kind: str, message: str) -> list[Action]:
+        """The driver ends the session for a reason of its own (kind as End)."""
+        if self.state == ENDED:
+            return []
+        return self._finish(_End(kind, message))
+
+    def internal_error(self) -> list[Action]:
+        """A bug in the receiver: ERROR internal (once accepted), then End violation."""
+        if self.state == ENDED:
+            return []
+        if self.state in STREAMING and self.rs.state == "streaming":
+            self._out.append(Send(self.rs.error(ERR_INTERNAL, "internal error on the receiver")))
+        return self._end("violation", "internal error on the receiver (see log)")
+
+    def abandon(self) -> None:
+        """The driver is done with this session, however it ended: free everything."""
+        self._release()
+        self.state = ENDED
+
+    def send_failed(self, send: Send) -> list[Action]:
+        """``send`` could not be written: the link is unusable."""
+        if send.on_failure is None:
+            return []
+        self._release()
+        self.state = ENDED
+        return [End("link-lost", send.on_failure)]
+
+    # ------------------------------------------------------------- plumbing
+
+    def _send(self, data: bytes, on_failure: str | None = None) -> Send:
+        self._last_sent = self._now
+        return Send(data, on_failure)
+
+    def _take(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _run(self, step: Callable[..., None], *args: object) -> list[Action]:
+        """Handle one streaming input; an _End becomes the End action."""
+        if self.state not in STREAMING:
+            return []
+        try:
+            if self._early and self.state in STREAMING:
+                self._early = False
+                self._stream_data(b"")
+            step(*args)
+        except _End as end:
+            return self._finish(end)
+        return self._take()
+
+    def _end(self, kind: str, message: str) -> list[Action]:
+        self._release()
+        self._move("end")
+        self._out.append(End(kind, message))
+        return self._take()
+
+    def _finish(self, end: _End) -> list[Action]:
+        """The session's own end after ACCEPT: GOODBYE or ERROR, then End."""
+        if self.rs.state == "streaming":  # else the daemon's ERROR went first
+            if end.kind == "clean":
+                self._out.append(Send(self.rs.goodbye(end.message)))
+            elif end.kind in _ERROR_CODES:
+                self._out.append(Send(self.rs.error(_ERROR_CODES[end.kind], end.message)))
+        return self._end(end.kind, end.message)
+
+    def _release(self) -> None:
+        """Nothing big outlives the session: the decoder's cache and buffers,
+        the staged pages, the last tail."""
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
+        if self.staging is not None:
+            self.staging.discard()
+            self.staging = None
+        self._context = None
+        self._digest = None
+        self.backup = None
+
+    # ------------------------------------------------------------- handshake
+
+    def _handshake_data(self, data: bytes | bytearray | memoryview) -> list[Action]:
+        try:
+            events = self.rs.feed(data)
+        except HandshakeError as e:
+            self._out.append(Send(self.rs.refuse(e.code, str(e))))
+            return self._end("bad-hello", f"refused: {e} (code {e.code})")
+        except ProtocolError as e:
+            self._out.append(Send(self.rs.refuse("bad-hello", str(e))))
+            return self._end("bad-hello", f"refused: {e}")
+        for ev in events:
+            if isinstance(ev, HelloReceived):
+                self.hello = ev.hello
+                self._move("hello")
+                return [Admit(ev.hello)]
+        return []
+
+    # ------------------------------------------------------------- stream
+
+    def _tick(self) -> None:
+        if self._now - self._last_sent >= self.limits.heartbeat_ms / 1000:
+            self._out.append(
+                self._send(
+                    self.rs.heartbeat(self.last_committed),
+                    # a frame may be half-written: the link is unusable
+                    "cannot send to the sender (connection lost, or it stopped reading)",
+                )
+            )
+        if self.state == INITIAL_COPY and self._now - self._last_life > self.limits.stall_timeout:
+            raise _End(
+                "stalled",
+                f"the initial copy made no progress for {self.limits.stall_timeout:.0f} s",
+            )
+
+    def _stream_data(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data):
+            self._last_life = self._now
+        try:
+            events = self.rs.feed(data)
+        except ProtocolError as e:  # cannot happen after ACCEPT, but never crash
+            raise _End("violation", str(e)) from None
+        for sev in events:
+            if isinstance(sev, StreamData):
+                self._decode(sev.data)
+
+    def _direct(self, n: int) -> None:
+        self._last_life = self._now
+        self.rs.streamed(n)
+        self._decode(None, n)
+
+    def _decode(self, data: bytes | bytearray | memoryview | None, n: int = 0) -> None:
+        """One decoder step (feed(data), or buffer_updated(n)) and its events."""
+        decoder = self.decoder
+        if decoder is None:
+            raise _End("violation", "stream data after the end")
+        try:
+            events = decoder.feed(data) if data is not None else decoder.buffer_updated(n)
+        except MalformedStream as e:
+            self._handle(e.events)  # what arrived whole before the offending item
+            raise _End("violation", f"stream error at {e}") from None
+        except StreamError as e:
+            raise _End("violation", f"stream error at {e}") from None
+        self._handle(events)
+
+    def _eof(self) -> None:
+        decoder, staging = self.decoder, self.staging
+        if decoder is None or staging is None:
+            raise _End("link-lost", "connection closed")
+        try:
+            decoder.eof()
+        except TruncatedStream as e:
+            dropped = staging.pages
+            staging.discard()
+            raise _End(
+                "link-lost",
+                f"connection closed mid-stream ({e}; {dropped} staged pages "
+                "of the torn checkpoint dropped)",
+            ) from None
+        except StreamError as e:
+            raise _End("link-lost", f"connection closed: {e}") from None
+        raise _End("link-lost", "connection closed between checkpoints")
+
+    def _handle(self, events: list[Event]) -> None:
+        hello, staging, backup = self.hello, self.staging, self.backup
+        if not events or hello is None or staging is None or backup is None:
+            return
+        opts = hello.options
+        beat = False
+        for ev in events:
+            if isinstance(ev, Pages):
+                if self.state == INITIAL_COPY:
+                    try:
+                        backup.write(ev.pfns, ev.data)
+                    except BackupClosed as e:
+                        raise _End("closed", str(e)) from None
+                    except DomainError as e:
+                        raise _End("corrupt", f"cannot write the initial copy: {e}") from None
+                    self._initial_pages += len(ev.pfns)
+                else:
+                    try:
+                        staging.add(ev.pfns, ev.data)
+                    except RemusError as e:
+                        raise _End("violation", str(e)) from None
+            elif isinstance(ev, Heartbeat):
+                beat = True
+            elif isinstance(ev, Header):
+                if ev.p2m_size != hello.domain.pages:
+                    raise _End(
+                        "violation",
+                        f"stream header says {ev.p2m_size} pages, the "
+                        f"HELLO said {hello.domain.pages}",
+                    )
+            elif isinstance(ev, Tail):
+                self._context = ev.context
+            elif isinstance(ev, MemoryDigest):
+                self._digest = ev
+            elif isinstance(ev, LastCheckpoint):
+                self._last_flag = True
+            elif isinstance(ev, CodecAnnounce | EnableCompression):
+                if opts.codec == "none" or ev.codec != opts.codec:
+                    raise _End(
+                        "violation",
+                        f"stream switches to codec {ev.codec}, the HELLO said {opts.codec}",
+                    )
+            elif isinstance(ev, CheckpointEnd):
+                self._commit(ev, backup, staging)
+        self._last_life = self._now
+        if beat:
+            self._out.append(HeartbeatSeen())
+
+    def _commit(self, end: CheckpointEnd, backup: Backup, staging: Staging) -> None:
+        context = self._context
+        if context is None:  # the decoder yields a Tail before every CheckpointEnd
+            raise _End("violation", f"checkpoint {end.index} ended without a tail")
+        first = self.state == INITIAL_COPY
+        req = CommitRequest(end.index, first, staging, context, self._digest, self._initial_pages)
+        try:
+            done = backup.commit(req)
+        except BackupClosed as e:
+            staging.discard()
+            raise _End("closed", f"{e}; checkpoint {end.index} dropped") from None
+        except DomainError as e:
+            raise _End(
+                "corrupt", f"commit of checkpoint {end.index} failed half-way: {e}"
+            ) from None
+        staging.discard()  # (the Backup's commit emptied it already)
+        self._digest = None
+        self._move("committed")
+        self.last_committed = end.index
+        self._last_life = self._now
+        self._out.append(
+            self._send(
+                self.rs.ack(end.index, verified=done.verified, mismatch=done.mismatch),
+                f"connection lost sending ACK({end.index})",
+            )
+        )
+        if self._last_flag:
+            raise _End("clean", f"LAST_CHECKPOINT: protection ended after checkpoint {end.index}")

@@ -1,0 +1,265 @@
+"""receiver.core.ReceiverCore without sockets, threads or a hypervisor: bytes
+and ticks in, actions out, pages into an in-memory backup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from receiver.core import (
+    Admit,
+    BackupClosed,
+    CommitRequest,
+    Committed,
+    End,
+    Limits,
+    ReceiverCore,
+    Send,
+)
+from xenbind import PAGE_SIZE
+from xenbind.session import (
+    REPLY_MAGIC,
+    Accept,
+    Accepted,
+    Ack,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Options,
+    SenderSession,
+    encode_accept,
+    encode_hello,
+)
+from xenbind.stream import StreamWriter
+from xenbind.types import Context, DomainConfig
+
+PAGES = 64
+CTX = Context((PAGES - 3, PAGES - 2, PAGES - 1), b"hvm" * 4, b"dm")
+LIMITS = Limits(
+    max_pages=1 << 20,
+    max_staged_bytes=16 * PAGE_SIZE,
+    max_compressed=1 << 20,
+    max_context=1 << 16,
+    max_device_model=1 << 16,
+    max_cache_pages=1024,
+    heartbeat_ms=100,
+    handshake_timeout=5.0,
+    stall_timeout=30.0,
+    software="test",
+)
+
+
+class MemoryBackup:
+    """The Backup as a numpy array of guest memory."""
+
+    def __init__(self) -> None:
+        self.memory = np.zeros((PAGES, PAGE_SIZE), np.uint8)
+        self.context: Context | None = None
+        self.committed: list[int] = []
+        self.closed = False
+
+    def write(self, pfns, data) -> None:
+        if self.closed:
+            raise BackupClosed("backup is failed-over")
+        self.memory[pfns.astype(np.intp)] = data
+
+    def commit(self, req: CommitRequest) -> Committed:
+        if self.closed:
+            raise BackupClosed("backup is failed-over")
+        n = req.pages if req.first else req.staging.commit(self, req.context)  # type: ignore[arg-type]
+        self.context = req.context
+        self.committed.append(req.index)
+        return Committed(n)
+
+    def scatter(self, pfns, data) -> None:  # (Staging.commit's domain)
+        self.write(pfns, data)
+
+    def set_context(self, ctx: Context) -> None:
+        self.context = ctx
+
+
+def _hello(**kw) -> Hello:
+    return Hello(
+        session_id="ab" * 16,
+        options=Options(codec="none", **kw),
+        domain=DomainConfig("g", "12345678-9abc-def0-1234-56789abcdef0", PAGES, 1),
+        generation=1,
+    )
+
+
+def _join(x) -> bytes:
+    return bytes(x) if isinstance(x, bytes | bytearray) else b"".join(bytes(b) for b in x)
+
+
+def _page(v: int, k: int = 1) -> np.ndarray:
+    return np.full((k, PAGE_SIZE), v, np.uint8)
+
+
+def _frames(actions) -> list:
+    """What a sender makes of the core's Sends (after its own HELLO)."""
+    ss = SenderSession(_hello())
+    ss.hello()
+    sends = [a.data for a in actions if isinstance(a, Send)]
+    if not sends or not sends[0].startswith(REPLY_MAGIC):
+        ss.feed(encode_accept(Accept("ab" * 16, 900, 100, {})))
+    return [e for d in sends for e in ss.feed(d)]
+
+
+def _accepted(backup: MemoryBackup | None = None) -> tuple[ReceiverCore, MemoryBackup, list]:
+    core = ReceiverCore(LIMITS, now=0.0)
+    acts = core.receive_data(encode_hello(_hello()))
+    assert acts == [Admit(_hello())] and core.state == "admitting"
+    backup = backup or MemoryBackup()
+    acts = core.accept(900, backup, now=1.0)
+    assert core.state == "initial-copy" and len(acts) == 1
+    return core, backup, acts
+
+
+def _initial(w: StreamWriter) -> bytes:
+    pfns = np.arange(PAGES, dtype=np.uint64)
+    return w.header() + _join(w.pages(pfns, _page(1, PAGES))) + _join(w.end_checkpoint(CTX))
+
+
+def test_handshake_admission_accept() -> None:
+    core, _, acts = _accepted()
+    [ev] = _frames(acts)
+    assert isinstance(ev, Accepted) and ev.accept.failover_timeout_ms == 900
+    assert ev.accept.limits["max_staged_bytes"] == 16 * PAGE_SIZE
+
+
+def test_refusal_ends_the_session() -> None:
+    core = ReceiverCore(LIMITS, now=0.0)
+    core.receive_data(encode_hello(_hello()))
+    acts = core.refuse("limit", "too big")
+    assert isinstance(acts[0], Send) and acts[-1] == End("refused", "too big")
+    assert core.ended
+
+
+def test_garbage_hello_is_refused() -> None:
+    core = ReceiverCore(LIMITS, now=0.0)
+    acts = core.receive_data(b"GET / HTTP/1.1\r\n\r\n")
+    assert acts[-1].kind == "bad-hello" and "not a Remus session" in acts[-1].message
+
+
+def test_initial_copy_then_a_checkpoint_committed() -> None:
+    core, backup, _ = _accepted()
+    w = StreamWriter(PAGES, codec="none")
+    acts = core.receive_data(_initial(w))
+    assert backup.committed == [0] and (backup.memory == 1).all() and core.state == "checkpoints"
+    assert [type(e) for e in _frames(acts)] == [Ack]
+    stream = _join(w.pages(np.array([3, 5], np.uint64), _page(7, 2))) + _join(
+        w.end_checkpoint(CTX, last=True)
+    )
+    acts = core.receive_data(stream)
+    assert backup.committed == [0, 1] and (backup.memory[[3, 5]] == 7).all()
+    assert [type(e) for e in _frames(acts)] == [Ack, Goodbye]
+    assert acts[-1].kind == "clean" and core.decoder is None and core.staging is None
+
+
+def test_torn_checkpoint_dropped_at_eof() -> None:
+    core, backup, _ = _accepted()
+    w = StreamWriter(PAGES, codec="none")
+    core.receive_data(_initial(w))
+    core.receive_data(_join(w.pages(np.array([9], np.uint64), _page(9))))  # no tail
+    acts = core.receive_eof()
+    assert acts[-1].kind == "link-lost" and "1 staged pages of the torn checkpoint dropped" in (
+        acts[-1].message
+    )
+    assert backup.committed == [0] and (backup.memory[9] == 1).all()
+    assert core.staging is None and core.decoder is None
+
+
+def test_garbage_after_a_whole_checkpoint_still_commits_it() -> None:
+    core, backup, _ = _accepted()
+    w = StreamWriter(PAGES, codec="none")
+    core.receive_data(_initial(w))
+    good = _join(w.pages(np.array([4], np.uint64), _page(4))) + _join(w.end_checkpoint(CTX))
+    acts = core.receive_data(good + b"\x77\x77\x77\x77" * 4)
+    assert backup.committed == [0, 1] and (backup.memory[4] == 4).all()
+    assert [type(e) for e in _frames(acts)] == [Ack, Error]
+    assert acts[-1].kind == "violation"
+
+
+def test_heartbeat_due_on_tick() -> None:
+    core, _, _ = _accepted()  # ACCEPT sent at t=1.0
+    assert core.tick(1.05) == []
+    assert core.next_wait(1.05) == pytest.approx(0.05)
+    acts = core.tick(1.1)
+    [hb] = _frames(acts)
+    assert isinstance(hb, Heartbeat) and hb.last_committed is None
+    assert core.tick(1.15) == []  # nothing due until heartbeat-ms after that one
+
+
+def test_stall_timeout_in_the_initial_copy() -> None:
+    core, backup, _ = _accepted()
+    w = StreamWriter(PAGES, codec="none")
+    core.tick(10.0)
+    core.receive_data(w.header())  # progress at t=10
+    assert not any(isinstance(a, End) for a in core.tick(39.0))
+    acts = core.tick(40.5)
+    assert acts[-1].kind == "stalled" and backup.committed == []
+    assert isinstance(_frames(acts)[-1], Error)
+
+
+def test_handshake_timeout() -> None:
+    core = ReceiverCore(LIMITS, now=0.0)
+    assert core.tick(4.9) == []
+    assert core.tick(5.0)[-1] == End("timeout", "no complete HELLO within 5.0 s; closed")
+
+
+def test_staging_limit_is_a_violation_and_commits_nothing() -> None:
+    core, backup, _ = _accepted()
+    w = StreamWriter(PAGES, codec="none")
+    core.receive_data(_initial(w))
+    big = np.arange(20, dtype=np.uint64)
+    acts = core.receive_data(_join(w.pages(big, _page(5, 20))) + _join(w.end_checkpoint(CTX)))
+    assert acts[-1].kind == "violation" and "staging cap" in acts[-1].message
+    assert backup.committed == [0] and (backup.memory[:20] == 1).all()
+
+
+def test_header_for_another_size_is_a_violation() -> None:
+    core, backup, _ = _accepted()
+    acts = core.receive_data(StreamWriter(PAGES // 2, codec="none").header())
+    assert acts[-1].kind == "violation" and "says 32 pages, the HELLO said 64" in acts[-1].message
+
+
+def test_a_closed_backup_ends_the_session_closed() -> None:
+    backup = MemoryBackup()
+    core, _, _ = _accepted(backup)
+    backup.closed = True
+    acts = core.receive_data(_initial(StreamWriter(PAGES, codec="none")))
+    assert acts[-1] == End("closed", "backup is failed-over")
+
+
+def test_the_daemon_closing_sends_error_once_accepted() -> None:
+    core = ReceiverCore(LIMITS, now=0.0)
+    core.receive_data(encode_hello(_hello()))
+    acts = core.close(6, "superseded")
+    assert acts == [End("admission", "closed by the receiver during admission (before ACCEPT)")]
+    core, _, _ = _accepted()
+    acts = core.close(6, "superseded")
+    assert isinstance(_frames(acts)[-1], Error) and acts[-1].kind == "closed"
+
+
+def test_zero_copy_path_gives_the_same_commits() -> None:
+    core, backup, _ = _accepted()
+    data = memoryview(_initial(StreamWriter(PAGES, codec="none")))
+    while len(data) and not core.ended:
+        buf = core.get_buffer()
+        if buf is None:
+            core.receive_data(data[:100])
+            data = data[100:]
+        else:
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            data = data[n:]
+            core.buffer_updated(n)
+    assert backup.committed == [0] and (backup.memory == 1).all()
+
+
+def test_a_failed_ack_ends_link_lost() -> None:
+    core, _, _ = _accepted()
+    acts = core.receive_data(_initial(StreamWriter(PAGES, codec="none")))
+    [ack] = [a for a in acts if isinstance(a, Send)]
+    assert core.send_failed(ack) == [End("link-lost", "connection lost sending ACK(0)")]

@@ -1,0 +1,78 @@
+"""receiver.policy: every row of the table, an illegal move, and that no
+other receiver module assigns a Protection's state or armed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from receiver import policy
+
+
+@dataclass
+class _Prot:
+    state: str
+    armed: bool = False
+
+
+@pytest.mark.parametrize(("state", "event"), sorted(policy.TABLE))
+def test_every_row(state: str, event: str) -> None:
+    new, armed, actions = policy.TABLE[(state, event)]
+    p = _Prot(state, armed=not armed)  # the row sets armed whatever it was
+    assert policy.advance(p, event) == actions
+    assert (p.state, p.armed) == (new, armed)
+    assert new in policy.STATES and state in policy.STATES
+
+
+def test_an_illegal_move_is_refused_and_changes_nothing() -> None:
+    p = _Prot(policy.FAILED_OVER, armed=False)
+    with pytest.raises(policy.IllegalMove, match=r"'committed'.*'failed-over'"):
+        policy.advance(p, "committed")
+    assert (p.state, p.armed) == (policy.FAILED_OVER, False)
+    assert not policy.allows(policy.GONE, "resumed")
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    on_link_loss: str = "failover"
+    on_violation: str = "wait"
+    on_unprotect: str = "destroy"
+
+
+@pytest.mark.parametrize(
+    ("state", "kind", "cfg", "stopping", "event"),
+    [
+        ("initial-copy", "admission", _Cfg(), False, "admission-failed"),
+        ("initial-copy", "link-lost", _Cfg(), False, "copy-lost"),
+        ("receiving", "clean", _Cfg(), False, "clean[destroy]"),
+        ("receiving", "clean", _Cfg(on_unprotect="keep"), False, "clean[keep]"),
+        ("receiving", "corrupt", _Cfg(), False, "corrupt"),
+        ("receiving", "violation", _Cfg(), False, "violation[wait]"),
+        ("receiving", "violation", _Cfg(on_violation="failover"), True, "violation[failover]"),
+        ("receiving", "link-lost", _Cfg(), True, "stopping"),
+        ("receiving", "stalled", _Cfg(), False, "link-lost[failover]"),
+        ("receiving", "closed", _Cfg(on_link_loss="wait"), False, "link-lost[wait]"),
+    ],
+)
+def test_end_events_name_a_row(state, kind, cfg, stopping, event) -> None:
+    assert policy.end_event(state, kind, cfg, stopping) == event
+    assert policy.allows(state, event)
+
+
+def test_silence_events_name_a_row() -> None:
+    for state in policy.FAILOVER_STATES:
+        for loss in ("failover", "wait"):
+            assert policy.allows(state, policy.silence_event(state, _Cfg(on_link_loss=loss)))
+
+
+def test_only_the_policy_assigns_state_and_armed() -> None:
+    for path in Path(policy.__file__).parent.glob("*.py"):
+        if path.name in ("policy.py", "core.py"):  # core.py: the session's own state
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"prot\w*\.(state|armed)\s*=[^=]|old\.(state|armed)\s*=[^=]", code):
+                pytest.fail(f"{path.name}:{n}: {line.strip()}")
