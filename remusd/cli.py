@@ -25,6 +25,7 @@ from xenbind.factory import open_hypervisor
 
 from .config import DEFAULT_CONFIG, build_parser, validate
 from .control import Daemon
+from .protector import Connector
 
 log = logging.getLogger("remusd")
 
@@ -53,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             tls.require_link_security(
                 tls_settings, args.insecure, what="protect entries with a network target refused"
             )
-        # how protectors connect (remusd.protector.Tuning reads args.connector)
+        # how protectors connect
+        connect: Connector | None = None  # file: targets only
         if tls_settings is not None:
-            args.connector = tls.TlsClient(tls_settings).connect  # loads the files now
+            connect = tls.TlsClient(tls_settings).connect  # loads the files now
         elif args.insecure:
-            args.connector = tls.plaintext_connect
-        else:
-            args.connector = None  # file: targets only
+            connect = tls.plaintext_connect
     except ConfigError as e:
         setup_logging("info")
         return _fail(f"configuration: {e}")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.info("no TLS files and no --insecure: only file: targets can be protected")
 
-    daemon = Daemon(hv, args)
+    daemon = Daemon(hv, args, connect)
     try:
         server = ControlServer(args.control, daemon.handle, group=args.control_group).start()
     except ConfigError as e:

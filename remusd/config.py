@@ -24,13 +24,12 @@ from dataclasses import asdict, dataclass
 from daemonkit import tls
 from daemonkit.config import add_daemon_arguments
 from daemonkit.transport import parse_hostport
+from xenbind.compress.formats import CODECS
 from xenbind.errors import ConfigError
 
 #: seconds remusd waits for the receiver's answer to its HELLO (--accept-timeout)
 DEFAULT_ACCEPT_TIMEOUT = 120.0
 
-#: The codecs remusd offers (xenbind.compress.CODECS; a test checks they agree).
-CODEC_NAMES = ("seed", "xen", "none")
 #: The default codec: xen, from bench/e2e's figures (docs/performance.md): a
 #: better wire ratio than seed on every workload and cache size measured, the
 #: same CPU, and with the default cache a stream in Xen's own format.
@@ -85,8 +84,8 @@ def check_interval(ms: int) -> int:
 
 
 def check_codec(codec: str) -> str:
-    if codec not in CODEC_NAMES:
-        raise ConfigError(f"codec {codec!r} unknown (one of {', '.join(CODEC_NAMES)})")
+    if codec not in CODECS:
+        raise ConfigError(f"codec {codec!r} unknown (one of {', '.join(CODECS)})")
     return codec
 
 
@@ -240,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--codec",
-        choices=list(CODEC_NAMES),
+        choices=list(CODECS),
         default=DEFAULT_CODEC,
         help="checkpoint compression: xen (Xen 4.2-4.5's format, the default), "
         "seed (delta words) or none (uncompressed Format A)",

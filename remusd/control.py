@@ -18,6 +18,9 @@ Rules:
   error naming its target; a stopped protector is replaced.
 - Errors are ``RemusError``s with a message for the operator; the control
   server turns them into ``{"ok": false, "error": ...}``.
+- ``_lock`` guards the table of protectors only: no request holds it while
+  it talks to a hypervisor, a socket or a protector's thread, so ``status``
+  answers at once whatever a protector is doing.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from typing import Any
 from xenbind.errors import ConfigError, DomainError, RemusError
 from xenbind.hypervisor import Hypervisor
 
+from . import faults
 from .config import ProtectRequest
-from .protector import SOFTWARE, Protector, Tuning
+from .protector import SOFTWARE, Connector, Protector, Tuning
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +52,20 @@ def domain_ref(value: Any) -> int | str:
 class Daemon:
     """The protectors of one remusd and the requests that drive them."""
 
-    def __init__(self, hv: Hypervisor, args) -> None:
+    def __init__(self, hv: Hypervisor, args: Any, connect: Connector | None) -> None:
+        """``connect``: how network links connect (remusd.cli's choice: TLS or,
+        with --insecure, plaintext; None: only file targets can be protected).
+        REMUSD_FAULT (remusd.faults) is read here, once."""
         self.hv = hv
         self.args = args
-        self.tuning = Tuning(args)
+        self.tuning = Tuning.from_args(args, connect, wrap=faults.session_wrapper())
         self.protectors: dict[int, Protector] = {}
         self._lock = threading.Lock()
         self.started = time.monotonic()
 
     # -- requests ----------------------------------------------------------------
 
-    def handle(self, req: dict) -> Any:
+    def handle(self, req: dict[str, Any]) -> Any:
         cmd = req["cmd"]
         if cmd == "status":
             return self.status(history=req.get("history") is True)
@@ -73,7 +80,7 @@ class Daemon:
             return self.unprotect(req["domain"], float(timeout))
         raise ConfigError(f"unknown command {cmd!r} (status, protect, unprotect)")
 
-    def status(self, history: bool = False) -> dict:
+    def status(self, history: bool = False) -> dict[str, Any]:
         with self._lock:
             prots = sorted(self.protectors.values(), key=lambda p: p.info.domid)
         return {
@@ -85,8 +92,8 @@ class Daemon:
             "domains": [p.status(history) for p in prots],
         }
 
-    def protect(self, req: ProtectRequest) -> dict:
-        if req.target.kind == "tcp" and getattr(self.args, "connector", None) is None:
+    def protect(self, req: ProtectRequest) -> dict[str, Any]:
+        if req.target.kind == "tcp" and self.tuning.connect is None:
             raise ConfigError(
                 "a network target needs TLS (remusd --tls-cert, --tls-key, "
                 "--tls-ca) or, for a plaintext link, remusd --insecure"
@@ -122,7 +129,7 @@ class Daemon:
                     return p
         raise DomainError(r, "unprotect", "not protected by this remusd")
 
-    def unprotect(self, ref: Any, timeout: float = 30.0) -> dict:
+    def unprotect(self, ref: Any, timeout: float = 30.0) -> dict[str, Any]:
         p = self._find(ref)
         p.stop()
         if not p.join(timeout):
@@ -133,10 +140,6 @@ class Daemon:
         return p.status()
 
     # -- life cycle --------------------------------------------------------------
-
-    def healthy(self) -> bool:
-        """For the systemd watchdog: the daemon's own machinery works."""
-        return True
 
     def stop_all(self, timeout: float) -> None:
         with self._lock:

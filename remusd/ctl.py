@@ -15,9 +15,10 @@ import textwrap
 from typing import Any
 
 from daemonkit.control import ControlError, control_request
+from xenbind.compress.formats import CODECS
 from xenbind.errors import ConfigError
 
-from .config import CODEC_NAMES, DEFAULT_CONTROL, MIN_INTERVAL_MS, Target
+from .config import DEFAULT_CONTROL, MIN_INTERVAL_MS, Target
 
 DESCRIPTION = textwrap.dedent("""\
     remusctl controls remusd(8), the Remus primary-host daemon, through its
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--codec",
-        choices=list(CODEC_NAMES),
+        choices=list(CODECS),
         help="checkpoint compression (default: remusd's, seed unless configured): "
         "seed, xen (Xen 4.2-4.5's format) or none (uncompressed)",
     )

@@ -245,18 +245,18 @@ def run(args: argparse.Namespace) -> int:
         prev_t = time.monotonic()
         for sec in range(1, args.seconds + 1):
             time.sleep(max(0.0, prev_t + 1.0 - time.monotonic()))
-            d = sessions_of(control_request(rsock, "status"))[0]
+            cur = sessions_of(control_request(rsock, "status"))[0]
             now = time.monotonic()
             dt = now - prev_t
-            cps = (d["checkpoints"] - prev["checkpoints"]) / dt
-            mbs = (d["bytes_sent"] - prev["bytes_sent"]) / dt / 1e6
-            ratio = "-" if d["compression_ratio"] is None else f"{d['compression_ratio']:.1f}:1"
-            pause = "-" if d["last_pause_ms"] is None else f"{d['last_pause_ms']:.2f}"
+            cps = (cur["checkpoints"] - prev["checkpoints"]) / dt
+            mbs = (cur["bytes_sent"] - prev["bytes_sent"]) / dt / 1e6
+            ratio = "-" if cur["compression_ratio"] is None else f"{cur['compression_ratio']:.1f}:1"
+            pause = "-" if cur["last_pause_ms"] is None else f"{cur['last_pause_ms']:.2f}"
             say(
-                f"   {sec:3d} s  {d['state']:<10} {cps:6.1f}  {pause:>8}  {d['dirty_pages']!s:>11}"
-                f"  {ratio:>6}  {mbs:6.2f}  {d['acked']}"
+                f"   {sec:3d} s  {cur['state']:<10} {cps:6.1f}  {pause:>8}  {cur['dirty_pages']!s:>11}"
+                f"  {ratio:>6}  {mbs:6.2f}  {cur['acked']}"
             )
-            prev, prev_t = d, now
+            prev, prev_t = cur, now
         final = sessions_of(control_request(rsock, "status"))[0]
         say("5. power cut: SIGKILL to the primary host and remusd")
         t_kill = time.monotonic()

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class CheckpointBuffer:
         self.pages = pages
         start = INITIAL_BUFFER_PAGES if initial is None else initial
         self.buf = np.empty((max(1, min(pages, start)), PAGE_SIZE), dtype=np.uint8)
-        self.grown = 0  # times the buffer grew (status/tests)
+        self.grown = 0  # times the buffer grew (the debug log says when; tests read it)
         self.image = np.empty((pages, PAGE_SIZE), dtype=np.uint8) if verify else None
         self.all_pfns = np.arange(pages, dtype=np.uint64) if verify else None
 
@@ -152,14 +152,12 @@ def capture(
     domain: Domain,
     cb: CheckpointBuffer,
     extra: np.ndarray | None = None,
-    hold: Callable[[], None] | None = None,
     prescan: bool = True,
 ) -> Capture:
     """The paused part of an epoch (see the module docstring).
 
     ``extra``: PFNs to copy besides the dirty ones (the initial copy's final
-    round passes the pages its last live round left behind). ``hold``: called
-    last while the guest is still paused (fault injection, remusd.faults).
+    round passes the pages its last live round left behind).
     ``prescan``: read and clear the dirty log once before the pause (module
     docstring); off, the paused read finds the whole epoch's pages.
     """
@@ -174,19 +172,17 @@ def capture(
         if len(pfns):
             domain.gather(pfns, view)
         digest = None
-        if cb.image is not None:
+        if cb.image is not None and cb.all_pfns is not None:
             domain.gather(cb.all_pfns, cb.image)
             digest = memory_digest(cb.image)
         ctx = domain.get_context()
         domain.output_barrier()
-        if hold is not None:
-            hold()
     finally:
         domain.checkpoint_go()
     pause_ms = (time.perf_counter() - t0) * 1e3
     return Capture(pfns, view, ctx, digest, pause_ms)
 
 
-def encode(writer: StreamWriter, cap: Capture, *, last: bool = False) -> list:
+def encode(writer: StreamWriter, cap: Capture, *, last: bool = False) -> list[Any]:
     """The buffers of one checkpoint (page chunks, closing chunks, end, tail)."""
     return writer.checkpoint(cap.pfns, cap.pages, cap.context, digest=cap.digest, last=last)

@@ -3,10 +3,13 @@
 Two kinds of link behind one small interface the protector drives::
 
     link.open()                      connect + handshake (network) / create the file
-    link.send(buffers)               write buffers in order (sendmsg / writev)
-    link.wait_ack(index, deadline, heartbeat)
-                                     block until checkpoint ``index`` is acknowledged;
-                                     calls heartbeat() every heartbeat interval meanwhile
+    link.send(buffers)               write stream buffers in order (sendmsg / writev)
+    link.send_checkpoint(i, buffers) the same, for the whole of checkpoint i
+    link.next_acks(deadline)         block until ACKs arrived (or the deadline): them
+    link.take_acks()                 the ACKs read meanwhile (by poll), without waiting
+    link.poll()                      consume what the peer sent meanwhile (heartbeats)
+    link.heartbeat_if(due, data)     send a HEARTBEAT chunk if due() says so and no
+                                     send is under way (remusd.pacer's one path)
     link.close()                     end it (after LAST_CHECKPOINT for a clean end)
 
 ``NetLink`` speaks the session protocol of ``xenbind.session`` (handshake,
@@ -18,12 +21,17 @@ acknowledged once written and flushed.
 Rules:
 - Every wait has a deadline from configuration; a missed one raises
   ``LinkDown`` (the backup is gone as far as the primary can tell).
+- A link reports ACKs in the order they came; whether an ACK is acceptable
+  (the checkpoint in flight, monotonic) is the caller's ``remusd.core``.
 - A receiver's REFUSE raises ``Refused`` carrying its code, so the protector
   can tell "try later" (busy, internal) from "never" (fenced, version...).
 - ``LinkDown.fenced``: the receiver said its backup of the domain runs
   (ERROR failed-over on this session, or REFUSE fenced). When a send or recv
   fails, the frames the receiver queued before closing are read first, so an
-  ERROR failed-over is not mistaken for a plain broken link.
+  ERROR failed-over is not mistaken for a plain broken link. An ERROR ends
+  the session at once (ACKs read before it in the same batch are dropped: no
+  output is released on their account); a GOODBYE ends it once the ACKs
+  read before it are taken.
 """
 
 from __future__ import annotations
@@ -32,11 +40,14 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from typing import IO
 
 from daemonkit.transport import PlainTransport, Transport
 from xenbind import session as sp
 from xenbind.errors import ProtocolError, RemusError
+from xenbind.hypervisor import Domain
 
 from .config import DEFAULT_ACCEPT_TIMEOUT, Target
 
@@ -66,11 +77,17 @@ class Refused(LinkDown):
         self.code = code
 
 
+#: ``due(now, last_sent)``: whether a heartbeat is due (remusd.core.Heartbeats.due)
+HeartbeatDue = Callable[[float, "float | None"], bool]
+
+
 class Link:
     kind = "abstract"
     #: whether HEARTBEAT tags go out on this link (a file has nobody to keep alive)
     heartbeats = True
     failover_timeout_ms: int | None = None
+    #: who is at the other end, for messages
+    peer = "?"
 
     def open(self) -> None:
         raise NotImplementedError
@@ -78,13 +95,44 @@ class Link:
     def send(self, buffers: Sequence) -> int:
         raise NotImplementedError
 
-    def wait_ack(
-        self, index: int, deadline: float, heartbeat: Callable[[], None], heartbeat_s: float
-    ) -> sp.Ack:
+    def send_checkpoint(self, index: int, buffers: Sequence) -> int:
+        """Send the buffers of the whole of checkpoint ``index``."""
+        return self.send(buffers)
+
+    def next_acks(self, deadline: float) -> list[sp.Ack]:
+        """The ACKs that arrived, waiting for one until ``deadline`` ([] then)."""
         raise NotImplementedError
+
+    def take_acks(self) -> list[sp.Ack]:
+        """The ACKs read meanwhile (by ``poll``), without waiting."""
+        return []
+
+    def wait_ack(
+        self,
+        index: int,
+        deadline: float,
+        heartbeat: object = None,
+        heartbeat_s: object = None,
+    ) -> sp.Ack:
+        """Block until checkpoint ``index`` is acknowledged, for a caller that
+        drives a link by hand (the lab's checks); LinkDown at ``deadline``.
+        ``heartbeat`` and ``heartbeat_s`` are accepted and ignored: heartbeats
+        come from the session's pacer alone (remusd.pacer)."""
+        while True:
+            acks = self.next_acks(deadline)
+            for ack in acks:
+                if ack.index >= index:
+                    return ack
+            if not acks and time.monotonic() >= deadline:
+                raise LinkDown(f"{self.peer} did not acknowledge checkpoint {index} in time")
 
     def poll(self) -> None:
         """Consume whatever the peer sent meanwhile (heartbeats); LinkDown if it left."""
+
+    def heartbeat_if(self, due: HeartbeatDue, data: bytes) -> bool:
+        """Send ``data`` (a HEARTBEAT chunk) if ``due(now, last_sent)`` and no
+        send is under way; whether it went out."""
+        return False
 
     def close(self) -> None:
         raise NotImplementedError
@@ -98,7 +146,9 @@ class FileLink(Link):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._f = None
+        self.peer = path
+        self._f: IO[bytes] | None = None
+        self._acks: deque[sp.Ack] = deque()
 
     def open(self) -> None:
         try:
@@ -117,9 +167,27 @@ class FileLink(Link):
             raise LinkDown(f"writing {self.path}: {e.strerror}") from None
         return n
 
+    def send_checkpoint(self, index: int, buffers: Sequence) -> int:
+        n = self.send(buffers)
+        self._acks.append(sp.Ack(index))  # written and flushed: acknowledged
+        return n
+
+    def next_acks(self, deadline: float) -> list[sp.Ack]:
+        return self.take_acks()
+
+    def take_acks(self) -> list[sp.Ack]:
+        acks = list(self._acks)
+        self._acks.clear()
+        return acks
+
     def wait_ack(
-        self, index: int, deadline: float, heartbeat: Callable[[], None], heartbeat_s: float
+        self,
+        index: int,
+        deadline: float,
+        heartbeat: object = None,
+        heartbeat_s: object = None,
     ) -> sp.Ack:
+        self._acks.clear()
         return sp.Ack(index)  # written and flushed: acknowledged
 
     def close(self) -> None:
@@ -153,13 +221,16 @@ class NetLink(Link):
         self.accept_timeout = accept_timeout
         self.io_timeout = io_timeout
         self._connect = connect or (lambda h, p, t: PlainTransport.connect(h, p, timeout=t))
+        self.peer = str(target)
         self.t: Transport | None = None
         self.session: sp.SenderSession | None = None
-        self.acked: int | None = None
         self.accept: sp.Accept | None = None
         self.last_heard = 0.0
-        self.last_sent = 0.0
+        #: when the stream last sent anything (None: not started; HELLO aside)
+        self.last_sent: float | None = None
         self._send_lock = threading.Lock()
+        self._acks: deque[sp.Ack] = deque()
+        self._goodbye: str | None = None
 
     # -- connection --------------------------------------------------------------
 
@@ -218,13 +289,11 @@ class NetLink(Link):
         self.last_heard = time.monotonic()
         return events
 
-    def _handle(self, ev) -> None:
+    def _handle(self, ev: object) -> None:
+        if self._goodbye is not None:
+            return  # nothing counts after the receiver's GOODBYE
         if isinstance(ev, sp.Ack):
-            if self.acked is not None and ev.index <= self.acked:
-                raise LinkDown(
-                    f"{self.target} acknowledged checkpoint {ev.index} after {self.acked}"
-                )
-            self.acked = ev.index
+            self._acks.append(ev)
             if ev.mismatch:
                 log.error(
                     "backup %s reports a memory digest mismatch at checkpoint %d",
@@ -237,7 +306,11 @@ class NetLink(Link):
                 fenced=ev.code == sp.ERR_FAILED_OVER,
             )
         elif isinstance(ev, sp.Goodbye):
-            raise LinkDown(f"{self.target} said goodbye: {ev.reason}")
+            self._goodbye = ev.reason  # raised once the ACKs before it are taken
+
+    def _check_goodbye(self) -> None:
+        if self._goodbye is not None and not self._acks:
+            raise LinkDown(f"{self.target} said goodbye: {self._goodbye}")
 
     # -- streaming ---------------------------------------------------------------
 
@@ -283,19 +356,19 @@ class NetLink(Link):
             pass
         return down
 
-    def heartbeat_if_idle(self, data: bytes, idle: float) -> bool:
-        """Send ``data`` (a HEARTBEAT chunk) if nothing went out for ``idle``
-        seconds and no send is under way (then bytes are flowing anyway).
+    def heartbeat_if(self, due: HeartbeatDue, data: bytes) -> bool:
+        """Send ``data`` if ``due(now, last_sent)`` and no send is under way
+        (then bytes are flowing anyway).
 
         Called from the session's pacer thread; sends are whole chunk
         sequences under one lock, so the tag always lands between chunks.
         """
-        if self.last_sent == 0.0 or time.monotonic() - self.last_sent < idle:
-            return False  # the stream has not started (header first), or not idle
+        if not due(time.monotonic(), self.last_sent):
+            return False
         if not self._send_lock.acquire(blocking=False):
             return False
         try:
-            if time.monotonic() - self.last_sent < idle:
+            if not due(time.monotonic(), self.last_sent):
                 return False
             self._send([data], last_words=False)
             return True
@@ -305,6 +378,7 @@ class NetLink(Link):
     def poll(self) -> None:
         assert self.t is not None
         while True:
+            self._check_goodbye()
             try:
                 ready = self.t.wait_readable(0)
             except (OSError, ValueError):
@@ -314,38 +388,36 @@ class NetLink(Link):
             for ev in self._read():
                 self._handle(ev)
 
-    def wait_ack(
-        self, index: int, deadline: float, heartbeat: Callable[[], None], heartbeat_s: float
-    ) -> sp.Ack:
+    def take_acks(self) -> list[sp.Ack]:
+        acks = list(self._acks)
+        self._acks.clear()
+        return acks
+
+    def next_acks(self, deadline: float) -> list[sp.Ack]:
         assert self.t is not None
-        next_beat = time.monotonic() + heartbeat_s
-        last: sp.Ack | None = None
-        while self.acked is None or self.acked < index:
+        while not self._acks:
+            self._check_goodbye()
             now = time.monotonic()
             if now >= deadline:
-                raise LinkDown(f"{self.target} did not acknowledge checkpoint {index} in time")
-            if now >= next_beat:
-                heartbeat()
-                next_beat = now + heartbeat_s
-            wait = max(0.001, min(deadline, next_beat) - now)
+                return []
             try:
-                ready = self.t.wait_readable(wait)
+                ready = self.t.wait_readable(max(0.001, deadline - now))
             except (OSError, ValueError):
                 raise LinkDown(f"link to {self.target} is closed") from None
-            if not ready:
-                continue
-            for ev in self._read():
-                if isinstance(ev, sp.Goodbye) and self.acked is not None and self.acked >= index:
-                    break  # the receiver's goodbye after our last checkpoint's ACK
-                self._handle(ev)
-                if isinstance(ev, sp.Ack):
-                    last = ev
-        return last if last is not None and last.index == index else sp.Ack(index)
+            if ready:
+                for ev in self._read():
+                    self._handle(ev)
+        return self.take_acks()
 
     def close(self) -> None:
         if self.t is not None:
             self.t.close()
             self.t = None
+
+
+#: wraps the link and domain of a protector's session N (1 = the first) before
+#: it opens (remusd.protector's ``Tuning.wrap``)
+SessionWrap = Callable[[int, "Link", Domain], "tuple[Link, Domain]"]
 
 
 def make_link(

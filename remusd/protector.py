@@ -1,41 +1,38 @@
-"""One protected domain: a thread running sessions to its backup, and its status.
+"""One protected domain: the thread that drives its sessions to the backup.
 
-States (``Protector.state``)::
+The thread carries out what three state machines decide, and does the I/O
+they must not:
 
-    initial-copy  connecting, handshake, the live copy of checkpoint 0
-    protected     checkpoint 0 acknowledged; the epoch loop runs
-    unprotected   the backup is gone (``reason`` says why): the guest runs with
-                  its output released at once; retries with backoff
-                  (retry_min doubling up to retry_max), and each retry makes a
-                  fresh session with a fresh initial copy. After losing a
-                  session whose checkpoint 0 was acknowledged, the first retry
-                  is immediate: the receiver fails its backup over after its
-                  failover timeout unless a new session supersedes it
-    fenced        the receiver's backup of the domain runs (it failed over):
-                  the guest here is paused with its output withheld (or, if
-                  it already ran unprotected, left running: split brain, see
-                  docs/operations.md); never retried
-    stopped       protection ended (remusctl unprotect, daemon stop, the
-                  domain is gone, or a refusal retrying cannot cure)
+    remusd.policy  RetryPolicy: the domain's state (initial-copy, protected,
+                   unprotected, fenced, stopped), the backoff, when to retry;
+                   every state change here is ``RetryPolicy.advance``
+    remusd.core    EpochCore: per session, the checkpoint in flight, the
+                   acknowledged index, the output release owed;
+                   Heartbeats: when a heartbeat is due (remusd.pacer sends it)
+    remusd.stats   DomainStats: the counters ``remusctl status`` shows
 
-The epoch loop (design.md, "One epoch on the primary")::
+One session (``_session``)::
 
-    capture (paused: dirty bitmap, one gather, context, output barrier)
-    encode (running: Format B through the StreamWriter's compressor)
-    send; wait for the ACK of that checkpoint (heartbeats meanwhile)
-    output_release()
-    sleep until the next interval starts
+    make the link (``Tuning.wrap`` may wrap it and the domain), open it
+    initial copy (remusd.initial_copy) -> checkpoint 0 -> its ACK -> release
+    epochs, each: sleep until the interval starts (polling the link)
+                  capture (paused: remusd.epoch) -> encode (running)
+                  send -> wait for its ACK -> output_release()
 
 Rules:
 - The guest's output is released only after the ACK of the checkpoint that
-  holds it (one ``output_release`` per acknowledged checkpoint, in order);
-  when the session is lost, ``output_unplug`` releases everything at once:
-  the guest runs unprotected rather than stalls.
+  holds it (one ``output_release`` per acknowledged checkpoint, in order:
+  EpochCore refuses anything else); when the session is lost,
+  ``output_unplug`` releases everything at once: the guest runs unprotected
+  rather than stalls.
 - The guest is never left paused: every pause is paired with an unpause in
-  ``epoch.capture``.
+  ``epoch.capture``; only a fence (the backup runs the guest) pauses it for
+  good.
 - A clean end (unprotect, daemon stop) sends one last checkpoint carrying
   LAST_CHECKPOINT, waits for its ACK, then unplugs and closes: the backup does
   not fail over.
+- ``_lock`` guards the status (``stats``) only, and is never held across I/O:
+  ``status()`` answers at once whatever the session thread is doing.
 """
 
 from __future__ import annotations
@@ -43,105 +40,75 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from daemonkit.transport import Transport
 from xenbind import session as sp
 from xenbind.errors import DomainError
 from xenbind.hypervisor import Domain
 from xenbind.stream.encoder import StreamWriter
 from xenbind.types import DomainConfig, DomainInfo
 
-from . import faults
 from .config import ProtectRequest
+from .core import AckViolation, EpochCore, Heartbeats, next_epoch
 from .epoch import CheckpointBuffer, capture, encode
 from .initial_copy import initial_copy
-from .link import Link, LinkDown, make_link
+from .link import Link, LinkDown, SessionWrap, make_link
+from .pacer import Pacer
+from .policy import Action, Event, RetryPolicy, State, Step
+from .stats import HISTORY, DomainStats, Identity
 
 log = logging.getLogger(__name__)
 
 SOFTWARE = "remusd 0.1.0"
 
-STATES = ("initial-copy", "protected", "unprotected", "fenced", "stopped")
+STATES = tuple(s.value for s in State)
 
-#: Acknowledged checkpoints (after checkpoint 0) whose figures the status keeps
-#: for ``{"cmd": "status", "history": true}`` (bench/e2e.py reads them).
-HISTORY = 4096
+__all__ = ["HISTORY", "SOFTWARE", "STATES", "Protector", "Tuning"]
 
-
-def _nothing() -> None:
-    pass
+#: how a network link connects: ``connect(host, port, timeout)``
+Connector = Callable[[str, int, float], Transport]
 
 
-class _StallingLink:
-    """Fault injection (REMUSD_FAULT=stall-mid-checkpoint:S:0, remusd.faults):
-    forwards to a link until ``limit`` bytes went out, then hangs inside the
-    initial copy."""
-
-    def __init__(self, link: Link, limit: int, name: str, pacer: _Pacer) -> None:
-        self._link, self._limit, self._name, self._sent = link, limit, name, 0
-        self._pacer = pacer
-        self.heartbeats = False  # a dying primary sends no heartbeat
-
-    def send(self, buffers) -> int:
-        n = self._link.send(buffers)
-        self._sent += n
-        if self._sent >= self._limit:
-            faults.hang(
-                self._pacer.stop,
-                f"domain {self._name}: sent {self._sent} bytes of the initial copy",
-            )
-        return n
-
-    def poll(self) -> None:
-        self._link.poll()
-
-
-class _Pacer:
-    """The session's heartbeat thread: a HEARTBEAT tag whenever the link has
-    been idle for half the heartbeat interval, whatever the session thread is
-    doing (a long pause, compressing a big checkpoint, waiting for an ACK), so
-    the receiver's failover timer never fires while this primary lives."""
-
-    def __init__(self, link: Link, beat: bytes, heartbeat_s: float, name: str) -> None:
-        self._stop = threading.Event()
-        self._thread = None
-        if not link.heartbeats or not hasattr(link, "heartbeat_if_idle"):
-            return
-        self._link, self._beat = link, beat
-        self._idle = heartbeat_s / 2
-        self._thread = threading.Thread(target=self._run, name=f"pacer-{name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        period = max(0.005, self._idle / 2)
-        while not self._stop.wait(period):
-            try:
-                self._link.heartbeat_if_idle(self._beat, self._idle)
-            except LinkDown:
-                return  # the session thread finds out on its own
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
+@dataclass(frozen=True)
 class Tuning:
     """The daemon-wide knobs a protector reads (from remusd's configuration)."""
 
-    def __init__(self, args) -> None:
-        self.ack_timeout = float(args.ack_timeout)
-        self.connect_timeout = float(args.connect_timeout)
-        self.accept_timeout = float(args.accept_timeout)
-        self.prescan = bool(args.prescan)
-        self.retry_min = float(args.retry_min)
-        self.retry_max = float(args.retry_max)
-        self.precopy_rounds = int(args.precopy_rounds)
-        self.precopy_threshold = int(args.precopy_threshold)
-        self.buffer_pages = int(args.buffer_pages)
-        self.cache_pages = int(args.cache_pages)
-        #: how a network link connects: TLS or plaintext, chosen by remusd.cli
-        self.connect = getattr(args, "connector", None)
+    ack_timeout: float
+    connect_timeout: float
+    accept_timeout: float
+    prescan: bool
+    retry_min: float
+    retry_max: float
+    precopy_rounds: int
+    precopy_threshold: int
+    buffer_pages: int
+    cache_pages: int
+    #: how a network link connects: TLS or plaintext (None: file targets only)
+    connect: Connector | None = None
+    #: a hook that may wrap each session's link and domain (None: none)
+    wrap: SessionWrap | None = None
+
+    @classmethod
+    def from_args(
+        cls, args: Any, connect: Connector | None, wrap: SessionWrap | None = None
+    ) -> Tuning:
+        return cls(
+            ack_timeout=float(args.ack_timeout),
+            connect_timeout=float(args.connect_timeout),
+            accept_timeout=float(args.accept_timeout),
+            prescan=bool(args.prescan),
+            retry_min=float(args.retry_min),
+            retry_max=float(args.retry_max),
+            precopy_rounds=int(args.precopy_rounds),
+            precopy_threshold=int(args.precopy_threshold),
+            buffer_pages=int(args.buffer_pages),
+            cache_pages=int(args.cache_pages),
+            connect=connect,
+            wrap=wrap,
+        )
 
 
 class Protector:
@@ -154,39 +121,17 @@ class Protector:
         self.info = info
         self.req = req
         self.tuning = tuning
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards stats; never held across I/O
         self._stop = threading.Event()  # asked to end (clean)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"protect-{info.name}", daemon=True)
         self.generation = time.time_ns()
-        # status (under _lock)
-        self.state = "initial-copy"
-        self.reason: str | None = None
-        self.since = time.time()
-        self.checkpoints = 0  # acknowledged checkpoints, all sessions
-        self.acked: int | None = None  # index of the last acked checkpoint, this session
-        self.last_pause_ms: float | None = None
-        self.dirty_pages: int | None = None
-        self.bytes_sent = 0
-        self.raw_b = 0  # page bytes of Format B checkpoints
-        self.wire_b = 0  # their encoded size
-        self.session_id: str | None = None
-        self.sessions = 0
-        self.retries = 0
-        self.mismatches = 0
-        self.acked_digest: str | None = None  # verify mode: digest of the last acked checkpoint
-        # per acknowledged checkpoint >= 1: (index, pause ms, dirty pages, bytes sent)
-        self.history: deque[tuple[int, float, int, int]] = deque(maxlen=HISTORY)
-        self.cache_hits = 0  # the compressor's page cache, this session
-        self.cache_misses = 0
-        self.cache_zero_base = 0  # misses sent as deltas against a zero page (in misses too)
-        self.started = time.monotonic()
-        self._fault = faults.from_env()
+        self.policy = RetryPolicy(tuning.retry_min, tuning.retry_max)
+        self.stats = DomainStats(state=self.policy.state.value, since=time.time())
+        self._ident = Identity(
+            info.domid, info.name, str(req.target), req.codec, req.interval_ms, req.verify
+        )
         self._engaged = False  # log-dirty on / output plugged by the current session
-        #: the receiver's failover timeout (ms) once it acknowledged checkpoint 0
-        #: of the current session (it then holds a backup it may resume), else None
-        self._failover_capable: int | None = None
-        self._pacer: _Pacer | None = None
 
     # -- control -----------------------------------------------------------------
 
@@ -207,130 +152,49 @@ class Protector:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _set(self, state: str, reason: str | None = None) -> None:
+    @property
+    def state(self) -> str:
         with self._lock:
-            if state != self.state or reason != self.reason:
-                self.since = time.time()
-            self.state = state
-            self.reason = reason
+            return self.stats.state
 
-    def status(self, history: bool = False) -> dict:
+    @property
+    def reason(self) -> str | None:
+        with self._lock:
+            return self.stats.reason
+
+    def status(self, history: bool = False) -> dict[str, Any]:
         """The domain's status (docs/operations.md); ``history``: add the
         figures of the last HISTORY acknowledged checkpoints, oldest first."""
         with self._lock:
-            ratio = (self.raw_b / self.wire_b) if self.wire_b else None
-            extra = {}
-            if history:
-                cols = list(zip(*self.history, strict=True)) or [(), (), (), ()]
-                extra["history"] = {
-                    "index": list(cols[0]),
-                    "pause_ms": list(cols[1]),
-                    "pages": list(cols[2]),
-                    "bytes": list(cols[3]),
-                }
-            return extra | {
-                "domid": self.info.domid,
-                "name": self.info.name,
-                "state": self.state,
-                "reason": self.reason,
-                "since": round(self.since, 3),
-                "target": str(self.req.target),
-                "codec": self.req.codec,
-                "interval_ms": self.req.interval_ms,
-                "verify": self.req.verify,
-                "checkpoints": self.checkpoints,
-                "acked": self.acked,
-                "last_pause_ms": None
-                if self.last_pause_ms is None
-                else round(self.last_pause_ms, 3),
-                "dirty_pages": self.dirty_pages,
-                "bytes_sent": self.bytes_sent,
-                "compression_ratio": None if ratio is None else round(ratio, 3),
-                "session": self.session_id,
-                "sessions": self.sessions,
-                "retries": self.retries,
-                "verify_mismatches": self.mismatches,
-                "acked_digest": self.acked_digest,
-                "cache_hits": self.cache_hits,
-                "cache_misses": self.cache_misses,
-                "cache_zero_base": self.cache_zero_base,
-            }
+            return self.stats.as_json(self._ident, history)
 
-    # -- the thread --------------------------------------------------------------
+    # -- the state machine's actions ---------------------------------------------
 
-    def _run(self) -> None:
-        delay = self.tuning.retry_min
-        while not self._stop.is_set():
-            link: Link | None = None
-            try:
-                link = self._session()
-                if self._stop.is_set():
-                    break
-            except LinkDown as e:
-                if e.fenced:
-                    self._fenced(e)
-                    self._stop.wait()
-                    break
-                self._unprotect(f"backup lost: {e.reason}")
-                if e.permanent:
-                    log.error(
-                        "domain %s: %s; not retrying (unprotect and protect again to retry)",
-                        self.info.name,
-                        e.reason,
-                    )
-                    self._set("unprotected", f"{e.reason} (not retrying)")
-                    self._stop.wait()
-                    break
-                wait = delay
-                if self._failover_capable is not None:
-                    # the receiver holds a committed backup and fails it over after
-                    # its timeout of silence unless a new session supersedes it first
-                    # (a reset link, a receiver that closed on a hiccup): reconnect now
-                    log.warning(
-                        "domain %s unprotected: %s; reconnecting at once (the "
-                        "receiver fails over after %d ms without us)",
-                        self.info.name,
-                        e.reason,
-                        self._failover_capable,
-                    )
-                    self._failover_capable = None
-                    wait = 0.0
-                else:
-                    log.warning(
-                        "domain %s unprotected: %s; retrying in %.1f s",
-                        self.info.name,
-                        e.reason,
-                        delay,
-                    )
-                if self._stop.wait(wait):
-                    break
+    def _advance(
+        self,
+        event: Event,
+        reason: str | None = None,
+        *,
+        cause: str = "",
+        failover_timeout_ms: int | None = None,
+    ) -> Step:
+        """The one way the state changes: the policy's move, its actions on the
+        domain, then the new state in the status."""
+        step = self.policy.advance(event, failover_timeout_ms=failover_timeout_ms)
+        for action in step.actions:
+            if action is Action.UNPROTECT:
+                self._unprotect()
+            elif action is Action.FENCE:
+                self._fence(cause)
+            elif action is Action.COUNT_RETRY:
                 with self._lock:
-                    self.retries += 1
-                if wait:
-                    delay = min(delay * 2, self.tuning.retry_max)
-                continue
-            except DomainError as e:
-                log.error("domain %s: %s; protection stopped", self.info.name, e)
-                self._unprotect(str(e))
-                self._set("stopped", str(e))
-                return
-            except Exception as e:  # a bug: keep the guest running, say so
-                log.exception("domain %s: protection failed", self.info.name)
-                self._unprotect(f"internal error: {e}")
-                self._set("stopped", f"internal error: {e}")
-                return
-            finally:
-                if link is not None:
-                    link.close()
-            delay = self.tuning.retry_min
-        if self.state == "fenced":
-            self._set("stopped", f"fenced: {self.reason}")
-        elif self.state != "stopped":
-            self._set("stopped", "unprotected on request")
+                    self.stats.retries += 1
+        with self._lock:
+            self.stats.set_state(step.state.value, reason, time.time())
+        return step
 
-    def _unprotect(self, reason: str) -> None:
+    def _unprotect(self) -> None:
         """The guest runs on with its output released (no backup to wait for)."""
-        self._set("unprotected", reason)
         if not self._engaged:
             return  # this session never touched the domain (e.g. connect refused)
         self._engaged = False
@@ -340,7 +204,7 @@ class Protector:
             except DomainError as e:
                 log.warning("domain %s: %s", self.info.name, e)
 
-    def _fenced(self, e: LinkDown) -> None:
+    def _fence(self, cause: str) -> None:
         """The receiver says its backup of this domain runs (it failed over).
 
         On an engaged session (ERROR failed-over: the backup resumed from a
@@ -362,17 +226,89 @@ class Protector:
                 "paused and its unacknowledged output withheld (destroy it here, "
                 "then protect the guest from the backup host)",
                 self.info.name,
-                e.reason,
+                cause,
             )
-            self._set("fenced", f"{e.reason} (this copy paused; not retrying)")
         else:
             log.critical(
                 "domain %s FENCED: %s; this copy ran unprotected meanwhile: possible "
                 "SPLIT BRAIN, an operator must decide which copy lives; not retrying",
                 self.info.name,
-                e.reason,
+                cause,
             )
-            self._set("fenced", f"{e.reason} (possible split brain; not retrying)")
+
+    # -- the thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            step = self._attempt()
+            if step is None:
+                return
+            if Action.PARK in step.actions:
+                self._stop.wait()
+                self._stopped()
+                return
+            assert step.wait is not None
+            if self._stop.wait(step.wait):
+                self._stopped()
+                return
+            self._advance(Event.RETRY, self.reason)
+
+    def _stopped(self) -> None:
+        if self.policy.state is State.FENCED:
+            self._advance(Event.STOP, f"fenced: {self.reason}")
+        else:
+            self._advance(Event.STOP, "unprotected on request")
+
+    def _attempt(self) -> Step | None:
+        """One session and what the policy makes of its end; None: the thread ends."""
+        if self._stop.is_set():
+            self._stopped()
+            return None
+        try:
+            self._session()
+            return None
+        except LinkDown as e:
+            if e.fenced:
+                why = "this copy paused" if self._engaged else "possible split brain"
+                return self._advance(
+                    Event.FENCED, f"{e.reason} ({why}; not retrying)", cause=e.reason
+                )
+            if e.permanent:
+                log.error(
+                    "domain %s: %s; not retrying (unprotect and protect again to retry)",
+                    self.info.name,
+                    e.reason,
+                )
+                return self._advance(Event.REFUSED, f"{e.reason} (not retrying)")
+            event = self.policy.loss()
+            if event is Event.LOST_FAILOVER_CAPABLE:
+                # the receiver holds a committed backup and fails it over after
+                # its timeout of silence unless a new session supersedes it first
+                # (a reset link, a receiver that closed on a hiccup): reconnect now
+                log.warning(
+                    "domain %s unprotected: %s; reconnecting at once (the "
+                    "receiver fails over after %d ms without us)",
+                    self.info.name,
+                    e.reason,
+                    self.policy.failover_timeout_ms,
+                )
+            step = self._advance(event, f"backup lost: {e.reason}")
+            if event is Event.LOST:
+                log.warning(
+                    "domain %s unprotected: %s; retrying in %.1f s",
+                    self.info.name,
+                    e.reason,
+                    step.wait,
+                )
+            return step
+        except DomainError as e:
+            log.error("domain %s: %s; protection stopped", self.info.name, e)
+            self._advance(Event.DOMAIN_ERROR, str(e))
+            return None
+        except Exception as e:  # a bug: keep the guest running, say so
+            log.exception("domain %s: protection failed", self.info.name)
+            self._advance(Event.CRASHED, f"internal error: {e}")
+            return None
 
     def _hello(self) -> sp.Hello:
         i = self.info
@@ -398,11 +334,10 @@ class Protector:
             software=SOFTWARE,
         )
 
-    def _session(self) -> Link:
+    def _session(self) -> None:
         """One session: connect, initial copy, epochs until asked to stop.
 
-        Returns the link (closed by the caller) after a clean end; raises
-        LinkDown when the backup is lost.
+        Returns after a clean end; raises LinkDown when the backup is lost.
         """
         t = self.tuning
         hello = self._hello()
@@ -415,81 +350,69 @@ class Protector:
             accept_timeout=t.accept_timeout,
             connect=t.connect,
         )
-        link.open()
-        self._set("initial-copy")
+        domain = self.domain
+        if t.wrap is not None:
+            link, domain = t.wrap(self.stats.sessions + 1, link, domain)
         try:
-            return self._stream(link, hello, interval)
-        except BaseException:
-            link.close()
-            raise
-
-    def _stream(self, link: Link, hello: sp.Hello, interval: float) -> Link:
-        t = self.tuning
-        with self._lock:
-            self.session_id = hello.session_id if link.kind == "tcp" else None
-            self.sessions += 1
-            self.acked = None
-        log.info(
-            "domain %s: session %s to %s (codec %s, interval %d ms%s): initial copy",
-            self.info.name,
-            hello.session_id[:8],
-            self.req.target,
-            self.req.codec,
-            self.req.interval_ms,
-            ", verify" if self.req.verify else "",
-        )
-        writer = StreamWriter(
-            self.info.pages,
-            codec=self.req.codec,
-            cache_pages=t.cache_pages,
-            buffer_pages=t.buffer_pages,
-        )
-        cb = CheckpointBuffer(self.info.pages, self.req.verify)
-
-        def heartbeat() -> None:
-            if link.heartbeats:
-                link.send([writer.heartbeat()])
-
-        self._pacer = _Pacer(link, writer.heartbeat(), interval, self.info.name)
-        try:
-            return self._protect(link, writer, cb, heartbeat, interval)
+            link.open()
+            self._advance(Event.OPENED)
+            with self._lock:
+                self.stats.new_session(hello.session_id if link.kind == "tcp" else None)
+            log.info(
+                "domain %s: session %s to %s (codec %s, interval %d ms%s): initial copy",
+                self.info.name,
+                hello.session_id[:8],
+                self.req.target,
+                self.req.codec,
+                self.req.interval_ms,
+                ", verify" if self.req.verify else "",
+            )
+            writer = StreamWriter(
+                self.info.pages,
+                codec=self.req.codec,
+                cache_pages=t.cache_pages,
+                buffer_pages=t.buffer_pages,
+            )
+            pacer = Pacer(
+                link, writer.heartbeat(), Heartbeats.for_interval(interval), self.info.name
+            )
+            try:
+                self._protect(link, domain, writer, EpochCore(), pacer, interval)
+            finally:
+                pacer.stop()
         finally:
-            self._pacer.stop()
+            link.close()
 
     def _protect(
-        self, link: Link, writer: StreamWriter, cb: CheckpointBuffer, heartbeat, interval: float
-    ) -> Link:
+        self,
+        link: Link,
+        domain: Domain,
+        writer: StreamWriter,
+        core: EpochCore,
+        pacer: Pacer,
+        interval: float,
+    ) -> None:
         t = self.tuning
+        cb = CheckpointBuffer(self.info.pages, self.req.verify)
         t0 = time.monotonic()
         self._engaged = True
-        copy_link = link
-        if self._fault_at("stall-mid-checkpoint", 0):
-            copy_link = _StallingLink(
-                link, self.info.pages * 4096 // 2, self.info.name, self._pacer
-            )
         res = initial_copy(
-            self.domain,
-            copy_link,
+            domain,
+            link,
             writer,
             cb,
             rounds=t.precopy_rounds,
             threshold=t.precopy_threshold,
-            heartbeat_s=interval,
             stop=self._stop.is_set,
         )
         last = self._stop.is_set()
         bufs = encode(writer, res.final, last=last)
-        self._fault_send(link, bufs, 0)
-        if last:  # nothing may follow the LAST_CHECKPOINT checkpoint, heartbeats included
-            self._pacer.stop()
-        sent = res.bytes_sent + link.send(bufs)
-        self._acked(link, 0, _nothing if last else heartbeat, interval, res.final.digest)
-        if link.kind != "file":  # a receiver now holds a backup it may resume
-            self._failover_capable = link.failover_timeout_ms or 0
+        sent = res.bytes_sent + self._send(link, core, pacer, bufs, last)
+        self._acknowledge(link, domain, core, res.final.digest)
+        # a receiver now holds a backup it may resume
+        capable = None if link.kind == "file" else (link.failover_timeout_ms or 0)
         with self._lock:
-            self.bytes_sent += sent
-            self.last_pause_ms = res.final.pause_ms
-            self.dirty_pages = len(res.final.pfns)
+            self.stats.sent(sent, res.final.pause_ms, len(res.final.pfns))
         log.info(
             "domain %s protected: initial copy of %d pages in %d round(s), %.1f MB, "
             "%.2f s, final pause %.1f ms",
@@ -501,9 +424,8 @@ class Protector:
             res.final.pause_ms,
         )
         if last:
-            return self._clean_end(link)
-        self._set("protected")
-        index = 0
+            return self._clean_end()
+        self._advance(Event.COPY_ACKED, failover_timeout_ms=capable)
         next_t = time.monotonic() + interval
         while True:
             # sleep until the next interval starts (listening to the backup meanwhile)
@@ -514,24 +436,15 @@ class Protector:
                 self._wake.wait(min(next_t - now, 0.05))
                 link.poll()
             last = self._stop.is_set()
-            index += 1
+            index = core.next_index
             t_cap = time.monotonic()
-            hold = None
-            if self._fault_at("stall-paused", index):
-                hold = lambda i=index: faults.hang(  # noqa: E731
-                    self._pacer.stop,
-                    f"domain {self.info.name}: guest paused in the capture of checkpoint {i}",
-                )
-            cap = capture(self.domain, cb, hold=hold, prescan=t.prescan)
+            cap = capture(domain, cb, prescan=t.prescan)
             t_enc = time.monotonic()
             bufs = encode(writer, cap, last=last)
-            self._fault_send(link, bufs, index)
-            if last:
-                self._pacer.stop()
             t_send = time.monotonic()
-            n = link.send(bufs)
+            n = self._send(link, core, pacer, bufs, last)
             t_ack = time.monotonic()
-            self._acked(link, index, _nothing if last else heartbeat, interval, cap.digest)
+            self._acknowledge(link, domain, core, cap.digest)
             if log.isEnabledFor(logging.DEBUG):
                 t_end = time.monotonic()
                 log.debug(
@@ -547,47 +460,57 @@ class Protector:
                     (t_ack - t_send) * 1e3,
                     (t_end - t_ack) * 1e3,
                 )
+            cs = writer.codec_stats
             with self._lock:
-                self.bytes_sent += n
-                self.last_pause_ms = cap.pause_ms
-                self.dirty_pages = len(cap.pfns)
-                if writer.format == "B" and len(cap.pfns):
-                    self.raw_b += len(cap.pfns) * 4096
-                    self.wire_b += n
-                self.history.append((index, round(cap.pause_ms, 4), len(cap.pfns), n))
-                cs = writer.codec_stats
-                if cs is not None:
-                    self.cache_hits, self.cache_misses = cs.hits, cs.misses
-                    self.cache_zero_base = cs.zero_base
+                self.stats.epoch(
+                    index,
+                    n,
+                    cap.pause_ms,
+                    len(cap.pfns),
+                    writer.format == "B",
+                    None if cs is None else (cs.hits, cs.misses, cs.zero_base),
+                )
             if last:
-                return self._clean_end(link)
-            next_t += interval
-            if next_t < time.monotonic():  # overran: start the next epoch now
-                next_t = time.monotonic()
+                return self._clean_end()
+            next_t = next_epoch(next_t, interval, time.monotonic())
 
-    def _acked(
-        self, link: Link, index: int, heartbeat, interval: float, digest: bytes | None
+    def _take_acks(self, link: Link, core: EpochCore, acks: list[sp.Ack]) -> bool:
+        """Give the ACKs to the core; whether one flagged a digest mismatch."""
+        mismatch = False
+        for ack in acks:
+            try:
+                core.on_ack(ack.index)
+            except AckViolation as e:
+                raise LinkDown(f"{link.peer} {e}") from None
+            mismatch = ack.mismatch
+        return mismatch
+
+    def _send(self, link: Link, core: EpochCore, pacer: Pacer, bufs: list[Any], last: bool) -> int:
+        """Send the next checkpoint whole (``last``: it carries LAST_CHECKPOINT)."""
+        self._take_acks(link, core, link.take_acks())  # no ACK may precede it
+        index = core.next_index
+        core.sent(index, last=last)
+        if last:  # nothing may follow the LAST_CHECKPOINT checkpoint, heartbeats included
+            pacer.stop()
+        return link.send_checkpoint(index, bufs)
+
+    def _acknowledge(
+        self, link: Link, domain: Domain, core: EpochCore, digest: bytes | None
     ) -> None:
+        """Wait for the ACK of the checkpoint in flight, then release its output."""
+        assert core.index is not None
+        index = core.index
         deadline = time.monotonic() + self.tuning.ack_timeout
-        ack = link.wait_ack(index, deadline, heartbeat, interval)
+        mismatch = False
+        while not core.acked_through(index):
+            acks = link.next_acks(deadline)
+            if not acks and time.monotonic() >= deadline:
+                raise LinkDown(f"{link.peer} did not acknowledge checkpoint {index} in time")
+            mismatch = self._take_acks(link, core, acks) or mismatch
         with self._lock:
-            self.checkpoints += 1
-            self.acked = index
-            self.acked_digest = digest.hex() if digest is not None else None
-            if ack.mismatch:
-                self.mismatches += 1
-        if self._fault_at("stall-after-ack", index):
-            faults.hang(
-                self._pacer.stop,
-                f"domain {self.info.name}: checkpoint {index} "
-                "acknowledged, its output not released",
-            )
-        self.domain.output_release()
-        if self._fault_at("stall-after-release", index):
-            faults.hang(
-                self._pacer.stop,
-                f"domain {self.info.name}: checkpoint {index} acknowledged and its output released",
-            )
+            self.stats.acknowledged(index, digest, mismatch)
+        domain.output_release()
+        core.released()
         if digest is not None:
             log.debug(
                 "domain %s: checkpoint %d acknowledged, xxh3-128 %s",
@@ -596,48 +519,10 @@ class Protector:
                 digest.hex(),
             )
 
-    def _fault_at(self, kind: str, index: int) -> bool:
-        return self._fault is not None and self._fault.at(kind, self.sessions, index)
-
-    def _fault_send(self, link: Link, bufs: list, index: int) -> None:
-        """Fault injection (remusd.faults): send part of checkpoint ``index``
-        and hang, as a primary dying in mid-transmission would."""
-        if self._fault is None or not any(
-            self._fault_at(k, index)
-            for k in ("stall-mid-checkpoint", "stall-mid-chunk", "stall-before-tail")
-        ):
-            return
-        if self._fault.kind == "stall-mid-checkpoint" and index == 0:
-            return  # the initial copy's own bytes: _StallingLink
-        self._pacer.stop()  # no heartbeat may slip in after a partial chunk
-        name = self.info.name
-        if self._fault_at("stall-mid-checkpoint", index):
-            data = b"".join(faults.flat(bufs))
-            link.send([data[: len(data) // 2]])
-            faults.hang(
-                self._pacer.stop,
-                f"domain {name}: sent {len(data) // 2} of {len(data)} bytes of checkpoint {index}",
-            )
-        if self._fault_at("stall-mid-chunk", index):
-            first = faults.flat(bufs[:1])[0]
-            link.send([first[: len(first) // 2]])
-            faults.hang(
-                self._pacer.stop,
-                f"domain {name}: sent {len(first) // 2} of the "
-                f"{len(first)} bytes of checkpoint {index}'s first chunk",
-            )
-        if self._fault_at("stall-before-tail", index):
-            n = link.send(bufs[:-1])
-            faults.hang(
-                self._pacer.stop, f"domain {name}: sent checkpoint {index} but its tail ({n} bytes)"
-            )
-
-    def _clean_end(self, link: Link) -> Link:
+    def _clean_end(self) -> None:
         log.info(
             "domain %s: session ended cleanly (LAST_CHECKPOINT acknowledged); "
             "the guest runs unprotected",
             self.info.name,
         )
-        self._unprotect("unprotected on request")
-        self._set("stopped", "unprotected on request")
-        return link
+        self._advance(Event.CLEAN_END, "unprotected on request")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import uuid as uuidlib
+from typing import cast
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from tests.receiver.test_daemon_process import Receiver
 from tests.simhost import SimHost, sim_dir
 from xenbind import PAGE_SIZE
 from xenbind.errors import ConfigError, DomainError
+from xenbind.hypervisor import Domain
 from xenbind.session import Hello, Options, new_session_id
 from xenbind.stream import Decoder, PageBatch, Pages, StreamWriter
 from xenbind.stream.format import TYPE_NOTAB, TYPE_XTAB
@@ -157,7 +159,14 @@ def _holey(host) -> tuple[HoleyDomain, np.ndarray, np.ndarray]:
 def _copy(hd: HoleyDomain, link, writer: StreamWriter):
     cb = CheckpointBuffer(PAGES, verify=False, initial=64)
     res = initial_copy(
-        hd, link, writer, cb, rounds=2, threshold=1, heartbeat_s=1.0, stop=lambda: False
+        cast(Domain, hd),  # duck-typed: what initial_copy calls of a Domain
+        link,
+        writer,
+        cb,
+        rounds=2,
+        threshold=1,
+        heartbeat_s=1.0,
+        stop=lambda: False,
     )
     link.send(encode(writer, res.final))
     return res

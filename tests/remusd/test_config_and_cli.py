@@ -10,7 +10,6 @@ import pytest
 from daemonkit.config import parse_args_with_config
 from remusd import ctl
 from remusd.config import (
-    CODEC_NAMES,
     ProtectRequest,
     Target,
     build_parser,
@@ -24,10 +23,22 @@ def _args(argv=(), cfg=None):
     return parse_args_with_config(build_parser(), list(argv), default_config=cfg)
 
 
-def test_codecs_agree_with_compress():
+def test_codecs_are_the_one_definition():
+    """remusd offers exactly the codecs xenbind.compress defines (no copy of the list)."""
+    from remusd import config
     from xenbind.compress import CODECS
 
-    assert tuple(CODEC_NAMES) == tuple(CODECS)
+    assert config.CODECS is CODECS
+    assert build_parser().parse_args(["--codec", "none"]).codec == "none"
+    for codec in CODECS:
+        assert (
+            ProtectRequest.from_json(
+                {"domain": "d", "target": "file:/x", "codec": codec}, _args()
+            ).codec
+            == codec
+        )
+    with pytest.raises(ConfigError, match="unknown"):
+        ProtectRequest.from_json({"domain": "d", "target": "file:/x", "codec": "zstd"}, _args())
 
 
 def test_target_parse():

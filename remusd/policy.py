@@ -1,0 +1,160 @@
+"""The retry policy of one protected domain: a table, and one function that advances it.
+
+Every state change of a ``remusd.protector.Protector`` is ``RetryPolicy.advance``:
+it looks ``(state, event)`` up in ``TABLE`` and returns the new state and the
+actions the session thread must carry out; a pair that is not in the table
+raises ``IllegalMove`` and changes nothing. Sans-IO: no clock, no thread.
+
+States (the ``state`` of ``remusctl status``)::
+
+    initial-copy  connecting, handshake, the live copy of checkpoint 0
+    protected     checkpoint 0 acknowledged; the epoch loop runs
+    unprotected   the backup is gone: the guest runs with its output released
+                  at once; retried (or, after a refusal retrying cannot cure,
+                  parked until unprotect)
+    fenced        the receiver's backup of the domain runs (it failed over):
+                  never retried
+    stopped       protection ended (unprotect, daemon stop, the domain is
+                  gone, an internal error); final
+
+Rules the table keeps:
+- Backoff: a retry after losing a session waits ``retry_min``, doubling on
+  each loss up to ``retry_max``; reaching ``protected`` starts again at
+  ``retry_min``.
+- A session whose checkpoint 0 the receiver acknowledged (it holds a backup
+  it fails over after its timeout of silence) is retried at once when lost,
+  once: the new session's HELLO supersedes the lost one before the receiver's
+  failover timer fires.
+- A permanent refusal (version, bad-hello, codec, limit, an unopenable file)
+  is not retried; ``fenced`` is never retried and is left only by a stop.
+- ``stopped`` is final.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class State(Enum):
+    INITIAL_COPY = "initial-copy"
+    PROTECTED = "protected"
+    UNPROTECTED = "unprotected"
+    FENCED = "fenced"
+    STOPPED = "stopped"
+
+
+class Event(Enum):
+    OPENED = "session-opened"  # a session's handshake succeeded
+    COPY_ACKED = "copy-acknowledged"  # checkpoint 0 acknowledged (not the last)
+    LOST = "backup-lost"  # LinkDown, retrying may help
+    LOST_FAILOVER_CAPABLE = "failover-capable-backup-lost"  # the same, after COPY_ACKED
+    REFUSED = "refused-permanently"  # LinkDown that retrying cannot cure
+    FENCED = "fenced"  # the receiver's backup runs (ERROR failed-over, REFUSE fenced)
+    RETRY = "retry"  # the wait before a retry is over; a new session starts
+    CLEAN_END = "clean-end"  # LAST_CHECKPOINT acknowledged
+    STOP = "stop"  # asked to stop while no session runs
+    DOMAIN_ERROR = "domain-error"  # the domain failed (gone)
+    CRASHED = "internal-error"  # a bug in remusd
+
+
+class Action(Enum):
+    UNPROTECT = "unprotect"  # release all output, log-dirty off (if the session engaged)
+    FENCE = "fence"  # engaged: pause the stale guest, log-dirty off, output withheld;
+    # else (it ran unprotected meanwhile): report the possible split brain
+    RETRY_AFTER_BACKOFF = "retry-after-backoff"  # wait Step.wait (the backoff), then RETRY
+    RETRY_NOW = "retry-now"  # RETRY at once (Step.wait == 0)
+    PARK = "park"  # wait for a stop request, then STOP
+    COUNT_RETRY = "count-retry"
+
+
+S, E, A = State, Event, Action
+_LIVE = (S.INITIAL_COPY, S.PROTECTED)
+
+#: (state, event) -> (new state, actions in order)
+TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
+    (S.INITIAL_COPY, E.OPENED): (S.INITIAL_COPY, ()),
+    (S.UNPROTECTED, E.OPENED): (S.INITIAL_COPY, ()),
+    (S.INITIAL_COPY, E.COPY_ACKED): (S.PROTECTED, ()),
+    **{(s, E.LOST): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_AFTER_BACKOFF)) for s in _LIVE},
+    (S.UNPROTECTED, E.LOST): (S.UNPROTECTED, (A.RETRY_AFTER_BACKOFF,)),
+    (S.PROTECTED, E.LOST_FAILOVER_CAPABLE): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_NOW)),
+    (S.INITIAL_COPY, E.REFUSED): (S.UNPROTECTED, (A.UNPROTECT, A.PARK)),
+    (S.UNPROTECTED, E.REFUSED): (S.UNPROTECTED, (A.PARK,)),
+    **{(s, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)) for s in (*_LIVE, S.UNPROTECTED)},
+    (S.UNPROTECTED, E.RETRY): (S.UNPROTECTED, (A.COUNT_RETRY,)),
+    **{(s, E.CLEAN_END): (S.STOPPED, (A.UNPROTECT,)) for s in _LIVE},
+    (S.INITIAL_COPY, E.STOP): (S.STOPPED, ()),  # asked before the first session opened
+    (S.UNPROTECTED, E.STOP): (S.STOPPED, ()),
+    (S.FENCED, E.STOP): (S.STOPPED, ()),
+    **{(s, E.DOMAIN_ERROR): (S.STOPPED, (A.UNPROTECT,)) for s in (*_LIVE, S.UNPROTECTED)},
+    **{
+        (s, E.CRASHED): (S.STOPPED, (A.UNPROTECT,))
+        for s in (S.INITIAL_COPY, S.PROTECTED, S.UNPROTECTED)
+    },
+    (S.FENCED, E.CRASHED): (S.STOPPED, ()),  # the stale copy stays paused
+}
+
+
+class IllegalMove(Exception):
+    """``advance`` was asked for a (state, event) pair the table does not have."""
+
+
+@dataclass(frozen=True)
+class Step:
+    state: State
+    actions: tuple[Action, ...]
+    #: seconds to wait before the retry (RETRY_AFTER_BACKOFF, RETRY_NOW), else None
+    wait: float | None = None
+
+
+class RetryPolicy:
+    """One domain's position in ``TABLE``, its backoff, and whether its backup
+    can fail over (see the module docstring)."""
+
+    def __init__(self, retry_min: float, retry_max: float) -> None:
+        if not 0 < retry_min <= retry_max:
+            raise ValueError(f"retry_min {retry_min} must be > 0 and <= retry_max {retry_max}")
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self.state = State.INITIAL_COPY
+        #: the wait before the next retry after a backoff
+        self.delay = retry_min
+        #: the receiver's failover timeout (ms) once it acknowledged checkpoint 0
+        #: of the current session, else None
+        self.failover_timeout_ms: int | None = None
+
+    def loss(self) -> Event:
+        """The event for a session lost in a way retrying may cure."""
+        if self.state is State.PROTECTED and self.failover_timeout_ms is not None:
+            return Event.LOST_FAILOVER_CAPABLE
+        return Event.LOST
+
+    def advance(self, event: Event, *, failover_timeout_ms: int | None = None) -> Step:
+        """Move by ``event``; IllegalMove (nothing changed) if the table has no row.
+
+        ``failover_timeout_ms``: with COPY_ACKED, the receiver's failover
+        timeout when it now holds a backup it may resume (None for a file).
+        """
+        row = TABLE.get((self.state, event))
+        if row is None:
+            raise IllegalMove(f"retry policy: no move from {self.state.value!r} on {event.value!r}")
+        if event is Event.LOST and self.failover_timeout_ms is not None:
+            raise IllegalMove(
+                "retry policy: a failover-capable session was lost: "
+                f"{Event.LOST_FAILOVER_CAPABLE.value!r}, not {event.value!r}"
+            )
+        new, actions = row
+        wait: float | None = None
+        if Action.RETRY_AFTER_BACKOFF in actions:
+            wait = self.delay
+            self.delay = min(self.delay * 2, self.retry_max)
+        elif Action.RETRY_NOW in actions:
+            wait = 0.0
+        if event is Event.COPY_ACKED:
+            self.delay = self.retry_min
+            self.failover_timeout_ms = failover_timeout_ms
+        elif new is not State.PROTECTED:
+            self.failover_timeout_ms = None
+        self.state = new
+        return Step(new, actions, wait)

@@ -1,0 +1,131 @@
+"""remusd.policy: every row of the retry table, the refusals, the backoff."""
+
+from __future__ import annotations
+
+import pytest
+
+from remusd.policy import TABLE, Action, Event, IllegalMove, RetryPolicy, State
+
+S, E, A = State, Event, Action
+
+#: the table as the issue states it, written out row by row: a change to
+#: TABLE that is not made here too fails test_every_row
+EXPECTED = {
+    (S.INITIAL_COPY, E.OPENED): (S.INITIAL_COPY, ()),
+    (S.UNPROTECTED, E.OPENED): (S.INITIAL_COPY, ()),
+    (S.INITIAL_COPY, E.COPY_ACKED): (S.PROTECTED, ()),
+    (S.INITIAL_COPY, E.LOST): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_AFTER_BACKOFF)),
+    (S.PROTECTED, E.LOST): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_AFTER_BACKOFF)),
+    (S.UNPROTECTED, E.LOST): (S.UNPROTECTED, (A.RETRY_AFTER_BACKOFF,)),
+    (S.PROTECTED, E.LOST_FAILOVER_CAPABLE): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_NOW)),
+    (S.INITIAL_COPY, E.REFUSED): (S.UNPROTECTED, (A.UNPROTECT, A.PARK)),
+    (S.UNPROTECTED, E.REFUSED): (S.UNPROTECTED, (A.PARK,)),
+    (S.INITIAL_COPY, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),
+    (S.PROTECTED, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),
+    (S.UNPROTECTED, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),
+    (S.UNPROTECTED, E.RETRY): (S.UNPROTECTED, (A.COUNT_RETRY,)),
+    (S.INITIAL_COPY, E.CLEAN_END): (S.STOPPED, (A.UNPROTECT,)),
+    (S.PROTECTED, E.CLEAN_END): (S.STOPPED, (A.UNPROTECT,)),
+    (S.INITIAL_COPY, E.STOP): (S.STOPPED, ()),
+    (S.UNPROTECTED, E.STOP): (S.STOPPED, ()),
+    (S.FENCED, E.STOP): (S.STOPPED, ()),
+    (S.INITIAL_COPY, E.DOMAIN_ERROR): (S.STOPPED, (A.UNPROTECT,)),
+    (S.PROTECTED, E.DOMAIN_ERROR): (S.STOPPED, (A.UNPROTECT,)),
+    (S.UNPROTECTED, E.DOMAIN_ERROR): (S.STOPPED, (A.UNPROTECT,)),  # via the session hook
+    (S.INITIAL_COPY, E.CRASHED): (S.STOPPED, (A.UNPROTECT,)),
+    (S.PROTECTED, E.CRASHED): (S.STOPPED, (A.UNPROTECT,)),
+    (S.UNPROTECTED, E.CRASHED): (S.STOPPED, (A.UNPROTECT,)),
+    (S.FENCED, E.CRASHED): (S.STOPPED, ()),
+}
+
+
+def _at(state: State, *, capable: bool = False) -> RetryPolicy:
+    p = RetryPolicy(0.5, 30.0)
+    p.state = state
+    if capable:
+        p.failover_timeout_ms = 500
+    return p
+
+
+def test_table_is_as_specified():
+    assert TABLE == EXPECTED
+
+
+@pytest.mark.parametrize("row", sorted(TABLE, key=lambda k: (k[0].value, k[1].value)))
+def test_every_row(row):
+    state, event = row
+    new, actions = TABLE[row]
+    p = _at(state, capable=event is E.LOST_FAILOVER_CAPABLE)
+    step = p.advance(event, failover_timeout_ms=900 if event is E.COPY_ACKED else None)
+    assert (step.state, step.actions) == (new, actions)
+    assert p.state is new
+    if A.RETRY_AFTER_BACKOFF in actions:
+        assert step.wait == 0.5 and p.delay == 1.0
+    elif A.RETRY_NOW in actions:
+        assert step.wait == 0.0 and p.delay == 0.5
+    else:
+        assert step.wait is None
+    if event is E.COPY_ACKED:
+        assert p.failover_timeout_ms == 900
+    else:
+        assert p.failover_timeout_ms is None  # only protected keeps it
+
+
+@pytest.mark.parametrize(
+    "pair",
+    sorted(
+        ((s, e) for s in State for e in Event if (s, e) not in TABLE),
+        key=lambda k: (k[0].value, k[1].value),
+    ),
+)
+def test_every_other_move_is_refused(pair):
+    state, event = pair
+    p = _at(state)
+    with pytest.raises(IllegalMove, match=f"no move from {state.value!r} on {event.value!r}"):
+        p.advance(event)
+    assert p.state is state and p.delay == 0.5  # nothing changed
+
+
+def test_stopped_is_final_and_fenced_is_never_retried():
+    for event in Event:
+        with pytest.raises(IllegalMove):
+            _at(S.STOPPED).advance(event)
+    for event in (E.RETRY, E.OPENED, E.LOST, E.LOST_FAILOVER_CAPABLE):
+        with pytest.raises(IllegalMove):
+            _at(S.FENCED).advance(event)
+
+
+def test_backoff_doubles_to_the_max_and_restarts_once_protected():
+    p = RetryPolicy(0.5, 3.0)
+    waits = []
+    for _ in range(5):
+        waits.append(p.advance(p.loss()).wait)  # connect refused, again and again
+        p.advance(E.RETRY)
+    assert waits == [0.5, 1.0, 2.0, 3.0, 3.0]
+    p.advance(E.OPENED)
+    p.advance(E.COPY_ACKED, failover_timeout_ms=None)  # a file: not failover-capable
+    assert p.loss() is E.LOST
+    assert p.advance(E.LOST).wait == 0.5
+
+
+def test_a_failover_capable_loss_is_retried_at_once_once():
+    p = RetryPolicy(0.5, 30.0)
+    p.advance(E.OPENED)
+    p.advance(E.COPY_ACKED, failover_timeout_ms=500)
+    assert p.loss() is E.LOST_FAILOVER_CAPABLE
+    with pytest.raises(IllegalMove, match="failover-capable"):
+        p.advance(E.LOST)  # the plain loss would wait out the receiver's failover timer
+    assert p.advance(E.LOST_FAILOVER_CAPABLE).wait == 0.0
+    p.advance(E.RETRY)
+    # the immediate reconnection failed too: back to the backoff
+    assert p.loss() is E.LOST
+    assert p.advance(E.LOST).wait == 0.5
+    with pytest.raises(IllegalMove):
+        p.advance(E.LOST_FAILOVER_CAPABLE)  # only a protected session holds a backup
+
+
+def test_bad_bounds():
+    with pytest.raises(ValueError):
+        RetryPolicy(2.0, 1.0)
+    with pytest.raises(ValueError):
+        RetryPolicy(0.0, 1.0)
