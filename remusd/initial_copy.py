@@ -108,14 +108,13 @@ def initial_copy(
     rounds: int,
     threshold: int,
     stop: Callable[[], bool],
-    heartbeat_s: float | None = None,
 ) -> CopyResult:
     """Send checkpoint 0 up to its final paused round (see the module docstring).
 
     Returns the final capture: the caller encodes and sends it (with
     LAST_CHECKPOINT if the session is already asked to end) and waits for the
-    ack of checkpoint 0. ``heartbeat_s`` is accepted and ignored (heartbeats
-    come from the session's pacer; tests/lab still passes it).
+    ack of checkpoint 0. Heartbeats meanwhile come from the session's pacer
+    (remusd.pacer), not from here.
     """
     pages = domain.info().pages
     domain.enable_logdirty()

@@ -107,17 +107,11 @@ class Link:
         """The ACKs read meanwhile (by ``poll``), without waiting."""
         return []
 
-    def wait_ack(
-        self,
-        index: int,
-        deadline: float,
-        heartbeat: object = None,
-        heartbeat_s: object = None,
-    ) -> sp.Ack:
+    def wait_ack(self, index: int, deadline: float) -> sp.Ack:
         """Block until checkpoint ``index`` is acknowledged, for a caller that
-        drives a link by hand (the lab's checks); LinkDown at ``deadline``.
-        ``heartbeat`` and ``heartbeat_s`` are accepted and ignored: heartbeats
-        come from the session's pacer alone (remusd.pacer)."""
+        drives a link by hand (tests/lab); LinkDown at ``deadline``. No
+        heartbeat goes out meanwhile: heartbeats come from a session's pacer
+        alone (remusd.pacer)."""
         while True:
             acks = self.next_acks(deadline)
             for ack in acks:
@@ -180,13 +174,7 @@ class FileLink(Link):
         self._acks.clear()
         return acks
 
-    def wait_ack(
-        self,
-        index: int,
-        deadline: float,
-        heartbeat: object = None,
-        heartbeat_s: object = None,
-    ) -> sp.Ack:
+    def wait_ack(self, index: int, deadline: float) -> sp.Ack:
         self._acks.clear()
         return sp.Ack(index)  # written and flushed: acknowledged
 

@@ -165,7 +165,6 @@ def _copy(hd: HoleyDomain, link, writer: StreamWriter):
         cb,
         rounds=2,
         threshold=1,
-        heartbeat_s=1.0,
         stop=lambda: False,
     )
     link.send(encode(writer, res.final))
@@ -231,7 +230,7 @@ def test_holes_through_the_receiver(tmp_path):
         link.open()
         writer = StreamWriter(PAGES, codec="seed")
         _copy(hd, link, writer)
-        ack = link.wait_ack(0, time.monotonic() + 30, lambda: None, 1.0)
+        ack = link.wait_ack(0, time.monotonic() + 30)
         assert ack.index == 0
         hd.disable_logdirty()
         m = r.wait_log(r"initial copy committed \((\d+) pages")
@@ -343,11 +342,9 @@ def test_backup_rename_on_one_host_fails_over_and_keeps_the_fence(host, tmp_path
         link.open()
         writer = StreamWriter(cfg.pages, codec="seed")
         cb = CheckpointBuffer(cfg.pages, verify=False)
-        res = initial_copy(
-            dom, link, writer, cb, rounds=1, threshold=1, heartbeat_s=1.0, stop=lambda: False
-        )
+        res = initial_copy(dom, link, writer, cb, rounds=1, threshold=1, stop=lambda: False)
         link.send(encode(writer, res.final))
-        link.wait_ack(0, time.monotonic() + 30, lambda: None, 1.0)
+        link.wait_ack(0, time.monotonic() + 30)
         dom.disable_logdirty()
         bname, buuid = cfg.name + "-backup", derived_uuid(cfg.uuid, "-backup")
         assert r.session(cfg.name)["uuid"] == cfg.uuid  # the receiver keys on the primary's

@@ -227,7 +227,7 @@ class Sender:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.writer = StreamWriter(guest.pages, codec=codec)
         self.events: list = []
-        self.reply = None
+        self.reply: Accepted | Refused | None = None
 
     def handshake(self) -> Accepted | Refused:
         self.sock.sendall(self.ss.hello())

@@ -46,6 +46,7 @@ import sys
 import time
 import traceback
 import uuid as uuidlib
+from typing import Any
 
 from .. import PAGE_SIZE
 from . import layout as L
@@ -194,7 +195,7 @@ class Host:
                     buf += chunk
                     if len(buf) > MAX_REQUEST:
                         raise HostError("request too long")
-                req = None
+                req: dict[str, Any] | None = None
                 try:
                     req = json.loads(buf.split(b"\n", 1)[0])
                     if not isinstance(req, dict):
@@ -206,7 +207,7 @@ class Host:
                     log(traceback.format_exc())
                     reply = {"ok": False, "error": f"internal error: {e}"}
                 data = json.dumps(reply).encode() + b"\n"
-                if self.create_delay > 0 and reply["ok"] and req["op"] == "create":
+                if self.create_delay > 0 and reply["ok"] and req and req["op"] == "create":
                     due = time.monotonic() + self.create_delay
                     self._deferred.append((due, conn, data))
                     stack.pop_all()  # kept open for the reply
