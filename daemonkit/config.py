@@ -156,7 +156,8 @@ def add_daemon_arguments(
 ) -> None:
     """The options both daemons have: --config (``config`` used if it exists),
     --control (default ``control``), --sim-dir, --insecure (what plaintext means
-    for this daemon: ``insecure_help``) and --control-group."""
+    for this daemon: ``insecure_help``), --metrics (daemonkit.metrics) and
+    --control-group."""
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -176,6 +177,12 @@ def add_daemon_arguments(
         help="use the simulated host whose directory is DIR instead of Xen",
     )
     parser.add_argument("--insecure", action="store_true", help=insecure_help)
+    parser.add_argument(
+        "--metrics",
+        metavar="ADDRESS",
+        help="serve Prometheus metrics at http://ADDRESS/metrics: PORT (on 127.0.0.1), "
+        "HOST:PORT or [V6]:PORT (default: off)",
+    )
     add_control_group_argument(parser)
 
 

@@ -50,6 +50,7 @@ import select
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -251,6 +252,25 @@ def name_allowed(names: Sequence[str], allowed: Sequence[str]) -> str | None:
 
 
 # --------------------------------------------------------------------------- contexts
+
+
+def cert_not_after(path: str) -> float:
+    """When the PEM certificate at ``path`` expires (seconds since the epoch),
+    read with ``openssl x509 -enddate`` as daemonkit.pki makes them; ConfigError
+    if it cannot be read."""
+    try:
+        r = subprocess.run(
+            ["openssl", "x509", "-noout", "-enddate", "-in", path],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"cannot read the expiry of {path}: {e}") from None
+    key, _, value = r.stdout.strip().partition("=")
+    if r.returncode != 0 or key != "notAfter":
+        raise ConfigError(f"cannot read the expiry of {path}: {r.stderr.strip() or r.stdout}")
+    return float(ssl.cert_time_to_seconds(value))
 
 
 def _file_stamp(path: str) -> tuple[int, int, int, int]:

@@ -170,7 +170,8 @@ _COALESCE_MAX = 65536
 class TlsTransport(PlainTransport):
     """TLS over TCP (an ``ssl.SSLSocket`` after its handshake, see ``daemonkit.tls``).
 
-    ``peer_names`` are the names of the peer's verified certificate. An
+    ``peer_names`` are the names of the peer's verified certificate,
+    ``peer_not_after`` its expiry (seconds since the epoch). An
     ``ssl.SSLError`` while reading (an alert, a bad record) is raised as a
     ``ConnectionError`` whose message says what the peer's TLS reported.
     """
@@ -181,6 +182,11 @@ class TlsTransport(PlainTransport):
     def __init__(self, sock: ssl.SSLSocket, peer_names: list[str] | None = None) -> None:
         super().__init__(sock)
         self.peer_names = list(peer_names or [])
+        cert = sock.getpeercert()
+        not_after = cert.get("notAfter") if cert else None
+        self.peer_not_after: float | None = (
+            float(ssl.cert_time_to_seconds(not_after)) if isinstance(not_after, str) else None
+        )
         self.version = sock.version()
         cipher = sock.cipher()
         self.cipher = cipher[0] if cipher else None

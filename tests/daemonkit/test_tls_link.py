@@ -30,6 +30,7 @@ from daemonkit.tls import (
     TlsClient,
     TlsRefused,
     TlsSettings,
+    cert_not_after,
     name_allowed,
     peer_names,
     settings_from_args,
@@ -589,6 +590,7 @@ def test_openssl_pki_makes_certificates_that_work(tmp_path):
         s, _ = ls.accept()
         t = server.accept(PlainTransport(s), 10)
         got["names"] = t.peer_names
+        got["not_after"] = t.peer_not_after
         t.settimeout(10)
         data = b""
         while len(data) < 100_000:
@@ -609,6 +611,8 @@ def test_openssl_pki_makes_certificates_that_work(tmp_path):
         bufs = [bytes([i]) * 10 for i in range(100)] + [np.arange(99_000 // 8, dtype=np.uint64)]
         n = t.send_buffers(bufs)
         assert n == 1000 + 99_000
+        # each side knows when the other's certificate expires (status shows it)
+        assert t.peer_not_after == pytest.approx(cert_not_after(a.cert), abs=1)
         assert t.wait_readable(10)
         assert t.recv(100) == np.arange(99_000 // 8, dtype=np.uint64).tobytes()[-10:]
         t.close()
@@ -616,3 +620,7 @@ def test_openssl_pki_makes_certificates_that_work(tmp_path):
         th.join(10)
         ls.close()
     assert got["names"][:1] == ["b.test"]
+    assert got["not_after"] == pytest.approx(cert_not_after(b.cert), abs=1)
+    assert cert_not_after(b.cert) > time.time() + 300 * 86400  # make_host_cert: years ahead
+    with pytest.raises(ConfigError, match="cannot read the expiry"):
+        cert_not_after(b.key)
