@@ -71,7 +71,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.e2e.conftest import Receiver, Remusd, free_port, wait_until
+from tests.e2e.conftest import Daemon, Receiver, Remusd, free_port, wait_until
 from tests.simhost import SimHost, sim_dir
 
 INTERVAL_MS = 30
@@ -118,13 +118,19 @@ class Ctx:
 
     workdir: Path
     rng: random.Random
-    backup: SimHost | None = None
-    rx: Receiver | None = None
+    backup: SimHost
+    rx: Receiver
     notes: dict = field(default_factory=dict)
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------- helpers
+
+
+def proc(daemon: Daemon) -> subprocess.Popen:
+    """The daemon's process (every daemon here is started before it is used)."""
+    assert daemon.proc is not None, f"{daemon.name} was never started"
+    return daemon.proc
 
 
 def start_remusd(ctx: Ctx, primary: SimHost, *extra: str, fault: str | None = None) -> Remusd:
@@ -194,7 +200,7 @@ def check_failover(
     primary: SimHost,
     remusd: Remusd,
     name: str,
-    s: dict,
+    s: dict | None,
     acked: int | None,
     acked_digest: str | None,
     expect: int | None = None,
@@ -202,6 +208,8 @@ def check_failover(
     """The backup resumed from the right checkpoint, byte for byte, and holds
     every acknowledged transaction."""
     rx, backup = ctx.rx, ctx.backup
+    if s is None:  # wait_final: the receiver has no session left, so it did not fail over
+        raise Failed(f"no failover: the receiver has no session for domain {name}")
     k = s["last_committed"]
     check(s["state"] == "failed-over", f"state {s['state']}")
     if expect is not None:
@@ -317,8 +325,8 @@ def run_sigstop(ctx: Ctx, scenario: str, run: int) -> str:
         lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name, what="protection"
     )
     time.sleep(ctx.rng.uniform(0, 0.3))
-    os.kill(remusd.proc.pid, signal.SIGSTOP)
-    ctx.cleanups.insert(0, lambda: os.kill(remusd.proc.pid, signal.SIGCONT))
+    os.kill(proc(remusd).pid, signal.SIGSTOP)
+    ctx.cleanups.insert(0, lambda: os.kill(proc(remusd).pid, signal.SIGCONT))
     t0 = time.monotonic()
     s = wait_until(
         "the receiver to fail over",
@@ -328,7 +336,7 @@ def run_sigstop(ctx: Ctx, scenario: str, run: int) -> str:
     detect = time.monotonic() - t0
     out_at_failover = released_outputs(primary, name)
     backup_domid = s["backup_domid"]
-    os.kill(remusd.proc.pid, signal.SIGCONT)
+    os.kill(proc(remusd).pid, signal.SIGCONT)
     d = remusd.wait(
         lambda d: d["state"] == "fenced", name, timeout=10, what="remusd to find itself fenced"
     )
@@ -341,8 +349,9 @@ def run_sigstop(ctx: Ctx, scenario: str, run: int) -> str:
         f"remusd after fencing: state {d['state']}, retries {d['retries']}, "
         f"sessions {d['sessions']}",
     )
-    check(remusd.proc.poll() is None, "remusd died")
+    check(proc(remusd).poll() is None, "remusd died")
     s2 = rx_session(rx, name)
+    assert s2 is not None, "the receiver dropped the session that failed over"
     check(
         s2["state"] == "failed-over" and s2["backup_domid"] == backup_domid,
         f"the backup that took over was touched: {s2['state']} {s2['backup_domid']}",
@@ -452,7 +461,9 @@ def run_tcp_reset(ctx: Ctx, scenario: str, run: int) -> str:
         lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name, what="protection"
     )
     time.sleep(ctx.rng.uniform(0, 0.3))
-    committed_before = rx_session(rx, name)["last_committed"]
+    s0 = rx_session(rx, name)
+    assert s0 is not None, "remusd is protected, but the receiver has no session"
+    committed_before = s0["last_committed"]
     proxy.cut()
     check(proxy.cut_done.wait(10), "the proxy saw no data to cut")
     d = remusd.wait(
@@ -469,6 +480,7 @@ def run_tcp_reset(ctx: Ctx, scenario: str, run: int) -> str:
         "remusd's log does not say unprotected",
     )
     s = rx_session(rx, name)
+    assert s is not None, "remusd is protected again, but the receiver has no session"
     check(s["state"] == "receiving" and s["mismatches"] == 0, f"new session {s}")
     check(primary.lookup(name).info().state == "running", "the primary guest stopped")
     # the new protection holds everything: power cut, failover, ledger-check
@@ -489,11 +501,10 @@ def run_receiver_restart(ctx: Ctx, scenario: str, run: int) -> str:
     primary = start_primary(ctx, name)
     backup = SimHost(sim_dir("faults-backup-")).start()
     ctx.cleanups.append(backup.cleanup)
-    own = Ctx(ctx.workdir, ctx.rng, backup=backup)
     rx = Receiver(ctx.workdir, backup, free_port())
     ctx.cleanups.append(rx.kill)
     rx.start()
-    own.rx = rx
+    own = Ctx(ctx.workdir, ctx.rng, backup=backup, rx=rx)
     remusd = start_remusd(
         ctx, primary, "--ack-timeout", "1", "--retry-min", "0.2", "--retry-max", "0.5"
     )
@@ -590,7 +601,7 @@ def _disk_full(ctx: Ctx, run: int, mnt: str) -> str:
         what="refusals and retries",
     )
     check("No space left" in (d["reason"] or ""), f"reason: {d['reason']}")
-    check(rx.proc.poll() is None and rx.status()["role"] == "receiver", "the receiver died")
+    check(proc(rx).poll() is None and rx.status()["role"] == "receiver", "the receiver died")
     check(
         any("refused" in ln and "No space left" in ln for ln in rx.log().splitlines()),
         "the receiver's log does not say why it refused",
@@ -608,12 +619,13 @@ def _disk_full(ctx: Ctx, run: int, mnt: str) -> str:
         what="20 checkpoints on a full filesystem",
     )
     s = rx_session(rx, name)
+    assert s is not None, "remusd is protected, but the receiver has no session"
     check(s["state"] == "receiving" and s["mismatches"] == 0, f"session {s}")
-    check(rx.proc.poll() is None, "the receiver died")
+    check(proc(rx).poll() is None, "the receiver died")
     d = remusd.domain(name)
     power_cut(primary, remusd)
     s = wait_final(rx, name)
-    check(rx.proc.poll() is None, "the receiver died at failover")
+    check(proc(rx).poll() is None, "the receiver died at failover")
     os.unlink(Path(mnt) / "filler")  # so the resumed guest's output reaches its file
     res = check_failover(own, primary, remusd, name, s, d["acked"], d["acked_digest"])
     return (
@@ -650,7 +662,12 @@ class Campaign:
         self.rx: Receiver | None = None
 
     def _shared(self) -> None:
-        if self.rx is not None and self.rx.proc.poll() is None and self.backup.running():
+        if (
+            self.rx is not None
+            and self.backup is not None  # set with rx, before it
+            and proc(self.rx).poll() is None
+            and self.backup.running()
+        ):
             return
         self.close()
         self.backup = SimHost(sim_dir("faults-backup-")).start()
@@ -660,6 +677,7 @@ class Campaign:
 
     def run(self, scenario: str, run: int) -> Result:
         self._shared()
+        assert self.backup is not None and self.rx is not None  # _shared() set both
         wd = self.root / f"run-{run:04d}-{scenario}"
         wd.mkdir()
         ctx = Ctx(wd, random.Random(self.rng.randrange(1 << 32)), self.backup, self.rx)

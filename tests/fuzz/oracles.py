@@ -36,8 +36,12 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypedDict
 
 from xenbind.errors import ProtocolError, RemusError, StreamError
+
+if TYPE_CHECKING:
+    from receiver.staging import Staging
 
 #: At most this many cut points when an input is fed in pieces.
 MAX_CUTS = 6
@@ -288,7 +292,7 @@ class StreamModel:
         self.awaiting: list[int] = []  # Format A: the data PFNs of the last batch
         self.fifo: list[int] = []  # Format B: data PFNs listed, not yet received
         self.fifo_head = 0
-        self.staging = None
+        self.staging: Staging | None = None
 
     def _stage(self, pfns, data) -> None:
         try:
@@ -296,6 +300,7 @@ class StreamModel:
         except ImportError:  # the receiver's staging has not landed
             return
         if self.staging is None:
+            assert self.p2m_size is not None  # event(): pages come only after the header
             self.staging = Staging(self.p2m_size, FUZZ_STAGING_BYTES)
         try:
             self.staging.add(pfns, data)
@@ -588,7 +593,7 @@ class ReferenceDecoder:
         self.cache: OrderedDict[int, bytearray] = OrderedDict()  # last = most recent
         self.zero: set[int] = set(zero or ())
 
-    def _full(self, pfn: int, page: bytes) -> bytes:
+    def _full(self, pfn: int, page: bytes | bytearray) -> bytes:
         self.zero.discard(pfn)
         if pfn in self.cache:
             self.cache.move_to_end(pfn)
@@ -744,7 +749,23 @@ def check_codec(data: bytes) -> None:
 
 #: HELLOs for more pages than this are refused (the daemon's max-pages)
 CORE_MAX_PAGES = 4096
-CORE_LIMITS = dict(
+
+
+class CoreLimits(TypedDict):
+    """receiver.core.Limits as keyword arguments (its ``software`` left default)."""
+
+    max_pages: int
+    max_staged_bytes: int
+    max_compressed: int
+    max_context: int
+    max_device_model: int
+    max_cache_pages: int
+    heartbeat_ms: int
+    handshake_timeout: float
+    stall_timeout: float
+
+
+CORE_LIMITS = CoreLimits(
     max_pages=CORE_MAX_PAGES,
     max_staged_bytes=64 * 4096,
     max_compressed=1 << 20,

@@ -57,7 +57,7 @@ def _touch(pages: np.ndarray, words: list[int], value: int = 0xA5) -> np.ndarray
 
 
 def stream_seeds() -> dict[str, bytes]:
-    from xenbind.stream.encoder import StreamWriter, memory_digest
+    from xenbind.stream.encoder import Buffer, StreamWriter, memory_digest
     from xenbind.stream.format import TYPE_HAS_DATA
 
     out: dict[str, bytes] = {}
@@ -65,7 +65,7 @@ def stream_seeds() -> dict[str, bytes]:
 
     # --- Format A ---------------------------------------------------------
     w = StreamWriter(16, codec="none")
-    b = [w.header()]
+    b: list[Buffer] = [w.header()]  # the writer's chunks: bytes, or views of the pages
     b += w.checkpoint(np.array([1, 5], u64), _pages([1, 5]), CTX)
     b.append(w.tsc_info(1, 123456789, 2_400_000, 7))
     b.append(w.heartbeat())
@@ -99,7 +99,7 @@ def stream_seeds() -> dict[str, bytes]:
         p2m: int = 32,
     ) -> bytes:
         w = StreamWriter(p2m, codec=codec, cache_pages=cache, buffer_pages=buffer_pages)
-        b = [w.header()]
+        b: list[Buffer] = [w.header()]
         b += w.checkpoint(np.array([0], u64), _pages([0]), CTX)  # initial copy
         base: dict[int, np.ndarray] = {}
         for k, (pfns, mode) in enumerate(rounds):
@@ -229,14 +229,14 @@ def codec_seeds() -> dict[str, bytes]:
         c.compress(np.arange(2, dtype=np.uint64), prime.reshape(-1, 4096))
         known = np.array(KNOWN_ZERO, dtype=np.uint64)
         c.note_sent_raw(known, np.zeros((len(known), 4096), np.uint8))
-        rows = np.zeros((3, 4096), np.uint8)
-        rows[0, 40:48] = 7  # two words against zeros
-        rows[2, 1000:1300] = 3  # a run against zeros
-        blob1 = c.compress(np.array([9, 12, 15], np.uint64), rows)
+        zrows = np.zeros((3, 4096), np.uint8)
+        zrows[0, 40:48] = 7  # two words against zeros
+        zrows[2, 1000:1300] = 3  # a run against zeros
+        blob1 = c.compress(np.array([9, 12, 15], np.uint64), zrows)
         assert c.stats.zero_base == 3
         # again: 9 was evicted (a miss no longer known zero: whole), 12, 15 hits
-        rows[:, 8] = 1
-        blob2 = c.compress(np.array([9, 12, 15], np.uint64), rows)
+        zrows[:, 8] = 1
+        blob2 = c.compress(np.array([9, 12, 15], np.uint64), zrows)
         out[f"{codec}-zero-base"] = codec_input(codec, 2, [9, 12, 15], blob1, blob2)
     return out
 

@@ -94,8 +94,9 @@ def valid_streams(draw) -> Built:
                 how = draw(st.sampled_from(["same", "word", "words", "run", "all"]))
                 rows.append(_change(mem[p], how, rng))
         pages = np.stack(rows) if rows else np.zeros((0, 4096), np.uint8)
+        magic = [int(x) for x in rng.integers(0, 2**40, 3)]
         ctx = Context(
-            tuple(int(x) for x in rng.integers(0, 2**40, 3)),
+            (magic[0], magic[1], magic[2]),
             bytes(draw(st.binary(max_size=40))),
             bytes(draw(st.binary(max_size=40))),
         )
@@ -303,7 +304,7 @@ def test_core_oracle_on_mutated_sessions(seed_item, data) -> None:
     oracles.check_core(bytes(raw))
 
 
-def test_core_oracle_catches_a_torn_commit() -> None:
+def test_core_oracle_catches_a_torn_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The core oracle is not vacuous: a commit the decoder never completed is a finding."""
     raw = next(iter(seeds.core_seeds().values()))
     oracles.check_core(raw)
@@ -314,12 +315,9 @@ def test_core_oracle_catches_a_torn_commit() -> None:
         self.commits.append((req.index + 1, []))  # a checkpoint that never arrived
         return done
 
-    oracles.RecordingBackup.commit = commit_twice
-    try:
-        with pytest.raises(AssertionError, match="whole checkpoint"):
-            oracles.check_core(raw)
-    finally:
-        oracles.RecordingBackup.commit = real
+    monkeypatch.setattr(oracles.RecordingBackup, "commit", commit_twice)
+    with pytest.raises(AssertionError, match="whole checkpoint"):
+        oracles.check_core(raw)
 
 
 @pytest.mark.parametrize("target", sorted(seeds.SEEDS))

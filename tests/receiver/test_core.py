@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from receiver.core import (
+    Action,
     Admit,
     BackupClosed,
     CommitRequest,
@@ -121,6 +122,13 @@ def _initial(w: StreamWriter) -> bytes:
     return w.header() + _join(w.pages(pfns, _page(1, PAGES))) + _join(w.end_checkpoint(CTX))
 
 
+def _end(acts: list[Action]) -> End:
+    """The End that closes ``acts`` (a session's last action)."""
+    end = acts[-1]
+    assert isinstance(end, End), f"the last action is {end!r}, not an End"
+    return end
+
+
 def test_handshake_admission_accept() -> None:
     core, _, acts = _accepted()
     [ev] = _frames(acts)
@@ -139,7 +147,7 @@ def test_refusal_ends_the_session() -> None:
 def test_garbage_hello_is_refused() -> None:
     core = ReceiverCore(LIMITS, now=0.0)
     acts = core.receive_data(b"GET / HTTP/1.1\r\n\r\n")
-    assert acts[-1].kind == "bad-hello" and "not a Remus session" in acts[-1].message
+    assert _end(acts).kind == "bad-hello" and "not a Remus session" in _end(acts).message
 
 
 def test_initial_copy_then_a_checkpoint_committed() -> None:
@@ -154,7 +162,7 @@ def test_initial_copy_then_a_checkpoint_committed() -> None:
     acts = core.receive_data(stream)
     assert backup.committed == [0, 1] and (backup.memory[[3, 5]] == 7).all()
     assert [type(e) for e in _frames(acts)] == [Ack, Goodbye]
-    assert acts[-1].kind == "clean" and core.decoder is None and core.staging is None
+    assert _end(acts).kind == "clean" and core.decoder is None and core.staging is None
 
 
 def test_torn_checkpoint_dropped_at_eof() -> None:
@@ -163,8 +171,8 @@ def test_torn_checkpoint_dropped_at_eof() -> None:
     core.receive_data(_initial(w))
     core.receive_data(_join(w.pages(np.array([9], np.uint64), _page(9))))  # no tail
     acts = core.receive_eof()
-    assert acts[-1].kind == "link-lost" and "1 staged pages of the torn checkpoint dropped" in (
-        acts[-1].message
+    assert _end(acts).kind == "link-lost" and "1 staged pages of the torn checkpoint dropped" in (
+        _end(acts).message
     )
     assert backup.committed == [0] and (backup.memory[9] == 1).all()
     assert core.staging is None and core.decoder is None
@@ -178,7 +186,7 @@ def test_garbage_after_a_whole_checkpoint_still_commits_it() -> None:
     acts = core.receive_data(good + b"\x77\x77\x77\x77" * 4)
     assert backup.committed == [0, 1] and (backup.memory[4] == 4).all()
     assert [type(e) for e in _frames(acts)] == [Ack, Error]
-    assert acts[-1].kind == "violation"
+    assert _end(acts).kind == "violation"
 
 
 def test_heartbeat_due_on_tick() -> None:
@@ -198,7 +206,7 @@ def test_stall_timeout_in_the_initial_copy() -> None:
     core.receive_data(w.header())  # progress at t=10
     assert not any(isinstance(a, End) for a in core.tick(39.0))
     acts = core.tick(40.5)
-    assert acts[-1].kind == "stalled" and backup.committed == []
+    assert _end(acts).kind == "stalled" and backup.committed == []
     assert isinstance(_frames(acts)[-1], Error)
 
 
@@ -214,14 +222,16 @@ def test_staging_limit_is_a_violation_and_commits_nothing() -> None:
     core.receive_data(_initial(w))
     big = np.arange(20, dtype=np.uint64)
     acts = core.receive_data(_join(w.pages(big, _page(5, 20))) + _join(w.end_checkpoint(CTX)))
-    assert acts[-1].kind == "violation" and "staging cap" in acts[-1].message
+    assert _end(acts).kind == "violation" and "staging cap" in _end(acts).message
     assert backup.committed == [0] and (backup.memory[:20] == 1).all()
 
 
 def test_header_for_another_size_is_a_violation() -> None:
     core, backup, _ = _accepted()
     acts = core.receive_data(StreamWriter(PAGES // 2, codec="none").header())
-    assert acts[-1].kind == "violation" and "says 32 pages, the HELLO said 64" in acts[-1].message
+    assert (
+        _end(acts).kind == "violation" and "says 32 pages, the HELLO said 64" in _end(acts).message
+    )
 
 
 def test_a_closed_backup_ends_the_session_closed() -> None:
@@ -239,7 +249,7 @@ def test_the_daemon_closing_sends_error_once_accepted() -> None:
     assert acts == [End("admission", "closed by the receiver during admission (before ACCEPT)")]
     core, _, _ = _accepted()
     acts = core.close(6, "superseded")
-    assert isinstance(_frames(acts)[-1], Error) and acts[-1].kind == "closed"
+    assert isinstance(_frames(acts)[-1], Error) and _end(acts).kind == "closed"
 
 
 def test_zero_copy_path_gives_the_same_commits() -> None:

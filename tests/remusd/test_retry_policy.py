@@ -38,6 +38,15 @@ EXPECTED = {
     (S.FENCED, E.CRASHED): (S.STOPPED, ()),
 }
 
+#: the rows of TABLE, and every other (state, event) pair, sorted by their values
+#: (computed here, not inside parametrize(), whose `object` context would hide
+#: the pairs' type from the key function)
+ROWS = sorted(TABLE, key=lambda k: (k[0].value, k[1].value))
+NOT_IN_TABLE = sorted(
+    ((s, e) for s in State for e in Event if (s, e) not in TABLE),
+    key=lambda k: (k[0].value, k[1].value),
+)
+
 
 def _at(state: State, *, capable: bool = False) -> RetryPolicy:
     p = RetryPolicy(0.5, 30.0)
@@ -51,7 +60,7 @@ def test_table_is_as_specified():
     assert TABLE == EXPECTED
 
 
-@pytest.mark.parametrize("row", sorted(TABLE, key=lambda k: (k[0].value, k[1].value)))
+@pytest.mark.parametrize("row", ROWS)
 def test_every_row(row):
     state, event = row
     new, actions = TABLE[row]
@@ -71,13 +80,7 @@ def test_every_row(row):
         assert p.failover_timeout_ms is None  # only protected keeps it
 
 
-@pytest.mark.parametrize(
-    "pair",
-    sorted(
-        ((s, e) for s in State for e in Event if (s, e) not in TABLE),
-        key=lambda k: (k[0].value, k[1].value),
-    ),
-)
+@pytest.mark.parametrize("pair", NOT_IN_TABLE)
 def test_every_other_move_is_refused(pair):
     state, event = pair
     p = _at(state)
