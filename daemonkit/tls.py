@@ -378,7 +378,9 @@ class ContextSource:
 # --------------------------------------------------------------------------- handshakes
 
 
-def _classify(e: BaseException) -> TlsRefused:
+def refusal_of(e: BaseException) -> TlsRefused:
+    """What a failed TLS handshake means, as the TlsRefused to log and raise
+    (the receiver's non-blocking handshake stage uses it too)."""
     if isinstance(e, ssl.SSLCertVerificationError):
         reason = VERIFY_REASONS.get(e.verify_code, "certificate not accepted")
         return TlsRefused(reason, str(e.verify_message or e))
@@ -463,12 +465,12 @@ class TlsServer:
         try:
             ssock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except (ssl.SSLError, OSError) as e:
-            raise _classify(e) from None
+            raise refusal_of(e) from None
         transport.sock = ssock  # the caller's close() now closes the TLS socket
         try:
             _handshake(ssock, deadline)
         except (ssl.SSLError, OSError) as e:
-            raise _classify(e) from None
+            raise refusal_of(e) from None
         names = peer_names(ssock.getpeercert())
         if not names:
             raise TlsRefused("name not allowed", "the certificate carries no name")
@@ -503,7 +505,7 @@ class TlsClient:
             try:
                 _handshake(ssock, deadline)
             except (ssl.SSLError, OSError) as e:
-                r = _classify(e)
+                r = refusal_of(e)
                 raise TlsRefused(f"TLS with {host}:{port}: {r.reason}", r.detail) from None
             names = peer_names(ssock.getpeercert())
             allowed = self.settings.allow_peers

@@ -80,7 +80,9 @@ class ProtectionBackup:
             prot.life()
             if req.digest is not None:
                 verified, mismatch = self._verify(req.index, req.digest)
-        commit_ms = (time.monotonic() - t0) * 1000
+        took = time.monotonic() - t0
+        prot.commit_seconds.observe(took)
+        commit_ms = took * 1000
         if first:
             log.info(
                 "%s: initial copy committed (%d pages, %.1f MB received); the backup is "

@@ -11,7 +11,10 @@ Start-up, in order (each step fails fast with one clear line and exit status):
       unauthenticated link                                     exit 2
     the hypervisor: --sim-dir DIR, or Xen (off a dom0: the
       message names what is missing)                           exit 1
-    listen (bound), the control socket (bound), the failover
+    file descriptors: the soft RLIMIT_NOFILE raised to the hard
+      limit (pending connections each hold one; logged)
+    listen (bound), the control socket (bound), metrics
+      (--metrics: GET /metrics, receiver.metrics), the failover
       timer, the accept loop; then the log line "listening on
       HOST:PORT" (the real port when 0 was asked); then the
       control socket starts answering; READY=1 to systemd,
@@ -27,12 +30,14 @@ exits 0. Backups are left as they are on exit.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
 import threading
 
 from daemonkit.control import ControlServer
 from daemonkit.logs import setup_logging
+from daemonkit.metrics import Exporter
 from daemonkit.systemd import Watchdog, sd_notify
 from daemonkit.tls import TlsServer, require_link_security
 from xenbind.errors import ConfigError, RemusError
@@ -41,6 +46,7 @@ from xenbind.session import HELLO_MAGIC
 
 from .config import load_config
 from .daemon import ReceiverDaemon
+from .metrics import ReceiverCollector
 from .server import Listener
 
 log = logging.getLogger("receiver")
@@ -48,6 +54,22 @@ log = logging.getLogger("receiver")
 #: How long a control request that arrives during start-up waits for the
 #: daemon to be ready before it is answered anyway.
 READY_WAIT_S = 10.0
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every pending connection holds
+    a descriptor (receiver.server), and a flood must hit max-pending, not
+    EMFILE. Logged either way."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        log.info("file descriptors: limit %s", "unlimited" if soft < 0 else soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("file descriptors: cannot raise the limit from %d to %d: %s", soft, hard, e)
+        return
+    log.info("file descriptors: soft limit raised from %d to the hard limit %d", soft, hard)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             e,
         )
         return 1
+    raise_fd_limit()
     daemon = ReceiverDaemon(cfg, hv)
     daemon.tls = tls_server
     try:
@@ -117,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         listener.close()
         return 2
+    exporter: Exporter | None = None
+    if cfg.metrics:
+        try:
+            exporter = Exporter(cfg.metrics, ReceiverCollector(daemon).collect)
+        except ConfigError as e:
+            log.error("%s", e)
+            listener.close()
+            control.close()
+            return 2
+        log.info("metrics on http://%s/metrics", exporter.address)
     daemon.start_monitor()
     listener.start()
     where = f"simulated host {cfg.sim_dir}" if cfg.sim_dir else "Xen"
@@ -154,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         daemon.shutdown()
         listener.close()
         control.close()
+        if exporter is not None:
+            exporter.close()
         hv.close()
     log.info("stopped")
     return 0

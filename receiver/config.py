@@ -12,7 +12,8 @@ policies").
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 
 from daemonkit import tls
 from daemonkit.config import add_daemon_arguments, parse_args_with_config
@@ -31,6 +32,13 @@ DEFAULT_CONTROL = "/run/remus/receiver.sock"
 FAILOVER_FACTOR = 3
 FAILOVER_MARGIN_MS = 300
 FAILOVER_MIN_MS = 500
+
+#: plaintext senders: loopback only unless --insecure-allow says otherwise
+DEFAULT_INSECURE_ALLOW = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+#: plaintext senders: the largest guest they may make the receiver allocate
+DEFAULT_INSECURE_MAX_MB = 1024
+#: connections still in the TLS handshake or the HELLO, at once (receiver.server)
+DEFAULT_MAX_PENDING = 256
 
 DESCRIPTION = """\
 remus-receiver: the backup side of Remus high availability.
@@ -111,6 +119,26 @@ class ReceiverConfig:
     #: derived UUID so it can run beside its primary on one host; None: the
     #: primary's name and UUID (the default, and the only production setting)
     backup_rename: str | None = None
+    #: plaintext (--insecure) only: the networks a sender may connect from
+    insecure_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default_factory=lambda: DEFAULT_INSECURE_ALLOW
+    )
+    #: plaintext only: the largest guest a session may protect, bytes
+    insecure_max_bytes: int = DEFAULT_INSECURE_MAX_MB << 20
+    #: unauthenticated connections (TLS handshake or HELLO not complete) at once
+    max_pending: int = DEFAULT_MAX_PENDING
+    #: Prometheus metrics address (daemonkit.metrics), None: off
+    metrics: str | None = None
+
+    def insecure_allowed(self, host: str) -> bool:
+        """Whether a plaintext peer at ``host`` (an IP address) may connect."""
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self.insecure_allow)
 
     def failover_timeout_for(self, interval_ms: int, sender_heartbeat_ms: int) -> int:
         if self.failover_timeout_ms:
@@ -119,22 +147,59 @@ class ReceiverConfig:
         return max(FAILOVER_MIN_MS, FAILOVER_FACTOR * base + FAILOVER_MARGIN_MS)
 
 
-def _positive(kind):
-    def conv(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise ValueError(f"{text} is not positive")
+# --- converters: every error names what is wrong in the operator's words ---------
+# (argparse prints "argument --heartbeat: MESSAGE"; a TOML key gets the same
+# MESSAGE through daemonkit.config)
+
+
+def _number(text: str, unit: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        article = "an" if unit[0] in "aeiou" else "a"
+        whole = "whole " if kind is int else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not {article} {whole}number of {unit}"
+        ) from None
+
+
+def _ranged(unit: str, kind: type[int] | type[float], lo: float, hi: float | None = None):
+    """A converter for a number of ``unit`` from ``lo`` (0: zero allowed, else
+    positive) up to ``hi``."""
+
+    def conv(text: str) -> int | float:
+        value = _number(text, unit, kind)
+        if lo > 0 and value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number of {unit}")
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{text} is negative: give a number of {unit}, or 0")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"{text} {unit} is more than the most allowed, {hi}")
         return value
 
-    conv.__name__ = kind.__name__
+    conv.__name__ = unit.replace(" ", "_")  # argparse's fallback text names the unit, not us
     return conv
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"{text} is negative")
-    return value
+MAX_MS = 3_600_000  # the session protocol's cap on a time in ms (an hour)
+
+_ms = _ranged("milliseconds", int, 1, MAX_MS)
+_ms_or_zero = _ranged("milliseconds", int, 0, MAX_MS)
+_seconds = _ranged("seconds", float, 1e-9, 86400)
+_count = _ranged("sessions", int, 1, 1 << 16)
+_connections = _ranged("connections", int, 1, 1 << 20)
+_pages = _ranged("pages", int, 1, 1 << 28)
+_mib = _ranged("MiB", int, 1, 1 << 30)
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """ADDR or ADDR/PREFIX (``--insecure-allow``)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP address or ADDRESS/PREFIX (e.g. 10.0.0.2 or 10.0.0.0/24)"
+        ) from None
 
 
 def _cache_pages(text: str) -> int:
@@ -173,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--failover-timeout",
         metavar="MS",
-        type=_non_negative_int,
+        type=_ms_or_zero,
         default=0,
         help="fail over this long after the last checkpoint or heartbeat (default 0: "
         f"per session, {FAILOVER_FACTOR} x max(interval, heartbeat) + "
@@ -183,21 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heartbeat",
         metavar="MS",
-        type=_positive(int),
+        type=_ms,
         default=100,
         help="send a heartbeat to the sender at least this often (default 100)",
     )
     p.add_argument(
         "--handshake-timeout",
         metavar="S",
-        type=_positive(float),
+        type=_seconds,
         default=10.0,
         help="drop a connection that sends no complete HELLO within S seconds (default 10)",
     )
     p.add_argument(
         "--stall-timeout",
         metavar="S",
-        type=_positive(float),
+        type=_seconds,
         default=30.0,
         help="drop a session whose initial copy makes no progress for S seconds "
         "(default 30; after the first commit the failover timeout rules)",
@@ -205,42 +270,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-sessions",
         metavar="N",
-        type=_positive(int),
+        type=_count,
         default=64,
         help="sessions open at once (default 64)",
     )
     p.add_argument(
         "--max-pages",
         metavar="N",
-        type=_positive(int),
+        type=_pages,
         default=1 << 24,
         help="largest domain accepted, in 4 KiB pages (default 16777216 = 64 GiB)",
     )
     p.add_argument(
         "--max-staged-mb",
         metavar="MB",
-        type=_positive(int),
+        type=_mib,
         default=1024,
         help="largest checkpoint staged per session, MiB (default 1024)",
     )
     p.add_argument(
         "--max-compressed-mb",
         metavar="MB",
-        type=_positive(int),
+        type=_mib,
         default=64,
         help="largest COMPRESSED_DATA chunk accepted, MiB (default 64)",
     )
     p.add_argument(
         "--max-context-mb",
         metavar="MB",
-        type=_positive(int),
+        type=_mib,
         default=16,
         help="largest HVM context record in a checkpoint's tail, MiB (default 16)",
     )
     p.add_argument(
         "--max-device-model-mb",
         metavar="MB",
-        type=_positive(int),
+        type=_mib,
         default=64,
         help="largest device-model record in a checkpoint's tail, MiB (default 64)",
     )
@@ -253,6 +318,36 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default and at most {MAX_CACHE_PAGES} = 1 GiB); a HELLO asking for "
         "more, or for a sender buffer whose COMPRESSED_DATA chunks could exceed "
         "--max-compressed-mb, is refused `limit` at the handshake",
+    )
+    p.add_argument(
+        "--max-pending",
+        metavar="N",
+        type=_connections,
+        default=DEFAULT_MAX_PENDING,
+        help="connections still in the TLS handshake or sending their HELLO, at once "
+        f"(default {DEFAULT_MAX_PENDING}); past it the oldest such connection from the "
+        "address holding the most is dropped, so a flood cannot keep a real sender out. "
+        "They cost no thread: one thread serves them all, and each is dropped when "
+        "silent for 2 s (or --handshake-timeout, if shorter)",
+    )
+    p.add_argument(
+        "--insecure-allow",
+        metavar="ADDR[/PREFIX]",
+        type=_network,
+        action="append",
+        default=None,
+        help="with --insecure: accept plaintext senders from this address or network "
+        "(repeatable; default 127.0.0.0/8 and ::1, loopback only); anyone else is "
+        "closed at once with a refusal naming the option",
+    )
+    p.add_argument(
+        "--insecure-max-mb",
+        metavar="MB",
+        type=_mib,
+        default=DEFAULT_INSECURE_MAX_MB,
+        help="with --insecure: the largest guest a plaintext session may protect, MiB "
+        f"(default {DEFAULT_INSECURE_MAX_MB}); a larger one is refused `limit` before "
+        "its backup is created (an unauthenticated HELLO must not allocate gigabytes)",
     )
     p.add_argument(
         "--on-link-loss",
@@ -299,6 +394,11 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
     if not args.listen:
         raise ConfigError("--listen HOST:PORT is required (flag or `listen` in the config file)")
     host, port = parse_hostport(args.listen, what="--listen")
+    if args.insecure_allow and not args.insecure:
+        raise ConfigError(
+            "insecure-allow only applies to plaintext sessions (--insecure); with TLS "
+            "the senders are chosen by --allow-peer"
+        )
     return ReceiverConfig(
         host=host,
         port=port,
@@ -324,4 +424,8 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         tls=tls.settings_from_args(args, role="receiver"),
         control_group=args.control_group,
         backup_rename=check_suffix(args.backup_rename) if args.backup_rename else None,
+        insecure_allow=tuple(args.insecure_allow or DEFAULT_INSECURE_ALLOW),
+        insecure_max_bytes=args.insecure_max_mb << 20,
+        max_pending=args.max_pending,
+        metrics=args.metrics,
     )

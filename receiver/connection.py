@@ -1,8 +1,9 @@
 """One replication session on the receiver: the socket driver of one ReceiverCore.
 
-    tls         unless --insecure: the TLS handshake and the peer's name check
-                (daemonkit.tls) within handshake-timeout; a refused peer is
-                closed before one byte of its session is read
+    (before)    receiver.server's one selector thread did the TLS handshake,
+                the peer check and read the HELLO into this core: a
+                Connection (and its thread) exists only for a peer that sent
+                a whole, valid HELLO; it starts with the core's Admit
     loop        tick the core, receive (straight into the decoder's buffer
                 when the core offers one), feed the core, carry out its
                 actions (receiver.core): Send, Admit (daemon.admit, then
@@ -33,8 +34,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from daemonkit.tls import TlsRefused
-from daemonkit.transport import PlainTransport, Transport
+from daemonkit.transport import TlsTransport, Transport
 from xenbind.errors import DomainError
 from xenbind.session import Hello
 from xenbind.stream import Decoder
@@ -84,12 +84,22 @@ def limits_of(cfg) -> Limits:  # type: ignore[no-untyped-def]
 
 
 class Connection:
-    def __init__(self, daemon: ReceiverDaemon, transport: Transport) -> None:
+    def __init__(
+        self,
+        daemon: ReceiverDaemon,
+        transport: Transport,
+        core: ReceiverCore | None = None,
+        first: list[Action] | None = None,
+        peer: str | None = None,
+    ) -> None:
+        """``core``: the core the handshake stage fed the HELLO to, ``first``
+        the actions it returned (its Admit); ``peer`` HOST:PORT as accepted."""
         self.daemon = daemon
         self.cfg = daemon.cfg
         self.t = transport
-        self.peer = transport.peer()
-        self.core = ReceiverCore(limits_of(self.cfg), time.monotonic())
+        self.peer = peer or transport.peer()
+        self.core = core or ReceiverCore(limits_of(self.cfg), time.monotonic())
+        self._first: list[Action] = list(first or [])
         self.prot: Protection | None = None  # once admitted
         self.closing = threading.Event()
         self._close_why: tuple[int, str] = (0, "")
@@ -123,6 +133,14 @@ class Connection:
         self._close_why = (code, reason)
         self.closing.set()
 
+    def identity(self) -> tuple[str, str]:
+        """Who sent the HELLO, as admission compares it: the certificate's
+        names over TLS, else the peer's address (without the port)."""
+        if isinstance(self.t, TlsTransport):
+            return ("certificate", ",".join(sorted(n.lower() for n in self.t.peer_names)))
+        host = self.peer.rsplit(":", 1)[0]
+        return ("address", host)
+
     def who(self) -> str:
         if self.prot is not None:
             return (
@@ -140,7 +158,10 @@ class Connection:
 
     def run(self) -> None:
         try:
-            if self._secure():
+            first, self._first = self._first, []
+            if self.closing.is_set():  # the daemon stops: admit nothing
+                first = self.core.close(*self._close_why)
+            if not self._execute(first):
                 self._loop()
         except Exception:  # a bug must end one session, never the daemon
             log.exception("%s: internal error; session ended", self.who())
@@ -175,39 +196,6 @@ class Connection:
                 drained += n
         except OSError:
             return
-
-    def _secure(self) -> bool:
-        """With TLS configured: the TLS handshake and the peer's name check,
-        here in the session thread, within handshake-timeout. A refused peer
-        is closed before a byte of its session is read."""
-        tls = self.daemon.tls
-        if tls is None:
-            return True
-        assert isinstance(self.t, PlainTransport), "TLS runs over the accepted TCP connection"
-        try:
-            secured = tls.accept(self.t, self.cfg.handshake_timeout)
-        except TlsRefused as e:
-            self.daemon.tls_refused += 1
-            log.warning(
-                "connection from %s refused before the session handshake: %s%s",
-                self.peer,
-                e.reason,
-                f" ({e.detail})" if e.detail else "",
-            )
-            if e.plaintext_hello:
-                # tell a plaintext remusd why, in its own protocol (none of its bytes is read)
-                self.t.settimeout(1.0)
-                self._execute(
-                    self.core.refuse(
-                        "bad-hello",
-                        "this receiver requires TLS: configure "
-                        "remusd with tls-cert, tls-key and tls-ca",
-                    )
-                )
-            return False
-        self.t = secured
-        log.debug("connection from %s: TLS established (%s)", self.peer, secured.describe())
-        return True
 
     # ------------------------------------------------------------- the loop
 

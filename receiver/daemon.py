@@ -1,8 +1,18 @@
 """The receiver daemon's core: admission, the end-of-session policies, failover.
 
+Before a HELLO is read (receiver.server): plaintext senders from outside
+--insecure-allow are closed at once with a REFUSE; TLS peers are checked by
+their certificate; unauthenticated connections are bounded apart (--max-pending).
+
 Admission of a HELLO (``admit``), in this order:
-    too many open sessions                      -> REFUSE busy
+    the receiver is stopping                    -> REFUSE busy
     domain larger than max-pages                -> REFUSE limit
+    plaintext, and the domain larger than
+      insecure-max-mb                           -> REFUSE limit
+    the failover timeout for the session below
+      2 x interval_ms + the sender's ack_ms     -> REFUSE limit (it would fail over
+                                                   a healthy primary)
+    too many open sessions                      -> REFUSE busy
     (codec seed/xen) a cache larger than
       max-cache-pages, or a sender buffer whose
       COMPRESSED_DATA chunks could exceed
@@ -12,6 +22,10 @@ Admission of a HELLO (``admit``), in this order:
       still exists                              -> REFUSE fenced (never overwrite it)
     a session for the domain is open or waiting
       with a larger generation                  -> REFUSE busy (an older protection)
+      still open (a live session) and the new
+      HELLO from another address (plaintext) or
+      a certificate with other names (TLS)      -> REFUSE busy (a forged HELLO must
+                                                   not take a session over)
       with an equal or smaller generation       -> the old one is superseded (the same
                                                    protection reconnecting, or a newer
                                                    one): its
@@ -89,10 +103,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from daemonkit.tls import TlsServer
+from daemonkit.tls import TlsServer, cert_not_after
 from daemonkit.transport import TlsTransport
+from xenbind import PAGE_SIZE
 from xenbind.compress.formats import MAX_ENCODED_PAGE
 from xenbind.errors import DomainError, RemusError
 from xenbind.hypervisor import Domain, Hypervisor
@@ -122,6 +138,20 @@ CLOSE_CODES = {
 }
 
 
+def check_timeout(timeout_ms: int, interval_ms: int, ack_ms: int) -> None:
+    """REFUSE limit a session whose failover timeout cannot hold two checkpoint
+    intervals plus the sender's ack time: it would fail over a healthy primary
+    (issue 12: 50 ms against a 200 ms interval failed over 150 ms after ACCEPT)."""
+    need = 2 * interval_ms + ack_ms
+    if timeout_ms < need:
+        raise Refusal(
+            "limit",
+            f"failover timeout {timeout_ms} ms cannot hold two checkpoint intervals of "
+            f"{interval_ms} ms plus the sender's ack time of {ack_ms} ms (needs at least "
+            f"{need} ms): raise the receiver's failover-timeout or shorten the interval",
+        )
+
+
 class ReceiverDaemon:
     def __init__(self, cfg: ReceiverConfig, hypervisor: Hypervisor) -> None:
         self.cfg = cfg
@@ -136,6 +166,15 @@ class ReceiverDaemon:
         #: None for plaintext (--insecure)
         self.tls: TlsServer | None = None
         self.tls_refused = 0  # connections refused by the TLS handshake or the name check
+        #: failovers per (domain name, UUID) since the start (the metrics' counter)
+        self.failovers: dict[tuple[str, str], int] = {}
+        #: unauthenticated connections the listener holds now (receiver.server sets it)
+        self.pending_connections: Callable[[], int] = lambda: 0
+        #: pending connections dropped (evicted by a newer one, or silent too long)
+        self.pending_dropped = 0
+        #: plaintext connections refused for an address outside --insecure-allow
+        self.insecure_refused = 0
+        self._own_cert: tuple[int, float | None] = (-1, None)  # (tls loads, notAfter)
         self.stopping = threading.Event()
         self._monitor: threading.Thread | None = None
 
@@ -174,14 +213,25 @@ class ReceiverDaemon:
                 f"domain {d.name} has {d.pages} pages, more than this "
                 f"receiver's max-pages {cfg.max_pages}",
             )
+        if self.tls is None and d.pages * PAGE_SIZE > cfg.insecure_max_bytes:
+            raise Refusal(
+                "limit",
+                f"domain {d.name} has {d.pages * PAGE_SIZE >> 20} MiB of memory, more than "
+                f"this receiver lets a plaintext session protect (insecure-max-mb "
+                f"{cfg.insecure_max_bytes >> 20}): use TLS, or raise insecure-max-mb",
+            )
+        timeout_ms = cfg.failover_timeout_for(hello.options.interval_ms, hello.options.heartbeat_ms)
+        check_timeout(timeout_ms, hello.options.interval_ms, hello.options.ack_ms)
         self._check_options(hello)
         with self.lock:
             if self.open_sessions() >= cfg.max_sessions:
                 raise Refusal("busy", f"{cfg.max_sessions} sessions already open (max-sessions)")
-        timeout = (
-            cfg.failover_timeout_for(hello.options.interval_ms, hello.options.heartbeat_ms) / 1000
-        )
+        timeout = timeout_ms / 1000
         prot = Protection(hello=hello, peer=conn.peer, failover_timeout=timeout)
+        prot.identity = conn.identity()
+        if isinstance(conn.t, TlsTransport):
+            prot.peer_cert_names = list(conn.t.peer_names)
+            prot.peer_cert_not_after = conn.t.peer_not_after
         prot.connection = conn
         # reserve the UUID (superseding an older protection first), so two
         # HELLOs cannot race past each other
@@ -195,7 +245,7 @@ class ReceiverDaemon:
                         )
                     self.protections[d.uuid] = prot
                     break
-            self._resolve_old(old, hello)  # this domain's lock only; then look again
+            self._resolve_old(old, hello, prot.identity)  # this domain's lock only; look again
         try:
             # the backup's own identity: the primary's, unless backup-rename
             # (test/lab) derives another one; the fence checks that identity
@@ -302,7 +352,7 @@ class ReceiverDaemon:
                 f"(buffer-pages {cfg.max_compressed // per_page} at most)",
             )
 
-    def _resolve_old(self, old: Protection, hello: Hello) -> None:
+    def _resolve_old(self, old: Protection, hello: Hello, identity: tuple[str, str]) -> None:
         """A HELLO for a domain we already hold: refuse it, or move the old
         Protection out of the way (policy ``replaced`` / ``superseded``).
         Called with no lock held; takes the old Protection's lock only."""
@@ -333,6 +383,16 @@ class ReceiverDaemon:
                     f"{old.label()} is already protected by session "
                     f"{old.hello.session_id[:8]} of a newer protection (state "
                     f"{old.state}, generation {old.generation} > {hello.generation})",
+                )
+            if old.connection is not None and old.identity != identity:
+                # a live session is replaced only by its own sender (the same
+                # address, or a certificate with the same names): else a forged
+                # HELLO with the victim's UUID and a large generation takes it over
+                raise Refusal(
+                    "busy",
+                    f"{old.label()} is protected by a live session from {old.identity[0]} "
+                    f"{old.identity[1]}; a HELLO from {identity[0]} {identity[1]} may not "
+                    "replace it (it can once that session has ended)",
                 )
             # a newer protection of the same domain: it replaces the old one
             prev = old.state
@@ -465,16 +525,29 @@ class ReceiverDaemon:
                 return
             prot.last_error = None if kind == "clean" else message
             first = prot.state == policy.INITIAL_COPY
-            event = policy.end_event(prot.state, kind, self.cfg, self.stopping.is_set())
+            stopping = self.stopping.is_set()
+            event = policy.end_event(prot.state, kind, self.cfg, stopping)
             # destroyed first, then said so: a reader of the log (a test, an
             # operator) must find the backup gone once the line is there
             self._carry_out(prot, policy.advance(prot, event), "session ended")
-            self._log_end(prot, event, message, first)
+            self._log_end(prot, event, message, first, stopping)
 
-    def _log_end(self, prot: Protection, event: str, message: str, first: bool) -> None:
+    def _log_end(
+        self, prot: Protection, event: str, message: str, first: bool, stopping: bool = False
+    ) -> None:
         sid = prot.hello.session_id[:8]
         last = prot.last_committed
-        if first and event == "admission-failed":
+        if first and stopping:
+            # a clean stop of the receiver: what it did, not an error
+            log.warning(
+                "%s: session %s closed as the receiver stops, before its initial copy "
+                "completed (%s); backup domain %s destroyed (nothing was committed)",
+                prot.label(),
+                sid,
+                message,
+                prot.backup_domid,
+            )
+        elif first and event == "admission-failed":
             log.warning(
                 "%s: session %s: %s; backup domain %s destroyed (nothing was committed)",
                 prot.label(),
@@ -528,11 +601,12 @@ class ReceiverDaemon:
         elif event == "stopping":
             log.warning(
                 "%s: session %s closed as the receiver stops; backup domain %s stays "
-                "paused at checkpoint %s",
+                "paused at checkpoint %s (%s)",
                 prot.label(),
                 sid,
                 prot.backup_domid,
                 last,
+                message,
             )
         else:
             remaining = max(0.0, prot.failover_timeout - (time.monotonic() - prot.last_life))
@@ -577,6 +651,9 @@ class ReceiverDaemon:
             prot.failed_over_wall = time.time()
             prot.detection_ms = silence * 1000
             actions = policy.advance(prot, "resumed")
+            with self.lock:
+                key = (prot.name, prot.uuid)
+                self.failovers[key] = self.failovers.get(key, 0) + 1
             log.warning(
                 "%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
                 "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
@@ -675,6 +752,7 @@ class ReceiverDaemon:
         with self.lock:
             prots = sorted(self.protections.values(), key=lambda p: p.name)
             handshaking = len(self.connections) - sum(1 for p in prots if p.connection)
+        handshaking += self.pending_connections()
         return {
             "role": "receiver",
             "listen": self.listen_address,
@@ -689,6 +767,9 @@ class ReceiverDaemon:
                 "refused": self.tls_refused,
                 "loads": self.tls.source.loads,
             },
+            "certificate_not_after": self.certificate_not_after(),
+            "pending_dropped": self.pending_dropped,
+            "insecure_refused": self.insecure_refused,
             "policies": {
                 "on_link_loss": self.cfg.on_link_loss,
                 "on_violation": self.cfg.on_violation,
@@ -697,6 +778,22 @@ class ReceiverDaemon:
             "connections_in_handshake": max(0, handshaking),
             "sessions": [p.status() for p in prots],
         }
+
+    def certificate_not_after(self) -> float | None:
+        """When this receiver's own TLS certificate expires (epoch seconds), or
+        None (plaintext, or unreadable); read again only after a reload."""
+        tls = self.tls
+        if tls is None:
+            return None
+        loads, value = self._own_cert
+        if loads != tls.source.loads:
+            try:
+                value = cert_not_after(tls.settings.cert)
+            except RemusError as e:
+                log.warning("cannot read the expiry of this receiver's certificate: %s", e)
+                value = None
+            self._own_cert = (tls.source.loads, value)
+        return value
 
     def control(self, req: dict):
         cmd = req["cmd"]

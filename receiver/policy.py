@@ -206,10 +206,13 @@ def end_event(state: str, kind: str, cfg: Policies, stopping: bool) -> str:
         return "clean[keep]" if cfg.on_unprotect == "keep" else "clean[destroy]"
     if kind == "corrupt":
         return "corrupt"
+    if stopping:
+        # the receiver stops: whatever ended the session then (our ERROR
+        # shutdown, the peer's reaction to it, the teardown) is the stop's
+        # doing, not a broken stream; the backup keeps its last commit
+        return "stopping"
     if kind == "violation":
         return f"violation[{cfg.on_violation}]"
-    if stopping:
-        return "stopping"
     return f"link-lost[{cfg.on_link_loss}]"
 
 

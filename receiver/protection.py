@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xxhash
 
+from daemonkit.metrics import Histogram
 from xenbind import PAGE_SIZE
 from xenbind.hypervisor import Domain
 from xenbind.session import Hello
@@ -85,6 +86,13 @@ class Protection:
     detection_ms: float | None = None
     failover_digest: str | None = None  # verify mode: the backup's memory as it resumed
     last_error: str | None = None
+    #: who sent the HELLO: ("address", HOST) for plaintext, ("certificate",
+    #: "name1,name2") for TLS; only the same identity may supersede a live session
+    identity: tuple[str, str] = ("address", "?")
+    peer_cert_names: list[str] | None = None  # TLS only
+    peer_cert_not_after: float | None = None  # TLS only: the peer certificate's expiry
+    #: seconds each commit took, observed by receiver.backup (the metrics' histogram)
+    commit_seconds: Histogram = field(default_factory=Histogram)
     _slab: np.ndarray | None = None
 
     @property
@@ -166,4 +174,6 @@ class Protection:
             "failover_digest": self.failover_digest,
             "started_at": self.started_wall,
             "error": self.last_error,
+            "peer_cert_names": self.peer_cert_names,
+            "peer_cert_not_after": self.peer_cert_not_after,
         }

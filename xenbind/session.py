@@ -131,6 +131,8 @@ MAX_PAGES = 1 << 28  # PFNs are 28 bits in the legacy stream
 MAX_VCPUS = 4096
 MAX_INTERVAL_MS = 3_600_000
 MAX_CACHE_PAGES = 1 << 24
+#: ``options.ack_ms`` must be below this (one minute)
+MAX_ACK_MS = 60_000
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
@@ -162,6 +164,10 @@ class Options:
     interval_ms: int = 200  # checkpoint interval
     heartbeat_ms: int = 100  # the sender sends a HEARTBEAT tag at least this often when idle
     verify: bool = False  # a memory digest rides in every checkpoint
+    #: the sender's measured median ACK time of its previous session, ms (0:
+    #: unknown); optional on the wire, 0 .. MAX_ACK_MS - 1. The receiver refuses
+    #: a session whose failover timeout cannot hold 2 x interval_ms + ack_ms.
+    ack_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -357,6 +363,8 @@ def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
         interval_ms=_int_in(o, "interval_ms", 1, MAX_INTERVAL_MS, "options", offset),
         heartbeat_ms=_int_in(o, "heartbeat_ms", 1, MAX_INTERVAL_MS, "options", offset),
         verify=_need(o, "verify", bool, "options", offset),
+        # optional: a sender that predates it means "unknown"
+        ack_ms=_int_in(o, "ack_ms", 0, MAX_ACK_MS - 1, "options", offset) if "ack_ms" in o else 0,
     )
     d = _need(obj, "domain", dict, "hello", offset)
     name = _str_max(d, "name", MAX_NAME_LEN, "domain", offset)

@@ -273,11 +273,14 @@ def test_shutdown_while_a_session_thread_is_being_started(hosts, tmp_path, monke
     try:
         daemon.start_monitor()
         listener.start()
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        # only a whole HELLO gets a session thread (receiver.server): send one
+        primary, _ = hosts
+        s = Sender(port, Guest(primary))
+        s.sock.sendall(s.ss.hello())
         wait_for(lambda: starting, 10, "the session thread being started")
         # the connection it belongs to was told to close: it ends without a reply
-        assert _read_until_eof(sock) == b""
-        sock.close()
+        assert _read_until_eof(s.sock) == b""
+        s.close()
         starting[0].join(10)
         assert not starting[0].is_alive()
         assert errors == [], errors

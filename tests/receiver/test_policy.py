@@ -51,7 +51,11 @@ class _Cfg:
         ("receiving", "clean", _Cfg(on_unprotect="keep"), False, "clean[keep]"),
         ("receiving", "corrupt", _Cfg(), False, "corrupt"),
         ("receiving", "violation", _Cfg(), False, "violation[wait]"),
-        ("receiving", "violation", _Cfg(on_violation="failover"), True, "violation[failover]"),
+        ("receiving", "violation", _Cfg(on_violation="failover"), False, "violation[failover]"),
+        # a stop of the receiver ends sessions as a stop, whatever the end
+        # looked like (issue 12, defect 7: no "broke the protocol" at SIGTERM)
+        ("receiving", "violation", _Cfg(on_violation="failover"), True, "stopping"),
+        ("receiving", "closed", _Cfg(), True, "stopping"),
         ("receiving", "link-lost", _Cfg(), True, "stopping"),
         ("receiving", "stalled", _Cfg(), False, "link-lost[failover]"),
         ("receiving", "closed", _Cfg(on_link_loss="wait"), False, "link-lost[wait]"),

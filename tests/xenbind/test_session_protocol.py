@@ -240,6 +240,11 @@ def _hello_with(mutate) -> bytes:
         (lambda o: o["domain"].update(extra={"x": "y" * 20000}), "bad-hello", "extra"),
         (lambda o: o.update(generation=-1), "bad-hello", "generation"),
         (lambda o: o.update(domain="guest"), "bad-hello", "domain"),
+        (lambda o: o["options"].update(ack_ms=-1), "bad-hello", "ack_ms"),
+        (lambda o: o["options"].update(ack_ms=60000), "bad-hello", "ack_ms"),
+        (lambda o: o["options"].update(ack_ms=1.5), "bad-hello", "ack_ms"),
+        (lambda o: o["options"].update(ack_ms=True), "bad-hello", "ack_ms"),
+        (lambda o: o["options"].update(ack_ms="3"), "bad-hello", "ack_ms"),
     ],
 )
 def test_bad_hello_fields(mutate, code, match):
@@ -247,6 +252,25 @@ def test_bad_hello_fields(mutate, code, match):
     with pytest.raises(HandshakeError, match=match) as err:
         r.feed(_hello_with(mutate))
     assert err.value.code == code
+
+
+def _received(raw: bytes) -> Hello:
+    [ev] = ReceiverSession().feed(raw)
+    assert isinstance(ev, HelloReceived)
+    return ev.hello
+
+
+def test_ack_ms_round_trips_and_is_optional():
+    """options.ack_ms (issue 12, defect 4): the sender's measured ack time
+    reaches the receiver; an older sender that omits it means 0 (unknown)."""
+    hello = make_hello(options=Options(codec="xen", ack_ms=37))
+    assert _received(encode_hello(hello)).options.ack_ms == 37
+    assert _received(_hello_with(lambda o: o["options"].pop("ack_ms"))).options.ack_ms == 0
+    assert (
+        _received(_hello_with(lambda o: o["options"].update(ack_ms=59999))).options.ack_ms == 59999
+    )
+    with pytest.raises(HandshakeError, match="ack_ms"):
+        SenderSession(make_hello(options=Options(ack_ms=60000)))
 
 
 def test_hello_body_not_json_or_not_object():
