@@ -34,6 +34,15 @@ tcp-reset           a TCP proxy between the daemons cuts the link in the
                     power cut proves the re-protected backup holds everything
 receiver-restart    receiver kill -9 and restart: the guest runs unprotected,
                     is protected again, then a power cut fails over cleanly
+remusd-crash        (at a 200 ms interval: the receiver's default 900 ms failover
+                    timeout) kill -9 of remusd alone (the primary host lives: the guest
+                    runs on, output held, log-dirty on), then remusd started
+                    again, at once as systemd would or up to 1 s later: it must
+                    adopt the orphan and either re-protect it (its HELLO came
+                    before the receiver's failover timeout: no failover) or,
+                    if the backup took over, pause the stale copy with
+                    "fenced-backup-took-over"; never two copies releasing
+                    output; then the ledger holds (power cut / the backup)
 disk-full           the backup host's directory (and the receiver's log) on a
                     small tmpfs: first too small for the backup (clear refusal,
                     remusd retrying, receiver serving), then grown, then filled
@@ -89,7 +98,15 @@ KILL_POINTS = {  # scenario -> (REMUSD_FAULT kind, smallest N, resumed checkpoin
     "kill-after-ack": ("stall-after-ack", 0, 0),
     "kill-after-release": ("stall-after-release", 0, 0),
 }
-SCENARIOS = (*KILL_POINTS, "kill-random", "sigstop", "tcp-reset", "receiver-restart", "disk-full")
+SCENARIOS = (
+    *KILL_POINTS,
+    "kill-random",
+    "sigstop",
+    "tcp-reset",
+    "receiver-restart",
+    "remusd-crash",
+    "disk-full",
+)
 
 
 class Failed(AssertionError):
@@ -533,6 +550,74 @@ def run_receiver_restart(ctx: Ctx, scenario: str, run: int) -> str:
     )
 
 
+#: remusd-crash runs at remusd's default interval: the receiver's default failover
+#: timeout (900 ms) is what a restarted remusd has to reconnect in
+CRASH_INTERVAL_MS = 200
+
+
+def run_remusd_crash(ctx: Ctx, scenario: str, run: int) -> str:
+    name = f"led{run}"
+    rx = ctx.rx
+    primary = start_primary(ctx, name)
+    ctx.cleanups.append(lambda: destroy_backup(ctx, name))
+    remusd = start_remusd(ctx, primary)
+    remusd.ctl("protect", name, "--to", rx.target, "--interval", str(CRASH_INTERVAL_MS), "--verify")
+    remusd.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, name, what="protection"
+    )
+    time.sleep(ctx.rng.uniform(0, 0.3))
+    # half the runs restart at once (systemd's RestartSec=100ms), the others late
+    late = ctx.rng.random() < 0.5
+    delay = ctx.rng.uniform(0.2, 1.0) if late else 0.0
+    remusd.kill()  # remusd alone: the primary host and its guest live on
+    t_kill = time.monotonic()
+    out_at_kill = released_outputs(primary, name)
+    logged = acked_digests(remusd, name)
+    acked = max(logged, default=None)
+    st = primary.lookup(name).status()
+    check(st["logdirty"], "log-dirty went off with the dead remusd")
+    time.sleep(delay)
+    again = start_remusd(ctx, primary)
+    started = time.monotonic() - t_kill
+    d = again.wait(
+        lambda d: (
+            d["state"] in ("protected", "fenced", "stopped")
+            or (d["state"] == "unprotected" and d["reason"].endswith("(not retrying)"))
+        ),
+        name,
+        timeout=30,
+        what="the restarted remusd to settle the orphan",
+    )
+    check(d["adopted"], f"the restarted remusd did not adopt the orphan: {d}")
+    check("ORPHAN found" in again.log(), "no 'ORPHAN found' line in remusd's log")
+    s = rx_session(rx, name)
+    assert s is not None, "the receiver has no session for the domain"
+    failed_over = any("FAILOVER" in ln for ln in rx_lines(rx, name))
+    if d["state"] == "protected":
+        # the HELLO superseded the dead session in time: one copy, protected
+        check(not failed_over, "re-protected, but the backup failed over too: two copies")
+        check(s["state"] == "receiving", f"receiver session {s['state']}")
+        check(d["case"] == "protected", f"case {d['case']}")
+        again.wait(lambda d: d["acked"] is not None and d["acked"] >= 5, name, what="5 more")
+        d = again.domain(name)
+        power_cut(primary, again)
+        s2 = wait_final(rx, name)
+        res = check_failover(ctx, primary, again, name, s2, d["acked"], d["acked_digest"])
+        return f"restarted after {started:.2f} s: re-protected, no failover; then {res}"
+    # too late: the backup took over; this copy must be the fence
+    check(d["state"] == "fenced", f"remusd after the restart: {d['state']}: {d['reason']}")
+    check(d["case"] == "fenced-backup-took-over", f"case {d['case']}: {d['reason']}")
+    check(failed_over and s["state"] == "failed-over", f"receiver session {s['state']}")
+    check(primary.lookup(name).info().state == "paused", "the stale primary guest still runs")
+    time.sleep(0.5)
+    check(
+        released_outputs(primary, name) == out_at_kill,
+        "the primary released output after remusd died, beside the backup that took over",
+    )
+    res = check_failover(ctx, primary, again, name, s, acked, logged.get(acked or 0))
+    return f"restarted after {started:.2f} s: backup had taken over, stale copy fenced; {res}"
+
+
 def _mount_tmpfs(size: str) -> str:
     mnt = tempfile.mkdtemp(prefix="remus-faults-tmpfs-")
     subprocess.run(
@@ -644,6 +729,7 @@ RUNNERS: dict[str, Callable[[Ctx, str, int], str]] = {
     "sigstop": run_sigstop,
     "tcp-reset": run_tcp_reset,
     "receiver-restart": run_receiver_restart,
+    "remusd-crash": run_remusd_crash,
     "disk-full": run_disk_full,
 }
 

@@ -2,8 +2,10 @@
 
 Start-up order: configuration (defaults < TOML < flags), logging, the
 hypervisor (off a dom0 without --sim-dir: exit 1 at once with the reason),
-the control socket, the start-up ``protect`` entries, then READY=1 to systemd
-and watchdog pings. SIGTERM/SIGINT end every session cleanly (LAST_CHECKPOINT:
+the control socket, the orphans a dead remusd left in the state directory
+(adopted at once: their HELLO must reach the receiver within its failover
+timeout, so nothing slow comes before), the start-up ``protect`` entries,
+the metrics endpoint (--metrics), then READY=1 to systemd and watchdog pings. SIGTERM/SIGINT end every session cleanly (LAST_CHECKPOINT:
 the backups do not fail over; the guests run on unprotected) and exit 0.
 """
 
@@ -19,12 +21,14 @@ from daemonkit import tls
 from daemonkit.config import parse_args_with_config
 from daemonkit.control import ControlServer
 from daemonkit.logs import setup_logging
+from daemonkit.metrics import Exporter
 from daemonkit.systemd import Watchdog, sd_notify
 from xenbind.errors import ConfigError, RemusError
 from xenbind.factory import open_hypervisor
 
 from .config import DEFAULT_CONFIG, build_parser, validate
 from .control import Daemon
+from .metrics import collect
 from .protector import Connector
 
 log = logging.getLogger("remusd")
@@ -93,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("no TLS files and no --insecure: only file: targets can be protected")
 
     daemon = Daemon(hv, args, connect)
+    if tls_settings is not None:
+        try:  # read once here: a status or a scrape never runs openssl
+            daemon.cert_not_after = tls.cert_not_after(tls_settings.cert)
+        except ConfigError as e:
+            log.warning("%s", e)
     try:
         server = ControlServer(args.control, daemon.handle, group=args.control_group).start()
     except ConfigError as e:
@@ -107,11 +116,31 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    try:
+        adopted = daemon.adopt_orphans()
+    except OSError as e:
+        return _fail(f"state directory {args.state_dir}: {e}")
+    if adopted:
+        log.warning("%d orphan(s) of a dead remusd adopted (see remusctl status)", adopted)
+
     for req in startup:
+        if daemon.is_protected(req.domain):
+            log.info("protect entry %s: already protected (adopted at start-up)", req.domain)
+            continue
         try:
             daemon.protect(req)
         except RemusError as e:
             log.error("cannot protect %s: %s", req.domain, e)
+
+    exporter = None
+    if args.metrics:
+        try:
+            exporter = Exporter(args.metrics, lambda: collect(daemon))
+        except ConfigError as e:
+            daemon.stop_all(timeout=args.ack_timeout + 10)
+            server.close()
+            return _fail(str(e))
+        log.info("metrics at http://%s/metrics", exporter.address)
 
     beat = [time.monotonic()]
     watchdog = Watchdog(lambda: time.monotonic() - beat[0] < 4 * STATUS_EVERY + 10).start()
@@ -127,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         sd_notify("STOPPING=1")
         daemon.stop_all(timeout=args.ack_timeout + 10)
         watchdog.stop()
+        if exporter is not None:
+            exporter.close()
         server.close()
         hv.close()
     log.info("remusd stopped")

@@ -18,6 +18,8 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import textwrap
 from dataclasses import asdict, dataclass
 
@@ -43,6 +45,11 @@ MAX_INTERVAL_MS = 60_000
 DEFAULT_BUFFER_PAGES = 8192
 #: The LRU page cache of the compressing codecs (Xen: 8192).
 DEFAULT_CACHE_PAGES = 8192
+#: where the domains' locks and records live (remusd.owners); with --sim-dir,
+#: SIM_DIR/remusd instead (the simulated host's runtime directory)
+DEFAULT_STATE_DIR = "/run/remus/domains"
+#: seconds a stopped protection stays in the status
+DEFAULT_KEEP_STOPPED = 600.0
 
 
 @dataclass(frozen=True)
@@ -135,18 +142,44 @@ class ProtectRequest:
         return cls.from_json({"domain": domain, "target": target}, defaults)
 
 
-def _positive(kind):
+def _positive(kind, unit: str):
+    """A converter for a positive ``kind`` (int or float) counted in ``unit``:
+    its errors say what is wrong in the operator's words ("'1.5' is not a
+    whole number of pages"), never a Python type name."""
+    what = f"a whole number of {unit}" if kind is int else f"a number of {unit}"
+
     def conv(text: str):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         if v <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 {unit}")
         return v
 
-    conv.__name__ = kind.__name__
+    conv.__name__ = f"{kind.__name__}-{unit}"
     return conv
+
+
+def _whole(unit: str, lo: int, hi: int):
+    """A converter for a whole number of ``unit`` from ``lo`` to ``hi``."""
+
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {unit}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} {unit} is out of range ({lo} to {hi} {unit})")
+        return v
+
+    conv.__name__ = f"whole-{unit}"
+    return conv
+
+
+interval_ms = _whole("ms", MIN_INTERVAL_MS, MAX_INTERVAL_MS)
 
 
 DESCRIPTION = textwrap.dedent("""\
@@ -232,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--interval",
         metavar="MS",
-        type=int,
+        type=interval_ms,
         default=DEFAULT_INTERVAL_MS,
         help=f"checkpoint interval in ms (default {DEFAULT_INTERVAL_MS}, "
         f"minimum {MIN_INTERVAL_MS})",
@@ -261,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--ack-timeout",
         metavar="SEC",
-        type=_positive(float),
+        type=_positive(float, "seconds"),
         default=2.0,
         help="declare the backup gone when a checkpoint is not acknowledged within "
         "SEC seconds (default 2.0); the guest then runs unprotected",
@@ -269,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--connect-timeout",
         metavar="SEC",
-        type=_positive(float),
+        type=_positive(float, "seconds"),
         default=5.0,
         help="TCP connect timeout, and the longest silence of the receiver during "
         "the handshake (default 5.0)",
@@ -277,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--accept-timeout",
         metavar="SEC",
-        type=_positive(float),
+        type=_positive(float, "seconds"),
         default=DEFAULT_ACCEPT_TIMEOUT,
         help="how long to wait for the receiver to accept a session: it builds the "
         "backup domain (allocating all its memory) before it answers, which "
@@ -286,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--retry-min",
         metavar="SEC",
-        type=_positive(float),
+        type=_positive(float, "seconds"),
         default=0.5,
         help="first delay before reconnecting to a lost backup (default 0.5); "
         "doubles on each failure",
@@ -294,14 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--retry-max",
         metavar="SEC",
-        type=_positive(float),
+        type=_positive(float, "seconds"),
         default=30.0,
         help="longest delay between reconnection attempts (default 30)",
     )
     t.add_argument(
         "--precopy-rounds",
         metavar="N",
-        type=_positive(int),
+        type=_positive(int, "rounds"),
         default=5,
         help="at most N live pre-copy rounds in the initial copy before the final "
         "paused round (default 5)",
@@ -309,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--precopy-threshold",
         metavar="PAGES",
-        type=_positive(int),
+        type=_positive(int, "pages"),
         default=256,
         help="stop pre-copying once a round has fewer dirty pages (default 256)",
     )
@@ -325,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--buffer-pages",
         metavar="N",
-        type=_positive(int),
+        type=_positive(int, "pages"),
         default=DEFAULT_BUFFER_PAGES,
         help=f"sender page buffer per COMPRESSED_DATA chunk (default "
         f"{DEFAULT_BUFFER_PAGES}, as Xen)",
@@ -333,9 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--cache-pages",
         metavar="N",
-        type=_positive(int),
+        type=_positive(int, "pages"),
         default=DEFAULT_CACHE_PAGES,
         help=f"page cache of the compressing codecs (default {DEFAULT_CACHE_PAGES})",
+    )
+    t.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where remusd keeps one lock and one record per protected domain, so a "
+        "domain has one owner and a restarted remusd finds what a dead one protected "
+        f"(default {DEFAULT_STATE_DIR}; with --sim-dir, SIM_DIR/remusd); a tmpfs",
+    )
+    t.add_argument(
+        "--keep-stopped",
+        metavar="SEC",
+        type=_positive(float, "seconds"),
+        default=DEFAULT_KEEP_STOPPED,
+        help="drop a stopped protection from the status this long after it stopped "
+        f"(default {DEFAULT_KEEP_STOPPED:g}); protecting the domain again replaces it at once",
     )
     tls.add_arguments(p, role="sender")
     return p
@@ -345,6 +393,9 @@ def validate(args: argparse.Namespace) -> list[ProtectRequest]:
     """Check cross-option rules; the start-up protect requests."""
     check_interval(args.interval)
     check_codec(args.codec)
+    if not getattr(args, "state_dir", None):
+        sim = getattr(args, "sim_dir", None)
+        args.state_dir = os.path.join(sim, "remusd") if sim else DEFAULT_STATE_DIR
     if args.retry_max < args.retry_min:
         raise ConfigError(f"retry-max ({args.retry_max}) is below retry-min ({args.retry_min})")
     return [ProtectRequest.parse_spec(s, args) for s in args.protect]

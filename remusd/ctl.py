@@ -1,24 +1,28 @@
 """``remusctl``: drive remusd (and read remus-receiver's status) over a control socket.
 
-Commands map one to one to control requests (remusd.control): ``protect``,
-``unprotect``, ``status``. Human output is a table; ``status --json`` prints
-the daemon's status object unchanged (schema: docs/operations.md).
+Commands map one to one to control requests (remusd.control): ``protect``
+(``--wait``: then poll ``status`` until protected or failed), ``unprotect``,
+``resume-here``, ``destroy-stale``, ``status``. Human output is a table;
+``status --json`` prints the daemon's status object unchanged (schema:
+docs/operations.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import textwrap
+import time
 from typing import Any
 
 from daemonkit.control import ControlError, control_request
 from xenbind.compress.formats import CODECS
 from xenbind.errors import ConfigError
 
-from .config import DEFAULT_CONTROL, MIN_INTERVAL_MS, Target
+from .config import DEFAULT_CONTROL, MAX_INTERVAL_MS, MIN_INTERVAL_MS, Target
 
 DESCRIPTION = textwrap.dedent("""\
     remusctl controls remusd(8), the Remus primary-host daemon, through its
@@ -28,8 +32,11 @@ DESCRIPTION = textwrap.dedent("""\
 
 EPILOG = textwrap.dedent("""\
     commands:
-      protect DOMAIN --to TARGET   start protecting DOMAIN (a domid or a name)
+      protect DOMAIN --to TARGET   start protecting DOMAIN (a domid or a name);
+                                   --wait: return once protected, or failed
       unprotect DOMAIN             end it cleanly; the guest keeps running
+      resume-here DOMAIN           run a fenced (or orphaned) copy here, unprotected
+      destroy-stale DOMAIN         destroy a fenced copy (its backup took over)
       failover DOMAIN              (receiver's socket) run the backup now
       status                       show every protected domain
 
@@ -42,9 +49,12 @@ EPILOG = textwrap.dedent("""\
       remusctl --control /run/remus/receiver.sock status
 
     exit status:
-      0  success
-      1  the daemon refused the request or could not be reached (message on stderr)
+      0  success (protect --wait: the domain is protected)
+      1  the daemon refused the request or could not be reached, or (protect
+         --wait) the protection failed: refused, fenced, stopped (message on stderr)
       2  bad command line
+      3  protect --wait: not protected within the wait (remusd keeps retrying;
+         the reason is on stderr)
 
     files:
       /run/remus/remusd.sock     remusd's control socket (default --control)
@@ -57,7 +67,26 @@ PROTECT_HELP = textwrap.dedent("""\
     live copy), then checkpoints it every INTERVAL, holding the guest's output
     until the backup acknowledged the checkpoint that holds it. The command
     returns once remusd has accepted the request; follow progress with
-    `remusctl status` (state initial-copy, then protected).""")
+    `remusctl status` (state initial-copy, then protected). With --wait it
+    returns only once the domain is protected (exit 0) or the protection
+    failed (exit 1: refused, fenced, stopped) or was not reached within
+    SECONDS (exit 3: e.g. nothing listens at TARGET; remusd keeps retrying),
+    with the reason on stderr.""")
+
+RESUME_HELP = textwrap.dedent("""\
+    Run DOMAIN's copy on this host, unprotected: unpause it (or resume a
+    guest left suspended mid-checkpoint), release its held output, turn
+    log-dirty off. Only for a fenced copy (its backup took over: state
+    fenced) or an orphan no remusd protects (log-dirty on or stopped). It
+    means: THIS copy is the guest from now on. If the backup's copy runs too
+    (check the receiver: remusctl --control /run/remus/receiver.sock status
+    on the backup host), two copies serve clients: destroy one of them.""")
+
+DESTROY_HELP = textwrap.dedent("""\
+    Destroy DOMAIN's stale copy on this host. Only for a fenced copy: the
+    receiver said its backup took over, so the backup host runs the guest
+    and this paused copy is out of date. Protect the guest again from the
+    backup host (roles swapped) afterwards.""")
 
 PROTECT_EPILOG = textwrap.dedent("""\
     targets:
@@ -93,11 +122,15 @@ FAILOVER_HELP = textwrap.dedent("""\
 
 STATUS_HELP = textwrap.dedent("""\
     Show each protected domain: its state (initial-copy, protected,
-    unprotected, stopped) and why, checkpoints acknowledged, the last pause,
-    the pages dirtied in the last epoch, bytes sent, the compression ratio,
-    the index of the last checkpoint the backup acknowledged, the target,
-    codec and interval. Against a receiver's socket it shows the receiver's
-    sessions. --json prints the daemon's status object (docs/operations.md).""")
+    reconnecting, unprotected, fenced, stopped), its case (what it means
+    for an operator: protected, reconnecting-orphan, unprotected-retrying,
+    refused, fenced-backup-took-over, fenced-possible-split-brain, ...) and
+    why, checkpoints acknowledged and their rate, the age of the last ACK,
+    the last pause, the pages dirtied in the last epoch, bytes sent, the
+    compression ratio, the receiver's failover timeout, its address and
+    certificate (names, days to expiry), the target, codec and interval.
+    Against a receiver's socket it shows the receiver's sessions. --json
+    prints the daemon's status object (docs/operations.md).""")
 
 
 def _interval(text: str) -> int:
@@ -105,9 +138,25 @@ def _interval(text: str) -> int:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of ms") from None
-    if v < MIN_INTERVAL_MS:
-        raise argparse.ArgumentTypeError(f"interval must be at least {MIN_INTERVAL_MS} ms")
+    if not MIN_INTERVAL_MS <= v <= MAX_INTERVAL_MS:
+        raise argparse.ArgumentTypeError(
+            f"interval must be {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS} ms, not {v}"
+        )
     return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return v
+
+
+#: protect --wait without SECONDS
+DEFAULT_WAIT_S = 60.0
 
 
 def _target(text: str) -> str:
@@ -134,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout",
         metavar="SEC",
-        type=float,
+        type=_seconds,
         default=30.0,
         help="how long to wait for the daemon's answer (default 30)",
     )
@@ -175,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="send a digest of all guest memory with each checkpoint; the "
         "backup checks it (debugging: lengthens the pause)",
     )
+    pr.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        nargs="?",
+        type=_seconds,
+        const=DEFAULT_WAIT_S,
+        help="return only once the domain is protected (exit 0) or the protection "
+        f"failed (1), or after SECONDS (default {DEFAULT_WAIT_S:g}) without "
+        "protection (3); write it --wait=SECONDS before DOMAIN",
+    )
 
     un = sub.add_parser(
         "unprotect",
@@ -184,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  remusctl unprotect ledger",
     )
     un.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
+
+    for name, helptext, desc, example in (
+        ("resume-here", "run a fenced or orphaned copy here, unprotected", RESUME_HELP, ""),
+        ("destroy-stale", "destroy a fenced copy (its backup took over)", DESTROY_HELP, ""),
+    ):
+        c = sub.add_parser(
+            name,
+            help=helptext,
+            description=desc,
+            formatter_class=fmt,
+            epilog=f"example:\n  remusctl {name} ledger{example}",
+        )
+        c.add_argument("domain", metavar="DOMAIN", help="domid, name or UUID of the domain")
 
     fo = sub.add_parser(
         "failover",
@@ -243,11 +315,21 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _peer(d: dict) -> str:
+    names = d.get("peer_names") or []
+    days = d.get("peer_expires_in_days")
+    if not names:
+        return d.get("peer_address") or "-"
+    return f"{names[0]}" + ("" if days is None else f" ({days:g} d)")
+
+
 REMUSD_COLUMNS = [
     ("DOMAIN", lambda d: f"{d['name']} ({d['domid']})"),
     ("STATE", lambda d: d["state"]),
     ("CHECKPOINTS", lambda d: str(d["checkpoints"])),
     ("ACKED", lambda d: _cell(d["acked"])),
+    ("RATE/s", lambda d: _cell(d.get("checkpoint_rate"))),
+    ("ACK AGE s", lambda d: _cell(d.get("last_ack_age_s"))),
     ("PAUSE ms", lambda d: _cell(d["last_pause_ms"])),
     ("DIRTY", lambda d: _cell(d["dirty_pages"])),
     ("SENT", lambda d: _fmt_bytes(d["bytes_sent"])),
@@ -256,8 +338,11 @@ REMUSD_COLUMNS = [
         lambda d: "-" if d["compression_ratio"] is None else f"{d['compression_ratio']:.1f}:1",
     ),
     ("TARGET", lambda d: d["target"]),
+    ("PEER", _peer),
+    ("FAILOVER ms", lambda d: _cell(d.get("failover_timeout_ms"))),
     ("CODEC", lambda d: d["codec"] + ("+verify" if d.get("verify") else "")),
     ("INTERVAL", lambda d: f"{d['interval_ms']} ms"),
+    ("CASE", lambda d: d.get("case") or "-"),
 ]
 
 
@@ -279,7 +364,8 @@ def render_status(st: Any) -> str:
         reasons = [
             f"  {d['name']}: {d['reason']}"
             for d in doms
-            if d.get("reason") and d["state"] in ("unprotected", "fenced", "stopped")
+            if d.get("reason")
+            and d["state"] in ("unprotected", "fenced", "stopped", "reconnecting")
         ]
         if reasons:
             out.append("reasons:\n" + "\n".join(reasons))
@@ -331,6 +417,46 @@ RECEIVER_HEADERS = {
 
 # --------------------------------------------------------------------------- main
 
+#: protect --wait: how often the status is read
+WAIT_POLL_S = 0.1
+
+
+def wait_protected(args: argparse.Namespace, first: dict) -> int:
+    """Poll the status until the domain protected at ``first`` is protected
+    (0), failed (1: refused, fenced, stopped) or the wait is over (3)."""
+    domid, name = first["domid"], first["name"]
+    deadline = time.monotonic() + args.wait
+    d = first
+    while True:
+        if d["state"] == "protected":
+            print(f"{name} ({domid}) is protected: checkpoint {d['acked']} acknowledged")
+            return 0
+        reason = d.get("reason") or ""
+        if d["state"] in ("fenced", "stopped") or (
+            d["state"] == "unprotected" and reason.endswith("(not retrying)")
+        ):
+            print(
+                f"remusctl: {name} ({domid}) is NOT protected: {d['state']} "
+                f"({d.get('case')}): {reason}",
+                file=sys.stderr,
+            )
+            return 1
+        if time.monotonic() >= deadline:
+            print(
+                f"remusctl: {name} ({domid}) is not protected after {args.wait:g} s: "
+                f"{d['state']}{': ' + reason if reason else ''} (remusd keeps retrying; "
+                f"`remusctl unprotect {name}` stops it)",
+                file=sys.stderr,
+            )
+            return 3
+        time.sleep(WAIT_POLL_S)
+        st = control_request(args.control, "status", timeout=args.timeout)
+        found = [x for x in st.get("domains", []) if x.get("domid") == domid]
+        if not found:
+            print(f"remusctl: {name} ({domid}) is no longer in remusd's status", file=sys.stderr)
+            return 1
+        d = found[0]
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -355,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{d['interval_ms']} ms, codec {d['codec']}"
                 f"{', verify' if d['verify'] else ''}"
             )
+            if args.wait is not None:
+                return wait_protected(args, d)
         elif args.command == "unprotect":
             d = control_request(
                 args.control,
@@ -367,6 +495,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{d['name']} ({d['domid']}): {d['state']} after {d['checkpoints']} "
                 f"checkpoints; the guest runs unprotected"
             )
+        elif args.command in ("resume-here", "destroy-stale"):
+            d = control_request(
+                args.control,
+                args.command,
+                domain=args.domain,
+                timeout=args.timeout + 5,
+                wait_s=args.timeout,
+            )
+            print(f"{d['name']} ({d['domid']}): {d['case']}: {d['reason']}")
+            if d.get("meaning"):
+                print(f"  {d['meaning']}")
         elif args.command == "failover":
             d = control_request(args.control, "failover", domain=args.domain, timeout=args.timeout)
             print(

@@ -60,11 +60,20 @@ PERMANENT_REFUSALS = frozenset({"version", "bad-hello", "codec", "limit", "fence
 class LinkDown(RemusError):
     """The backup cannot be reached or stopped acknowledging."""
 
-    def __init__(self, reason: str, *, permanent: bool = False, fenced: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        permanent: bool = False,
+        fenced: bool = False,
+        shutdown: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent or fenced
         self.fenced = fenced
+        #: the receiver said it is stopping (ERROR shutdown): it does not fail over
+        self.shutdown = shutdown
 
 
 class Refused(LinkDown):
@@ -88,6 +97,11 @@ class Link:
     failover_timeout_ms: int | None = None
     #: who is at the other end, for messages
     peer = "?"
+    #: once open: the receiver's address as connected, its certificate's names
+    #: and expiry (TLS; else [] and None)
+    peer_address: str | None = None
+    peer_names: list[str] = []
+    peer_not_after: float | None = None
 
     def open(self) -> None:
         raise NotImplementedError
@@ -253,6 +267,12 @@ class NetLink(Link):
             self.close()
             raise LinkDown(f"handshake with {self.target}: {e}") from None
         self.failover_timeout_ms = self.accept.failover_timeout_ms
+        try:
+            self.peer_address = self.t.peer()
+        except OSError:
+            self.peer_address = None
+        self.peer_names = list(getattr(self.t, "peer_names", None) or [])
+        self.peer_not_after = getattr(self.t, "peer_not_after", None)
         self.t.settimeout(self.io_timeout)
         self.last_heard = time.monotonic()
 
@@ -292,6 +312,7 @@ class NetLink(Link):
             raise LinkDown(
                 f"{self.target} ended the session ({ev.code_name}): {ev.reason}",
                 fenced=ev.code == sp.ERR_FAILED_OVER,
+                shutdown=ev.code == sp.ERR_SHUTDOWN,
             )
         elif isinstance(ev, sp.Goodbye):
             self._goodbye = ev.reason  # raised once the ACKs before it are taken

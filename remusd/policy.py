@@ -12,10 +12,16 @@ States (the ``state`` of ``remusctl status``)::
     unprotected   the backup is gone: the guest runs with its output released
                   at once; retried (or, after a refusal retrying cannot cure,
                   parked until unprotect)
+    reconnecting  adopted at start-up from the record of a remusd that died
+                  protecting it (an orphan: remusd.owners); the guest's
+                  output stays held while this remusd reconnects with the
+                  same generation, so its HELLO supersedes the dead session
+                  before the receiver's failover timer fires
     fenced        the receiver's backup of the domain runs (it failed over):
-                  never retried
+                  never retried; left only by a stop or an operator's
+                  decision (resume-here, destroy-stale)
     stopped       protection ended (unprotect, daemon stop, the domain is
-                  gone, an internal error); final
+                  gone, an internal error, resume-here, destroy-stale); final
 
 Rules the table keeps:
 - Backoff: a retry after losing a session waits ``retry_min``, doubling on
@@ -28,6 +34,36 @@ Rules the table keeps:
 - A permanent refusal (version, bad-hello, codec, limit, an unopenable file)
   is not retried; ``fenced`` is never retried and is left only by a stop.
 - ``stopped`` is final.
+- An orphan (``reconnecting``) whose receiver answers ``fenced`` (REFUSE
+  fenced, ERROR failed-over) was never released past its last ACK (its
+  remusd died holding the output): the fence is clean, the backup took
+  over, this copy is paused. Unreachable, it is handled as any lost
+  session: unprotected (the guest runs, its output released), retried.
+
+Cases (``case_of``; the ``case`` of ``remusctl status``, one per operator
+situation; docs/operations.md):
+
+    initial-copy                 connected; checkpoint 0 under way: no backup
+                                 can take over yet
+    protected                    a backup holds every acknowledged checkpoint
+    reconnecting-orphan          adopted from a dead remusd; output held;
+                                 reconnecting to the same receiver
+    unprotected-retrying         the backup is gone; the guest runs with its
+                                 output released; remusd retries
+    refused                      a refusal retrying cannot cure (version,
+                                 codec, limit, unopenable file); parked
+    fenced-backup-took-over      the backup runs the guest; this copy is
+                                 paused, its unacknowledged output withheld:
+                                 ``remusctl destroy-stale`` (or resume-here)
+    fenced-possible-split-brain  the backup took over while this copy ran
+                                 unprotected: both may have served clients
+    stopped                      protection ended; the guest runs unprotected
+    stopped-fenced               a fenced copy no longer tracked (unprotect or
+                                 daemon stop): still paused
+    resumed-here                 an operator chose this copy (resume-here):
+                                 it runs unprotected, output released
+    destroyed-stale              an operator destroyed this stale copy
+    stopped-error                the domain failed or remusd hit a bug
 """
 
 from __future__ import annotations
@@ -42,6 +78,7 @@ class State(Enum):
     UNPROTECTED = "unprotected"
     FENCED = "fenced"
     STOPPED = "stopped"
+    RECONNECTING = "reconnecting"
 
 
 class Event(Enum):
@@ -56,6 +93,10 @@ class Event(Enum):
     STOP = "stop"  # asked to stop while no session runs
     DOMAIN_ERROR = "domain-error"  # the domain failed (gone)
     CRASHED = "internal-error"  # a bug in remusd
+    ADOPTED = "adopted"  # start-up: a dead remusd's record of a live protection
+    ADOPTED_FENCED = "adopted-fenced"  # start-up: a dead remusd's record of a fenced copy
+    RESUME_HERE = "resume-here"  # operator: run this (fenced) copy, unprotected
+    DESTROY_STALE = "destroy-stale"  # operator: destroy this (fenced) copy
 
 
 class Action(Enum):
@@ -66,6 +107,10 @@ class Action(Enum):
     RETRY_NOW = "retry-now"  # RETRY at once (Step.wait == 0)
     PARK = "park"  # wait for a stop request, then STOP
     COUNT_RETRY = "count-retry"
+    RECOVER = "recover"  # adopted, and the receiver accepted: undo the dead owner's
+    # half-done checkpoint stop, take its log-dirty over (off: the copy turns it on)
+    RESUME = "resume"  # undo the fence: run the guest, release its output, log-dirty off
+    DESTROY = "destroy"  # destroy the stale copy
 
 
 S, E, A = State, Event, Action
@@ -93,7 +138,68 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
         for s in (S.INITIAL_COPY, S.PROTECTED, S.UNPROTECTED)
     },
     (S.FENCED, E.CRASHED): (S.STOPPED, ()),  # the stale copy stays paused
+    # adoption of a dead remusd's protections (remusd.owners), at start-up
+    (S.INITIAL_COPY, E.ADOPTED): (S.RECONNECTING, ()),
+    (S.INITIAL_COPY, E.ADOPTED_FENCED): (S.FENCED, (A.PARK,)),
+    (S.RECONNECTING, E.OPENED): (S.INITIAL_COPY, (A.RECOVER,)),
+    (S.RECONNECTING, E.LOST): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_AFTER_BACKOFF)),
+    (S.RECONNECTING, E.REFUSED): (S.UNPROTECTED, (A.UNPROTECT, A.PARK)),
+    (S.RECONNECTING, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),
+    **{(S.RECONNECTING, e): (S.STOPPED, (A.UNPROTECT,)) for e in (E.STOP, E.DOMAIN_ERROR)},
+    (S.RECONNECTING, E.CRASHED): (S.STOPPED, (A.UNPROTECT,)),
+    # the operator's decisions on a fenced copy (remusctl resume-here / destroy-stale)
+    (S.FENCED, E.RESUME_HERE): (S.STOPPED, (A.RESUME,)),
+    (S.FENCED, E.DESTROY_STALE): (S.STOPPED, (A.DESTROY,)),
 }
+
+
+class Case(Enum):
+    """What an operator is looking at (module docstring)."""
+
+    INITIAL_COPY = "initial-copy"
+    PROTECTED = "protected"
+    RECONNECTING_ORPHAN = "reconnecting-orphan"
+    UNPROTECTED_RETRYING = "unprotected-retrying"
+    REFUSED = "refused"
+    FENCED_BACKUP_TOOK_OVER = "fenced-backup-took-over"
+    FENCED_POSSIBLE_SPLIT_BRAIN = "fenced-possible-split-brain"
+    STOPPED = "stopped"
+    STOPPED_FENCED = "stopped-fenced"
+    RESUMED_HERE = "resumed-here"
+    DESTROYED_STALE = "destroyed-stale"
+    STOPPED_ERROR = "stopped-error"
+
+
+def case_of(
+    before: State, event: Event, step: Step, *, engaged: bool, fenced_case: Case | None = None
+) -> Case:
+    """The case after ``step`` (the move from ``before`` on ``event``).
+
+    ``engaged``: the session had the guest's output held when the event came
+    (before the step's actions ran); ``fenced_case``: for ADOPTED_FENCED, the
+    case the dead owner's record gave."""
+    new = step.state
+    if new is State.INITIAL_COPY:
+        return Case.INITIAL_COPY
+    if new is State.PROTECTED:
+        return Case.PROTECTED
+    if new is State.RECONNECTING:
+        return Case.RECONNECTING_ORPHAN
+    if new is State.UNPROTECTED:
+        return Case.REFUSED if Action.PARK in step.actions else Case.UNPROTECTED_RETRYING
+    if new is State.FENCED:
+        if event is Event.ADOPTED_FENCED and fenced_case is not None:
+            return fenced_case
+        return Case.FENCED_BACKUP_TOOK_OVER if engaged else Case.FENCED_POSSIBLE_SPLIT_BRAIN
+    if event is Event.RESUME_HERE:
+        return Case.RESUMED_HERE
+    if event is Event.DESTROY_STALE:
+        return Case.DESTROYED_STALE
+    if before is State.FENCED:
+        return Case.STOPPED_FENCED
+    if event in (Event.DOMAIN_ERROR, Event.CRASHED):
+        return Case.STOPPED_ERROR
+    return Case.STOPPED
 
 
 class IllegalMove(Exception):

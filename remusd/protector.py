@@ -33,11 +33,26 @@ Rules:
   not fail over.
 - ``_lock`` guards the status (``stats``) only, and is never held across I/O:
   ``status()`` answers at once whatever the session thread is doing.
+- The protector owns its domain (remusd.owners): it holds the domain's lock
+  for its whole life and keeps the domain's record current (written before
+  the session engages the guest, and after every state change), so a remusd
+  restarted after a crash knows what its predecessor left (an *orphan*). The
+  record goes when the protection ends, except that of a fenced copy left
+  paused by a daemon stop (the next remusd reports it fenced again).
+- Adopted (an orphan, ``adopt``): the guest may be stopped mid-checkpoint
+  and its output held behind the dead session's barriers. Nothing is undone
+  before the receiver answers: accepted, the stop is undone and log-dirty
+  taken over (RECOVER), and the first ACK releases the dead session's
+  barriers with its own (checkpoint 0 holds everything before its pause);
+  fenced, the stopped copy is the fence; unreachable, it is unprotected as
+  any lost session (the guest runs, its output released).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -55,9 +70,10 @@ from .config import ProtectRequest
 from .core import AckViolation, EpochCore, Heartbeats, next_epoch
 from .epoch import CheckpointBuffer, capture, encode
 from .initial_copy import initial_copy
-from .link import Link, LinkDown, SessionWrap, make_link
+from .link import Link, LinkDown, Refused, SessionWrap, make_link
+from .owners import Ownership
 from .pacer import Pacer
-from .policy import Action, Event, RetryPolicy, State, Step
+from .policy import Action, Case, Event, RetryPolicy, State, Step, case_of
 from .stats import HISTORY, DomainStats, Identity
 
 log = logging.getLogger(__name__)
@@ -65,6 +81,10 @@ log = logging.getLogger(__name__)
 SOFTWARE = "remusd 0.1.0"
 
 STATES = tuple(s.value for s in State)
+
+#: whether xenbind.session's HELLO carries the sender's ACK time (issue 12,
+#: defect 4: ``Options.ack_ms``); remusd fills it when it is there
+HELLO_HAS_ACK_MS = "ack_ms" in {f.name for f in dataclasses.fields(sp.Options)}
 
 __all__ = ["HISTORY", "SOFTWARE", "STATES", "Protector", "Tuning"]
 
@@ -111,38 +131,158 @@ class Tuning:
         )
 
 
+def _held_now(domain: Domain) -> str | None:
+    """How the guest is stopped right now ("paused", "suspended", None), where
+    the hypervisor layer can tell (xenbind.sim, xenbind.xenctrl)."""
+    probe = getattr(domain, "checkpoint_held", None)
+    if probe is None:
+        return None
+    held = probe()
+    return held if held in ("paused", "suspended") else None
+
+
 class Protector:
-    """The session thread of one domain."""
+    """The session thread of one domain.
+
+    ``owner``: the domain's lock, held (remusd.owners; None in tests);
+    ``adopt``: the record of a remusd that died protecting the domain;
+    ``ack_ms``: the median ACK wait of the domain's last session, if known.
+    """
 
     def __init__(
-        self, domain: Domain, info: DomainInfo, req: ProtectRequest, tuning: Tuning
+        self,
+        domain: Domain,
+        info: DomainInfo,
+        req: ProtectRequest,
+        tuning: Tuning,
+        *,
+        owner: Ownership | None = None,
+        adopt: dict[str, Any] | None = None,
+        ack_ms: int = 0,
     ) -> None:
         self.domain = domain
         self.info = info
         self.req = req
         self.tuning = tuning
+        self.owner = owner
         self._lock = threading.Lock()  # guards stats; never held across I/O
         self._stop = threading.Event()  # asked to end (clean)
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"protect-{info.name}", daemon=True)
-        self.generation = time.time_ns()
+        gen = adopt.get("generation") if adopt else None
+        # the same protection keeps its generation: its HELLO supersedes the dead session
+        self.generation = gen if isinstance(gen, int) and gen > 0 else time.time_ns()
         self.policy = RetryPolicy(tuning.retry_min, tuning.retry_max)
         self.stats = DomainStats(state=self.policy.state.value, since=time.time())
+        self.stats.prev_ack_ms = max(0, int(ack_ms))
         self._ident = Identity(
             info.domid, info.name, str(req.target), req.codec, req.interval_ms, req.verify
         )
         self._engaged = False  # log-dirty on / output plugged by the current session
+        self.started = time.time()
+        #: how this protector holds the guest stopped: None; "paused"/"suspended"
+        #: (a fence); "stale-paused"/"stale-suspended" (a dead owner's checkpoint stop)
+        self._held: str | None = None
+        self._stale_barriers = 0  # output barriers a dead owner left unreleased
+        self._adopt = adopt
+        self._decision: Event | None = None  # RESUME_HERE / DESTROY_STALE, asked of a fence
+        self._shutdown = False  # the daemon stops (a fenced copy keeps its record)
+        self.ended_at: float | None = None  # monotonic: when the thread ended
+        self._action_error: str | None = None  # an operator's decision that failed
+        self._fenced_record: dict[str, Any] | None = None  # kept by a daemon stop
 
     # -- control -----------------------------------------------------------------
 
     def start(self) -> Protector:
+        if self._adopt is not None:
+            self._take_over(self._adopt)
+        self._write_record()
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Ask for a clean end (LAST_CHECKPOINT); returns at once."""
+    def _take_over(self, rec: dict[str, Any]) -> None:
+        """Adopt a dead owner's protection (see the module docstring)."""
+        with self._lock:
+            self.stats.adopted = True
+            ack = rec.get("ack_ms")
+            if isinstance(ack, int) and ack > 0:
+                self.stats.prev_ack_ms = ack
+        if rec.get("state") == State.FENCED.value:
+            held = rec.get("held")
+            self._held = held if held in ("paused", "suspended") else _held_now(self.domain)
+            try:
+                fenced_case: Case | None = Case(rec.get("case"))
+            except ValueError:
+                fenced_case = None
+            self._advance(
+                Event.ADOPTED_FENCED,
+                f"adopted from remusd pid {rec.get('pid', '?')}: {rec.get('reason') or 'fenced'}",
+                fenced_case=fenced_case,
+            )
+            return
+        logdirty = getattr(self.domain, "logdirty_enabled", None)
+        self._engaged = bool(rec.get("engaged")) or bool(logdirty and logdirty())
+        held = _held_now(self.domain) if self._engaged else None
+        if held is not None:
+            self._held = f"stale-{held}"
+        barriers = getattr(self.domain, "output_barriers", None)
+        self._stale_barriers = int(barriers()) if barriers is not None and self._engaged else 0
+        log.warning(
+            "domain %s: ORPHAN found: remusd pid %s died protecting it (state %s%s%s); "
+            "reconnecting to %s with its generation, output held",
+            self.info.name,
+            rec.get("pid", "?"),
+            rec.get("state", "?"),
+            f", guest left {held} mid-checkpoint" if held else "",
+            f", {self._stale_barriers} checkpoint(s) of output unreleased"
+            if self._stale_barriers
+            else "",
+            self.req.target,
+        )
+        self._advance(Event.ADOPTED, f"orphan of remusd pid {rec.get('pid', '?')}: reconnecting")
+
+    def record(self) -> dict[str, Any]:
+        """What remusd.owners keeps of this protection."""
+        with self._lock:
+            st = self.stats
+            rec = {
+                "uuid": self.info.uuid,
+                "domid": self.info.domid,
+                "name": self.info.name,
+                "target": str(self.req.target),
+                "interval_ms": self.req.interval_ms,
+                "codec": self.req.codec,
+                "verify": self.req.verify,
+                "generation": self.generation,
+                "pid": os.getpid(),
+                "session": st.session_id,
+                "state": st.state,
+                "case": st.case,
+                "reason": st.reason,
+                "ack_ms": st.ack_ms(),
+                "started": round(self.started, 3),
+                "updated": round(time.time(), 3),
+            }
+        rec["engaged"] = self._engaged
+        rec["held"] = self._held
+        return rec
+
+    def _write_record(self) -> None:
+        if self.owner is not None:
+            self.owner.write(self.record())
+
+    def stop(self, *, shutdown: bool = False) -> None:
+        """Ask for a clean end (LAST_CHECKPOINT); returns at once.
+        ``shutdown``: the daemon stops (a fenced copy keeps its record)."""
+        self._shutdown = self._shutdown or shutdown
         self._stop.set()
         self._wake.set()
+
+    def decide(self, event: Event) -> None:
+        """An operator's decision on a fenced copy (RESUME_HERE, DESTROY_STALE);
+        the caller checked the state; carried out by the parked thread."""
+        self._decision = event
+        self.stop()
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
@@ -162,11 +302,24 @@ class Protector:
         with self._lock:
             return self.stats.reason
 
+    @property
+    def case(self) -> str:
+        with self._lock:
+            return self.stats.case
+
     def status(self, history: bool = False) -> dict[str, Any]:
         """The domain's status (docs/operations.md); ``history``: add the
         figures of the last HISTORY acknowledged checkpoints, oldest first."""
+        now, mono = time.time(), time.monotonic()
         with self._lock:
-            return self.stats.as_json(self._ident, history)
+            d = self.stats.as_json(self._ident, history, now=now, mono=mono)
+        d["uuid"] = self.info.uuid
+        d["generation"] = self.generation
+        return d
+
+    def metrics_view(self) -> tuple[dict[str, Any], DomainStats]:
+        """The status and the stats object (its histograms) for a scrape."""
+        return self.status(), self.stats
 
     # -- the state machine's actions ---------------------------------------------
 
@@ -177,9 +330,11 @@ class Protector:
         *,
         cause: str = "",
         failover_timeout_ms: int | None = None,
+        fenced_case: Case | None = None,
     ) -> Step:
         """The one way the state changes: the policy's move, its actions on the
         domain, then the new state in the status."""
+        before, engaged = self.policy.state, self._engaged
         step = self.policy.advance(event, failover_timeout_ms=failover_timeout_ms)
         for action in step.actions:
             if action is Action.UNPROTECT:
@@ -189,12 +344,55 @@ class Protector:
             elif action is Action.COUNT_RETRY:
                 with self._lock:
                     self.stats.retries += 1
+            elif action is Action.RECOVER:
+                self._recover()
+            elif action is Action.RESUME:
+                self._resume_here()
+            elif action is Action.DESTROY:
+                self._destroy()
+        case = case_of(before, event, step, engaged=engaged, fenced_case=fenced_case)
         with self._lock:
             self.stats.set_state(step.state.value, reason, time.time())
+            self.stats.case = case.value
+        self._write_record()
         return step
+
+    def _undo_stale_stop(self) -> None:
+        """Run the guest a dead owner left stopped mid-checkpoint."""
+        held, self._held = self._held, None
+        try:
+            if held == "stale-suspended":
+                resume = getattr(self.domain, "resume_cancelled", None)
+                if resume is not None:
+                    resume()
+            elif held == "stale-paused":
+                self.domain.unpause()
+        except DomainError as e:
+            log.warning("domain %s: %s", self.info.name, e)
+        else:
+            if held is not None:
+                log.warning(
+                    "domain %s: the guest left %s mid-checkpoint by the dead remusd runs again",
+                    self.info.name,
+                    held[len("stale-") :],
+                )
+
+    def _recover(self) -> None:
+        """Adopted and accepted: undo the dead owner's stop, take its log-dirty over."""
+        self._undo_stale_stop()
+        logdirty = getattr(self.domain, "logdirty_enabled", None)
+        try:
+            if logdirty is not None and logdirty():
+                # ours (the record and the lock say so): off, so the initial copy
+                # turns it on afresh, not by an OFF/ON behind another tracker's back
+                self.domain.disable_logdirty()
+        except DomainError as e:
+            log.warning("domain %s: %s", self.info.name, e)
 
     def _unprotect(self) -> None:
         """The guest runs on with its output released (no backup to wait for)."""
+        self._undo_stale_stop()
+        self._stale_barriers = 0
         if not self._engaged:
             return  # this session never touched the domain (e.g. connect refused)
         self._engaged = False
@@ -214,9 +412,17 @@ class Protector:
         reconnection (the guest already ran unprotected here), both copies
         may have run: a split brain an operator must resolve. Not retried.
         """
+        with self._lock:
+            self.stats.fences += 1
         if self._engaged:
             self._engaged = False
-            for op in (self.domain.pause, self.domain.disable_logdirty):
+            ops = [self.domain.disable_logdirty]
+            if self._held in ("stale-paused", "stale-suspended"):
+                self._held = self._held[len("stale-") :]  # the dead owner's stop is the fence
+            else:
+                ops.insert(0, self.domain.pause)
+                self._held = "paused"
+            for op in ops:
                 try:
                     op()
                 except DomainError as err:
@@ -236,25 +442,94 @@ class Protector:
                 cause,
             )
 
+    def _resume_here(self) -> None:
+        """The operator chose this (fenced) copy: it runs unprotected."""
+        held, self._held = self._held, None
+        ops: list[tuple[str, Callable[[], None]]] = []
+        if held in ("paused", "stale-paused"):
+            ops.append(("unpause", self.domain.unpause))
+        elif held in ("suspended", "stale-suspended"):
+            resume = getattr(self.domain, "resume_cancelled", None)
+            if resume is not None:
+                ops.append(("resume", resume))
+        ops.append(("release output", self.domain.output_unplug))
+        logdirty = getattr(self.domain, "logdirty_enabled", None)
+        if logdirty is None or logdirty():
+            ops.append(("log-dirty off", self.domain.disable_logdirty))
+        for what, op in ops:
+            try:
+                op()
+            except DomainError as e:
+                log.warning("domain %s: resume-here: %s: %s", self.info.name, what, e)
+        log.critical(
+            "domain %s RESUMED HERE by the operator: this copy runs unprotected and its held "
+            "output is released; if the backup's copy runs too, two copies serve clients: "
+            "destroy one (on the backup host: xl destroy, or the receiver's failed-over domain)",
+            self.info.name,
+        )
+
+    def _destroy(self) -> None:
+        """The operator destroyed this stale (fenced) copy."""
+        try:
+            self.domain.destroy()
+        except DomainError as e:
+            log.error(
+                "domain %s: destroy-stale: %s (the stale copy is still here)", self.info.name, e
+            )
+            self._action_error = f"destroy failed: {e}; the stale copy is still here, paused"
+            return
+        self._held = None
+        log.warning(
+            "domain %s: the stale copy on this host was destroyed (destroy-stale); the "
+            "backup's copy is the guest now",
+            self.info.name,
+        )
+
     # -- the thread --------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            step = self._attempt()
-            if step is None:
+        try:
+            if self.policy.state is State.FENCED:  # adopted fenced: wait for a decision
+                self._park()
                 return
-            if Action.PARK in step.actions:
-                self._stop.wait()
-                self._stopped()
-                return
-            assert step.wait is not None
-            if self._stop.wait(step.wait):
-                self._stopped()
-                return
-            self._advance(Event.RETRY, self.reason)
+            while True:
+                step = self._attempt()
+                if step is None:
+                    return
+                if Action.PARK in step.actions:
+                    self._park()
+                    return
+                assert step.wait is not None
+                if self._stop.wait(step.wait):
+                    self._stopped()
+                    return
+                self._advance(Event.RETRY, self.reason)
+        finally:
+            self.ended_at = time.monotonic()
+            if self.owner is not None:
+                # a fenced copy left paused by a daemon stop keeps its record
+                keep = self._fenced_record is not None and self.case == Case.STOPPED_FENCED.value
+                if keep and self._fenced_record is not None:
+                    self.owner.write(self._fenced_record)
+                self.owner.release(remove_record=not keep)
+
+    def _park(self) -> None:
+        """Wait for a stop or, fenced, an operator's decision."""
+        self._stop.wait()
+        decision = self._decision
+        if decision is not None and self.policy.state is State.FENCED:
+            what = "resumed here" if decision is Event.RESUME_HERE else "stale copy destroyed"
+            self._advance(decision, f"{what} by the operator (was: {self.reason})")
+            if self._action_error:
+                with self._lock:
+                    self.stats.set_state(self.stats.state, self._action_error, time.time())
+            return
+        self._stopped()
 
     def _stopped(self) -> None:
         if self.policy.state is State.FENCED:
+            if self._shutdown:  # what the next remusd must find: still fenced
+                self._fenced_record = self.record()
             self._advance(Event.STOP, f"fenced: {self.reason}")
         else:
             self._advance(Event.STOP, "unprotected on request")
@@ -274,13 +549,38 @@ class Protector:
                     Event.FENCED, f"{e.reason} ({why}; not retrying)", cause=e.reason
                 )
             if e.permanent:
-                log.error(
-                    "domain %s: %s; not retrying (unprotect and protect again to retry)",
-                    self.info.name,
-                    e.reason,
-                )
+                if isinstance(e, Refused) and e.code == "limit":
+                    log.error(
+                        "domain %s NOT PROTECTED: the receiver at %s refuses this session's "
+                        "limits: %s; not retrying (change the interval or the sizes on this "
+                        "side, or the receiver's failover-timeout or caps, then remusctl "
+                        "unprotect %s and protect it again)",
+                        self.info.name,
+                        self.req.target,
+                        e.reason,
+                        self.info.name,
+                    )
+                else:
+                    log.error(
+                        "domain %s: %s; not retrying (unprotect and protect again to retry)",
+                        self.info.name,
+                        e.reason,
+                    )
                 return self._advance(Event.REFUSED, f"{e.reason} (not retrying)")
             event = self.policy.loss()
+            if e.shutdown:
+                log.warning(
+                    "domain %s unprotected: the receiver at %s is stopping (%s); its backup "
+                    "stays paused there, it does not take over; reconnecting%s",
+                    self.info.name,
+                    self.req.target,
+                    e.reason,
+                    " at once" if event is Event.LOST_FAILOVER_CAPABLE else "",
+                )
+                step = self._advance(event, f"backup lost: the receiver is stopping: {e.reason}")
+                if event is Event.LOST:
+                    log.info("domain %s: next attempt in %.1f s", self.info.name, step.wait)
+                return step
             if event is Event.LOST_FAILOVER_CAPABLE:
                 # the receiver holds a committed backup and fails it over after
                 # its timeout of silence unless a new session supersedes it first
@@ -312,16 +612,24 @@ class Protector:
 
     def _hello(self) -> sp.Hello:
         i = self.info
+        with self._lock:
+            ack_ms = self.stats.ack_ms()
+            self.stats.hello_ack_ms = ack_ms
+        opts: dict[str, Any] = {
+            "codec": self.req.codec,
+            "cache_pages": self.tuning.cache_pages,
+            "buffer_pages": self.tuning.buffer_pages,
+            "interval_ms": self.req.interval_ms,
+            "heartbeat_ms": self.req.interval_ms,
+            "verify": self.req.verify,
+        }
+        if HELLO_HAS_ACK_MS:
+            # the median ACK wait of the last session (0: unknown); the receiver
+            # refuses (limit) a failover timeout below 2 x interval + ack_ms
+            opts["ack_ms"] = min(ack_ms, getattr(sp, "MAX_ACK_MS", 60_000) - 1)
         return sp.Hello(
             session_id=sp.new_session_id(),
-            options=sp.Options(
-                codec=self.req.codec,
-                cache_pages=self.tuning.cache_pages,
-                buffer_pages=self.tuning.buffer_pages,
-                interval_ms=self.req.interval_ms,
-                heartbeat_ms=self.req.interval_ms,
-                verify=self.req.verify,
-            ),
+            options=sp.Options(**opts),
             domain=DomainConfig(
                 name=i.name,
                 uuid=i.uuid,
@@ -355,9 +663,13 @@ class Protector:
             link, domain = t.wrap(self.stats.sessions + 1, link, domain)
         try:
             link.open()
-            self._advance(Event.OPENED)
             with self._lock:
                 self.stats.new_session(hello.session_id if link.kind == "tcp" else None)
+                self.stats.failover_timeout_ms = link.failover_timeout_ms
+                self.stats.peer_address = link.peer_address
+                self.stats.peer_names = list(link.peer_names)
+                self.stats.peer_not_after = link.peer_not_after
+            self._advance(Event.OPENED)
             log.info(
                 "domain %s: session %s to %s (codec %s, interval %d ms%s): initial copy",
                 self.info.name,
@@ -396,6 +708,7 @@ class Protector:
         cb = CheckpointBuffer(self.info.pages, self.req.verify)
         t0 = time.monotonic()
         self._engaged = True
+        self._write_record()  # before log-dirty goes on: a successor must know
         res = initial_copy(
             domain,
             link,
@@ -500,15 +813,23 @@ class Protector:
         """Wait for the ACK of the checkpoint in flight, then release its output."""
         assert core.index is not None
         index = core.index
-        deadline = time.monotonic() + self.tuning.ack_timeout
+        t_sent = time.monotonic()
+        deadline = t_sent + self.tuning.ack_timeout
         mismatch = False
         while not core.acked_through(index):
             acks = link.next_acks(deadline)
             if not acks and time.monotonic() >= deadline:
                 raise LinkDown(f"{link.peer} did not acknowledge checkpoint {index} in time")
             mismatch = self._take_acks(link, core, acks) or mismatch
+        mono = time.monotonic()
         with self._lock:
             self.stats.acknowledged(index, digest, mismatch)
+            self.stats.ack_wait(mono - t_sent, time.time(), mono)
+        # an adopted session's first ACK covers the dead session's held output too:
+        # it was produced before this checkpoint's pause (module docstring)
+        stale, self._stale_barriers = self._stale_barriers, 0
+        for _ in range(stale):
+            domain.output_release()
         domain.output_release()
         core.released()
         if digest is not None:

@@ -12,8 +12,15 @@ maps the Domain interface onto it:
     DomainInfo.pages              xc_domain_maximum_gpfn(xch, domid, &max) + 1
     pause / unpause               xc_domain_pause / xc_domain_unpause (Xen counts)
     enable_logdirty               xc_shadow_control(.., SHADOW_OP_ENABLE_LOGDIRTY,
-                                  NULL, 0) (on failure: OFF, then ENABLE again, as
-                                  libxc's save does)
+                                  NULL, 0); EINVAL (Xen's paging_log_dirty_enable:
+                                  log-dirty already on, or a passed-through PCI
+                                  device) is refused, never answered with OFF and
+                                  ENABLE again as libxc's save did: OFF would wipe
+                                  another tracker's log (a second remusd, a live
+                                  migration), and both would go silently wrong
+    logdirty_enabled              the same ENABLE as a probe: success means it was
+                                  off (then OFF at once, leaving it as found);
+                                  EINVAL means it is on (or cannot be: passthrough)
     read_and_clear_dirty          remus_dirty_op(.., SHADOW_OP_CLEAN) -> our C helper
                                   around xc_logdirty_control with a hypercall buffer
     peek_dirty                    remus_dirty_op(.., SHADOW_OP_PEEK)
@@ -364,27 +371,64 @@ class XenDomain(Domain):
         if _lib.xc_domain_resume(self._hv.xch, self.domid, 1) < 0:
             raise self._fail("xc_domain_resume(fast)")
 
-    def enable_logdirty(self) -> None:
-        xch = self._hv.xch
+    def _enable_logdirty_op(self) -> int:
+        """SHADOW_OP_ENABLE_LOGDIRTY once: 0, or the errno."""
         op = _lib.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY
-        if _lib.xc_shadow_control(xch, self.domid, op, _ffi.NULL, 0) < 0:
-            # As libxc's save: the domain may already be in a shadow mode
-            # (a previous run died without OFF); switch off and retry once.
-            first = _ffi.errno
-            _lib.xc_shadow_control(xch, self.domid, _lib.XEN_DOMCTL_SHADOW_OP_OFF, _ffi.NULL, 0)
-            if _lib.xc_shadow_control(xch, self.domid, op, _ffi.NULL, 0) < 0:
-                raise DomainError(
-                    self.domid,
-                    "xc_shadow_control(ENABLE_LOGDIRTY)",
-                    f"{_errtext()} (first attempt: {_errtext(first)})",
-                )
+        if _lib.xc_shadow_control(self._hv.xch, self.domid, op, _ffi.NULL, 0) < 0:
+            return int(_ffi.errno) or _errno.EIO
+        return 0
+
+    def checkpoint_held(self) -> str | None:
+        """How the guest is stopped, for a sender adopting it after its
+        predecessor died between checkpoint_stop and checkpoint_go:
+        "suspended" (shut down with reason suspend: ``resume_cancelled``
+        runs it again), "paused" (``unpause``) or None (it runs)."""
+        if self._hv.is_suspended(self.domid):
+            return "suspended"
+        if int(self._raw_info().flags) & _lib.XEN_DOMINF_paused:
+            return "paused"
+        return None
+
+    def enable_logdirty(self) -> None:
+        """Log-dirty on. Refused (DomainError) when it is on already: Xen
+        answers EINVAL then, and turning it off and on again (libxc's save
+        did) would wipe the log of whoever else tracks the domain."""
+        err = self._enable_logdirty_op()
+        if err == _errno.EINVAL:
+            raise DomainError(
+                self.domid,
+                "xc_shadow_control(ENABLE_LOGDIRTY)",
+                "log-dirty mode is already on (another process tracks this domain's "
+                "memory: a remusd, a live migration, xl remus; or one that died "
+                "without turning it off), or the domain has a passed-through PCI "
+                "device; refusing to turn it off and on again",
+            )
+        if err:
+            raise DomainError(self.domid, "xc_shadow_control(ENABLE_LOGDIRTY)", _errtext(err))
         if self._dirty == _ffi.NULL:
-            d = _lib.remus_dirty_new(xch, self.pages)
+            d = _lib.remus_dirty_new(self._hv.xch, self.pages)
             if d == _ffi.NULL:
                 raise self._fail("allocate log-dirty hypercall buffer")
             self._dirty = d
             nbytes = int(_lib.remus_dirty_bitmap_bytes(self.pages))
             self._dirty_buf = np.zeros(nbytes, dtype=np.uint8)
+
+    def logdirty_enabled(self) -> bool:
+        """Whether log-dirty mode is on for the domain, by anyone. Xen has no
+        query for it: ENABLE is the probe (EINVAL: on, or impossible because
+        of PCI passthrough; both mean "do not protect"); when it succeeds the
+        mode was off and is turned OFF again at once, leaving it as found."""
+        if self._dirty != _ffi.NULL:
+            return True  # this process turned it on
+        err = self._enable_logdirty_op()
+        if err == _errno.EINVAL:
+            return True
+        if err:
+            raise DomainError(self.domid, "xc_shadow_control(ENABLE_LOGDIRTY probe)", _errtext(err))
+        off = _lib.XEN_DOMCTL_SHADOW_OP_OFF
+        if _lib.xc_shadow_control(self._hv.xch, self.domid, off, _ffi.NULL, 0) < 0:
+            raise self._fail("xc_shadow_control(OFF after the probe)")
+        return False
 
     def disable_logdirty(self) -> None:
         rc = _lib.xc_shadow_control(

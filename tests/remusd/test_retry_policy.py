@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from remusd.policy import TABLE, Action, Event, IllegalMove, RetryPolicy, State
+from remusd.policy import TABLE, Action, Case, Event, IllegalMove, RetryPolicy, State, Step, case_of
 
 S, E, A = State, Event, Action
 
@@ -36,6 +36,19 @@ EXPECTED = {
     (S.PROTECTED, E.CRASHED): (S.STOPPED, (A.UNPROTECT,)),
     (S.UNPROTECTED, E.CRASHED): (S.STOPPED, (A.UNPROTECT,)),
     (S.FENCED, E.CRASHED): (S.STOPPED, ()),
+    # issue 12, defect 3: a dead remusd's protections, adopted at start-up
+    (S.INITIAL_COPY, E.ADOPTED): (S.RECONNECTING, ()),
+    (S.INITIAL_COPY, E.ADOPTED_FENCED): (S.FENCED, (A.PARK,)),
+    (S.RECONNECTING, E.OPENED): (S.INITIAL_COPY, (A.RECOVER,)),
+    (S.RECONNECTING, E.LOST): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_AFTER_BACKOFF)),
+    (S.RECONNECTING, E.REFUSED): (S.UNPROTECTED, (A.UNPROTECT, A.PARK)),
+    (S.RECONNECTING, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),
+    (S.RECONNECTING, E.STOP): (S.STOPPED, (A.UNPROTECT,)),
+    (S.RECONNECTING, E.DOMAIN_ERROR): (S.STOPPED, (A.UNPROTECT,)),
+    (S.RECONNECTING, E.CRASHED): (S.STOPPED, (A.UNPROTECT,)),
+    # the operator's decisions on a fenced copy
+    (S.FENCED, E.RESUME_HERE): (S.STOPPED, (A.RESUME,)),
+    (S.FENCED, E.DESTROY_STALE): (S.STOPPED, (A.DESTROY,)),
 }
 
 #: the rows of TABLE, and every other (state, event) pair, sorted by their values
@@ -132,3 +145,76 @@ def test_bad_bounds():
         RetryPolicy(2.0, 1.0)
     with pytest.raises(ValueError):
         RetryPolicy(0.0, 1.0)
+
+
+#: (state before, event, engaged) -> the case after, for every row of TABLE
+#: whose case does not depend on engaged (FENCE rows are listed both ways)
+def _expected_case(state: State, event: Event, engaged: bool) -> Case:
+    new, actions = TABLE[(state, event)]
+    if new is S.INITIAL_COPY:
+        return Case.INITIAL_COPY
+    if new is S.PROTECTED:
+        return Case.PROTECTED
+    if new is S.RECONNECTING:
+        return Case.RECONNECTING_ORPHAN
+    if new is S.UNPROTECTED:
+        return Case.REFUSED if A.PARK in actions else Case.UNPROTECTED_RETRYING
+    if new is S.FENCED:
+        return Case.FENCED_BACKUP_TOOK_OVER if engaged else Case.FENCED_POSSIBLE_SPLIT_BRAIN
+    return {
+        E.RESUME_HERE: Case.RESUMED_HERE,
+        E.DESTROY_STALE: Case.DESTROYED_STALE,
+    }.get(
+        event,
+        Case.STOPPED_FENCED
+        if state is S.FENCED
+        else Case.STOPPED_ERROR
+        if event in (E.DOMAIN_ERROR, E.CRASHED)
+        else Case.STOPPED,
+    )
+
+
+@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("engaged", [False, True])
+def test_every_row_has_its_case(row, engaged):
+    state, event = row
+    new, actions = TABLE[row]
+    got = case_of(state, event, Step(new, actions), engaged=engaged)
+    assert got is _expected_case(state, event, engaged)
+
+
+def test_the_orphan_cases():
+    # an orphan whose receiver says the backup took over: its output was held
+    # since the last ACK (the dead remusd never released it): a clean fence
+    p = RetryPolicy(0.5, 30.0)
+    step = p.advance(E.ADOPTED)
+    assert case_of(S.INITIAL_COPY, E.ADOPTED, step, engaged=True) is Case.RECONNECTING_ORPHAN
+    step = p.advance(E.FENCED)
+    assert step.actions == (A.FENCE, A.PARK)
+    assert case_of(S.RECONNECTING, E.FENCED, step, engaged=True) is Case.FENCED_BACKUP_TOOK_OVER
+    # the operator decides
+    step = p.advance(E.DESTROY_STALE)
+    assert case_of(S.FENCED, E.DESTROY_STALE, step, engaged=False) is Case.DESTROYED_STALE
+    # a fenced record adopted keeps the case it had
+    p = RetryPolicy(0.5, 30.0)
+    step = p.advance(E.ADOPTED_FENCED)
+    assert (
+        case_of(
+            S.INITIAL_COPY,
+            E.ADOPTED_FENCED,
+            step,
+            engaged=False,
+            fenced_case=Case.FENCED_BACKUP_TOOK_OVER,
+        )
+        is Case.FENCED_BACKUP_TOOK_OVER
+    )
+    assert p.advance(E.RESUME_HERE).actions == (A.RESUME,)
+    # an adopted protection that cannot reach its receiver: as any lost session
+    p = RetryPolicy(0.5, 30.0)
+    p.advance(E.ADOPTED)
+    assert p.loss() is E.LOST
+    step = p.advance(E.LOST)
+    assert step.actions == (A.UNPROTECT, A.RETRY_AFTER_BACKOFF) and step.wait == 0.5
+    for bad in (E.RESUME_HERE, E.DESTROY_STALE):
+        with pytest.raises(IllegalMove):
+            _at(S.PROTECTED).advance(bad)

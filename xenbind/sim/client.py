@@ -387,6 +387,22 @@ class SimDomain(Domain):
     def disable_logdirty(self) -> None:
         self._request("disable_logdirty", b"D")
 
+    def logdirty_enabled(self) -> bool:
+        """Whether log-dirty mode is on (by anyone: this process or another).
+        ``enable_logdirty`` refuses while it is, as Xen does."""
+        return bool(self._status()[L.W_LOGDIRTY])
+
+    def checkpoint_held(self) -> str | None:
+        """How the guest is stopped, for a sender adopting it after its
+        predecessor died mid-checkpoint: "paused" (a pause count above 0:
+        ``unpause`` undoes one) or None (it runs)."""
+        return "paused" if int(self._status()[L.W_PAUSE]) > 0 else None
+
+    def output_barriers(self) -> int:
+        """Barriers in the output buffer not yet released (checkpoints whose
+        output a dead sender never released)."""
+        return int(self._status()[L.W_BARRIERS])
+
     def read_and_clear_dirty(self) -> np.ndarray:
         with self._lock:
             ctl = self._status()

@@ -15,7 +15,9 @@ on success, ``b"\\1" + utf-8 message`` on error::
     U  unpause               -> u32 pause count   (error if not paused)
     K  checkpoint stop: pause, then get context   -> u32 pause count + as G
     W  checkpoint go: <- u8 1: output barrier first, 0: none; then unpause -> as U
-    E  enable log-dirty      (write-protect all / clear the bitmap)
+    E  enable log-dirty      (write-protect all / clear the bitmap); refused when
+                             it is on already, as Xen refuses (EINVAL): a second
+                             tracker would steal part of the first one's log
     D  disable log-dirty
     R  bitmap mode: snapshot-and-clear the bitmap  -> u64 pages in the snapshot
     G  get context           -> registers (64 bytes) + device model (32 bytes)
@@ -287,6 +289,11 @@ class Worker:
                     log(f"guest cannot run: {self.crash_reason}")
             return struct.pack("<I", self.pause_count)
         if op == b"E":
+            if self.logdirty:
+                raise ValueError(
+                    "log-dirty mode is already on (another process tracks this "
+                    "domain's memory); refusing to enable it again"
+                )
             if self.uffd is not None:
                 self.uffd.protect_all()
             else:
