@@ -7,7 +7,8 @@ Configuration (``parse_args_with_config``)
     with ``-`` or ``_`` (``control``, ``failover-timeout``/``failover_timeout``),
     at top level. An unknown key or a value of the wrong type is a
     ``ConfigError`` naming the file and key. The default config file may be
-    absent; a file named explicitly must exist.
+    absent; a file named explicitly must exist. Named tables (``tables=``,
+    e.g. ``[witness]``) are skipped here and read by their own module.
 """
 
 from __future__ import annotations
@@ -119,12 +120,16 @@ def parse_args_with_config(
     *,
     config_dest: str = "config",
     default_config: str | None = None,
+    tables: Sequence[str] = (),
 ) -> argparse.Namespace:
     """Parse ``argv`` with defaults < TOML file < explicit flags.
 
     The file is the value of the ``config_dest`` option (``--config``) if
     given, else ``default_config`` (which may be absent). The returned
     namespace has ``config`` set to the file actually read, or None.
+    ``tables``: top-level keys left to their own readers when they hold a
+    TOML table (``("witness",)``: daemonkit.witness reads ``[witness]``);
+    such a key holding anything else is still an error.
     """
     args = parser.parse_args(argv)
     explicit = _explicit_dests(parser, argv)
@@ -140,6 +145,8 @@ def parse_args_with_config(
         return args
     actions = _option_actions(parser)
     for key, value in data.items():
+        if key in tables and isinstance(value, dict):
+            continue  # its own reader's (e.g. daemonkit.witness.load_witness_config)
         dest = key.replace("-", "_")
         if dest == config_dest or dest not in actions:
             known = ", ".join(sorted(d.replace("_", "-") for d in actions if d != config_dest))

@@ -15,9 +15,10 @@ import argparse
 import ipaddress
 from dataclasses import dataclass, field
 
-from daemonkit import tls
+from daemonkit import tls, witness
 from daemonkit.config import add_daemon_arguments, parse_args_with_config
 from daemonkit.transport import parse_hostport
+from daemonkit.witness import WitnessConfig
 from xenbind.compress import MAX_CACHE_PAGES
 from xenbind.errors import ConfigError
 
@@ -129,6 +130,9 @@ class ReceiverConfig:
     max_pending: int = DEFAULT_MAX_PENDING
     #: Prometheus metrics address (daemonkit.metrics), None: off
     metrics: str | None = None
+    #: the witness (docs/witness.md): fail over only after winning the owner key;
+    #: None: no split-brain protection
+    witness: WitnessConfig | None = None
 
     def insecure_allowed(self, host: str) -> bool:
         """Whether a plaintext peer at ``host`` (an IP address) may connect."""
@@ -385,12 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default info)",
     )
     tls.add_arguments(p, role="receiver")
+    witness.add_witness_flags(p)
     return p
 
 
 def load_config(argv: list[str] | None = None) -> ReceiverConfig:
     parser = build_parser()
-    args = parse_args_with_config(parser, argv, default_config=DEFAULT_CONFIG)
+    args = parse_args_with_config(parser, argv, default_config=DEFAULT_CONFIG, tables=("witness",))
+    wcfg = witness.load_witness_config(args.config, args)
     if not args.listen:
         raise ConfigError("--listen HOST:PORT is required (flag or `listen` in the config file)")
     host, port = parse_hostport(args.listen, what="--listen")
@@ -428,4 +434,5 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         insecure_max_bytes=args.insecure_max_mb << 20,
         max_pending=args.max_pending,
         metrics=args.metrics,
+        witness=wcfg,
     )

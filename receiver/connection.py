@@ -283,6 +283,8 @@ class Connection:
         if self.closing.is_set():
             return self.core.close(*self._close_why)
         backup = ProtectionBackup(prot, self.who)
+        # the ACCEPT says "witness": true when this receiver fails over under the key
+        self.core.rs.accept_witness = self.daemon.cfg.witness is not None
         actions = self.core.accept(round(prot.failover_timeout * 1000), backup, time.monotonic())
         prot.life()  # the stall and failover clocks start now, not at the HELLO
         try:

@@ -108,6 +108,13 @@ from typing import TYPE_CHECKING
 
 from daemonkit.tls import TlsServer, cert_not_after
 from daemonkit.transport import TlsTransport
+from daemonkit.witness import (
+    ClaimRefused,
+    OwnerKey,
+    WitnessError,
+    WitnessUnreachable,
+    no_witness_status,
+)
 from xenbind import PAGE_SIZE
 from xenbind.compress.formats import MAX_ENCODED_PAGE
 from xenbind.errors import DomainError, RemusError
@@ -223,6 +230,7 @@ class ReceiverDaemon:
         timeout_ms = cfg.failover_timeout_for(hello.options.interval_ms, hello.options.heartbeat_ms)
         check_timeout(timeout_ms, hello.options.interval_ms, hello.options.ack_ms)
         self._check_options(hello)
+        self._check_witness(hello)  # etcd I/O: no lock held
         with self.lock:
             if self.open_sessions() >= cfg.max_sessions:
                 raise Refusal("busy", f"{cfg.max_sessions} sessions already open (max-sessions)")
@@ -350,6 +358,47 @@ class ReceiverDaemon:
                 f"{o.codec} COMPRESSED_DATA chunks of up to {worst} bytes, more than "
                 f"this receiver's max-compressed-mb {cfg.max_compressed >> 20} "
                 f"(buffer-pages {cfg.max_compressed // per_page} at most)",
+            )
+
+    def _check_witness(self, hello: Hello) -> None:
+        """The HELLO's claim must be the owner key's holder now (docs/witness.md,
+        contract step 3): REFUSE witness if not, REFUSE fenced if a later claim
+        (a failover) moved the epoch past it. Called with no lock held."""
+        w = self.cfg.witness
+        claim = hello.witness
+        if w is None or claim is None:
+            return
+        d = hello.domain
+        expect = w.owner_key(d.uuid)
+        if claim.key != expect:
+            raise Refusal(
+                "witness",
+                f"the HELLO's owner key {claim.key} is not this receiver's {expect}: "
+                "the two daemons use different witness prefixes or clusters",
+            )
+        key = OwnerKey(w, d.uuid, role="backup", session=hello.session_id)
+        try:
+            holder, epoch = key.holder()
+        except WitnessUnreachable as e:
+            raise Refusal("busy", f"{e}: cannot check the HELLO's witness claim") from None
+        finally:
+            key.close()
+        if epoch > claim.revision:
+            raise Refusal(
+                "fenced",
+                f"witness: {expect} was claimed at revision {epoch}, after the HELLO's "
+                f"claim (revision {claim.revision}): the backup took over",
+            )
+        if holder is None or holder.revision != claim.revision:
+            who = (
+                "nobody"
+                if holder is None
+                else f"{holder.role} {holder.host} (revision {holder.revision})"
+            )
+            raise Refusal(
+                "witness",
+                f"witness: the HELLO claims {expect} at revision {claim.revision}, but it is "
+                f"held by {who}: a stale claim (claim again)",
             )
 
     def _resolve_old(self, old: Protection, hello: Hello, identity: tuple[str, str]) -> None:
@@ -626,6 +675,87 @@ class ReceiverDaemon:
 
     # ------------------------------------------------------------- failover
 
+    def manual_failover(self, prot: Protection) -> dict:
+        """An operator's ``failover``: at once without a witness; with one, only
+        after the failover timeout and after winning the owner key."""
+        if self.cfg.witness is None:
+            return self.failover(prot, "operator request on the control socket", manual=True)
+        with prot.lock:
+            silence = time.monotonic() - prot.last_life
+            if not policy.allows(prot.state, "witness-won"):
+                raise RemusError(f"{prot.label()} cannot fail over in state {prot.state}")
+            if silence < prot.failover_timeout:
+                raise RemusError(
+                    f"{prot.label()}: witness: the failover timeout "
+                    f"({prot.failover_timeout * 1000:.0f} ms) has not passed since the last "
+                    f"sign of life ({silence * 1000:.0f} ms ago); not failing over"
+                )
+        result = self._challenge(prot, "operator request on the control socket", manual=True)
+        if not result:
+            raise RemusError(f"{prot.label()}: not failing over: {prot.witness_wait}")
+        return result
+
+    def _challenge(self, prot: Protection, reason: str, *, manual: bool = False) -> dict:
+        """Claim the owner key as the backup (no lock held across etcd), then fail
+        over if nothing changed meanwhile; else stay armed, retry after retry-period."""
+        w = self.cfg.witness
+        assert w is not None
+        key = OwnerKey(w, prot.uuid, role="backup", session=prot.hello.session_id)
+        try:
+            rev = key.claim()
+        except (ClaimRefused, WitnessUnreachable) as e:
+            key.close()
+            if isinstance(e, ClaimRefused) and e.holder is not None:
+                wait = f"waiting for the witness: held by {e.holder.role} {e.holder.host}"
+            elif isinstance(e, ClaimRefused):
+                wait = f"waiting for the witness: {e.why}"
+            else:
+                wait = f"witness unreachable: {e}"
+            with prot.lock:
+                if policy.allows(prot.state, "witness-refused"):
+                    policy.advance(prot, "witness-refused")
+                    first = prot.witness_wait is None
+                    prot.witness_wait = wait
+                    prot.challenge_at = time.monotonic() + w.timings.retry_period
+                    (log.warning if first else log.debug)(
+                        "%s: not failing over: %s; trying again every %.1f s",
+                        prot.label(),
+                        wait,
+                        w.timings.retry_period,
+                    )
+                else:
+                    prot.witness_wait = wait
+            return {}
+        with prot.lock:
+            silence = time.monotonic() - prot.last_life
+            current = self.protections.get(prot.uuid) is prot
+            if (
+                not current
+                or not policy.allows(prot.state, "witness-won")
+                or (not manual and (not prot.armed or silence < prot.failover_timeout))
+            ):
+                won = False  # a new session, a sign of life: give the key back
+            else:
+                won = True
+                policy.advance(prot, "witness-won")
+                prot.fencing_revision = rev
+                prot.witness_key = key
+                prot.witness_wait = None
+                result = self.failover(prot, reason, manual=manual)
+        if not won:
+            try:
+                key.release()
+            except WitnessError as e:
+                log.warning("%s: witness: giving the key back: %s", prot.label(), e)
+            key.close()
+            return {}
+        # the resumed domain is the live copy: hold its key (contract, receiver 3)
+        stop = self.stopping
+        threading.Thread(
+            target=key.run_renewals, args=(stop,), name=f"witness-{prot.name}", daemon=True
+        ).start()
+        return result
+
     def failover(self, prot: Protection, reason: str, *, manual: bool = False) -> dict:
         with prot.lock:
             silence = time.monotonic() - prot.last_life
@@ -657,7 +787,7 @@ class ReceiverDaemon:
             log.warning(
                 "%s: FAILOVER: backup domain %s resumed from checkpoint %s (committed %.0f ms "
                 "before); %s; detection took %.0f ms (failover timeout %.0f ms); the domain "
-                "is now fenced on this host%s",
+                "is now fenced on this host%s%s",
                 prot.label(),
                 prot.backup_domid,
                 prot.last_committed,
@@ -666,6 +796,9 @@ class ReceiverDaemon:
                 prot.detection_ms,
                 prot.failover_timeout * 1000,
                 digest,
+                ""
+                if prot.fencing_revision is None
+                else f"; witness: owner key won, fencing revision {prot.fencing_revision}",
             )
             self._carry_out(
                 prot,
@@ -681,6 +814,7 @@ class ReceiverDaemon:
             "resumed_from": prot.last_committed,
             "detection_ms": round(prot.detection_ms, 1),
             "memory_digest": prot.failover_digest,
+            "fencing_revision": prot.fencing_revision,
         }
 
     def start_monitor(self) -> None:
@@ -704,7 +838,7 @@ class ReceiverDaemon:
                 if not prot.armed and prot.state != policy.RECEIVING:
                     continue  # its timer is off
                 silence = now - prot.last_life
-                if silence < prot.failover_timeout:
+                if silence < prot.failover_timeout or now < prot.challenge_at:
                     continue
                 self._expiring.add(id(prot))
                 threading.Thread(
@@ -719,21 +853,26 @@ class ReceiverDaemon:
                     return  # a sign of life, a new session or a failover came first
                 if not prot.armed and prot.state != policy.RECEIVING:
                     return
-                actions = policy.advance(prot, policy.silence_event(prot.state, self.cfg))
+                witness = self.cfg.witness is not None
+                actions = policy.advance(prot, policy.silence_event(prot.state, self.cfg, witness))
+                what = (
+                    "link lost"
+                    if prot.state == policy.LINK_LOST
+                    else ("stream broken" if prot.state == policy.BROKEN else "session silent")
+                )
+                challenge = policy.CHALLENGE in actions
+                reason = f"no checkpoint and no heartbeat for {silence * 1000:.0f} ms ({what})"
                 if policy.FAILOVER in actions:
-                    what = (
-                        "link lost"
-                        if prot.state == policy.LINK_LOST
-                        else ("stream broken" if prot.state == policy.BROKEN else "session silent")
-                    )
-                    self.failover(
-                        prot,
-                        f"no checkpoint and no heartbeat for {silence * 1000:.0f} ms ({what})",
-                    )
+                    self.failover(prot, reason)
                 # on-link-loss = wait: end the silent session, keep the backup paused
                 self._carry_out(
-                    prot, actions, "silent", close=f"nothing received for {silence * 1000:.0f} ms"
+                    prot,
+                    tuple(a for a in actions if a != policy.CHALLENGE),
+                    "silent",
+                    close=f"nothing received for {silence * 1000:.0f} ms",
                 )
+            if challenge:  # the owner key first, with no lock held (docs/witness.md)
+                self._challenge(prot, f"{reason}; the owner key won")
         except Exception:  # the timer must outlive any one domain's trouble
             log.exception("%s: failover timer", prot.label())
         finally:
@@ -775,6 +914,11 @@ class ReceiverDaemon:
                 "on_violation": self.cfg.on_violation,
                 "on_unprotect": self.cfg.on_unprotect,
             },
+            **(
+                no_witness_status()
+                if self.cfg.witness is None
+                else {"witness": self.cfg.witness.describe(), "split_brain_protection": True}
+            ),
             "connections_in_handshake": max(0, handshaking),
             "sessions": [p.status() for p in prots],
         }
@@ -804,7 +948,7 @@ class ReceiverDaemon:
             if not isinstance(ref, str):
                 raise RemusError('failover needs "domain": a name, UUID or backup domid')
             prot = self.find(ref)
-            return self.failover(prot, "operator request on the control socket", manual=True)
+            return self.manual_failover(prot)
         if cmd == "ping":
             return "pong"
         raise RemusError(f"unknown command {cmd!r} (status, failover, ping)")

@@ -21,6 +21,15 @@ refused with ``IllegalMove`` (naming both) and changes nothing.
     receiving     stopping               link-lost    no
     receiving     silent[failover]       receiving    yes    failover
     receiving     silent[wait]           receiving    no     close:stalled
+    receiving     silent[witness]        receiving    yes    challenge
+    link-lost     silent[witness]        link-lost    yes    challenge
+    broken        silent[witness]        broken       yes    challenge
+    receiving     witness-won            receiving    yes    failover
+    link-lost     witness-won            link-lost    yes    failover
+    broken        witness-won            broken       yes    failover
+    receiving     witness-refused        receiving    yes
+    link-lost     witness-refused        link-lost    yes
+    broken        witness-refused        broken       yes
     link-lost     silent                 link-lost    yes    failover
     broken        silent                 broken       yes    failover
     receiving     resumed                failed-over  no     close:failed-over
@@ -52,6 +61,15 @@ The events, and who raises them (receiver.daemon unless said otherwise):
                        open session; [on-link-loss]
     silent             the same for an ended session whose timer is armed (the
                        timer only fires for those)
+    silent[witness]    either of those with a witness configured (and, for an
+                       open session, on-link-loss = failover): challenge the
+                       owner key first (docs/witness.md)
+    witness-won        the claim of the owner key succeeded: fail over (the
+                       timer's expiry, or an operator's failover after the
+                       failover timeout)
+    witness-refused    the claim was refused (the primary's lease lives) or etcd
+                       did not answer: stay armed, try again after retry-period;
+                       a superseding HELLO cancels
     resumed            the backup was unpaused (failover by the timer or an operator)
     resume-failed      unpausing it failed
     superseded         a session of a newer (or the same) protection arrived
@@ -61,7 +79,9 @@ The events, and who raises them (receiver.daemon unless said otherwise):
 The actions are carried out by the caller, in order, still under the
 Protection's lock: ``destroy`` the backup, ``forget`` the Protection (drop it
 from the registry), ``close:CODE`` the session with an ERROR of that code,
-``failover`` (unpause, then the ``resumed`` / ``resume-failed`` event).
+``failover`` (unpause, then the ``resumed`` / ``resume-failed`` event),
+``challenge`` (claim the owner key with no lock held, then ``witness-won`` or
+``witness-refused``).
 
 Rules kept here:
 - ``advance`` is the only writer of ``state`` and ``armed``; it is called with
@@ -104,6 +124,7 @@ FAILOVER = "failover"
 CLOSE_STALLED = "close:stalled"
 CLOSE_FAILED_OVER = "close:failed-over"
 CLOSE_SUPERSEDED = "close:superseded"
+CHALLENGE = "challenge"
 
 Row = tuple[str, bool, tuple[str, ...]]
 
@@ -130,6 +151,16 @@ TABLE: dict[tuple[str, str], Row] = {
     (RECEIVING, "silent[wait]"): (RECEIVING, False, (CLOSE_STALLED,)),
     (LINK_LOST, "silent"): (LINK_LOST, True, (FAILOVER,)),
     (BROKEN, "silent"): (BROKEN, True, (FAILOVER,)),
+    # the same with a witness: the owner key first (docs/witness.md)
+    (RECEIVING, "silent[witness]"): (RECEIVING, True, (CHALLENGE,)),
+    (LINK_LOST, "silent[witness]"): (LINK_LOST, True, (CHALLENGE,)),
+    (BROKEN, "silent[witness]"): (BROKEN, True, (CHALLENGE,)),
+    (RECEIVING, "witness-won"): (RECEIVING, True, (FAILOVER,)),
+    (LINK_LOST, "witness-won"): (LINK_LOST, True, (FAILOVER,)),
+    (BROKEN, "witness-won"): (BROKEN, True, (FAILOVER,)),
+    (RECEIVING, "witness-refused"): (RECEIVING, True, ()),
+    (LINK_LOST, "witness-refused"): (LINK_LOST, True, ()),
+    (BROKEN, "witness-refused"): (BROKEN, True, ()),
     # the backup was unpaused (the timer or an operator), or that failed
     (RECEIVING, "resumed"): (FAILED_OVER, False, (CLOSE_FAILED_OVER,)),
     (LINK_LOST, "resumed"): (FAILED_OVER, False, (CLOSE_FAILED_OVER,)),
@@ -216,6 +247,11 @@ def end_event(state: str, kind: str, cfg: Policies, stopping: bool) -> str:
     return f"link-lost[{cfg.on_link_loss}]"
 
 
-def silence_event(state: str, cfg: Policies) -> str:
-    """The event for the failover timeout passing in ``state``."""
-    return f"silent[{cfg.on_link_loss}]" if state == RECEIVING else "silent"
+def silence_event(state: str, cfg: Policies, witness: bool = False) -> str:
+    """The event for the failover timeout passing in ``state`` (``witness``:
+    one is configured, so a failover challenges the owner key first)."""
+    if state == RECEIVING:
+        if witness and cfg.on_link_loss == "failover":
+            return "silent[witness]"
+        return f"silent[{cfg.on_link_loss}]"
+    return "silent[witness]" if witness else "silent"

@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -85,6 +85,12 @@ class Protection:
     failed_over_wall: float | None = None
     detection_ms: float | None = None
     failover_digest: str | None = None  # verify mode: the backup's memory as it resumed
+    #: the witness (docs/witness.md): the revision our winning claim got, the
+    #: key we hold since, and while a challenge waits: why, and when to retry
+    fencing_revision: int | None = None
+    witness_key: Any = None  # daemonkit.witness.OwnerKey, once won
+    witness_wait: str | None = None
+    challenge_at: float = 0.0
     last_error: str | None = None
     #: who sent the HELLO: ("address", HOST) for plaintext, ("certificate",
     #: "name1,name2") for TLS; only the same identity may supersede a live session
@@ -172,6 +178,8 @@ class Protection:
             "failed_over_at": self.failed_over_wall,
             "detection_ms": None if self.detection_ms is None else round(self.detection_ms, 1),
             "failover_digest": self.failover_digest,
+            "fencing_revision": self.fencing_revision,
+            "witness_wait": self.witness_wait,
             "started_at": self.started_wall,
             "error": self.last_error,
             "peer_cert_names": self.peer_cert_names,

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from daemonkit import tls
+from daemonkit import tls, witness
 from daemonkit.config import parse_args_with_config
 from daemonkit.control import ControlServer
 from daemonkit.logs import setup_logging
@@ -50,8 +50,12 @@ def _fail(msg: str, status: int = EXIT_CONFIG) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parse_args_with_config(parser, argv, default_config=DEFAULT_CONFIG)
+        args = parse_args_with_config(
+            parser, argv, default_config=DEFAULT_CONFIG, tables=("witness",)
+        )
         setup_logging(args.log_level)
+        # docs/witness.md: None means no witness (no split-brain protection)
+        args.witness_config = witness.load_witness_config(args.config, args)
         startup = validate(args)
         tls_settings = tls.settings_from_args(args, role="sender")
         if any(r.target.kind == "tcp" for r in startup):
@@ -96,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.info("no TLS files and no --insecure: only file: targets can be protected")
 
+    wcfg = args.witness_config
+    if wcfg is None:
+        log.warning(
+            "no witness configured ([witness]): this pair has NO split-brain protection "
+            "(a partition of the replication link gives two running copies; docs/witness.md)"
+        )
+    else:
+        log.info(
+            "witness: etcd %s, prefix %s, ttl %d s: output is released only while the "
+            "domain's owner key is held or the backup's promise holds",
+            ", ".join(wcfg.endpoints),
+            wcfg.prefix,
+            wcfg.timings.ttl,
+        )
     daemon = Daemon(hv, args, connect)
     if tls_settings is not None:
         try:  # read once here: a status or a scrape never runs openssl

@@ -23,7 +23,7 @@ import os
 import textwrap
 from dataclasses import asdict, dataclass
 
-from daemonkit import tls
+from daemonkit import tls, witness
 from daemonkit.config import add_daemon_arguments
 from daemonkit.transport import parse_hostport
 from xenbind.compress.formats import CODECS
@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_KEEP_STOPPED:g}); protecting the domain again replaces it at once",
     )
     tls.add_arguments(p, role="sender")
+    witness.add_witness_flags(p)
     return p
 
 

@@ -44,6 +44,7 @@ import threading
 import time
 from typing import Any
 
+from daemonkit import witness
 from xenbind.errors import ConfigError, DomainError, RemusError
 from xenbind.hypervisor import Domain, Hypervisor
 from xenbind.types import DomainInfo
@@ -154,8 +155,16 @@ class Daemon:
             "orphans_found": self.orphans_found,
             "owner_refusals": self.owner_refusals,
             "cert_not_after": None if self.cert_not_after is None else round(self.cert_not_after),
+            **self._witness_status(),
             "domains": [p.status(history) for p in prots],
         }
+
+    def _witness_status(self) -> dict[str, Any]:
+        """The daemon-wide witness (docs/witness.md), or that there is none."""
+        wcfg = self.tuning.witness
+        if wcfg is None:
+            return witness.no_witness_status()
+        return {"witness": wcfg.describe(), "split_brain_protection": True}
 
     def protectors_now(self) -> list[Protector]:
         with self._lock:

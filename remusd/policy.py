@@ -22,6 +22,14 @@ States (the ``state`` of ``remusctl status``)::
                   decision (resume-here, destroy-stale)
     stopped       protection ended (unprotect, daemon stop, the domain is
                   gone, an internal error, resume-here, destroy-stale); final
+    paused-no-witness
+                  witness configured (docs/witness.md): neither proof holds
+                  (the owner key's lease is not surely live, and no ACK's
+                  promise keeps the backup from resuming): the guest is
+                  paused and its output withheld; left when the lease is
+                  renewed or re-claimed since the last claim (witness-back:
+                  unprotected, retried at once), or the backup won the key
+                  (fenced)
 
 Rules the table keeps:
 - Backoff: a retry after losing a session waits ``retry_min``, doubling on
@@ -34,6 +42,9 @@ Rules the table keeps:
 - A permanent refusal (version, bad-hello, codec, limit, an unopenable file)
   is not retried; ``fenced`` is never retried and is left only by a stop.
 - ``stopped`` is final.
+- With a witness, a guest whose output may not be released (witness-lost)
+  is paused before its lease can expire; it runs again only after the
+  lease is renewed or re-claimed (witness-back), never on its own.
 - An orphan (``reconnecting``) whose receiver answers ``fenced`` (REFUSE
   fenced, ERROR failed-over) was never released past its last ACK (its
   remusd died holding the output): the fence is clean, the backup took
@@ -64,6 +75,11 @@ situation; docs/operations.md):
                                  it runs unprotected, output released
     destroyed-stale              an operator destroyed this stale copy
     stopped-error                the domain failed or remusd hit a bug
+    paused-no-witness            witness: neither the lease nor an ACK's promise
+                                 holds: the guest is paused, its output withheld,
+                                 until etcd answers again
+    stopped-paused-no-witness    a guest paused for the witness no longer tracked
+                                 (unprotect or daemon stop): still paused
 """
 
 from __future__ import annotations
@@ -79,6 +95,7 @@ class State(Enum):
     FENCED = "fenced"
     STOPPED = "stopped"
     RECONNECTING = "reconnecting"
+    PAUSED_NO_WITNESS = "paused-no-witness"
 
 
 class Event(Enum):
@@ -97,6 +114,8 @@ class Event(Enum):
     ADOPTED_FENCED = "adopted-fenced"  # start-up: a dead remusd's record of a fenced copy
     RESUME_HERE = "resume-here"  # operator: run this (fenced) copy, unprotected
     DESTROY_STALE = "destroy-stale"  # operator: destroy this (fenced) copy
+    WITNESS_LOST = "witness-lost"  # neither the lease nor a promise holds: the guest was paused
+    WITNESS_BACK = "witness-back"  # the lease was renewed, or re-claimed since the last claim
 
 
 class Action(Enum):
@@ -111,6 +130,8 @@ class Action(Enum):
     # half-done checkpoint stop, take its log-dirty over (off: the copy turns it on)
     RESUME = "resume"  # undo the fence: run the guest, release its output, log-dirty off
     DESTROY = "destroy"  # destroy the stale copy
+    WITHHOLD = "withhold"  # the guest stays paused, its output held; log-dirty off
+    WITNESS_RESUME = "witness-resume"  # unpause the guest, release its held output
 
 
 S, E, A = State, Event, Action
@@ -150,6 +171,14 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     # the operator's decisions on a fenced copy (remusctl resume-here / destroy-stale)
     (S.FENCED, E.RESUME_HERE): (S.STOPPED, (A.RESUME,)),
     (S.FENCED, E.DESTROY_STALE): (S.STOPPED, (A.DESTROY,)),
+    # the witness (docs/witness.md): no proof that the backup will not resume
+    **{
+        (s, E.WITNESS_LOST): (S.PAUSED_NO_WITNESS, (A.WITHHOLD,))
+        for s in (*_LIVE, S.UNPROTECTED, S.RECONNECTING)
+    },
+    (S.PAUSED_NO_WITNESS, E.WITNESS_BACK): (S.UNPROTECTED, (A.WITNESS_RESUME, A.RETRY_NOW)),
+    (S.PAUSED_NO_WITNESS, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),  # the backup won the key
+    **{(S.PAUSED_NO_WITNESS, e): (S.STOPPED, ()) for e in (E.STOP, E.DOMAIN_ERROR, E.CRASHED)},
 }
 
 
@@ -168,6 +197,8 @@ class Case(Enum):
     RESUMED_HERE = "resumed-here"
     DESTROYED_STALE = "destroyed-stale"
     STOPPED_ERROR = "stopped-error"
+    PAUSED_NO_WITNESS = "paused-no-witness"
+    STOPPED_PAUSED_NO_WITNESS = "stopped-paused-no-witness"
 
 
 def case_of(
@@ -187,7 +218,11 @@ def case_of(
         return Case.RECONNECTING_ORPHAN
     if new is State.UNPROTECTED:
         return Case.REFUSED if Action.PARK in step.actions else Case.UNPROTECTED_RETRYING
+    if new is State.PAUSED_NO_WITNESS:
+        return Case.PAUSED_NO_WITNESS
     if new is State.FENCED:
+        if before is State.PAUSED_NO_WITNESS:
+            return Case.FENCED_BACKUP_TOOK_OVER  # paused before the backup could win
         if event is Event.ADOPTED_FENCED and fenced_case is not None:
             return fenced_case
         return Case.FENCED_BACKUP_TOOK_OVER if engaged else Case.FENCED_POSSIBLE_SPLIT_BRAIN
@@ -197,6 +232,8 @@ def case_of(
         return Case.DESTROYED_STALE
     if before is State.FENCED:
         return Case.STOPPED_FENCED
+    if before is State.PAUSED_NO_WITNESS:
+        return Case.STOPPED_PAUSED_NO_WITNESS
     if event in (Event.DOMAIN_ERROR, Event.CRASHED):
         return Case.STOPPED_ERROR
     return Case.STOPPED

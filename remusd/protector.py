@@ -60,6 +60,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemonkit.transport import Transport
+from daemonkit.witness import (
+    ClaimRefused,
+    LeaseLost,
+    OwnerKey,
+    WitnessConfig,
+    WitnessError,
+    WitnessUnreachable,
+    no_witness_status,
+    promise_until,
+    release_allowed,
+)
 from xenbind import session as sp
 from xenbind.errors import DomainError
 from xenbind.hypervisor import Domain
@@ -91,6 +102,11 @@ __all__ = ["HISTORY", "SOFTWARE", "STATES", "Protector", "Tuning"]
 #: how a network link connects: ``connect(host, port, timeout)``
 Connector = Callable[[str, int, float], Transport]
 
+#: seconds between the witness watchdog's checks (the margin covers it)
+WITNESS_WATCH_S = 0.02
+#: the longest a wait of the session thread goes without looking at the witness
+WITNESS_POLL_S = 0.05
+
 
 @dataclass(frozen=True)
 class Tuning:
@@ -110,6 +126,8 @@ class Tuning:
     connect: Connector | None = None
     #: a hook that may wrap each session's link and domain (None: none)
     wrap: SessionWrap | None = None
+    #: the witness (docs/witness.md), None: no split-brain protection
+    witness: WitnessConfig | None = None
 
     @classmethod
     def from_args(
@@ -128,6 +146,7 @@ class Tuning:
             cache_pages=int(args.cache_pages),
             connect=connect,
             wrap=wrap,
+            witness=getattr(args, "witness_config", None),
         )
 
 
@@ -190,6 +209,19 @@ class Protector:
         self.ended_at: float | None = None  # monotonic: when the thread ended
         self._action_error: str | None = None  # an operator's decision that failed
         self._fenced_record: dict[str, Any] | None = None  # kept by a daemon stop
+        # the witness (docs/witness.md, "The contract"); all None/False without one
+        self.wcfg = tuning.witness
+        self.wkey: OwnerKey | None = None  # our claim of the owner key (the last one)
+        self._wrev: int | None = None  # its fencing revision
+        #: the witness gate: output releases and the witness pause, never across etcd I/O
+        self._wlock = threading.Lock()
+        self._promise: float | None = None  # the backup will not resume before this (its ACK)
+        self._sent_at = 0.0  # monotonic, read before the first byte of the checkpoint in flight
+        self._lease_proof = True  # the receiver fails over only under the key (its ACCEPT)
+        self._wpaused = False  # the guest is paused for the witness (one pause count of ours)
+        self._guarding = False  # a claim was made: the watchdog watches this guest
+        self._wstop = threading.Event()  # ends the renewal and watchdog threads
+        self._wthreads: list[threading.Thread] = []
 
     # -- control -----------------------------------------------------------------
 
@@ -315,7 +347,26 @@ class Protector:
             d = self.stats.as_json(self._ident, history, now=now, mono=mono)
         d["uuid"] = self.info.uuid
         d["generation"] = self.generation
+        d.update(self.witness_status(mono))
         return d
+
+    def witness_status(self, mono: float) -> dict[str, Any]:
+        """``split_brain_protection`` and the ``witness`` block (docs/witness.md)."""
+        if self.wcfg is None:
+            return no_witness_status()
+        key = self.wkey
+        w: dict[str, Any] = {"key": self.wcfg.owner_key(self.info.uuid), "lease": "none"}
+        if key is not None:
+            w.update(key.status())
+            w.pop("witness", None)
+            w.pop("split_brain_protection", None)
+        promise = self._promise
+        w["promise_for_s"] = None if promise is None else round(max(0.0, promise - mono), 3)
+        w["paused"] = self._wpaused
+        w["backup_has_witness"] = self._lease_proof
+        if not self._lease_proof:
+            w["note"] = "backup has no witness: only its ACKs' promise proves it will not resume"
+        return {"split_brain_protection": True, "witness": w}
 
     def metrics_view(self) -> tuple[dict[str, Any], DomainStats]:
         """The status and the stats object (its histograms) for a scrape."""
@@ -350,6 +401,10 @@ class Protector:
                 self._resume_here()
             elif action is Action.DESTROY:
                 self._destroy()
+            elif action is Action.WITHHOLD:
+                self._withhold()
+            elif action is Action.WITNESS_RESUME:
+                self._witness_resume()
         case = case_of(before, event, step, engaged=engaged, fenced_case=fenced_case)
         with self._lock:
             self.stats.set_state(step.state.value, reason, time.time())
@@ -414,7 +469,20 @@ class Protector:
         """
         with self._lock:
             self.stats.fences += 1
-        if self._engaged:
+        self._guarding = False  # the key is the backup's now: nothing of ours to renew
+        self._wstop.set()
+        with self._wlock:
+            witness_paused, self._wpaused = self._wpaused, False
+        if witness_paused:
+            self._held = "paused"  # the witness pause is the fence's now
+            log.critical(
+                "domain %s FENCED: %s; the backup won the owner key and runs the guest: "
+                "this copy was paused for the witness before that, its output withheld "
+                "(destroy it here, then protect the guest from the backup host)",
+                self.info.name,
+                cause,
+            )
+        elif self._engaged:
             self._engaged = False
             ops = [self.domain.disable_logdirty]
             if self._held in ("stale-paused", "stale-suspended"):
@@ -494,18 +562,23 @@ class Protector:
                 return
             while True:
                 step = self._attempt()
+                if step is not None and step.state is State.PAUSED_NO_WITNESS:
+                    step = self._paused_for_witness()
                 if step is None:
                     return
                 if Action.PARK in step.actions:
                     self._park()
                     return
                 assert step.wait is not None
-                if self._stop.wait(step.wait):
+                if self._wait(step.wait):
                     self._stopped()
                     return
+                if self._wpaused:  # the lease ran out meanwhile: the guest is paused
+                    continue  # _attempt makes it witness-lost
                 self._advance(Event.RETRY, self.reason)
         finally:
             self.ended_at = time.monotonic()
+            self._witness_end()
             if self.owner is not None:
                 # a fenced copy left paused by a daemon stop keeps its record
                 keep = self._fenced_record is not None and self.case == Case.STOPPED_FENCED.value
@@ -526,7 +599,23 @@ class Protector:
             return
         self._stopped()
 
+    def _wait(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until asked to stop (True) or paused for the witness."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._wpaused:
+                return self._stop.is_set()
+            if self._stop.wait(min(left, WITNESS_POLL_S) if self.wcfg else left):
+                return True
+
     def _stopped(self) -> None:
+        if self.policy.state is State.PAUSED_NO_WITNESS:
+            self._advance(
+                Event.STOP,
+                f"stopped while paused for the witness (the guest stays paused): {self.reason}",
+            )
+            return
         if self.policy.state is State.FENCED:
             if self._shutdown:  # what the next remusd must find: still fenced
                 self._fenced_record = self.record()
@@ -539,10 +628,14 @@ class Protector:
         if self._stop.is_set():
             self._stopped()
             return None
+        if self._witness_blocks():
+            return self._witness_lost("")
         try:
             self._session()
             return None
         except LinkDown as e:
+            if not e.fenced and self._witness_blocks():
+                return self._witness_lost(e.reason)
             if e.fenced:
                 why = "this copy paused" if self._engaged else "possible split brain"
                 return self._advance(
@@ -640,6 +733,9 @@ class Protector:
             ),
             generation=self.generation,
             software=SOFTWARE,
+            witness=None
+            if self.wkey is None or self._wrev is None
+            else sp.WitnessClaim(self.wkey.key, self._wrev),
         )
 
     def _session(self) -> None:
@@ -648,6 +744,7 @@ class Protector:
         Returns after a clean end; raises LinkDown when the backup is lost.
         """
         t = self.tuning
+        self._witness_claim()  # before the first byte of HELLO
         hello = self._hello()
         interval = self.req.interval_ms / 1000.0
         link = make_link(
@@ -669,6 +766,15 @@ class Protector:
                 self.stats.peer_address = link.peer_address
                 self.stats.peer_names = list(link.peer_names)
                 self.stats.peer_not_after = link.peer_not_after
+            accept = getattr(link, "accept", None)
+            self._lease_proof = accept is None or bool(getattr(accept, "witness", False))
+            if self.wcfg is not None and not self._lease_proof:
+                log.warning(
+                    "domain %s: the receiver at %s has no witness: output is released only "
+                    "while its last ACK's promise holds",
+                    self.info.name,
+                    self.req.target,
+                )
             self._advance(Event.OPENED)
             log.info(
                 "domain %s: session %s to %s (codec %s, interval %d ms%s): initial copy",
@@ -693,6 +799,7 @@ class Protector:
             finally:
                 pacer.stop()
         finally:
+            self._promise = None  # no session, no promise (docs/witness.md, step 4)
             link.close()
 
     def _protect(
@@ -748,6 +855,8 @@ class Protector:
                     break
                 self._wake.wait(min(next_t - now, 0.05))
                 link.poll()
+                if self._wpaused:
+                    raise LinkDown("witness: the guest was paused (no proof it may run)")
             last = self._stop.is_set()
             index = core.next_index
             t_cap = time.monotonic()
@@ -805,6 +914,7 @@ class Protector:
         core.sent(index, last=last)
         if last:  # nothing may follow the LAST_CHECKPOINT checkpoint, heartbeats included
             pacer.stop()
+        self._sent_at = time.monotonic()  # before its first byte: the promise counts from here
         return link.send_checkpoint(index, bufs)
 
     def _acknowledge(
@@ -816,15 +926,21 @@ class Protector:
         t_sent = time.monotonic()
         deadline = t_sent + self.tuning.ack_timeout
         mismatch = False
+        step = WITNESS_POLL_S if self.wcfg is not None else self.tuning.ack_timeout
         while not core.acked_through(index):
-            acks = link.next_acks(deadline)
+            acks = link.next_acks(min(deadline, time.monotonic() + step))
             if not acks and time.monotonic() >= deadline:
                 raise LinkDown(f"{link.peer} did not acknowledge checkpoint {index} in time")
+            if not acks and self._wpaused:
+                raise LinkDown("witness: the guest was paused waiting for an ACK")
             mismatch = self._take_acks(link, core, acks) or mismatch
         mono = time.monotonic()
         with self._lock:
             self.stats.acknowledged(index, digest, mismatch)
             self.stats.ack_wait(mono - t_sent, time.time(), mono)
+        if self.wcfg is not None:
+            self._witness_ack(link, domain, core, index)
+            return
         # an adopted session's first ACK covers the dead session's held output too:
         # it was produced before this checkpoint's pause (module docstring)
         stale, self._stale_barriers = self._stale_barriers, 0
@@ -847,3 +963,220 @@ class Protector:
             self.info.name,
         )
         self._advance(Event.CLEAN_END, "unprotected on request")
+        self._witness_release()  # the receiver ended the session cleanly: it will not resume
+
+    # -- the witness (docs/witness.md, "The contract") ------------------------------
+
+    def _witness_ack(self, link: Link, domain: Domain, core: EpochCore, index: int) -> None:
+        """The ACK of ``index`` came: its promise, then its output, if a proof holds."""
+        assert self.wcfg is not None
+        ft = link.failover_timeout_ms
+        if ft:
+            self._promise = promise_until(self._sent_at, ft / 1000, self.wcfg.timings.margin)
+        with self._wlock:
+            ok = not self._wpaused and release_allowed(
+                time.monotonic(), self._lease_valid_until(), self._promise
+            )
+            if ok:
+                stale, self._stale_barriers = self._stale_barriers, 0
+                for _ in range(stale):
+                    domain.output_release()
+                domain.output_release()
+            elif not self._wpaused:
+                self._witness_pause("the ACK came after both proofs ran out")
+        if not ok:
+            raise LinkDown(f"witness: checkpoint {index}'s output withheld (no proof it may go)")
+        core.released()
+
+    def _lease_valid_until(self) -> float | None:
+        key = self.wkey
+        return key.valid_until if key is not None and self._lease_proof else None
+
+    def _witness_claim(self) -> None:
+        """Hold the owner key before HELLO (contract 1); LinkDown if not (fenced if
+        the backup holds it, else retried)."""
+        if self.wcfg is None or (self.wkey is not None and self.wkey.valid_until is not None):
+            return
+        key = self._new_key()
+        try:
+            rev = key.claim(expect_epoch=self._wrev)
+        except ClaimRefused as e:
+            key.close()
+            if e.holder is None or e.holder.role == "backup":
+                raise LinkDown(
+                    f"witness: {e.why}: the backup runs the guest", fenced=True
+                ) from None
+            raise LinkDown(f"witness: {e.why} (it frees itself within its TTL)") from None
+        except WitnessUnreachable as e:
+            key.close()
+            raise LinkDown(f"{e} (the guest runs unprotected)") from None
+        self._claimed(key, rev)
+
+    def _new_key(self) -> OwnerKey:
+        assert self.wcfg is not None
+        return OwnerKey(self.wcfg, self.info.uuid, role="primary", session=sp.new_session_id())
+
+    def _claimed(self, key: OwnerKey, rev: int) -> None:
+        old, self.wkey = self.wkey, key
+        if old is not None:
+            old.close()
+        self._wrev = rev
+        log.info(
+            "domain %s: witness: owner key %s claimed (fencing revision %d, lease valid %.1f s)",
+            self.info.name,
+            key.key,
+            rev,
+            (key.valid_until or 0.0) - time.monotonic(),
+        )
+        self._guarding = True
+        if not self._wthreads:
+            for target, what in ((self._renewals, "renew"), (self._watch, "watch")):
+                th = threading.Thread(
+                    target=target, name=f"witness-{what}-{self.info.name}", daemon=True
+                )
+                th.start()
+                self._wthreads.append(th)
+
+    def _renewals(self) -> None:
+        while not self._wstop.is_set():
+            key = self.wkey
+            if key is not None and key.valid_until is not None:
+                key.run_renewals(self._wstop)  # returns on stop, or when the lease is lost
+            self._wstop.wait(0.1)
+
+    def _watch(self) -> None:
+        """The pause timer (contract 5), as a check every WITNESS_WATCH_S."""
+        while not self._wstop.wait(WITNESS_WATCH_S):
+            with self._wlock:
+                if not self._guarding or self._wpaused:
+                    continue
+                now = time.monotonic()
+                if release_allowed(now, self._lease_valid_until(), self._promise):
+                    continue
+                key = self.wkey
+                why = (key.lease.last_error if key is not None else None) or "lease not valid"
+                self._witness_pause(why)
+
+    def _witness_pause(self, why: str) -> None:
+        """Pause the guest (one count of ours) and withhold its output; ``_wlock`` held."""
+        try:
+            self.domain.pause()
+        except DomainError as e:
+            log.error("domain %s: witness pause: %s", self.info.name, e)
+        self._wpaused = True
+        log.critical(
+            "domain %s: WITNESS: lease not renewed (%s): guest PAUSED to avoid split brain",
+            self.info.name,
+            why,
+        )
+
+    def _witness_blocks(self) -> bool:
+        """With no session open: may the guest not run with its output released?
+        (Then it is paused, if not yet.)"""
+        if self.wcfg is None or not self._guarding:
+            return False
+        with self._wlock:
+            if not self._wpaused and not release_allowed(
+                time.monotonic(), self._lease_valid_until(), None
+            ):
+                self._witness_pause("no session and no valid lease")
+            return self._wpaused
+
+    def _witness_lost(self, cause: str) -> Step:
+        key = self.wkey
+        err = key.lease.last_error if key is not None else None
+        why = "witness: lease not renewed" + (f" ({err})" if err else "")
+        if cause:
+            why += f"; {cause}"
+        return self._advance(Event.WITNESS_LOST, f"{why}: guest paused to avoid split brain")
+
+    def _withhold(self) -> None:
+        """The guest stays paused (the witness pause) and its output held."""
+        if self._engaged:
+            self._engaged = False
+            try:
+                self.domain.disable_logdirty()
+            except DomainError as e:
+                log.warning("domain %s: %s", self.info.name, e)
+
+    def _witness_resume(self) -> None:
+        """The lease is ours again: release the held output, run the guest."""
+        with self._wlock:
+            for op in (self.domain.output_unplug, self.domain.unpause):
+                try:
+                    op()
+                except DomainError as e:
+                    log.warning("domain %s: witness resume: %s", self.info.name, e)
+            self._wpaused = False
+        log.warning(
+            "domain %s: WITNESS: lease held again (fencing revision %s): the guest runs "
+            "again, unprotected; reconnecting",
+            self.info.name,
+            self._wrev,
+        )
+
+    def _paused_for_witness(self) -> Step | None:
+        """Paused for the witness: renew or re-claim (expect_epoch) until etcd
+        answers (contract 6); None when stopped meanwhile."""
+        assert self.wcfg is not None
+        period = max(0.05, self.wcfg.timings.renew_period / 4)
+        while True:
+            if self._stop.is_set():
+                self._stopped()
+                return None
+            key = self.wkey
+            try:
+                if key is not None and key.valid_until is not None:
+                    key.renew()
+                else:
+                    raise LeaseLost("no lease held")
+            except WitnessUnreachable:
+                self._stop.wait(period)
+                continue
+            except LeaseLost:
+                new = self._new_key()
+                try:
+                    rev = new.claim(expect_epoch=self._wrev)
+                except ClaimRefused as e:
+                    new.close()
+                    if e.holder is not None and e.holder.role == "primary":
+                        self._stop.wait(period)  # another primary's: it frees itself
+                        continue
+                    return self._advance(
+                        Event.FENCED,
+                        f"witness: {e.why}: the backup took over (not retrying)",
+                        cause=f"witness: {e.why}",
+                    )
+                except WitnessUnreachable:
+                    new.close()
+                    self._stop.wait(period)
+                    continue
+                self._claimed(new, rev)
+            return self._advance(
+                Event.WITNESS_BACK, "witness: lease held again; the guest runs, reconnecting"
+            )
+
+    def _witness_release(self) -> None:
+        """A clean end: give the key up (contract 7)."""
+        key = self.wkey
+        self._guarding = False
+        self._wstop.set()
+        if key is None:
+            return
+        try:
+            key.release()
+        except WitnessError as e:
+            log.warning("domain %s: witness: release: %s (it expires by itself)", self.info.name, e)
+
+    def _witness_end(self) -> None:
+        """The protection ended: stop the witness threads; a gone domain releases."""
+        if self.wcfg is None:
+            return
+        if self.case == Case.STOPPED_ERROR.value and self.policy.state is State.STOPPED:
+            self._witness_release()
+        self._guarding = False
+        self._wstop.set()
+        for th in self._wthreads:
+            th.join(2.0)
+        if self.wkey is not None:
+            self.wkey.close()

@@ -51,7 +51,7 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar, overload
 
 from .compress.formats import CODECS as CODECS  # codecs a HELLO may name (re-exported)
@@ -121,7 +121,16 @@ NO_CHECKPOINT = 0xFFFF_FFFF_FFFF_FFFF
 _U64 = struct.Struct("<Q")
 
 #: REFUSE codes (JSON "code" field): the sender can decide whether to retry.
-REFUSE_CODES = ("version", "bad-hello", "codec", "limit", "fenced", "busy", "internal")
+REFUSE_CODES = (
+    "version",
+    "bad-hello",
+    "codec",
+    "limit",
+    "fenced",
+    "busy",
+    "internal",
+    "witness",  # the HELLO's witness claim is not the owner key's holder (docs/witness.md)
+)
 
 #: Caps on HELLO fields (the receiver has its own, tighter, limits on top).
 MAX_NAME_LEN = 128
@@ -133,6 +142,8 @@ MAX_INTERVAL_MS = 3_600_000
 MAX_CACHE_PAGES = 1 << 24
 #: ``options.ack_ms`` must be below this (one minute)
 MAX_ACK_MS = 60_000
+#: the longest witness key name a HELLO may carry
+MAX_WITNESS_KEY_LEN = 512
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
@@ -171,6 +182,15 @@ class Options:
 
 
 @dataclass(frozen=True)
+class WitnessClaim:
+    """The sender's claim of the domain's owner key in the witness (etcd,
+    docs/witness.md): the key's name and the claim's (create) revision."""
+
+    key: str
+    revision: int
+
+
+@dataclass(frozen=True)
 class Hello:
     """The sender's HELLO."""
 
@@ -180,6 +200,8 @@ class Hello:
     generation: int = 0  # fencing token: a newer protection of the same domain has a larger one
     software: str = ""  # e.g. "remusd 0.1.0", for logs only
     version: int = PROTOCOL_VERSION  # filled from the prefix when decoded
+    #: optional on the wire (absent: the sender has no witness)
+    witness: WitnessClaim | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +214,9 @@ class Accept:
     limits: dict[str, Any] = field(default_factory=dict)  # max_pages, max_staged_bytes, ...
     software: str = ""
     version: int = PROTOCOL_VERSION
+    #: the receiver fails over only after winning the owner key (optional on
+    #: the wire: absent means false)
+    witness: bool = False
 
 
 @dataclass(frozen=True)
@@ -328,18 +353,23 @@ def _clip(text: str, cap: int = MAX_REASON_BYTES) -> bytes:
     return raw[:cap].decode("utf-8", "ignore").encode("utf-8")
 
 
+def _hello_obj(hello: Hello) -> dict[str, object]:
+    obj: dict[str, object] = {
+        "session": hello.session_id,
+        "generation": hello.generation,
+        "software": hello.software,
+        "options": asdict(hello.options),
+        "domain": asdict(hello.domain),
+    }
+    if hello.witness is not None:  # optional: absent when the sender has no witness
+        obj["witness"] = {"key": hello.witness.key, "revision": hello.witness.revision}
+    return obj
+
+
 def encode_hello(hello: Hello) -> bytes:
     """The bytes of a HELLO (prefix + JSON body)."""
     validate_hello(hello)
-    body = _dump_json(
-        {
-            "session": hello.session_id,
-            "generation": hello.generation,
-            "software": hello.software,
-            "options": asdict(hello.options),
-            "domain": asdict(hello.domain),
-        }
-    )
+    body = _dump_json(_hello_obj(hello))
     return PREFIX.pack(HELLO_MAGIC, hello.version, 0, len(body)) + body
 
 
@@ -384,6 +414,13 @@ def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
         hvm=_need(d, "hvm", bool, "domain", offset),
         extra=extra,
     )
+    witness = None
+    if "witness" in obj:  # optional
+        w = _need(obj, "witness", dict, "hello", offset)
+        key = _str_max(w, "key", MAX_WITNESS_KEY_LEN, "witness", offset)
+        if not key.startswith("/") or not key.isprintable():
+            raise HandshakeError("bad-hello", "witness: key must be a printable /path", offset)
+        witness = WitnessClaim(key, _int_in(w, "revision", 1, (1 << 63) - 1, "witness", offset))
     return Hello(
         session_id=session,
         options=options,
@@ -391,35 +428,27 @@ def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
         generation=generation,
         software=software,
         version=version,
+        witness=witness,
     )
 
 
 def validate_hello(hello: Hello) -> None:
     """Check a Hello the way the receiver will (the sender calls this on its own)."""
-    obj = json.loads(
-        json.dumps(
-            {
-                "session": hello.session_id,
-                "generation": hello.generation,
-                "software": hello.software,
-                "options": asdict(hello.options),
-                "domain": asdict(hello.domain),
-            }
-        )
-    )
+    obj = json.loads(json.dumps(_hello_obj(hello)))
     parse_hello_body(obj, hello.version)
 
 
 def encode_accept(accept: Accept) -> bytes:
-    body = _dump_json(
-        {
-            "session": accept.session_id,
-            "failover_timeout_ms": accept.failover_timeout_ms,
-            "heartbeat_ms": accept.heartbeat_ms,
-            "limits": accept.limits,
-            "software": accept.software,
-        }
-    )
+    obj: dict[str, object] = {
+        "session": accept.session_id,
+        "failover_timeout_ms": accept.failover_timeout_ms,
+        "heartbeat_ms": accept.heartbeat_ms,
+        "limits": accept.limits,
+        "software": accept.software,
+    }
+    if accept.witness:  # optional: absent means false
+        obj["witness"] = True
+    body = _dump_json(obj)
     return PREFIX.pack(REPLY_MAGIC, accept.version, REPLY_ACCEPT, len(body)) + body
 
 
@@ -476,6 +505,9 @@ class ReceiverSession:
         #: stream bytes a sender may push before our ACCEPT (it should not)
         self.max_early_bytes = max_early_bytes
         self.state = "hello"  # hello -> deciding -> streaming | closed
+        #: this receiver fails over only under the witness: its ACCEPT says
+        #: ``"witness": true`` (set by the receiver before it accepts)
+        self.accept_witness = False
         self.hello: Hello | None = None
         self._in = _Buffer()
         self.bytes_in = 0
@@ -562,6 +594,8 @@ class ReceiverSession:
         if self.state != "deciding":
             raise ProtocolError(f"accept() in state {self.state}")
         self.state = "streaming"
+        if self.accept_witness and not accept.witness:
+            accept = replace(accept, witness=True)
         return encode_accept(accept)
 
     def refuse(self, code: str, reason: str) -> bytes:
@@ -679,6 +713,7 @@ class SenderSession:
             limits=_need(obj, "limits", dict, "accept", off),
             software=_str_max(obj, "software", MAX_SOFTWARE_LEN, "accept", off),
             version=version,
+            witness=_need(obj, "witness", bool, "accept", off) if "witness" in obj else False,
         )
         self.accept = accept
         self.state = "established"

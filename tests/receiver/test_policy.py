@@ -80,3 +80,28 @@ def test_only_the_policy_assigns_state_and_armed() -> None:
             code = line.split("#", 1)[0]
             if re.search(r"prot\w*\.(state|armed)\s*=[^=]|old\.(state|armed)\s*=[^=]", code):
                 pytest.fail(f"{path.name}:{n}: {line.strip()}")
+
+
+def test_with_a_witness_silence_challenges_before_any_failover() -> None:
+    """issue 14: with a witness, no silence event fails over by itself; only
+    witness-won does, and a refusal keeps the domain armed in its state."""
+    for state in policy.FAILOVER_STATES:
+        event = policy.silence_event(state, _Cfg(), witness=True)
+        assert event == "silent[witness]"
+        p = _Prot(state)
+        assert policy.advance(p, event) == (policy.CHALLENGE,)
+        assert p.armed and p.state == state
+        assert policy.advance(p, "witness-refused") == ()
+        assert p.armed and p.state == state
+        assert policy.advance(p, "witness-won") == (policy.FAILOVER,)
+        assert policy.advance(p, "resumed") == (policy.CLOSE_FAILED_OVER,)
+        assert p.state == policy.FAILED_OVER
+    # on-link-loss = wait: an open, silent session is still only closed as stalled
+    assert policy.silence_event(policy.RECEIVING, _Cfg(on_link_loss="wait"), True) == "silent[wait]"
+    # every row of the table is in the docstring's table
+    doc = policy.__doc__ or ""
+    for state, event in policy.TABLE:
+        assert re.search(rf"^\s+{re.escape(state)}\s+{re.escape(event)}\s", doc, re.M), (
+            state,
+            event,
+        )

@@ -49,6 +49,16 @@ EXPECTED = {
     # the operator's decisions on a fenced copy
     (S.FENCED, E.RESUME_HERE): (S.STOPPED, (A.RESUME,)),
     (S.FENCED, E.DESTROY_STALE): (S.STOPPED, (A.DESTROY,)),
+    # issue 14: the witness; neither proof holds: paused until etcd answers
+    (S.INITIAL_COPY, E.WITNESS_LOST): (S.PAUSED_NO_WITNESS, (A.WITHHOLD,)),
+    (S.PROTECTED, E.WITNESS_LOST): (S.PAUSED_NO_WITNESS, (A.WITHHOLD,)),
+    (S.UNPROTECTED, E.WITNESS_LOST): (S.PAUSED_NO_WITNESS, (A.WITHHOLD,)),
+    (S.RECONNECTING, E.WITNESS_LOST): (S.PAUSED_NO_WITNESS, (A.WITHHOLD,)),
+    (S.PAUSED_NO_WITNESS, E.WITNESS_BACK): (S.UNPROTECTED, (A.WITNESS_RESUME, A.RETRY_NOW)),
+    (S.PAUSED_NO_WITNESS, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),
+    (S.PAUSED_NO_WITNESS, E.STOP): (S.STOPPED, ()),
+    (S.PAUSED_NO_WITNESS, E.DOMAIN_ERROR): (S.STOPPED, ()),
+    (S.PAUSED_NO_WITNESS, E.CRASHED): (S.STOPPED, ()),
 }
 
 #: the rows of TABLE, and every other (state, event) pair, sorted by their values
@@ -106,9 +116,23 @@ def test_stopped_is_final_and_fenced_is_never_retried():
     for event in Event:
         with pytest.raises(IllegalMove):
             _at(S.STOPPED).advance(event)
-    for event in (E.RETRY, E.OPENED, E.LOST, E.LOST_FAILOVER_CAPABLE):
+    for event in (E.RETRY, E.OPENED, E.LOST, E.LOST_FAILOVER_CAPABLE, E.WITNESS_BACK):
         with pytest.raises(IllegalMove):
             _at(S.FENCED).advance(event)
+
+
+def test_paused_for_the_witness_runs_again_only_when_etcd_answers():
+    p = RetryPolicy(0.5, 30.0)
+    p.advance(E.OPENED)
+    p.advance(E.COPY_ACKED, failover_timeout_ms=500)
+    step = p.advance(E.WITNESS_LOST)
+    assert step.actions == (A.WITHHOLD,) and p.failover_timeout_ms is None
+    for event in (E.RETRY, E.OPENED, E.LOST, E.COPY_ACKED, E.CLEAN_END, E.RESUME_HERE):
+        with pytest.raises(IllegalMove):
+            p.advance(event)  # no session, no retry, no operator resume while paused
+    step = p.advance(E.WITNESS_BACK)
+    assert step.state is S.UNPROTECTED and step.wait == 0.0
+    assert step.actions == (A.WITNESS_RESUME, A.RETRY_NOW)
 
 
 def test_backoff_doubles_to_the_max_and_restarts_once_protected():
@@ -159,6 +183,10 @@ def _expected_case(state: State, event: Event, engaged: bool) -> Case:
         return Case.RECONNECTING_ORPHAN
     if new is S.UNPROTECTED:
         return Case.REFUSED if A.PARK in actions else Case.UNPROTECTED_RETRYING
+    if new is S.PAUSED_NO_WITNESS:
+        return Case.PAUSED_NO_WITNESS
+    if new is S.FENCED and state is S.PAUSED_NO_WITNESS:
+        return Case.FENCED_BACKUP_TOOK_OVER  # paused for the witness before the backup won
     if new is S.FENCED:
         return Case.FENCED_BACKUP_TOOK_OVER if engaged else Case.FENCED_POSSIBLE_SPLIT_BRAIN
     return {
@@ -168,6 +196,8 @@ def _expected_case(state: State, event: Event, engaged: bool) -> Case:
         event,
         Case.STOPPED_FENCED
         if state is S.FENCED
+        else Case.STOPPED_PAUSED_NO_WITNESS
+        if state is S.PAUSED_NO_WITNESS
         else Case.STOPPED_ERROR
         if event in (E.DOMAIN_ERROR, E.CRASHED)
         else Case.STOPPED,
