@@ -3,7 +3,10 @@
     ProtectionBackup(prot, who)   who(): the session's name for log lines
     open()                        probe the backup's physmap (receiver.physmap)
     write(pfns, data)             checkpoint 0's pages, into the paused backup
-    commit(req)                   a whole checkpoint: pages + context, then the
+    read(pfns, out)               the backup's pages (the bases of delta pages;
+                                  a PFN without memory reads as zeros)
+    commit(req)                   a whole checkpoint: save records, pages +
+                                  context (Domain.set_save_records), then the
                                   policy's ``committed`` move and the figures;
                                   in verify mode the digest check
 
@@ -23,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from xenbind.errors import DomainError
 from xenbind.hypervisor import Domain
 from xenbind.stream import MemoryDigest
 
@@ -59,6 +63,31 @@ class ProtectionBackup:
                 self.physmap.ensure(pfns)
             domain.scatter(pfns, data)
 
+    def read(self, pfns: np.ndarray, out: np.ndarray) -> None:
+        """Domain.gather of the populated ones; zeros for a PFN the backup has
+        no memory at (what a page populated for it would hold)."""
+        n = len(pfns)
+        with self.prot.lock:
+            domain = self._domain()
+            pm = self.physmap
+            if pm is None or not n:
+                domain.gather(pfns, out)
+                return
+            if int(pfns.max()) >= pm.pages:
+                raise DomainError(
+                    domain.domid, "read", f"PFN {int(pfns.max()):#x} is past the last page"
+                )
+            backed = pm.backed[pfns.astype(np.intp)]
+            if backed.all():
+                domain.gather(pfns, out)
+                return
+            rows = out[:n]
+            rows[~backed] = 0
+            if backed.any():
+                have = np.empty((int(backed.sum()), rows.shape[1]), np.uint8)
+                domain.gather(pfns[backed], have)
+                rows[backed] = have
+
     def commit(self, req: CommitRequest) -> Committed:
         prot = self.prot
         t0 = time.monotonic()
@@ -66,6 +95,8 @@ class ProtectionBackup:
         with prot.lock:
             domain = self._domain()
             first = prot.state == policy.INITIAL_COPY
+            if req.records:
+                domain.set_save_records(req.records)
             if first:
                 domain.set_context(req.context)
                 n = req.pages

@@ -33,9 +33,20 @@ driver's refusal); from admission on ``admission`` (before ACCEPT),
 The pages go into the backup through the ``Backup`` passed to ``accept``
 (receiver.backup for a real Protection; a test's in-memory one): ``write``
 for the initial copy's pages (checkpoint 0 goes straight into the paused
-backup), ``commit`` for a checkpoint (staged pages + context, at its
-CheckpointEnd). ``BackupClosed`` from either ends the session ``closed``;
+backup), ``commit`` for a checkpoint (staged pages, the checkpoint's save
+records and context, at its CheckpointEnd), ``read`` for the bases of delta
+pages. A delta page decodes in place on the receiver's own copy of its page,
+as Xen's restore does: the decoder's base source is ``read`` (the backup's
+committed pages) with the staged pages of a checkpoint the decoder has ended
+but the core not yet committed laid over it (xenbind.stream.overlay; only
+then, so the common case is one gather per COMPRESSED_DATA chunk).
+``BackupClosed`` from any of them ends the session ``closed``;
 ``DomainError`` ends it ``corrupt``.
+
+Save records: the VCPU_INFO, HVM parameter and TOOLSTACK chunks Xen's sender
+writes in every checkpoint; the core keeps the last value of each for the
+checkpoint being read and hands them to ``commit`` (``CommitRequest.records``,
+a ``xenbind.hypervisor.SaveRecords``), never before.
 
 Rules kept here:
 - The core never touches a socket, a clock, a thread or a lock, and never
@@ -82,14 +93,18 @@ from xenbind.stream import (
     EnableCompression,
     Header,
     Heartbeat,
+    HvmParam,
     LastCheckpoint,
     MemoryDigest,
     Pages,
     Tail,
+    Toolstack,
+    VcpuInfo,
+    overlay,
 )
 from xenbind.stream.decoder import MalformedStream, TruncatedStream
 from xenbind.stream.events import Event
-from xenbind.types import Context
+from xenbind.types import Context, SaveRecords
 
 from .staging import Staging
 
@@ -174,6 +189,7 @@ class CommitRequest:
     context: Context
     digest: MemoryDigest | None  # verify mode: compare the backup's memory after
     pages: int  # checkpoint 0: the pages written by ``write``
+    records: SaveRecords = SaveRecords()  # the checkpoint's save records (last of each)
 
 
 @dataclass(frozen=True)
@@ -187,8 +203,14 @@ class Backup(Protocol):
     def write(self, pfns: np.ndarray, data: np.ndarray) -> None:
         """Checkpoint 0's pages, straight into the paused backup."""
 
+    def read(self, pfns: np.ndarray, out: np.ndarray) -> None:
+        """The backup's current pages ``pfns`` into ``out[:len(pfns)]`` (the
+        bases of delta pages); a PFN the backup has no memory at reads as
+        zeros (a fresh page, as Xen's restore would allocate)."""
+
     def commit(self, req: CommitRequest) -> Committed:
-        """Staged pages and context, whole; then the digest check if asked."""
+        """Staged pages, save records and context, whole; then the digest
+        check if asked."""
 
 
 # --- actions ----------------------------------------------------------------------
@@ -250,6 +272,10 @@ class ReceiverCore:
         self._digest: MemoryDigest | None = None
         self._last_flag = False
         self._initial_pages = 0
+        # the save records of the checkpoint being read (last value of each)
+        self._params: dict[int, int] = {}
+        self._vcpus: VcpuInfo | None = None
+        self._toolstack: bytes | None = None
         self._out: list[Action] = []
 
     # ------------------------------------------------------------- the table
@@ -354,14 +380,14 @@ class ReceiverCore:
             )
         )
         self._move("accept")
-        opts = hello.options
         self.decoder = Decoder(
             max_p2m_size=hello.domain.pages,
             max_compressed=lim.max_compressed,
             max_context=lim.max_context,
             max_device_model=lim.max_device_model,
             max_cache_pages=lim.max_cache_pages,
-            cache_pages=opts.cache_pages if opts.codec != "none" else None,
+            max_toolstack=lim.max_context,  # a toolstack record is bounded as a context is
+            base=self._base,
         )
         self.staging = Staging(hello.domain.pages, lim.max_staged_bytes)
         self.backup = backup
@@ -467,7 +493,13 @@ class ReceiverCore:
             self.staging = None
         self._context = None
         self._digest = None
+        self._reset_records()
         self.backup = None
+
+    def _reset_records(self) -> None:
+        self._params = {}
+        self._vcpus = None
+        self._toolstack = None
 
     # ------------------------------------------------------------- handshake
 
@@ -532,7 +564,26 @@ class ReceiverCore:
             raise _End("violation", f"stream error at {e}") from None
         except StreamError as e:
             raise _End("violation", f"stream error at {e}") from None
+        # from the base source (the decoder is dead: the session ends)
+        except BackupClosed as e:
+            raise _End("closed", str(e)) from None
+        except DomainError as e:
+            raise _End("corrupt", f"cannot read the backup's pages: {e}") from None
         self._handle(events)
+
+    def _base(self, pfns: np.ndarray, out: np.ndarray) -> None:
+        """The decoder's base source: the backup's pages, with the staged
+        pages laid over them while the decoder is past the checkpoint they
+        belong to (it ended in the feed being decoded, not yet committed).
+        Otherwise the staging holds the checkpoint being decoded, which lists
+        a PFN at most once: nothing of it can be a base."""
+        backup, staging, decoder = self.backup, self.staging, self.decoder
+        if backup is None or staging is None or decoder is None:
+            raise BackupClosed("the session is over")
+        backup.read(pfns, out)
+        staged_index = 0 if self.last_committed is None else self.last_committed + 1
+        if staging.pages and decoder.checkpoints > staged_index:
+            overlay(staging.batches, pfns, out)
 
     def _eof(self) -> None:
         decoder, staging = self.decoder, self.staging
@@ -588,6 +639,12 @@ class ReceiverCore:
                 self._digest = ev
             elif isinstance(ev, LastCheckpoint):
                 self._last_flag = True
+            elif isinstance(ev, HvmParam):
+                self._params[ev.index] = ev.value
+            elif isinstance(ev, VcpuInfo):
+                self._vcpus = ev
+            elif isinstance(ev, Toolstack):
+                self._toolstack = ev.data
             elif isinstance(ev, CodecAnnounce | EnableCompression):
                 if opts.codec == "none" or ev.codec != opts.codec:
                     raise _End(
@@ -605,7 +662,16 @@ class ReceiverCore:
         if context is None:  # the decoder yields a Tail before every CheckpointEnd
             raise _End("violation", f"checkpoint {end.index} ended without a tail")
         first = self.state == INITIAL_COPY
-        req = CommitRequest(end.index, first, staging, context, self._digest, self._initial_pages)
+        vcpus = self._vcpus
+        records = SaveRecords(
+            hvm_params=self._params,
+            max_vcpu_id=vcpus.max_vcpu_id if vcpus is not None else None,
+            vcpumap=vcpus.vcpumap if vcpus is not None else b"",
+            toolstack=self._toolstack,
+        )
+        req = CommitRequest(
+            end.index, first, staging, context, self._digest, self._initial_pages, records
+        )
         try:
             done = backup.commit(req)
         except BackupClosed as e:
@@ -617,6 +683,7 @@ class ReceiverCore:
             ) from None
         staging.discard()  # (the Backup's commit emptied it already)
         self._digest = None
+        self._reset_records()
         self._move("committed")
         self.last_committed = end.index
         self._last_life = self._now

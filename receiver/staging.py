@@ -14,6 +14,8 @@ Rules kept here:
 - ``commit`` with a ``physmap`` (receiver.physmap) populates the backup's
   missing PFNs of each batch before writing it.
 - ``discard`` drops a torn checkpoint: nothing of it reached the domain.
+- ``batches`` lets the decoder's base source see the staged pages (the
+  page staged for a PFN is its base while the checkpoint is not committed).
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class Staging:
     @property
     def bytes(self) -> int:
         return self.pages * PAGE_SIZE
+
+    @property
+    def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The staged (pfns, data) batches, in stream order (read them, do
+        not change them): a base source lays them over the backup's pages
+        (xenbind.stream.overlay)."""
+        return self._batches
 
     def add(self, pfns: np.ndarray, data: np.ndarray) -> None:
         k = len(pfns)

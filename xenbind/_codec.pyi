@@ -101,21 +101,32 @@ class _Lib:
     def xb_note_raw(
         self, zknown: CData, zbits: int, pfns: CData, pages: CData, n: int, /
     ) -> int: ...
-    def xb_decode(
+    def xb_scan(
         self,
-        c: XbCache,
         codec: int,
         in_: CData,
         len: int,
-        pfns: CData,
         npfns: int,
-        out: CData,
         max_pages: int,
+        starts: CData,
+        delta: CData,
         e: XbError,
-        zknown: CData,
-        zbits: int,
         /,
     ) -> int: ...
+    def xb_apply(
+        self,
+        codec: int,
+        in_: CData,
+        len: int,
+        starts: CData,
+        delta: CData,
+        k: int,
+        out: CData,
+        rows: int,
+        e: XbError,
+        /,
+    ) -> int: ...
+    def xb_gather(self, src: CData, rows: int, idx: CData, n: int, out: CData, /) -> int: ...
 
 ffi: _FFI
 lib: _Lib

@@ -24,6 +24,10 @@ receiver need exactly what is here and nothing more:
                      domain memory there. Both have defaults for a domain
                      without holes (the simulator's): every PFN, nothing to do.
     context          Domain.get_context() / Domain.set_context(ctx)
+    save records     Domain.set_save_records(SaveRecords): what Xen's sender
+                     writes beside pages and the tail (HVM parameters,
+                     VCPU_INFO, TOOLSTACK), applied with a checkpoint's
+                     commit; default: nothing to do
     output buffer    Domain.output_barrier() / output_release() / output_unplug()
                      (the two operations of Linux's ``plug`` qdisc that Remus
                      drove on a real dom0, plus "release everything")
@@ -47,7 +51,7 @@ import abc
 
 import numpy as np
 
-from .types import Context, DomainConfig, DomainInfo, PageArray, PfnArray
+from .types import Context, DomainConfig, DomainInfo, PageArray, PfnArray, SaveRecords
 
 __all__ = ["Domain", "Hypervisor"]
 
@@ -108,6 +112,17 @@ class Domain(abc.ABC):
 
     @abc.abstractmethod
     def set_context(self, ctx: Context) -> None: ...
+
+    def set_save_records(self, records: SaveRecords) -> None:  # noqa: B027 - optional hook
+        """Apply what a checkpoint's save records say, with its commit (the
+        receiver calls it before the checkpoint's pages and context, under
+        the same lock). Default: nothing (a domain with no such state: the
+        simulator's). On Xen, as xc_domain_restore.c does: each HVM
+        parameter through xc_hvm_param_set (IOREQ_SERVER_PFN and
+        NR_IOREQ_SERVER_PAGES only as a pair, ACPI_IOPORTS_LOCATION only when
+        1, VM_GENERATION_ID_ADDR recorded for the toolstack); VCPU_INFO
+        says which VCPUs to bring up at failover; the toolstack record goes
+        to the toolstack."""
 
     @abc.abstractmethod
     def output_barrier(self) -> None:

@@ -3,6 +3,7 @@
     DomainInfo    what a lookup tells about a domain
     DomainConfig  what the backup needs to create its domain (travels in HELLO)
     Context       the state that travels in a checkpoint's tail
+    SaveRecords   the other chunks of Xen's save stream a checkpoint carries
     PageArray     page contents: uint8 arrays of shape (n, PAGE_SIZE)
     PfnArray      PFN lists: 1-D uint64 arrays
 
@@ -13,6 +14,7 @@ without a cycle.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -64,3 +66,29 @@ class Context:
     magic_pfns: tuple[int, int, int]
     hvm_context: bytes
     device_model: bytes
+
+
+@dataclass(frozen=True)
+class SaveRecords:
+    """The chunks of Xen's legacy save stream that are neither pages nor the
+    tail, as one checkpoint left them (the last value of each; xenbind.stream
+    decodes them, docs/stream.md "Tags"):
+
+    ``hvm_params``   HVM_PARAM_* index -> value, from the HVM parameter chunks
+                     (-3 IDENT_PT 12, -4 VM86_TSS 15, -8 CONSOLE_PFN 17, -10
+                     ACPI_IOPORTS_LOCATION 19, -11 VIRIDIAN 9, -14
+                     VM_GENERATION_ID_ADDR 34, -15 PAGING_RING_PFN 27, -16
+                     ACCESS/MONITOR_RING_PFN 28, -17 SHARING_RING_PFN 29, -19
+                     IOREQ_SERVER_PFN 32, -20 NR_IOREQ_SERVER_PAGES 33)
+    ``max_vcpu_id``  from VCPU_INFO (None: none in this checkpoint)
+    ``vcpumap``      VCPU_INFO's online map, (max_vcpu_id // 64 + 1) uint64 LE
+    ``toolstack``    TOOLSTACK's opaque record (libxl's), or None
+    """
+
+    hvm_params: Mapping[int, int] = field(default_factory=dict)
+    max_vcpu_id: int | None = None
+    vcpumap: bytes = b""
+    toolstack: bytes | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.hvm_params) or self.max_vcpu_id is not None or self.toolstack is not None

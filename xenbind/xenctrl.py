@@ -34,7 +34,7 @@ maps the Domain interface onto it:
     set_context (HVM, PVH)        xc_domain_hvm_setcontext + xc_hvm_param_set
     destroy                       xc_domain_destroy
     create_backup                 libvirt (``REMUS_LIBVIRT_URI``) or ``xl create -p``
-    output_*                      Linux ``plug`` qdisc via ``tc`` (xenbind.netbuf)
+    output_*                      Linux ``plug`` qdisc over rtnetlink (xenbind.netbuf)
 
 Rules this module keeps:
 - Importing it never fails: without the compiled binding (no libxen-dev at
@@ -65,7 +65,7 @@ import numpy as np
 from . import PAGE_SIZE
 from .errors import DomainError, HypervisorUnavailable
 from .hypervisor import Domain, Hypervisor
-from .types import Context, DomainConfig, DomainInfo
+from .types import Context, DomainConfig, DomainInfo, SaveRecords
 
 try:  # the compiled binding exists only where libxen-dev was installed
     from ._xenctrl import ffi as _ffi
@@ -139,6 +139,12 @@ REQUIRED_CONSTANTS = (
     "PROT_READ",
     "PROT_WRITE",
 )
+
+#: HVM_PARAM_* indices set_save_records treats specially (xen/hvm/params.h)
+HVM_PARAM_CONSOLE_PFN = 17
+HVM_PARAM_ACPI_IOPORTS_LOCATION = 19
+HVM_PARAM_IOREQ_SERVER_PFN = 32
+HVM_PARAM_NR_IOREQ_SERVER_PAGES = 33
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +309,27 @@ class XenDomain(Domain):
                 max_pages = int(self._raw_info().max_pages)
                 self._build = {"memory_mib": max(1, -(-max_pages * PAGE_SIZE // (1 << 20)))}
         return dict(self._build)
+
+    def set_save_records(self, records: SaveRecords) -> None:
+        """Apply a committed checkpoint's save records as xc_domain_restore.c
+        does: the HVM parameters with xc_hvm_param_set (CONSOLE_PFN is only
+        reported by restore, ACPI_IOPORTS_LOCATION set only for the new
+        layout, the ioreq-server pair count first); the VCPU map and the
+        toolstack record are kept for the failover's toolstack."""
+        self.save_records = records
+        if not records.hvm_params or not self.is_hvm():
+            return
+        params = dict(records.hvm_params)  # HVM_PARAM_* index -> value
+        params.pop(HVM_PARAM_CONSOLE_PFN, None)
+        if params.get(HVM_PARAM_ACPI_IOPORTS_LOCATION, 0) != 1:
+            params.pop(HVM_PARAM_ACPI_IOPORTS_LOCATION, None)
+        pfn = params.pop(HVM_PARAM_IOREQ_SERVER_PFN, 0)
+        nr = params.pop(HVM_PARAM_NR_IOREQ_SERVER_PAGES, 0)
+        if pfn and nr:  # only as a pair, the count first
+            params = {HVM_PARAM_NR_IOREQ_SERVER_PAGES: nr, HVM_PARAM_IOREQ_SERVER_PFN: pfn} | params
+        for index, value in params.items():
+            if value and _lib.xc_hvm_param_set(self._hv.xch, self.domid, index, value) < 0:
+                raise self._fail(f"xc_hvm_param_set({index})")
 
     def is_hvm(self) -> bool:
         return bool(self._raw_info().flags & _lib.XEN_DOMINF_hvm_guest)

@@ -8,6 +8,11 @@ code under test behaved; anything it raises is a finding (a crash):
   decoder: untrusted bytes must only ever produce the project's own errors;
 * ``AssertionError`` from a rule checked here on the decoder's output.
 
+Delta pages decode on the receiver's own pages (docs/codecs.md): the stream
+oracles give the Decoder a memory image rebuilt from its events, the codec
+oracle a dict of the pages the receiver holds, the core oracle a backup that
+reads zeros.
+
 Rules checked on every input (the "differential" one catches state kept
 wrongly across ``feed`` calls):
 
@@ -195,6 +200,7 @@ FUZZ_CAPS = dict(
     max_context=1 << 12,
     max_device_model=1 << 12,
     max_cache_pages=8192,
+    max_toolstack=1 << 12,
 )
 #: The staging cap while fuzzing (bytes of page data in one checkpoint).
 FUZZ_STAGING_BYTES = 1 << 20
@@ -242,16 +248,24 @@ def _error_key(exc: StreamError | None) -> object:
 def decode_all(chunks: list[bytes], caps: dict | None = None) -> tuple[list, StreamError | None]:
     """Feed ``chunks`` to one Decoder, then eof(); (all events, the error or None).
 
-    Only StreamError may come out of the Decoder; anything else propagates
-    (a finding). A decoder that raised must raise again on the next call.
+    Delta pages decode on the memory the events rebuild (an Image, fed each
+    call's events before the next call, as a receiver commits; the decoder
+    itself covers a checkpoint that ended inside the call), so the events fed
+    whole and fed split must be identical. Only StreamError may come out of
+    the Decoder; anything else propagates (a finding). A decoder that raised
+    must raise again on the next call.
     """
-    from xenbind.stream import Decoder
+    from xenbind.stream import Decoder, Image
 
-    d = Decoder(**(FUZZ_CAPS if caps is None else caps))
+    img = Image()
+    d = Decoder(**(FUZZ_CAPS if caps is None else caps), base=img.base)
     events: list = []
     try:
         for c in chunks:
-            events.extend(d.feed(c))
+            got = d.feed(c)
+            for e in got:
+                img.handle(e)
+            events.extend(got)
     except StreamError as exc:
         events.extend(getattr(exc, "events", []))
         for again in (lambda: d.feed(b"\x00"), d.eof):
@@ -317,14 +331,25 @@ class StreamModel:
             EndOfBody,
             Header,
             Heartbeat,
+            HvmParam,
             LastCheckpoint,
             MemoryDigest,
             PageBatch,
             Pages,
             Tail,
+            Toolstack,
             TscInfo,
+            VcpuInfo,
         )
-        from xenbind.stream.format import MAX_BATCH, TYPE_HAS_DATA, TYPE_VALID, TYPE_XTAB
+        from xenbind.stream.format import (
+            HVM_PARAM_OF_TAG,
+            MAX_BATCH,
+            MAX_VCPUS,
+            TYPE_HAS_DATA,
+            TYPE_VALID,
+            TYPE_XTAB,
+            vcpumap_size,
+        )
 
         assert not self.ended, f"event {type(e).__name__} after the LAST_CHECKPOINT checkpoint"
         if isinstance(e, Header):
@@ -370,6 +395,17 @@ class StreamModel:
                 self.fifo_head += len(got)
             self.pages += len(got)
             self._stage(e.pfns, e.data)
+            return
+        if isinstance(e, VcpuInfo):
+            assert not self.in_tail and 0 <= e.max_vcpu_id < MAX_VCPUS
+            assert len(e.vcpumap) == vcpumap_size(e.max_vcpu_id)
+            return
+        if isinstance(e, HvmParam):
+            assert not self.in_tail and HVM_PARAM_OF_TAG[e.tag] == e.index
+            assert 0 <= e.value < 1 << 64
+            return
+        if isinstance(e, Toolstack):
+            assert not self.in_tail and len(e.data) <= FUZZ_CAPS["max_toolstack"]
             return
         if isinstance(e, TscInfo | MemoryDigest | CodecAnnounce | EnableCompression):
             assert not self.in_tail
@@ -441,7 +477,7 @@ def check_stream(data: bytes) -> None:
 # a time, so the fuzzer mutates decisions (which chunk, how many entries,
 # which PFN, which length) instead of raw bytes of page data. Each op byte:
 #
-#     op % 12   0 batch: n = next % 6 + 1 entries, each entry = next byte as PFN
+#     op % 15   0 batch: n = next % 6 + 1 entries, each entry = next byte as PFN
 #                 (p2m_size - 4 .. p2m_size + 3 window for high bytes) and a
 #                 type nibble; Format A page data follows if the program says so
 #               1 page data for k = next % 4 pages, each filled with next byte
@@ -452,6 +488,9 @@ def check_stream(data: bytes) -> None:
 #               4 TSC_INFO  5 LAST_CHECKPOINT  6 ENABLE_COMPRESSION
 #               7 CODEC(next % 3, next % 9)  8 MEMORY_DIGEST(16 bytes)
 #               9 HEARTBEAT  10 end of body + tail  11 a raw int32 chunk type
+#               12 VCPU_INFO(max id = next - 8: some negative, some past
+#                  the map; the map's next bytes)  13 an HVM parameter (Xen's
+#                  tag next % 11 of them, 12 bytes)  14 TOOLSTACK(L = next % 16)
 # p2m_size is the first byte + 1. The stream is then checked by check_stream.
 
 
@@ -461,6 +500,7 @@ def chunks_program(data: bytes) -> bytes:
 
     from xenbind.stream.format import (
         DEVICE_MODEL_SIGNATURE,
+        HVM_PARAM_OF_TAG,
         TAG_CODEC,
         TAG_COMPRESSED_DATA,
         TAG_ENABLE_COMPRESSION,
@@ -481,7 +521,7 @@ def chunks_program(data: bytes) -> bytes:
         op = next(it, None)
         if op is None:
             break
-        op %= 12
+        op %= 15
         if op == 0:
             n = nxt() % 6 + 1
             entries = []
@@ -522,12 +562,22 @@ def chunks_program(data: bytes) -> bytes:
                 + struct.pack("<I", len(dm))
                 + dm
             )
-        else:
+        elif op == 11:
             out.append(
                 struct.pack(
                     "<i", int.from_bytes(bytes([nxt(), nxt(), nxt(), nxt()]), "little", signed=True)
                 )
             )
+        elif op == 12:
+            max_id = nxt() - 8
+            words = max(0, max_id) // 64 + 1
+            out.append(struct.pack("<ii", -2, max_id) + bytes(nxt() for _ in range(8 * words)))
+        elif op == 13:
+            tag = sorted(HVM_PARAM_OF_TAG)[nxt() % len(HVM_PARAM_OF_TAG)]
+            out.append(struct.pack("<iIQ", tag, nxt(), nxt() << 12))
+        else:
+            n = nxt() % 16
+            out.append(struct.pack("<iI", -18, n) + bytes(nxt() for _ in range(n)))
     return b"".join(out)
 
 
@@ -548,13 +598,15 @@ def check_chunks(data: bytes) -> None:
 #                 decoded in turn by one Decompressor, so cache state carries
 #                 over from one to the next
 #
-# Before the blobs, both the Decompressor and the reference decoder are
-# primed with full pages for PFNs 0 .. cache-1 (contents from prime_page),
-# the way the seeds' Compressor is, so delta pages find their base; and both
-# are told that PFNs KNOWN_ZERO (8..15) were received all zero in Format A,
-# so a delta page for one of those the cache lacks decodes against a zero
-# page (the zero base). A delta page for any other PFN the cache lacks has
-# no base (error 9). After each blob the two known-zero sets must be equal.
+# Before the blobs, the receiver holds full pages for PFNs 0 .. cache-1
+# (contents from prime_page, decoded by both from one blob the seeds'
+# Compressor writes) and zeros everywhere else (PFNs KNOWN_ZERO, 8..15, are
+# named in the seeds: a page the receiver holds as zeros). Every delta page
+# decodes on the receiver's page for its PFN as it was before the blob (a
+# PFN listed twice in one blob: both on that page; the stream never lists a
+# PFN twice in a body), and after a blob that decodes, each side's receiver
+# holds its pages: the two must stay equal. The kernel and the reference
+# keep one such memory each.
 
 #: Most PFNs one codec input may list.
 CODEC_MAX_PFNS = 255
@@ -578,39 +630,23 @@ def codec_input(
 
 
 class ReferenceDecoder:
-    """A slow, obvious decoder of both formats (formats.py), against an LRU
-    cache kept in an OrderedDict; the C kernel must agree with it exactly.
-    ``zero``: the PFNs known zero. A delta page for a PFN not in the cache is
-    decoded against a zero page if the PFN is known zero (the zero base)
-    and, once valid, cached as a miss; otherwise it is refused. Every page
-    decoded takes its PFN out of ``zero``."""
+    """A slow, obvious decoder of both formats (formats.py), the C kernel
+    must agree with it exactly. It holds the receiver's memory (``held``: PFN
+    -> page, zeros for a PFN never decoded): a delta page applies to a copy
+    of the page held before the blob; a blob that decodes is then applied,
+    page by page (a later page for a PFN wins). Nothing else is kept: no
+    cache, no known-zero set."""
 
-    def __init__(self, codec: str, capacity: int, zero: set[int] | None = None) -> None:
-        from collections import OrderedDict
-
+    def __init__(self, codec: str) -> None:
         self.codec = codec
-        self.capacity = capacity
-        self.cache: OrderedDict[int, bytearray] = OrderedDict()  # last = most recent
-        self.zero: set[int] = set(zero or ())
+        self.held: dict[int, bytes] = {}
 
-    def _full(self, pfn: int, page: bytes | bytearray) -> bytes:
-        self.zero.discard(pfn)
-        if pfn in self.cache:
-            self.cache.move_to_end(pfn)
-        elif len(self.cache) >= self.capacity:
-            self.cache.popitem(last=False)
-        self.cache[pfn] = bytearray(page)
-        return bytes(page)
-
-    def _base(self, pfn: int) -> bytearray | None:
-        """A copy of what a delta page for ``pfn`` applies to: its cached
-        contents, zeros for a known-zero miss, None for any other miss."""
-        if pfn in self.cache:
-            return bytearray(self.cache[pfn])
-        return bytearray(4096) if pfn in self.zero else None
+    def _base(self, pfn: int) -> bytearray:
+        return bytearray(self.held.get(pfn, bytes(4096)))
 
     def decode(self, blob: bytes, pfns: list[int]) -> tuple[list[bytes], bool]:
-        """(pages decoded, whether it stopped on an error)."""
+        """(pages decoded, whether it stopped on an error); applied only when
+        the whole blob decodes."""
         out: list[bytes] = []
         pos = 0
         step = self._seed_page if self.codec == "seed" else self._xen_page
@@ -622,6 +658,8 @@ class ReferenceDecoder:
                 return out, True
             page, pos = r
             out.append(page)
+        for pfn, page in zip(pfns, out, strict=False):
+            self.held[pfn] = page
         return out, False
 
     def _seed_page(self, blob: bytes, pos: int, pfn: int):
@@ -635,10 +673,8 @@ class ReferenceDecoder:
         if off == -101:
             if len(blob) - pos < 6 + 4096:
                 return None
-            return self._full(pfn, blob[pos + 6 : pos + 6 + 4096]), pos + 6 + 4096
+            return bytes(blob[pos + 6 : pos + 6 + 4096]), pos + 6 + 4096
         page = self._base(pfn)
-        if page is None:
-            return None
         q, prev, deltas = pos + 6, -1, []
         while q < len(blob):
             if len(blob) - q < 6:
@@ -653,18 +689,16 @@ class ReferenceDecoder:
             q += 6
         for d, v in deltas:
             page[d : d + 4] = v.to_bytes(4, "little")
-        return self._full(pfn, page), q
+        return bytes(page), q
 
     def _xen_page(self, blob: bytes, pos: int, pfn: int):
         if blob[pos] == 0x80:
             if len(blob) - pos < 1 + 4096:
                 return None
-            return self._full(pfn, blob[pos + 1 : pos + 1 + 4096]), pos + 1 + 4096
+            return bytes(blob[pos + 1 : pos + 1 + 4096]), pos + 1 + 4096
         new = self._base(pfn)
-        if new is None:
-            return None
         if blob[pos] == 0x00:
-            return self._full(pfn, new), pos + 1
+            return bytes(new), pos + 1
         q, covered = pos, 0
         while covered < 4096:
             if q >= len(blob):
@@ -681,7 +715,7 @@ class ReferenceDecoder:
                 new[covered : covered + n] = blob[q + 1 : q + 1 + n]
                 q += 1 + n
             covered += n
-        return self._full(pfn, new), q
+        return bytes(new), q
 
 
 def parse_codec_input(data: bytes) -> tuple[str, int, list[int], bytes, bytes] | None:
@@ -708,14 +742,24 @@ def check_codec(data: bytes) -> None:
     if parsed is None:
         return
     codec, cache_pages, pfns, blob1, blob2 = parsed
-    dec = Decompressor(codec, cache_pages)
-    zero_pfns = np.array(KNOWN_ZERO, dtype=np.uint64)
-    dec.note_received_raw(zero_pfns, np.zeros((len(zero_pfns), 4096), np.uint8))
-    ref = ReferenceDecoder(codec, cache_pages, set(KNOWN_ZERO))
+    dec = Decompressor(codec)
+    held: dict[int, np.ndarray] = {}  # the kernel side's receiver
+
+    def base(bp: np.ndarray, out: np.ndarray) -> None:
+        for i, p in enumerate(bp.tolist()):
+            out[i] = held.get(p, 0)
+
+    def kernel(blob: bytes, listed: np.ndarray) -> np.ndarray:
+        got = dec.decompress(blob, listed, base)
+        for p, page in zip(listed.tolist(), got, strict=False):
+            held[p] = page.copy()
+        return got
+
+    ref = ReferenceDecoder(codec)
     prime_pfns = np.arange(cache_pages, dtype=np.uint64)
     prime = np.frombuffer(b"".join(prime_page(p) for p in range(cache_pages)), np.uint8)
     prime_blob = Compressor(codec, cache_pages).compress(prime_pfns, prime.reshape(-1, 4096))
-    got = dec.decompress(prime_blob, prime_pfns)
+    got = kernel(prime_blob, prime_pfns)
     want, failed = ref.decode(prime_blob, list(range(cache_pages)))
     assert not failed and got.tobytes() == b"".join(want), "priming disagrees"
 
@@ -725,15 +769,15 @@ def check_codec(data: bytes) -> None:
             continue
         want, ref_failed = ref.decode(blob, pfns)
         try:
-            got = dec.decompress(blob, pfn_array)
+            got = kernel(blob, pfn_array)
         except CodecError:
             assert ref_failed, "the C kernel refused a blob the reference decodes"
-            assert dec.known_zero_pfns().tolist() == sorted(ref.zero), "known-zero sets differ"
-            return
-        assert dec.known_zero_pfns().tolist() == sorted(ref.zero), "known-zero sets differ"
+            continue  # stateless: the next blob decodes on the same memory
         assert not ref_failed, "the C kernel accepted a blob the reference refuses"
         assert got.dtype == np.uint8 and got.shape == (len(want), 4096), got.shape
         assert got.tobytes() == b"".join(want), "decoded pages differ from the reference"
+        assert held.keys() == ref.held.keys(), "the receivers hold different PFNs"
+        assert all(held[p].tobytes() == ref.held[p] for p in held), "the receivers differ"
 
 
 # --- the receiver's core ---------------------------------------------------------
@@ -779,7 +823,8 @@ CORE_LIMITS = CoreLimits(
 
 
 class RecordingBackup:
-    """The core's Backup as a list of what it was asked to do."""
+    """The core's Backup as a list of what it was asked to do (and zeros for
+    every base it is asked to read)."""
 
     def __init__(self, p2m_size: int, max_staged: int) -> None:
         self.p2m_size = p2m_size
@@ -791,6 +836,11 @@ class RecordingBackup:
         assert (pfns < self.p2m_size).all(), "an initial-copy page past p2m_size"
         assert data.shape == (len(pfns), 4096)
         self.pending.extend(int(p) for p in pfns)
+
+    def read(self, pfns, out) -> None:
+        assert (pfns < self.p2m_size).all(), "a base read past p2m_size"
+        assert out.shape[0] >= len(pfns) and out.shape[1:] == (4096,)
+        out[: len(pfns)] = 0
 
     def commit(self, req):
         from receiver.core import Committed
@@ -870,7 +920,7 @@ def check_core(data: bytes) -> None:
         max_context=CORE_LIMITS["max_context"],
         max_device_model=CORE_LIMITS["max_device_model"],
         max_cache_pages=CORE_LIMITS["max_cache_pages"],
-        cache_pages=hello.options.cache_pages if hello.options.codec != "none" else None,
+        max_toolstack=CORE_LIMITS["max_context"],
     )
     events, _ = decode_all([body], caps)
     whole_ckpts: list[tuple[int, list[int]]] = []

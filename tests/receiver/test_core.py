@@ -58,6 +58,7 @@ class MemoryBackup:
         self.memory = np.zeros((PAGES, PAGE_SIZE), np.uint8)
         self.context: Context | None = None
         self.committed: list[int] = []
+        self.records: list = []  # (index, SaveRecords) of every commit
         self.closed = False
 
     def write(self, pfns, data) -> None:
@@ -65,9 +66,15 @@ class MemoryBackup:
             raise BackupClosed("backup is failed-over")
         self.memory[pfns.astype(np.intp)] = data
 
+    def read(self, pfns, out) -> None:
+        if self.closed:
+            raise BackupClosed("backup is failed-over")
+        out[: len(pfns)] = self.memory[pfns.astype(np.intp)]
+
     def commit(self, req: CommitRequest) -> Committed:
         if self.closed:
             raise BackupClosed("backup is failed-over")
+        self.records.append((req.index, req.records))
         n = req.pages if req.first else req.staging.commit(self, req.context)  # type: ignore[arg-type]
         self.context = req.context
         self.committed.append(req.index)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 import tracemalloc
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,7 +177,7 @@ def test_many_claims_in_a_row_do_not_accumulate() -> None:
     """Checkpoints each carrying a context and a device-model record at the
     cap: memory is released checkpoint by checkpoint, not kept."""
     cap = 256 << 10
-    caps = dict(CAPS, max_context=cap, max_device_model=cap)
+    caps: dict[str, Any] = dict(CAPS, max_context=cap, max_device_model=cap)
     one = struct.pack("<i", 0) + tail(b"c" * cap, b"d" * cap)
     data = header() + one * 20  # 10 MiB of tails in all
     d = Decoder(**caps)

@@ -3,40 +3,42 @@
     c = Compressor("xen")                      # or "seed"; cache_pages=8192
     blob = c.compress(pfns, pages, pagetable)  # pages: (n, 4096) uint8
     d = Decompressor("xen")
-    pages = d.decompress(blob, pfns)           # (k, 4096), k pages in blob
+    pages = d.decompress(blob, pfns, base)     # (k, 4096), k pages in blob
+    # base(pfns, out): fill out[i] with the receiver's copy of page pfns[i]
 
     c.note_sent_raw(pfns, pages)               # pages sent whole in Format A
-    d = Decompressor("xen", known_zero=z)      # z: the receiver's KnownZero (zero.py),
-    d.note_received_raw(pfns, pages)           #   kept from Format A as the sender keeps its
 
 Rules:
-    - Both sides hold a PageCache of the same capacity and run the same LRU
-      operations page by page (cache.py), so the receiver's mirror equals
-      the sender's cache and needs no other base.
+    - The sender holds a PageCache (cache.py, an LRU of the last contents it
+      sent); a cached page travels as a delta against that copy, any other
+      page whole. The receiver decodes every delta page in place on its own
+      copy of that PFN (its committed page), as Xen's restore does
+      (apply_batch -> xc_compression_uncompress_page): it keeps no mirror of
+      the sender's cache, so any cache size or eviction policy on the sender
+      decodes, page-table pages dropped from Xen's cache included. The two
+      agree because the receiver holds every page the sender sent (each
+      checkpoint is committed whole before the next is decoded).
+    - ``base`` is called at most once per blob, with the PFNs of the blob's
+      delta pages only (in blob order) and a C-contiguous (m, 4096) uint8
+      array to fill; whole pages need no base. Whatever ``base`` raises
+      propagates; the pages of that blob are then undefined.
     - Page-table pages (pagetable[i] True) are always sent whole, and (like
-      every page sent) leave their contents in the cache. The receiver can
-      therefore keep its mirror from the blob alone, without page types.
-    - Zero base: a miss may travel as a delta page (seed BEGIN_PAGE + deltas,
-      xen 0x00 or markers) against an all-zero page. The Compressor does so
-      only for a PFN it knows the receiver holds as zeros: its last contents
-      sent were all zero, sent whole in Format A (note_sent_raw), and it has
-      not been compressed since (every PFN compressed leaves that set; after
-      an eviction the receiver holds whatever was last sent). Page-table
-      pages stay whole; a zero-base page not smaller than the page whole is
-      sent whole. Such a miss is still a miss for the LRU (free slot or
-      evicted tail). The Decompressor keeps the same set from what it
-      receives (note_received_raw / forget_raw, every PFN decoded leaves it):
-      a delta page for a PFN its mirror lacks is decoded against zeros only
-      when that PFN is in its set (then cached as a miss, exactly as the
-      sender did), and is refused otherwise (error 9: the two sides are out
-      of step, or the stream lies). Xen's receiver (deltas applied to the
-      backup's memory, which holds those zeros) decodes it the same way.
-    - decompress() returns k <= len(pfns) pages; a blob holding more pages
-      than pfns given, or anything malformed, raises CodecError naming the
-      byte offset in the blob, the page index and the reason. Pages before
-      the fault have reached the mirror, so a Decompressor that raised is
-      out of step with its sender: it refuses every later call (the session
-      ends; a new session starts with new caches).
+      every page sent) leave their contents in the sender's cache.
+    - Zero base (sender): a miss may travel as a delta page (seed
+      BEGIN_PAGE + deltas, xen 0x00 or markers) against an all-zero page.
+      The Compressor does so only for a PFN it knows the receiver holds as
+      zeros: its last contents sent were all zero, sent whole in Format A
+      (note_sent_raw), and it has not been compressed since (every PFN
+      compressed leaves that set). Page-table pages stay whole; a zero-base
+      page not smaller than the page whole is sent whole. Such a miss is
+      still a miss for the LRU. The receiver needs no such set: its copy of
+      that PFN is those zeros, and it decodes against its copy.
+    - decompress() validates the whole blob before anything is applied
+      (kernel xb_scan), then applies it (xb_apply); it returns k <=
+      len(pfns) pages. A blob holding more pages than pfns given, or
+      anything malformed, raises CodecError naming the byte offset in the
+      blob, the page index and the reason. A Decompressor holds no state
+      between blobs: a failure leaves nothing out of step.
     - No allocation is sized by the data's content: the output holds at most
       min(len(pfns), len(data) // smallest page encoding) pages.
     - Codec "none" (Format A) has no compressed form: ConfigError.
@@ -47,6 +49,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,27 +65,42 @@ from xenbind.compress.formats import (
     ERROR_REASONS,
     MAX_ENCODED_PAGE,
     MIN_ENCODED_PAGE,
-    NO_BASE,
 )
 from xenbind.compress.zero import MAX_KNOWN_PFNS, KnownZero, _page_rows, _pfn_array
 from xenbind.errors import CodecError, ConfigError
 from xenbind.types import PageArray, PfnArray
 
 if TYPE_CHECKING:
-    from xenbind._codec import CData  # the stub's type of a cffi pointer
+    from xenbind._codec import CData, XbError  # the stub's types of cffi pointers
 
-__all__ = ["CODECS", "MAX_KNOWN_PFNS", "CodecStats", "Compressor", "Decompressor", "KnownZero"]
+__all__ = [
+    "CODECS",
+    "gather",
+    "MAX_KNOWN_PFNS",
+    "BaseSource",
+    "CodecStats",
+    "Compressor",
+    "Decompressor",
+    "KnownZero",
+]
+
+#: What a Decompressor decodes delta pages against: ``base(pfns, out)`` fills
+#: ``out[i]`` (a C-contiguous (len(pfns), 4096) uint8 array) with the
+#: receiver's copy of page ``pfns[i]`` (uint64, in blob order).
+BaseSource = Callable[[PfnArray, PageArray], None]
 
 
 @dataclass
 class CodecStats:
     """Running totals of one Compressor or Decompressor.
 
-    hits/misses/evictions: cache lookups (a page sent whole for a pfn already
-    cached counts as a hit). zero_base: the misses that travelled as deltas
-    against a zero page (counted in misses too). bytes_in/bytes_out: what
-    went in and came out (page bytes -> blob bytes when compressing, the
-    reverse when decompressing).
+    hits/misses/evictions: the Compressor's cache lookups (a page sent whole
+    for a pfn already cached counts as a hit); for a Decompressor, hits
+    counts the delta pages (decoded on a base) and misses the whole pages.
+    zero_base: the misses that travelled as deltas against a zero page
+    (counted in misses too; sender only). bytes_in/bytes_out: what went in
+    and came out (page bytes -> blob bytes when compressing, the reverse when
+    decompressing).
     """
 
     hits: int = 0
@@ -100,6 +118,46 @@ class CodecStats:
         # one side of the count is the page bytes, the other the blob bytes
         blob_bytes = self.bytes_in + self.bytes_out - page_bytes
         return page_bytes / blob_bytes if blob_bytes else 0.0
+
+
+def gather(memory: PageArray, pfns: npt.ArrayLike, out: PageArray) -> None:
+    """``out[i] = memory[pfns[i]]`` for every i: rows of 4096 bytes, copied in
+    C (the kernel's xb_gather, about memcpy's speed; numpy's ``take`` of
+    rows runs at a third of it). What a base source over a memory image (an
+    array or a memory map) runs once per chunk. Every PFN is checked against
+    the image's rows before anything is copied (ValueError)."""
+    idx = _pfn_array(pfns)
+    n = len(idx)
+    if (
+        not isinstance(memory, np.ndarray)
+        or memory.dtype != np.uint8
+        or memory.ndim != 2
+        or memory.shape[1] != PAGE_SIZE
+        or not memory.flags.c_contiguous
+    ):
+        raise ValueError(f"memory must be a C-contiguous uint8 array of shape (rows, {PAGE_SIZE})")
+    if (
+        out.dtype != np.uint8
+        or out.ndim != 2
+        or out.shape[0] < n
+        or out.shape[1] != PAGE_SIZE
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"out must be a writeable C-contiguous uint8 array of shape (>= {n}, 4096)"
+        )
+    if not n:
+        return
+    rc = lib.xb_gather(
+        ffi.from_buffer("uint8_t[]", memory),
+        len(memory),
+        ffi.from_buffer("uint64_t[]", idx),
+        n,
+        ffi.from_buffer("uint8_t[]", out),
+    )
+    if rc < 0:
+        raise ValueError(f"a PFN of {int(idx.max()):#x} is past the image's {len(memory)} pages")
 
 
 def _codec_id(codec: str) -> int:
@@ -224,61 +282,32 @@ class Compressor:
 
 
 class Decompressor:
-    """The receiver's side: decodes blobs against a mirror of the sender's cache.
+    """The receiver's side: decodes blobs in place on the receiver's own pages.
 
-    ``known_zero``: the receiver's known-zero set, kept from the Format A
-    pages received before this Decompressor existed (the stream Decoder
-    hands over its own and goes on noting into it); by default an empty one.
-    A delta page for a PFN neither in the mirror nor in that set is refused
-    (error 9)."""
+    No cache, no known-zero set: the base of a delta page is what
+    ``base`` returns for its PFN (module rules)."""
 
-    def __init__(
-        self,
-        codec: str,
-        cache_pages: int = DEFAULT_CACHE_PAGES,
-        known_zero: KnownZero | None = None,
-    ) -> None:
+    def __init__(self, codec: str) -> None:
         self.codec = codec
         self._id = _codec_id(codec)
-        self.cache = PageCache(cache_pages)
         self.stats = CodecStats()
-        self.failed: str | None = None  # the error that put this decoder out of step
-        #: PFNs the receiver holds as zeros (zero.py); the kernel clears the
-        #: bit of every PFN decoded
-        self.zero = known_zero if known_zero is not None else KnownZero()
-
-    def note_received_raw(self, pfns: npt.ArrayLike, pages: PageArray) -> int:
-        """Record pages received whole in Format A (the sender's
-        ``note_sent_raw``, on the receiving side). Returns the zero pages."""
-        return self.zero.note_raw(pfns, pages)
-
-    def forget_raw(self, pfns: npt.ArrayLike) -> None:
-        """Record PFNs received in Format A without data."""
-        self.zero.forget(pfns)
-
-    def known_zero(self, pfn: int) -> bool:
-        """Whether this receiver holds ``pfn`` as known zeros."""
-        return pfn in self.zero
-
-    def known_zero_pfns(self) -> PfnArray:
-        """The known-zero set, ascending (a fresh uint64 array)."""
-        return self.zero.pfns()
 
     def decompress(
         self,
         data: bytes | bytearray | memoryview | npt.NDArray[np.uint8],
         pfns: npt.ArrayLike,
+        base: BaseSource,
         out: PageArray | None = None,
     ) -> PageArray:
         """Decode the pages in `data`; the i-th belongs to pfns[i]. Returns a
         (k, 4096) uint8 array, k = pages in data (<= len(pfns)).
 
-        `out`, if given, is a C-contiguous uint8 array of shape (>= len(pfns),
-        4096) (a staging area, already faulted in): the pages are decoded into
-        out[:k] and that view is returned, saving a fresh allocation. Rows of
-        `out` past k, and all of it after an error, are left undefined."""
-        if self.failed is not None:
-            raise CodecError(f"decompressor out of step since an earlier error ({self.failed})")
+        `base` is called once (if any page is a delta) with the delta pages'
+        PFNs and the rows to fill with their current contents. `out`, if
+        given, is a C-contiguous uint8 array of shape (>= len(pfns), 4096):
+        the pages are decoded into out[:k] and that view is returned, saving
+        a fresh allocation. Rows of `out` past k, and all of it after an
+        error, are left undefined."""
         pfns = _pfn_array(pfns)
         src = ffi.from_buffer("uint8_t[]", data)
         length = len(src)
@@ -298,37 +327,47 @@ class Decompressor:
                 f"out must be a writeable C-contiguous uint8 array of shape (>= {len(pfns)}, "
                 f"{PAGE_SIZE})"
             )
+        starts = np.empty(rows, np.uint64)
+        delta = np.empty(rows, np.uint8)
         err = ffi.new("xb_error *")
-        k = lib.xb_decode(
-            self.cache.c,
-            self._id,
-            src,
-            length,
-            ffi.from_buffer("uint64_t[]", pfns),
-            len(pfns),
-            ffi.from_buffer("uint8_t[]", out),
-            rows,
-            err,
-            *self.zero.c_args(),
-        )
+        c_starts = ffi.from_buffer("uint64_t[]", starts)
+        c_delta = ffi.from_buffer("uint8_t[]", delta)
+        k = lib.xb_scan(self._id, src, length, len(pfns), rows, c_starts, c_delta, err)
         if k < 0:
-            page = int(err.page)
-            where = f"page {page}" + (f", pfn {int(pfns[page]):#x}" if page < len(pfns) else "")
-            detail = int(err.detail)
-            if err.code == NO_BASE:
-                detail &= (1 << 64) - 1  # a pfn (uint64 in the int64 field)
-            reason = ERROR_REASONS.get(err.code, "error code {detail}").format(detail=detail)
-            message = f"{self.codec} data byte {int(err.offset)} ({where}): {reason}"
-            self.failed = message
-            self._account(0, 0)
-            raise CodecError(message)
-        self._account(k, length)
+            raise CodecError(self._message(err, pfns))
+        flags = delta[:k].view(np.bool_)
+        m = int(np.count_nonzero(flags))
+        if m:
+            # the bases of the delta pages, in blob order, into out[:m]; the
+            # kernel moves each to its own row as it applies (back to front)
+            base(pfns[:k][flags] if m < k else pfns[:k], out[:m])
+        if (
+            k
+            and lib.xb_apply(
+                self._id,
+                src,
+                length,
+                c_starts,
+                c_delta,
+                k,
+                ffi.from_buffer("uint8_t[]", out),
+                len(out),
+                err,
+            )
+            < 0
+        ):
+            raise CodecError(self._message(err, pfns))
+        s = self.stats
+        s.hits += m
+        s.misses += k - m
+        s.pages += k
+        s.bytes_in += length
+        s.bytes_out += k * PAGE_SIZE
         return out[:k]
 
-    def _account(self, pages: int, bytes_in: int) -> None:
-        s = self.stats
-        s.hits, s.misses, s.evictions = self.cache.hits, self.cache.misses, self.cache.evictions
-        s.zero_base = self.cache.zero_base
-        s.pages += pages
-        s.bytes_in += bytes_in
-        s.bytes_out += pages * PAGE_SIZE
+    def _message(self, err: XbError, pfns: PfnArray) -> str:
+        page = int(err.page)
+        where = f"page {page}" + (f", pfn {int(pfns[page]):#x}" if page < len(pfns) else "")
+        detail = int(err.detail)
+        reason = ERROR_REASONS.get(err.code, "error code {detail}").format(detail=detail)
+        return f"{self.codec} data byte {int(err.offset)} ({where}): {reason}"

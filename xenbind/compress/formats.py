@@ -76,8 +76,10 @@ XEN_WORST_SIZE = PAGE_SIZE + 9  # every word changed: 8 x (1 + 508) + 1 + 32
 MAX_ENCODED_PAGE = {"seed": SEED_FULL_SIZE, "xen": XEN_WORST_SIZE}
 MIN_ENCODED_PAGE = {"seed": SEED_RECORD_SIZE, "xen": 1}
 
-#: error code of a delta page with no base (the caches out of step, or a
-#: stream that lies): neither in the mirror nor in the known-zero set
+#: retired error code: the old receiver's "delta page with no base" (a PFN
+#: neither in its mirror of the sender's cache nor known zero). The receiver
+#: now decodes on its own copy of every page, so no page lacks a base; the
+#: number stays reserved so that the other codes keep their meaning.
 NO_BASE = 9
 
 # the kernel's error codes (XB_E_* in kernel.c) and what they mean
@@ -90,11 +92,12 @@ ERROR_REASONS = {
     6: "delta offset {detail} not a multiple of 4",
     7: "delta offset {detail} not above the previous delta's in this page",
     8: "delta (offset {detail}) not preceded by BEGIN_PAGE",
-    9: "delta page for pfn {detail:#x}: not in the cache and not known to be zero",
+    9: "retired (no base): never raised",
     10: "more pages in the data than the {detail} pfns listed",
     11: "zero-length marker {detail:#04x} inside a page",
     12: "RUN ends at byte {detail}, past the end of the page",
     13: "SKIP ends at byte {detail}, past the end of the page",
     14: "truncated RUN: {detail} bytes of words announced",
     15: "data ends inside a page ({detail} of 4096 bytes covered)",
+    16: "page kinds or offsets differ from the scan of the same blob",
 }

@@ -4,7 +4,7 @@
  * Built by xenbind/_codec_build.py (cffi API mode) into xenbind._codec.
  * Python owns every buffer (numpy arrays, bytes); this file owns no memory.
  *
- * The cache (one per Compressor, one mirror per Decompressor)
+ * The cache (the sender's, one per Compressor)
  *   data[cap][4096]  the last contents sent for the pfn held by each slot
  *   pfn[cap]         the pfn a slot holds (valid for slots < used)
  *   prev/next[cap]   doubly linked LRU list of slots, head = most recently
@@ -14,34 +14,32 @@
  *                    of two >= 2 * cap
  * Rules: lookup of a present pfn moves it to the head ("touch"). A missing
  * pfn takes slot `used` while the cache is not full, else the tail slot
- * (evicting its pfn), and goes to the head. Encoder and decoder run exactly
- * these operations in exactly the same order, page by page, so the mirror
- * equals the sender's cache, slot for slot.
+ * (evicting its pfn), and goes to the head. The cache tells the encoder
+ * what the receiver holds: the receiver holds every page the sender sent
+ * (it commits each checkpoint whole), so a cached page's copy equals the
+ * receiver's copy, the base it decodes a delta page against.
  *
- * Zero base (both codecs): a pfn the cache does not hold (a miss) may still
- * be sent as a delta page (seed BEGIN_PAGE + deltas, xen 0x00 or markers);
- * its base is then an all-zero page. Both sides keep a known-zero bitmap
- * `zknown` of the pfns the receiver holds as zeros: last sent whole in
- * Format A, all zero (xb_note_raw, on the pages sent and on the pages
- * received), and not sent in Format B since (xb_encode and xb_decode clear
- * the bit of every pfn they encode or decode, whole or delta, hit or miss).
- * The sender uses the zero base only for a pfn its bitmap marks, and only
- * when the delta is smaller than the page whole. The decoder accepts a
- * delta page for a missing pfn only when its own bitmap marks it (else
- * XB_E_NO_BASE: the caches are out of step, or the stream lies), decodes it
- * against zeros, then inserts the pfn as any miss (free slot or evicted
- * tail), exactly as the sender did. zero_base counts such pages on both
- * sides. zknown is bit-packed (bit pfn & 7 of byte pfn >> 3), zbits bits
- * long; pfns >= zbits are unknown (never known zero).
+ * Zero base (encoder): a pfn the cache does not hold (a miss) may still be
+ * sent as a delta page (seed BEGIN_PAGE + deltas, xen 0x00 or markers)
+ * against an all-zero page, when the sender knows the receiver holds it as
+ * zeros: a known-zero bitmap `zknown` of the pfns last sent whole in Format
+ * A and all zero (xb_note_raw), and not sent in Format B since (xb_encode
+ * clears the bit of every pfn it encodes). Used only when the delta is
+ * smaller than the page whole. zero_base counts such pages. zknown is
+ * bit-packed (bit pfn & 7 of byte pfn >> 3), zbits bits long; pfns >= zbits
+ * are unknown (never known zero).
+ *
+ * The receiver (xb_scan, xb_apply below) keeps no cache and no bitmap: it
+ * decodes every delta page in place on its own copy of the page.
  * Codec ids: XB_SEED = 1, XB_XEN = 2 (layouts in xenbind/compress/formats.py,
  * repeated beside the functions below).
  *
  * The decoders parse untrusted bytes: every read is checked against len,
- * every write against the page (4096) and the output rows (max_pages).
- * A page reaches the cache only if it decodes to exactly 4096 bytes: seed
- * pages are validated before they are applied; xen pages are applied as
- * they are parsed, with the overwritten words kept and put back on error.
- * tests/test_compress_sanitize.py runs this file under ASan and UBSan.
+ * every write against the page (4096) and the output rows. A page is
+ * valid only if it covers exactly 4096 bytes; xb_scan validates the whole
+ * blob before xb_apply writes a byte.
+ * tests/xenbind/compress/test_kernel_sanitizers.py runs this file under
+ * ASan and UBSan.
  */
 #include <stdint.h>
 #include <string.h>
@@ -80,13 +78,15 @@ enum {
     XB_E_MISALIGNED = 6,        /* seed: offset not a multiple of 4 */
     XB_E_NOT_ASCENDING = 7,     /* seed: offsets in a page not strictly increasing */
     XB_E_DELTA_OUTSIDE = 8,     /* seed: delta not preceded by BEGIN_PAGE */
-    XB_E_NO_BASE = 9,           /* delta page for a pfn neither cached nor known zero */
+    XB_E_NO_BASE = 9,           /* retired: the old mirror's "no base" (the receiver now
+                                 * decodes on its own pages: every pfn has one) */
     XB_E_TOO_MANY_PAGES = 10,   /* more pages in the blob than pfns given */
     XB_E_ZERO_LENGTH = 11,      /* xen: zero-length marker inside a page */
     XB_E_RUN_PAST_END = 12,     /* xen: RUN beyond byte 4096 of the page */
     XB_E_SKIP_PAST_END = 13,    /* xen: SKIP beyond byte 4096 of the page */
     XB_E_TRUNC_RUN = 14,        /* xen: RUN's words cut off by the blob's end */
     XB_E_TRUNC_PAGE = 15,       /* xen: blob ended before the page covered 4096 bytes */
+    XB_E_OUT_OF_STEP = 16,      /* xb_apply: starts/delta are not what xb_scan found */
 };
 
 /* ---------------------------------------------------------------- cache */
@@ -182,25 +182,6 @@ static uint32_t cache_insert(xb_cache *c, uint64_t pfn)
     c->pfn[s] = pfn;
     table_insert(c, pfn, s);
     list_push_head(c, s);
-    return s;
-}
-
-/* the slot a delta page decoded for pfn lands in: its own (s, a hit) or, for
- * a miss against the zero base, a new one holding `init` (NULL: zeros) */
-static uint32_t delta_slot(xb_cache *c, uint32_t s, uint64_t pfn, const uint8_t *init)
-{
-    if (s != XB_NIL) {
-        cache_touch(c, s);
-        c->hits++;
-        return s;
-    }
-    c->misses++;
-    c->zero_base++;
-    s = cache_insert(c, pfn);
-    if (init)
-        memcpy(c->data + (size_t)s * XB_PAGE, init, XB_PAGE);
-    else
-        memset(c->data + (size_t)s * XB_PAGE, 0, XB_PAGE);
     return s;
 }
 
@@ -582,15 +563,36 @@ size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pa
 
 /* ------------------------------------------------------------ decoders */
 
+/*
+ * The receiver decodes in place on its own copy of each page, as Xen's
+ * restore does (apply_batch -> xc_compression_uncompress_page on the mapped
+ * guest page): the base of a delta page is what the receiver holds for its
+ * pfn, whatever the sender's cache held or evicted. It keeps no cache.
+ *
+ * Two calls per blob, so the caller can fetch the bases in between:
+ *   xb_scan   parses and validates the whole blob without writing a page:
+ *             the number of pages k, where each page starts, and which
+ *             pages are deltas (need a base: seed BEGIN_PAGE, xen 0x00 or
+ *             markers) or whole (seed FULL_PAGE, xen 0x80).
+ *   xb_apply  given out[0..m) = the bases of the m delta pages in blob
+ *             order, writes page i into out[i] for every i < k, in place:
+ *             it walks the pages backwards, so the base of the j-th delta
+ *             page (row j <= i) is still intact when page i is written.
+ *             It checks every read against the blob and every write against
+ *             out's rows again (it trusts nothing scan produced), so any
+ *             arguments are memory-safe; inconsistent ones only fail.
+ * A page is valid only if it covers exactly 4096 bytes.
+ */
+
 static inline int16_t get16(const uint8_t *p) { return (int16_t)(uint16_t)(p[0] | (p[1] << 8)); }
 static inline uint32_t get32(const uint8_t *p)
 {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
-/* a decoded page into the output rows: with SSE2 and an aligned row,
+/* a whole page into an output row: with SSE2 and an aligned row,
  * non-temporal stores (the rows are staged for later, not read now, and
- * streaming them skips the read-for-ownership of every line); xb_decode
+ * streaming them skips the read-for-ownership of every line); xb_apply
  * ends with a store fence */
 static inline void page_out(uint8_t *dst, const uint8_t *src)
 {
@@ -621,203 +623,202 @@ static int64_t fail(xb_error *e, int code, size_t offset, size_t page, int64_t d
     return -1;
 }
 
-/* a full page at in[pos..pos+4096): into the cache (touch or insert) and out */
-static void apply_full(xb_cache *c, uint64_t pfn, const uint8_t *src, uint8_t *dst)
+/*
+ * One page of the blob at in[pos..len), page index i, of which `room` are
+ * allowed (i >= room: XB_E_TOO_MANY_PAGES, once the page's first marker is
+ * read): check it and, when `page` is not NULL, apply it there (a delta onto the base `page` holds, a whole page
+ * over it). Returns the offset just past the page, or -1 with *e set (page
+ * index i). *delta tells which kind it was. With page == NULL nothing is
+ * written, so a failing page leaves no trace.
+ */
+static int64_t seed_page(const uint8_t *in, size_t len, size_t pos, size_t i, size_t room,
+                         uint8_t *page, int *delta, xb_error *e)
 {
-    int hit;
-    uint32_t s = cache_get(c, pfn, &hit);
-    memcpy(c->data + (size_t)s * XB_PAGE, src, XB_PAGE);
-    page_out(dst, src);
-}
-
-/* seed: records from pos; returns pages decoded or -1 with *e set */
-static int64_t seed_decode(xb_cache *c, const uint8_t *in, size_t len, const uint64_t *pfns,
-                           size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
-                           uint8_t *zknown, uint64_t zbits)
-{
-    size_t pos = 0, i = 0;
-    while (pos < len) {
-        if (len - pos < SEED_REC)
-            return fail(e, XB_E_TRUNC_RECORD, pos, i, (int64_t)(len - pos));
-        int16_t off = get16(in + pos);
-        uint32_t val = get32(in + pos + 2);
-        if (off >= 0)
-            return fail(e, XB_E_DELTA_OUTSIDE, pos, i, off);
-        if (off != SEED_BEGIN_PAGE && off != SEED_FULL_PAGE)
-            return fail(e, XB_E_BAD_OFFSET, pos, i, off);
-        if (val != 0)
-            return fail(e, XB_E_MARKER_VALUE, pos, i, val);
-        if (i >= npfns || i >= max_pages)
-            return fail(e, XB_E_TOO_MANY_PAGES, pos, i, (int64_t)npfns);
-        uint8_t *dst = out + i * (size_t)XB_PAGE;
-        if (off == SEED_FULL_PAGE) {
-            if (len - pos < SEED_FULL_SIZE)
-                return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - SEED_REC));
-            apply_full(c, pfns[i], in + pos + SEED_REC, dst);
-            zk_set(zknown, zbits, pfns[i], 0);
-            pos += SEED_FULL_SIZE;
-            i++;
-            continue;
-        }
-        /* BEGIN_PAGE: a base (cached, or known zero), then validate the
-         * deltas up to the next marker or the end */
-        uint32_t s = cache_find(c, pfns[i]);
-        if (s == XB_NIL && !zk_test(zknown, zbits, pfns[i]))
-            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
-        size_t q = pos + SEED_REC;
-        int32_t prev = -1;
-        while (q < len) {
-            if (len - q < SEED_REC)
-                return fail(e, XB_E_TRUNC_RECORD, q, i, (int64_t)(len - q));
-            int16_t d = get16(in + q);
-            if (d < 0) {
-                if (d == SEED_BEGIN_PAGE || d == SEED_FULL_PAGE)
-                    break;
-                return fail(e, XB_E_BAD_OFFSET, q, i, d);
-            }
-            if (d >= (int32_t)XB_PAGE)
-                return fail(e, XB_E_OUT_OF_PAGE, q, i, d);
-            if (d & 3)
-                return fail(e, XB_E_MISALIGNED, q, i, d);
-            if (d <= prev)
-                return fail(e, XB_E_NOT_ASCENDING, q, i, d);
-            prev = d;
-            q += SEED_REC;
-        }
-        /* apply: to the cached copy (a hit) or to a zero page in the slot a
-         * miss takes (the zero base) */
-        s = delta_slot(c, s, pfns[i], NULL);
-        uint8_t *base = c->data + (size_t)s * XB_PAGE;
-        for (size_t r = pos + SEED_REC; r < q; r += SEED_REC)
-            memcpy(base + get16(in + r), in + r + 2, 4);
-        zk_set(zknown, zbits, pfns[i], 0);
-        page_out(dst, base);
-        pos = q;
-        i++;
+    if (len - pos < SEED_REC)
+        return fail(e, XB_E_TRUNC_RECORD, pos, i, (int64_t)(len - pos));
+    int16_t off = get16(in + pos);
+    uint32_t val = get32(in + pos + 2);
+    if (off >= 0)
+        return fail(e, XB_E_DELTA_OUTSIDE, pos, i, off);
+    if (off != SEED_BEGIN_PAGE && off != SEED_FULL_PAGE)
+        return fail(e, XB_E_BAD_OFFSET, pos, i, off);
+    if (val != 0)
+        return fail(e, XB_E_MARKER_VALUE, pos, i, val);
+    if (i >= room)
+        return fail(e, XB_E_TOO_MANY_PAGES, pos, i, (int64_t)room);
+    if (off == SEED_FULL_PAGE) {
+        if (len - pos < SEED_FULL_SIZE)
+            return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - SEED_REC));
+        if (page)
+            page_out(page, in + pos + SEED_REC);
+        *delta = 0;
+        return (int64_t)(pos + SEED_FULL_SIZE);
     }
-    return (int64_t)i;
+    /* BEGIN_PAGE: deltas up to the next marker or the end, validated first */
+    size_t q = pos + SEED_REC;
+    int32_t prev = -1;
+    while (q < len) {
+        if (len - q < SEED_REC)
+            return fail(e, XB_E_TRUNC_RECORD, q, i, (int64_t)(len - q));
+        int16_t d = get16(in + q);
+        if (d < 0) {
+            if (d == SEED_BEGIN_PAGE || d == SEED_FULL_PAGE)
+                break;
+            return fail(e, XB_E_BAD_OFFSET, q, i, d);
+        }
+        if (d >= (int32_t)XB_PAGE)
+            return fail(e, XB_E_OUT_OF_PAGE, q, i, d);
+        if (d & 3)
+            return fail(e, XB_E_MISALIGNED, q, i, d);
+        if (d <= prev)
+            return fail(e, XB_E_NOT_ASCENDING, q, i, d);
+        prev = d;
+        q += SEED_REC;
+    }
+    if (page)
+        for (size_t r = pos + SEED_REC; r < q; r += SEED_REC)
+            memcpy(page + get16(in + r), in + r + 2, 4);
+    *delta = 1;
+    return (int64_t)q;
 }
 
-/* xen: pages of one-byte markers; returns pages decoded or -1 with *e set */
-static int64_t xen_decode(xb_cache *c, const uint8_t *in, size_t len, const uint64_t *pfns,
-                          size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
-                          uint8_t *zknown, uint64_t zbits)
+static int64_t xen_page(const uint8_t *in, size_t len, size_t pos, size_t i, size_t room,
+                        uint8_t *page, int *delta, xb_error *e)
 {
+    uint8_t m = in[pos];
+    if (i >= room)
+        return fail(e, XB_E_TOO_MANY_PAGES, pos, i, (int64_t)room);
+    if (m == XEN_FULL_PAGE) {
+        if (len - pos < XEN_FULL_SIZE)
+            return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - 1));
+        if (page)
+            page_out(page, in + pos + 1);
+        *delta = 0;
+        return (int64_t)(pos + XEN_FULL_SIZE);
+    }
+    *delta = 1;
+    if (m == XEN_EMPTY_PAGE)   /* unchanged: the base as it is */
+        return (int64_t)(pos + 1);
+    size_t q = pos;
+    uint32_t pp = 0;
+    while (pp < XB_PAGE) {
+        if (q >= len)
+            return fail(e, XB_E_TRUNC_PAGE, q, i, pp);
+        uint8_t k = in[q];
+        uint32_t n = 4u * (k & XEN_LENMASK);
+        if (n == 0)
+            return fail(e, XB_E_ZERO_LENGTH, q, i, k);
+        if (pp + n > XB_PAGE)
+            return fail(e, (k & XEN_SKIPFLAG) ? XB_E_SKIP_PAST_END : XB_E_RUN_PAST_END, q, i,
+                        pp + n);
+        if (!(k & XEN_SKIPFLAG)) {
+            if (n > len - q - 1)
+                return fail(e, XB_E_TRUNC_RUN, q, i, n);
+            if (page)
+                copy_words(page + pp, in + q + 1, n / 4);
+            q += n;
+        }
+        q += 1;
+        pp += n;
+    }
+    return (int64_t)q;
+}
+
+/* (in, len, pos, page index, pages allowed, page or NULL, *delta, e) */
+typedef int64_t (*page_fn)(const uint8_t *, size_t, size_t, size_t, size_t, uint8_t *, int *,
+                           xb_error *);
+
+/*
+ * Scan the blob in[0..len): its pages belong to the first pfns listed
+ * (npfns of them), at most max_pages are expected. Fills starts[i] (the
+ * offset of page i) and delta[i] (1: a delta page, needs a base; 0: whole)
+ * for every page. Returns the number of pages k, or -1 with *e set (nothing
+ * written but starts/delta). starts and delta hold max_pages entries.
+ */
+int64_t xb_scan(int codec, const uint8_t *in, size_t len, size_t npfns, size_t max_pages,
+                uint64_t *starts, uint8_t *delta, xb_error *e)
+{
+    page_fn step = codec == XB_SEED ? seed_page : xen_page;
     size_t pos = 0, i = 0;
+    e->code = XB_E_OK;
     while (pos < len) {
-        uint8_t m = in[pos];
-        if (i >= npfns || i >= max_pages)
-            return fail(e, XB_E_TOO_MANY_PAGES, pos, i, (int64_t)npfns);
-        uint8_t *dst = out + i * (size_t)XB_PAGE;
-        if (m == XEN_FULL_PAGE) {
-            if (len - pos < XEN_FULL_SIZE)
-                return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - 1));
-            apply_full(c, pfns[i], in + pos + 1, dst);
-            zk_set(zknown, zbits, pfns[i], 0);
-            pos += XEN_FULL_SIZE;
-            i++;
-            continue;
+        int d = 0;
+        /* past npfns (or the rows the caller holds): "more pages than pfns" */
+        int64_t next = step(in, len, pos, i, npfns < max_pages ? npfns : max_pages, NULL, &d, e);
+        if (next < 0) {
+            if (e->code == XB_E_TOO_MANY_PAGES)
+                e->detail = (int64_t)npfns;
+            return -1;
         }
-        /* a hit decodes in its slot; a known-zero miss against a zero page
-         * on the stack, which enters the cache only once the page is valid;
-         * any other miss has no base */
-        uint32_t s = cache_find(c, pfns[i]);
-        if (s == XB_NIL && !zk_test(zknown, zbits, pfns[i]))
-            return fail(e, XB_E_NO_BASE, pos, i, (int64_t)pfns[i]);
-        uint8_t zpage[XB_PAGE];
-        uint8_t *base;
-        if (s != XB_NIL) {
-            base = c->data + (size_t)s * XB_PAGE;
-        } else {
-            memset(zpage, 0, XB_PAGE);
-            base = zpage;
-        }
-        size_t q = pos;
-        if (m == XEN_EMPTY_PAGE) {
-            q++;
-        } else {
-            /* one pass: check each marker, apply each RUN to the cached
-             * copy at once, keeping the words it overwrote in `undo`; if the
-             * page turns out malformed, put them back before failing, so a
-             * page reaches the cache only when it covers exactly 4096 bytes */
-            uint8_t undo[XB_PAGE];
-            uint32_t pp = 0;
-            int code = XB_E_OK;
-            int64_t detail = 0;
-            while (pp < XB_PAGE) {
-                if (q >= len) {
-                    code = XB_E_TRUNC_PAGE, detail = pp;
-                    break;
-                }
-                uint8_t k = in[q];
-                uint32_t n = 4u * (k & XEN_LENMASK);
-                if (n == 0) {
-                    code = XB_E_ZERO_LENGTH, detail = k;
-                    break;
-                }
-                if (pp + n > XB_PAGE) {
-                    code = (k & XEN_SKIPFLAG) ? XB_E_SKIP_PAST_END : XB_E_RUN_PAST_END;
-                    detail = pp + n;
-                    break;
-                }
-                if (!(k & XEN_SKIPFLAG)) {
-                    if (n > len - q - 1) {
-                        code = XB_E_TRUNC_RUN, detail = n;
-                        break;
-                    }
-                    copy_words(undo + pp, base + pp, n / 4);
-                    copy_words(base + pp, in + q + 1, n / 4);
-                    q += n;
-                }
-                q += 1;
-                pp += n;
-            }
-            if (code != XB_E_OK) {
-                /* replay the page's RUNs' ranges from undo (markers before q are valid) */
-                uint32_t up = 0;
-                for (size_t r = pos; r < q;) {
-                    uint8_t k = in[r];
-                    uint32_t n = 4u * (k & XEN_LENMASK);
-                    if (!(k & XEN_SKIPFLAG)) {
-                        copy_words(base + up, undo + up, n / 4);
-                        r += n;
-                    }
-                    r += 1;
-                    up += n;
-                }
-                return fail(e, code, q, i, detail);
-            }
-        }
-        if (s == XB_NIL)  /* decoded against zeros in zpage: now it takes a slot */
-            base = c->data + (size_t)delta_slot(c, s, pfns[i], zpage) * XB_PAGE;
-        else
-            delta_slot(c, s, pfns[i], NULL);
-        zk_set(zknown, zbits, pfns[i], 0);
-        page_out(dst, base);
-        pos = q;
+        starts[i] = pos;
+        delta[i] = (uint8_t)d;
+        pos = (size_t)next;
         i++;
     }
     return (int64_t)i;
 }
 
 /*
- * Decode the blob in[0..len) into rows of out (max_pages rows). Page i
- * belongs to pfns[i]. zknown/zbits: the receiver's known-zero bitmap (NULL/0:
- * none, so every delta page for a missing pfn is XB_E_NO_BASE); the bit of
- * every pfn decoded is cleared. Returns the number of pages, or -1 with *e
- * set; pages decoded before the error have been applied to the cache and
- * the bitmap, the failing page to neither.
+ * Apply the k pages scanned by xb_scan (starts, delta) into out (rows
+ * rows of 4096 bytes): rows 0..m) hold, on entry, the bases of the m delta
+ * pages in blob order; on return row i holds page i. Returns 0, or -1 with
+ * *e set (out is then undefined). Every read of in and every write of out is
+ * bounds-checked here again.
  */
-int64_t xb_decode(xb_cache *c, int codec, const uint8_t *in, size_t len, const uint64_t *pfns,
-                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
-                  uint8_t *zknown, uint64_t zbits)
+int64_t xb_apply(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
+                 const uint8_t *delta, size_t k, uint8_t *out, size_t rows, xb_error *e)
 {
+    page_fn step = codec == XB_SEED ? seed_page : xen_page;
+    size_t m = 0;
     e->code = XB_E_OK;
-    int64_t k = codec == XB_SEED
-                    ? seed_decode(c, in, len, pfns, npfns, out, max_pages, e, zknown, zbits)
-                    : xen_decode(c, in, len, pfns, npfns, out, max_pages, e, zknown, zbits);
+    if (k > rows)
+        return fail(e, XB_E_TOO_MANY_PAGES, 0, rows, (int64_t)rows);
+    for (size_t i = 0; i < k; i++)
+        m += delta[i] ? 1 : 0;
+    int64_t rc = 0;
+    for (size_t i = k; i-- > 0;) {
+        size_t pos = (size_t)starts[i];
+        if (pos >= len) {
+            rc = fail(e, XB_E_OUT_OF_STEP, pos, i, 0);
+            break;
+        }
+        uint8_t *row = out + i * (size_t)XB_PAGE;
+        int want = delta[i] ? 1 : 0, got = 0;
+        if (want) {
+            size_t j = --m;          /* this page's base row: j <= i */
+            if (j != i)
+                memcpy(row, out + j * (size_t)XB_PAGE, XB_PAGE);
+        }
+        if (step(in, len, pos, i, k, row, &got, e) < 0) {
+            rc = -1;
+            break;
+        }
+        if (got != want) {          /* not the kind scan saw: arguments out of step */
+            rc = fail(e, XB_E_OUT_OF_STEP, pos, i, 0);
+            break;
+        }
+    }
 #if defined(__SSE2__)
     _mm_sfence();   /* order the streamed rows before Python reads them */
 #endif
-    return k;
+    return rc;
+}
+
+/* ------------------------------------------------------------ gather */
+
+/*
+ * out[i] = src[idx[i]] for i < n, 4096 bytes each: the gather of a chunk's
+ * bases from a memory image (numpy's take copies rows item by item, at a
+ * third of memcpy's speed). Every index is checked against rows before
+ * anything is copied: returns -1 (nothing written) if one is out of range,
+ * else 0.
+ */
+int64_t xb_gather(const uint8_t *src, size_t rows, const uint64_t *idx, size_t n, uint8_t *out)
+{
+    for (size_t i = 0; i < n; i++)
+        if (idx[i] >= rows)
+            return -1;
+    for (size_t i = 0; i < n; i++)
+        memcpy(out + i * (size_t)XB_PAGE, src + (size_t)idx[i] * XB_PAGE, XB_PAGE);
+    return 0;
 }

@@ -19,7 +19,7 @@ typedef struct {
     uint64_t hits;
     uint64_t misses;
     uint64_t evictions;
-    uint64_t zero_base;   /* misses sent/received as deltas against a zero page */
+    uint64_t zero_base;   /* misses sent as deltas against a zero page */
 } xb_cache;
 
 typedef struct {
@@ -35,6 +35,8 @@ size_t xb_encode(xb_cache *c, int codec, const uint64_t *pfns, const uint8_t *pa
                  const uint8_t *pt, size_t n, uint8_t *out, uint8_t *zknown, uint64_t zbits);
 size_t xb_note_raw(uint8_t *zknown, uint64_t zbits, const uint64_t *pfns, const uint8_t *pages,
                    size_t n);
-int64_t xb_decode(xb_cache *c, int codec, const uint8_t *in, size_t len, const uint64_t *pfns,
-                  size_t npfns, uint8_t *out, size_t max_pages, xb_error *e,
-                  uint8_t *zknown, uint64_t zbits);
+int64_t xb_scan(int codec, const uint8_t *in, size_t len, size_t npfns, size_t max_pages,
+                uint64_t *starts, uint8_t *delta, xb_error *e);
+int64_t xb_apply(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
+                 const uint8_t *delta, size_t k, uint8_t *out, size_t rows, xb_error *e);
+int64_t xb_gather(const uint8_t *src, size_t rows, const uint64_t *idx, size_t n, uint8_t *out);

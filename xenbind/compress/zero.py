@@ -9,15 +9,16 @@
 Layout: a bitmap, bit ``pfn & 7`` of byte ``pfn >> 3`` (the C kernel's
 ``zknown``/``zbits``, xenbind/compress/kernel.c), ``bits`` bits long.
 
-Rules (the same object type on both sides, kept by the same operations in
-the same order, so the receiver's set equals the sender's):
+Rules (the sender's: the Compressor keeps one; the receiver keeps none
+since issue 15, it decodes every delta page on the page it holds, which for
+a PFN in this set is those zeros):
     - ``note_raw``: a page all zero puts its PFN in the set, any other page
       takes it out; rows in order (a PFN twice: the later row counts). The
       zero test is the kernel's ``xb_note_raw`` (stops at a page's first
       non-zero word; only a zero page is read whole).
     - ``forget``: PFNs listed without data (XTAB, XALLOC, BROKEN) leave it.
-    - The kernel's encoder and decoder take out every PFN they encode or
-      decode (whole or delta, hit or miss): its contents are in the cache.
+    - The kernel's encoder takes out every PFN it encodes (whole or delta,
+      hit or miss): its contents are in the cache.
     - Size: ``size`` bits up front (the stream's p2m_size), grown on demand
       (doubling) up to ``limit`` bits, at most MAX_KNOWN_PFNS (the 28-bit PFN
       field: 32 MiB). A PFN at or above the limit is never in the set.

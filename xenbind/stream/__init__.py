@@ -10,21 +10,25 @@ docs/stream.md); in short:
                                            (PFN bits 0-27, page type bits 28-31),
                                            then, in Format A only, 4096 bytes per
                                            data-carrying entry
-                                 type < 0: a tag (-7 TSC_INFO, -9 LAST_CHECKPOINT,
-                                           -12 COMPRESSED_DATA + unsigned long length,
-                                           -13 ENABLE_COMPRESSION; project tags
-                                           -1001 CODEC, -1002 MEMORY_DIGEST,
-                                           -1003 HEARTBEAT)
+                                 type < 0: a tag (-2 VCPU_INFO, the HVM
+                                           parameters, -7 TSC_INFO, -9
+                                           LAST_CHECKPOINT, -12 COMPRESSED_DATA +
+                                           unsigned long length, -13
+                                           ENABLE_COMPRESSION, -18 TOOLSTACK;
+                                           project tags -1001 CODEC, -1002
+                                           MEMORY_DIGEST, -1003 HEARTBEAT)
     tail     uint64 x 3 magic PFNs, uint32 + HVM context,
              "DeviceModelRecord0002", uint32 + device-model record
 
 Modules: ``format`` (constants and the spec), ``events`` (decoder events),
-``encoder`` (bytes out), ``decoder`` (bytes in, events out), ``cli``
+``encoder`` (bytes out), ``decoder`` (bytes in, events out; delta pages
+decode on the user's own pages, its base source), ``image`` (a memory image
+rebuilt from events, which is such a base source), ``cli``
 (``python -m xenbind.stream inspect|replay``). No module here touches a
 socket, a clock or a thread; only ``cli`` touches files.
 """
 
-from .decoder import Decoder, MalformedStream, TruncatedStream
+from .decoder import BaseSource, Decoder, MalformedStream, TruncatedStream, overlay
 from .encoder import (
     StreamWriter,
     encode_body_a,
@@ -51,18 +55,23 @@ from .events import (
     Event,
     Header,
     Heartbeat,
+    HvmParam,
     LastCheckpoint,
     MemoryDigest,
     PageBatch,
     Pages,
     Tail,
+    Toolstack,
     TscInfo,
+    VcpuInfo,
 )
 from .format import DEFAULT_BUFFER_PAGES, MAX_BATCH
+from .image import Image
 
 __all__ = [
     "DEFAULT_BUFFER_PAGES",
     "MAX_BATCH",
+    "BaseSource",
     "CheckpointEnd",
     "CodecAnnounce",
     "Decoder",
@@ -71,6 +80,8 @@ __all__ = [
     "Event",
     "Header",
     "Heartbeat",
+    "HvmParam",
+    "Image",
     "LastCheckpoint",
     "MalformedStream",
     "MemoryDigest",
@@ -78,8 +89,10 @@ __all__ = [
     "Pages",
     "StreamWriter",
     "Tail",
+    "Toolstack",
     "TruncatedStream",
     "TscInfo",
+    "VcpuInfo",
     "encode_body_a",
     "encode_body_b",
     "encode_codec",
@@ -95,4 +108,5 @@ __all__ = [
     "encode_tail",
     "encode_tsc_info",
     "memory_digest",
+    "overlay",
 ]

@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import RemusError, StreamError
+from ..types import PageArray, PfnArray
 from . import events as ev
-from .decoder import Decoder, MalformedStream, TruncatedStream
+from .decoder import BaseSource, Decoder, MalformedStream, TruncatedStream
 from .encoder import memory_digest
 from .format import PAGE_SIZE, PFN_MASK
+from .image import Image
 
 READ_SIZE = 1 << 20
 
@@ -84,16 +86,22 @@ def _read(path: str) -> Iterator[bytes]:
             yield block
 
 
-def _decoder() -> Decoder:
+def _decoder(base: BaseSource) -> Decoder:
     # A capture may come from any guest: allow every PFN the format can name.
-    return Decoder(max_p2m_size=PFN_MASK + 1)
+    return Decoder(max_p2m_size=PFN_MASK + 1, base=base)
 
 
-def _decode(path: str) -> Iterator[ev.Event]:
+def _zero_base(pfns: PfnArray, out: PageArray) -> None:
+    """inspect's base source: it counts pages, their contents do not matter."""
+    out[: len(pfns)] = 0
+
+
+def _decode(path: str, base: BaseSource = _zero_base) -> Iterator[ev.Event]:
     """Events of the file; a torn tail ends the iteration with TruncatedStream
     raised; a malformed stream raises MalformedStream after yielding the
-    events decoded before the fault."""
-    d = _decoder()
+    events decoded before the fault. ``base``: the decoder's base source (the
+    caller handles every event of a block before the next block is fed)."""
+    d = _decoder(base)
     for block in _read(path):
         try:
             events = d.feed(block)
@@ -138,6 +146,9 @@ class _Checkpoint:
 
 _TAG_EVENTS = {
     ev.TscInfo: "tsc_info",
+    ev.VcpuInfo: "vcpu_info",
+    ev.HvmParam: "hvm_param",
+    ev.Toolstack: "toolstack",
     ev.CodecAnnounce: "codec",
     ev.EnableCompression: "enable_compression",
     ev.LastCheckpoint: "last_checkpoint",
@@ -288,37 +299,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    image: np.memmap | None = None
-    staged: list[ev.Pages] = []
+    # the image is the decoder's base source: a delta page decodes on the
+    # image's page (or the one staged before it), as on a receiver
+    img = Image(direct_first=True)
     digest: bytes | None = None
-    applied = 0
     last: ev.CheckpointEnd | None = None
     note = ""
     status = 0
     try:
-        for e in _decode(args.file):
+        for e in _decode(args.file, img.base):
             if isinstance(e, ev.Header):
-                image = np.memmap(
+                img.memory = np.memmap(
                     args.output, dtype=np.uint8, mode="w+", shape=(e.p2m_size, PAGE_SIZE)
                 )
-            elif isinstance(e, ev.Pages):
-                assert image is not None
-                if applied == 0:
-                    # Nothing committed yet: checkpoint 0 goes straight into the
-                    # image; if it is torn the image is removed below.
-                    image[e.pfns.astype(np.intp)] = e.data
-                else:
-                    staged.append(e)
             elif isinstance(e, ev.MemoryDigest):
                 digest = e.digest
             elif isinstance(e, ev.CheckpointEnd):
-                assert image is not None
-                for p in staged:
-                    image[p.pfns.astype(np.intp)] = p.data
-                staged.clear()
-                applied += 1
+                # Nothing committed before checkpoint 0's end: its pages went
+                # straight into the image; if it is torn the image is removed.
+                img.handle(e)
                 last = e
-                if args.verify and digest is not None and memory_digest(image) != digest:
+                assert img.memory is not None
+                if args.verify and digest is not None and memory_digest(img.memory) != digest:
                     _error_line(
                         args.file,
                         StreamError(e.offset, f"checkpoint {e.index}: memory digest mismatch"),
@@ -326,6 +328,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     status = 1
                     break
                 digest = None
+            else:
+                img.handle(e)
     except TruncatedStream as t:
         if t.torn_checkpoint is None:
             _error_line(args.file, t)
@@ -335,9 +339,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except MalformedStream as m:
         _error_line(args.file, m)
         status = 1
-    if image is not None:
-        image.flush()
-        del image
+    applied = img.applied
+    if isinstance(img.memory, np.memmap):
+        img.memory.flush()
+    img.memory = None
+    img.discard()
     if applied == 0:
         if os.path.exists(args.output):
             os.unlink(args.output)

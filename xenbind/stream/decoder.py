@@ -1,7 +1,8 @@
 """Incremental stream decoder, sans-IO: bytes in (split anywhere), events out.
 
     d = Decoder(max_p2m_size=..., max_compressed=..., max_context=...,
-                max_device_model=..., cache_pages=None, max_cache_pages=...)
+                max_device_model=..., max_cache_pages=..., max_toolstack=...,
+                base=base)           # base(pfns, out): the user's pages (below)
     for ev in d.feed(data): ...      # any split of the stream, any number of calls
     d.eof()                          # the peer closed: clean end, or TruncatedStream
     d.close()                        # optional: drop the codec cache and buffers now
@@ -28,8 +29,9 @@ module adds:
   batch's pages (<= 4 MiB), one COMPRESSED_DATA payload (<= max_compressed,
   checked before any byte of it is buffered), one tail record (<= its cap).
   Per Format B body the decoder also keeps a bitmap of p2m_size bytes and the
-  listed-but-not-yet-decoded PFNs (<= 8 bytes per guest page); per stream,
-  the known-zero set (one bit per guest page, below).
+  listed-but-not-yet-decoded PFNs (<= 8 bytes per guest page). No codec
+  state spans checkpoints (no page cache: see "Bases"); a TOOLSTACK record is
+  capped by max_toolstack, VCPU_INFO by MAX_VCPUS.
   A COMPRESSED_DATA payload's buffer grows with the bytes that actually arrive
   (never past the claimed length): it starts at what the current ``feed``
   holds (at least ``GROW_MIN``) and grows ``GROW_FACTOR``-fold when full, so
@@ -40,34 +42,42 @@ module adds:
   its size.
 * Freeing. A Decoder holds no reference to itself (the handler of the item
   being read is a plain function, called with the decoder; the error kept for
-  later calls has no traceback), so a dropped Decoder and its Decompressor's
-  cache are freed by reference counting at once, not at Python's next cyclic
+  later calls has no traceback), so a dropped Decoder and its buffers are
+  freed by reference counting at once, not at Python's next cyclic
   collection. When the decoder raises it drops the Decompressor, the buffers
   and the per-body state at once (it is dead). ``eof()`` is a probe that
   changes nothing (the decoder may be fed on), so it frees nothing; the
   Decompressor goes as soon as the LAST_CHECKPOINT checkpoint completes
   (nothing may follow it), and ``close()`` drops everything of a decoder its
   caller keeps but is done with.
-* Codec. ENABLE_COMPRESSION makes a ``xenbind.compress.Decompressor`` for the
-  announced codec (default "xen", 8192 pages); its cache mirrors the sender's.
-  With ``cache_pages`` set, the stream's cache size must equal it.
-* Zero base. From the header on, the decoder keeps the receiver's known-zero
-  set (``xenbind.compress.zero.KnownZero``, p2m_size bits) exactly as the
-  sender keeps its own: each Format A page with data puts its PFN in when
-  all zero and takes it out otherwise (the kernel's zero test), each Format
-  A entry without data (XTAB, XALLOC, BROKEN) takes it out, and the codec
-  kernel takes out every PFN it decodes. ENABLE_COMPRESSION hands the set to
-  the Decompressor (the same object, so Format A pages still to come in
-  that body are noted in it). A delta page for a PFN neither in the mirror
-  nor in the set does not decode (codec error 9, a MalformedStream at the
-  COMPRESSED_DATA chunk). ``known_zero_pfns()`` reads the set.
+* Codec. ENABLE_COMPRESSION makes a ``xenbind.compress.Decompressor`` for
+  the announced codec (default "xen"; the cache size the stream announces is
+  reported, and bounded by max_cache_pages, but the receiver keeps no cache:
+  any sender's cache size or eviction decodes).
+* Bases. A delta page decodes in place on the user's copy of its page, as
+  Xen's restore does: for each COMPRESSED_DATA chunk the decoder calls
+  ``base(pfns, out)`` once, with the PFNs of the chunk's delta pages (uint64,
+  in blob order) and a C-contiguous (len(pfns), 4096) uint8 array to fill
+  with the user's copy of each: the latest page it holds for that PFN among
+  everything EARLIER ``feed``/``buffer_updated`` calls returned, committed
+  or staged (the page staged in the checkpoint it has not committed yet,
+  else its committed page; ``overlay`` lays staged pages over committed
+  ones). Pages of checkpoints that ended within the current call, which the
+  user has not seen yet, the decoder lays over that itself. A PFN is listed
+  at most once per Format B body, so the base is always the page as of the
+  end of the previous checkpoint, as in Xen's restore, which applies a
+  checkpoint only once it arrived whole. Without ``base`` (None) a delta page
+  does not decode (a MalformedStream at its chunk). Whatever ``base`` raises
+  (the backup failed over, cannot be read) propagates out of ``feed``
+  unchanged, and the decoder is dead from then on (later calls raise a
+  MalformedStream saying so).
 """
 
 from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,11 +93,15 @@ from .format import (
     DEFAULT_MAX_CONTEXT,
     DEFAULT_MAX_DEVICE_MODEL,
     DEFAULT_MAX_P2M_SIZE,
+    DEFAULT_MAX_TOOLSTACK,
     DEVICE_MODEL_SIGNATURE,
     DIGEST_ALGORITHMS,
+    HVM_PARAM_OF_TAG,
+    HVM_PARAM_SIZE,
     LEGACY_CACHE_PAGES,
     LEGACY_CODEC,
     MAX_BATCH,
+    MAX_VCPUS,
     PAGE_SIZE,
     PFN_MASK,
     TAG_CODEC,
@@ -97,21 +111,30 @@ from .format import (
     TAG_LAST_CHECKPOINT,
     TAG_MEMORY_DIGEST,
     TAG_NAMES,
+    TAG_TOOLSTACK,
     TAG_TSC_INFO,
+    TAG_VCPU_INFO,
+    TOOLSTACK_LENGTH_SIZE,
     TYPE_HAS_DATA,
     TYPE_VALID,
     TYPE_XTAB,
+    VCPU_INFO_HEADER_SIZE,
+    vcpumap_size,
 )
 
 if TYPE_CHECKING:  # imported on first use at run time (the codec's C kernel)
     from ..compress import Decompressor
-    from ..compress.zero import KnownZero
+
+#: What the decoder decodes delta pages against (see "Bases"):
+#: ``base(pfns, out)`` fills out[i] with the user's copy of page pfns[i].
+BaseSource = Callable[[PfnArray, PageArray], None]
 
 _INT = struct.Struct("<i")
 _UINT = struct.Struct("<I")
 _ULONG = struct.Struct("<Q")
 _TSC = struct.Struct("<IQII")
 _II = struct.Struct("<II")
+_HVM_PARAM = struct.Struct("<IQ")  # padding, value
 
 #: The least a growing COMPRESSED_DATA buffer starts with (bytes); it is
 #: also about the most a claim costs before its bytes arrive.
@@ -221,7 +244,8 @@ class Decoder:
     ``checkpoints`` number of checkpoints that arrived whole
     ``format``      "A" or "B": the format of the body being read
     ``codec``       the Format B codec once compression is enabled, else None
-    ``cache_pages`` its cache size once compression is enabled, else None
+    ``cache_pages`` the cache size the stream announced (or Xen's 8192) once
+                    compression is enabled, else None: reported, not needed
     ``last``        True once a LAST_CHECKPOINT checkpoint completed
     """
 
@@ -232,15 +256,17 @@ class Decoder:
         max_compressed: int = DEFAULT_MAX_COMPRESSED,
         max_context: int = DEFAULT_MAX_CONTEXT,
         max_device_model: int = DEFAULT_MAX_DEVICE_MODEL,
-        cache_pages: int | None = None,
         max_cache_pages: int = DEFAULT_MAX_CACHE_PAGES,
+        max_toolstack: int = DEFAULT_MAX_TOOLSTACK,
+        base: BaseSource | None = None,
     ) -> None:
         self.max_p2m_size = min(max_p2m_size, PFN_MASK + 1)
         self.max_compressed = max_compressed
         self.max_context = max_context
         self.max_device_model = max_device_model
-        self.required_cache_pages = cache_pages
         self.max_cache_pages = max_cache_pages
+        self.max_toolstack = max_toolstack
+        self._base_source = base
 
         self.received = 0
         self.offset = 0
@@ -271,7 +297,12 @@ class Decoder:
         self._announced: tuple[str, int] | None = None
         self._enabled = False  # ENABLE_COMPRESSION seen
         self._decompressor: Decompressor | None = None
-        self._zero: KnownZero | None = None  # the known-zero set from the header on
+        # Pages of this call, not yet seen by the user (see "Bases"): of the
+        # checkpoint being read, and of checkpoints completed in this call
+        self._call_pages: list[ev.Pages] = []
+        self._fresh: list[ev.Pages] = []
+        self._vcpu_max = 0  # a VCPU_INFO's max_vcpu_id, until its map arrives
+        self._param_tag = 0  # the HVM parameter tag being read
         # Format B body state
         self._seen: npt.NDArray[np.bool_] | None = None
         self._listed: list[PfnArray] = []
@@ -296,6 +327,8 @@ class Decoder:
             mv = mv.cast("B")
         events: list[ev.Event] = []
         self._events = events
+        self._call_pages = []
+        self._fresh = []
         n = len(mv)
         i = 0
         try:
@@ -319,14 +352,9 @@ class Decoder:
             raise
         finally:
             self._events = []
+            self._call_pages = []
+            self._fresh = []
         return events
-
-    def known_zero_pfns(self) -> PfnArray:
-        """The receiver's known-zero set (see "Zero base"), ascending: a fresh
-        uint64 array, empty before the header and once the codec is dropped."""
-        if self._zero is None:
-            return np.zeros(0, np.uint64)
-        return self._zero.pfns()
 
     # ------------------------------------------------------------ direct receive
 
@@ -418,12 +446,12 @@ class Decoder:
         self._hvm_context = b""
 
     def _release_codec(self) -> None:
-        """Drop the Decompressor (its cache: up to max_cache_pages x 4 KiB),
-        the known-zero set and the Format B body state (a bitmap of p2m_size bytes, the listed
-        PFNs). Also done when the LAST_CHECKPOINT checkpoint completes: any
-        byte after it is an error, so no page will be decoded again."""
+        """Drop the Decompressor, the base source and the Format B body state
+        (a bitmap of p2m_size bytes, the listed PFNs). Also done when the
+        LAST_CHECKPOINT checkpoint completes: any byte after it is an error,
+        so no page will be decoded again."""
         self._decompressor = None
-        self._zero = None
+        self._base_source = None
         self._seen = None
         self._listed = []
         self._pending = _PfnFifo()
@@ -494,9 +522,6 @@ class Decoder:
                 0, f"header: p2m_size {p2m} exceeds the limit of {self.max_p2m_size} pages"
             )
         self.p2m_size = p2m
-        from ..compress.zero import KnownZero
-
-        self._zero = KnownZero(p2m, limit=p2m)
         self._emit(ev.Header(p2m))
         self._expect_chunk()
 
@@ -542,6 +567,13 @@ class Decoder:
             self._expect(8, Decoder._on_codec, "a CODEC chunk")
         elif t == TAG_MEMORY_DIGEST:
             self._expect(8, Decoder._on_digest_header, "a MEMORY_DIGEST chunk")
+        elif t in HVM_PARAM_OF_TAG:
+            self._param_tag = t
+            self._expect(HVM_PARAM_SIZE, Decoder._on_hvm_param, f"a {TAG_NAMES[t]} chunk")
+        elif t == TAG_VCPU_INFO:
+            self._expect(VCPU_INFO_HEADER_SIZE, Decoder._on_vcpu_header, "a VCPU_INFO chunk")
+        elif t == TAG_TOOLSTACK:
+            self._expect(TOOLSTACK_LENGTH_SIZE, Decoder._on_toolstack_length, "a TOOLSTACK length")
         elif t in TAG_NAMES:
             raise self._fail(at, f"unsupported chunk type {t} ({TAG_NAMES[t]})")
         else:
@@ -600,10 +632,6 @@ class Decoder:
         self._emit(ev.PageBatch(pfns, types))
         has_data = TYPE_HAS_DATA[types]
         data_pfns = pfns if has_data.all() else pfns[has_data]
-        if self.format == "A" and self._zero is not None and len(data_pfns) < len(pfns):
-            # Format A entries without data: what the receiver holds there
-            # is no longer known (Format B: the sender keeps its set as is)
-            self._zero.forget(pfns[~has_data])
         if self.format == "B":
             self._pending.push(data_pfns)
             self._expect_chunk()
@@ -618,9 +646,9 @@ class Decoder:
 
     def _on_page_data(self, pages: PageArray) -> None:
         assert self._batch_pfns is not None
-        if self._zero is not None:
-            self._zero.note_raw(self._batch_pfns, pages)  # what the receiver holds now
-        self._emit(ev.Pages(self._batch_pfns, pages))
+        event = ev.Pages(self._batch_pfns, pages)
+        self._emit(event)
+        self._call_pages.append(event)
         self._pages += len(pages)
         self._batch_pfns = None
         self._expect_chunk()
@@ -634,15 +662,9 @@ class Decoder:
         if self._enabled:
             raise self._fail(at, "ENABLE_COMPRESSION sent twice")
         codec, cache = self._announced or (LEGACY_CODEC, LEGACY_CACHE_PAGES)
-        if self.required_cache_pages is not None and cache != self.required_cache_pages:
-            raise self._fail(
-                at,
-                f"the stream's {codec} cache holds {cache} pages, "
-                f"this receiver was configured for {self.required_cache_pages}",
-            )
         from ..compress import Decompressor
 
-        self._decompressor = Decompressor(codec, cache, known_zero=self._zero)
+        self._decompressor = Decompressor(codec)
         self._enabled = True
         self.codec, self.cache_pages = codec, cache
         self._emit(ev.EnableCompression(codec, cache))
@@ -659,6 +681,38 @@ class Decoder:
             )
         self._announced = (CODEC_NAMES[codec_id], cache)
         self._emit(ev.CodecAnnounce(CODEC_NAMES[codec_id], cache))
+        self._expect_chunk()
+
+    def _on_hvm_param(self, buf: bytearray) -> None:
+        _pad, value = _HVM_PARAM.unpack(buf)  # the padding is ignored, as Xen's restore does
+        tag = self._param_tag
+        self._emit(ev.HvmParam(tag, HVM_PARAM_OF_TAG[tag], value))
+        self._expect_chunk()
+
+    def _on_vcpu_header(self, buf: bytearray) -> None:
+        (max_id,) = _INT.unpack(buf)
+        if not 0 <= max_id < MAX_VCPUS:
+            raise self._fail(
+                self._chunk_start, f"VCPU_INFO: max_vcpu_id {max_id} is outside 0..{MAX_VCPUS - 1}"
+            )
+        self._vcpu_max = max_id
+        self._expect(vcpumap_size(max_id), Decoder._on_vcpumap, "a VCPU_INFO map")
+
+    def _on_vcpumap(self, buf: bytearray) -> None:
+        self._emit(ev.VcpuInfo(self._vcpu_max, bytes(buf)))
+        self._expect_chunk()
+
+    def _on_toolstack_length(self, buf: bytearray) -> None:
+        (n,) = _UINT.unpack(buf)
+        if n > self.max_toolstack:
+            raise self._fail(
+                self._chunk_start,
+                f"TOOLSTACK record of {n} bytes exceeds the cap of {self.max_toolstack}",
+            )
+        self._expect(n, Decoder._on_toolstack, "a TOOLSTACK record")
+
+    def _on_toolstack(self, buf: bytearray) -> None:
+        self._emit(ev.Toolstack(bytes(buf)))
         self._expect_chunk()
 
     def _on_digest_header(self, buf: bytearray) -> None:
@@ -679,8 +733,9 @@ class Decoder:
     def _on_compressed_length(self, buf: bytearray) -> None:
         (n,) = _ULONG.unpack(buf)
         at = self._chunk_start
-        if n == 0:
-            raise self._fail(at, "empty COMPRESSED_DATA chunk")
+        if n == 0:  # Xen's restore accepts one (it carries no page)
+            self._expect_chunk()
+            return
         if n > self.max_compressed:
             raise self._fail(
                 at, f"COMPRESSED_DATA of {n} bytes exceeds the cap of {self.max_compressed}"
@@ -701,9 +756,14 @@ class Decoder:
         assert self._decompressor is not None
         failed: str | None
         try:
-            pages = self._decompressor.decompress(buf, window)
+            pages = self._decompressor.decompress(buf, window, self._base)
         except CodecError as e:
             failed = str(e)
+        except Exception as e:
+            # the user's base source failed (BackupClosed, DomainError ...):
+            # it goes to the user as it is; this decoder is dead
+            self._die(MalformedStream(at, f"COMPRESSED_DATA: the base source failed: {e!r}"))
+            raise
         else:
             failed = None
         if failed is not None:
@@ -719,8 +779,22 @@ class Decoder:
             )
         self._pending.pop(k)
         self._pages += k
-        self._emit(ev.Pages(np.array(window[:k], dtype=np.uint64), pages, n))
+        event = ev.Pages(np.array(window[:k], dtype=np.uint64), pages, n)
+        self._emit(event)
+        self._call_pages.append(event)
         self._expect_chunk()
+
+    def _base(self, pfns: PfnArray, out: PageArray) -> None:
+        """The bases of a chunk's delta pages: the user's, then the pages of
+        checkpoints completed in this call laid over them (see "Bases")."""
+        if self._base_source is None:
+            raise CodecError(
+                f"{len(pfns)} delta page(s) (first pfn {int(pfns[0]):#x}) and this Decoder "
+                "has no base source (Decoder(base=...))"
+            )
+        self._base_source(pfns, out)
+        if self._fresh:
+            overlay([(p.pfns, p.data) for p in self._fresh], pfns, out)
 
     def _on_end_body(self) -> None:
         at = self._chunk_start
@@ -779,6 +853,10 @@ class Decoder:
     def _on_device_model(self, buf: bytearray) -> None:
         ctx = Context(self._magic, self._hvm_context, bytes(buf))
         self._hvm_context = b""
+        # the user has not seen this checkpoint: its pages are bases for
+        # the rest of this call (see "Bases")
+        self._fresh.extend(self._call_pages)
+        self._call_pages = []
         self._emit(ev.Tail(ctx))
         self._emit(ev.CheckpointEnd(self.checkpoints, self.format, self._pages, self.received))
         self.checkpoints += 1
@@ -799,3 +877,31 @@ class Decoder:
         raise self._fail(
             self.received - 1, "data after the checkpoint that carried LAST_CHECKPOINT"
         )
+
+
+def overlay(batches: Sequence[tuple[PfnArray, PageArray]], pfns: PfnArray, out: PageArray) -> None:
+    """Lay over ``out[i]`` the latest page for ``pfns[i]`` among ``batches``
+    ((pfns, data) pairs in stream order; a later one wins), where there is
+    one. Vectorised: one sort, then one copy per batch that holds a page.
+    What a user's base source uses for the pages it staged and has not
+    committed yet (see "Bases"); the decoder uses it for its own."""
+    if not batches:
+        return
+    lens = np.array([len(b[0]) for b in batches], dtype=np.intp)
+    every = np.concatenate([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+    if not len(every):
+        return
+    # the last occurrence of each PFN: the first in the reversed array
+    uniq, first_rev = np.unique(every[::-1], return_index=True)
+    last = len(every) - 1 - first_rev
+    pos = np.minimum(np.searchsorted(uniq, pfns), len(uniq) - 1)
+    rows = np.flatnonzero(uniq[pos] == pfns)
+    if not len(rows):
+        return
+    where = last[pos[rows]]  # index into `every`
+    ends = np.cumsum(lens)
+    which = np.searchsorted(ends, where, side="right")  # the batch holding it
+    starts = ends - lens
+    for b in np.unique(which):
+        sel = which == b
+        out[rows[sel]] = batches[int(b)][1][where[sel] - starts[b]]

@@ -56,6 +56,38 @@ class TscInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class VcpuInfo:
+    """Xen's VCPU_INFO (-2): the highest VCPU id and the online map (uint64
+    words, little-endian, bit i of word i // 64 = VCPU i online), as
+    xc_domain_save.c writes it in every checkpoint."""
+
+    max_vcpu_id: int
+    vcpumap: bytes
+
+    def online(self) -> list[int]:
+        """The ids of the VCPUs the map marks online (up to max_vcpu_id)."""
+        bits = int.from_bytes(self.vcpumap, "little")
+        return [i for i in range(self.max_vcpu_id + 1) if bits >> i & 1]
+
+
+@dataclass(frozen=True, slots=True)
+class HvmParam:
+    """One of Xen's HVM parameter chunks: ``tag`` (XC_SAVE_ID_HVM_*), the
+    HVM_PARAM_* ``index`` it carries and its 64-bit ``value``."""
+
+    tag: int
+    index: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Toolstack:
+    """Xen's TOOLSTACK (-18): the toolstack's own record (libxl's), opaque."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class CodecAnnounce:
     """Project tag CODEC: the Format B codec and its LRU cache size."""
 
@@ -124,6 +156,9 @@ Event = (
     | PageBatch
     | Pages
     | TscInfo
+    | VcpuInfo
+    | HvmParam
+    | Toolstack
     | CodecAnnounce
     | EnableCompression
     | LastCheckpoint

@@ -32,7 +32,13 @@ BODY = chunk* then the end chunk. Every chunk starts with ``int type``:
       -1002 MEMORY_DIGEST (p.) uint32 algorithm id, uint32 length L,
                                L digest bytes                          (8+L)
       -1003 HEARTBEAT (proj.)  nothing
-      Xen's other tags (-1..-20) are known by name and rejected.
+      -2    VCPU_INFO          int max_vcpu_id (0..4095), then the online map:
+                               (max_vcpu_id / 64 + 1) uint64 words  (4+8..4+512)
+      -3 -4 -8 -10 -11 -14 -15 -16 -17 -19 -20   HVM parameters, each
+                               uint32 padding, uint64 value             (12)
+      -18   TOOLSTACK          uint32 length L, L bytes (libxl's data) (4+L)
+      Xen's other tags (-1 ENABLE_VERIFY_MODE, -5 TMEM, -6 TMEM_EXTRA) are
+      known by name and rejected; any other negative type is unknown.
 
 TAIL (HVM), after the end chunk of every body:
     uint64 ioreq PFN, uint64 buffered-ioreq PFN, uint64 xenstore PFN
@@ -66,9 +72,13 @@ the offending item)
     * a PFN at most once per batch; at most once per Format B body. In a
       Format A body a PFN may repeat across batches (pre-copy rounds); the
       later copy wins.
-    * COMPRESSED_DATA only in a Format B body, 1 <= N <= the configured cap
-      (checked before anything is buffered); at every point of a Format B body
-      pages decoded <= data-carrying PFNs listed, and equal at its end.
+    * COMPRESSED_DATA only in a Format B body, 0 <= N <= the configured cap
+      (checked before anything is buffered); N == 0 (an empty chunk, which
+      Xen's restore accepts) carries no page; at every point of a Format B
+      body pages decoded <= data-carrying PFNs listed, and equal at its end.
+    * VCPU_INFO: 0 <= max_vcpu_id < MAX_VCPUS; TOOLSTACK length capped. These
+      and the HVM parameters may stand anywhere a chunk may in a body, any
+      number of times (the receiver keeps the last of each per checkpoint).
     * ENABLE_COMPRESSION at most once; CODEC at most once and before it.
     * tail lengths capped; the device-model signature exact.
     * nothing after the checkpoint that carried LAST_CHECKPOINT.
@@ -167,6 +177,9 @@ TAG_NAMES = {
 
 #: Payload sizes of the fixed-size tags (bytes after the 4-byte type).
 TSC_INFO_SIZE = 20  # '<IQII'
+HVM_PARAM_SIZE = 12  # '<IQ': padding (ignored, as Xen's restore does), value
+VCPU_INFO_HEADER_SIZE = 4  # int max_vcpu_id; the online map follows
+TOOLSTACK_LENGTH_SIZE = 4  # uint32 length; that many bytes follow
 CODEC_SIZE = 8  # '<II'
 DIGEST_HEADER_SIZE = 8  # '<II'
 COMPRESSED_LENGTH_SIZE = 8  # unsigned long
@@ -184,6 +197,33 @@ DIGEST_XXH3_128 = 1
 DIGEST_ALGORITHMS = {DIGEST_XXH3_128: ("xxh3-128", 16)}
 DIGEST_IDS = {name: alg for alg, (name, _) in DIGEST_ALGORITHMS.items()}
 
+#: VCPU_INFO: Xen's XC_SR_MAX_VCPUS (xg_save_restore.h); the online map of
+#: max_vcpu_id holds max_vcpu_id // 64 + 1 uint64 words (vcpumap_sz).
+MAX_VCPUS = 4096
+
+
+def vcpumap_size(max_vcpu_id: int) -> int:
+    """Bytes of the VCPU online map after a VCPU_INFO's max_vcpu_id."""
+    return (max_vcpu_id // 64 + 1) * 8
+
+
+#: The HVM parameter tags: tag -> the HVM_PARAM_* index (xen/include/public/
+#: hvm/params.h) whose value the chunk carries, as xc_domain_save.c reads it
+#: with xc_hvm_param_get and xc_domain_restore.c sets it.
+HVM_PARAM_OF_TAG = {
+    TAG_HVM_IDENT_PT: 12,  # HVM_PARAM_IDENT_PT
+    TAG_HVM_VM86_TSS: 15,  # HVM_PARAM_VM86_TSS
+    TAG_HVM_CONSOLE_PFN: 17,  # HVM_PARAM_CONSOLE_PFN
+    TAG_HVM_ACPI_IOPORTS_LOCATION: 19,  # HVM_PARAM_ACPI_IOPORTS_LOCATION
+    TAG_HVM_VIRIDIAN: 9,  # HVM_PARAM_VIRIDIAN
+    TAG_HVM_GENERATION_ID_ADDR: 34,  # HVM_PARAM_VM_GENERATION_ID_ADDR
+    TAG_HVM_PAGING_RING_PFN: 27,  # HVM_PARAM_PAGING_RING_PFN
+    TAG_HVM_MONITOR_RING_PFN: 28,  # HVM_PARAM_ACCESS_RING_PFN (4.5's name)
+    TAG_HVM_SHARING_RING_PFN: 29,  # HVM_PARAM_SHARING_RING_PFN
+    TAG_HVM_IOREQ_SERVER_PFN: 32,  # HVM_PARAM_IOREQ_SERVER_PFN
+    TAG_HVM_NR_IOREQ_SERVER_PAGES: 33,  # HVM_PARAM_NR_IOREQ_SERVER_PAGES
+}
+
 #: The HVM tail.
 MAGIC_PFNS_SIZE = 24  # 3 x uint64
 DEVICE_MODEL_SIGNATURE = b"DeviceModelRecord0002"  # 21 bytes, no NUL
@@ -198,5 +238,6 @@ DEFAULT_MAX_COMPRESSED = 64 << 20  # one COMPRESSED_DATA chunk
 DEFAULT_MAX_CONTEXT = 16 << 20  # HVM context blob
 DEFAULT_MAX_DEVICE_MODEL = 64 << 20  # device-model record
 DEFAULT_MAX_CACHE_PAGES = 1 << 18  # an announced cache of at most 1 GiB
+DEFAULT_MAX_TOOLSTACK = 1 << 20  # one TOOLSTACK record (libxl's is a few KiB)
 
 __all__ = [name for name in dir() if name.isupper()]

@@ -1,10 +1,12 @@
-"""xenbind.compress: round trips, the LRU cache, the mirror on the receiver.
+"""xenbind.compress: round trips, the sender's LRU cache, the receiver's pages.
 
 Every codec round-trips arbitrary sequences of batches (unchanged pages, one
 word, scattered words, runs longer than 127 words, every word, misses,
-evictions, batches larger than the cache, page-table pages, a pfn twice in
-one batch); after every batch the receiver's mirror equals the sender's cache
-(keys, LRU order and contents) and both equal an independent LRU model.
+evictions, batches larger than the cache, page-table pages); the receiver
+decodes each delta page on the page it holds (tests/xenbind/compress/
+receiver.py), and after every batch every page in the sender's cache equals
+the receiver's page for that PFN (the base the next delta decodes on); the
+sender's cache equals an independent LRU model.
 The xen encoder is checked byte for byte against a transliteration of
 xc_compression.c's compress_page loop, the seed encoder against the seed's
 grammar written out in Python.
@@ -21,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.xenbind.compress.receiver import Receiver
 from xenbind._codec import lib
 from xenbind.compress import (
     CODECS,
@@ -179,7 +182,11 @@ def histories(draw):
     batches = []
     for _ in range(nbatches):
         n = draw(st.integers(0, 12))
-        pfns = draw(st.lists(st.integers(0, universe - 1), min_size=n, max_size=n))
+        # a PFN at most once per batch: the stream lists a PFN at most once
+        # per Format B body, and the receiver decodes all of a blob's deltas
+        # on the pages as they were before the blob
+        n = min(n, universe)
+        pfns = draw(st.lists(st.integers(0, universe - 1), min_size=n, max_size=n, unique=True))
         pages, pts = [], []
         for p in pfns:
             mem[p] = draw(page_change(mem[p]))
@@ -190,11 +197,12 @@ def histories(draw):
     return capacity, batches
 
 
-def assert_mirrors(c: Compressor, d: Decompressor) -> None:
+def assert_mirrors(c: Compressor, d: Receiver) -> None:
+    """Every page the sender's cache holds is the receiver's page for that
+    PFN: the base the next delta for it decodes on."""
     ck, cv = c.cache.snapshot()
-    dk, dv = d.cache.snapshot()
-    assert ck.tolist() == dk.tolist()
-    assert np.array_equal(cv, dv)
+    for p, v in zip(ck.tolist(), cv, strict=True):
+        assert np.array_equal(d.page(p), v), p
 
 
 # ------------------------------------------------------------------- tests
@@ -227,7 +235,7 @@ def test_cache_size_bounds(size) -> None:
 @given(codec=st.sampled_from(CODEC_NAMES), history=histories())
 def test_round_trip_mirror_and_model(codec: str, history) -> None:
     capacity, batches = history
-    c, d = Compressor(codec, capacity), Decompressor(codec, capacity)
+    c, d = Compressor(codec, capacity), Receiver(codec)
     model = Model(codec, capacity)
     for pfns, pages, pts in batches:
         blob = c.compress(pfns, pages, pts)
@@ -240,9 +248,10 @@ def test_round_trip_mirror_and_model(codec: str, history) -> None:
         for pfn, page in model.lru.items():
             got = c.cache.get(pfn)
             assert got is not None and np.array_equal(got, page)
-    assert c.stats.hits == d.stats.hits
-    assert c.stats.misses == d.stats.misses
-    assert c.stats.evictions == d.stats.evictions
+    # the receiver's hits are the delta pages: the sender's hits that were no
+    # page tables (sent whole) plus its zero-base misses (none here)
+    assert d.stats.hits + d.stats.misses == d.stats.pages
+    assert d.stats.hits <= c.stats.hits and d.stats.evictions == 0
     assert c.stats.pages == d.stats.pages == sum(len(b[0]) for b in batches)
     assert c.stats.bytes_out == d.stats.bytes_in
     assert c.stats.bytes_in == d.stats.bytes_out
@@ -272,7 +281,7 @@ def test_batch_larger_than_cache_with_evictions(codec: str) -> None:
     n, cap = 3000, 1000
     pfns = rng.permutation(4000)[:n].astype(np.uint64)
     base = rng.integers(0, 256, (n, PAGE), dtype=np.uint8)
-    c, d = Compressor(codec, cap), Decompressor(codec, cap)
+    c, d = Compressor(codec, cap), Receiver(codec)
     assert np.array_equal(d.decompress(c.compress(pfns, base), pfns), base)
     assert c.stats.misses == n and c.stats.evictions == n - cap
     # the last `cap` pages are cached: change one word in each page of the batch
@@ -300,17 +309,22 @@ def test_same_pfn_twice_in_one_batch(codec: str) -> None:
     b[100] = 1
     pfns = np.array([3, 3, 3], np.uint64)
     pages = np.stack([a, b, b])
-    c, d = Compressor(codec, 2), Decompressor(codec, 2)
-    blob = c.compress(pfns, pages)
-    assert np.array_equal(d.decompress(blob, pfns), pages)
+    c = Compressor(codec, 2)
+    c.compress(pfns, pages)  # the sender takes it: a miss, then hits
     assert c.stats.misses == 1 and c.stats.hits == 2
+    # the receiver: a PFN at most once per blob (the stream decoder refuses a
+    # PFN twice in a Format B body), so one blob per occurrence decodes
+    c, d = Compressor(codec, 2), Receiver(codec)
+    for i in range(3):
+        got = d.decompress(c.compress(pfns[i : i + 1], pages[i : i + 1]), pfns[i : i + 1])
+        assert np.array_equal(got, pages[i : i + 1])
 
 
 @pytest.mark.parametrize("codec", CODEC_NAMES)
 def test_pagetable_pages_always_whole_but_cached(codec: str) -> None:
     page = np.arange(PAGE, dtype=np.uint32).astype(np.uint8)
     pfns = np.array([9], np.uint64)
-    c, d = Compressor(codec, 4), Decompressor(codec, 4)
+    c, d = Compressor(codec, 4), Receiver(codec)
     d.decompress(c.compress(pfns, page[None]), pfns)
     blob = c.compress(pfns, page[None], np.array([True]))
     assert blob == full_reference(codec, page)
@@ -339,7 +353,7 @@ def test_never_larger_than_format_a_plus_one_percent(codec: str) -> None:
 def test_decompress_into_out_and_argument_checks() -> None:
     pfns = np.arange(4, dtype=np.uint64)
     pages = np.random.default_rng(1).integers(0, 256, (4, PAGE), dtype=np.uint8)
-    c, d = Compressor("xen", 8), Decompressor("xen", 8)
+    c, d = Compressor("xen", 8), Receiver("xen")
     blob = c.compress(pfns, pages)
     stage = np.zeros((6, PAGE), np.uint8)
     got = d.decompress(memoryview(blob), pfns, out=stage)
@@ -367,7 +381,7 @@ def test_stats_dataclass() -> None:
     assert (s.hits, s.misses, s.evictions, s.pages) == (4, 10, 6, 14)
     assert s.bytes_in == 14 * PAGE and s.bytes_out == 10 * 4097 + 4
     assert s.ratio == pytest.approx(14 * PAGE / s.bytes_out)
-    d = Decompressor("xen", 4)
+    d = Receiver("xen")
     d.decompress(c.compress(pfns[:2], pages[:2]), pfns[:2])
     assert d.stats.ratio == pytest.approx(2 * PAGE / (2 * 4097))
 
@@ -395,7 +409,7 @@ def test_cache_hash_table_survives_heavy_churn() -> None:
 def test_any_uint64_pfn_is_a_key(codec: str) -> None:
     pfns = np.array([0, 2**64 - 1, 2**63, 0xFFFFFFFF, 2**32], np.uint64)
     pages = np.stack([np.full(PAGE, i, np.uint8) for i in range(5)])
-    c, d = Compressor(codec, 3), Decompressor(codec, 3)
+    c, d = Compressor(codec, 3), Receiver(codec)
     assert np.array_equal(d.decompress(c.compress(pfns, pages), pfns), pages)
     pages[:, 0] += 1
     assert np.array_equal(d.decompress(c.compress(pfns[2:], pages[2:]), pfns[2:]), pages[2:])
@@ -437,7 +451,7 @@ def test_runs_across_mask_word_boundaries_match_reference(codec: str) -> None:
         new = old.copy()
         for a, b in group:
             new.view(np.uint32)[a:b] ^= 0xA5A5A5A5
-        c, d = Compressor(codec, 1), Decompressor(codec, 1)
+        c, d = Compressor(codec, 1), Receiver(codec)
         d.decompress(c.compress(pfn, old[None]), pfn)
         blob = c.compress(pfn, new[None])
         assert blob == ref(old, new), group
@@ -451,7 +465,7 @@ def test_decode_into_unaligned_staging(codec: str) -> None:
     rng = np.random.default_rng(8)
     pfns = np.arange(3, dtype=np.uint64)
     pages = rng.integers(0, 256, (3, PAGE), dtype=np.uint8)
-    c, d = Compressor(codec, 4), Decompressor(codec, 4)
+    c, d = Compressor(codec, 4), Receiver(codec)
     raw = bytearray(3 * PAGE + 1)
     stage = np.frombuffer(raw, np.uint8, count=3 * PAGE, offset=1).reshape(3, PAGE)
     assert stage.ctypes.data % 16 != 0
@@ -460,3 +474,18 @@ def test_decode_into_unaligned_staging(codec: str) -> None:
     new = pages.copy()
     new[:, 7] ^= 1
     assert np.array_equal(d.decompress(c.compress(pfns, new), pfns, out=stage), new)
+
+
+def test_gather_copies_rows_and_checks_every_pfn_first() -> None:
+    from xenbind.compress import gather
+
+    mem = np.random.default_rng(3).integers(0, 256, (8, PAGE), dtype=np.uint8)
+    out = np.zeros((4, PAGE), np.uint8)
+    gather(mem, np.array([7, 0, 7], np.uint64), out)
+    assert np.array_equal(out[:3], mem[[7, 0, 7]]) and not out[3].any()
+    with pytest.raises(ValueError, match="past the image"):
+        gather(mem, np.array([1, 8], np.uint64), out)
+    assert np.array_equal(out[:3], mem[[7, 0, 7]])  # nothing copied
+    with pytest.raises(ValueError, match="out must"):
+        gather(mem, np.arange(5, dtype=np.uint64), out)
+    gather(mem, np.zeros(0, np.uint64), out)

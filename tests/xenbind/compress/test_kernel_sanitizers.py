@@ -3,11 +3,13 @@
 The decoders parse untrusted bytes. This test compiles xenbind/compress/kernel.c
 into a small C harness with -fsanitize=address,undefined, every buffer
 allocated to its exact size, and runs: random encode/decode round trips (the
-harness checks the decoded pages), with pages sent whole "in Format A" between
-batches (xb_note_raw on both sides; zeroed pages make zero-base misses; the
-two known-zero maps must stay equal), then each blob
-mutated (byte flips, truncation, garbage) decoded against a copy of the
-receiver's cache. Any out-of-bounds read or write, or undefined behaviour,
+harness checks the decoded pages), with pages sent whole "in Format A" before
+the first batch (xb_note_raw on the sender; zeroed pages make zero-base
+misses), the receiver decoding each blob in place on its own copy of the
+pages (xb_scan, the bases gathered, xb_apply), then each blob mutated (byte
+flips, truncation, garbage) scanned and applied into exactly-sized buffers,
+and xb_apply also given scan results that were tampered with (it must check
+everything itself). Any out-of-bounds read or write, or undefined behaviour,
 aborts the harness.
 """
 
@@ -30,8 +32,6 @@ HARNESS = r"""
 static uint64_t rs = 88172645463325252ull;
 static uint64_t rnd(void) { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
 
-typedef struct { xb_cache c; } cache_t;
-
 static void cache_new(xb_cache *c, uint32_t cap)
 {
     uint32_t tsize = 2;
@@ -47,41 +47,51 @@ static void cache_new(xb_cache *c, uint32_t cap)
     c->cap = cap; c->head = c->tail = XB_NIL; c->tmask = tsize - 1;
 }
 
-static void cache_copy(xb_cache *d, const xb_cache *s)
-{
-    cache_new(d, s->cap);
-    uint32_t tsize = s->tmask + 1;
-    memcpy(d->data, s->data, (size_t)s->cap * XB_PAGE);
-    memcpy(d->pfn, s->pfn, s->cap * sizeof(uint64_t));
-    memcpy(d->prev, s->prev, s->cap * sizeof(uint32_t));
-    memcpy(d->next, s->next, s->cap * sizeof(uint32_t));
-    memcpy(d->table, s->table, tsize * sizeof(uint32_t));
-    d->used = s->used; d->head = s->head; d->tail = s->tail;
-}
-
 static void cache_free(xb_cache *c)
 {
     free(c->data); free(c->pfn); free(c->prev); free(c->next); free(c->table);
 }
 
-/* decode a copy of blob[0..len) into exactly-sized buffers, against a copy
- * of the receiver's 12-bit known-zero map (2 bytes, allocated exactly) */
-static int64_t decode_exact(xb_cache *c, int codec, const uint8_t *blob, size_t len,
-                            const uint64_t *pfns, size_t n, const uint8_t *rzk, int *code)
+/* the receiver: its page for small index p (pfn = p * mul) */
+static uint8_t rmem[12][XB_PAGE];
+
+/* decode a copy of blob[0..len) into exactly-sized buffers, on the
+ * receiver's pages; *out_pages (malloc'ed, k rows) gets the result. With
+ * tamper, the scan results are garbled before xb_apply (which must cope). */
+static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const uint64_t *pfns,
+                            const uint32_t *idx, size_t n, int tamper, uint8_t **out_pages,
+                            int *code)
 {
-    uint8_t *zk = malloc(2);
-    memcpy(zk, rzk, 2);
     uint8_t *in = malloc(len ? len : 1);
     memcpy(in, blob, len);
     size_t minp = codec == XB_SEED ? 6 : 1;
     size_t rows = n < len / minp ? n : len / minp;
-    uint8_t *out = malloc(rows ? rows * XB_PAGE : 1);
-    uint64_t *pf = malloc(n ? n * sizeof(uint64_t) : 8);
-    memcpy(pf, pfns, n * sizeof(uint64_t));
+    uint64_t *starts = malloc(rows ? rows * 8 : 8);
+    uint8_t *delta = malloc(rows ? rows : 1);
     xb_error e;
-    int64_t k = xb_decode(c, codec, in, len, pf, n, out, rows, &e, zk, 12);
+    *out_pages = NULL;
+    int64_t k = xb_scan(codec, in, len, n, rows, starts, delta, &e);
     *code = k < 0 ? e.code : 0;
-    free(in); free(out); free(pf); free(zk);
+    if (k >= 0) {
+        uint8_t *out = malloc(k ? (size_t)k * XB_PAGE : 1);
+        size_t m = 0;
+        for (int64_t i = 0; i < k; i++)
+            if (delta[i])
+                memcpy(out + (m++) * XB_PAGE, rmem[idx[i]], XB_PAGE);
+        if (tamper && k) {
+            if (rnd() & 1) starts[rnd() % k] = rnd() % (len + 8);
+            else delta[rnd() % k] ^= 1;
+        }
+        if (xb_apply(codec, in, len, starts, delta, (size_t)k, out, (size_t)k, &e) < 0) {
+            *code = e.code;
+            k = -1;
+            free(out);
+        } else {
+            *out_pages = out;
+        }
+    }
+    free(in); free(starts); free(delta);
+    (void)pfns;
     return k;
 }
 
@@ -103,37 +113,41 @@ int main(int argc, char **argv)
 {
     int iters = argc > 1 ? atoi(argv[1]) : 200;
     uint8_t mem[12][XB_PAGE];
-    long mutated = 0, rejected = 0, zero_base = 0, no_base = 0;
+    long mutated = 0, rejected = 0, zero_base = 0, tampered = 0;
     for (int codec = 1; codec <= 2; codec++) {
         for (int it = 0; it < iters; it++) {
-            xb_cache snd, rcv;
+            xb_cache snd;
             uint32_t cap = 1 + rnd() % 8;
             /* odd iterations: small pfns, covered by a 12-bit known-zero map */
             uint64_t mul = (it & 1) ? 1 : 0x9E3779B1ull;
-            uint8_t *zk = calloc(2, 1), *rzk = calloc(2, 1);  /* sender's, receiver's */
+            uint8_t *zk = calloc(2, 1);  /* the sender's */
             cache_new(&snd, cap);
-            cache_new(&rcv, cap);
-            for (int p = 0; p < 12; p++) memset(mem[p], p, XB_PAGE);
-            for (int batch = 0; batch < 4; batch++) {
-                /* some pages sent whole (Format A), a third of them zeroed */
-                size_t nr = rnd() % 4;
-                uint64_t *rpfns = malloc(nr ? nr * 8 : 8);
-                uint8_t *rpages = malloc(nr ? nr * XB_PAGE : 1);
-                for (size_t i = 0; i < nr; i++) {
-                    uint32_t p = rnd() % 12;
+            for (int p = 0; p < 12; p++) { memset(mem[p], p, XB_PAGE); memset(rmem[p], 0, XB_PAGE); }
+            /* the initial copy (Format A): every page whole, some zeroed */
+            {
+                uint64_t rpfns[12];
+                uint8_t *rpages = malloc(12 * XB_PAGE);
+                for (uint32_t p = 0; p < 12; p++) {
                     if (rnd() % 3) memset(mem[p], 0, XB_PAGE);
-                    rpfns[i] = p * mul;
-                    memcpy(rpages + i * XB_PAGE, mem[p], XB_PAGE);
+                    rpfns[p] = p * mul;
+                    memcpy(rpages + p * XB_PAGE, mem[p], XB_PAGE);
+                    memcpy(rmem[p], mem[p], XB_PAGE);
                 }
-                size_t zs = xb_note_raw(zk, 12, rpfns, rpages, nr);
-                if (xb_note_raw(rzk, 12, rpfns, rpages, nr) != zs) return 1;
-                free(rpfns); free(rpages);
+                xb_note_raw(zk, 12, rpfns, rpages, 12);
+                free(rpages);
+            }
+            for (int batch = 0; batch < 4; batch++) {
                 size_t n = rnd() % 7;
                 uint64_t *pfns = malloc(n ? n * 8 : 8);
+                uint32_t idx[8];
                 uint8_t *pages = malloc(n ? n * XB_PAGE : 1);
                 uint8_t *pt = malloc(n ? n : 1);
+                uint32_t used = 0;  /* a PFN at most once per batch */
                 for (size_t i = 0; i < n; i++) {
                     uint32_t p = rnd() % 12;
+                    while (used & (1u << p)) p = (p + 1) % 12;
+                    used |= 1u << p;
+                    idx[i] = p;
                     pfns[i] = p * mul;
                     mutate_page(mem[p]);
                     memcpy(pages + i * XB_PAGE, mem[p], XB_PAGE);
@@ -141,7 +155,7 @@ int main(int argc, char **argv)
                 }
                 uint8_t *blob = malloc(n ? n * xb_max_encoded(codec) : 1);
                 size_t len = xb_encode(&snd, codec, pfns, pages, pt, n, blob, zk, 12);
-                /* mutations, each against a copy of the receiver's cache */
+                /* mutations (and tampered scan results), on the receiver's pages */
                 for (int m = 0; m < 8 && len; m++) {
                     uint8_t *bad = malloc(len);
                     memcpy(bad, blob, len);
@@ -152,45 +166,36 @@ int main(int argc, char **argv)
                     case 2: for (size_t i = 0; i < len && i < 64; i++) bad[rnd() % len] = (uint8_t)rnd(); break;
                     default: bad[rnd() % len] = (rnd() & 1) ? 0x80 : 0x9b; break;
                     }
-                    xb_cache tmp;
-                    cache_copy(&tmp, &rcv);
                     int code;
-                    if (decode_exact(&tmp, codec, bad, blen, pfns, n, rzk, &code) < 0) rejected++;
-                    no_base += code == XB_E_NO_BASE;
+                    uint8_t *got = NULL;
+                    int tamper = (m & 1) && (rnd() & 1);
+                    if (decode_exact(codec, bad, blen, pfns, idx, n, tamper, &got, &code) < 0)
+                        rejected++;
+                    tampered += tamper && code == XB_E_OUT_OF_STEP;
                     mutated++;
-                    cache_free(&tmp);
+                    free(got);
                     free(bad);
                 }
-                /* the real blob decodes to the pages */
-                uint8_t *out = malloc(n ? n * XB_PAGE : 1);
-                xb_error e;
-                int64_t k = xb_decode(&rcv, codec, blob, len, pfns, n, out, n, &e, rzk, 12);
-                if (k != (int64_t)n || (n && memcmp(out, pages, n * XB_PAGE) != 0)) {
+                /* the real blob decodes to the pages, and becomes the receiver's */
+                int code;
+                uint8_t *got = NULL;
+                int64_t k = decode_exact(codec, blob, len, pfns, idx, n, 0, &got, &code);
+                if (k != (int64_t)n || (n && memcmp(got, pages, n * XB_PAGE) != 0)) {
                     fprintf(stderr, "round trip failed: codec %d k %lld n %zu err %d\n",
-                            codec, (long long)k, n, e.code);
+                            codec, (long long)k, n, code);
                     return 1;
                 }
-                if (memcmp(zk, rzk, 2) != 0) {
-                    fprintf(stderr, "known-zero sets differ: %02x%02x vs %02x%02x\n",
-                            zk[1], zk[0], rzk[1], rzk[0]);
-                    return 1;
-                }
-                free(out); free(blob); free(pfns); free(pages); free(pt);
-            }
-            if (snd.zero_base != rcv.zero_base) {
-                fprintf(stderr, "zero_base differs: %llu vs %llu\n",
-                        (unsigned long long)snd.zero_base, (unsigned long long)rcv.zero_base);
-                return 1;
+                for (size_t i = 0; i < n; i++)
+                    memcpy(rmem[idx[i]], got + i * XB_PAGE, XB_PAGE);
+                free(got); free(blob); free(pfns); free(pages); free(pt);
             }
             zero_base += (long)snd.zero_base;
             cache_free(&snd);
-            cache_free(&rcv);
             free(zk);
-            free(rzk);
         }
     }
-    printf("ok mutated=%ld rejected=%ld zero_base=%ld no_base=%ld\n", mutated, rejected,
-           zero_base, no_base);
+    printf("ok mutated=%ld rejected=%ld zero_base=%ld tampered=%ld\n", mutated, rejected,
+           zero_base, tampered);
     return 0;
 }
 """
@@ -222,7 +227,7 @@ def test_kernel_under_asan_and_ubsan(tmp_path: Path) -> None:
     res = subprocess.run([str(exe), "150"], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.startswith("ok ")
-    mutated, rejected, zero_base, no_base = (int(x.split("=")[1]) for x in res.stdout.split()[1:5])
+    mutated, rejected, zero_base, tampered = (int(x.split("=")[1]) for x in res.stdout.split()[1:5])
     assert mutated > 1000 and mutated // 10 < rejected < mutated
     assert zero_base > 50  # the zero-base paths ran, under the sanitizers too
-    assert 0 < no_base < rejected  # and the refusal of a page with no base (error 9)
+    assert tampered > 0  # xb_apply refused scan results it was not given by xb_scan

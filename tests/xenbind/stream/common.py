@@ -12,6 +12,7 @@ import numpy as np
 from xenbind.stream import (
     CheckpointEnd,
     Decoder,
+    Image,
     PageBatch,
     Pages,
     Tail,
@@ -20,22 +21,37 @@ from xenbind.stream import (
 PAGE = 4096
 
 
+def decoder(**kw) -> tuple[Decoder, Image]:
+    """A Decoder whose base source is an Image the caller feeds every event
+    to (``take``), as a receiver applies each call's events before the next."""
+    img = Image()
+    kw.setdefault("base", img.base)
+    return Decoder(**kw), img
+
+
+def take(img: Image, events: list) -> list:
+    for e in events:
+        img.handle(e)
+    return events
+
+
 def decode(data: bytes, splits: list[int] | None = None, **kw) -> tuple[list, Decoder]:
-    """Feed ``data`` (in pieces cut at ``splits``), then eof(); all events."""
-    d = Decoder(**kw)
+    """Feed ``data`` (in pieces cut at ``splits``), then eof(); all events.
+    Delta pages decode against the memory the events rebuild (an Image)."""
+    d, img = decoder(**kw)
     out: list = []
     cuts = [0, *(splits or []), len(data)]
     for a, b in zip(cuts, cuts[1:], strict=False):
-        out += d.feed(data[a:b])
+        out += take(img, d.feed(data[a:b]))
     d.eof()
     return out, d
 
 
 def decode_bytewise(data: bytes, **kw) -> list:
-    d = Decoder(**kw)
+    d, img = decoder(**kw)
     out: list = []
     for i in range(len(data)):
-        out += d.feed(data[i : i + 1])
+        out += take(img, d.feed(data[i : i + 1]))
     d.eof()
     return out
 

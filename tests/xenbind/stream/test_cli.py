@@ -160,13 +160,15 @@ def test_replay_no_whole_checkpoint(tmp_path, capsys):
 def test_replay_malformed_midway_keeps_last_good(tmp_path, capsys):
     data, states = make_stream("xen")
     # corrupt the 4th checkpoint's chunk type (after the 3rd heartbeat)
-    from xenbind.stream import Decoder, Heartbeat
+    from xenbind.stream import Decoder, Heartbeat, Image
 
-    d = Decoder()
+    img0 = Image()
+    d = Decoder(base=img0.base)
     seen = 0
     pos = None
     for i in range(len(data)):
         for e in d.feed(data[i : i + 1]):
+            img0.handle(e)
             if isinstance(e, Heartbeat):
                 seen += 1
                 if seen == 3:

@@ -2,7 +2,7 @@
 
 Rules checked (xenbind/stream/decoder.py, "Memory" and "Freeing"):
 
-* A dropped Decoder, with its Decompressor and that one's page cache, is
+* A dropped Decoder, with its Decompressor, is
   freed at once by reference counting: no reference cycle keeps it for
   Python's cyclic collector. Checked with the collector disabled, after a
   whole Format B stream, mid-payload, and after the decoder raised (also
@@ -32,7 +32,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from tests.xenbind.stream.common import merge_pages, random_pages, replay_events
+from tests.xenbind.stream.common import decoder as image_decoder
+from tests.xenbind.stream.common import merge_pages, random_pages, replay_events, take
 from xenbind.errors import StreamError
 from xenbind.stream import (
     CheckpointEnd,
@@ -56,6 +57,11 @@ PAGE = 4096
 CTX = Context((1, 2, 3), b"hvm", b"qemu")
 P2M = 256
 MiB = 1 << 20
+
+
+def zero_base(pfns: np.ndarray, out: np.ndarray) -> None:
+    """A base source for the tests that only count (module level: no cycle)."""
+    out[: len(pfns)] = 0
 
 
 @contextmanager
@@ -140,7 +146,7 @@ def test_control_a_planted_cycle_keeps_the_decoder_alive() -> None:
     """The instrument: with a cycle (a bound method kept on the decoder, the
     old bug) the weakref outlives ``del`` while the collector is off."""
     with no_cyclic_gc():
-        d = Decoder()
+        d = Decoder(base=zero_base)
         d.feed(seed_stream())
         d.planted = d.feed  # type: ignore[attr-defined]
         ref = weakref.ref(d)
@@ -154,7 +160,7 @@ def test_control_a_planted_cycle_keeps_the_decoder_alive() -> None:
 def test_dropped_decoder_is_freed_by_refcount(end: str) -> None:
     data = seed_stream()
     with no_cyclic_gc():
-        d = Decoder()
+        d = Decoder(base=zero_base)
         events = d.feed(data)
         assert sum(isinstance(e, CheckpointEnd) for e in events) == 3
         assert d.format == "B" and d.codec == "seed"
@@ -174,7 +180,7 @@ def test_decoder_dropped_inside_a_payload_is_freed() -> None:
     assert n > 7
     cut = at + 12 + 7  # inside the payload
     with no_cyclic_gc():
-        d = Decoder()
+        d = Decoder(base=zero_base)
         d.feed(data[:cut])
         with pytest.raises(TruncatedStream):
             d.eof()
@@ -199,7 +205,7 @@ def corrupt_payload_stream() -> tuple[bytes, int]:
 def test_decoder_that_raised_is_freed_and_drops_its_decompressor() -> None:
     data, at = corrupt_payload_stream()
     with no_cyclic_gc():
-        d = Decoder()
+        d = Decoder(base=zero_base)
         cache_ref = None
         try:
             d.feed(data[:at])  # everything before the bad chunk
@@ -235,7 +241,7 @@ def test_decoder_that_raised_is_freed_and_drops_its_decompressor() -> None:
 def test_dead_decoder_error_keeps_no_traceback() -> None:
     """What a dead decoder keeps to raise again holds no frames (which would
     hold the decoder and the caller's buffers)."""
-    d = Decoder()
+    d = Decoder(base=zero_base)
     with pytest.raises(MalformedStream):
         d.feed(struct.pack("<Q", 0))  # p2m_size 0
     assert d._error is not None and d._error.__traceback__ is None
@@ -243,7 +249,7 @@ def test_dead_decoder_error_keeps_no_traceback() -> None:
 
 def test_last_checkpoint_drops_the_decompressor() -> None:
     data = seed_stream(last=True)
-    d = Decoder()
+    d = Decoder(base=zero_base)
     head = data[: len(data) - 1]
     d.feed(head)
     cache_ref = weakref.ref(d._decompressor)
@@ -258,12 +264,12 @@ def test_last_checkpoint_drops_the_decompressor() -> None:
 def test_eof_is_a_probe_and_close_drops_everything() -> None:
     data = seed_stream()
     whole, _ = decode_in(data, [len(data)])
-    d = Decoder()
+    d, img = image_decoder()
     mid = len(data) // 2
-    got = d.feed(data[:mid])
+    got = take(img, d.feed(data[:mid]))
     with pytest.raises(TruncatedStream):
         d.eof()
-    got += d.feed(data[mid:])  # eof() changed nothing
+    got += take(img, d.feed(data[mid:]))  # eof() changed nothing
     d.eof()
     assert merge_pages(got) == merge_pages(whole)
     cache_ref = weakref.ref(d._decompressor)
@@ -295,7 +301,7 @@ def peak_of(fn: Callable[[], object]) -> int:
 
 def test_claim_of_64_mib_then_100_bytes_costs_what_arrived() -> None:
     assert DEFAULT_MAX_COMPRESSED >= 64 * MiB
-    d = Decoder()  # default caps: the claim is allowed
+    d = Decoder(base=zero_base)  # default caps: the claim is allowed
     d.feed(format_b_prefix())
     piece = claim(64 * MiB) + bytes(range(100))
     peak = peak_of(lambda: d.feed(piece))
@@ -309,7 +315,7 @@ def test_control_a_payload_that_arrives_is_seen() -> None:
     """The instrument sees the buffer once the bytes are there: 8 MiB fed in
     1 MiB pieces shows at least 8 MiB, and less than growing could cost."""
     n = 8 * MiB
-    d = Decoder()
+    d = Decoder(base=zero_base)
     d.feed(format_b_prefix() + claim(n))
     body = np.zeros(MiB, np.uint8)
 
@@ -330,7 +336,7 @@ class _CountingDecoder(Decoder):
 
 
 def test_buffer_grows_geometrically_within_a_multiple_of_what_arrived() -> None:
-    d = _CountingDecoder()
+    d = _CountingDecoder(base=zero_base)
     d.feed(format_b_prefix() + claim(64 * MiB))
     sent = 0
     piece = bytes(4096)
@@ -354,7 +360,7 @@ def test_buffer_grows_geometrically_within_a_multiple_of_what_arrived() -> None:
 
 def test_payload_that_arrives_in_one_feed_is_allocated_once() -> None:
     data, payloads = seed_stream_and_payloads()
-    d = _CountingDecoder()
+    d = _CountingDecoder(base=zero_base)
     d.feed(data)
     assert len(payloads) > 3 and d.grows == len(payloads)
 
@@ -380,12 +386,12 @@ def big_payload_stream() -> tuple[bytes, np.ndarray, list[int]]:
 
 def decode_in(data: bytes, sizes: list[int]) -> tuple[list, Decoder]:
     """Feed ``data`` in pieces of the given sizes, cycling; then eof()."""
-    d = Decoder()
+    d, img = image_decoder()
     out: list = []
     i = k = 0
     while i < len(data):
         step = sizes[k % len(sizes)]
-        out += d.feed(memoryview(data)[i : i + step])
+        out += take(img, d.feed(memoryview(data)[i : i + step]))
         i += step
         k += 1
     d.eof()
