@@ -439,6 +439,9 @@ class XenDomain(Domain):
             self._dirty = d
             nbytes = int(_lib.remus_dirty_bitmap_bytes(self.pages))
             self._dirty_buf = np.zeros(nbytes, dtype=np.uint8)
+        # the output buffer (pyroute2, the vifs) is built now, while the guest
+        # runs: the first barrier comes inside a pause and must not pay for it
+        self._output()
 
     def logdirty_enabled(self) -> bool:
         """Whether log-dirty mode is on for the domain, by anyone. Xen has no

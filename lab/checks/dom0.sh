@@ -116,11 +116,13 @@ if [ -n "$GUEST_OK" ]; then
     cp "$LAB_CONSOLE_LOG" "$RESULTS/guest-console.log" 2>/dev/null
 fi
 
-# 5. the Python checks, in this order: the xenstore lifecycle step suspends
-#    and destroys the guest, so it comes last; "module:part" passes part as
+# 5. the Python checks, in this order: the suspend step suspends the guest
+#    and resumes it cancelled, before the failover check (after which the
+#    killed primary is not fit for it, docs/lab.md); the lifecycle step
+#    destroys the guest, so it comes last; "module:part" passes part as
 #    the module's argument. lab.only=<comma list> runs only matching steps.
 [ -n "$GUEST_OK" ] && export LAB_GUEST_DOMID=$(xl domid "$GUEST" 2>/dev/null)
-STEPS="xenctrl_checks dom0_pytest remus_checks:file xenstore_checks:names remus_checks:failover xenstore_checks:lifecycle"
+STEPS="xenctrl_checks dom0_pytest remus_checks:file xenstore_checks:names xenstore_checks:suspend remus_checks:failover xenstore_checks:lifecycle"
 for step in $STEPS; do
     mod=${step%%:*} part=""
     [ "$mod" != "$step" ] && part=${step#*:}

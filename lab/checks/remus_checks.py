@@ -340,6 +340,10 @@ class Checks:
                 "--control",
                 RSOCK,
                 "--insecure",
+                # a PVH guest's p2m reaches its special pages near 4 GiB: 128 MiB
+                # of memory counts as ~4 GiB of pages against the plaintext cap
+                "--insecure-max-mb",
+                "8192",
                 "--log-level",
                 "info",
                 "--failover-timeout",

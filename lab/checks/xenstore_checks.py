@@ -90,9 +90,17 @@ class Checks:
         reason = hv.shutdown_reason(domid)
         state = xl("list", str(domid)).splitlines()[-1].split()[4]
         require(reason == 2, f"shutdown reason {reason}, not SHUTDOWN_suspend (2)")
+        took = time.monotonic() - t0
+        # the remus failover check comes after this one and needs the guest
+        # running: resume it cancelled, as remusd does after a checkpoint
+        hv.lookup(domid).resume_cancelled()
+        deadline = time.monotonic() + 30
+        while hv.is_suspended(domid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        require(not hv.is_suspended(domid), "guest still suspended 30 s after resume_cancelled")
         return (
             f"guest acknowledged control/shutdown=suspend and suspended in "
-            f"{time.monotonic() - t0:.1f}s (shutdown reason 2, xl state {state})"
+            f"{took:.1f}s (shutdown reason 2, xl state {state}); resumed cancelled"
         )
 
     def watch_destroy(self) -> str:
@@ -118,10 +126,14 @@ class Checks:
 def main(argv: list[str]) -> int:
     part = argv[0] if argv else "names"
     c = Checks()
-    connected = run_check("xs-connect" if part == "names" else "xs-connect-lifecycle", c.connect)
+    connected = run_check(
+        {"names": "xs-connect", "suspend": "xs-connect-suspend"}.get(part, "xs-connect-lifecycle"),
+        c.connect,
+    )
     steps = {
         "names": [("xs-names", c.names)],
-        "lifecycle": [("xs-suspend", c.suspend), ("xs-watch-destroy", c.watch_destroy)],
+        "suspend": [("xs-suspend", c.suspend)],
+        "lifecycle": [("xs-watch-destroy", c.watch_destroy)],
     }[part]
     for name, fn in steps:
         if connected:
