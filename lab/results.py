@@ -23,6 +23,7 @@ RESULT_RE = re.compile(r"^(PASS|FAIL) ([A-Za-z0-9_.-]+): ?(.*?)\s*$")
 SERIAL_RESULT_RE = re.compile(r"LAB-RESULT (PASS|FAIL) ([A-Za-z0-9_.-]+): ?(.*?)\s*$")
 STAGE_RE = re.compile(r"LAB-STAGE (.*?)\s*$")
 DONE_MARK = "LAB-DONE"
+NOTE_MARK = "LAB-NOTE "  # dom0.sh: a step run again after a guest crash
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,17 @@ def parse_results_file(text: str) -> list[Result]:
 
 def stages(text: str) -> list[str]:
     return [m.group(1) for m in map(STAGE_RE.search, text.splitlines()) if m]
+
+
+def notes(text: str) -> list[str]:
+    """``LAB-NOTE`` lines of a serial log: what dom0.sh says it did besides
+    the checks (a step run again on a new guest after the guest crashed)."""
+    out = []
+    for line in text.splitlines():
+        i = line.find(NOTE_MARK)
+        if i >= 0:
+            out.append(line[i + len(NOTE_MARK) :].strip())
+    return out
 
 
 def finished(text: str) -> bool:

@@ -219,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     print("lab results:")
     for r in results:
         print(r.line())
+    notes = R.notes(serial)  # steps run again after the guest crashed under emulation
+    for n in notes:
+        print(f"NOTE {n}")
     npass = sum(r.passed for r in results)
     print(
-        f"lab: {npass} passed, {len(results) - npass} failed; build {t_build:.1f}s, "
+        f"lab: {npass} passed, {len(results) - npass} failed"
+        f"{f', {len(notes)} guest-crash note(s)' if notes else ''}; build {t_build:.1f}s, "
         f"QEMU {elapsed:.1f}s; logs in {RUN.relative_to(REPO)}/"
     )
     (RUN / "summary.json").write_text(
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 "qemu_seconds": round(elapsed, 1),
                 "guest": args.guest,
                 "overcommit": args.overcommit,
+                "notes": notes,
                 "results": [r.__dict__ for r in results],
             },
             indent=2,

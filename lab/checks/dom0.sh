@@ -74,6 +74,34 @@ else
     result FAIL xenstored "name0='$name0': $(tail -3 /var/log/xen/xenstored.out /var/log/xen/xen-init-dom0.log 2>&1 | tr '\n' ' ')"
 fi
 
+# Guest crashes under emulation (see step 5): counted, and a crashed guest is
+# created again under the same name.
+MAX_CRASH_RETRIES=${LAB_MAX_CRASH_RETRIES:-2}
+crash_retries=0
+note() { echo "LAB-NOTE $*"; echo "NOTE $*" >> "$RESULTS/crash-retries.txt"; }
+XEN_LOG=/tmp/xl-dmesg.all  # Xen's console ring is 16 KiB: gathered here as it goes
+crash_count() {  # guest crashes Xen or the guest's kernel reported so far
+    xl dmesg -c >> "$XEN_LOG" 2>/dev/null
+    tf=$(grep -c "Triple fault" "$XEN_LOG" 2>/dev/null)
+    kp=$(grep -c "Kernel panic" "$LAB_CONSOLE_LOG" 2>/dev/null)
+    echo $(( ${tf:-0} + ${kp:-0} ))
+}
+guest_healthy() {  # the guest the checks were told about still runs
+    [ "$(xl domid "$GUEST" 2>/dev/null)" = "$LAB_GUEST_DOMID" ] || return 1
+    ! xl list "$GUEST" 2>/dev/null | tail -1 | awk '{print $5}' | grep -q c
+}
+recreate_guest() {  # a fresh guest under the same name; 0 when it is READY
+    xl destroy "$GUEST" >/dev/null 2>&1
+    ready0=$(grep -c "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null)
+    timeout 120 xl create /tmp/$GUEST.cfg >/tmp/xl-create.log 2>&1 || return 1
+    n=0
+    while ready=$(grep -c "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null); [ "${ready:-0}" -le "${ready0:-0}" ]; do
+        [ $n -ge "$GUEST_WAIT" ] && return 1
+        sleep 2; n=$((n+2))
+    done
+    LAB_GUEST_DOMID=$(xl domid "$GUEST" 2>/dev/null)
+    export LAB_GUEST_DOMID
+}
 # 3. the guest ---------------------------------------------------------------
 cat > /tmp/$GUEST.cfg <<CFG
 name = "$GUEST"
@@ -107,6 +135,12 @@ if [ -n "$GUEST_OK" ]; then
         xl list "$GUEST" 2>/dev/null | tail -1 | awk '{print $5}' | grep -q c && break
         xl list "$GUEST" >/dev/null 2>&1 || break
     done
+    if ! grep -q "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null && [ "$(crash_count)" -gt 0 ]; then
+        note "guest-running: the guest crashed while it booted ($(grep -h "Triple fault" "$XEN_LOG" 2>/dev/null | tail -1 | tr -s ' ')): created again"
+        crash_retries=$((crash_retries + 1))
+        t0=$(date +%s)
+        recreate_guest
+    fi
     if grep -q "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null; then
         result PASS guest-running "labguest reported its pattern/counter PFNs $(( $(date +%s) - t0 ))s after xl create returned"
         RUN_OK=1
@@ -121,16 +155,8 @@ fi
 #    killed primary is not fit for it, docs/lab.md); the lifecycle step
 #    destroys the guest, so it comes last; "module:part" passes part as
 #    the module's argument. lab.only=<comma list> runs only matching steps.
-[ -n "$GUEST_OK" ] && export LAB_GUEST_DOMID=$(xl domid "$GUEST" 2>/dev/null)
-STEPS="xenctrl_checks dom0_pytest remus_checks:file xenstore_checks:names xenstore_checks:suspend remus_checks:failover xenstore_checks:lifecycle"
-for step in $STEPS; do
-    mod=${step%%:*} part=""
-    [ "$mod" != "$step" ] && part=${step#*:}
-    case ",$ONLY," in ",,"|*",$mod,"*|*",$step,"*) ;; *) continue ;; esac
-    if [ -z "$RUN_OK" ]; then
-        result FAIL "$step" "skipped: the lab guest is not running"
-        continue
-    fi
+run_step() {  # run_step step mod part: one check step, its results into $OUT
+    step=$1 mod=$2 part=$3
     if [ "$mod" = dom0_pytest ]; then
         stage "pytest $DOM0_TESTS"
         plog="$RESULTS/dom0-pytest.log"
@@ -144,7 +170,7 @@ for step in $STEPS; do
         else
             result FAIL dom0_pytest "rc=$rc, $skipped skipped: $summary; $(grep -E '^(FAILED|ERROR|SKIPPED)' "$plog" | head -3 | tr '\n' ' ')"
         fi
-        continue
+        return
     fi
     stage "python -m lab.checks.$mod $part"
     log="$RESULTS/$mod${part:+-$part}.stderr"
@@ -156,8 +182,50 @@ for step in $STEPS; do
         124|137) result FAIL "$step" "killed after 900s" ;;
         *) result FAIL "$step" "exited with $rc$([ $rc -gt 128 ] && echo " (signal $((rc-128)))"): $(tail -3 "$log" | tr '\n' ' ')" ;;
     esac
+}
+
+#
+#    The guest crashes now and then under QEMU's emulation of SVM/NPT, with
+#    nothing of ours touching it (a triple fault at boot; a guest #PF on its
+#    own per-CPU area in the middle of a check; docs/lab.md, "the guest dies
+#    under emulation"). A step whose guest crashed while it ran did not test
+#    what it names: it is run once more on a freshly created guest, its first
+#    attempt kept in crash-retries.txt and announced by a LAB-NOTE line. At
+#    most MAX_CRASH_RETRIES per boot; a step that fails on a healthy guest
+#    fails.
+[ -n "$GUEST_OK" ] && export LAB_GUEST_DOMID=$(xl domid "$GUEST" 2>/dev/null)
+STEPS="xenctrl_checks dom0_pytest remus_checks:file xenstore_checks:names xenstore_checks:suspend remus_checks:failover xenstore_checks:lifecycle"
+for step in $STEPS; do
+    mod=${step%%:*} part=""
+    [ "$mod" != "$step" ] && part=${step#*:}
+    case ",$ONLY," in ",,"|*",$mod,"*|*",$step,"*) ;; *) continue ;; esac
+    if [ -z "$RUN_OK" ]; then
+        result FAIL "$step" "skipped: the lab guest is not running"
+        continue
+    fi
+    if ! guest_healthy; then
+        note "before $step: guest $GUEST (domid $LAB_GUEST_DOMID) no longer runs (crashed between steps): created again"
+        recreate_guest || { result FAIL "$step" "skipped: the guest crashed and could not be created again"; continue; }
+    fi
+    attempt=1
+    while :; do
+        mark=$(wc -l < "$OUT"); crashes0=$(crash_count)
+        run_step "$step" "$mod" "$part"
+        failed=$(tail -n +$((mark + 1)) "$OUT" | grep -c "^FAIL")
+        if [ "$failed" -gt 0 ] && [ "$(crash_count)" -gt "$crashes0" ] && [ $attempt -eq 1 ] \
+                && [ $crash_retries -lt $MAX_CRASH_RETRIES ]; then
+            crash_retries=$((crash_retries + 1)); attempt=2
+            tail -n +$((mark + 1)) "$OUT" | sed "s/^/first attempt of $step: /" >> "$RESULTS/crash-retries.txt"
+            head -n "$mark" "$OUT" > "$OUT.tmp" && cat "$OUT.tmp" > "$OUT" && rm -f "$OUT.tmp"
+            note "$step: the guest crashed while it ran ($(grep -h "Triple fault" "$XEN_LOG" 2>/dev/null | tail -1 | tr -s ' ')); $failed result(s) set aside; the step runs again on a new guest (retry $crash_retries of $MAX_CRASH_RETRIES)"
+            recreate_guest || { result FAIL "$step" "the guest crashed during the step and could not be created again"; break; }
+            continue
+        fi
+        break
+    done
 done
 xl list > "$RESULTS/xl-list.txt" 2>&1
 cp "$LAB_CONSOLE_LOG" "$RESULTS/guest-console.log" 2>/dev/null
-xl dmesg > "$RESULTS/xl-dmesg.txt" 2>&1
+xl dmesg -c >> "$XEN_LOG" 2>&1
+cp "$XEN_LOG" "$RESULTS/xl-dmesg.txt"
 stage "dom0.sh done $(date -u +%H:%M:%S)"

@@ -77,6 +77,18 @@ def test_merge_keeps_primary_and_adds_missing():
     assert [(r.name, r.status) for r in merged] == [("x", "PASS"), ("y", "FAIL")]
 
 
+def test_notes_read_from_the_serial_log_only_when_marked():
+    serial = (
+        "[  12.3s] LAB-NOTE remus_checks:failover: the guest crashed while it ran; retry 1 of 2\n"
+        "LAB-RESULT PASS remus-failover: ok\n"
+        "a NOTE that dom0.sh did not write\n"
+    )
+    assert R.notes(serial) == [
+        "remus_checks:failover: the guest crashed while it ran; retry 1 of 2"
+    ]
+    assert R.notes("LAB-RESULT PASS x: y\n") == []
+
+
 def test_not_finished_without_marker():
     assert not R.finished("LAB-STAGE chroot\nLAB-DONEX\n")
 
