@@ -86,19 +86,28 @@ crash_count() {  # guest crashes Xen or the guest's kernel reported so far
     kp=$(grep -c "Kernel panic" "$LAB_CONSOLE_LOG" 2>/dev/null)
     echo $(( ${tf:-0} + ${kp:-0} ))
 }
+last_crash() { grep -h "Triple fault" "$XEN_LOG" 2>/dev/null | tail -1 | tr -s ' '; }
+guest_crashed() {  # xl shows the guest in the crashed state
+    xl list "$GUEST" 2>/dev/null | tail -1 | awk '{print $5}' | grep -q c
+}
 guest_healthy() {  # the guest the checks were told about still runs
-    [ "$(xl domid "$GUEST" 2>/dev/null)" = "$LAB_GUEST_DOMID" ] || return 1
-    ! xl list "$GUEST" 2>/dev/null | tail -1 | awk '{print $5}' | grep -q c
+    [ "$(xl domid "$GUEST" 2>/dev/null)" = "$LAB_GUEST_DOMID" ] && ! guest_crashed
+}
+wait_ready() {  # wait_ready N: 0 once the console has more than N READY reports
+    n=0
+    while ready=$(grep -c "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null); [ "${ready:-0}" -le "$1" ]; do
+        [ $n -ge "$GUEST_WAIT" ] && return 1
+        sleep 2; n=$((n+2))
+        # a crashed or vanished guest will not get READY: stop waiting
+        guest_crashed && return 1
+        xl list "$GUEST" >/dev/null 2>&1 || return 1
+    done
 }
 recreate_guest() {  # a fresh guest under the same name; 0 when it is READY
     xl destroy "$GUEST" >/dev/null 2>&1
     ready0=$(grep -c "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null)
     timeout 120 xl create /tmp/$GUEST.cfg >/tmp/xl-create.log 2>&1 || return 1
-    n=0
-    while ready=$(grep -c "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null); [ "${ready:-0}" -le "${ready0:-0}" ]; do
-        [ $n -ge "$GUEST_WAIT" ] && return 1
-        sleep 2; n=$((n+2))
-    done
+    wait_ready "${ready0:-0}" || return 1
     LAB_GUEST_DOMID=$(xl domid "$GUEST" 2>/dev/null)
     export LAB_GUEST_DOMID
 }
@@ -128,15 +137,9 @@ fi
 
 # 4. the guest's workload is up: wait for its PFN report on its console -------
 if [ -n "$GUEST_OK" ]; then
-    t0=$(date +%s); n=0
-    until grep -q "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null || [ $n -ge "$GUEST_WAIT" ]; do
-        sleep 2; n=$((n+2))
-        # a crashed or vanished guest will not get READY: stop waiting
-        xl list "$GUEST" 2>/dev/null | tail -1 | awk '{print $5}' | grep -q c && break
-        xl list "$GUEST" >/dev/null 2>&1 || break
-    done
-    if ! grep -q "LABGUEST READY" "$LAB_CONSOLE_LOG" 2>/dev/null && [ "$(crash_count)" -gt 0 ]; then
-        note "guest-running: the guest crashed while it booted ($(grep -h "Triple fault" "$XEN_LOG" 2>/dev/null | tail -1 | tr -s ' ')): created again"
+    t0=$(date +%s)
+    if ! wait_ready 0 && [ "$(crash_count)" -gt 0 ]; then
+        note "guest-running: the guest crashed while it booted ($(last_crash)): created again"
         crash_retries=$((crash_retries + 1))
         t0=$(date +%s)
         recreate_guest
@@ -185,10 +188,10 @@ run_step() {  # run_step step mod part: one check step, its results into $OUT
 }
 
 #
-#    The guest crashes now and then under QEMU's emulation of SVM/NPT, with
-#    nothing of ours touching it (a triple fault at boot; a guest #PF on its
-#    own per-CPU area in the middle of a check; docs/lab.md, "the guest dies
-#    under emulation"). A step whose guest crashed while it ran did not test
+#    The guest crashes now and then under QEMU's emulation of SVM/NPT (a
+#    triple fault at boot, before any of our code ran; a guest #PF on its own
+#    per-CPU area in the middle of a check; docs/lab.md, "the guest dies
+#    under emulation"; that our code causes none is not proven). A step whose guest crashed while it ran did not test
 #    what it names: it is run once more on a freshly created guest, its first
 #    attempt kept in crash-retries.txt and announced by a LAB-NOTE line. At
 #    most MAX_CRASH_RETRIES per boot; a step that fails on a healthy guest
@@ -207,22 +210,21 @@ for step in $STEPS; do
         note "before $step: guest $GUEST (domid $LAB_GUEST_DOMID) no longer runs (crashed between steps): created again"
         recreate_guest || { result FAIL "$step" "skipped: the guest crashed and could not be created again"; continue; }
     fi
-    attempt=1
-    while :; do
-        mark=$(wc -l < "$OUT"); crashes0=$(crash_count)
-        run_step "$step" "$mod" "$part"
-        failed=$(tail -n +$((mark + 1)) "$OUT" | grep -c "^FAIL")
-        if [ "$failed" -gt 0 ] && [ "$(crash_count)" -gt "$crashes0" ] && [ $attempt -eq 1 ] \
-                && [ $crash_retries -lt $MAX_CRASH_RETRIES ]; then
-            crash_retries=$((crash_retries + 1)); attempt=2
-            tail -n +$((mark + 1)) "$OUT" | sed "s/^/first attempt of $step: /" >> "$RESULTS/crash-retries.txt"
-            head -n "$mark" "$OUT" > "$OUT.tmp" && cat "$OUT.tmp" > "$OUT" && rm -f "$OUT.tmp"
-            note "$step: the guest crashed while it ran ($(grep -h "Triple fault" "$XEN_LOG" 2>/dev/null | tail -1 | tr -s ' ')); $failed result(s) set aside; the step runs again on a new guest (retry $crash_retries of $MAX_CRASH_RETRIES)"
-            recreate_guest || { result FAIL "$step" "the guest crashed during the step and could not be created again"; break; }
-            continue
+    mark=$(wc -l < "$OUT"); crashes0=$(crash_count)
+    run_step "$step" "$mod" "$part"
+    failed=$(tail -n +$((mark + 1)) "$OUT" | grep -c "^FAIL")
+    if [ "$failed" -gt 0 ] && [ "$(crash_count)" -gt "$crashes0" ] \
+            && [ $crash_retries -lt $MAX_CRASH_RETRIES ]; then
+        crash_retries=$((crash_retries + 1))
+        tail -n +$((mark + 1)) "$OUT" | sed "s/^/first attempt of $step: /" >> "$RESULTS/crash-retries.txt"
+        head -n "$mark" "$OUT" > "$OUT.tmp" && cat "$OUT.tmp" > "$OUT" && rm -f "$OUT.tmp"
+        note "$step: the guest crashed while it ran ($(last_crash)); $failed result(s) set aside; the step runs again on a new guest (retry $crash_retries of $MAX_CRASH_RETRIES)"
+        if recreate_guest; then
+            run_step "$step" "$mod" "$part"
+        else
+            result FAIL "$step" "the guest crashed during the step and could not be created again"
         fi
-        break
-    done
+    fi
 done
 xl list > "$RESULTS/xl-list.txt" 2>&1
 cp "$LAB_CONSOLE_LOG" "$RESULTS/guest-console.log" 2>/dev/null
