@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.e2e.conftest import wait_until
 from xenbind import PAGE_SIZE, xenctrl
 
 pytestmark = pytest.mark.skipif(
@@ -76,14 +77,9 @@ def test_pause_is_counted(guest):
 GUEST_WRITE_WAIT = 20.0
 
 
-def wait_dirty(guest) -> bool:
-    """Whether the guest dirties a page within GUEST_WRITE_WAIT (peeked, not cleared)."""
-    deadline = time.monotonic() + GUEST_WRITE_WAIT
-    while time.monotonic() < deadline:
-        if guest.peek_dirty().size:
-            return True
-        time.sleep(0.1)
-    return False
+def wait_dirty(guest, what: str) -> None:
+    """Wait up to GUEST_WRITE_WAIT for the guest to dirty a page (peeked, not cleared)."""
+    wait_until(what, lambda: guest.peek_dirty().size, GUEST_WRITE_WAIT, every=0.1)
 
 
 @needs_guest
@@ -92,7 +88,7 @@ def test_paused_guest_dirties_nothing_and_reads_are_stable(guest):
     try:
         # under full emulation the guest may get no CPU for a while: wait for
         # its first write (up to GUEST_WRITE_WAIT), not a fixed sleep
-        assert wait_dirty(guest), f"a running guest wrote no page in {GUEST_WRITE_WAIT:.0f} s"
+        wait_dirty(guest, "a running guest's first page write")
         guest.pause()
         try:
             written = guest.read_and_clear_dirty()
@@ -111,7 +107,7 @@ def test_paused_guest_dirties_nothing_and_reads_are_stable(guest):
             assert np.array_equal(a[:1], b[:1])
         finally:
             guest.unpause()
-        assert wait_dirty(guest), f"no page dirtied in {GUEST_WRITE_WAIT:.0f} s after unpause"
+        wait_dirty(guest, "a page dirtied after unpause")
     finally:
         guest.disable_logdirty()
 
