@@ -1,6 +1,8 @@
 """The core's Backup for one Protection: where a session's pages meet the domain.
 
-    ProtectionBackup(prot, who)   who(): the session's name for log lines
+    ProtectionBackup(prot, who, closed_by)
+                                  who(): the session's name for log lines;
+                                  closed_by(): the daemon's ERROR, once it closed
     open()                        probe the backup's physmap (receiver.physmap)
     write(pfns, data)             checkpoint 0's pages, into the paused backup
     read(pfns, out)               the backup's pages (the bases of delta pages;
@@ -13,7 +15,8 @@
 Rules kept here:
 - Nothing is written into the backup outside the Protection's lock, and only
   while the Protection is in a commit state (never after a failover, never
-  into a replaced backup): else ``BackupClosed``.
+  into a replaced backup): else ``BackupClosed``, carrying the ERROR the
+  daemon closed the session with, so the sender hears why.
 - The lock is the Protection's own: a commit (and its digest) delays only
   this domain's failover, never another domain's.
 """
@@ -39,15 +42,25 @@ log = logging.getLogger("receiver")
 
 
 class ProtectionBackup:
-    def __init__(self, prot: Protection, who: Callable[[], str]) -> None:
+    """``closed_by()``: the ERROR (code, reason) the daemon closed the session
+    with, None while it has not (the connection's close_from_daemon, called
+    under the same lock hold as the policy move that closes the backup)."""
+
+    def __init__(
+        self,
+        prot: Protection,
+        who: Callable[[], str],
+        closed_by: Callable[[], tuple[int, str] | None] = lambda: None,
+    ) -> None:
         self.prot = prot
         self.who = who
+        self.closed_by = closed_by
         self.physmap: Physmap | None = None
 
     def _domain(self) -> Domain:
         backup = self.prot.backup
         if not self.prot.commit_allowed() or backup is None:
-            raise BackupClosed(f"backup is {self.prot.state}")
+            raise BackupClosed(f"backup is {self.prot.state}", self.closed_by())
         return backup
 
     def open(self) -> None:

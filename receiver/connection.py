@@ -133,6 +133,9 @@ class Connection:
         self._close_why = (code, reason)
         self.closing.set()
 
+    def _closed_by(self) -> tuple[int, str] | None:
+        return self._close_why if self.closing.is_set() else None
+
     def identity(self) -> tuple[str, str]:
         """Who sent the HELLO, as admission compares it: the certificate's
         names over TLS, else the peer's address (without the port)."""
@@ -148,13 +151,14 @@ class Connection:
             )
         return f"connection from {self.peer}"
 
-    def _send(self, data: bytes) -> bool:
+    def _send(self, data: bytes) -> OSError | None:
+        """Write ``data``; the error if it could not be (None: sent)."""
         with self._send_lock:
             try:
                 self.t.sendall(data)
-            except OSError:
-                return False
-            return True
+            except OSError as e:
+                return e
+            return None
 
     def run(self) -> None:
         try:
@@ -237,8 +241,10 @@ class Connection:
         """Carry out the core's actions in order; True once the session ended."""
         for i, action in enumerate(actions):
             if isinstance(action, Send):
-                if not self._send(action.data) and action.on_failure is not None:
-                    return self._execute(self.core.send_failed(action))
+                error = self._send(action.data)
+                if error is not None and action.on_failure is not None:
+                    why = str(error.strerror or error)
+                    return self._execute(self.core.send_failed(action, why))
             elif isinstance(action, Admit):
                 if self._execute(self._admit(action.hello)):
                     return True
@@ -282,14 +288,16 @@ class Connection:
             return actions
         if self.closing.is_set():
             return self.core.close(*self._close_why)
-        backup = ProtectionBackup(prot, self.who)
+        backup = ProtectionBackup(prot, self.who, self._closed_by)
         # the ACCEPT says "witness": true when this receiver fails over under the key
         self.core.rs.accept_witness = self.daemon.cfg.witness is not None
         actions = self.core.accept(round(prot.failover_timeout * 1000), backup, time.monotonic())
         prot.life()  # the stall and failover clocks start now, not at the HELLO
         try:
             backup.open()
-        except (DomainError, BackupClosed) as e:
+        except BackupClosed as e:  # failed over or superseded meanwhile
+            actions += self.core.close(*e.error) if e.error else self.core.fail("closed", str(e))
+        except DomainError as e:
             actions += self.core.fail("corrupt", f"cannot probe the backup's physmap: {e}")
         return actions
 

@@ -40,7 +40,8 @@ as Xen's restore does: the decoder's base source is ``read`` (the backup's
 committed pages) with the staged pages of a checkpoint the decoder has ended
 but the core not yet committed laid over it (xenbind.stream.overlay; only
 then, so the common case is one gather per COMPRESSED_DATA chunk).
-``BackupClosed`` from any of them ends the session ``closed``;
+``BackupClosed`` from any of them ends the session ``closed`` (after the
+daemon's ERROR it carries, if the daemon closed the session meanwhile);
 ``DomainError`` ends it ``corrupt``.
 
 Save records: the VCPU_INFO, HVM parameter and TOOLSTACK chunks Xen's sender
@@ -176,7 +177,18 @@ class Limits:
 
 
 class BackupClosed(RemusError):
-    """The backup takes no more writes (it failed over, or was replaced)."""
+    """The backup takes no more writes (it failed over, or was replaced).
+
+    ``error``: the ERROR (code, reason) the daemon closed the session with,
+    when it did. The backup can be closed by another thread while the core
+    decodes; the core then sends that ERROR itself (the daemon's ``close``
+    would come after the core ended): a sender that gets a bare EOF instead
+    of "failed-over" takes it for a broken link and reconnects.
+    """
+
+    def __init__(self, message: str, error: tuple[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -436,13 +448,15 @@ class ReceiverCore:
         self._release()
         self.state = ENDED
 
-    def send_failed(self, send: Send) -> list[Action]:
-        """``send`` could not be written: the link is unusable."""
+    def send_failed(self, send: Send, why: str = "") -> list[Action]:
+        """``send`` could not be written: the link is unusable. ``why`` is the
+        driver's words for it (the socket error): a reset the send saw first
+        is consumed by it, and the log must still say it was a reset."""
         if send.on_failure is None:
             return []
         self._release()
         self.state = ENDED
-        return [End("link-lost", send.on_failure)]
+        return [End("link-lost", f"{send.on_failure}: {why}" if why else send.on_failure)]
 
     # ------------------------------------------------------------- plumbing
 
@@ -481,6 +495,13 @@ class ReceiverCore:
             elif end.kind in _ERROR_CODES:
                 self._out.append(Send(self.rs.error(_ERROR_CODES[end.kind], end.message)))
         return self._end(end.kind, end.message)
+
+    def _closed(self, e: BackupClosed, message: str) -> _End:
+        """The backup was closed under the decoder: the daemon's ERROR goes
+        out first (``_finish`` then adds none), the session ends ``closed``."""
+        if e.error is not None and self.rs.state == "streaming":
+            self._out.append(Send(self.rs.error(*e.error)))
+        return _End("closed", message)
 
     def _release(self) -> None:
         """Nothing big outlives the session: the decoder's cache and buffers,
@@ -566,7 +587,7 @@ class ReceiverCore:
             raise _End("violation", f"stream error at {e}") from None
         # from the base source (the decoder is dead: the session ends)
         except BackupClosed as e:
-            raise _End("closed", str(e)) from None
+            raise self._closed(e, str(e)) from None
         except DomainError as e:
             raise _End("corrupt", f"cannot read the backup's pages: {e}") from None
         self._handle(events)
@@ -615,7 +636,7 @@ class ReceiverCore:
                     try:
                         backup.write(ev.pfns, ev.data)
                     except BackupClosed as e:
-                        raise _End("closed", str(e)) from None
+                        raise self._closed(e, str(e)) from None
                     except DomainError as e:
                         raise _End("corrupt", f"cannot write the initial copy: {e}") from None
                     self._initial_pages += len(ev.pfns)
@@ -676,7 +697,7 @@ class ReceiverCore:
             done = backup.commit(req)
         except BackupClosed as e:
             staging.discard()
-            raise _End("closed", f"{e}; checkpoint {end.index} dropped") from None
+            raise self._closed(e, f"{e}; checkpoint {end.index} dropped") from None
         except DomainError as e:
             raise _End(
                 "corrupt", f"commit of checkpoint {end.index} failed half-way: {e}"

@@ -19,6 +19,7 @@ from receiver.core import (
 )
 from xenbind import PAGE_SIZE
 from xenbind.session import (
+    ERR_FAILED_OVER,
     REPLY_MAGIC,
     Accept,
     Accepted,
@@ -60,20 +61,21 @@ class MemoryBackup:
         self.committed: list[int] = []
         self.records: list = []  # (index, SaveRecords) of every commit
         self.closed = False
+        self.closed_by: tuple[int, str] | None = None  # the daemon's ERROR, if it said
 
     def write(self, pfns, data) -> None:
         if self.closed:
-            raise BackupClosed("backup is failed-over")
+            raise BackupClosed("backup is failed-over", self.closed_by)
         self.memory[pfns.astype(np.intp)] = data
 
     def read(self, pfns, out) -> None:
         if self.closed:
-            raise BackupClosed("backup is failed-over")
+            raise BackupClosed("backup is failed-over", self.closed_by)
         out[: len(pfns)] = self.memory[pfns.astype(np.intp)]
 
     def commit(self, req: CommitRequest) -> Committed:
         if self.closed:
-            raise BackupClosed("backup is failed-over")
+            raise BackupClosed("backup is failed-over", self.closed_by)
         self.records.append((req.index, req.records))
         n = req.pages if req.first else req.staging.commit(self, req.context)  # type: ignore[arg-type]
         self.context = req.context
@@ -249,6 +251,21 @@ def test_a_closed_backup_ends_the_session_closed() -> None:
     assert acts[-1] == End("closed", "backup is failed-over")
 
 
+def test_a_backup_closed_by_the_daemon_mid_decode_sends_its_error() -> None:
+    """The daemon fails the domain over while the session thread decodes: the
+    commit finds the backup closed before the thread sees the close. The
+    sender must still get ERROR failed-over, not a bare EOF (it would take
+    that for a broken link, reconnect, and be told "possible split brain")."""
+    backup = MemoryBackup()
+    core, _, _ = _accepted(backup)
+    backup.closed, backup.closed_by = True, (ERR_FAILED_OVER, "the backup took over")
+    acts = core.receive_data(_initial(StreamWriter(PAGES, codec="none")))
+    [err] = [f for f in _frames(acts) if isinstance(f, Error)]
+    assert (err.code, err.reason) == (ERR_FAILED_OVER, "the backup took over")
+    assert acts[-1] == End("closed", "backup is failed-over")
+    assert core.close(ERR_FAILED_OVER, "again") == []  # one ERROR, the session is over
+
+
 def test_the_daemon_closing_sends_error_once_accepted() -> None:
     core = ReceiverCore(LIMITS, now=0.0)
     core.receive_data(encode_hello(_hello()))
@@ -279,4 +296,6 @@ def test_a_failed_ack_ends_link_lost() -> None:
     core, _, _ = _accepted()
     acts = core.receive_data(_initial(StreamWriter(PAGES, codec="none")))
     [ack] = [a for a in acts if isinstance(a, Send)]
-    assert core.send_failed(ack) == [End("link-lost", "connection lost sending ACK(0)")]
+    assert core.send_failed(ack, "Connection reset by peer") == [
+        End("link-lost", "connection lost sending ACK(0): Connection reset by peer")
+    ]
