@@ -90,6 +90,9 @@ GETINFO_BATCH = 256
 CHECKPOINT_MODE_ENV = "REMUS_XEN_CHECKPOINT"
 #: Seconds a guest has to acknowledge control/shutdown=suspend, then to suspend.
 SUSPEND_ACK_TIMEOUT = 10.0
+#: Overrides SUSPEND_ACK_TIMEOUT (seconds): a guest on a slow or overloaded
+#: host (the lab's emulated one: docs/lab.md) may take longer to answer.
+SUSPEND_ACK_ENV = "REMUS_XEN_SUSPEND_ACK_S"
 SUSPEND_TIMEOUT = 20.0
 #: Highest domid Xen hands to ordinary domains (DOMID_FIRST_RESERVED - 1).
 MAX_DOMID = 0x7FEF
@@ -354,6 +357,22 @@ class XenDomain(Domain):
             return "suspend" if self._build_info().get("type") in ("pv", "pvh") else "pause"
         return mode
 
+    def _suspend_ack_timeout(self) -> float:
+        raw = os.environ.get(SUSPEND_ACK_ENV)
+        if raw is None:
+            return SUSPEND_ACK_TIMEOUT
+        try:
+            value = float(raw)
+        except ValueError:
+            value = 0.0
+        if not 0 < value <= 3600:
+            raise DomainError(
+                self.domid,
+                "checkpoint",
+                f"{SUSPEND_ACK_ENV}={raw!r}: expected seconds, more than 0 and at most 3600",
+            )
+        return value
+
     def checkpoint_stop(self) -> None:
         """Stop the guest for a checkpoint, as Remus did on Xen.
 
@@ -376,7 +395,7 @@ class XenDomain(Domain):
             self._hv._xenstore().suspend(
                 self.domid,
                 lambda: self._hv.is_suspended(self.domid),
-                ack_timeout=SUSPEND_ACK_TIMEOUT,
+                ack_timeout=self._suspend_ack_timeout(),
                 suspend_timeout=SUSPEND_TIMEOUT,
             )
             self._stopped_by = "suspend"

@@ -39,6 +39,9 @@ export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LAB_REPO=$REPO LAB_RESULTS=$RESULTS LAB_GUEST=$GUEST LAB_GUEST_TYPE=$GUEST_TYPE
 DOM0_TESTS="tests/xenbind/test_xenctrl_dom0.py tests/xenbind/test_xenstore.py"
 export LAB_CONSOLE_LOG=/var/log/xen/console/guest-$GUEST.log
+# Under emulation the guest's xenbus thread once took more than remusd's 10 s
+# to acknowledge a checkpoint's suspend (docs/lab.md): give it 30 s here.
+export REMUS_XEN_SUSPEND_ACK_S=30
 : > "$OUT"
 
 result() {  # result PASS|FAIL name detail...

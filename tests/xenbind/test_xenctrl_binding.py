@@ -221,3 +221,19 @@ def test_gather_scatter_validate_pfns_and_buffers_first():
 def test_format_uuid():
     h = bytes(range(16))
     assert xenctrl.format_uuid(h) == "00010203-0405-0607-0809-0a0b0c0d0e0f"
+
+
+def test_suspend_ack_timeout_from_the_environment(monkeypatch):
+    """REMUS_XEN_SUSPEND_ACK_S overrides the 10 s a guest has to acknowledge a
+    checkpoint's suspend; a value that is not a sane number of seconds is
+    refused with a message naming the variable (read without a hypercall)."""
+    dom = cast(xenctrl.XenDomain, object.__new__(xenctrl.XenDomain))
+    dom.domid = 7
+    monkeypatch.delenv(xenctrl.SUSPEND_ACK_ENV, raising=False)
+    assert dom._suspend_ack_timeout() == xenctrl.SUSPEND_ACK_TIMEOUT == 10.0
+    monkeypatch.setenv(xenctrl.SUSPEND_ACK_ENV, "30")
+    assert dom._suspend_ack_timeout() == 30.0
+    for bad in ("", "soon", "0", "-5", "nan", "1e9"):
+        monkeypatch.setenv(xenctrl.SUSPEND_ACK_ENV, bad)
+        with pytest.raises(DomainError, match="REMUS_XEN_SUSPEND_ACK_S"):
+            dom._suspend_ack_timeout()
