@@ -243,8 +243,7 @@ class Connection:
             if isinstance(action, Send):
                 error = self._send(action.data)
                 if error is not None and action.on_failure is not None:
-                    why = str(error.strerror or error)
-                    return self._execute(self.core.send_failed(action, why))
+                    return self._execute(self.core.send_failed(action, error))
             elif isinstance(action, Admit):
                 if self._execute(self._admit(action.hello)):
                     return True
@@ -295,10 +294,11 @@ class Connection:
         prot.life()  # the stall and failover clocks start now, not at the HELLO
         try:
             backup.open()
-        except BackupClosed as e:  # failed over or superseded meanwhile
-            actions += self.core.close(*e.error) if e.error else self.core.fail("closed", str(e))
-        except DomainError as e:
-            actions += self.core.fail("corrupt", f"cannot probe the backup's physmap: {e}")
+        except (DomainError, BackupClosed) as e:
+            if isinstance(e, BackupClosed) and e.error is not None:
+                actions += self.core.close(*e.error)  # failed over or superseded meanwhile
+            else:
+                actions += self.core.fail("corrupt", f"cannot probe the backup's physmap: {e}")
         return actions
 
     def _read_during_admission(self) -> list[Action]:

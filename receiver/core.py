@@ -448,15 +448,16 @@ class ReceiverCore:
         self._release()
         self.state = ENDED
 
-    def send_failed(self, send: Send, why: str = "") -> list[Action]:
-        """``send`` could not be written: the link is unusable. ``why`` is the
-        driver's words for it (the socket error): a reset the send saw first
-        is consumed by it, and the log must still say it was a reset."""
+    def send_failed(self, send: Send, error: OSError | None = None) -> list[Action]:
+        """``send`` could not be written: the link is unusable. ``error`` is
+        the socket's (named as ``connection_lost`` names it): a reset the send
+        met first is consumed by it, and the log must still say it was a reset."""
         if send.on_failure is None:
             return []
         self._release()
         self.state = ENDED
-        return [End("link-lost", f"{send.on_failure}: {why}" if why else send.on_failure)]
+        why = "" if error is None else f": {error.strerror or error}"
+        return [End("link-lost", f"{send.on_failure}{why}")]
 
     # ------------------------------------------------------------- plumbing
 

@@ -3,6 +3,8 @@ and ticks in, actions out, pages into an in-memory backup."""
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pytest
 
@@ -296,6 +298,7 @@ def test_a_failed_ack_ends_link_lost() -> None:
     core, _, _ = _accepted()
     acts = core.receive_data(_initial(StreamWriter(PAGES, codec="none")))
     [ack] = [a for a in acts if isinstance(a, Send)]
-    assert core.send_failed(ack, "Connection reset by peer") == [
+    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    assert core.send_failed(ack, reset) == [
         End("link-lost", "connection lost sending ACK(0): Connection reset by peer")
     ]
