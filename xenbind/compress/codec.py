@@ -19,8 +19,9 @@ Rules:
       agree because the receiver holds every page the sender sent (each
       checkpoint is committed whole before the next is decoded).
     - ``base`` is called at most once per blob, with the PFNs of the blob's
-      delta pages only (in blob order) and a C-contiguous (m, 4096) uint8
-      array to fill; whole pages need no base. Whatever ``base`` raises
+      delta pages that read their base (in blob order) and a C-contiguous
+      (m, 4096) uint8 array to fill; whole pages need no base, nor does a
+      xen delta page made of RUNs only (every word of it travels). Whatever ``base`` raises
       propagates; the pages of that blob are then undefined.
     - Page-table pages (pagetable[i] True) are always sent whole, and (like
       every page sent) leave their contents in the sender's cache.
@@ -88,6 +89,11 @@ __all__ = [
 #: ``out[i]`` (a C-contiguous (len(pfns), 4096) uint8 array) with the
 #: receiver's copy of page ``pfns[i]`` (uint64, in blob order).
 BaseSource = Callable[[PfnArray, PageArray], None]
+
+#: What xb_scan marks each page of a blob with (kernel.c, XB_D_*): sent
+#: whole; a delta applied on its base (the only kind ``base`` is asked for);
+#: a xen delta of RUNs only, which overwrites every word of its base.
+PAGE_WHOLE, PAGE_ON_BASE, PAGE_COVERED = 0, 1, 2
 
 
 @dataclass
@@ -335,11 +341,12 @@ class Decompressor:
         k = lib.xb_scan(self._id, src, length, len(pfns), rows, c_starts, c_delta, err)
         if k < 0:
             raise CodecError(self._message(err, pfns))
-        flags = delta[:k].view(np.bool_)
+        flags = delta[:k] == PAGE_ON_BASE
         m = int(np.count_nonzero(flags))
         if m:
-            # the bases of the delta pages, in blob order, into out[:m]; the
-            # kernel moves each to its own row as it applies (back to front)
+            # the bases of the pages that need one, in blob order, into
+            # out[:m]; the kernel moves each to its own row as it applies
+            # (back to front)
             base(pfns[:k][flags] if m < k else pfns[:k], out[:m])
         if (
             k
@@ -358,8 +365,9 @@ class Decompressor:
         ):
             raise CodecError(self._message(err, pfns))
         s = self.stats
-        s.hits += m
-        s.misses += k - m
+        whole = int(np.count_nonzero(delta[:k] == PAGE_WHOLE))
+        s.hits += k - whole
+        s.misses += whole
         s.pages += k
         s.bytes_in += length
         s.bytes_out += k * PAGE_SIZE

@@ -76,11 +76,11 @@ static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const ui
         uint8_t *out = malloc(k ? (size_t)k * XB_PAGE : 1);
         size_t m = 0;
         for (int64_t i = 0; i < k; i++)
-            if (delta[i])
+            if (delta[i] == 1)   /* XB_D_BASE: the pages that read their base */
                 memcpy(out + (m++) * XB_PAGE, rmem[idx[i]], XB_PAGE);
         if (tamper && k) {
             if (rnd() & 1) starts[rnd() % k] = rnd() % (len + 8);
-            else delta[rnd() % k] ^= 1;
+            else delta[rnd() % k] ^= 1 + rnd() % 3;
         }
         if (xb_apply(codec, in, len, starts, delta, (size_t)k, out, (size_t)k, &e) < 0) {
             *code = e.code;

@@ -146,6 +146,31 @@ def test_delta_page_for_any_pfn_decodes_on_the_receivers_page(codec) -> None:
     assert not got[2].any()
 
 
+def test_a_xen_page_of_runs_only_asks_for_no_base() -> None:
+    """A xen delta page whose RUNs cover all 4096 bytes overwrites every word
+    of its base: the base source is not asked for it, only for the delta
+    pages that keep words of their base, and each page lands on its own row
+    whatever the mix (whole, covered, on its base, unchanged)."""
+    d = primed("xen")
+    new = RNG.integers(0, 256, PAGE, dtype=np.uint8)
+    runs = b"".join(
+        bytes([min(127, 1024 - w)]) + new[4 * w : 4 * min(1024, w + 127)].tobytes()
+        for w in range(0, 1024, 127)
+    )
+    one = b"\x82\x01" + struct.pack("<I", 0xAABBCCDD) + b"\xff" * 8 + b"\x85"
+    blob = runs + one + b"\x80" + RAW + runs + b"\x00"
+    got = d.decompress(blob, [5, 2, 6, 7, 1])
+    assert d.based == [2, 1]
+    p2 = d.page(2).copy()
+    assert np.array_equal(got[0], new) and np.array_equal(got[3], new)
+    assert got[1, 8:12].tobytes() == struct.pack("<I", 0xAABBCCDD) and got[1, 4095] == 1
+    assert np.array_equal(got[1], p2)
+    assert got[2].tobytes() == RAW and np.array_equal(got[4], OLD)
+    # a page of runs that stops short of 4096 bytes (its last RUN, 8 words, cut) is refused
+    with pytest.raises(CodecError, match=r"data ends inside a page \(4064 of 4096 bytes covered\)"):
+        d.decompress(runs[:-33], [5])
+
+
 def history_and_batch(codec: str):
     """A sender with some history and a batch of four pages of every kind:
     a miss, a delta page, an unchanged page, a long run."""
