@@ -105,6 +105,7 @@ ERR_FAILED_OVER = 3  # the backup took over: do not re-protect to this receiver
 ERR_INTERNAL = 4  # the receiver could not commit (hypervisor error, ...)
 ERR_SHUTDOWN = 5  # the receiver daemon is stopping
 ERR_SUPERSEDED = 6  # a newer session for the same domain replaced this one
+ERR_SWITCHOVER_FAILED = 7  # a switchover's backup was not resumed: the sender runs its copy
 ERROR_NAMES = {
     ERR_PROTOCOL: "protocol",
     ERR_STALLED: "stalled",
@@ -112,6 +113,7 @@ ERROR_NAMES = {
     ERR_INTERNAL: "internal",
     ERR_SHUTDOWN: "shutdown",
     ERR_SUPERSEDED: "superseded",
+    ERR_SWITCHOVER_FAILED: "switchover-failed",
 }
 
 #: Cap on the reason text of ERROR / GOODBYE / REFUSE (bytes of UTF-8).

@@ -300,6 +300,7 @@ class StreamModel:
         self.format = "A"
         self.enabled = False
         self.last = False  # LAST_CHECKPOINT seen in the current body
+        self.switchover = False  # SWITCHOVER seen in the current body
         self.ended = False  # the LAST_CHECKPOINT checkpoint completed
         self.pages = 0  # page contents in the current checkpoint
         self.in_tail = False
@@ -336,6 +337,7 @@ class StreamModel:
             MemoryDigest,
             PageBatch,
             Pages,
+            Switchover,
             Tail,
             Toolstack,
             TscInfo,
@@ -418,8 +420,13 @@ class StreamModel:
         if isinstance(e, LastCheckpoint):
             self.last = True
             return
+        if isinstance(e, Switchover):
+            assert not self.in_tail and not self.switchover, "a second SWITCHOVER"
+            self.switchover = True
+            return
         if isinstance(e, EndOfBody):
             assert not self.in_tail and not self.awaiting
+            assert self.last or not self.switchover, "SWITCHOVER in a body without LAST_CHECKPOINT"
             assert e.index == self.checkpoints
             if self.format == "B":
                 assert self.fifo_head == len(self.fifo), "a Format B body ended short of pages"
@@ -857,7 +864,8 @@ class RecordingBackup:
 
 
 def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> tuple:
-    from receiver.core import Admit, End, Limits, ReceiverCore, Send
+    from receiver.core import Admit, End, Handover, Limits, ReceiverCore, Send
+    from xenbind.session import ERR_FAILED_OVER
 
     core = ReceiverCore(Limits(**CORE_LIMITS), now=0.0)
     backup: RecordingBackup | None = None
@@ -873,6 +881,11 @@ def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> tuple:
                     continue
                 backup = RecordingBackup(p2m, CORE_LIMITS["max_staged_bytes"])
                 run(core.accept(1000, backup, 0.0))
+            elif isinstance(a, Handover):
+                # a switchover's checkpoint: the daemon resumes, then closes with its verdict
+                assert i == len(actions) - 1 and backup is not None, "Handover not last"
+                assert backup.commits and backup.commits[-1][0] == a.index
+                run(core.close(ERR_FAILED_OVER, "switched over"))
             elif isinstance(a, End):
                 assert i == len(actions) - 1 and not ends, "End not last, or twice"
                 ends.append(a.kind)

@@ -6,7 +6,7 @@ own encoders, so the fuzzer starts deep inside each format.
 Stream seeds (all small enough for the fuzzer's max_len):
     a-*        codec none: pure Format A legacy streams (several checkpoints,
                TSC_INFO, HEARTBEAT, a PFN repeated across batches, page types
-               with and without data, MEMORY_DIGEST, LAST_CHECKPOINT)
+               with and without data, MEMORY_DIGEST, LAST_CHECKPOINT, SWITCHOVER)
     xen-*      Format B with Xen's format, no CODEC tag (the legacy default
                cache) and with one (small cache); the sender's page buffer set
                to a few pages so COMPRESSED_DATA chunks interleave with the PFN
@@ -113,6 +113,11 @@ def stream_seeds() -> dict[str, bytes]:
     mem[3], mem[4] = _pages([3, 4], 1)
     b += w.end_checkpoint(CTX, digest=memory_digest(mem), last=True)
     out["a-repeat-digest-last"] = b"".join(b)
+
+    w = StreamWriter(16, codec="none")  # a switchover: checkpoint 1 carries SWITCHOVER
+    b = [w.header(), *w.checkpoint(np.array([1], u64), _pages([1]), CTX)]
+    b += w.checkpoint(np.array([2], u64), _pages([2]), CTX, last=True, switchover=True)
+    out["a-switchover"] = b"".join(b)
 
     w = StreamWriter(64, codec="none")
     types = np.array([0x0, 0xF, 0xE, 0x1, 0xD, 0x9], np.uint8)  # NOTAB XTAB XALLOC L1 BROKEN L1pin

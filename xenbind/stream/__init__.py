@@ -16,7 +16,8 @@ docs/stream.md); in short:
                                            unsigned long length, -13
                                            ENABLE_COMPRESSION, -18 TOOLSTACK;
                                            project tags -1001 CODEC, -1002
-                                           MEMORY_DIGEST, -1003 HEARTBEAT)
+                                           MEMORY_DIGEST, -1003 HEARTBEAT, -1004
+                                           SWITCHOVER)
     tail     uint64 x 3 magic PFNs, uint32 + HVM context,
              "DeviceModelRecord0002", uint32 + device-model record
 
@@ -43,6 +44,7 @@ from .encoder import (
     encode_memory_digest,
     encode_pages,
     encode_pfn_list,
+    encode_switchover,
     encode_tail,
     encode_tsc_info,
     memory_digest,
@@ -60,6 +62,7 @@ from .events import (
     MemoryDigest,
     PageBatch,
     Pages,
+    Switchover,
     Tail,
     Toolstack,
     TscInfo,
@@ -83,6 +86,7 @@ __all__ = [
     "HvmParam",
     "Image",
     "LastCheckpoint",
+    "Switchover",
     "MalformedStream",
     "MemoryDigest",
     "PageBatch",
@@ -102,6 +106,7 @@ __all__ = [
     "encode_header",
     "encode_heartbeat",
     "encode_last_checkpoint",
+    "encode_switchover",
     "encode_memory_digest",
     "encode_pages",
     "encode_pfn_list",

@@ -152,6 +152,7 @@ _TAG_EVENTS = {
     ev.CodecAnnounce: "codec",
     ev.EnableCompression: "enable_compression",
     ev.LastCheckpoint: "last_checkpoint",
+    ev.Switchover: "switchover",
     ev.MemoryDigest: "memory_digest",
 }
 

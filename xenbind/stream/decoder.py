@@ -111,6 +111,7 @@ from .format import (
     TAG_LAST_CHECKPOINT,
     TAG_MEMORY_DIGEST,
     TAG_NAMES,
+    TAG_SWITCHOVER,
     TAG_TOOLSTACK,
     TAG_TSC_INFO,
     TAG_VCPU_INFO,
@@ -294,6 +295,7 @@ class Decoder:
         self._started = False  # a chunk other than HEARTBEAT was seen
         self._pages = 0  # page contents received in this checkpoint
         self._last_here = False  # LAST_CHECKPOINT in this body
+        self._switchover_here = False  # SWITCHOVER in this body
         self._announced: tuple[str, int] | None = None
         self._enabled = False  # ENABLE_COMPRESSION seen
         self._decompressor: Decompressor | None = None
@@ -547,6 +549,12 @@ class Decoder:
             self._last_here = True
             self._emit(ev.LastCheckpoint())
             self._expect_chunk()
+        elif t == TAG_SWITCHOVER:
+            if self._switchover_here:
+                raise self._fail(at, f"a second SWITCHOVER in {self._ckpt()}")
+            self._switchover_here = True
+            self._emit(ev.Switchover())
+            self._expect_chunk()
         elif t == TAG_COMPRESSED_DATA:
             if not self._enabled:
                 raise self._fail(at, "COMPRESSED_DATA before ENABLE_COMPRESSION")
@@ -798,6 +806,10 @@ class Decoder:
 
     def _on_end_body(self) -> None:
         at = self._chunk_start
+        if self._switchover_here and not self._last_here:
+            raise self._fail(
+                at, f"SWITCHOVER in {self._ckpt()}, which is not the last (no LAST_CHECKPOINT)"
+            )
         if self.format == "B":
             if self._pending.count:
                 raise self._fail(

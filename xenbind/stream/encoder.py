@@ -13,6 +13,7 @@ The layout written is the one in ``xenbind.stream.format``. Functions:
                                                   as Xen's sender does when its page
                                                   buffer fills
     encode_compressed(blob) / encode_enable_compression() / encode_last_checkpoint()
+    encode_switchover()
     encode_tsc_info(mode, nsec, khz, incarnation) / encode_end() / encode_tail(ctx)
     encode_codec(codec, cache_pages) / encode_memory_digest(digest) / encode_heartbeat()
     memory_digest(memory)                         xxh3-128 of guest memory
@@ -58,6 +59,7 @@ from .format import (
     TAG_HEARTBEAT,
     TAG_LAST_CHECKPOINT,
     TAG_MEMORY_DIGEST,
+    TAG_SWITCHOVER,
     TAG_TSC_INFO,
     TYPE_HAS_DATA,
     TYPE_IS_PAGETABLE,
@@ -248,6 +250,10 @@ def encode_last_checkpoint() -> bytes:
     return _INT.pack(TAG_LAST_CHECKPOINT)
 
 
+def encode_switchover() -> bytes:
+    return _INT.pack(TAG_SWITCHOVER)
+
+
 def encode_heartbeat() -> bytes:
     return _INT.pack(TAG_HEARTBEAT)
 
@@ -393,10 +399,18 @@ class StreamWriter:
         return encode_heartbeat()
 
     def end_checkpoint(
-        self, ctx: Context, *, digest: bytes | None = None, last: bool = False
+        self,
+        ctx: Context,
+        *,
+        digest: bytes | None = None,
+        last: bool = False,
+        switchover: bool = False,
     ) -> list[Buffer]:
-        """Closing chunks of the current body, the end chunk and the tail."""
+        """Closing chunks of the current body, the end chunk and the tail.
+        ``switchover`` (with ``last``): the receiver resumes its backup."""
         self._check_open()
+        if switchover and not last:
+            raise ValueError("SWITCHOVER stands only in the last checkpoint")
         out: list[Buffer] = []
         enable = self.index == 0 and self.codec != "none"
         if enable and (self.codec != "xen" or self.cache_pages != LEGACY_CACHE_PAGES):
@@ -405,6 +419,8 @@ class StreamWriter:
             out.append(encode_enable_compression())
         if digest is not None:
             out.append(encode_memory_digest(digest))
+        if switchover:
+            out.append(encode_switchover())
         if last:
             out.append(encode_last_checkpoint())
             self._last = True
@@ -424,6 +440,9 @@ class StreamWriter:
         *,
         digest: bytes | None = None,
         last: bool = False,
+        switchover: bool = False,
     ) -> list[Buffer]:
         """One whole checkpoint: page chunks, closing chunks, end, tail."""
-        return self.pages(pfns, pages, types) + self.end_checkpoint(ctx, digest=digest, last=last)
+        return self.pages(pfns, pages, types) + self.end_checkpoint(
+            ctx, digest=digest, last=last, switchover=switchover
+        )

@@ -109,6 +109,12 @@ class LastCheckpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Switchover:
+    """Project tag SWITCHOVER: the current checkpoint (the last) is a planned
+    move; the receiver resumes its backup once it is committed."""
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryDigest:
     """Project tag MEMORY_DIGEST: the digest of all guest memory once the
     current checkpoint is applied."""
@@ -162,6 +168,7 @@ Event = (
     | CodecAnnounce
     | EnableCompression
     | LastCheckpoint
+    | Switchover
     | MemoryDigest
     | Heartbeat
     | EndOfBody

@@ -32,6 +32,8 @@ BODY = chunk* then the end chunk. Every chunk starts with ``int type``:
       -1002 MEMORY_DIGEST (p.) uint32 algorithm id, uint32 length L,
                                L digest bytes                          (8+L)
       -1003 HEARTBEAT (proj.)  nothing
+      -1004 SWITCHOVER (proj.) nothing: after committing this checkpoint (its
+                               last) the receiver resumes its backup
       -2    VCPU_INFO          int max_vcpu_id (0..4095), then the online map:
                                (max_vcpu_id / 64 + 1) uint64 words  (4+8..4+512)
       -3 -4 -8 -10 -11 -14 -15 -16 -17 -19 -20   HVM parameters, each
@@ -64,6 +66,10 @@ PROJECT TAGS
     it stands once the checkpoint carrying the tag is applied (verify mode).
     HEARTBEAT: may stand wherever a chunk may start (inside a body, or between
     a tail and the next body); it changes nothing else.
+    SWITCHOVER: a planned move (remusctl switchover): the sender's guest
+    stays paused at this checkpoint, the receiver resumes its backup once
+    the checkpoint is committed. Only in a body that also carries
+    LAST_CHECKPOINT, at most once; never in a file capture.
 
 RULES (the decoder enforces every one, raising StreamError at the offset of
 the offending item)
@@ -147,6 +153,7 @@ TAG_HVM_NR_IOREQ_SERVER_PAGES = -20
 TAG_CODEC = -1001
 TAG_MEMORY_DIGEST = -1002
 TAG_HEARTBEAT = -1003
+TAG_SWITCHOVER = -1004
 
 #: Names for messages (Xen's names from xen/migration/legacy.py).
 TAG_NAMES = {
@@ -173,6 +180,7 @@ TAG_NAMES = {
     TAG_CODEC: "codec (project)",
     TAG_MEMORY_DIGEST: "memory_digest (project)",
     TAG_HEARTBEAT: "heartbeat (project)",
+    TAG_SWITCHOVER: "switchover (project)",
 }
 
 #: Payload sizes of the fixed-size tags (bytes after the 4-byte type).

@@ -25,6 +25,7 @@ from xenbind.stream import (
     MalformedStream,
     MemoryDigest,
     StreamWriter,
+    Switchover,
     TruncatedStream,
     TscInfo,
     encode_body_a,
@@ -34,6 +35,7 @@ from xenbind.stream import (
     encode_last_checkpoint,
     encode_memory_digest,
     encode_pages,
+    encode_switchover,
     encode_tail,
     encode_tsc_info,
     memory_digest,
@@ -331,6 +333,26 @@ def test_last_checkpoint_ends_stream():
         d.feed(data + encode_heartbeat())
     assert ei.value.offset == len(data)
     assert isinstance(ei.value.events[-1], CheckpointEnd)  # the checkpoint still counts
+
+
+def test_switchover_stands_only_in_the_last_checkpoint_once():
+    """Project tag -1004 SWITCHOVER: a planned move; only beside
+    LAST_CHECKPOINT, at most once, and the writer refuses it elsewhere."""
+    w = StreamWriter(4)
+    data = w.header() + b"".join(
+        bytes(b) for b in w.end_checkpoint(CTX, last=True, switchover=True)
+    )
+    assert encode_switchover() == i32(-1004) and encode_switchover() in data
+    events, d = decode(data)
+    assert d.last and Switchover() in events and LastCheckpoint() in events
+    with pytest.raises(ValueError, match="only in the last checkpoint"):
+        StreamWriter(4).end_checkpoint(CTX, switchover=True)
+    alone = encode_header(4) + encode_switchover() + encode_end() + encode_tail(CTX)
+    with pytest.raises(MalformedStream, match="SWITCHOVER in checkpoint 0, which is not the last"):
+        Decoder().feed(alone)
+    twice = encode_header(4) + encode_switchover() * 2 + encode_last_checkpoint() + encode_end()
+    with pytest.raises(MalformedStream, match="a second SWITCHOVER in checkpoint 0"):
+        Decoder().feed(twice)
 
 
 # ------------------------------------------------------------------ malformed input
