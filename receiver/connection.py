@@ -7,7 +7,9 @@
     loop        tick the core, receive (straight into the decoder's buffer
                 when the core offers one), feed the core, carry out its
                 actions (receiver.core): Send, Admit (daemon.admit, then
-                ACCEPT or REFUSE), HeartbeatSeen, End (daemon.session_ended)
+                ACCEPT or REFUSE), HeartbeatSeen, Handover (daemon.handover:
+                a switchover; the daemon closes the session with its
+                verdict), End (daemon.session_ended)
     end         linger (drain briefly so our last frame is not lost to a
                 RST), close, tell the daemon
 
@@ -45,6 +47,7 @@ from .core import (
     Admit,
     BackupClosed,
     End,
+    Handover,
     HeartbeatSeen,
     Limits,
     ReceiverCore,
@@ -250,6 +253,9 @@ class Connection:
             elif isinstance(action, HeartbeatSeen):
                 if self.prot is not None:
                     self.prot.life(heartbeat=True)
+            elif isinstance(action, Handover):
+                if self.prot is not None:  # it closes this session with its verdict
+                    self.daemon.handover(self.prot, self, action.index)
             elif isinstance(action, End):
                 assert i == len(actions) - 1, "End is the last action"
                 self._ended(action)

@@ -13,6 +13,9 @@ order:
     Admit(hello)            ask the daemon to admit this HELLO, then answer with
                             ``accept(...)`` or ``refuse(...)``
     HeartbeatSeen()         the sender's HEARTBEAT arrived (for status)
+    Handover(index)         the switchover checkpoint ``index`` is committed and
+                            acknowledged: the daemon resumes the backup and
+                            ends the session with ``close`` (its verdict)
     End(kind, message)      the session is over; always the last action, once
 
 Session states (CORE_TABLE; ``_move`` is the one function that changes it)::
@@ -22,6 +25,9 @@ Session states (CORE_TABLE; ``_move`` is the one function that changes it)::
     admitting     accept     initial-copy  ACCEPT sent; decoder and staging made
     initial-copy  committed  checkpoints   checkpoint 0 committed: ACK
     checkpoints   committed  checkpoints   checkpoint N committed: ACK
+    checkpoints   handover   handover      N carried SWITCHOVER: ACK, Handover(N);
+                                           input is ignored until the daemon's
+                                           ``close`` (its verdict, as an ERROR)
     (any)         end        ended         End(kind, message), nothing big kept
 
 End kinds: before admission ``bad-hello`` (REFUSE sent), ``timeout`` (no
@@ -98,6 +104,7 @@ from xenbind.stream import (
     LastCheckpoint,
     MemoryDigest,
     Pages,
+    Switchover,
     Tail,
     Toolstack,
     VcpuInfo,
@@ -118,6 +125,7 @@ HANDSHAKE = "handshake"
 ADMITTING = "admitting"
 INITIAL_COPY = "initial-copy"
 CHECKPOINTS = "checkpoints"
+HANDOVER = "handover"  # a switchover's checkpoint committed: the daemon's verdict awaited
 ENDED = "ended"
 
 CORE_TABLE: dict[tuple[str, str], str] = {
@@ -125,10 +133,12 @@ CORE_TABLE: dict[tuple[str, str], str] = {
     (ADMITTING, "accept"): INITIAL_COPY,
     (INITIAL_COPY, "committed"): CHECKPOINTS,
     (CHECKPOINTS, "committed"): CHECKPOINTS,
+    (CHECKPOINTS, "handover"): HANDOVER,
     (HANDSHAKE, "end"): ENDED,
     (ADMITTING, "end"): ENDED,
     (INITIAL_COPY, "end"): ENDED,
     (CHECKPOINTS, "end"): ENDED,
+    (HANDOVER, "end"): ENDED,
 }
 
 STREAMING = (INITIAL_COPY, CHECKPOINTS)
@@ -245,12 +255,21 @@ class HeartbeatSeen:
 
 
 @dataclass(frozen=True)
+class Handover:
+    """The switchover checkpoint ``index`` (SWITCHOVER, the last) is committed
+    and acknowledged: the daemon resumes the backup, then closes the session
+    with its verdict (ERROR failed-over or switchover-failed)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
 class End:
     kind: str
     message: str
 
 
-Action = Send | Admit | HeartbeatSeen | End
+Action = Send | Admit | HeartbeatSeen | Handover | End
 
 
 class _End(Exception):
@@ -283,6 +302,7 @@ class ReceiverCore:
         self._context: Context | None = None
         self._digest: MemoryDigest | None = None
         self._last_flag = False
+        self._switchover = False  # SWITCHOVER in the checkpoint being read
         self._initial_pages = 0
         # the save records of the checkpoint being read (last value of each)
         self._params: dict[int, int] = {}
@@ -363,6 +383,8 @@ class ReceiverCore:
             return self._end("admission", "peer left during admission (before ACCEPT)")
         if self.state in STREAMING:
             return self._run(self._eof)
+        if self.state == HANDOVER:
+            return self._end("link-lost", "connection closed after the switchover's checkpoint")
         return []
 
     def connection_lost(self, error: OSError) -> list[Action]:
@@ -371,7 +393,7 @@ class ReceiverCore:
             return self._end("lost", f"connection lost during the handshake: {error}")
         if self.state == ADMITTING:
             return self._end("admission", f"peer left during admission (before ACCEPT): {why}")
-        if self.state in STREAMING:
+        if self.state in STREAMING or self.state == HANDOVER:
             return self._end("link-lost", f"connection lost: {why}")
         return []
 
@@ -424,7 +446,7 @@ class ReceiverCore:
             )
         if self.state == ADMITTING:
             return self._end("admission", "closed by the receiver during admission (before ACCEPT)")
-        if self.state in STREAMING:
+        if self.state in STREAMING or self.state == HANDOVER:
             self._out.append(Send(self.rs.error(code, reason)))
             return self._end("closed", "closed by the receiver")
         return []
@@ -477,7 +499,8 @@ class ReceiverCore:
             if self._early and self.state in STREAMING:
                 self._early = False
                 self._stream_data(b"")
-            step(*args)
+            if self.state in STREAMING:  # (not once the early bytes made a Handover)
+                step(*args)
         except _End as end:
             return self._finish(end)
         return self._take()
@@ -583,6 +606,8 @@ class ReceiverCore:
             events = decoder.feed(data) if data is not None else decoder.buffer_updated(n)
         except MalformedStream as e:
             self._handle(e.events)  # what arrived whole before the offending item
+            if self.state == HANDOVER:
+                return  # the switchover's checkpoint came whole; what follows is ignored
             raise _End("violation", f"stream error at {e}") from None
         except StreamError as e:
             raise _End("violation", f"stream error at {e}") from None
@@ -632,6 +657,8 @@ class ReceiverCore:
         opts = hello.options
         beat = False
         for ev in events:
+            if self.state == HANDOVER:
+                break  # nothing after the switchover's checkpoint counts
             if isinstance(ev, Pages):
                 if self.state == INITIAL_COPY:
                     try:
@@ -661,6 +688,8 @@ class ReceiverCore:
                 self._digest = ev
             elif isinstance(ev, LastCheckpoint):
                 self._last_flag = True
+            elif isinstance(ev, Switchover):
+                self._switchover = True  # the decoder checks it stands beside LAST_CHECKPOINT
             elif isinstance(ev, HvmParam):
                 self._params[ev.index] = ev.value
             elif isinstance(ev, VcpuInfo):
@@ -676,7 +705,7 @@ class ReceiverCore:
             elif isinstance(ev, CheckpointEnd):
                 self._commit(ev, backup, staging)
         self._last_life = self._now
-        if beat:
+        if beat and self.state != HANDOVER:  # (Handover stays the last action)
             self._out.append(HeartbeatSeen())
 
     def _commit(self, end: CheckpointEnd, backup: Backup, staging: Staging) -> None:
@@ -715,5 +744,8 @@ class ReceiverCore:
                 f"connection lost sending ACK({end.index})",
             )
         )
-        if self._last_flag:
+        if self._last_flag and self._switchover:
+            self._move("handover")
+            self._out.append(Handover(end.index))
+        elif self._last_flag:
             raise _End("clean", f"LAST_CHECKPOINT: protection ended after checkpoint {end.index}")

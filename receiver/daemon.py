@@ -119,7 +119,14 @@ from xenbind import PAGE_SIZE
 from xenbind.compress.formats import MAX_ENCODED_PAGE
 from xenbind.errors import DomainError, RemusError
 from xenbind.hypervisor import Domain, Hypervisor
-from xenbind.session import ERR_FAILED_OVER, ERR_SHUTDOWN, ERR_STALLED, ERR_SUPERSEDED, Hello
+from xenbind.session import (
+    ERR_FAILED_OVER,
+    ERR_SHUTDOWN,
+    ERR_STALLED,
+    ERR_SUPERSEDED,
+    ERR_SWITCHOVER_FAILED,
+    Hello,
+)
 from xenbind.types import DomainConfig, DomainInfo
 
 from . import policy
@@ -694,6 +701,76 @@ class ReceiverDaemon:
         if not result:
             raise RemusError(f"{prot.label()}: not failing over: {prot.witness_wait}")
         return result
+
+    # ------------------------------------------------------------- switchover
+
+    def handover(self, prot: Protection, conn: Connection, index: int) -> None:
+        """The primary's switchover (SWITCHOVER): its last checkpoint ``index``
+        is committed and acknowledged, its guest stays stopped at it. Resume
+        the backup (with a witness, once the owner key is won: the primary
+        gives it up on the ACK) and end the session ERROR failed-over, as a
+        failover does. If that cannot be done, end the protection as a clean
+        end would (on-unprotect) and answer ERROR switchover-failed: the
+        primary runs its copy again. No lock is held across etcd."""
+        reason = f"switchover asked by the primary (its guest stopped at checkpoint {index})"
+        log.info(
+            "%s: switchover: checkpoint %s committed and acknowledged; resuming the backup",
+            prot.label(),
+            index,
+        )
+        why = "the backup could not be resumed"
+        try:
+            if self.cfg.witness is None:
+                done = self.failover(prot, reason, manual=True)
+            else:
+                done = self._handover_claim(prot, reason)
+                why = f"witness: the owner key was not won: {prot.witness_wait}"
+        except DomainError as e:  # unpausing failed (failover logged it: corrupt)
+            done, why = {}, f"resuming the backup failed: {e}"
+        except RemusError as e:
+            done, why = {}, str(e)
+        if not done:
+            self._handover_failed(prot, conn, why)
+
+    def _handover_claim(self, prot: Protection, reason: str) -> dict:
+        """Claim the owner key until won, for the lease's TTL and a second (the
+        primary releases it once it has the ACK; else its lease runs out)."""
+        w = self.cfg.witness
+        assert w is not None
+        deadline = time.monotonic() + w.timings.ttl + 1.0
+        while True:
+            done = self._challenge(prot, reason, manual=True)
+            if done or time.monotonic() >= deadline or self.stopping.is_set():
+                return done
+            with prot.lock:
+                if prot.state == policy.FAILED_OVER:
+                    return {"domain": prot.name}  # the timer's challenge won it meanwhile
+            time.sleep(min(0.2, w.timings.retry_period))
+
+    def _handover_failed(self, prot: Protection, conn: Connection, why: str) -> None:
+        with prot.lock:
+            if prot.state == policy.FAILED_OVER:
+                return  # resumed after all (the timer's challenge): that closed the session
+            if policy.allows(prot.state, "clean[destroy]"):
+                event = policy.end_event(prot.state, "clean", self.cfg, False)
+                self._carry_out(prot, policy.advance(prot, event), "switchover failed")
+                kept = "kept paused" if event == "clean[keep]" else "destroyed"
+            else:
+                kept = f"left {prot.state}"
+            prot.last_error = f"switchover failed: {why}"
+        log.error(
+            "%s: SWITCHOVER FAILED: %s; backup domain %s %s (protection ended); the "
+            "primary runs its copy again",
+            prot.label(),
+            why,
+            prot.backup_domid,
+            kept,
+        )
+        conn.close_from_daemon(
+            ERR_SWITCHOVER_FAILED,
+            f"switchover failed: {why}; the backup was not resumed ({kept}): run the guest "
+            "on the primary",
+        )
 
     def _challenge(self, prot: Protection, reason: str, *, manual: bool = False) -> dict:
         """Claim the owner key as the backup (no lock held across etcd), then fail

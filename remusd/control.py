@@ -12,6 +12,11 @@ Requests (JSON lines, framing in ``daemonkit.control``)::
         -> <domain status>  (missing options take the daemon's defaults)
     {"cmd": "unprotect", "domain": "ledger" | 3, "wait_s": 10?}
         -> <domain status>  once the clean end is done (or the timeout passed)
+    {"cmd": "switchover", "domain": ..., "wait_s": 90?}
+        -> <domain status>  once the switchover has its outcome (case
+           fenced-backup-took-over: the backup runs the guest; unprotected:
+           it failed, the guest runs here; switchover-unknown). Refused
+           unless the domain is protected over TCP.
     {"cmd": "resume-here", "domain": ..., "wait_s": 10?}
         -> <domain status>  a fenced copy (or an orphan no remusd protects: log-dirty
            on, output held) runs here, unprotected: unpaused, output released,
@@ -121,6 +126,13 @@ class Daemon:
             if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
                 raise ConfigError("unprotect: 'wait_s' must be a positive number of seconds")
             return self.unprotect(req["domain"], float(timeout))
+        if cmd == "switchover":
+            if "domain" not in req:
+                raise ConfigError("switchover: 'domain' is required")
+            timeout = req.get("wait_s", 90)
+            if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+                raise ConfigError("switchover: 'wait_s' must be a positive number of seconds")
+            return self.switchover(req["domain"], float(timeout))
         if cmd in ("resume-here", "destroy-stale"):
             if "domain" not in req:
                 raise ConfigError(f"{cmd}: 'domain' is required")
@@ -131,7 +143,8 @@ class Daemon:
                 return self.resume_here(req["domain"], float(timeout))
             return self.destroy_stale(req["domain"], float(timeout))
         raise ConfigError(
-            f"unknown command {cmd!r} (status, protect, unprotect, resume-here, destroy-stale)"
+            f"unknown command {cmd!r} (status, protect, unprotect, switchover, resume-here, "
+            "destroy-stale)"
         )
 
     def _prune(self) -> None:
@@ -422,6 +435,31 @@ class Daemon:
             self.protectors[info.domid] = p
         p.start()
         return 1
+
+    def switchover(self, ref: Any, timeout: float = 90.0) -> dict[str, Any]:
+        """Move a protected domain to its backup (remusd.protector, "a switchover")."""
+        p = self._find(ref, "switchover")
+        if not p.alive or p.policy.state is not State.PROTECTED:
+            raise RemusError(
+                f"domain {p.info.name} is {p.state} (case {p.case}): only a protected domain "
+                "can switch over"
+            )
+        if p.req.target.kind != "tcp":
+            raise RemusError(
+                f"domain {p.info.name} is protected to {p.req.target}: a switchover needs a "
+                "receiver, not a file"
+            )
+        log.info("domain %s: switchover to %s asked", p.info.name, p.req.target)
+        p.switchover()
+        if not p.switch_done.wait(timeout):
+            raise RemusError(
+                f"domain {p.info.name}: the switchover has no outcome after {timeout:g} s "
+                f"(state {p.state}); see remusctl status"
+            )
+        deadline = time.monotonic() + 5.0  # a lost link's move follows the outcome closely
+        while p.policy.state is State.PROTECTED and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return p.status()
 
     def unprotect(self, ref: Any, timeout: float = 30.0) -> dict[str, Any]:
         p = self._find(ref)

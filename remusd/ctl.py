@@ -35,6 +35,8 @@ EPILOG = textwrap.dedent("""\
       protect DOMAIN --to TARGET   start protecting DOMAIN (a domid or a name);
                                    --wait: return once protected, or failed
       unprotect DOMAIN             end it cleanly; the guest keeps running
+      switchover DOMAIN            move it to the backup host (planned): the
+                                   backup resumes it, this copy is fenced
       resume-here DOMAIN           run a fenced (or orphaned) copy here, unprotected
       destroy-stale DOMAIN         destroy a fenced copy (its backup took over)
       failover DOMAIN              (receiver's socket) run the backup now
@@ -45,6 +47,7 @@ EPILOG = textwrap.dedent("""\
       remusctl protect 3 --to backup.example:7788 --interval 50 --codec xen
       remusctl protect ledger --to file:/var/lib/remus/ledger.stream --codec none
       remusctl unprotect ledger
+      remusctl switchover ledger
       remusctl status --json
       remusctl --control /run/remus/receiver.sock status
 
@@ -108,6 +111,33 @@ UNPROTECT_HELP = textwrap.dedent("""\
     marked LAST_CHECKPOINT, waits for its acknowledgement and closes the
     session, so the backup does not take over. The guest keeps running on the
     primary, unprotected (its output is no longer held back).""")
+
+SWITCHOVER_HELP = textwrap.dedent("""\
+    Move DOMAIN to its backup host, as planned maintenance or the way back
+    after a failover (failback). remusd stops the guest at one last checkpoint
+    (marked SWITCHOVER and LAST_CHECKPOINT), sends it, releases its output once
+    the receiver acknowledges it (all the guest produced: it stays stopped)
+    and, with a witness, gives up the owner key. The receiver then resumes its
+    backup from that checkpoint (with a witness, once it holds the key) and
+    says so; this copy is fenced: stopped, its output all released, case
+    fenced-backup-took-over. Nothing is lost and nothing goes out twice.
+    Destroy it with `remusctl destroy-stale DOMAIN`, then protect the guest
+    back from the other host if wanted.
+
+    If the receiver cannot resume its backup it says so
+    (switchover-failed): the guest runs here again and is protected afresh.
+    If the link breaks after the last checkpoint went out whole, the outcome
+    is unknown: this copy stays stopped (case switchover-unknown) until an
+    operator has looked at the backup host (destroy-stale if the guest runs
+    there, else resume-here). Only a protected domain (over TCP) can switch
+    over.
+
+    exit status: 0 switched over; 1 refused, failed or unknown (the message
+    says which).""")
+
+#: the least a switchover is waited for: the ACK, the receiver's claim of the
+#: witness key (up to its TTL + 1 s) and the resume
+SWITCHOVER_WAIT_S = 90.0
 
 FAILOVER_HELP = textwrap.dedent("""\
     Ask a remus-receiver (give its socket with --control) to fail DOMAIN over
@@ -243,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  remusctl unprotect ledger",
     )
     un.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
+
+    so = sub.add_parser(
+        "switchover",
+        help="move a protected domain to its backup host (planned)",
+        description=SWITCHOVER_HELP,
+        formatter_class=fmt,
+        epilog="example:\n  remusctl switchover ledger",
+    )
+    so.add_argument("domain", metavar="DOMAIN", help="domid, name or UUID of the domain")
 
     for name, helptext, desc, example in (
         ("resume-here", "run a fenced or orphaned copy here, unprotected", RESUME_HELP, ""),
@@ -495,6 +534,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{d['name']} ({d['domid']}): {d['state']} after {d['checkpoints']} "
                 f"checkpoints; the guest runs unprotected"
             )
+        elif args.command == "switchover":
+            wait = max(args.timeout, SWITCHOVER_WAIT_S)
+            d = control_request(
+                args.control, "switchover", domain=args.domain, timeout=wait + 5, wait_s=wait
+            )
+            print(f"{d['name']} ({d['domid']}): {d['case']}: {d['reason']}")
+            if d["case"] != "fenced-backup-took-over":
+                return 1
         elif args.command in ("resume-here", "destroy-stale"):
             d = control_request(
                 args.control,

@@ -153,8 +153,12 @@ def capture(
     cb: CheckpointBuffer,
     extra: np.ndarray | None = None,
     prescan: bool = True,
+    hold: bool = False,
 ) -> Capture:
     """The paused part of an epoch (see the module docstring).
+
+    ``hold``: the guest stays stopped after the capture (a switchover's last
+    checkpoint): no checkpoint_go, unless the capture failed.
 
     ``extra``: PFNs to copy besides the dirty ones (the initial copy's final
     round passes the pages its last live round left behind).
@@ -166,6 +170,7 @@ def capture(
         early = merge_sorted(np.unique(extra.astype(np.uint64)), early)
     t0 = time.perf_counter()
     domain.checkpoint_stop()
+    ok = False
     try:
         pfns = merge_sorted(early, strictly_sorted(domain.read_and_clear_dirty()))
         view = cb.view(len(pfns))
@@ -177,12 +182,18 @@ def capture(
             digest = memory_digest(cb.image)
         ctx = domain.get_context()
         domain.output_barrier()
+        ok = True
     finally:
-        domain.checkpoint_go()
+        if not (hold and ok):
+            domain.checkpoint_go()
     pause_ms = (time.perf_counter() - t0) * 1e3
     return Capture(pfns, view, ctx, digest, pause_ms)
 
 
-def encode(writer: StreamWriter, cap: Capture, *, last: bool = False) -> list[Any]:
+def encode(
+    writer: StreamWriter, cap: Capture, *, last: bool = False, switchover: bool = False
+) -> list[Any]:
     """The buffers of one checkpoint (page chunks, closing chunks, end, tail)."""
-    return writer.checkpoint(cap.pfns, cap.pages, cap.context, digest=cap.digest, last=last)
+    return writer.checkpoint(
+        cap.pfns, cap.pages, cap.context, digest=cap.digest, last=last, switchover=switchover
+    )

@@ -67,11 +67,14 @@ class LinkDown(RemusError):
         permanent: bool = False,
         fenced: bool = False,
         shutdown: bool = False,
+        error_code: int | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent or fenced
         self.fenced = fenced
+        #: the ERR_* code of the receiver's ERROR that ended the session, if one did
+        self.error_code = error_code
         #: the receiver said it is stopping (ERROR shutdown): it does not fail over
         self.shutdown = shutdown
 
@@ -313,6 +316,7 @@ class NetLink(Link):
                 f"{self.target} ended the session ({ev.code_name}): {ev.reason}",
                 fenced=ev.code == sp.ERR_FAILED_OVER,
                 shutdown=ev.code == sp.ERR_SHUTDOWN,
+                error_code=ev.code,
             )
         elif isinstance(ev, sp.Goodbye):
             self._goodbye = ev.reason  # raised once the ACKs before it are taken

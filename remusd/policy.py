@@ -17,9 +17,10 @@ States (the ``state`` of ``remusctl status``)::
                   output stays held while this remusd reconnects with the
                   same generation, so its HELLO supersedes the dead session
                   before the receiver's failover timer fires
-    fenced        the receiver's backup of the domain runs (it failed over):
-                  never retried; left only by a stop or an operator's
-                  decision (resume-here, destroy-stale)
+    fenced        the receiver's backup of the domain runs (it failed over, or
+                  a switchover moved the guest there), or a switchover's
+                  outcome is unknown: never retried; left only by a stop or
+                  an operator's decision (resume-here, destroy-stale)
     stopped       protection ended (unprotect, daemon stop, the domain is
                   gone, an internal error, resume-here, destroy-stale); final
     paused-no-witness
@@ -42,6 +43,10 @@ Rules the table keeps:
 - A permanent refusal (version, bad-hello, codec, limit, an unopenable file)
   is not retried; ``fenced`` is never retried and is left only by a stop.
 - ``stopped`` is final.
+- A switchover (``remusctl switchover``) holds the guest stopped at its last
+  checkpoint: fenced once the receiver resumed its backup (switched-over);
+  running here again, unprotected and retried, only when the receiver says it
+  did not (switchover-failed); stopped, fenced, when no verdict came.
 - With a witness, a guest whose output may not be released (witness-lost)
   is paused before its lease can expire; it runs again only after the
   lease is renewed or re-claimed (witness-back), never on its own.
@@ -80,6 +85,11 @@ situation; docs/operations.md):
                                  until etcd answers again
     stopped-paused-no-witness    a guest paused for the witness no longer tracked
                                  (unprotect or daemon stop): still paused
+    switchover-unknown           a switchover's last checkpoint went out whole but
+                                 no verdict came: the backup may run the guest;
+                                 this copy stays stopped until an operator checks
+                                 (destroy-stale, or resume-here if it does not run
+                                 there)
 """
 
 from __future__ import annotations
@@ -116,6 +126,9 @@ class Event(Enum):
     DESTROY_STALE = "destroy-stale"  # operator: destroy this (fenced) copy
     WITNESS_LOST = "witness-lost"  # neither the lease nor a promise holds: the guest was paused
     WITNESS_BACK = "witness-back"  # the lease was renewed, or re-claimed since the last claim
+    SWITCHED_OVER = "switched-over"  # switchover: ERROR failed-over after its last ACK
+    SWITCHOVER_FAILED = "switchover-failed"  # ERROR switchover-failed: the guest ran again here
+    SWITCHOVER_UNKNOWN = "switchover-unknown"  # its last checkpoint went whole; no verdict came
 
 
 class Action(Enum):
@@ -179,6 +192,10 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (S.PAUSED_NO_WITNESS, E.WITNESS_BACK): (S.UNPROTECTED, (A.WITNESS_RESUME, A.RETRY_NOW)),
     (S.PAUSED_NO_WITNESS, E.FENCED): (S.FENCED, (A.FENCE, A.PARK)),  # the backup won the key
     **{(S.PAUSED_NO_WITNESS, e): (S.STOPPED, ()) for e in (E.STOP, E.DOMAIN_ERROR, E.CRASHED)},
+    # a switchover (remusctl switchover): the guest was stopped at its last checkpoint
+    (S.PROTECTED, E.SWITCHED_OVER): (S.FENCED, (A.PARK,)),  # the backup runs it
+    (S.PROTECTED, E.SWITCHOVER_FAILED): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_AFTER_BACKOFF)),
+    (S.PROTECTED, E.SWITCHOVER_UNKNOWN): (S.FENCED, (A.PARK,)),  # stays stopped
 }
 
 
@@ -199,6 +216,7 @@ class Case(Enum):
     STOPPED_ERROR = "stopped-error"
     PAUSED_NO_WITNESS = "paused-no-witness"
     STOPPED_PAUSED_NO_WITNESS = "stopped-paused-no-witness"
+    SWITCHOVER_UNKNOWN = "switchover-unknown"
 
 
 def case_of(
@@ -221,6 +239,10 @@ def case_of(
     if new is State.PAUSED_NO_WITNESS:
         return Case.PAUSED_NO_WITNESS
     if new is State.FENCED:
+        if event is Event.SWITCHOVER_UNKNOWN:
+            return Case.SWITCHOVER_UNKNOWN
+        if event is Event.SWITCHED_OVER:
+            return Case.FENCED_BACKUP_TOOK_OVER  # by the plan: stopped, its output all released
         if before is State.PAUSED_NO_WITNESS:
             return Case.FENCED_BACKUP_TOOK_OVER  # paused before the backup could win
         if event is Event.ADOPTED_FENCED and fenced_case is not None:

@@ -106,6 +106,9 @@ Connector = Callable[[str, int, float], Transport]
 WITNESS_WATCH_S = 0.02
 #: the longest a wait of the session thread goes without looking at the witness
 WITNESS_POLL_S = 0.05
+#: how long a switchover waits, after its last checkpoint's ACK, for the
+#: receiver's verdict (with a witness it claims the key for up to TTL + 1 s)
+SWITCHOVER_VERDICT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,9 @@ class Protector:
         self._stale_barriers = 0  # output barriers a dead owner left unreleased
         self._adopt = adopt
         self._decision: Event | None = None  # RESUME_HERE / DESTROY_STALE, asked of a fence
+        self._switching = False  # a switchover is asked: the next checkpoint is the last
+        self._switch_step: Step | None = None  # its outcome, for the thread's loop
+        self.switch_done = threading.Event()  # set once a switchover asked has an outcome
         self._shutdown = False  # the daemon stops (a fenced copy keeps its record)
         self.ended_at: float | None = None  # monotonic: when the thread ended
         self._action_error: str | None = None  # an operator's decision that failed
@@ -309,6 +315,15 @@ class Protector:
         self._shutdown = self._shutdown or shutdown
         self._stop.set()
         self._wake.set()
+
+    def switchover(self) -> None:
+        """Ask for a switchover (docs/protocol.md): the next checkpoint is the
+        last, the guest stays stopped at it and the backup resumes from it;
+        returns at once (``switch_done`` is set once it has an outcome). The
+        caller checked the state (protected, over TCP)."""
+        self.switch_done.clear()
+        self._switching = True
+        self.stop()
 
     def decide(self, event: Event) -> None:
         """An operator's decision on a fenced copy (RESUME_HERE, DESTROY_STALE);
@@ -632,7 +647,8 @@ class Protector:
             return self._witness_lost("")
         try:
             self._session()
-            return None
+            step, self._switch_step = self._switch_step, None
+            return step  # a switchover's outcome (fenced: park; failed: retry), else None
         except LinkDown as e:
             if not e.fenced and self._witness_blocks():
                 return self._witness_lost(e.reason)
@@ -860,6 +876,9 @@ class Protector:
             last = self._stop.is_set()
             index = core.next_index
             t_cap = time.monotonic()
+            if last and self._switching:
+                cap = capture(domain, cb, prescan=t.prescan, hold=True)
+                return self._switchover(link, domain, writer, core, pacer, cap)
             cap = capture(domain, cb, prescan=t.prescan)
             t_enc = time.monotonic()
             bufs = encode(writer, cap, last=last)
@@ -964,6 +983,131 @@ class Protector:
         )
         self._advance(Event.CLEAN_END, "unprotected on request")
         self._witness_release()  # the receiver ended the session cleanly: it will not resume
+
+    # -- a switchover (docs/protocol.md, docs/operations.md "Failback") -------------
+
+    def _switchover(
+        self,
+        link: Link,
+        domain: Domain,
+        writer: StreamWriter,
+        core: EpochCore,
+        pacer: Pacer,
+        cap: Any,
+    ) -> None:
+        """The last checkpoint of a switchover; the guest is stopped at ``cap``
+        and stays so until the receiver's verdict: fenced here once the backup
+        runs, run here again if the receiver says it did not resume it, left
+        stopped when the outcome is unknown. Its output is released on the ACK
+        (it is all the guest made), so none is lost and none goes twice."""
+        index = core.next_index
+        self._switching = False
+        self._stop.clear()  # the stop asked was the switchover's, not the thread's end
+        try:
+            bufs = encode(writer, cap, last=True, switchover=True)
+            self._send(link, core, pacer, bufs, True)
+        except LinkDown as e:
+            if not e.fenced:  # not sent whole: the receiver cannot commit it
+                self._run_again(domain)
+                self.switch_done.set()
+                raise
+            verdict: LinkDown = e  # an operator's failover there came first
+        except BaseException:
+            self._run_again(domain)
+            self.switch_done.set()
+            raise
+        else:
+            try:
+                self._acknowledge(link, domain, core, cap.digest)
+            except LinkDown as e:
+                verdict = e
+            else:
+                with self._lock:
+                    self.stats.sent(0, cap.pause_ms, len(cap.pfns))
+                self._witness_hand_over()  # the receiver resumes only once it holds the key
+                verdict = self._verdict(link)
+        self._switch_step = self._switch_outcome(domain, link.peer, index, verdict)
+        self.switch_done.set()
+
+    def _verdict(self, link: Link) -> LinkDown:
+        """The receiver's answer to the switchover: the LinkDown its ERROR (or
+        the link's end, or the timeout) makes."""
+        deadline = time.monotonic() + SWITCHOVER_VERDICT_S
+        try:
+            while time.monotonic() < deadline:
+                link.next_acks(deadline)
+        except LinkDown as e:
+            return e
+        return LinkDown(f"{link.peer} gave no verdict within {SWITCHOVER_VERDICT_S:.0f} s")
+
+    def _switch_outcome(self, domain: Domain, peer: str, index: int, e: LinkDown) -> Step:
+        name = self.info.name
+        if e.error_code == sp.ERR_SWITCHOVER_FAILED:
+            self._run_again(domain)
+            log.error(
+                "domain %s: SWITCHOVER to %s failed: %s; the guest runs here again "
+                "(nothing was lost) and is protected afresh",
+                name,
+                peer,
+                e.reason,
+            )
+            return self._advance(Event.SWITCHOVER_FAILED, f"switchover failed: {e.reason}")
+        held = getattr(domain, "checkpoint_held", None)
+        self._held = (held() if held is not None else None) or "paused"
+        self._engaged = False
+        try:
+            domain.disable_logdirty()
+        except DomainError as err:
+            log.warning("domain %s: %s", name, err)
+        with self._lock:
+            self.stats.fences += 1 if e.fenced else 0
+        if e.fenced:
+            self._wstop.set()  # the key is the backup's now: nothing of ours to renew
+            log.warning(
+                "domain %s SWITCHED OVER to %s at checkpoint %d: the backup runs the guest; "
+                "this copy is stopped at that checkpoint with all its output released "
+                "(destroy it: remusctl destroy-stale %s)",
+                name,
+                peer,
+                index,
+                name,
+            )
+            return self._advance(
+                Event.SWITCHED_OVER,
+                f"switched over to {peer} at checkpoint {index}; this copy is stopped "
+                "(destroy-stale)",
+            )
+        log.critical(
+            "domain %s: SWITCHOVER OUTCOME UNKNOWN: checkpoint %d went to %s whole, then %s; "
+            "the backup may run the guest: this copy stays stopped. Check the backup host: "
+            "if the guest runs there, remusctl destroy-stale %s here; if not, remusctl "
+            "resume-here %s",
+            name,
+            index,
+            peer,
+            e.reason,
+            name,
+            name,
+        )
+        return self._advance(
+            Event.SWITCHOVER_UNKNOWN,
+            f"switchover outcome unknown after checkpoint {index}: {e.reason}; this copy "
+            "stays stopped",
+        )
+
+    def _run_again(self, domain: Domain) -> None:
+        """Undo a switchover's hold: the guest stopped at its last checkpoint runs."""
+        held = getattr(domain, "checkpoint_held", None)
+        state = held() if held is not None else "paused"
+        try:
+            if state == "suspended":
+                resume = getattr(domain, "resume_cancelled", None)
+                if resume is not None:
+                    resume()
+            elif state == "paused":
+                domain.unpause()
+        except DomainError as err:
+            log.error("domain %s: running the guest again: %s", self.info.name, err)
 
     # -- the witness (docs/witness.md, "The contract") ------------------------------
 
@@ -1167,6 +1311,25 @@ class Protector:
             key.release()
         except WitnessError as e:
             log.warning("domain %s: witness: release: %s (it expires by itself)", self.info.name, e)
+
+    def _witness_hand_over(self) -> None:
+        """A switchover's last checkpoint is acknowledged: give the owner key up,
+        so that the receiver can win it and resume the backup. The witness
+        threads stay: a switchover that fails claims the key again (before
+        its next HELLO) and guards the guest as before."""
+        key = self.wkey
+        self._guarding = False  # nothing to guard: the guest is stopped, its output out
+        if key is None:
+            return
+        try:
+            key.release()
+        except WitnessError as e:
+            log.warning(
+                "domain %s: witness: giving the key up for the switchover: %s (the receiver "
+                "wins it once the lease expires)",
+                self.info.name,
+                e,
+            )
 
     def _witness_end(self) -> None:
         """The protection ended: stop the witness threads; a gone domain releases."""

@@ -70,6 +70,7 @@ class Proxy:
             except OSError:
                 c.close()
                 continue
+            u.settimeout(None)  # the 2 s were for the connect: a quiet peer is no reason to cut
             with self.lock:
                 self.conns += [c, u]
             for a, b in ((c, u), (u, c)):
@@ -148,13 +149,28 @@ def receiver_config(workdir: Path, endpoints: list[str], prefix: str) -> str:
     return str(path)
 
 
-def start_pair(hosts, daemons, workdir, cluster, proxies, *, etcd_proxy: bool = False):
+def start_pair(
+    hosts,
+    daemons,
+    workdir,
+    cluster,
+    proxies,
+    *,
+    etcd_proxy: bool = False,
+    rx_etcd: list | None = None,
+):
     """The ledger guest protected through a link proxy; (remusd, rx, link proxy, etcd
-    proxies of the primary or [])."""
+    proxies of the primary or []). ``rx_etcd``: a list that gets proxies the
+    receiver reaches etcd through (else it reaches the members directly)."""
     primary, backup = hosts
     primary.create("16M", "ledger", seed=31, rate=3000, name="ledger")
     prefix = f"/remus/t{uuid.uuid4().hex[:8]}"
-    rx = daemons.receiver(backup, "--config", receiver_config(workdir, cluster.endpoints, prefix))
+    rx_eps = cluster.endpoints
+    if rx_etcd is not None:
+        rx_etcd += [Proxy(int(e.rsplit(":", 1)[1])) for e in cluster.endpoints]
+        proxies += rx_etcd
+        rx_eps = [f"http://127.0.0.1:{p.port}" for p in rx_etcd]
+    rx = daemons.receiver(backup, "--config", receiver_config(workdir, rx_eps, prefix))
     eps = cluster.endpoints
     etcd_px: list[Proxy] = []
     if etcd_proxy:
@@ -349,3 +365,58 @@ def test_etcd_member_and_quorum_loss(hosts, daemons, workdir, cluster, proxies):
     )
     assert primary.lookup("ledger").info().state == "running"
     assert "FAILOVER" not in rx.log()
+
+
+def test_switchover_under_the_key(hosts, daemons, workdir, cluster, proxies):
+    """Failback's last step with a witness: the primary gives the owner key up
+    on the last checkpoint's ACK; the receiver wins it, resumes the backup from
+    that checkpoint and records the new fencing revision; the primary's copy is
+    fenced, stopped, with every output it made released and none after."""
+    primary, backup = hosts
+    remusd, rx, _link, _ = start_pair(hosts, daemons, workdir, cluster, proxies)
+    rev = remusd.domain("ledger")["witness"]["fencing_revision"]
+    r = remusd.ctl("switchover", "ledger", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = remusd.domain("ledger")
+    assert d["state"] == "fenced" and d["case"] == "fenced-backup-took-over"
+    s = rx.session("ledger")
+    assert s["state"] == "failed-over" and s["last_committed"] == d["acked"]
+    assert s["fencing_revision"] > rev
+    assert backup.lookup("ledger").info().state == "running"
+    n = released(primary, "ledger")
+    time.sleep(0.5)
+    assert released(primary, "ledger") == n  # the stopped copy releases nothing more
+    acked = workdir / "acked.txt"
+    assert acked_outputs(primary, "ledger", acked) > 0
+    ledger_check(backup, "ledger", acked)
+
+
+def test_switchover_the_receiver_cannot_win_the_key(hosts, daemons, workdir, cluster, proxies):
+    """The receiver cannot reach etcd: it does not resume the backup (no key),
+    ends the protection and answers switchover-failed after the lease's TTL and
+    a second; the primary runs its guest again, claims the key anew and is
+    protected again once the receiver reaches etcd; nothing failed over."""
+    primary, backup = hosts
+    rx_etcd: list[Proxy] = []
+    remusd, rx, _link, _ = start_pair(hosts, daemons, workdir, cluster, proxies, rx_etcd=rx_etcd)
+    for p in rx_etcd:
+        p.cut()
+    t0 = time.monotonic()
+    r = remusd.ctl("switchover", "ledger", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert time.monotonic() - t0 >= TTL  # it tried to win the key for the lease's TTL
+    assert "switchover failed" in r.stdout and "witness" in r.stdout
+    assert "SWITCHOVER FAILED" in rx.log() and "backup domain 1 destroyed" in rx.log()
+    assert not any(i.name == "ledger" and i.state == "running" for i in backup.hv.list())
+    n = released(primary, "ledger")
+    wait_until("the guest to run on at the primary", lambda: released(primary, "ledger") > n, 10)
+    for p in rx_etcd:
+        p.restore()
+    d = remusd.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 5,
+        "ledger",
+        timeout=20,
+        what="protected again",
+    )
+    assert d["witness"]["lease"] == "held"
+    assert rx.session("ledger")["state"] != "failed-over"

@@ -141,7 +141,9 @@ def pair() -> Iterator[Pair]:
 def test_ocf_tester_passes_on_the_backup_node(pair: Pair) -> None:
     b = pair.b
     argv = [str(OCF_TESTER), "-n", "remus-ledger"]
-    for k, v in b.params().items():
+    # its demote/promote cycle runs on this one node: demote must leave the
+    # guest here (switchover=false); the planned move has its own test below
+    for k, v in dict(b.params(), switchover="false").items():
         argv += ["-o", f"{k}={v}"]
     r = subprocess.run(
         [*argv, AGENT],
@@ -214,6 +216,31 @@ def test_promote_on_the_backup_runs_the_guest_there(pair: Pair) -> None:
     assert a.rd.domain("ledger")["state"] == "stopped"
     assert a.agent("monitor") == SUCCESS  # demoted: unpromoted, receiver answers
     # Every transaction the guest acknowledged on A survived on B.
+    b.host.cli("pause", "ledger")
+    r = b.host.cli("ledger-check", "--acked", str(acked), "ledger", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_demote_switches_over_and_the_peer_promotes(pair: Pair) -> None:
+    """A planned move of the promoted role, as Pacemaker makes it: demote on
+    the primary (switchover: the peer's receiver resumes the guest from a
+    last checkpoint, the stopped copy here is destroyed), then promote on the
+    peer (the guest runs there: it is protected back). Every transaction the
+    guest acknowledged before the move is on the new primary."""
+    a, b = pair.a, pair.b
+    assert a.agent("start") == SUCCESS and b.agent("start") == SUCCESS
+    assert a.agent("monitor") == RUNNING_MASTER
+    acked = a.rsctmp / "acked.txt"  # (the destroyed copy's outputs cannot be read after)
+    acked.write_text(a.host.cli("outputs", "ledger").stdout)
+    assert "ack " in acked.read_text(), "the guest acknowledged nothing on A"
+    assert a.agent("demote") == SUCCESS
+    assert a.rd.domain("ledger")["case"] == "destroyed-stale"
+    assert a.sim_state() is None  # the stopped copy is gone
+    assert (b.rx.session("ledger") or {}).get("state") == "failed-over" and b.runs()
+    assert b.agent("promote") == SUCCESS
+    row = b.rd.wait(lambda d: d["state"] == "protected", domain="ledger", what="protected")
+    assert row["target"] == a.rx.target
+    assert b.agent("monitor") == RUNNING_MASTER and a.agent("monitor") == SUCCESS
     b.host.cli("pause", "ledger")
     r = b.host.cli("ledger-check", "--acked", str(acked), "ledger", check=False)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -15,6 +15,7 @@ from receiver.core import (
     CommitRequest,
     Committed,
     End,
+    Handover,
     Limits,
     ReceiverCore,
     Send,
@@ -174,6 +175,24 @@ def test_initial_copy_then_a_checkpoint_committed() -> None:
     assert backup.committed == [0, 1] and (backup.memory[[3, 5]] == 7).all()
     assert [type(e) for e in _frames(acts)] == [Ack, Goodbye]
     assert _end(acts).kind == "clean" and core.decoder is None and core.staging is None
+
+
+def test_a_switchover_checkpoint_is_handed_over_after_its_ack() -> None:
+    """SWITCHOVER + LAST_CHECKPOINT: committed, ACKed, then Handover (no
+    GOODBYE, no End: the daemon resumes the backup and closes the session
+    with its verdict, which the core sends as an ERROR)."""
+    core, backup, _ = _accepted()
+    w = StreamWriter(PAGES, codec="none")
+    core.receive_data(_initial(w))
+    stream = _join(w.pages(np.array([6], np.uint64), _page(6))) + _join(
+        w.end_checkpoint(CTX, last=True, switchover=True)
+    )
+    acts = core.receive_data(stream)
+    assert backup.committed == [0, 1] and (backup.memory[6] == 6).all()
+    assert [type(e) for e in _frames(acts)] == [Ack]
+    assert acts[-1] == Handover(1) and not core.ended
+    acts = core.close(ERR_FAILED_OVER, "the backup took over")
+    assert [type(e) for e in _frames(acts)] == [Error] and _end(acts).kind == "closed"
 
 
 def test_torn_checkpoint_dropped_at_eof() -> None:

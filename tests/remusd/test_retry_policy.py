@@ -59,6 +59,10 @@ EXPECTED = {
     (S.PAUSED_NO_WITNESS, E.STOP): (S.STOPPED, ()),
     (S.PAUSED_NO_WITNESS, E.DOMAIN_ERROR): (S.STOPPED, ()),
     (S.PAUSED_NO_WITNESS, E.CRASHED): (S.STOPPED, ()),
+    # issue 14: a switchover holds the guest stopped at its last checkpoint
+    (S.PROTECTED, E.SWITCHED_OVER): (S.FENCED, (A.PARK,)),
+    (S.PROTECTED, E.SWITCHOVER_FAILED): (S.UNPROTECTED, (A.UNPROTECT, A.RETRY_AFTER_BACKOFF)),
+    (S.PROTECTED, E.SWITCHOVER_UNKNOWN): (S.FENCED, (A.PARK,)),
 }
 
 #: the rows of TABLE, and every other (state, event) pair, sorted by their values
@@ -185,6 +189,10 @@ def _expected_case(state: State, event: Event, engaged: bool) -> Case:
         return Case.REFUSED if A.PARK in actions else Case.UNPROTECTED_RETRYING
     if new is S.PAUSED_NO_WITNESS:
         return Case.PAUSED_NO_WITNESS
+    if event is E.SWITCHOVER_UNKNOWN:
+        return Case.SWITCHOVER_UNKNOWN
+    if event is E.SWITCHED_OVER:
+        return Case.FENCED_BACKUP_TOOK_OVER  # stopped by the plan, whatever engaged says
     if new is S.FENCED and state is S.PAUSED_NO_WITNESS:
         return Case.FENCED_BACKUP_TOOK_OVER  # paused for the witness before the backup won
     if new is S.FENCED:
