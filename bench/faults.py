@@ -48,13 +48,26 @@ disk-full           the backup host's directory (and the receiver's log) on a
                     remusd retrying, receiver serving), then grown, then filled
                     to the last byte while checkpoints commit; a power cut then
                     fails over with every acknowledged transaction (root only)
+plain-power-cut     (a pair of its own, no witness, failover timeout 600 ms)
+                    kill -9 of the primary host and remusd: the figure is the
+                    time from the kill to the backup running (failover_s),
+                    the baseline of the next one
+witness-power-cut   the same with the witness (etcd, lease TTL 2 s): failover_s
+                    is about TTL + the timeout
+witness-link-cut    the link cut, the primary reaching etcd: no failover over
+                    2 TTLs (false_failovers, target 0); re-protected after
+witness-partition   the primary cut from the link and from etcd: released
+                    outputs of both copies sampled every 10 ms; a sample in
+                    which both grew is a double-release window (target 0);
+                    when the primary's output stopped, when the backup's began
 
 After every failover: the backup's memory digest taken by the receiver just
 before it resumed equals the primary's digest of that checkpoint (remusd's
 status / debug log; for a checkpoint the receiver committed but remusd never
 saw acknowledged, the receiver's own verification of it), and
 ``ledger-check --acked`` passes on the backup with the primary's released
-outputs. Output: one line per run, a table per scenario, JSON with --json.
+outputs. Output: one line per run, a table per scenario, the figures the
+runs measured (min / median / max / sum per scenario), JSON with --json.
 Run times are wall clock on a shared box: for orientation only.
 """
 
@@ -80,7 +93,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tests.daemonkit.etcd_cluster import EtcdCluster, etcd_binary, start_cluster
 from tests.e2e.conftest import Daemon, Receiver, Remusd, free_port, wait_until
+from tests.e2e.test_witness import Proxy, receiver_config, released, witness_flags
 from tests.simhost import SimHost, sim_dir
 
 INTERVAL_MS = 30
@@ -98,6 +113,13 @@ KILL_POINTS = {  # scenario -> (REMUSD_FAULT kind, smallest N, resumed checkpoin
     "kill-after-ack": ("stall-after-ack", 0, 0),
     "kill-after-release": ("stall-after-release", 0, 0),
 }
+#: the witness's scenarios (issue 14; a 3-member etcd the campaign starts once)
+WITNESS_SCENARIOS = (
+    "plain-power-cut",
+    "witness-power-cut",
+    "witness-link-cut",
+    "witness-partition",
+)
 SCENARIOS = (
     *KILL_POINTS,
     "kill-random",
@@ -106,6 +128,7 @@ SCENARIOS = (
     "receiver-restart",
     "remusd-crash",
     "disk-full",
+    *WITNESS_SCENARIOS,
 )
 
 
@@ -127,6 +150,8 @@ class Result:
     detail: str = ""
     error: str | None = None
     logs: str | None = None
+    #: what a run measured, for the scenario's figures (summarize)
+    figures: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -139,6 +164,9 @@ class Ctx:
     rx: Receiver
     notes: dict = field(default_factory=dict)
     cleanups: list[Callable[[], None]] = field(default_factory=list)
+    #: the campaign's etcd cluster, started on first use (witness scenarios)
+    etcd: Callable[[], EtcdCluster] | None = None
+    figures: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------- helpers
@@ -723,6 +751,140 @@ class Skip(Exception):
     pass
 
 
+# --------------------------------------------------------------------- the witness
+
+#: the witness pair's timings (as tests/e2e/test_witness.py): a 2 s lease, a
+#: 600 ms failover timeout on the receiver, with and without a witness
+W_TTL = 2
+W_FAILOVER_MS = 600
+
+
+def _witness_pair(ctx: Ctx, *, witness: bool, etcd_proxy: bool = False) -> tuple:
+    """A pair of its own: the ledger guest protected every 20 ms through a
+    link proxy, with or without the witness (a 3-member etcd; the primary
+    reaching it through proxies the run can cut, with ``etcd_proxy``).
+    (primary, backup, remusd, receiver, link proxy, etcd proxies)."""
+    primary = start_primary(ctx, "ledger")
+    backup = SimHost(sim_dir("faults-wbackup-")).start()
+    ctx.cleanups.append(backup.cleanup)
+    rxdir = ctx.workdir / "rx"
+    rxdir.mkdir()
+    prefix = f"/remus/f{ctx.rng.randrange(1 << 32):08x}"
+    flags: list[str] = []
+    if witness:
+        if ctx.etcd is None or etcd_binary() is None:
+            raise Skip("no etcd binary (apt-get install etcd-server)")
+        eps = ctx.etcd().endpoints
+        config = receiver_config(rxdir, eps, prefix)
+        if etcd_proxy:
+            px = [Proxy(int(e.rsplit(":", 1)[1])) for e in eps]
+            ctx.cleanups += [p.close for p in px]
+            ctx.notes["etcd_px"] = px
+            eps = [f"http://127.0.0.1:{p.port}" for p in px]
+        flags = witness_flags(eps, prefix)
+    else:
+        config = str(rxdir / "receiver.toml")
+        Path(config).write_text(f"failover-timeout = {W_FAILOVER_MS}\n")
+    rx = Receiver(rxdir, backup, free_port(), "--config", config)
+    ctx.cleanups.append(rx.kill)
+    rx.start()
+    link = Proxy(rx.port)
+    ctx.cleanups.append(link.close)
+    remusd = start_remusd(
+        ctx, primary, "--ack-timeout", "0.5", "--retry-min", "0.2", "--retry-max", "0.5", *flags
+    )
+    remusd.ctl("protect", "ledger", "--to", f"127.0.0.1:{link.port}", "--interval", "20")
+    d = remusd.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 5, "ledger", what="protection"
+    )
+    check(d["split_brain_protection"] is witness, f"split_brain_protection is {witness}")
+    return primary, backup, remusd, rx, link, ctx.notes.get("etcd_px", [])
+
+
+def run_witness_power_cut(ctx: Ctx, scenario: str, run: int) -> str:
+    """The primary host dies: the time from the kill to the backup running,
+    with the witness (TTL + failover timeout) and without (the timeout)."""
+    witness = scenario == "witness-power-cut"
+    primary, backup, remusd, rx, _link, _ = _witness_pair(ctx, witness=witness)
+    seen = remusd.domain("ledger")["acked"]
+    t0 = time.monotonic()
+    power_cut(primary, remusd)
+    s = wait_until(
+        "the backup to take over",
+        lambda: (lambda s: s if s and s["state"] == "failed-over" else None)(rx.session("ledger")),
+        W_TTL + W_FAILOVER_MS / 1000 + 10,
+        every=0.01,
+    )
+    took = time.monotonic() - t0
+    check(s["last_committed"] >= seen, "resumed from a checkpoint below the last acknowledged")
+    check(backup.lookup("ledger").info().state == "running", "the backup does not run")
+    acked = ctx.workdir / "acked.txt"
+    check(released_outputs(primary, "ledger", acked) > 0, "no acknowledged output")
+    backup.cli("pause", "ledger")
+    r = backup.cli("ledger-check", "ledger", "--acked", str(acked), check=False)
+    check(r.returncode == 0, f"ledger-check: {r.stdout}{r.stderr}")
+    ctx.figures["failover_s"] = round(took, 3)
+    return f"failover {took:.2f} s after the kill ({'witness' if witness else 'no witness'})"
+
+
+def run_witness_link_cut(ctx: Ctx, scenario: str, run: int) -> str:
+    """The replication link cut, the primary still reaching etcd: no failover
+    for two lease TTLs (the receiver's claims are refused), the guest runs on;
+    re-protected once the link is back."""
+    primary, _backup, remusd, rx, link, _ = _witness_pair(ctx, witness=True)
+    link.cut()
+    remusd.wait(lambda d: d["state"] == "unprotected", "ledger", timeout=10, what="unprotected")
+    n0 = released(primary, "ledger")
+    time.sleep(2 * W_TTL + W_FAILOVER_MS / 1000)
+    false_failovers = rx.log().count("FAILOVER")
+    ctx.figures["false_failovers"] = false_failovers
+    check(false_failovers == 0, "the receiver failed over while the primary held its lease")
+    check(released(primary, "ledger") > n0, "the guest released nothing while unprotected")
+    link.restore()
+    remusd.wait(
+        lambda d: d["state"] == "protected" and d["sessions"] >= 2,
+        "ledger",
+        timeout=20,
+        what="re-protection",
+    )
+    return "no failover over 2 TTLs; re-protected when the link came back"
+
+
+def run_witness_partition(ctx: Ctx, scenario: str, run: int) -> str:
+    """The primary cut from the receiver and from etcd: it stops releasing and
+    pauses before the receiver wins the key. Sampled every 10 ms: a sample in
+    which both copies' released outputs grew is a double-release window."""
+    primary, backup, remusd, rx, link, etcd_px = _witness_pair(ctx, witness=True, etcd_proxy=True)
+    samples: list[tuple[float, int, int]] = []
+    for p in etcd_px:
+        p.cut()
+    link.cut()
+    t0 = time.monotonic()
+    deadline = t0 + W_TTL + W_FAILOVER_MS / 1000 + 8
+    while time.monotonic() < deadline:
+        samples.append((time.monotonic(), released(primary, "ledger"), released(backup, "ledger")))
+        if len([s for s in samples if s[2] > 0]) > 25:
+            break
+        time.sleep(0.01)
+    first = next((i for i, s in enumerate(samples) if s[2] > 0), None)
+    check(first is not None and first > 0, "the backup never took over")
+    assert first is not None
+    windows = sum(1 for a, b in zip(samples, samples[1:], strict=False) if b[1] > a[1] and b[2] > 0)
+    frozen_at = next(s[0] for s in samples if s[1] == samples[-1][1])  # its last release
+    ctx.figures["double_release_windows"] = windows
+    ctx.figures["backup_first_release_s"] = round(samples[first][0] - t0, 3)
+    ctx.figures["primary_last_release_s"] = round(frozen_at - t0, 3)
+    check(windows == 0, f"{windows} sample(s) in which both copies released output")
+    d = remusd.domain("ledger")
+    check(d["state"] == "paused-no-witness", f"primary is {d['state']}, not paused-no-witness")
+    check(rx.session("ledger")["state"] == "failed-over", "the receiver did not fail over")
+    return (
+        f"primary's output stopped {ctx.figures['primary_last_release_s']:.2f} s after the "
+        f"cut, the backup's began {ctx.figures['backup_first_release_s']:.2f} s after; "
+        "0 double-release windows"
+    )
+
+
 RUNNERS: dict[str, Callable[[Ctx, str, int], str]] = {
     **{k: run_kill_point for k in KILL_POINTS},
     "kill-random": run_kill_random,
@@ -731,6 +893,10 @@ RUNNERS: dict[str, Callable[[Ctx, str, int], str]] = {
     "receiver-restart": run_receiver_restart,
     "remusd-crash": run_remusd_crash,
     "disk-full": run_disk_full,
+    "plain-power-cut": run_witness_power_cut,
+    "witness-power-cut": run_witness_power_cut,
+    "witness-link-cut": run_witness_link_cut,
+    "witness-partition": run_witness_partition,
 }
 
 
@@ -746,6 +912,13 @@ class Campaign:
         self.keep_logs = keep_logs
         self.backup: SimHost | None = None
         self.rx: Receiver | None = None
+        self._etcd: EtcdCluster | None = None
+
+    def etcd(self) -> EtcdCluster:
+        """The witness scenarios' etcd (three members on loopback), started once."""
+        if self._etcd is None:
+            self._etcd = start_cluster(self.root / "etcd")
+        return self._etcd
 
     def _shared(self) -> None:
         if (
@@ -766,11 +939,13 @@ class Campaign:
         assert self.backup is not None and self.rx is not None  # _shared() set both
         wd = self.root / f"run-{run:04d}-{scenario}"
         wd.mkdir()
-        ctx = Ctx(wd, random.Random(self.rng.randrange(1 << 32)), self.backup, self.rx)
+        ctx = Ctx(
+            wd, random.Random(self.rng.randrange(1 << 32)), self.backup, self.rx, etcd=self.etcd
+        )
         t0 = time.monotonic()
         try:
             detail = RUNNERS[scenario](ctx, scenario, run)
-            res = Result(scenario, run, True, time.monotonic() - t0, detail)
+            res = Result(scenario, run, True, time.monotonic() - t0, detail, figures=ctx.figures)
         except Skip as e:
             res = Result(scenario, run, True, time.monotonic() - t0, f"skipped: {e}")
         except Exception as e:  # a failed run: keep its logs, go on
@@ -797,6 +972,9 @@ class Campaign:
         return str(dest)
 
     def close(self) -> None:
+        if self._etcd is not None:
+            self._etcd.close()
+            self._etcd = None
         if self.rx is not None:
             self.rx.kill()
             self.rx = None
@@ -812,6 +990,8 @@ def summarize(results: list[Result]) -> dict:
             r.scenario, {"runs": 0, "ok": 0, "failed": 0, "skipped": 0, "seconds": []}
         )
         p["runs"] += 1
+        for k, v in r.figures.items():
+            p.setdefault("figures", {}).setdefault(k, []).append(v)
         if not r.ok:
             p["failed"] += 1
         elif r.detail.startswith("skipped"):
@@ -823,6 +1003,15 @@ def summarize(results: list[Result]) -> dict:
         s = sorted(p.pop("seconds"))
         p["seconds_mean"] = round(sum(s) / len(s), 2)
         p["seconds_max"] = round(s[-1], 2)
+        for k, vs in p.get("figures", {}).items():
+            vs.sort()
+            p["figures"][k] = {
+                "n": len(vs),
+                "min": vs[0],
+                "median": vs[len(vs) // 2],
+                "max": vs[-1],
+                "sum": round(sum(vs), 3),
+            }
     return per
 
 
@@ -882,6 +1071,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{sc:20s} {p['runs']:5d} {p['ok']:5d} {p['failed']:6d} {p['skipped']:7d} "
             f"{p['seconds_mean']:7.2f} {p['seconds_max']:6.2f}"
         )
+    figs = [(sc, k, f) for sc, p in per.items() for k, f in p.get("figures", {}).items()]
+    if figs:
+        print(
+            f"\n{'scenario':20s} {'figure':24s} {'n':>3s} {'min':>7s} {'median':>7s} {'max':>7s} {'sum':>7s}"
+        )
+        for sc, k, f in figs:
+            print(
+                f"{sc:20s} {k:24s} {f['n']:3d} {f['min']:7g} {f['median']:7g} {f['max']:7g} "
+                f"{f['sum']:7g}"
+            )
     failed = [r for r in results if not r.ok]
     print(
         f"{len(results)} runs, {len(failed)} failed, {total:.0f} s "
