@@ -103,6 +103,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -145,6 +146,9 @@ SHUTDOWN_JOIN_S = 3.0  # shutdown: how long to wait for all session threads, tog
 #: a superseding admission waits at most this long for the older one's create to end
 CREATE_WAIT_S = 120.0
 #: the ERROR code of each policy close action
+#: how many removals of stale copies the status keeps
+REMOVED_KEPT = 32
+
 CLOSE_CODES = {
     policy.CLOSE_SUPERSEDED: ERR_SUPERSEDED,
     policy.CLOSE_FAILED_OVER: ERR_FAILED_OVER,
@@ -186,6 +190,8 @@ class ReceiverDaemon:
         self.pending_connections: Callable[[], int] = lambda: 0
         #: pending connections dropped (evicted by a newer one, or silent too long)
         self.pending_dropped = 0
+        #: the last stale copies removed from this host (status "removed")
+        self.removed: deque[dict] = deque(maxlen=REMOVED_KEPT)
         #: plaintext connections refused for an address outside --insecure-allow
         self.insecure_refused = 0
         self._own_cert: tuple[int, float | None] = (-1, None)  # (tls loads, notAfter)
@@ -524,6 +530,18 @@ class ReceiverDaemon:
                     info.domid,
                 )
                 self.hv.lookup(info.domid).destroy()
+                with self.lock:
+                    self.removed.append(
+                        {
+                            "name": d.name,
+                            "uuid": d.uuid,
+                            "domid": info.domid,
+                            "state": info.state,
+                            "why": "a leftover copy (not running) of a domain a new session "
+                            "protects to this host",
+                            "at": round(time.time(), 3),
+                        }
+                    )
                 continue
             raise Refusal(
                 "fenced",
@@ -985,6 +1003,7 @@ class ReceiverDaemon:
             },
             "certificate_not_after": self.certificate_not_after(),
             "pending_dropped": self.pending_dropped,
+            "removed": list(self.removed),
             "insecure_refused": self.insecure_refused,
             "policies": {
                 "on_link_loss": self.cfg.on_link_loss,

@@ -7,8 +7,9 @@ transactions are checked on the host that runs it at each step:
    receiver fails over, and the guest on B holds every transaction A's
    clients were answered for.
 2. A is repaired: its host comes back with a receiver; B's remusd protects
-   the guest to A (A's stale copy, if its host kept one, is cleaned by A's
-   receiver, which says so).
+   the guest to A. A's stale copy, when its host kept one (a hung remusd
+   rather than a power cut: the second test), is removed by A's receiver,
+   whose log and status say what was removed.
 3. ``remusctl switchover`` on B: the guest stops at a last checkpoint, A's
    receiver resumes it, B's copy is fenced (stopped, every output it made
    released); the guest on A holds every transaction B's clients were
@@ -23,6 +24,8 @@ tests/e2e/test_witness.py, where etcd can be cut from the receiver.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -116,10 +119,58 @@ def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, on_a
     remusd_b.wait(
         lambda d: d["state"] == "protected" and d["checkpoints"] >= 10, "ledger", what="B -> A"
     )
+    assert rx_a.status()["removed"] == []  # the power cut left nothing on A
+    home_by_switchover(a, b, rx_a, remusd_b, workdir)
+
+
+def test_a_hung_primary_its_stale_copy_removed_and_said_so(hosts, daemons, workdir, on_a, on_b):
+    """A -> B because A's remusd hangs (SIGSTOP): A's copy is fenced, stopped,
+    and stays on A's host once its remusd is stopped. A's receiver removes it
+    when B protects the guest to A (its log and its status say what was
+    removed), and the switchover brings the guest home."""
+    a, b = hosts
+    a.create("16M", "ledger", seed=23, rate=3000, name="ledger")
+    rx_b = daemons.receiver(b)
+    remusd_a = daemons.remusd(a)
+    remusd_a.ctl("protect", "ledger", "--to", rx_b.target, "--interval", "25")
+    remusd_a.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 10, "ledger")
+    assert remusd_a.proc is not None
+    os.kill(remusd_a.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            "B's receiver to fail over",
+            lambda: (lambda s: s and s["state"] == "failed-over")(rx_b.session("ledger")),
+            20,
+        )
+    finally:
+        os.kill(remusd_a.proc.pid, signal.SIGCONT)
+    remusd_a.wait(lambda d: d["state"] == "fenced", "ledger", timeout=20, what="A fenced")
+    acked_a = workdir / "acked-a.txt"
+    assert acked_outputs(a, "ledger", acked_a) > 0
+    ledger_check(b, "ledger", acked_a)
+    b.cli("unpause", "ledger")
+    remusd_a.stop()  # A's remusd goes; its stopped copy stays on A's host
+    stale = a.lookup("ledger").info()
+    assert stale.state != "running"
+
+    rx_a = on_a.receiver(a)
+    remusd_b = on_b.remusd(b)
+    remusd_b.ctl("protect", "ledger", "--to", rx_a.target, "--interval", "25")
+    remusd_b.wait(
+        lambda d: d["state"] == "protected" and d["checkpoints"] >= 10, "ledger", what="B -> A"
+    )
+    removed = rx_a.status()["removed"]
+    assert [(r["name"], r["domid"]) for r in removed] == [("ledger", stale.domid)], removed
+    assert f"leftover domain {stale.domid}" in rx_a.log()
+    home_by_switchover(a, b, rx_a, remusd_b, workdir)
+
+
+def home_by_switchover(a, b, rx_a, remusd_b, workdir) -> None:
+    """B -> A by remusctl switchover; the ledger checked on A; B's copy destroyed."""
     if "leftover domain" in rx_a.log():  # what A's host kept of the dead copy: removed, said so
         assert "destroying" in rx_a.log()
 
-    # 3. the planned way home
+    # the planned way home
     r = remusd_b.ctl("switchover", "ledger", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fenced-backup-took-over" in r.stdout and "switched over" in r.stdout
@@ -141,7 +192,7 @@ def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, on_a
     ledger_check(a, "ledger", acked_b)
     a.cli("unpause", "ledger")
 
-    # 4. the stale copy on B is cleaned
+    # the stale copy on B is cleaned
     r = remusd_b.ctl("destroy-stale", "ledger")
     assert "destroyed-stale" in r.stdout
     wait_until("B's stale copy to go", lambda: not exists(b, "ledger"), 10)
