@@ -593,18 +593,22 @@ class _Members:
         for url in config.endpoints:
             u = urlsplit(url)
             assert u.hostname is not None and u.port is not None
-            self._clients.append(
-                Etcd3Client(
-                    host=u.hostname,
-                    port=u.port,
-                    protocol=u.scheme,
-                    ca_cert=config.ca,
-                    cert_key=config.key,
-                    cert_cert=config.cert,
-                    timeout=config.timings.request_timeout,
-                    api_path=API_PATH,
-                )
+            client = Etcd3Client(
+                host=u.hostname,
+                port=u.port,
+                protocol=u.scheme,
+                ca_cert=config.ca,
+                cert_key=config.key,
+                cert_cert=config.cert,
+                timeout=config.timings.request_timeout,
+                api_path=API_PATH,
             )
+            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment
+            # override the session's CA (its verify=), and routes through
+            # HTTP(S)_PROXY: the witness's CA is the configured one, the
+            # connection goes straight to the member
+            client.session.trust_env = False
+            self._clients.append(client)
         self._next = 0
         self._lock = threading.Lock()
 

@@ -13,6 +13,7 @@ lease; quorum back: renewals work again.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import threading
 import time
 import uuid
@@ -37,7 +38,8 @@ from daemonkit.witness import (
     release_allowed,
     witness_config,
 )
-from tests.daemonkit.etcd_cluster import EtcdCluster, running_cluster
+from tests.daemonkit.etcd_cluster import EtcdCluster, etcd_binary, free_ports, running_cluster
+from tests.tls_certs import Pki
 from xenbind.errors import ConfigError
 
 TTL = 4  # seconds: small for the tests, large enough for a loaded 2-core machine
@@ -392,3 +394,61 @@ def test_quorum_lost_then_back(
     assert primary.may_release() and primary.status()["lease"] == "held"
     with pytest.raises(ClaimRefused):
         backup.claim()
+
+
+def test_claim_over_tls_with_a_client_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS to etcd ([witness] ca, cert, key) against a real etcd that serves
+    https and requires a client certificate: the claim goes through with the
+    certificate, and without one it is WitnessUnreachable (the handshake is
+    refused), never a claim. The configured CA is the one used, whatever the
+    environment says (requests would take REQUESTS_CA_BUNDLE over it, and
+    fail to verify etcd's certificate)."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary (apt-get install etcd-server)")
+    pki = Pki(tmp_path / "pki")
+    server = pki.leaf("etcd", sans=["127.0.0.1"])
+    client = pki.leaf("remusd-a")
+    client_port, peer_port = free_ports(2)
+    url, peer = f"https://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    argv = [binary, "--name", "tls", "--data-dir", str(tmp_path / "data")]
+    argv += ["--listen-client-urls", url, "--advertise-client-urls", url]
+    argv += ["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer]
+    argv += ["--initial-cluster", f"tls={peer}", "--client-cert-auth"]
+    argv += ["--cert-file", server.cert, "--key-file", server.key, "--trusted-ca-file", pki.ca]
+    log = (tmp_path / "etcd.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=log)
+    base = {"endpoints": [url], "ttl": TTL, "request-timeout": 1.0, "prefix": "/remus/tls"}
+    domain = str(uuid.uuid4())
+    try:
+        cfg = parse_witness_table({**base, "ca": pki.ca, "cert": client.cert, "key": client.key})
+        key = OwnerKey(cfg, domain, role="primary", session="s1", host="host-a")
+        deadline = time.monotonic() + 30
+        while True:  # until etcd serves (its first election)
+            try:
+                rev = key.claim()
+                break
+            except WitnessUnreachable:
+                assert proc.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert rev > 0 and key.may_release()
+        holder, _ = key.holder()
+        assert holder is not None and holder.session == "s1"
+        key.release()
+        key.close()
+        anon = OwnerKey(
+            parse_witness_table({**base, "ca": pki.ca}), domain, role="backup", session="s2"
+        )
+        with pytest.raises(WitnessUnreachable):
+            anon.claim()
+        anon.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
