@@ -411,6 +411,7 @@ class ReceiverCore:
                 heartbeat_ms=lim.heartbeat_ms,
                 limits=lim.accept_limits(),
                 software=lim.software,
+                switchover=True,  # this receiver resumes at a SWITCHOVER checkpoint
             )
         )
         self._move("accept")

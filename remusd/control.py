@@ -449,6 +449,11 @@ class Daemon:
                 f"domain {p.info.name} is protected to {p.req.target}: a switchover needs a "
                 "receiver, not a file"
             )
+        if not p.peer_switchover:
+            raise RemusError(
+                f"domain {p.info.name}: the receiver at {p.req.target} does not announce "
+                "switchover in its ACCEPT (an older release): upgrade it first; nothing changed"
+            )
         log.info("domain %s: switchover to %s asked", p.info.name, p.req.target)
         p.switchover()
         if not p.switch_done.wait(timeout):

@@ -209,6 +209,7 @@ class Protector:
         self._adopt = adopt
         self._decision: Event | None = None  # RESUME_HERE / DESTROY_STALE, asked of a fence
         self._switching = False  # a switchover is asked: the next checkpoint is the last
+        self.peer_switchover = False  # the current session's receiver can switch over
         self._switch_step: Step | None = None  # its outcome, for the thread's loop
         self.switch_done = threading.Event()  # set once a switchover asked has an outcome
         self._shutdown = False  # the daemon stops (a fenced copy keeps its record)
@@ -784,6 +785,8 @@ class Protector:
                 self.stats.peer_not_after = link.peer_not_after
             accept = getattr(link, "accept", None)
             self._lease_proof = accept is None or bool(getattr(accept, "witness", False))
+            #: the receiver resumes at a SWITCHOVER checkpoint (its ACCEPT says so)
+            self.peer_switchover = bool(getattr(accept, "switchover", False))
             if self.wcfg is not None and not self._lease_proof:
                 log.warning(
                     "domain %s: the receiver at %s has no witness: output is released only "

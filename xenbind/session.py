@@ -219,6 +219,9 @@ class Accept:
     #: the receiver fails over only after winning the owner key (optional on
     #: the wire: absent means false)
     witness: bool = False
+    #: the receiver resumes its backup at a SWITCHOVER checkpoint (optional on
+    #: the wire: absent means false, an older receiver that would refuse the tag)
+    switchover: bool = False
 
 
 @dataclass(frozen=True)
@@ -450,6 +453,8 @@ def encode_accept(accept: Accept) -> bytes:
     }
     if accept.witness:  # optional: absent means false
         obj["witness"] = True
+    if accept.switchover:  # optional: absent means false
+        obj["switchover"] = True
     body = _dump_json(obj)
     return PREFIX.pack(REPLY_MAGIC, accept.version, REPLY_ACCEPT, len(body)) + body
 
@@ -716,6 +721,9 @@ class SenderSession:
             software=_str_max(obj, "software", MAX_SOFTWARE_LEN, "accept", off),
             version=version,
             witness=_need(obj, "witness", bool, "accept", off) if "witness" in obj else False,
+            switchover=(
+                _need(obj, "switchover", bool, "accept", off) if "switchover" in obj else False
+            ),
         )
         self.accept = accept
         self.state = "established"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -271,6 +272,27 @@ def test_ack_ms_round_trips_and_is_optional():
     )
     with pytest.raises(HandshakeError, match="ack_ms"):
         SenderSession(make_hello(options=Options(ack_ms=60000)))
+
+
+def test_accept_announces_switchover_optionally():
+    """ACCEPT's "switchover": true (issue 14): a receiver of this release says
+    it resumes at a SWITCHOVER checkpoint; an older one omits it (false), and
+    a non-boolean is refused."""
+    hello = make_hello()
+    for flag in (True, False):
+        s = SenderSession(hello)
+        ReceiverSession().feed(s.hello())
+        reply = encode_accept(replace(accept_for(hello), switchover=flag))
+        assert (b'"switchover"' in reply) is flag
+        (ev,) = s.feed(reply)
+        assert isinstance(ev, Accepted) and ev.accept.switchover is flag
+    body = json.loads(encode_accept(accept_for(hello))[16:])
+    body["switchover"] = "yes"
+    raw = json.dumps(body).encode()
+    s = SenderSession(hello)
+    s.hello()
+    with pytest.raises(ProtocolError, match="switchover"):
+        s.feed(REPLY_MAGIC + struct.pack("<HHI", PROTOCOL_VERSION, 0, len(raw)) + raw)
 
 
 def test_hello_body_not_json_or_not_object():
