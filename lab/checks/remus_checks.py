@@ -18,6 +18,11 @@ Run in dom0 with the lab guest up: ``python -m lab.checks.remus_checks``.
                      remusd is killed, the receiver fails over: the backup
                      domain runs and its counter moves on from the last
                      checkpoint
+    remus-switchover `remusctl switchover` (a new receiver and remusd): the
+                     guest is left suspended at a last checkpoint, the backup
+                     runs on from it (counter moving, pattern intact), remusd
+                     reports fenced-backup-took-over; then resume-here runs
+                     the primary again for the later checks
 
 Files: the stream and the replayed image under /tmp (tmpfs in dom0);
 daemon logs in $LAB_RESULTS (remusd*.log, receiver.log).
@@ -129,6 +134,8 @@ class Checks:
 
     def start_remusd(self, log: str, *extra: str) -> Daemon:
         os.makedirs(os.path.dirname(SOCK), exist_ok=True)
+        if os.path.exists(SOCK):
+            os.unlink(SOCK)  # a killed remusd's of an earlier step: wait for this one's
         d = Daemon(
             [
                 PY,
@@ -328,8 +335,10 @@ class Checks:
             xs.close()
 
     # -- step 5: a backup domain and a failover ---------------------------------
-    def failover(self) -> str:
-        port = 7788
+    def start_receiver(self, port: int, log: str = "receiver.log") -> Daemon:
+        """remus-receiver in this dom0, its backups renamed (see the module docstring)."""
+        if os.path.exists(RSOCK):
+            os.unlink(RSOCK)  # a receiver's of an earlier step: wait for this one's
         recv = Daemon(
             [
                 PY,
@@ -354,37 +363,47 @@ class Checks:
                 "60",
                 f"--backup-rename={BACKUP_SUFFIX}",
             ],
-            "receiver.log",
+            log,
         )
+        wait_for(
+            lambda: os.path.exists(RSOCK) or recv.proc.poll() is not None,
+            120,
+            "receiver socket",
+        )
+        require(recv.proc.poll() is None, f"receiver exited: {recv.tail()}")
+        return recv
+
+    def protect_tcp(self, port: int, recv: Daemon, log: str) -> Daemon:
+        """remusd protects the guest to the receiver on ``port``: 3 checkpoints."""
+        # xl create of the backup takes 30-60 s under TCG: the handshake waits for it
+        remusd = self.start_remusd(
+            log, "--insecure", "--connect-timeout", "300", "--ack-timeout", "120"
+        )
+        out = ctl(SOCK, "protect", GUEST, "--to", f"127.0.0.1:{port}")
+        require(out.returncode == 0, f"remusctl protect: {out.stderr.strip()}")
+        st = wait_for(
+            lambda: (
+                (s := domain_status(SOCK))
+                and s["state"] != "initial-copy"
+                and (s["checkpoints"] >= 3 or s["state"] != "protected")
+                and s
+            ),
+            400,
+            "protected over TCP with 3 checkpoints",
+        )
+        require(
+            st["state"] == "protected",
+            f"state {st['state']}: {st.get('reason')}; "
+            f"remusd: {remusd.tail()}; receiver: {recv.tail()}",
+        )
+        return remusd
+
+    def failover(self) -> str:
+        port = 7788
+        recv = self.start_receiver(port)
         remusd = None
         try:
-            wait_for(
-                lambda: os.path.exists(RSOCK) or recv.proc.poll() is not None,
-                120,
-                "receiver socket",
-            )
-            require(recv.proc.poll() is None, f"receiver exited: {recv.tail()}")
-            # xl create of the backup takes 30-60 s under TCG: the handshake waits for it
-            remusd = self.start_remusd(
-                "remusd-tcp.log", "--insecure", "--connect-timeout", "300", "--ack-timeout", "120"
-            )
-            out = ctl(SOCK, "protect", GUEST, "--to", f"127.0.0.1:{port}")
-            require(out.returncode == 0, f"remusctl protect: {out.stderr.strip()}")
-            st = wait_for(
-                lambda: (
-                    (s := domain_status(SOCK))
-                    and s["state"] != "initial-copy"
-                    and (s["checkpoints"] >= 3 or s["state"] != "protected")
-                    and s
-                ),
-                400,
-                "protected over TCP with 3 checkpoints",
-            )
-            require(
-                st["state"] == "protected",
-                f"state {st['state']}: {st.get('reason')}; "
-                f"remusd: {remusd.tail()}; receiver: {recv.tail()}",
-            )
+            remusd = self.protect_tcp(port, recv, "remusd-tcp.log")
             bname = GUEST + BACKUP_SUFFIX
             paused = [d for d in self.hv.list() if d.name == bname]
             require(
@@ -433,21 +452,104 @@ class Checks:
                 remusd.stop()
             recv.stop()
 
+    # -- step 6: a planned switchover ------------------------------------------
+    def switchover(self) -> str:
+        """remusctl switchover on real Xen: the guest is stopped (suspended) at a
+        last checkpoint, the receiver resumes its backup from it; remusd's copy
+        is fenced, stopped. Then resume-here runs the primary again (the later
+        checks need it) and the backup is destroyed."""
+        bname = GUEST + BACKUP_SUFFIX
+        for d in self.hv.list():  # the failover step's backup, which runs on
+            if d.name == bname:
+                self.hv.lookup(d.domid).destroy()
+        wait_for(lambda: not any(d.name == bname for d in self.hv.list()), 60, f"{bname} destroyed")
+        port = 7789
+        recv = self.start_receiver(port, "receiver-switchover.log")
+        remusd = None
+        try:
+            remusd = self.protect_tcp(port, recv, "remusd-switchover.log")
+            counter_before = counter_value(read_pages(self.dom, [self.layout.counter_pfn])[0])
+            t0 = time.monotonic()
+            out = ctl(SOCK, "switchover", GUEST, timeout=200)
+            took = time.monotonic() - t0
+            require(
+                out.returncode == 0,
+                f"remusctl switchover: rc {out.returncode}: {out.stdout.strip()} "
+                f"{out.stderr.strip()}; remusd: {remusd.tail()}; receiver: {recv.tail()}",
+            )
+            st = domain_status(SOCK)
+            require(
+                st is not None
+                and st["state"] == "fenced"
+                and st["case"] == "fenced-backup-took-over",
+                f"remusd after the switchover: {st and (st['state'], st['case'], st['reason'])}",
+            )
+            held = self.dom.checkpoint_held()
+            require(held is not None, "the old primary runs after the switchover")
+            backup_ids = wait_for(
+                lambda: (
+                    [d.domid for d in self.hv.list() if d.name == bname and d.state == "running"]
+                    or None
+                ),
+                60,
+                f"{bname} running after the switchover ({recv.tail()})",
+            )
+            backup = self.hv.lookup(backup_ids[0])
+            c0 = counter_value(read_pages(backup, [self.layout.counter_pfn])[0])
+            c1 = wait_for(
+                lambda: (
+                    (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0])) != c0
+                    and c
+                ),
+                60,
+                f"the backup's counter to move from {c0}",
+            )
+            got = read_pages(backup, self.layout.pattern_pfns)
+            bad = [
+                i
+                for i in range(len(self.layout.pattern_pfns))
+                if not np.array_equal(got[i], expected_pattern_page(i))
+            ]
+            require(not bad, f"{len(bad)} pattern pages wrong on the backup")
+            stopped_at = counter_value(read_pages(self.dom, [self.layout.counter_pfn])[0])
+            # the lab goes on with the primary: run it again, drop the backup
+            out = ctl(SOCK, "resume-here", GUEST)
+            require(out.returncode == 0, f"remusctl resume-here: {out.stderr.strip()}")
+            backup.destroy()
+            wait_for(
+                lambda: (
+                    counter_value(read_pages(self.dom, [self.layout.counter_pfn])[0]) != stopped_at
+                ),
+                60,
+                "the primary's counter to move after resume-here",
+            )
+            return (
+                f"switchover in {took:.1f} s: {GUEST} stopped ({held}) at counter {stopped_at} "
+                f"(was {counter_before} at the request); {bname} (domid {backup.domid}) runs on "
+                f"from it: counter {c0} -> {c1}, pattern intact; remusd fenced "
+                "(fenced-backup-took-over); the primary resumed here afterwards"
+            )
+        finally:
+            if remusd is not None:
+                remusd.stop()
+            recv.stop()
+
 
 def main(argv: list[str]) -> int:
-    """``file``: remus-protect, remus-capture, remus-pages; ``failover``."""
+    """``file``: remus-protect, remus-capture, remus-pages; ``failover``; ``switchover``."""
     part = argv[0] if argv else "file"
     try:
         c = Checks()
     except Exception as e:  # noqa: BLE001 - reported as this module's FAIL
-        emit(
-            "FAIL",
-            "remus-failover" if part == "failover" else "remus-protect",
-            f"setup: {type(e).__name__}: {e}",
-        )
+        first = {"failover": "remus-failover", "switchover": "remus-switchover"}
+        emit("FAIL", first.get(part, "remus-protect"), f"setup: {type(e).__name__}: {e}")
         return 1
     if part == "failover":
         run_check("remus-failover", c.failover)
+        c.release()
+        return 0
+    if part == "switchover":
+        run_check("remus-switchover", c.switchover)
         c.release()
         return 0
     ok = run_check("remus-protect", c.protect)
