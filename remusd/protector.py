@@ -1006,6 +1006,7 @@ class Protector:
         index = core.next_index
         self._switching = False
         self._stop.clear()  # the stop asked was the switchover's, not the thread's end
+        released = False  # the checkpoint's ACK came and its output went
         try:
             bufs = encode(writer, cap, last=True, switchover=True)
             self._send(link, core, pacer, bufs, True)
@@ -1025,11 +1026,12 @@ class Protector:
             except LinkDown as e:
                 verdict = e
             else:
+                released = True
                 with self._lock:
                     self.stats.sent(0, cap.pause_ms, len(cap.pfns))
                 self._witness_hand_over()  # the receiver resumes only once it holds the key
                 verdict = self._verdict(link)
-        self._switch_step = self._switch_outcome(domain, link.peer, index, verdict)
+        self._switch_step = self._switch_outcome(domain, link.peer, index, verdict, released)
         self.switch_done.set()
 
     def _verdict(self, link: Link) -> LinkDown:
@@ -1043,7 +1045,9 @@ class Protector:
             return e
         return LinkDown(f"{link.peer} gave no verdict within {SWITCHOVER_VERDICT_S:.0f} s")
 
-    def _switch_outcome(self, domain: Domain, peer: str, index: int, e: LinkDown) -> Step:
+    def _switch_outcome(
+        self, domain: Domain, peer: str, index: int, e: LinkDown, released: bool
+    ) -> Step:
         name = self.info.name
         if e.error_code == sp.ERR_SWITCHOVER_FAILED:
             self._run_again(domain)
@@ -1066,13 +1070,19 @@ class Protector:
             self.stats.fences += 1 if e.fenced else 0
         if e.fenced:
             self._wstop.set()  # the key is the backup's now: nothing of ours to renew
+            what = (
+                "stopped at that checkpoint with all its output released"
+                if released
+                else "stopped, the output of its unacknowledged checkpoint withheld (the "
+                "backup resumed from an earlier one: a failover there came first)"
+            )
             log.warning(
                 "domain %s SWITCHED OVER to %s at checkpoint %d: the backup runs the guest; "
-                "this copy is stopped at that checkpoint with all its output released "
-                "(destroy it: remusctl destroy-stale %s)",
+                "this copy is %s (destroy it: remusctl destroy-stale %s)",
                 name,
                 peer,
                 index,
+                what,
                 name,
             )
             return self._advance(

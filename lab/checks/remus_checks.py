@@ -379,6 +379,12 @@ class Checks:
         remusd = self.start_remusd(
             log, "--insecure", "--connect-timeout", "300", "--ack-timeout", "120"
         )
+        adopted = domain_status(SOCK)
+        if adopted is not None and adopted["state"] != "stopped":
+            # the remusd an earlier step killed left its record: this one adopted
+            # the guest (reconnecting to that step's receiver); end it cleanly
+            out = ctl(SOCK, "unprotect", GUEST)
+            require(out.returncode == 0, f"remusctl unprotect (adopted): {out.stderr.strip()}")
         out = ctl(SOCK, "protect", GUEST, "--to", f"127.0.0.1:{port}")
         require(out.returncode == 0, f"remusctl protect: {out.stderr.strip()}")
         st = wait_for(
