@@ -880,7 +880,12 @@ class Protector:
             index = core.next_index
             t_cap = time.monotonic()
             if last and self._switching:
-                cap = capture(domain, cb, prescan=t.prescan, hold=True)
+                try:
+                    cap = capture(domain, cb, prescan=t.prescan, hold=True)
+                except BaseException:
+                    self._switching = False  # it never began: the guest was not held
+                    self.switch_done.set()  # the caller then reads the state (stopped)
+                    raise
                 return self._switchover(link, domain, writer, core, pacer, cap)
             cap = capture(domain, cb, prescan=t.prescan)
             t_enc = time.monotonic()
