@@ -456,7 +456,7 @@ class Daemon:
             )
         log.info("domain %s: switchover to %s asked", p.info.name, p.req.target)
         p.switchover()
-        if not p.switch_done.wait(timeout):
+        if not p.switch_done.wait(timeout):  # set once it has an outcome, or never began
             raise RemusError(
                 f"domain {p.info.name}: the switchover has no outcome after {timeout:g} s "
                 f"(state {p.state}); see remusctl status"

@@ -209,6 +209,7 @@ class Protector:
         self._adopt = adopt
         self._decision: Event | None = None  # RESUME_HERE / DESTROY_STALE, asked of a fence
         self._switching = False  # a switchover is asked: the next checkpoint is the last
+        self._stop_for_switch = False  # _stop was set by switchover(), not by stop()
         self.peer_switchover = False  # the current session's receiver can switch over
         self._switch_step: Step | None = None  # its outcome, for the thread's loop
         self.switch_done = threading.Event()  # set once a switchover asked has an outcome
@@ -314,6 +315,7 @@ class Protector:
         """Ask for a clean end (LAST_CHECKPOINT); returns at once.
         ``shutdown``: the daemon stops (a fenced copy keeps its record)."""
         self._shutdown = self._shutdown or shutdown
+        self._stop_for_switch = False  # this stop is the thread's end, not a switchover's
         self._stop.set()
         self._wake.set()
 
@@ -325,6 +327,7 @@ class Protector:
         self.switch_done.clear()
         self._switching = True
         self.stop()
+        self._stop_for_switch = True  # the stop wakes the epoch loop for the last checkpoint
 
     def decide(self, event: Event) -> None:
         """An operator's decision on a fenced copy (RESUME_HERE, DESTROY_STALE);
@@ -647,7 +650,10 @@ class Protector:
         if self._witness_blocks():
             return self._witness_lost("")
         try:
-            self._session()
+            try:
+                self._session()
+            finally:
+                self._switch_abandoned()
             step, self._switch_step = self._switch_step, None
             return step  # a switchover's outcome (fenced: park; failed: retry), else None
         except LinkDown as e:
@@ -880,12 +886,7 @@ class Protector:
             index = core.next_index
             t_cap = time.monotonic()
             if last and self._switching:
-                try:
-                    cap = capture(domain, cb, prescan=t.prescan, hold=True)
-                except BaseException:
-                    self._switching = False  # it never began: the guest was not held
-                    self.switch_done.set()  # the caller then reads the state (stopped)
-                    raise
+                cap = capture(domain, cb, prescan=t.prescan, hold=True)  # (fails: not held)
                 return self._switchover(link, domain, writer, core, pacer, cap)
             cap = capture(domain, cb, prescan=t.prescan)
             t_enc = time.monotonic()
@@ -1010,7 +1011,9 @@ class Protector:
         (it is all the guest made), so none is lost and none goes twice."""
         index = core.next_index
         self._switching = False
-        self._stop.clear()  # the stop asked was the switchover's, not the thread's end
+        if self._stop_for_switch:
+            self._stop.clear()  # the stop asked was the switchover's, not the thread's end
+            self._stop_for_switch = False
         released = False  # the checkpoint's ACK came and its output went
         try:
             bufs = encode(writer, cap, last=True, switchover=True)
@@ -1037,6 +1040,23 @@ class Protector:
                 self._witness_hand_over()  # the receiver resumes only once it holds the key
                 verdict = self._verdict(link)
         self._switch_step = self._switch_outcome(domain, link.peer, index, verdict, released)
+        self.switch_done.set()
+
+    def _switch_abandoned(self) -> None:
+        """The session ended with a switchover asked but not begun (the link was
+        lost, the domain failed, before its last checkpoint): the request is
+        over, and the protection goes on as the policy says, not stopped."""
+        if not self._switching:
+            return
+        self._switching = False
+        if self._stop_for_switch:
+            self._stop.clear()
+            self._stop_for_switch = False
+        log.warning(
+            "domain %s: the switchover did not begin: the session ended first (the next "
+            "lines say why); the guest was not stopped for it",
+            self.info.name,
+        )
         self.switch_done.set()
 
     def _verdict(self, link: Link) -> LinkDown:
