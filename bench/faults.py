@@ -771,16 +771,16 @@ def _witness_pair(ctx: Ctx, *, witness: bool, etcd_proxy: bool = False) -> tuple
     rxdir.mkdir()
     prefix = f"/remus/f{ctx.rng.randrange(1 << 32):08x}"
     flags: list[str] = []
+    etcd_px: list[Proxy] = []
     if witness:
         if ctx.etcd is None or etcd_binary() is None:
             raise Skip("no etcd binary (apt-get install etcd-server)")
         eps = ctx.etcd().endpoints
         config = receiver_config(rxdir, eps, prefix)
         if etcd_proxy:
-            px = [Proxy(int(e.rsplit(":", 1)[1])) for e in eps]
-            ctx.cleanups += [p.close for p in px]
-            ctx.notes["etcd_px"] = px
-            eps = [f"http://127.0.0.1:{p.port}" for p in px]
+            etcd_px = [Proxy(int(e.rsplit(":", 1)[1])) for e in eps]
+            ctx.cleanups += [p.close for p in etcd_px]
+            eps = [f"http://127.0.0.1:{p.port}" for p in etcd_px]
         flags = witness_flags(eps, prefix)
     else:
         config = str(rxdir / "receiver.toml")
@@ -798,7 +798,7 @@ def _witness_pair(ctx: Ctx, *, witness: bool, etcd_proxy: bool = False) -> tuple
         lambda d: d["state"] == "protected" and d["checkpoints"] >= 5, "ledger", what="protection"
     )
     check(d["split_brain_protection"] is witness, f"split_brain_protection is {witness}")
-    return primary, backup, remusd, rx, link, ctx.notes.get("etcd_px", [])
+    return primary, backup, remusd, rx, link, etcd_px
 
 
 def run_witness_power_cut(ctx: Ctx, scenario: str, run: int) -> str:

@@ -274,16 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     un.add_argument("domain", metavar="DOMAIN", help="domid or name of the domain")
 
-    so = sub.add_parser(
-        "switchover",
-        help="move a protected domain to its backup host (planned)",
-        description=SWITCHOVER_HELP,
-        formatter_class=fmt,
-        epilog="example:\n  remusctl switchover ledger",
-    )
-    so.add_argument("domain", metavar="DOMAIN", help="domid, name or UUID of the domain")
-
     for name, helptext, desc, example in (
+        ("switchover", "move a protected domain to its backup host (planned)", SWITCHOVER_HELP, ""),
         ("resume-here", "run a fenced or orphaned copy here, unprotected", RESUME_HELP, ""),
         ("destroy-stale", "destroy a fenced copy (its backup took over)", DESTROY_HELP, ""),
     ):

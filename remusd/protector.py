@@ -163,6 +163,17 @@ def _held_now(domain: Domain) -> str | None:
     return held if held in ("paused", "suspended") else None
 
 
+def _run_held(domain: Domain, how: str | None) -> None:
+    """Run a guest held ``how``: "paused" (unpause) or "suspended" (resume it,
+    cancelled, where the hypervisor layer can); None: it runs already."""
+    if how == "suspended":
+        resume = getattr(domain, "resume_cancelled", None)
+        if resume is not None:
+            resume()
+    elif how == "paused":
+        domain.unpause()
+
+
 class Protector:
     """The session thread of one domain.
 
@@ -435,12 +446,8 @@ class Protector:
         """Run the guest a dead owner left stopped mid-checkpoint."""
         held, self._held = self._held, None
         try:
-            if held == "stale-suspended":
-                resume = getattr(self.domain, "resume_cancelled", None)
-                if resume is not None:
-                    resume()
-            elif held == "stale-paused":
-                self.domain.unpause()
+            if held in ("stale-paused", "stale-suspended"):
+                _run_held(self.domain, held[len("stale-") :])
         except DomainError as e:
             log.warning("domain %s: %s", self.info.name, e)
         else:
@@ -533,12 +540,9 @@ class Protector:
         """The operator chose this (fenced) copy: it runs unprotected."""
         held, self._held = self._held, None
         ops: list[tuple[str, Callable[[], None]]] = []
-        if held in ("paused", "stale-paused"):
-            ops.append(("unpause", self.domain.unpause))
-        elif held in ("suspended", "stale-suspended"):
-            resume = getattr(self.domain, "resume_cancelled", None)
-            if resume is not None:
-                ops.append(("resume", resume))
+        if held is not None:
+            how = held.removeprefix("stale-")
+            ops.append(("run the guest", lambda: _run_held(self.domain, how)))
         ops.append(("release output", self.domain.output_unplug))
         logdirty = getattr(self.domain, "logdirty_enabled", None)
         if logdirty is None or logdirty():
@@ -1084,8 +1088,7 @@ class Protector:
                 e.reason,
             )
             return self._advance(Event.SWITCHOVER_FAILED, f"switchover failed: {e.reason}")
-        held = getattr(domain, "checkpoint_held", None)
-        self._held = (held() if held is not None else None) or "paused"
+        self._held = _held_now(domain) or "paused"
         self._engaged = False
         try:
             domain.disable_logdirty()
@@ -1135,15 +1138,9 @@ class Protector:
 
     def _run_again(self, domain: Domain) -> None:
         """Undo a switchover's hold: the guest stopped at its last checkpoint runs."""
-        held = getattr(domain, "checkpoint_held", None)
-        state = held() if held is not None else "paused"
+        probe = getattr(domain, "checkpoint_held", None)
         try:
-            if state == "suspended":
-                resume = getattr(domain, "resume_cancelled", None)
-                if resume is not None:
-                    resume()
-            elif state == "paused":
-                domain.unpause()
+            _run_held(domain, _held_now(domain) if probe is not None else "paused")
         except DomainError as err:
             log.error("domain %s: running the guest again: %s", self.info.name, err)
 

@@ -404,6 +404,36 @@ class Checks:
         )
         return remusd
 
+    def backup_runs_on(self, bname: str, timeout: float, when: str) -> tuple:
+        """The backup ``bname`` runs (within ``timeout``), its counter moves on
+        and the guest's pattern pages are intact in it: (domain, counter first
+        read, counter moved to)."""
+        backup_ids = wait_for(
+            lambda: (
+                [d.domid for d in self.hv.list() if d.name == bname and d.state == "running"]
+                or None
+            ),
+            timeout,
+            f"{bname} running {when}",
+        )
+        backup = self.hv.lookup(backup_ids[0])
+        c0 = counter_value(read_pages(backup, [self.layout.counter_pfn])[0])
+        c1 = wait_for(
+            lambda: (
+                (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0])) != c0 and c
+            ),
+            60,
+            f"the backup's counter to move from {c0}",
+        )
+        got = read_pages(backup, self.layout.pattern_pfns)
+        bad = [
+            i
+            for i in range(len(self.layout.pattern_pfns))
+            if not np.array_equal(got[i], expected_pattern_page(i))
+        ]
+        require(not bad, f"{len(bad)} of labguest's pattern pages wrong on the backup")
+        return backup, c0, c1
+
     def failover(self) -> str:
         port = 7788
         recv = self.start_receiver(port)
@@ -422,32 +452,8 @@ class Checks:
             counter_primary = counter_value(read_pages(self.dom, [self.layout.counter_pfn])[0])
             remusd.stop(signal.SIGKILL)
             remusd = None
-            backup_ids = wait_for(
-                lambda: (
-                    [d.domid for d in self.hv.list() if d.name == bname and d.state == "running"]
-                    or None
-                ),
-                120,
-                f"{bname} running after failover ({recv.tail()})",
-            )
-            backup = self.hv.lookup(backup_ids[0])
-            c0 = counter_value(read_pages(backup, [self.layout.counter_pfn])[0])
-            c1 = wait_for(
-                lambda: (
-                    (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0])) != c0
-                    and c
-                ),
-                60,
-                f"the backup's counter to move from {c0}",
-            )
+            backup, c0, c1 = self.backup_runs_on(bname, 120, f"after failover ({recv.tail()})")
             lay = self.layout
-            got = read_pages(backup, lay.pattern_pfns)
-            bad = [
-                i
-                for i in range(len(lay.pattern_pfns))
-                if not np.array_equal(got[i], expected_pattern_page(i))
-            ]
-            require(not bad, f"{len(bad)} of labguest's pattern pages wrong on the backup")
             return (
                 f"backup {bname} (domid {backup.domid}) runs after failover: counter "
                 f"{c0} -> {c1} (primary stopped at {counter_primary}); the "
@@ -492,31 +498,7 @@ class Checks:
             )
             held = self.dom.checkpoint_held()
             require(held is not None, "the old primary runs after the switchover")
-            backup_ids = wait_for(
-                lambda: (
-                    [d.domid for d in self.hv.list() if d.name == bname and d.state == "running"]
-                    or None
-                ),
-                60,
-                f"{bname} running after the switchover ({recv.tail()})",
-            )
-            backup = self.hv.lookup(backup_ids[0])
-            c0 = counter_value(read_pages(backup, [self.layout.counter_pfn])[0])
-            c1 = wait_for(
-                lambda: (
-                    (c := counter_value(read_pages(backup, [self.layout.counter_pfn])[0])) != c0
-                    and c
-                ),
-                60,
-                f"the backup's counter to move from {c0}",
-            )
-            got = read_pages(backup, self.layout.pattern_pfns)
-            bad = [
-                i
-                for i in range(len(self.layout.pattern_pfns))
-                if not np.array_equal(got[i], expected_pattern_page(i))
-            ]
-            require(not bad, f"{len(bad)} pattern pages wrong on the backup")
+            backup, c0, c1 = self.backup_runs_on(bname, 60, f"after the switchover ({recv.tail()})")
             stopped_at = counter_value(read_pages(self.dom, [self.layout.counter_pfn])[0])
             # the lab goes on with the primary: run it again, drop the backup
             out = ctl(SOCK, "resume-here", GUEST)

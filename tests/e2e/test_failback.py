@@ -52,42 +52,32 @@ def running(host, name: str) -> bool:
 
 
 @pytest.fixture
-def on_a(workdir):
-    """Daemons of host A once it is repaired (their own sockets and logs)."""
+def swapped(workdir):
+    """The daemons of the swapped roles: A's receiver (once A is repaired) and
+    B's remusd, each with sockets and a log of its own (the ``daemons``
+    fixture's names are taken by B's receiver and A's remusd)."""
     started: list = []
-    (workdir / "a").mkdir()
 
-    class OnA:
+    class Swapped:
+        def _start(self, d):
+            started.append(d)
+            return d.start()
+
         def receiver(self, host) -> Receiver:
-            d = Receiver(workdir / "a", host, free_port())
-            started.append(d)
-            return d.start()
+            (workdir / "a").mkdir()
+            return self._start(Receiver(workdir / "a", host, free_port()))
 
-    yield OnA()
-    for d in started:
-        d.kill()
-        print(f"----- A's {d.name} log (last 4000 chars) -----\n{d.log()[-4000:]}")
-
-
-@pytest.fixture
-def on_b(workdir):
-    """remusd on host B (the survivor)."""
-    started: list = []
-    (workdir / "b").mkdir()
-
-    class OnB:
         def remusd(self, host) -> Remusd:
-            d = Remusd(workdir / "b", host)
-            started.append(d)
-            return d.start()
+            (workdir / "b").mkdir()
+            return self._start(Remusd(workdir / "b", host))
 
-    yield OnB()
+    yield Swapped()
     for d in started:
         d.kill()
-        print(f"----- B's {d.name} log (last 4000 chars) -----\n{d.log()[-4000:]}")
+        print(f"----- swapped {d.name} log (last 4000 chars) -----\n{d.log()[-4000:]}")
 
 
-def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, on_a, on_b):
+def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, swapped):
     a, b = hosts
     a.create("16M", "ledger", seed=21, rate=3000, name="ledger")
     rx_b = daemons.receiver(b)
@@ -113,8 +103,8 @@ def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, on_a
 
     # 2. A is repaired: its host and a receiver come back; B protects the guest to A
     a.start()
-    rx_a = on_a.receiver(a)
-    remusd_b = on_b.remusd(b)
+    rx_a = swapped.receiver(a)
+    remusd_b = swapped.remusd(b)
     remusd_b.ctl("protect", "ledger", "--to", rx_a.target, "--interval", "25")
     remusd_b.wait(
         lambda d: d["state"] == "protected" and d["checkpoints"] >= 10, "ledger", what="B -> A"
@@ -123,7 +113,7 @@ def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, on_a
     home_by_switchover(a, b, rx_a, remusd_b, workdir)
 
 
-def test_a_hung_primary_its_stale_copy_removed_and_said_so(hosts, daemons, workdir, on_a, on_b):
+def test_a_hung_primary_its_stale_copy_removed_and_said_so(hosts, daemons, workdir, swapped):
     """A -> B because A's remusd hangs (SIGSTOP): A's copy is fenced, stopped,
     and stays on A's host once its remusd is stopped. A's receiver removes it
     when B protects the guest to A (its log and its status say what was
@@ -153,8 +143,8 @@ def test_a_hung_primary_its_stale_copy_removed_and_said_so(hosts, daemons, workd
     stale = a.lookup("ledger").info()
     assert stale.state != "running"
 
-    rx_a = on_a.receiver(a)
-    remusd_b = on_b.remusd(b)
+    rx_a = swapped.receiver(a)
+    remusd_b = swapped.remusd(b)
     remusd_b.ctl("protect", "ledger", "--to", rx_a.target, "--interval", "25")
     remusd_b.wait(
         lambda d: d["state"] == "protected" and d["checkpoints"] >= 10, "ledger", what="B -> A"
