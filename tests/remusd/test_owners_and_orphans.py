@@ -356,8 +356,12 @@ def test_kill9_mid_checkpoint_restart_resumes_protection(host, tmp_path):
             what="protected again",
         )
         assert isinstance(d, dict) and d["adopted"] is True and d["case"] == "protected"
-        st = dom.status()
-        assert st["pause_count"] == 0 and st["logdirty"] is True
+        # the dead owner's stop is undone: the pause count falls to 0. A look
+        # may land inside one of the new session's 20 ms checkpoints (paused for
+        # a moment, count 1), so look a few times; an undone stop never reads 0
+        looks = [dom.status() for _ in range(20)]
+        assert any(st["pause_count"] == 0 for st in looks), [st["pause_count"] for st in looks]
+        assert all(st["logdirty"] is True for st in looks)
         n = dom.status()["outputs_released"]
         _wait(lambda: dom.status()["outputs_released"] > n, what="output flowing again")
         # the barriers do not pile up: one per checkpoint in flight at most
