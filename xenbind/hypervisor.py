@@ -48,10 +48,11 @@ Rules this interface keeps (every implementation enforces them):
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 import numpy as np
 
-from .types import Context, DomainConfig, DomainInfo, PageArray, PfnArray, SaveRecords
+from .types import Context, DiskInfo, DomainConfig, DomainInfo, PageArray, PfnArray, SaveRecords
 
 __all__ = ["Domain", "Hypervisor"]
 
@@ -141,6 +142,11 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     def destroy(self) -> None: ...
 
+    def disks(self) -> list[DiskInfo]:
+        """The domain's replicated disks, each served by a mirroring block
+        server (docs/disk.md), in the disk stream's order. Default: none."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Drop local resources (mappings, sockets); the domain lives on."""
 
@@ -158,8 +164,12 @@ class Hypervisor(abc.ABC):
     def list(self) -> list[DomainInfo]: ...
 
     @abc.abstractmethod
-    def create_backup(self, config: DomainConfig) -> Domain:
-        """Create a paused domain ready to receive a checkpoint stream."""
+    def create_backup(self, config: DomainConfig, disks: Sequence[str] = ()) -> Domain:
+        """Create a paused domain ready to receive a checkpoint stream.
+
+        ``disks``: the backup's disk images, one per ``config.disks``, kept
+        in step by the receiver (receiver.diskbuffer) and given to the
+        domain as its disks."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

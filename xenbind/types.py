@@ -2,6 +2,7 @@
 
     DomainInfo    what a lookup tells about a domain
     DomainConfig  what the backup needs to create its domain (travels in HELLO)
+    DiskInfo      one disk of a domain, served by its mirroring block server
     Context       the state that travels in a checkpoint's tail
     SaveRecords   the other chunks of Xen's save stream a checkpoint carries
     PageArray     page contents: uint8 arrays of shape (n, PAGE_SIZE)
@@ -51,6 +52,23 @@ class DomainConfig:
     vcpus: int
     hvm: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    #: sizes in bytes of the domain's replicated disks, in the disk stream's order
+    disks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One disk of a domain, as its mirroring block server serves it (docs/disk.md).
+
+    ``path``: the image or block device the server writes (the primary's
+    copy); ``size`` in bytes; ``control``: the server's control socket
+    (xenbind.mirrorclient), ``nbd``: the socket the guest's NBD client uses.
+    """
+
+    path: str
+    size: int
+    control: str
+    nbd: str = ""
 
 
 @dataclass(frozen=True)
