@@ -17,7 +17,7 @@ docs/stream.md); in short:
                                            ENABLE_COMPRESSION, -18 TOOLSTACK;
                                            project tags -1001 CODEC, -1002
                                            MEMORY_DIGEST, -1003 HEARTBEAT, -1004
-                                           SWITCHOVER)
+                                           SWITCHOVER, -1005 DISK)
     tail     uint64 x 3 magic PFNs, uint32 + HVM context,
              "DeviceModelRecord0002", uint32 + device-model record
 
@@ -36,6 +36,7 @@ from .encoder import (
     encode_body_b,
     encode_codec,
     encode_compressed,
+    encode_disk,
     encode_enable_compression,
     encode_end,
     encode_header,
@@ -52,6 +53,7 @@ from .encoder import (
 from .events import (
     CheckpointEnd,
     CodecAnnounce,
+    DiskData,
     EnableCompression,
     EndOfBody,
     Event,
@@ -78,6 +80,7 @@ __all__ = [
     "CheckpointEnd",
     "CodecAnnounce",
     "Decoder",
+    "DiskData",
     "EnableCompression",
     "EndOfBody",
     "Event",
@@ -101,6 +104,7 @@ __all__ = [
     "encode_body_b",
     "encode_codec",
     "encode_compressed",
+    "encode_disk",
     "encode_enable_compression",
     "encode_end",
     "encode_header",

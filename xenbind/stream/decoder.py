@@ -92,10 +92,12 @@ from .format import (
     DEFAULT_MAX_COMPRESSED,
     DEFAULT_MAX_CONTEXT,
     DEFAULT_MAX_DEVICE_MODEL,
+    DEFAULT_MAX_DISK_CHUNK,
     DEFAULT_MAX_P2M_SIZE,
     DEFAULT_MAX_TOOLSTACK,
     DEVICE_MODEL_SIGNATURE,
     DIGEST_ALGORITHMS,
+    DISK_LENGTH_SIZE,
     HVM_PARAM_OF_TAG,
     HVM_PARAM_SIZE,
     LEGACY_CACHE_PAGES,
@@ -106,6 +108,7 @@ from .format import (
     PFN_MASK,
     TAG_CODEC,
     TAG_COMPRESSED_DATA,
+    TAG_DISK,
     TAG_ENABLE_COMPRESSION,
     TAG_HEARTBEAT,
     TAG_LAST_CHECKPOINT,
@@ -259,6 +262,7 @@ class Decoder:
         max_device_model: int = DEFAULT_MAX_DEVICE_MODEL,
         max_cache_pages: int = DEFAULT_MAX_CACHE_PAGES,
         max_toolstack: int = DEFAULT_MAX_TOOLSTACK,
+        max_disk_chunk: int = DEFAULT_MAX_DISK_CHUNK,
         base: BaseSource | None = None,
     ) -> None:
         self.max_p2m_size = min(max_p2m_size, PFN_MASK + 1)
@@ -267,6 +271,7 @@ class Decoder:
         self.max_device_model = max_device_model
         self.max_cache_pages = max_cache_pages
         self.max_toolstack = max_toolstack
+        self.max_disk_chunk = max_disk_chunk
         self._base_source = base
 
         self.received = 0
@@ -534,6 +539,9 @@ class Decoder:
             self._emit(ev.Heartbeat())
             self._expect_chunk()
             return
+        if t == TAG_DISK:  # like HEARTBEAT, anywhere a chunk may start
+            self._expect(DISK_LENGTH_SIZE, Decoder._on_disk_length, "a DISK length")
+            return
         self._started = True
         if t > 0:
             if t > MAX_BATCH:
@@ -733,6 +741,19 @@ class Decoder:
             raise self._fail(at, f"MEMORY_DIGEST: {name} digest of {length} bytes, expected {size}")
         self._digest_name = name
         self._expect(length, Decoder._on_digest, "a MEMORY_DIGEST chunk")
+
+    def _on_disk_length(self, buf: bytearray) -> None:
+        (n,) = _UINT.unpack(buf)
+        if not 1 <= n <= self.max_disk_chunk:
+            raise self._fail(
+                self._chunk_start,
+                f"DISK chunk of {n} bytes (1 to the cap of {self.max_disk_chunk} allowed)",
+            )
+        self._expect(n, Decoder._on_disk, "a DISK chunk", grow=True)
+
+    def _on_disk(self, buf: bytearray | npt.NDArray[np.uint8]) -> None:
+        self._emit(ev.DiskData(bytes(buf)))
+        self._expect_chunk()
 
     def _on_digest(self, buf: bytearray) -> None:
         self._emit(ev.MemoryDigest(self._digest_name, bytes(buf)))

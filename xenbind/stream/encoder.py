@@ -55,6 +55,7 @@ from .format import (
     PFN_MASK,
     TAG_CODEC,
     TAG_COMPRESSED_DATA,
+    TAG_DISK,
     TAG_ENABLE_COMPRESSION,
     TAG_HEARTBEAT,
     TAG_LAST_CHECKPOINT,
@@ -71,6 +72,7 @@ Buffer = bytes | memoryview
 
 _INT = struct.Struct("<i")
 _ULONG = struct.Struct("<Q")
+_DISK_LEN = struct.Struct("<I")
 
 
 class PageCompressor(Protocol):
@@ -256,6 +258,13 @@ def encode_switchover() -> bytes:
 
 def encode_heartbeat() -> bytes:
     return _INT.pack(TAG_HEARTBEAT)
+
+
+def encode_disk(data: bytes | memoryview) -> bytes:
+    """-1005 DISK: int tag, uint32 length, that piece of the disk stream."""
+    if not 1 <= len(data) <= 0xFFFFFFFF:
+        raise ValueError(f"a DISK chunk carries 1 to 2**32-1 bytes, not {len(data)}")
+    return _INT.pack(TAG_DISK) + _DISK_LEN.pack(len(data)) + bytes(data)
 
 
 def encode_end() -> bytes:

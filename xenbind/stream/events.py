@@ -129,6 +129,14 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskData:
+    """Project tag DISK: the next piece of the domain's disk mirror stream
+    (xenbind.diskstream), to be fed to a disk stream decoder in order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class EndOfBody:
     """The 0 chunk closing checkpoint ``index``'s body; the tail follows."""
 
@@ -171,6 +179,7 @@ Event = (
     | Switchover
     | MemoryDigest
     | Heartbeat
+    | DiskData
     | EndOfBody
     | Tail
     | CheckpointEnd

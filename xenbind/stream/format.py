@@ -34,6 +34,8 @@ BODY = chunk* then the end chunk. Every chunk starts with ``int type``:
       -1003 HEARTBEAT (proj.)  nothing
       -1004 SWITCHOVER (proj.) nothing: after committing this checkpoint (its
                                last) the receiver resumes its backup
+      -1005 DISK (project)     uint32 length L (1..the configured cap), then
+                               L bytes of the disk mirror stream    (4+L)
       -2    VCPU_INFO          int max_vcpu_id (0..4095), then the online map:
                                (max_vcpu_id / 64 + 1) uint64 words  (4+8..4+512)
       -3 -4 -8 -10 -11 -14 -15 -16 -17 -19 -20   HVM parameters, each
@@ -70,6 +72,12 @@ PROJECT TAGS
     stays paused at this checkpoint, the receiver resumes its backup once
     the checkpoint is committed. Only in a body that also carries
     LAST_CHECKPOINT, at most once; never in a file capture.
+    DISK: the next L bytes of the domain's disk mirror stream
+    (xenbind.diskstream: header, WRITE/ZERO records, SEAL(N) placed while
+    checkpoint N's guest was paused), cut anywhere: the pieces, in order,
+    are that stream. May stand wherever a chunk may start (like HEARTBEAT);
+    the receiver, not this decoder, reads the disk stream and holds the
+    rule that checkpoint N commits only once SEAL(N) has arrived.
 
 RULES (the decoder enforces every one, raising StreamError at the offset of
 the offending item)
@@ -85,6 +93,7 @@ the offending item)
     * VCPU_INFO: 0 <= max_vcpu_id < MAX_VCPUS; TOOLSTACK length capped. These
       and the HVM parameters may stand anywhere a chunk may in a body, any
       number of times (the receiver keeps the last of each per checkpoint).
+    * DISK: 1 <= L <= the configured cap, checked before anything is buffered.
     * ENABLE_COMPRESSION at most once; CODEC at most once and before it.
     * tail lengths capped; the device-model signature exact.
     * nothing after the checkpoint that carried LAST_CHECKPOINT.
@@ -154,6 +163,7 @@ TAG_CODEC = -1001
 TAG_MEMORY_DIGEST = -1002
 TAG_HEARTBEAT = -1003
 TAG_SWITCHOVER = -1004
+TAG_DISK = -1005
 
 #: Names for messages (Xen's names from xen/migration/legacy.py).
 TAG_NAMES = {
@@ -181,6 +191,7 @@ TAG_NAMES = {
     TAG_MEMORY_DIGEST: "memory_digest (project)",
     TAG_HEARTBEAT: "heartbeat (project)",
     TAG_SWITCHOVER: "switchover (project)",
+    TAG_DISK: "disk (project)",
 }
 
 #: Payload sizes of the fixed-size tags (bytes after the 4-byte type).
@@ -188,6 +199,7 @@ TSC_INFO_SIZE = 20  # '<IQII'
 HVM_PARAM_SIZE = 12  # '<IQ': padding (ignored, as Xen's restore does), value
 VCPU_INFO_HEADER_SIZE = 4  # int max_vcpu_id; the online map follows
 TOOLSTACK_LENGTH_SIZE = 4  # uint32 length; that many bytes follow
+DISK_LENGTH_SIZE = 4  # uint32 length; that many bytes of the disk stream follow
 CODEC_SIZE = 8  # '<II'
 DIGEST_HEADER_SIZE = 8  # '<II'
 COMPRESSED_LENGTH_SIZE = 8  # unsigned long
@@ -247,5 +259,8 @@ DEFAULT_MAX_CONTEXT = 16 << 20  # HVM context blob
 DEFAULT_MAX_DEVICE_MODEL = 64 << 20  # device-model record
 DEFAULT_MAX_CACHE_PAGES = 1 << 18  # an announced cache of at most 1 GiB
 DEFAULT_MAX_TOOLSTACK = 1 << 20  # one TOOLSTACK record (libxl's is a few KiB)
+DEFAULT_MAX_DISK_CHUNK = 4 << 20  # one DISK chunk (senders cut at DISK_CHUNK_BYTES)
+#: The piece of the disk stream a sender puts in one DISK chunk.
+DISK_CHUNK_BYTES = 1 << 20
 
 __all__ = [name for name in dir() if name.isupper()]

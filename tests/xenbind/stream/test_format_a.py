@@ -18,6 +18,7 @@ from xenbind.errors import StreamError
 from xenbind.stream import (
     CheckpointEnd,
     Decoder,
+    DiskData,
     EndOfBody,
     Header,
     Heartbeat,
@@ -29,6 +30,7 @@ from xenbind.stream import (
     TruncatedStream,
     TscInfo,
     encode_body_a,
+    encode_disk,
     encode_end,
     encode_header,
     encode_heartbeat,
@@ -303,6 +305,46 @@ def test_heartbeat_anywhere_a_chunk_may_start_changes_nothing():
     m2, a2, _ = replay_events(e2, 4)
     assert a1 == a2 == 1 and np.array_equal(m1, m2)
     assert d2.checkpoints == 1
+
+
+def test_disk_chunks_anywhere_a_chunk_may_start_carry_their_bytes_in_order():
+    rng = np.random.default_rng(4)
+    p = random_pages(rng, 2)
+    pieces = [b"disk-0", bytes(range(256)) * 40, b"x"]
+    data = b"".join(
+        [
+            encode_header(4),
+            encode_disk(pieces[0]),
+            encode_pages(np.array([0], np.uint64), p[:1]),
+            encode_disk(pieces[1]),
+            encode_pages(np.array([1], np.uint64), p[1:]),
+            encode_end(),
+            encode_tail(CTX),
+            encode_disk(pieces[2]),
+        ]
+    )
+    # layout: tag -1005, uint32 length, the bytes
+    assert data[8:22] == i32(-1005) + u32(6) + b"disk-0"
+    for events in (decode(data)[0], decode_bytewise(data)):
+        assert [e.data for e in events if isinstance(e, DiskData)] == pieces
+        m, applied, _ = replay_events(events, 4)
+        assert applied == 1 and np.array_equal(m[:2], p)
+
+
+def test_disk_chunk_length_is_checked_before_anything_is_buffered():
+    for n in (0, 1025):
+        data = encode_header(4) + i32(-1005) + u32(n)
+        d = Decoder(max_disk_chunk=1024)
+        with pytest.raises(MalformedStream, match="DISK chunk of") as e:
+            d.feed(data)
+        assert e.value.offset == 8
+    with pytest.raises(ValueError):
+        encode_disk(b"")
+    # a stream cut inside a DISK chunk is torn, not clean
+    d = Decoder()
+    d.feed(encode_header(4) + encode_disk(b"abcdef")[:-2])
+    with pytest.raises(TruncatedStream):
+        d.eof()
 
 
 def test_heartbeat_inside_tail_is_rejected():
