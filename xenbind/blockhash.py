@@ -45,6 +45,8 @@ MAX_BLOCK = 64 << 20
 #: Hashes in one HashesMessage (512 KiB of payload).
 MAX_HASHES_PER_MESSAGE = 1 << 16
 _MSG_HEAD = struct.Struct("<HHIQI")  # disk, reserved 0, block, first block, count
+#: The longest packed HashesMessage.
+MAX_MESSAGE_BYTES = _MSG_HEAD.size + 8 * MAX_HASHES_PER_MESSAGE
 
 HashArray = npt.NDArray[np.uint64]
 

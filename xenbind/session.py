@@ -14,7 +14,8 @@ A session is one TCP (later TLS) connection carrying one protected domain::
                          HEARTBEAT tag chunks between any two chunks,
                          LAST_CHECKPOINT in the last checkpoint then close
     receiver -> sender   frames: ACK (after each commit), HEARTBEAT,
-                         ERROR | GOODBYE (then close)
+                         DISK_HASHES (a domain with disks: the backup's block
+                         hashes, right after ACCEPT), ERROR | GOODBYE (then close)
 
 HELLO and ACCEPT/REFUSE share one layout (all integers little-endian)::
 
@@ -30,11 +31,14 @@ read any other release's HELLO far enough to refuse it with a clear reason.
 
 Receiver -> sender frames after ACCEPT::
 
-    0   2   uint16 frame type (FRAME_ACK, FRAME_HEARTBEAT, FRAME_ERROR, FRAME_GOODBYE)
+    0   2   uint16 frame type (FRAME_ACK, FRAME_HEARTBEAT, FRAME_ERROR, FRAME_GOODBYE,
+            FRAME_DISK_HASHES)
     2   2   uint16 flags (ACK: ACK_VERIFIED / ACK_MISMATCH; ERROR: an ERR_* code)
     4   4   uint32 payload length (fixed per type; text frames <= MAX_REASON_BYTES)
     8   ..  payload: ACK uint64 checkpoint index; HEARTBEAT uint64 last committed
-            index (NO_CHECKPOINT if none); ERROR/GOODBYE UTF-8 reason text
+            index (NO_CHECKPOINT if none); ERROR/GOODBYE UTF-8 reason text;
+            DISK_HASHES a xenbind.blockhash.HashesMessage (disk, block size
+            DISK_HASH_BLOCK, first block, count, count x uint64 xxh3-64)
 
 Rules this module keeps:
 - Every malformed input raises ``ProtocolError`` (``HandshakeError`` during
@@ -54,7 +58,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar, overload
 
+from .blockhash import DEFAULT_BLOCK, MAX_MESSAGE_BYTES, HashesMessage
 from .compress.formats import CODECS as CODECS  # codecs a HELLO may name (re-exported)
+from .diskstream import MAX_DISKS, MIN_SECTOR_SHIFT
 from .errors import ProtocolError
 from .types import DomainConfig
 
@@ -86,12 +92,18 @@ FRAME_ACK = 1  # payload uint64 index of the checkpoint just committed
 FRAME_HEARTBEAT = 2  # payload uint64 last committed index, NO_CHECKPOINT if none
 FRAME_ERROR = 3  # payload reason text; flags = ERR_* code; connection closes
 FRAME_GOODBYE = 4  # payload reason text; clean end; connection closes
+FRAME_DISK_HASHES = 5  # payload a HashesMessage: the backup's hashes of one run of blocks
 FRAME_NAMES = {
     FRAME_ACK: "ACK",
     FRAME_HEARTBEAT: "HEARTBEAT",
     FRAME_ERROR: "ERROR",
     FRAME_GOODBYE: "GOODBYE",
+    FRAME_DISK_HASHES: "DISK_HASHES",
 }
+#: The block size of DISK_HASHES in protocol version 1 (xenbind.blockhash).
+DISK_HASH_BLOCK = DEFAULT_BLOCK
+#: The longest DISK_HASHES payload.
+MAX_DISK_HASHES_BYTES = MAX_MESSAGE_BYTES
 
 #: ACK flags (verify mode): the backup's memory digest was checked after the
 #: commit and matched (ACK_VERIFIED) or did not (ACK_MISMATCH).
@@ -146,6 +158,8 @@ MAX_CACHE_PAGES = 1 << 24
 MAX_ACK_MS = 60_000
 #: the longest witness key name a HELLO may carry
 MAX_WITNESS_KEY_LEN = 512
+#: the largest replicated disk a HELLO may announce (16 TiB)
+MAX_DISK_BYTES = 1 << 44
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
@@ -222,6 +236,9 @@ class Accept:
     #: the receiver resumes its backup at a SWITCHOVER checkpoint (optional on
     #: the wire: absent means false, an older receiver that would refuse the tag)
     switchover: bool = False
+    #: the receiver replicates the disks the HELLO announced (DISK chunks,
+    #: DISK_HASHES; optional on the wire: absent means false)
+    disks: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,10 +304,18 @@ class Goodbye:
     reason: str
 
 
+@dataclass(frozen=True)
+class DiskHashes:
+    """The backup's hashes of one run of one disk's blocks (checked against
+    the disks the HELLO announced)."""
+
+    message: HashesMessage
+
+
 #: What ReceiverSession.feed returns a list of.
 ReceiverEvent = HelloReceived | StreamData
 #: What SenderSession.feed returns a list of.
-SenderEvent = Accepted | Refused | Ack | Heartbeat | Error | Goodbye
+SenderEvent = Accepted | Refused | Ack | Heartbeat | Error | Goodbye | DiskHashes
 
 
 # --- JSON field checking ---------------------------------------------------
@@ -418,6 +443,7 @@ def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
         vcpus=_int_in(d, "vcpus", 1, MAX_VCPUS, "domain", offset),
         hvm=_need(d, "hvm", bool, "domain", offset),
         extra=extra,
+        disks=_disks_in(d, offset),
     )
     witness = None
     if "witness" in obj:  # optional
@@ -435,6 +461,27 @@ def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
         version=version,
         witness=witness,
     )
+
+
+def _disks_in(d: JsonObject, offset: int) -> tuple[int, ...]:
+    """The optional ``disks`` list of a HELLO's domain: sizes in bytes."""
+    if "disks" not in d:
+        return ()
+    raw = _need(d, "disks", list, "domain", offset)
+    if len(raw) > MAX_DISKS:
+        raise HandshakeError("bad-hello", f"domain: {len(raw)} disks, at most {MAX_DISKS}", offset)
+    sector = 1 << MIN_SECTOR_SHIFT
+    sizes = []
+    for i, v in enumerate(raw):
+        if type(v) is not int or not sector <= v <= MAX_DISK_BYTES or v % sector:
+            raise HandshakeError(
+                "bad-hello",
+                f"domain: disk {i} size {v!r} is not a multiple of {sector} "
+                f"in {sector}..{MAX_DISK_BYTES}",
+                offset,
+            )
+        sizes.append(v)
+    return tuple(sizes)
 
 
 def validate_hello(hello: Hello) -> None:
@@ -455,6 +502,8 @@ def encode_accept(accept: Accept) -> bytes:
         obj["witness"] = True
     if accept.switchover:  # optional: absent means false
         obj["switchover"] = True
+    if accept.disks:  # optional: absent means false
+        obj["disks"] = True
     body = _dump_json(obj)
     return PREFIX.pack(REPLY_MAGIC, accept.version, REPLY_ACCEPT, len(body)) + body
 
@@ -629,6 +678,9 @@ class ReceiverSession:
         self.state = "closed"
         return encode_frame(FRAME_GOODBYE, 0, _clip(reason))
 
+    def disk_hashes(self, message: HashesMessage) -> bytes:
+        return encode_frame(FRAME_DISK_HASHES, 0, message.pack())
+
 
 class SenderSession:
     """The sender's end of one session.
@@ -724,12 +776,13 @@ class SenderSession:
             switchover=(
                 _need(obj, "switchover", bool, "accept", off) if "switchover" in obj else False
             ),
+            disks=_need(obj, "disks", bool, "accept", off) if "disks" in obj else False,
         )
         self.accept = accept
         self.state = "established"
         return Accepted(accept)
 
-    def _parse_frame(self) -> Ack | Heartbeat | Error | Goodbye | None:
+    def _parse_frame(self) -> Ack | Heartbeat | Error | Goodbye | DiskHashes | None:
         buf = self._in.buf
         if len(buf) < FRAME_HEADER.size:
             return None
@@ -747,11 +800,18 @@ class SenderSession:
                     f"byte {off}: {FRAME_NAMES[ftype]} reason of {length} bytes "
                     f"exceeds {MAX_REASON_BYTES}"
                 )
+        elif ftype == FRAME_DISK_HASHES:
+            if not self._hello.domain.disks:
+                raise ProtocolError(f"byte {off}: DISK_HASHES for a domain without disks")
+            if length > MAX_DISK_HASHES_BYTES:
+                raise ProtocolError(
+                    f"byte {off}: DISK_HASHES of {length} bytes exceeds {MAX_DISK_HASHES_BYTES}"
+                )
         else:
             raise ProtocolError(f"byte {off}: unknown frame type {ftype}")
         if ftype == FRAME_ACK and flags & ~(ACK_VERIFIED | ACK_MISMATCH):
             raise ProtocolError(f"byte {off}: ACK flags {flags:#x} unknown")
-        if ftype in (FRAME_HEARTBEAT, FRAME_GOODBYE) and flags:
+        if ftype in (FRAME_HEARTBEAT, FRAME_GOODBYE, FRAME_DISK_HASHES) and flags:
             raise ProtocolError(f"byte {off}: {FRAME_NAMES[ftype]} flags must be 0")
         if len(buf) < FRAME_HEADER.size + length:
             return None
@@ -763,6 +823,14 @@ class SenderSession:
         if ftype == FRAME_HEARTBEAT:
             (value,) = _U64.unpack(payload)
             return Heartbeat(None if value == NO_CHECKPOINT else value)
+        if ftype == FRAME_DISK_HASHES:
+            try:
+                msg = HashesMessage.unpack(
+                    bytes(payload), disk_sizes=list(self._hello.domain.disks), block=DISK_HASH_BLOCK
+                )
+            except ProtocolError as e:
+                raise ProtocolError(f"byte {off}: {e}") from None
+            return DiskHashes(msg)
         text = payload.decode("utf-8", "replace")
         self.state = "closed"
         if ftype == FRAME_ERROR:

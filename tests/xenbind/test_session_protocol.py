@@ -7,15 +7,19 @@ import struct
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xenbind.blockhash import HashesMessage
 from xenbind.errors import ProtocolError
 from xenbind.session import (
     ACK_MISMATCH,
+    DISK_HASH_BLOCK,
     ERR_FAILED_OVER,
     FRAME_ACK,
+    FRAME_DISK_HASHES,
     FRAME_HEADER,
     HELLO_MAGIC,
     MAX_HELLO_BYTES,
@@ -26,6 +30,7 @@ from xenbind.session import (
     Accept,
     Accepted,
     Ack,
+    DiskHashes,
     Error,
     Goodbye,
     HandshakeError,
@@ -246,6 +251,12 @@ def _hello_with(mutate) -> bytes:
         (lambda o: o["options"].update(ack_ms=1.5), "bad-hello", "ack_ms"),
         (lambda o: o["options"].update(ack_ms=True), "bad-hello", "ack_ms"),
         (lambda o: o["options"].update(ack_ms="3"), "bad-hello", "ack_ms"),
+        (lambda o: o["domain"].update(disks=[1000]), "bad-hello", "disk 0 size"),
+        (lambda o: o["domain"].update(disks=[0]), "bad-hello", "disk 0 size"),
+        (lambda o: o["domain"].update(disks=[512, 1 << 45]), "bad-hello", "disk 1 size"),
+        (lambda o: o["domain"].update(disks=[True]), "bad-hello", "disk 0 size"),
+        (lambda o: o["domain"].update(disks=[512] * 65), "bad-hello", "65 disks"),
+        (lambda o: o["domain"].update(disks="512"), "bad-hello", "disks"),
     ],
 )
 def test_bad_hello_fields(mutate, code, match):
@@ -293,6 +304,41 @@ def test_accept_announces_switchover_optionally():
     s.hello()
     with pytest.raises(ProtocolError, match="switchover"):
         s.feed(REPLY_MAGIC + struct.pack("<HHI", PROTOCOL_VERSION, 0, len(raw)) + raw)
+
+
+def test_disks_travel_in_hello_and_their_hashes_come_back_checked():
+    """Issue 13: a HELLO names the domain's disks (optional: absent is none),
+    ACCEPT says the receiver replicates them, and DISK_HASHES frames reach the
+    sender checked against those disks."""
+    plain = make_hello()
+    assert _received(_hello_with(lambda o: o["domain"].pop("disks"))).domain.disks == ()
+    hello = make_hello(domain=replace(plain.domain, disks=(1 << 20, 4 << 20)))
+    assert _received(encode_hello(hello)).domain.disks == (1 << 20, 4 << 20)
+    s = SenderSession(hello)
+    r = ReceiverSession()
+    r.feed(s.hello())
+    (ev,) = s.feed(r.accept(replace(accept_for(hello), disks=True)))
+    assert isinstance(ev, Accepted) and ev.accept.disks
+    msg = HashesMessage(1, DISK_HASH_BLOCK, 60, np.arange(4, dtype=np.uint64))
+    (got,) = s.feed(r.disk_hashes(msg) + b"")
+    assert isinstance(got, DiskHashes) and got.message.first == 60
+    assert list(got.message.hashes) == [0, 1, 2, 3]
+    # past the end of disk 1 (64 blocks of 64 KiB), a disk that is not there
+    for bad, match in (
+        (HashesMessage(1, DISK_HASH_BLOCK, 61, np.arange(4, dtype=np.uint64)), "disk 1 has 64"),
+        (HashesMessage(2, DISK_HASH_BLOCK, 0, np.arange(1, dtype=np.uint64)), "the domain has 2"),
+        (HashesMessage(0, 4096, 0, np.arange(1, dtype=np.uint64)), "block size"),
+    ):
+        s2 = SenderSession(hello)
+        r2 = ReceiverSession()
+        r2.feed(s2.hello())
+        s2.feed(r2.accept(accept_for(hello)))
+        with pytest.raises(ProtocolError, match=match):
+            s2.feed(r2.disk_hashes(bad))
+    # a domain without disks gets none
+    s3, r3 = handshake()
+    with pytest.raises(ProtocolError, match="without disks"):
+        s3.feed(encode_frame(FRAME_DISK_HASHES, 0, msg.pack()))
 
 
 def test_hello_body_not_json_or_not_object():
