@@ -74,6 +74,8 @@ class _FFI:
     def new(self, cdecl: Literal["xb_cache *"]) -> XbCache: ...
     @overload
     def new(self, cdecl: Literal["xb_error *"]) -> XbError: ...
+    @overload
+    def new(self, cdecl: str, init: Any, /) -> CData: ...  # an array, initialised
     def from_buffer(
         self,
         cdecl: str,
@@ -121,6 +123,26 @@ class _Lib:
         starts: CData,
         delta: CData,
         k: int,
+        out: CData,
+        rows: int,
+        e: XbError,
+        /,
+    ) -> int: ...
+    def xb_apply_from(
+        self,
+        codec: int,
+        in_: CData,
+        len: int,
+        starts: CData,
+        delta: CData,
+        k: int,
+        srcs: CData,
+        src_rows: CData,
+        nsrc: int,
+        pfns: CData,
+        seg: CData,
+        row: CData,
+        n: int,
         out: CData,
         rows: int,
         e: XbError,

@@ -12,6 +12,8 @@ Public API (used by xenbind.stream and the daemons):
     KnownZero(size, limit)                 the sender's known-zero set
     gather(memory, pfns, out)              out[i] = memory[pfns[i]], in C: a base
                                            source over a memory image
+    Rows(memory, staged)                   a base source the kernel reads in place
+                                           (the fused decode: no gather first)
     .stats (CodecStats: hits, misses, evictions, pages, bytes_in, bytes_out, zero_base)
 
 Modules:
@@ -32,6 +34,7 @@ from xenbind.compress.codec import (
     CodecStats,
     Compressor,
     Decompressor,
+    Rows,
     gather,
 )
 from xenbind.compress.zero import KnownZero
@@ -46,5 +49,6 @@ __all__ = [
     "Decompressor",
     "KnownZero",
     "PageCache",
+    "Rows",
     "gather",
 ]

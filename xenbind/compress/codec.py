@@ -50,7 +50,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,6 +80,7 @@ __all__ = [
     "MAX_KNOWN_PFNS",
     "BaseSource",
     "CodecStats",
+    "Rows",
     "Compressor",
     "Decompressor",
     "KnownZero",
@@ -89,6 +90,85 @@ __all__ = [
 #: ``out[i]`` (a C-contiguous (len(pfns), 4096) uint8 array) with the
 #: receiver's copy of page ``pfns[i]`` (uint64, in blob order).
 BaseSource = Callable[[PfnArray, PageArray], None]
+
+#: Staged pages laid over a memory image: (pfns, data) batches in stream
+#: order, data a (>= len(pfns), 4096) uint8 array; a later batch wins.
+Batches = Sequence[tuple[PfnArray, PageArray]]
+
+#: kernel.c's XB_SEG_ZERO ("the base is a zero page") and XB_E_BAD_BASE
+_SEG_ZERO = 0xFFFFFFFF
+_BAD_BASE = 17
+
+
+class Rows:
+    """A base source that is memory: ``memory[pfn]`` is the receiver's
+    committed page ``pfn`` (a (rows, 4096) uint8 array or memory map; None:
+    every page reads as zeros), and the pages of ``staged`` (``Batches``)
+    are laid over it, a later batch winning. Given to
+    ``Decompressor.decompress`` as ``base``, the kernel reads each delta
+    page's base where it is (``xb_apply_from``: no gather into the output
+    first, the fused decode); called as ``base(pfns, out)`` it is the
+    gather path (``gather`` + the overlay) every base source offers.
+
+    A PFN at or past ``len(memory)`` (and not staged) is refused
+    (ValueError), as ``gather`` refuses it. The owner may rebind
+    ``memory`` and ``staged`` between blobs; both are read per call."""
+
+    def __init__(self, memory: PageArray | None, staged: Batches = ()) -> None:
+        self.memory = memory
+        self.staged = staged
+
+    def base_rows(self) -> tuple[PageArray | None, Batches]:
+        """What the fused decode reads: (committed memory, staged batches)."""
+        return self.memory, self.staged
+
+    def __call__(self, pfns: PfnArray, out: PageArray) -> None:
+        n = len(pfns)
+        if self.memory is None:
+            out[:n] = 0
+        else:
+            gather(self.memory, pfns, out)
+        if self.staged:
+            idx, which, at = staged_refs(self.staged, pfns)
+            for b in np.unique(which):
+                sel = which == b
+                out[idx[sel]] = self.staged[int(b)][1][at[sel]]
+
+
+def staged_refs(
+    batches: Batches, pfns: PfnArray
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Which of ``pfns`` have a page among ``batches`` (the latest wins):
+    (i, b, r) arrays, pfns[i]'s page is row r of batch b. Vectorised: one
+    sort of the batches' PFNs, one search."""
+    none = np.empty(0, np.intp)
+    if not batches:
+        return none, none, none
+    lens = np.array([len(b[0]) for b in batches], dtype=np.intp)
+    every = np.concatenate([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+    if not len(every) or not len(pfns):
+        return none, none, none
+    # the last occurrence of each PFN: the first in the reversed array
+    uniq, first_rev = np.unique(every[::-1], return_index=True)
+    last = len(every) - 1 - first_rev
+    pos = np.minimum(np.searchsorted(uniq, pfns), len(uniq) - 1)
+    idx = np.flatnonzero(uniq[pos] == pfns)
+    where = last[pos[idx]]  # index into `every`
+    ends = np.cumsum(lens)
+    which = np.searchsorted(ends, where, side="right")  # the batch holding it
+    return idx, which, where - (ends - lens)[which]
+
+
+def _rows_arg(a: PageArray, what: str) -> PageArray:
+    if (
+        not isinstance(a, np.ndarray)
+        or a.dtype != np.uint8
+        or a.ndim != 2
+        or a.shape[1] != PAGE_SIZE
+    ):
+        raise ValueError(f"{what} must be a uint8 array of shape (rows, {PAGE_SIZE})")
+    return np.ascontiguousarray(a)
+
 
 #: What xb_scan marks each page of a blob with (kernel.c, XB_D_*): sent
 #: whole; a delta applied on its base (the only kind ``base`` is asked for);
@@ -341,29 +421,20 @@ class Decompressor:
         k = lib.xb_scan(self._id, src, length, len(pfns), rows, c_starts, c_delta, err)
         if k < 0:
             raise CodecError(self._message(err, pfns))
-        flags = delta[:k] == PAGE_ON_BASE
-        m = int(np.count_nonzero(flags))
-        if m:
-            # the bases of the pages that need one, in blob order, into
-            # out[:m]; the kernel moves each to its own row as it applies
-            # (back to front)
-            base(pfns[:k][flags] if m < k else pfns[:k], out[:m])
-        if (
-            k
-            and lib.xb_apply(
-                self._id,
-                src,
-                length,
-                c_starts,
-                c_delta,
-                k,
-                ffi.from_buffer("uint8_t[]", out),
-                len(out),
-                err,
-            )
-            < 0
-        ):
-            raise CodecError(self._message(err, pfns))
+        rows_of = getattr(base, "base_rows", None)
+        if k and rows_of is not None:
+            self._apply_from(src, length, c_starts, c_delta, k, pfns, delta, rows_of(), out, err)
+        elif k:
+            flags = delta[:k] == PAGE_ON_BASE
+            m = int(np.count_nonzero(flags))
+            if m:
+                # the bases of the pages that need one, in blob order, into
+                # out[:m]; the kernel moves each to its own row as it applies
+                # (back to front)
+                base(pfns[:k][flags] if m < k else pfns[:k], out[:m])
+            c_out = ffi.from_buffer("uint8_t[]", out)
+            if lib.xb_apply(self._id, src, length, c_starts, c_delta, k, c_out, len(out), err) < 0:
+                raise CodecError(self._message(err, pfns))
         s = self.stats
         whole = int(np.count_nonzero(delta[:k] == PAGE_WHOLE))
         s.hits += k - whole
@@ -372,6 +443,65 @@ class Decompressor:
         s.bytes_in += length
         s.bytes_out += k * PAGE_SIZE
         return out[:k]
+
+    def _apply_from(
+        self,
+        src: CData,
+        length: int,
+        c_starts: CData,
+        c_delta: CData,
+        k: int,
+        pfns: PfnArray,
+        delta: npt.NDArray[np.uint8],
+        where: tuple[PageArray | None, Batches],
+        out: PageArray,
+        err: XbError,
+    ) -> None:
+        """The fused decode (xb_apply_from): each base read where it is,
+        source 0 the committed memory (row = PFN), 1.. the staged batches."""
+        memory, staged = where
+        sources = [] if memory is None else [_rows_arg(memory, "memory")]
+        sources += [_rows_arg(data, "staged pages") for _, data in staged]
+        for a in sources:
+            if np.may_share_memory(a, out):
+                raise ValueError("out overlaps the memory the bases are read from")
+        seg: npt.NDArray[np.uint32] | None = None
+        row: npt.NDArray[np.uint64] | None = None
+        if memory is None or staged:
+            first = 0 if memory is None else 1  # the source of staged batch 0
+            seg = np.full(k, _SEG_ZERO if memory is None else 0, np.uint32)
+            row = pfns[:k].copy()
+            idx, which, at = staged_refs(staged, pfns[:k])
+            seg[idx] = which + first
+            row[idx] = at
+        bufs = [ffi.from_buffer("uint8_t[]", a) for a in sources]
+        rc = lib.xb_apply_from(
+            self._id,
+            src,
+            length,
+            c_starts,
+            c_delta,
+            k,
+            ffi.new("uint8_t *[]", bufs) if bufs else ffi.NULL,
+            ffi.new("uint64_t[]", [len(a) for a in sources]) if bufs else ffi.NULL,
+            len(sources),
+            ffi.from_buffer("uint64_t[]", pfns),
+            ffi.NULL if seg is None else ffi.from_buffer("uint32_t[]", seg),
+            ffi.NULL if row is None else ffi.from_buffer("uint64_t[]", row),
+            len(pfns),
+            ffi.from_buffer("uint8_t[]", out),
+            len(out),
+            err,
+        )
+        if rc >= 0:
+            return
+        if err.code == _BAD_BASE:
+            i = int(err.page)
+            raise ValueError(
+                f"the base of page {i} (pfn {int(pfns[i]):#x}): row {int(err.detail):#x} is "
+                "past the pages of the memory it is read from"
+            )
+        raise CodecError(self._message(err, pfns))
 
     def _message(self, err: XbError, pfns: PfnArray) -> str:
         page = int(err.page)

@@ -100,4 +100,5 @@ ERROR_REASONS = {
     14: "truncated RUN: {detail} bytes of words announced",
     15: "data ends inside a page ({detail} of 4096 bytes covered)",
     16: "page kinds or offsets differ from the scan of the same blob",
+    17: "base row {detail:#x} past the memory it is read from",
 }

@@ -94,6 +94,7 @@ enum {
     XB_E_TRUNC_RUN = 14,        /* xen: RUN's words cut off by the blob's end */
     XB_E_TRUNC_PAGE = 15,       /* xen: blob ended before the page covered 4096 bytes */
     XB_E_OUT_OF_STEP = 16,      /* xb_apply: starts/delta are not what xb_scan found */
+    XB_E_BAD_BASE = 17,         /* xb_apply_from: a base row past its source's rows */
 };
 
 /* ---------------------------------------------------------------- cache */
@@ -830,6 +831,80 @@ int64_t xb_apply(int codec, const uint8_t *in, size_t len, const uint64_t *start
     }
 #if defined(__SSE2__)
     _mm_sfence();   /* order the streamed rows before Python reads them */
+#endif
+    return rc;
+}
+
+/*
+ * The fused decode: xb_apply with the bases read where they are, not
+ * gathered into out first. The base of page i (delta[i] == XB_D_BASE) is
+ * row r of source s, where s = seg[i] and r = row[i], or (seg == NULL)
+ * s = 0 and r = pfns[i]: source 0 is the receiver's committed memory,
+ * indexed by pfn; the others are pages staged after it (the caller says,
+ * per page, which holds the latest copy). s == XB_SEG_ZERO is a zero page
+ * (a pfn the receiver holds no memory at). srcs[s] holds src_rows[s] rows
+ * of 4096 bytes; n is the length of pfns (and of seg and row). Every base
+ * is checked against its source before a byte of out is written
+ * (XB_E_BAD_BASE, detail the row); then the pages are applied front to
+ * back, each base copied into a 4 KiB buffer (L1-resident), the delta
+ * applied there and the page streamed to its row, as a covered page is.
+ * out must not overlap a source (the caller checks). Returns 0, or -1
+ * with *e set (out is then undefined, or untouched for XB_E_BAD_BASE).
+ */
+#define XB_SEG_ZERO 0xFFFFFFFFu
+
+int64_t xb_apply_from(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
+                      const uint8_t *delta, size_t k, const uint8_t *const *srcs,
+                      const uint64_t *src_rows, size_t nsrc, const uint64_t *pfns,
+                      const uint32_t *seg, const uint64_t *row, size_t n, uint8_t *out,
+                      size_t rows, xb_error *e)
+{
+    static const uint8_t zero_page[XB_PAGE];
+    page_fn step = codec == XB_SEED ? seed_page : xen_page;
+    e->code = XB_E_OK;
+    if (k > rows)
+        return fail(e, XB_E_TOO_MANY_PAGES, 0, rows, (int64_t)rows);
+    if (k > n)
+        return fail(e, XB_E_OUT_OF_STEP, 0, n, (int64_t)n);
+    for (size_t i = 0; i < k; i++) {
+        if (delta[i] != XB_D_BASE)
+            continue;
+        uint32_t s = seg ? seg[i] : 0;
+        uint64_t r = seg ? row[i] : pfns[i];
+        if (s != XB_SEG_ZERO && (s >= nsrc || r >= src_rows[s]))
+            return fail(e, XB_E_BAD_BASE, (size_t)starts[i], i, (int64_t)r);
+    }
+    int64_t rc = 0;
+    _Alignas(64) uint8_t buf[XB_PAGE];
+    for (size_t i = 0; i < k; i++) {
+        size_t pos = (size_t)starts[i];
+        if (pos >= len) {
+            rc = fail(e, XB_E_OUT_OF_STEP, pos, i, 0);
+            break;
+        }
+        uint8_t *dst = out + i * (size_t)XB_PAGE;
+        int want = delta[i], got = 0;
+        uint8_t *page = want == XB_D_WHOLE ? dst : buf;
+        if (want == XB_D_BASE) {
+            uint32_t s = seg ? seg[i] : 0;
+            const uint8_t *b = s == XB_SEG_ZERO
+                                   ? zero_page
+                                   : srcs[s] + (size_t)(seg ? row[i] : pfns[i]) * XB_PAGE;
+            memcpy(buf, b, XB_PAGE);
+        }
+        if (step(in, len, pos, i, k, page, &got, e) < 0) {
+            rc = -1;
+            break;
+        }
+        if (got != want) {
+            rc = fail(e, XB_E_OUT_OF_STEP, pos, i, 0);
+            break;
+        }
+        if (page == buf)
+            page_out(dst, buf);
+    }
+#if defined(__SSE2__)
+    _mm_sfence();
 #endif
     return rc;
 }
