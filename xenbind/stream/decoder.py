@@ -785,7 +785,7 @@ class Decoder:
         assert self._decompressor is not None
         failed: str | None
         try:
-            pages = self._decompressor.decompress(buf, window, self._base)
+            pages = self._decompressor.decompress(buf, window, self._chunk_base())
         except CodecError as e:
             failed = str(e)
         except Exception as e:
@@ -812,6 +812,23 @@ class Decoder:
         self._emit(event)
         self._call_pages.append(event)
         self._expect_chunk()
+
+    def _chunk_base(self) -> BaseSource:
+        """The base source for one chunk: the user's own when the codec reads
+        it in place (it has ``base_rows``, as ``xenbind.compress.Rows``), the
+        pages of checkpoints completed in this call laid over it; else
+        ``_base`` (the gather path)."""
+        src = self._base_source
+        rows_of = getattr(src, "base_rows", None)
+        if rows_of is None:
+            return self._base
+        assert src is not None
+        if not self._fresh:
+            return src
+        from ..compress import Rows
+
+        memory, staged = rows_of()
+        return Rows(memory, [*staged, *((p.pfns, p.data) for p in self._fresh)])
 
     def _base(self, pfns: PfnArray, out: PageArray) -> None:
         """The bases of a chunk's delta pages: the user's, then the pages of
