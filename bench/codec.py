@@ -1,6 +1,7 @@
 """Codec benchmark: throughput and size of the checkpoint codecs per change pattern.
 
     python -m bench.codec [--quick] [--pages N] [--reps R] [--json PATH] [--zero-only]
+                          [--base rows|gather|both]
 
 For each page-change pattern (unchanged, 1 word, 16 scattered words, one
 256-byte run, half the words scattered, all words, cache miss) and each codec
@@ -9,6 +10,13 @@ a full sender buffer): encode and decode throughput in MB/s of page data
 (median of R repetitions), compressed size and ratio. Beside them, in the same
 run: a numpy copy of the same bytes (memcpy bandwidth), and zlib level 1,
 zstd level 1 and lz4 over the raw new pages and over old XOR new.
+
+The receiver's bases: by default the decoder reads each delta page's base
+where it is, in the receiver's memory (``Rows``, the fused decode,
+xb_apply_from); ``--base gather`` times the path before it (the bases
+gathered into the staging rows, then applied: xb_gather + xb_apply), and
+``--base both`` times both on every blob, in turn, beside the same memcpy
+(the table's "dec gath" column is the gather path's).
 
 A last line measures the zero test the sender runs on every page of the
 initial copy (Compressor.note_sent_raw, for the zero base): over 1 GiB (quick:
@@ -46,7 +54,7 @@ import numpy as np
 import zstandard
 
 from xenbind import PAGE_SIZE
-from xenbind.compress import Compressor, Decompressor, gather
+from xenbind.compress import Compressor, Decompressor, Rows, gather
 from xenbind.compress.zero import KnownZero
 
 PATTERNS = ("unchanged", "1word", "16words", "run256", "half", "all", "miss")
@@ -153,33 +161,52 @@ class Series:
         )
 
 
-def summarise(nbytes: int, enc: Series, dec: Series) -> dict:
+def summarise(nbytes: int, enc: Series, dec: Series, dec_gather: Series | None = None) -> dict:
     res: dict = {}
     for clock, name in ((1, "cpu"), (0, "wall")):
         e, ce, er, eb = enc.figures(nbytes, clock)
         d, cd, dr, db = dec.figures(nbytes, clock)
-        res[name] = {
-            "encode_MBps": e,
-            "decode_MBps": d,
-            "memcpy_MBps": statistics.median([ce, cd]),
-            "encode_vs_memcpy": er,  # median over calls of memcpy time / codec time
-            "decode_vs_memcpy": dr,
-            "encode_vs_memcpy_best": eb,  # best call against best copy
-            "decode_vs_memcpy_best": db,
-        }
+        if dec_gather is not None:
+            g, _, gr, gb = dec_gather.figures(nbytes, clock)
+            res[name] = {
+                "decode_gather_MBps": g,
+                "decode_gather_vs_memcpy": gr,
+                "decode_gather_vs_memcpy_best": gb,
+            }
+        res.setdefault(name, {}).update(
+            {
+                "encode_MBps": e,
+                "decode_MBps": d,
+                "memcpy_MBps": statistics.median([ce, cd]),
+                "encode_vs_memcpy": er,  # median over calls of memcpy time / codec time
+                "decode_vs_memcpy": dr,
+                "encode_vs_memcpy_best": eb,  # best call against best copy
+                "decode_vs_memcpy_best": db,
+            }
+        )
     return res
 
 
 def bench_codec(
-    codec: str, pattern: str, old: np.ndarray, new: np.ndarray, reps: int, copier: Copier
+    codec: str,
+    pattern: str,
+    old: np.ndarray,
+    new: np.ndarray,
+    reps: int,
+    copier: Copier,
+    bases: str = "rows",
 ) -> dict:
     """Encode/decode throughput and size of one codec on one pattern.
 
     The calls alternate direction (old->new, then new->old), so the cache
     always holds the other version and every call sees the pattern; each blob
-    is decoded right away by the receiver on its own pages (the gather of the
-    delta pages' bases is timed with the decode), into a staging buffer
-    (out=) as the receiver does. For 'miss', two disjoint pfn sets alternate
+    is decoded right away by the receiver on its own pages (reading the delta
+    pages' bases is timed with the decode), into a staging buffer (out=) as
+    the receiver does. ``bases``: "rows", the kernel reads each base in the
+    receiver's memory (Rows); "gather", they are gathered into the staging
+    rows first (the path before); "both", each blob is decoded both ways in
+    turn (the order alternating), the second into a staging buffer of its
+    own. For 'miss', two disjoint pfn sets alternate
     through a cache of n pages, so every page misses and evicts.
     """
     n = len(old)
@@ -197,24 +224,36 @@ def bench_codec(
     # the receiver's memory: delta pages decode on its pages (the base source
     # gathers them, as the receiver's Backup.read does, inside the timed call)
     held = np.zeros((2 * n, PAGE_SIZE), dtype=np.uint8)
+    rows = Rows(held)  # the fused decode's base source
 
-    def base(p: np.ndarray, out: np.ndarray) -> None:
+    def gathered(p: np.ndarray, out: np.ndarray) -> None:  # the path before
         gather(held, p, out)
 
-    got = dec.decompress(comp.compress(*first), first[0], base, out=stage)  # prime the cache
+    paths: list[tuple[Callable[[np.ndarray, np.ndarray], None], Series, np.ndarray]] = []
+    if bases in ("rows", "both"):
+        paths.append((rows, Series(), stage))
+    if bases in ("gather", "both"):
+        other = np.empty_like(stage) if bases == "both" else stage
+        other.fill(0)
+        paths.append((gathered, Series(), other))
+    got = dec.decompress(comp.compress(*first), first[0], rows, out=stage)  # prime the cache
     held[first[0].astype(np.intp)] = got
-    enc, dect = Series(), Series()
+    enc = Series()
     size = 0
     for r in range(2 * reps):
         want_pfns, want_pages = sets[r % 2]
         blob = enc.timed(copier, lambda p=want_pfns, g=want_pages: comp.compress(p, g))
-        got = dect.timed(copier, lambda b=blob, p=want_pfns: dec.decompress(b, p, base, out=stage))
+        for base, series, into in paths[:: 1 if r % 2 == 0 else -1]:
+            got = series.timed(
+                copier,
+                lambda b=blob, p=want_pfns, f=base, o=into: dec.decompress(b, p, f, out=o),
+            )
+            if r < 2 and not np.array_equal(got, want_pages):  # it checks what it times
+                raise AssertionError(f"{codec}/{pattern}: decoded pages differ ({bases})")
         held[want_pfns.astype(np.intp)] = got  # the commit (not timed)
-        if r < 2:  # the benchmark checks what it times
-            if not np.array_equal(got, want_pages):
-                raise AssertionError(f"{codec}/{pattern}: decoded pages differ")
+        if r < 2:
             size = len(blob)
-    res = summarise(nbytes, enc, dect)
+    res = summarise(nbytes, enc, paths[0][1], paths[1][1] if len(paths) > 1 else None)
     res.update(bytes=size, ratio=nbytes / size, vs_format_a=size / nbytes)
     return res
 
@@ -323,7 +362,7 @@ def bench_zero_test(total_pages: int, reps: int, side: str = "sender") -> dict:
     return out
 
 
-def run(pages: int, reps: int, generic_pages: int) -> dict:
+def run(pages: int, reps: int, generic_pages: int, bases: str = "rows") -> dict:
     rng = np.random.default_rng(20110624)
     old = rng.integers(0, 256, (pages, PAGE_SIZE), dtype=np.uint8)
     copier = Copier(old)
@@ -338,13 +377,14 @@ def run(pages: int, reps: int, generic_pages: int) -> dict:
         "pages": pages,
         "reps": reps,
         "generic_pages": generic_pages,
+        "bases": bases,
         "patterns": {},
     }
     for pattern in PATTERNS:
         new = make_pattern(pattern, old, rng)
         row: dict = {}
         for codec in ("seed", "xen"):
-            row[codec] = bench_codec(codec, pattern, old, new, reps, copier)
+            row[codec] = bench_codec(codec, pattern, old, new, reps, copier, bases)
         row["none"] = bench_none(new, reps, copier)
         g = min(generic_pages, pages)
         row["raw"] = bench_generic(new[:g].tobytes(), max(1, reps // 2))
@@ -426,6 +466,8 @@ def print_table(res: dict) -> None:
         f"{'pattern':<10} {'codec':<10} {'enc MB/s':>9} {'dec MB/s':>9} {'cpy MB/s':>9} "
         f"{'enc x cpy':>9} {'dec x cpy':>9} {'bytes':>10} {'ratio':>8} {'x A':>6}"
     )
+    if res.get("bases") == "both":
+        hdr += f" {'dec gath':>9}"  # the gather path's dec x cpy, beside the fused one
     print(hdr)
     print("-" * len(hdr))
     scale = res["pages"] / min(res["generic_pages"], res["pages"])
@@ -437,6 +479,11 @@ def print_table(res: dict) -> None:
                 f"{pattern:<10} {codec:<10} {t['encode_MBps']:9.0f} {t['decode_MBps']:9.0f} "
                 f"{t['memcpy_MBps']:9.0f} {t['encode_vs_memcpy']:9.2f} {t['decode_vs_memcpy']:9.2f} "
                 f"{r['bytes']:10d} {r['ratio']:8.1f} {r['vs_format_a']:6.3f}"
+                + (
+                    f" {t['decode_gather_vs_memcpy']:9.2f}"
+                    if "decode_gather_vs_memcpy" in t
+                    else ""
+                )
             )
         for src in ("raw", "xor"):
             for name, r in row[src].items():
@@ -468,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, help="repetitions (default 5, quick 2)")
     ap.add_argument("--json", default="bench/results/codec.json", help="where to write the JSON")
     ap.add_argument("--zero-only", action="store_true", help="only the zero test line")
+    ap.add_argument(
+        "--base",
+        choices=("rows", "gather", "both"),
+        default="rows",
+        help="how the decoder reads delta pages' bases: in place in the receiver's memory "
+        "(rows, the default), gathered first (gather, the path before), or both in turn",
+    )
     args = ap.parse_args(argv)
     pages = args.pages or (2048 if args.quick else 8192)
     reps = args.reps or (2 if args.quick else 5)
@@ -478,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             print_zero_test(z)
             print(json.dumps(z, indent=1))
         return 0
-    res = run(pages, reps, generic_pages=min(pages, 1024 if args.quick else 2048))
+    res = run(pages, reps, generic_pages=min(pages, 1024 if args.quick else 2048), bases=args.base)
     res["zero_test"] = bench_zero_test(zero_pages, reps)
     res["zero_test_receiver"] = bench_zero_test(zero_pages, reps, "receiver")
     try:
