@@ -35,6 +35,11 @@ workloads (one step = one page write, except ledger: one transaction):
   ledger    a bank: --accounts accounts and a transaction log; --rate transactions/s.
             Every transaction prints 'ack TXID FROM TO AMOUNT' to its output, which
             reaches DIR/dom-N.out only when the protecting daemon releases it.
+            With a disk, every transaction is journaled to it before it is acknowledged.
+
+disks (--disk SIZE): a sparse image DIR/dom-N-disk0.img served by the domain's
+block server (nbdkit) on DIR/dom-N.nbd; the guest writes it over NBD. random and
+hotset write a 4 KiB block every --disk-every steps; disk-check verifies them.
 
 examples:
   python -m xenbind.sim host --dir /dev/shm/primary &
@@ -42,12 +47,16 @@ examples:
   python -m xenbind.sim --dir /dev/shm/primary list --json
   python -m xenbind.sim --dir /dev/shm/primary outputs 1 > acked.txt
   python -m xenbind.sim --dir /dev/shm/backup ledger-check 1 --acked acked.txt
+  python -m xenbind.sim --dir /dev/shm/primary create --workload random --disk 64M --disk-rate 50
+  python -m xenbind.sim --dir /dev/shm/primary disk-check 2
 
 files in DIR:
   host.sock, host.pid, host.lock   the running host
   dom-N.mem                        guest memory, PFN p at byte p*4096
   dom-N.json, dom-N.ctl            metadata; live status page
   dom-N.out                        released output;  dom-N.log  the domain's log
+  dom-N-diskI.img, dom-N.nbd       disk images; the block server's NBD socket
+  dom-N.dctl, dom-N.disklog        the block server's control socket; its log
 
 pauses are counted as Xen counts them: a domain paused twice (say by the
 operator and by remusd) runs again only after two unpauses.
@@ -61,7 +70,12 @@ See docs/simulator.md for the whole story.
 CREATE_DELAY_ENV = "REMUS_SIM_CREATE_DELAY_S"
 
 
-def parse_size(text: str) -> int:
+def parse_disk_size(text: str) -> int:
+    """A disk size: as ``parse_size``, in whole 512-byte sectors."""
+    return parse_size(text, 512, "512-byte sectors")
+
+
+def parse_size(text: str, unit: int = 4096, units_name: str = "4 KiB pages") -> int:
     """'64M', '1G', '65536K', '4096' (bytes) -> bytes; whole pages only."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -71,9 +85,9 @@ def parse_size(text: str) -> int:
     if not t.isdigit():
         raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 64M, 1G, 262144K)")
     size = int(t) * mult
-    if size % 4096 or size <= 0:
+    if size % unit or size <= 0:
         raise argparse.ArgumentTypeError(
-            f"size {text!r} is not a positive whole number of 4 KiB pages"
+            f"size {text!r} is not a positive whole number of {units_name}"
         )
     return size
 
@@ -155,6 +169,39 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "uffd-wp", "bitmap"],
         help="log-dirty mechanism",
     )
+    c.add_argument(
+        "--disk",
+        metavar="SIZE",
+        type=parse_disk_size,
+        action="append",
+        default=[],
+        help="a new sparse disk of SIZE (64M, 1G; 1M to 64G), served over NBD by "
+        "the domain's block server; repeatable",
+    )
+    c.add_argument(
+        "--disk-file",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="an existing disk image, used as it is and never deleted; repeatable "
+        "(instead of --disk)",
+    )
+    dr = c.add_mutually_exclusive_group()
+    dr.add_argument(
+        "--disk-every",
+        metavar="K",
+        type=int,
+        default=None,
+        help="random/hotset with a disk: every K-th step writes a 4 KiB block (default 16)",
+    )
+    dr.add_argument(
+        "--disk-rate",
+        metavar="WRITES_PER_S",
+        type=float,
+        default=None,
+        help="random/hotset with a disk: about this many block writes per second "
+        "(sets K = rate / WRITES_PER_S, at least 1)",
+    )
     ls = add("list", "list the host's domains")
     ls.add_argument(
         "--json",
@@ -197,6 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="acknowledgements ('outputs' format) that must be in the log",
     )
+    lc.add_argument(
+        "--disk",
+        metavar="PATH",
+        default=None,
+        help="the disk image whose journal is checked (default: the domain's disk 0, "
+        "if it has one)",
+    )
+    dc = add(
+        "disk-check",
+        "check a domain's disk against what its workload wrote",
+        "Compare the domain's disk 0 with what its workload must have written by its\n"
+        "current step: random/hotset, every 4 KiB block holds the write of the last\n"
+        "step that chose it (or zeros); ledger, the journal (as ledger-check). Pauses a\n"
+        "running domain for the check. Works after the host died. Exit status 1 and one\n"
+        "line per wrong block on any failure.",
+    )
+    dc.add_argument("id", metavar="ID", help="domid or name")
+    dc.add_argument(
+        "--disk", metavar="PATH", default=None, help="another copy of the disk to check"
+    )
     return p
 
 
@@ -228,27 +295,40 @@ def _run(args, sim_dir: str) -> int:
     from . import postmortem
     from .client import SimHypervisor
 
-    if args.cmd in ("digest", "outputs", "ledger-check"):
+    if args.cmd in ("digest", "outputs", "ledger-check", "disk-check"):
         if not os.path.isdir(sim_dir):
             print(f"error: {sim_dir} is not a directory", file=sys.stderr)
             return 1
         if args.cmd == "digest":
             print(postmortem.digest(sim_dir, args.id))
-        elif args.cmd == "outputs":
+            return 0
+        if args.cmd == "outputs":
             sys.stdout.buffer.write(postmortem.outputs(sim_dir, args.id))
+            return 0
+        if args.cmd == "ledger-check":
+            problems, summary = postmortem.ledger_check(sim_dir, args.id, args.acked, args.disk)
         else:
-            problems, summary = postmortem.ledger_check(sim_dir, args.id, args.acked)
-            for p in problems:
-                print(f"ledger-check: domain {args.id}: {p}", file=sys.stderr)
-            facts = ", ".join(f"{k} {v}" for k, v in summary.items())
-            if problems:
-                print(f"ledger-check: domain {args.id}: FAILED ({facts})", file=sys.stderr)
-                return 1
-            print(f"ledger-check: domain {args.id}: OK ({facts})")
+            problems, summary = postmortem.disk_check(sim_dir, args.id, args.disk)
+        for p in problems:
+            print(f"{args.cmd}: domain {args.id}: {p}", file=sys.stderr)
+        facts = ", ".join(f"{k} {v}" for k, v in summary.items())
+        if problems:
+            print(f"{args.cmd}: domain {args.id}: FAILED ({facts})", file=sys.stderr)
+            return 1
+        print(f"{args.cmd}: domain {args.id}: OK ({facts})")
         return 0
 
     hv = SimHypervisor(sim_dir)
     if args.cmd == "create":
+        every = args.disk_every
+        if args.disk_rate is not None:
+            if not args.disk_rate > 0:
+                print("error: --disk-rate must be a positive number", file=sys.stderr)
+                return 2
+            from .workloads import DEFAULT_RATE
+
+            rate = args.rate if args.rate is not None else DEFAULT_RATE[args.workload]
+            every = max(1, round(rate / args.disk_rate))
         dom = hv.create(
             args.memory,
             args.workload,
@@ -260,10 +340,15 @@ def _run(args, sim_dir: str) -> int:
             zipf=args.zipf,
             accounts=args.accounts,
             dirty_mode=args.dirty_mode,
+            disks=args.disk,
+            disk_files=args.disk_file,
+            disk_every=every,
         )
         print(dom.domid)
     elif args.cmd == "list":
         infos = hv.list()
+        metas = {m["domid"]: m for m in hv.request({"op": "list"}, "list")["domains"]}
+        disks = {i.domid: metas.get(i.domid, {}).get("disks", []) for i in infos}
         if args.json:
             rows = [
                 {
@@ -276,19 +361,24 @@ def _run(args, sim_dir: str) -> int:
                     "workload": i.extra["workload"],
                     "dirty_mode": i.extra["dirty_mode"],
                     **{k: v for k, v in i.extra.items() if k not in ("workload", "dirty_mode")},
+                    "disks": disks[i.domid],
                 }
                 for i in infos
             ]
             print(json.dumps(rows, indent=1))
         else:
             print(
-                f"{'ID':>4} {'NAME':<16} {'MEMORY':>8} {'WORKLOAD':<8} {'STATE':<9} {'STEP':>10} DIRTY"
+                f"{'ID':>4} {'NAME':<16} {'MEMORY':>8} {'WORKLOAD':<8} {'STATE':<9} {'STEP':>10} "
+                "DIRTY    DISKS"
             )
             for i in infos:
+                ds = ",".join(_size(d["size"]) for d in disks[i.domid]) or "-"
                 print(
                     f"{i.domid:>4} {i.name:<16} {i.pages * 4096 >> 20:>7}M {i.extra['workload']:<8} "
-                    f"{i.state:<9} {i.extra['step']:>10} {i.extra['dirty_mode']}"
+                    f"{i.state:<9} {i.extra['step']:>10} {i.extra['dirty_mode']:<8} {ds}"
                 )
+                for n, d in enumerate(disks[i.domid]):
+                    print(f"{'':>6}disk {n}: {d['path']} (nbd {d['nbd']}, control {d['control']})")
     elif args.cmd in ("pause", "unpause", "set-rate"):
         dom = hv.lookup(args.id)
         try:
@@ -303,6 +393,13 @@ def _run(args, sim_dir: str) -> int:
     elif args.cmd == "destroy":
         hv.destroy(args.id)
     return 0
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 if __name__ == "__main__":

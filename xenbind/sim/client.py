@@ -24,6 +24,10 @@ How each Domain operation reaches the simulated hardware:
                                  where writing through a mapping this process
                                  has not touched yet costs a fault per page
     info                         metadata + the worker's status page DIR/dom-N.ctl
+    disks                        the metadata: each disk's image, size, and its
+                                 block server's NBD and control sockets
+                                 (xenbind.sim.disk; the daemons use the control
+                                 socket, the guest the NBD one)
 
 Rules: every failure is a ``DomainError`` naming the domain and operation
 (host not running: the message names DIR). A SimDomain may be used from one
@@ -41,13 +45,14 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from .. import PAGE_SIZE
 from ..errors import DomainError
 from ..hypervisor import Domain, Hypervisor
-from ..types import Context, DomainConfig, DomainInfo
+from ..types import Context, DiskInfo, DomainConfig, DomainInfo
 from . import layout as L
 from .dirty import MODE_UFFD, DirtyTrackingError, PagemapScanner
 from .workloads import MAGIC_PAGES, REGS_SIZE
@@ -73,6 +78,8 @@ def _params_out(meta: dict) -> dict:
         extra.update(wss=meta["a"], zipf=meta["b"])
     elif meta["workload"] == "ledger":
         extra["accounts"] = meta["a"]
+    if meta.get("disk_every"):
+        extra["disk_every"] = meta["disk_every"]
     return extra
 
 
@@ -86,6 +93,7 @@ def _params_in(extra: dict) -> dict:
         req["a"], req["b"] = int(extra.get("wss", 0)), float(extra.get("zipf", 0.0))
     elif workload == "ledger":
         req["a"] = int(extra.get("accounts", 0))
+    req["disk_every"] = int(extra.get("disk_every", 0))
     return req
 
 
@@ -158,8 +166,18 @@ class SimHypervisor(Hypervisor):
         uuid: str | None = None,
         vcpus: int = 1,
         backup: bool = False,
+        disks: Sequence[int] = (),
+        disk_files: Sequence[str | os.PathLike] = (),
+        disk_every: int | None = None,
     ) -> SimDomain:
-        """Create a running (or paused) domain of ``memory`` bytes (sim only)."""
+        """Create a running (or paused) domain of ``memory`` bytes (sim only).
+
+        ``disks``: sizes in bytes of new (sparse, zero) disks, whole 512-byte
+        sectors, 1 MiB to 64 GiB; or ``disk_files``: existing images used as
+        they are and never deleted by the host (``disks`` then, if given,
+        must match their sizes). ``disk_every`` (random, hotset with a
+        disk): every how many steps the guest writes a 4 KiB disk block
+        (default 16; 0: never)."""
         if memory % PAGE_SIZE:
             raise DomainError(name, "create", f"memory {memory} is not a whole number of pages")
         req = {
@@ -176,11 +194,23 @@ class SimHypervisor(Hypervisor):
             "uuid": uuid,
             "vcpus": vcpus,
             "backup": backup,
+            "disks": [int(d) for d in disks],
+            "disk_files": [os.path.abspath(os.fspath(f)) for f in disk_files],
+            "disk_every": disk_every,
         }
         meta = self.request(req, "create", name)["meta"]
         return SimDomain(self, meta)
 
-    def create_backup(self, config: DomainConfig) -> SimDomain:
+    def create_backup(self, config: DomainConfig, disks: Sequence[str] = ()) -> SimDomain:
+        """A paused backup domain for ``config``; ``disks``: its images, one
+        per ``config.disks`` and of those sizes (kept by the receiver; the
+        host serves them and never deletes them)."""
+        if len(disks) != len(config.disks):
+            raise DomainError(
+                config.name,
+                "create_backup",
+                f"the domain has {len(config.disks)} disks, {len(disks)} backup images given",
+            )
         req = {
             "op": "create",
             "pages": config.pages,
@@ -189,6 +219,8 @@ class SimHypervisor(Hypervisor):
             "vcpus": config.vcpus,
             "backup": True,
             "paused": True,
+            "disks": [int(d) for d in config.disks],
+            "disk_files": [os.path.abspath(os.fspath(p)) for p in disks],
         }
         req.update(_params_in(config.extra))
         meta = self.request(req, "create_backup", config.name)["meta"]
@@ -523,6 +555,13 @@ class SimDomain(Domain):
     def destroy(self) -> None:
         self.close()
         self.hv.destroy(self.domid)
+
+    def disks(self) -> list[DiskInfo]:
+        """The domain's disks, from its metadata (xenbind.sim.disk)."""
+        return [
+            DiskInfo(path=d["path"], size=int(d["size"]), control=d["control"], nbd=d["nbd"])
+            for d in self.meta.get("disks", ())
+        ]
 
     def close(self) -> None:
         with self._lock:

@@ -12,7 +12,8 @@ one JSON object per line out, then the host closes the connection::
 
     {"op": "ping"}                                -> {"ok": true, "pid", "dir", "dirty_mode"}
     {"op": "create", "pages", "workload", "seed", "rate", "a", "b", "name"?,
-     "uuid"?, "vcpus"?, "paused"?, "backup"?, "dirty_mode"?}
+     "uuid"?, "vcpus"?, "paused"?, "backup"?, "dirty_mode"?,
+     "disks"?: [bytes, ...], "disk_files"?: [path, ...], "disk_every"?}
                                                   -> {"ok": true, "meta": {...}}
     {"op": "list"}                                -> {"ok": true, "domains": [meta, ...]}
     {"op": "lookup", "ref": domid|name|uuid}      -> {"ok": true, "meta": {...}}
@@ -25,6 +26,16 @@ runs) and, for a domain whose worker died, ``"exit"`` (how it ended).
 Rules: the host is single-threaded (so forking a worker is safe); it is the
 only writer of ``dom-N.json`` and the only process that creates or removes
 domain files; requests are served one at a time, each bounded by a timeout.
+
+Disks (xenbind.sim.disk): ``disks`` gives their sizes (sparse images
+``dom-N-diskI.img`` made here, removed at destroy), or ``disk_files`` gives
+existing images (absolute paths, used as they are and never removed: a
+backup's, whose sizes ``disks`` then must match). For a domain with disks the
+host starts its block server (nbdkit, --exit-with-parent) before the worker,
+waits until its sockets exist, and kills it after the worker at destroy and
+shutdown; the meta says ``disks: [{"path", "size", "nbd", "control",
+"owned"}]`` and ``disk_server_pid``. ``disk_every`` (random, hotset): every
+how many steps the guest writes a disk block (default 16 with a disk).
 
 A slow toolstack (``--create-delay S``, as a large ``xl create`` takes
 seconds): a create is carried out at once (the domain is listed, paused or
@@ -42,6 +53,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -49,15 +61,22 @@ import uuid as uuidlib
 from typing import Any
 
 from .. import PAGE_SIZE
+from . import disk as D
 from . import layout as L
 from .dirty import MODE_BITMAP, MODE_UFFD, probe
-from .workloads import KINDS, MAGIC_PAGES, RegistersError, new_registers
+from .workloads import DISK_KINDS, KINDS, MAGIC_PAGES, RegistersError, new_registers
 
 REQUEST_TIMEOUT_S = 5.0
 WORKER_START_TIMEOUT_S = 30.0
 MIN_PAGES = 16
 MAX_PAGES = 1 << 24  # 64 GiB of guest memory
 MAX_REQUEST = 1 << 16
+DISK_SERVER_START_TIMEOUT_S = 15.0
+DISK_SERVER_STOP_TIMEOUT_S = 5.0
+#: a page workload with a disk writes a block every this many steps, unless told
+DEFAULT_DISK_EVERY = 16
+#: the files of a domain besides its disk images (removed at destroy)
+DOMAIN_FILES = ("json", "mem", "ctl", "dirty", "out", "log", "sock", "nbd", "dctl", "disklog")
 
 
 class HostError(Exception):
@@ -166,6 +185,12 @@ class Host:
                     d["exit"] = _describe_exit(status)
                     _unlink(L.path(self.dir, domid, "sock"))
                     log(f"domain {domid} died: {d['exit']}")
+                elif d.get("disk_pid") == pid:
+                    d["disk_pid"] = 0
+                    log(
+                        f"block server of domain {domid} died: {_describe_exit(status)} "
+                        f"(see dom-{domid}.disklog); its guest loses its disks"
+                    )
 
     def _kill(self, domid: int) -> None:
         d = self.domains[domid]
@@ -178,6 +203,11 @@ class Host:
             d["pid"] = 0
             d["exit"] = "destroyed"
         _unlink(L.path(self.dir, domid, "sock"))
+        if d.get("disk_pid"):
+            _stop_server(d["disk_pid"])
+            d["disk_pid"] = 0
+        for ext in ("nbd", "dctl"):
+            _unlink(L.path(self.dir, domid, ext))
 
     # --- requests --------------------------------------------------------------------
 
@@ -229,9 +259,8 @@ class Host:
         if op == "destroy":
             domid = self._find(req.get("ref"))
             self._kill(domid)
-            del self.domains[domid]
-            for ext in ("json", "mem", "ctl", "dirty", "out", "log", "sock"):
-                _unlink(L.path(self.dir, domid, ext))
+            meta = self.domains.pop(domid)["meta"]
+            _remove_files(self.dir, domid, meta.get("disks", ()))
             log(f"domain {domid} destroyed")
             return {"ok": True}
         raise HostError(f"unknown request {op!r}")
@@ -267,7 +296,14 @@ class Host:
             raise HostError("seed must fit in 64 bits")
         rate = req.get("rate")
         a, b = int(req.get("a", 0)), float(req.get("b", 0.0))
-        regs = new_registers(workload, seed, None if rate is None else float(rate), a, b)
+        disk_sizes, disk_files = _disk_request(req)
+        every = req.get("disk_every")
+        if every is None:
+            every = DEFAULT_DISK_EVERY if disk_sizes and workload in DISK_KINDS else 0
+        every = int(every)
+        if every and not disk_sizes:
+            raise HostError(f"disk_every {every} needs a disk (create with disks)")
+        regs = new_registers(workload, seed, None if rate is None else float(rate), a, b, every)
         if workload == "ledger":  # check the ledger fits before making files
             from .ledger import Layout
 
@@ -297,6 +333,9 @@ class Host:
             "created": time.time(),
             "host_pid": self.pid,
         }
+        if disk_sizes:
+            meta["disks"] = self._disk_meta(domid, disk_sizes, disk_files)
+            meta["disk_every"] = every
         self.next_domid += 1
         mem = L.path(self.dir, domid, "mem")
         try:
@@ -318,15 +357,27 @@ class Host:
                 f"cannot allocate {pages * PAGE_SIZE >> 20} MiB of memory for "
                 f"domain {name} in {self.dir}: {e.strerror or e}"
             ) from None
-        pid = self._spawn(domid)
-        self.domains[domid] = {"pid": pid, "meta": meta, "exit": None}
+        self.domains[domid] = {"pid": 0, "meta": meta, "exit": None, "disk_pid": 0}
+        try:
+            if disk_sizes:
+                self._make_images(meta["disks"])
+                self.domains[domid]["disk_pid"] = self._start_disk_server(domid, meta["disks"])
+                meta["disk_server_pid"] = self.domains[domid]["disk_pid"]
+                L.write_meta(self.dir, meta)
+        except (HostError, OSError) as e:
+            self._kill(domid)
+            del self.domains[domid]
+            _remove_files(self.dir, domid, meta.get("disks", ()), keep_log=True)
+            if isinstance(e, HostError):
+                raise
+            raise HostError(f"cannot make the disks of domain {name}: {e}") from None
+        self.domains[domid]["pid"] = self._spawn(domid)
         started = _read_line_timeout(self._ready_fd, WORKER_START_TIMEOUT_S)
         os.close(self._ready_fd)
         if not started.startswith("ok "):
             self._kill(domid)
             del self.domains[domid]
-            for ext in ("json", "mem", "ctl", "dirty", "out", "sock"):
-                _unlink(L.path(self.dir, domid, ext))
+            _remove_files(self.dir, domid, meta.get("disks", ()), keep_log=True)
             raise HostError(
                 f"domain did not start: {started[4:] or 'worker exited'} (see dom-{domid}.log)"
             )
@@ -334,8 +385,83 @@ class Host:
         L.write_meta(self.dir, meta)
         log(
             f"created domain {domid} ({name}): {pages} pages, {workload}, {meta['dirty_mode_in_use']}"
+            + "".join(f", disk {d['path']} ({d['size']} bytes)" for d in meta.get("disks", ()))
         )
         return self._meta(domid)
+
+    # --- disks -----------------------------------------------------------------------
+
+    def _disk_meta(self, domid: int, sizes: list[int], files: list[str]) -> list[dict]:
+        nbd, control = L.path(self.dir, domid, "nbd"), L.path(self.dir, domid, "dctl")
+        for sock in (nbd, control):
+            if len(sock.encode()) > D.MAX_SOCKET_PATH:
+                raise HostError(
+                    f"socket path {sock} is too long for a Unix socket: use a shorter DIR"
+                )
+        return [
+            {
+                "path": files[i] if files else D.image_path(self.dir, domid, i),
+                "size": size,
+                "nbd": nbd,
+                "control": control,
+                "owned": not files,
+            }
+            for i, size in enumerate(sizes)
+        ]
+
+    def _make_images(self, disks: list[dict]) -> None:
+        """Sparse images for the disks the host owns (given files are used as they are)."""
+        for d in disks:
+            if not d["owned"]:
+                continue
+            fd = os.open(d["path"], os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.ftruncate(fd, d["size"])
+            finally:
+                os.close(fd)
+
+    def _start_disk_server(self, domid: int, disks: list[dict]) -> int:
+        """Start the domain's block server; its pid once its sockets exist."""
+        nbd, control = disks[0]["nbd"], disks[0]["control"]
+        for sock in (nbd, control):
+            _unlink(sock)
+        try:
+            argv, sockets = D.server_command([d["path"] for d in disks], nbd, control)
+        except D.DiskError as e:
+            raise HostError(str(e)) from None
+        logp = L.path(self.dir, domid, "disklog")
+        try:
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, logp, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                ],
+                setsigdef=(signal.SIGPIPE, signal.SIGINT, signal.SIGTERM),
+            )
+        except OSError as e:
+            raise HostError(f"cannot start the block server {argv[0]}: {e}") from None
+        deadline = time.monotonic() + DISK_SERVER_START_TIMEOUT_S
+        while not all(os.path.exists(p) for p in sockets):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            why = None
+            if done:
+                why = f"it {_describe_exit(status)}"
+            elif time.monotonic() > deadline:
+                why = f"its sockets did not appear in {DISK_SERVER_START_TIMEOUT_S:g} s"
+                _stop_server(pid)
+            if why:
+                tail = _read_text(logp)[-1500:].strip() or "(nothing)"
+                raise HostError(
+                    f"the block server of domain {domid} did not start: {why}; its log "
+                    f"(dom-{domid}.disklog) says: {tail}"
+                )
+            time.sleep(0.01)
+        log(f"block server of domain {domid}: pid {pid}, {' '.join(argv)}")
+        return pid
 
     def _spawn(self, domid: int) -> int:
         r, w = os.pipe()
@@ -387,6 +513,63 @@ def _read_line_timeout(fd: int, timeout: float) -> str:
     finally:
         sel.close()
     return buf.decode(errors="replace").strip() or "err worker exited"
+
+
+def _disk_request(req: dict) -> tuple[list[int], list[str]]:
+    """The create request's disk sizes and given image files, checked."""
+    sizes, files = req.get("disks") or [], req.get("disk_files") or []
+    if not isinstance(sizes, list) or not isinstance(files, list):
+        raise HostError("disks and disk_files must be lists")
+    if len(sizes) > D.MAX_DISKS or len(files) > D.MAX_DISKS:
+        raise HostError(f"a domain has at most {D.MAX_DISKS} disks")
+    try:
+        sizes = [D.check_size(s, f"disk {i}") for i, s in enumerate(sizes)]
+    except D.DiskError as e:
+        raise HostError(str(e)) from None
+    if files and sizes and len(files) != len(sizes):
+        raise HostError(f"{len(files)} disk files given for {len(sizes)} disks")
+    found = []
+    for i, f in enumerate(files):
+        if not isinstance(f, str) or not os.path.isabs(f):
+            raise HostError(f"disk file {i} must be an absolute path, got {f!r}")
+        try:
+            st = os.stat(f)
+        except OSError as e:
+            raise HostError(f"disk file {f}: {e.strerror or e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise HostError(f"disk file {f} is not a regular file")
+        try:
+            found.append(D.check_size(st.st_size, f"disk file {f}"))
+        except D.DiskError as e:
+            raise HostError(str(e)) from None
+        if sizes and st.st_size != sizes[i]:
+            raise HostError(f"disk file {f} is {st.st_size} bytes, disk {i} is {sizes[i]}")
+    return sizes or found, files
+
+
+def _stop_server(pid: int) -> None:
+    """SIGTERM a block server, SIGKILL if it lingers; reaped either way."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + DISK_SERVER_STOP_TIMEOUT_S
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.005)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _remove_files(sim_dir: str, domid: int, disks, keep_log: bool = False) -> None:
+    """A domain's files, and the disk images the host made (never given ones)."""
+    for ext in DOMAIN_FILES:
+        if not (keep_log and ext in ("log", "disklog")):
+            _unlink(L.path(sim_dir, domid, ext))
+    for d in disks:
+        if d.get("owned"):
+            _unlink(d["path"])
 
 
 def _describe_exit(status: int) -> str:

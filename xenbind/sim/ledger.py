@@ -24,23 +24,54 @@ different account from h(seed,t,1), amount = h(seed,t,2) % (balance[from]//4
 acknowledgement line ``ack <txid> <from> <to> <amount>\\n`` (the guest's
 network output). When the log is full the guest stops transacting.
 
+Disk journal (a domain with a disk: disk 0, through the guest's NBD
+connection, xenbind.sim.disk). ``S = journal_slots(disk size)`` = min(size //
+512, 65536) slots of 512 bytes from byte 0; transaction ``t`` is written to
+slot ``t % S`` *before* the transaction touches memory and so before it is
+acknowledged (the write has completed on the block server when ``pwrite``
+returns). A slot never written is all zeros. A record::
+
+    0   8s  magic   b"LEDGJRN1"
+    8   u64 txid
+    16  u32 from
+    20  u32 to
+    24  u64 amount
+    32  u64 check   entry_check(seed, txid, from, to, amount), as in the log
+    40  u64 seed
+    48  ..  zeros
+    508 u32 CRC-32 of bytes 0..507
+
+A journal write that fails crashes the guest (its disk vanished) with the
+transaction not done: nothing of it in memory, nothing acknowledged. Without
+a disk the ledger is exactly what it was: no journal.
+
 Invariants ``check_ledger`` verifies (on a paused or dead domain's memory):
 header well-formed; total == n * initial_balance == sum(balances); no
 negative balance; every entry below tx_count well-formed (txid, accounts in
 range, check word), every entry at or past tx_count zero; replaying the log
 from the initial balances gives exactly the current balances; every
-acknowledged transaction given is in the log with the same fields.
+acknowledged transaction given is in the log with the same fields. With the
+disk's journal (``journal=``): every slot ``s`` holds exactly the record of
+the largest txid below tx_count with ``txid % S == s`` (built from the
+memory's log entry), or zeros when no such txid exists; so the disk is
+neither behind the memory (a slot empty or holding an older txid), nor ahead
+of it (a txid at or past tx_count), nor corrupted (bad magic or CRC, fields
+that differ from the log). Acknowledged transactions are in the log, the log
+agrees with the journal: the journal holds every acknowledged transaction
+it still has room for.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterable
 from typing import cast
 
 import numpy as np
 
 from .. import PAGE_SIZE
+from .disk import SECTOR, DiskError, GuestDisk
 from .workloads import Marker, Registers, RegistersError, h64, mix64
 
 MAGIC = b"LEDGER01"
@@ -54,6 +85,42 @@ ENTRY_DTYPE = np.dtype(
     [("txid", "<u8"), ("src", "<u4"), ("dst", "<u4"), ("amount", "<u8"), ("check", "<u8")]
 )
 _M64 = (1 << 64) - 1
+
+JOURNAL_MAGIC = b"LEDGJRN1"
+JOURNAL_FORMAT = "<8sQIIQQQ"
+JOURNAL_FIELDS = struct.calcsize(JOURNAL_FORMAT)  # 48
+JOURNAL_RECORD = SECTOR  # 512
+JOURNAL_CRC_OFFSET = JOURNAL_RECORD - 4
+JOURNAL_MAX_SLOTS = 1 << 16  # 32 MiB of journal at most, whatever the disk's size
+JOURNAL_DTYPE = np.dtype(
+    {
+        "names": ["magic", "txid", "src", "dst", "amount", "check", "seed", "crc"],
+        "formats": ["S8", "<u8", "<u4", "<u4", "<u8", "<u8", "<u8", "<u4"],
+        "offsets": [0, 8, 16, 20, 24, 32, 40, JOURNAL_CRC_OFFSET],
+        "itemsize": JOURNAL_RECORD,
+    }
+)
+
+
+def journal_slots(disk_size: int) -> int:
+    """How many journal slots a disk of ``disk_size`` bytes holds."""
+    return min(disk_size // JOURNAL_RECORD, JOURNAL_MAX_SLOTS)
+
+
+def journal_record(seed: int, txid: int, src: int, dst: int, amount: int) -> bytes:
+    """The 512-byte journal record of one transaction."""
+    head = struct.pack(
+        JOURNAL_FORMAT,
+        JOURNAL_MAGIC,
+        txid,
+        src,
+        dst,
+        amount,
+        entry_check(seed, txid, src, dst, amount),
+        seed,
+    )
+    body = head + bytes(JOURNAL_CRC_OFFSET - len(head))
+    return body + struct.pack("<I", zlib.crc32(body))
 
 
 def entry_check(seed: int, txid: int, src: int, dst: int, amount: int) -> int:
@@ -95,8 +162,14 @@ class LedgerWorkload:
     max_batch = 64  # ~5 us per transaction: a batch stays well under 1 ms
     emits_output = True
 
-    def __init__(self, regs: Registers, usable: int) -> None:
+    def __init__(self, regs: Registers, usable: int, disk: GuestDisk | None = None) -> None:
         self.usable = usable
+        self.disk = disk
+        #: why the guest's disk failed it (set by run; the worker crashes the guest)
+        self.disk_failure: str | None = None
+        if disk is not None:
+            self.slots = journal_slots(disk.size)
+            self.max_batch = 8  # + a ~50 us journal write each
         self.reset(regs)
 
     def reset(self, regs: Registers) -> None:
@@ -159,6 +232,13 @@ class LedgerWorkload:
             do = boff + 8 * dst
             (bs,) = pack_q.unpack_from(buf, so)
             amount = h64(seed, t, 2) % (bs // 4 + 1)
+            if self.disk is not None:  # journaled before anything else: see the top
+                try:
+                    record = journal_record(seed, t, src, dst, amount)
+                    self.disk.pwrite(record, (t % self.slots) * JOURNAL_RECORD)
+                except DiskError as e:
+                    self.disk_failure = str(e)
+                    break
             (bd,) = pack_q.unpack_from(buf, do)
             pack_q.pack_into(buf, so, bs - amount)
             pack_q.pack_into(buf, do, bd + amount)
@@ -200,9 +280,14 @@ def parse_acks(
 
 
 def check_ledger(
-    mem: np.ndarray, usable: int, acked: list[tuple[int, int, int, int]] | None = None
+    mem: np.ndarray,
+    usable: int,
+    acked: list[tuple[int, int, int, int]] | None = None,
+    journal: np.ndarray | None = None,
 ) -> tuple[list[str], dict]:
-    """Check the ledger in guest memory ``mem`` (uint8, whole domain).
+    """Check the ledger in guest memory ``mem`` (uint8, whole domain), and
+    with ``journal`` (uint8: the first ``journal_slots(size) * 512`` bytes of
+    disk 0) memory and disk against each other.
 
     Returns (violations, summary); no violation means every invariant holds.
     """
@@ -292,4 +377,66 @@ def check_ledger(
             first_msg = first_msg or msg
         if missing:
             problems.append(f"{first_msg} ({missing} acknowledged transactions not in the log)")
+    if journal is not None:
+        problems += _check_journal(journal, seed, int(count), used, summary)
     return problems, summary
+
+
+def _check_journal(
+    journal: np.ndarray, seed: int, count: int, used: np.ndarray, summary: dict, limit: int = 5
+) -> list[str]:
+    """The journal against the memory's log ``used`` (its first ``count`` entries)."""
+    slots = len(journal) // JOURNAL_RECORD
+    summary["journal_slots"] = slots
+    if slots < 1:
+        return [f"disk journal: {len(journal)} bytes hold no {JOURNAL_RECORD}-byte slot"]
+    got_raw = np.ascontiguousarray(journal[: slots * JOURNAL_RECORD]).reshape(slots, JOURNAL_RECORD)
+    got = got_raw.view(JOURNAL_DTYPE).reshape(slots)
+    nonempty: np.ndarray = got_raw.any(axis=1)
+    summary["journal_records"] = int(nonempty.sum())
+    # slot s must hold txid s + k*S, the largest such txid below count
+    idx = np.arange(slots, dtype=np.int64)
+    has: np.ndarray = idx < count
+    want_tx = np.where(has, idx + ((count - 1 - idx) // slots) * slots, 0)
+    want = np.zeros(slots, dtype=JOURNAL_DTYPE)
+    e = used[want_tx[has]]
+    want["magic"][has] = JOURNAL_MAGIC
+    want["txid"][has] = e["txid"]
+    want["src"][has] = e["src"]
+    want["dst"][has] = e["dst"]
+    want["amount"][has] = e["amount"]
+    want["check"][has] = e["check"]
+    want["seed"][has] = seed
+    want_raw = want.view(np.uint8).reshape(slots, JOURNAL_RECORD)
+    crcs = [zlib.crc32(want_raw[s, :JOURNAL_CRC_OFFSET].tobytes()) for s in np.flatnonzero(has)]
+    want["crc"][has] = np.array(crcs, dtype=np.uint32)
+    differ = np.flatnonzero((got_raw != want_raw).any(axis=1))
+    problems: list[str] = []
+    kinds = {"behind": 0, "ahead": 0, "corrupted": 0}
+    for s in differ.tolist():
+        expected = f"txid {int(want_tx[s])}" if has[s] else "nothing (empty)"
+        r = got[s]
+        if not nonempty[s]:
+            kind, found = "behind", "an empty slot"
+        elif bytes(r["magic"]) != JOURNAL_MAGIC or zlib.crc32(
+            got_raw[s, :JOURNAL_CRC_OFFSET].tobytes()
+        ) != int(r["crc"]):
+            kind, found = "corrupted", "a record with a bad magic or checksum"
+        else:
+            tx = int(r["txid"])
+            found = f"txid {tx}"
+            if tx % slots != s:
+                kind, found = "corrupted", found + f" (whose slot is {tx % slots})"
+            elif tx >= count:
+                kind, found = "ahead", found + f" (past the memory's last txid {count - 1})"
+            elif has[s] and tx < int(want_tx[s]):
+                kind, found = "behind", found + " (an older transaction)"
+            else:
+                kind, found = "corrupted", found + " whose fields differ from the memory's log"
+        kinds[kind] += 1
+        if len(problems) < limit:
+            problems.append(f"disk journal slot {s}: expected {expected}, found {found} ({kind})")
+    if len(differ) > len(problems):
+        counts = ", ".join(f"{n} {k}" for k, n in kinds.items() if n)
+        problems.append(f"disk journal: {len(differ)} slots wrong in all ({counts})")
+    return problems

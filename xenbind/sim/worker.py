@@ -26,6 +26,15 @@ on success, ``b"\\1" + utf-8 message`` on error::
     T  stop at step          <- u64 (2**64-1: no stop): run up to that step, then idle
     A  set rate              <- float64 steps per second
 
+Disks (meta ``disks``, xenbind.sim.disk): at start the worker connects to
+each disk's export on the domain's block server with libnbd; the workload's
+disk writes are synchronous ``pwrite``s on that connection, done in this
+thread like everything else, so a pause answered here finds no disk write in
+flight either. A disk write that fails (the server died, the connection
+broke) crashes the guest, logged with the disk and the error: the workload
+stops at the step whose write failed, nothing after it is done or
+acknowledged.
+
 Rules: pauses are counted; the guest runs only at count 0. All guest-memory
 writes of the workload go through this process's mapping, so uffd-wp sees
 them; the registers only change in this thread.
@@ -49,6 +58,7 @@ import numpy as np
 from .. import PAGE_SIZE
 from . import layout as L
 from .dirty import MODE_BITMAP, MODE_UFFD, DirtyTrackingError, SharedBitmap, UffdWriteProtect
+from .disk import GuestDisk
 from .guest import make_workload
 from .outputs import OutputBuffer
 from .workloads import MAGIC_PAGES, Registers, RegistersError, new_registers
@@ -105,8 +115,13 @@ class Worker:
             float(meta["rate"]),
             int(meta.get("a", 0)),
             float(meta.get("b", 0.0)),
+            int(meta.get("disk_every", 0)),
         )
-        self.workload = make_workload(self.regs, self.usable)
+        self.disks = [
+            GuestDisk(i, d["nbd"], int(d["size"]), d["path"])
+            for i, d in enumerate(meta.get("disks", ()))
+        ]
+        self.workload = make_workload(self.regs, self.usable, self.disks[0] if self.disks else None)
         self.crash_reason: str | None = None
         # a backup's memory arrives by scatter and its registers by set_context,
         # in either order: the guest checks its memory when it is next unpaused
@@ -203,6 +218,7 @@ class Worker:
             f"domain {self.domid} ({self.meta['name']}): {self.pages} pages, workload "
             f"{self.regs.kind_name} seed {self.regs.seed} rate {self.regs.rate}/s, "
             f"dirty tracking {self.mode}, {'paused' if self.pause_count else 'running'}"
+            + "".join(f", disk {d.index} {d.size} bytes on {d.sock}" for d in self.disks)
         )
         while True:
             timeout = None
@@ -235,6 +251,9 @@ class Worker:
     def _run(self, n: int) -> None:
         out = self.workload.run(self.mem64, n, self.mark)
         self.outputs.emit(out)
+        if self.workload.disk_failure and not self.crash_reason:
+            self.crash_reason = f"the guest's disk failed: {self.workload.disk_failure}"
+            log(f"guest crashed at step {self.regs.step}: {self.crash_reason}")
         self.publish()
 
     def _accept(self) -> None:
@@ -341,6 +360,11 @@ class Worker:
         if regs.kind != self.regs.kind:
             raise RegistersError(
                 f"context is for workload {regs.kind_name}, this domain runs {self.regs.kind_name}"
+            )
+        if regs.disk_every != self.regs.disk_every:
+            raise RegistersError(
+                f"context writes a disk block every {regs.disk_every} steps, this domain "
+                f"every {self.regs.disk_every} (0: never)"
             )
         self.workload.reset(regs)  # validates parameters against the memory size
         self.regs = regs

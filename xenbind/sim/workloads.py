@@ -7,12 +7,18 @@ integers and a backup domain given the same memory and registers continues
 exactly where the primary stopped. How many steps run per batch (a matter of
 timing) never changes the result.
 
+The registers' format is that of version 1 (``SIMREGS1``) unchanged: the
+disk rate lives in bits of ``flags`` that were always zero, so a register
+set of a guest without a disk packs to the same 64 bytes as before.
+
 Registers = ``Context.hvm_context`` (64 bytes, little-endian)::
 
     offset size  field
      0      8    magic  b"SIMREGS1"
      8      4    kind   0 idle, 1 random, 2 hotset, 3 scan, 4 ledger
-    12      4    flags  bit 0: crashed (the guest found its memory unusable)
+    12      4    flags  bit 0: crashed (the guest found its memory unusable);
+                        bits 8..31: disk_every K (random, hotset: every K-th
+                        step writes a disk block; 0: no disk writes)
     16      8    seed
     24      8    step   steps completed
     32      8    rate   steps per second (float64)
@@ -33,6 +39,14 @@ by a seeded stride, ``scan`` page ``i mod usable`` (so N steps dirty exactly
 min(N, usable) distinct pages). ``idle`` writes nothing. One step is one page
 write, so ``rate`` is pages written per second. The three magic PFNs at the
 top of memory are never written by a workload ("usable" pages exclude them).
+
+Disk writes (``random``, ``hotset`` with a disk and disk_every K > 0): step
+``i`` with ``i % K == K - 1`` also writes one 4 KiB block of disk 0, through
+the guest's NBD connection (xenbind.sim.disk), before the batch's memory
+writes: block ``h(seed, i, 4) % (disk size // 4096)``, holding the uint64
+words ``i``, the block number, then ``h(seed, i, 5) ^ j*K`` for j = 2..511.
+So after T steps block b holds the data of the last such step below T that
+chose b, or zeros if none did (``expected_disk``, ``check_disk``).
 """
 
 from __future__ import annotations
@@ -46,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import PAGE_SIZE
+from .disk import DiskError, GuestDisk
 
 KINDS = ("idle", "random", "hotset", "scan", "ledger")
 KIND_ID = {name: i for i, name in enumerate(KINDS)}
@@ -54,6 +69,14 @@ REGS_MAGIC = b"SIMREGS1"
 REGS_FORMAT = "<8sIIQQdQdQ"
 REGS_SIZE = struct.calcsize(REGS_FORMAT)  # 64
 FLAG_CRASHED = 1 << 0
+#: flags bits 8..31: every how many steps a page workload writes a disk block
+DISK_EVERY_SHIFT = 8
+MAX_DISK_EVERY = (1 << 24) - 1
+#: a disk write of a page workload: one 4 KiB block
+DISK_BLOCK = 4096
+DISK_BLOCK_WORDS = DISK_BLOCK // 8
+#: disk writes per batch at most: each is an NBD round trip (~50 us)
+DISK_WRITES_PER_BATCH = 8
 
 DM_MAGIC = b"SIMQEMU1"
 DM_FORMAT = "<8sQQQ"
@@ -95,6 +118,19 @@ class Registers:
     @property
     def kind_name(self) -> str:
         return KINDS[self.kind]
+
+    @property
+    def disk_every(self) -> int:
+        """Every how many steps a page workload writes a disk block (0: never)."""
+        return (self.flags >> DISK_EVERY_SHIFT) & MAX_DISK_EVERY
+
+    @disk_every.setter
+    def disk_every(self, every: int) -> None:
+        if not 0 <= every <= MAX_DISK_EVERY:
+            raise RegistersError(f"disk_every must be 0 to {MAX_DISK_EVERY}, got {every}")
+        self.flags = (self.flags & ~(MAX_DISK_EVERY << DISK_EVERY_SHIFT)) | (
+            every << DISK_EVERY_SHIFT
+        )
 
     def pack(self) -> bytes:
         return struct.pack(
@@ -173,15 +209,29 @@ class PageWorkload:
     max_batch = 2048
     emits_output = False
 
-    def __init__(self, regs: Registers, usable: int) -> None:
+    def __init__(self, regs: Registers, usable: int, disk: GuestDisk | None = None) -> None:
         if usable < 1:
             raise RegistersError("domain has no usable pages")
         self.regs = regs
         self.usable = usable
+        self.disk = disk
+        #: why the guest's disk failed it (set by run; the worker crashes the guest)
+        self.disk_failure: str | None = None
         self._prepare()
 
     def _prepare(self) -> None:
         r = self.regs
+        every = r.disk_every
+        if every and r.kind_name not in DISK_KINDS:
+            raise RegistersError(f"workload {r.kind_name} writes no disk (disk_every {every})")
+        if every and self.disk is None:
+            raise RegistersError(
+                f"the registers write a disk block every {every} steps, but this domain has no disk"
+            )
+        self.max_batch = PageWorkload.max_batch
+        if every and self.disk is not None:
+            self.nblocks = self.disk.size // DISK_BLOCK
+            self.max_batch = max(1, min(self.max_batch, DISK_WRITES_PER_BATCH * every))
         if r.kind_name == "hotset":
             wss = int(r.a) or DEFAULT_WSS
             self.wss = max(1, min(wss, self.usable))
@@ -220,6 +270,10 @@ class PageWorkload:
         if n <= 0 or self.regs.kind_name == "idle":
             return []
         start = self.regs.step
+        if self.regs.disk_every and self.disk is not None:
+            n = self._write_disk(start, n)
+            if n == 0:
+                return []
         steps = np.arange(start, start + n, dtype=np.uint64)
         pages = self.pages_for(start, start + n)
         slots = (h64v(self.regs.seed, steps, 1) % np.uint64(SLOTS_PER_PAGE)).astype(np.int64)
@@ -242,6 +296,108 @@ class PageWorkload:
         self.regs.step = start + n
         return []
 
+    def _write_disk(self, start: int, n: int) -> int:
+        """The disk writes of steps [start, start+n), in step order, each
+        complete before the next; how many steps may then run (n, or the
+        steps before the first write that failed, recorded in disk_failure)."""
+        assert self.disk is not None
+        every = self.regs.disk_every
+        first = start + (every - 1 - start) % every
+        for step in range(first, start + n, every):
+            block, data = disk_write(self.regs.seed, step, self.nblocks)
+            try:
+                self.disk.pwrite(data, block * DISK_BLOCK)
+            except DiskError as e:
+                self.disk_failure = str(e)
+                return step - start
+        return n
+
+
+#: the workloads that can write a disk (disk_every)
+DISK_KINDS = ("random", "hotset")
+
+
+def disk_write(seed: int, step: int, nblocks: int) -> tuple[int, bytes]:
+    """The block a disk-writing step writes, and its 4 KiB of data."""
+    block = h64(seed, step, 4) % nblocks
+    return block, disk_data(seed, np.array([step], dtype=np.uint64), np.array([block]))[0].tobytes()
+
+
+def disk_data(seed: int, steps: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """The data (uint64, shape (n, 512)) steps ``steps`` write to ``blocks``."""
+    steps = steps.astype(np.uint64)
+    out = np.empty((len(steps), DISK_BLOCK_WORDS), dtype=np.uint64)
+    out[:, 0] = steps
+    out[:, 1] = blocks.astype(np.uint64)
+    j = np.arange(2, DISK_BLOCK_WORDS, dtype=np.uint64)[None, :]
+    out[:, 2:] = h64v(seed, steps, 5)[:, None] ^ (j * np.uint64(_K_WORD))
+    return out
+
+
+def expected_disk(seed: int, every: int, step: int, nblocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a page workload's disk holds after ``step`` steps: (blocks, steps),
+    sorted by block: block ``blocks[k]`` holds the data step ``steps[k]``
+    wrote (``disk_data``); every other block is zero."""
+    if every <= 0 or step < every:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint64)
+    writers = np.arange(every - 1, step, every, dtype=np.uint64)
+    blocks = (h64v(seed, writers, 4) % np.uint64(nblocks)).astype(np.int64)
+    # the last writer of each block wins
+    uniq, last = np.unique(blocks[::-1], return_index=True)
+    return uniq, writers[len(writers) - 1 - last]
+
+
+def check_disk(
+    image: np.ndarray, seed: int, every: int, step: int, limit: int = 5
+) -> tuple[list[str], dict]:
+    """Compare a page workload's disk image (uint8, the whole disk) with what
+    ``step`` steps of (seed, every) must have left on it. Returns
+    (problems, summary): no problem means every block is as expected."""
+    nblocks = len(image) // DISK_BLOCK
+    words = image[: nblocks * DISK_BLOCK].view("<u8").reshape(nblocks, DISK_BLOCK_WORDS)
+    blocks, writers = expected_disk(seed, every, step, nblocks)
+    summary = {"step": step, "disk_every": every, "blocks": nblocks, "written": len(blocks)}
+    problems: list[str] = []
+    bad = 0
+
+    def say(block: int, expected: int | None) -> None:
+        nonlocal bad
+        bad += 1
+        if len(problems) >= limit:
+            return
+        got = words[block]
+        want = "zeros" if expected is None else f"the write of step {expected}"
+        if not got.any():
+            found = "zeros"
+        else:
+            s = int(got[0])
+            real = disk_data(seed, np.array([s], dtype=np.uint64), np.array([block]))[0]
+            if np.array_equal(got, real):
+                found = f"the write of step {s}"
+                if s >= step:
+                    found += f" (ahead: the registers are at step {step})"
+                elif expected is not None:
+                    found += " (behind)" if s < expected else " (ahead)"
+            else:
+                found = "data no step writes (corrupted)"
+        problems.append(f"disk block {block}: expected {want}, found {found}")
+
+    chunk = 4096  # blocks compared at once (16 MiB of expected data)
+    for a in range(0, len(blocks), chunk):
+        bl, st = blocks[a : a + chunk], writers[a : a + chunk]
+        differ = np.flatnonzero((words[bl] != disk_data(seed, st, bl)).any(axis=1))
+        for k in differ.tolist():
+            say(int(bl[k]), int(st[k]))
+    written = np.zeros(nblocks, dtype=bool)
+    written[blocks] = True
+    for a in range(0, nblocks, chunk):
+        nonzero = words[a : a + chunk].any(axis=1) & ~written[a : a + chunk]
+        for k in np.flatnonzero(nonzero).tolist():
+            say(a + k, None)
+    if bad > len(problems):
+        problems.append(f"{bad} blocks differ in all")
+    return problems, summary
+
 
 def _stride(seed: int, usable: int) -> tuple[int, int]:
     """A seeded stride coprime with ``usable`` and an offset: rank -> page is injective."""
@@ -254,7 +410,7 @@ def _stride(seed: int, usable: int) -> tuple[int, int]:
 
 
 def new_registers(
-    kind: str, seed: int, rate: float | None, a: int = 0, b: float = 0.0
+    kind: str, seed: int, rate: float | None, a: int = 0, b: float = 0.0, disk_every: int = 0
 ) -> Registers:
     if kind not in KIND_ID:
         raise RegistersError(f"unknown workload {kind!r} (one of {', '.join(KINDS)})")
@@ -267,4 +423,10 @@ def new_registers(
         b = b or DEFAULT_ZIPF
     if kind == "ledger":
         a = a or DEFAULT_ACCOUNTS
-    return Registers(KIND_ID[kind], seed & _M64, 0, float(rate), int(a), float(b))
+    if disk_every and kind not in DISK_KINDS:
+        raise RegistersError(
+            f"workload {kind} writes no disk blocks (disk writes: {', '.join(DISK_KINDS)})"
+        )
+    regs = Registers(KIND_ID[kind], seed & _M64, 0, float(rate), int(a), float(b))
+    regs.disk_every = int(disk_every)
+    return regs
