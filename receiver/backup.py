@@ -7,10 +7,13 @@
     write(pfns, data)             checkpoint 0's pages, into the paused backup
     read(pfns, out)               the backup's pages (the bases of delta pages;
                                   a PFN without memory reads as zeros)
-    commit(req)                   a whole checkpoint: save records, pages +
-                                  context (Domain.set_save_records), then the
+    commit(req)                   a whole checkpoint: its disk epoch (journal,
+                                  apply), save records, pages + context
+                                  (Domain.set_save_records), then the
                                   policy's ``committed`` move and the figures;
                                   in verify mode the digest check
+    disk_open / disk_write / disk_seal   the session's disk stream, into the
+                                  Protection's BackupDisks (receiver.backupdisks)
 
 Rules kept here:
 - Nothing is written into the backup outside the Protection's lock, and only
@@ -19,6 +22,10 @@ Rules kept here:
   daemon closed the session with, so the sender hears why.
 - The lock is the Protection's own: a commit (and its digest) delays only
   this domain's failover, never another domain's.
+- A backup disk is written under the same lock and the same check as its
+  memory: epoch 0 as it arrives, epoch N inside checkpoint N's commit, before
+  its pages. A failover (which takes the lock) therefore finds the disks and
+  the memory at the same checkpoint, and nothing reaches a disk after it.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from xenbind import diskstream as ds
 from xenbind.errors import DomainError
 from xenbind.hypervisor import Domain
 from xenbind.stream import MemoryDigest
 
 from . import policy
+from .backupdisks import BackupDisks
 from .core import BackupClosed, CommitRequest, Committed
 from .physmap import Physmap
 from .protection import Protection
@@ -101,6 +110,33 @@ class ProtectionBackup:
                 domain.gather(pfns[backed], have)
                 rows[backed] = have
 
+    def _disks(self) -> BackupDisks:
+        disks = self.prot.disks
+        if disks is None:  # the core reads disks only for a HELLO that named them
+            raise BackupClosed("this backup has no disks")
+        return disks
+
+    def disk_open(self, header: ds.Header) -> None:
+        self._disks().open(header)
+
+    def disk_write(self, record: ds.Write | ds.Zero, direct: bool) -> None:
+        disks = self._disks()
+        if not direct:
+            disks.add(record)  # into the epoch buffer: no image is touched
+            return
+        with self.prot.lock:
+            self._domain()
+            disks.write_direct(record)
+
+    def disk_seal(self, seal: ds.Seal) -> None:
+        disks = self._disks()
+        if seal.epoch:
+            disks.seal(seal)
+            return
+        with self.prot.lock:
+            self._domain()
+            disks.seal_direct(seal)
+
     def commit(self, req: CommitRequest) -> Committed:
         prot = self.prot
         t0 = time.monotonic()
@@ -108,6 +144,10 @@ class ProtectionBackup:
         with prot.lock:
             domain = self._domain()
             first = prot.state == policy.INITIAL_COPY
+            if req.disk_epoch is not None and not first:
+                # the disk epoch first: journaled (its commit point) and
+                # applied before the memory, under the same lock hold
+                self._disks().commit(req.disk_epoch)
             if req.records:
                 domain.set_save_records(req.records)
             if first:

@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     daemon = ReceiverDaemon(cfg, hv)
     daemon.tls = tls_server
     try:
+        daemon.recover_disks()
+    except (OSError, RemusError) as e:
+        log.error("cannot recover the backup disks in %s: %s", cfg.disk_dir, e)
+        return 1
+    try:
         listener = Listener(daemon, cfg.host, cfg.port)
     except ConfigError as e:
         log.error("%s", e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 from daemonkit import tls, witness
@@ -26,6 +27,10 @@ from .rename import check_suffix
 
 DEFAULT_CONFIG = "/etc/remus/receiver.toml"
 DEFAULT_CONTROL = "/run/remus/receiver.sock"
+#: where the backups' disk images and their epoch buffers live (docs/disk.md)
+DEFAULT_DISK_DIR = "/var/lib/remus/disks"
+#: under --sim-dir when no --disk-dir is given
+SIM_DISK_SUBDIR = "backup-disks"
 
 #: The failover timeout when none is configured, derived per session from the
 #: HELLO: FAILOVER_FACTOR x max(interval, sender heartbeat) + FAILOVER_MARGIN_MS,
@@ -128,6 +133,12 @@ class ReceiverConfig:
     insecure_max_bytes: int = DEFAULT_INSECURE_MAX_MB << 20
     #: unauthenticated connections (TLS handshake or HELLO not complete) at once
     max_pending: int = DEFAULT_MAX_PENDING
+    #: the backups' disk images, one directory per domain UUID (docs/disk.md)
+    disk_dir: str = DEFAULT_DISK_DIR
+    #: disk epoch records held in memory per session before they spill to a file
+    disk_buffer_bytes: int = 64 << 20
+    #: the largest disk epoch (one checkpoint's disk writes) a session may send
+    max_disk_epoch_bytes: int = 1 << 30
     #: Prometheus metrics address (daemonkit.metrics), None: off
     metrics: str | None = None
     #: the witness (docs/witness.md): fail over only after winning the owner key;
@@ -354,6 +365,33 @@ def build_parser() -> argparse.ArgumentParser:
         "its backup is created (an unauthenticated HELLO must not allocate gigabytes)",
     )
     p.add_argument(
+        "--disk-dir",
+        metavar="DIR",
+        default=None,
+        help="where the backups' disk images live, one directory per domain UUID, "
+        "each image kept in step with the primary's disk at every committed "
+        f"checkpoint (default {DEFAULT_DISK_DIR}; with --sim-dir, "
+        f"SIM_DIR/{SIM_DISK_SUBDIR}). An image left by an earlier session is "
+        "reused: only the blocks whose hashes differ are copied again",
+    )
+    p.add_argument(
+        "--disk-buffer-mb",
+        metavar="MB",
+        type=_mib,
+        default=64,
+        help="disk writes of a session's uncommitted epochs held in memory, MiB "
+        "(default 64); past it they spill to a staging file in the disk directory",
+    )
+    p.add_argument(
+        "--max-disk-epoch-mb",
+        metavar="MB",
+        type=_mib,
+        default=1024,
+        help="largest disk epoch (the writes of one checkpoint interval) a session may "
+        "send, MiB (default 1024); the sender knows it and checkpoints early, a "
+        "larger epoch ends the session",
+    )
+    p.add_argument(
         "--on-link-loss",
         choices=("failover", "wait"),
         default="failover",
@@ -433,6 +471,10 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         insecure_allow=tuple(args.insecure_allow or DEFAULT_INSECURE_ALLOW),
         insecure_max_bytes=args.insecure_max_mb << 20,
         max_pending=args.max_pending,
+        disk_dir=args.disk_dir
+        or (os.path.join(args.sim_dir, SIM_DISK_SUBDIR) if args.sim_dir else DEFAULT_DISK_DIR),
+        disk_buffer_bytes=args.disk_buffer_mb << 20,
+        max_disk_epoch_bytes=args.max_disk_epoch_mb << 20,
         metrics=args.metrics,
         witness=wcfg,
     )

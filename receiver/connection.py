@@ -83,6 +83,7 @@ def limits_of(cfg) -> Limits:  # type: ignore[no-untyped-def]
         handshake_timeout=cfg.handshake_timeout,
         stall_timeout=cfg.stall_timeout,
         software=SOFTWARE,
+        max_disk_epoch_bytes=cfg.max_disk_epoch_bytes,
     )
 
 
@@ -180,9 +181,27 @@ class Connection:
                 self._execute(actions)
         finally:
             self.core.abandon()  # frees what it holds, however it ended
+            self._close_disks()
             self._linger()
             self.t.close()
             self.daemon.connection_closed(self)
+
+    def _close_disks(self) -> None:
+        """The session is over: its uncommitted disk epochs never reach a disk."""
+        prot = self.prot
+        if prot is None or prot.disks is None:
+            return
+        try:
+            dropped = prot.disks.close()
+        except OSError as e:
+            log.error("%s: cannot drop the session's disk epochs: %s", self.who(), e)
+            return
+        if dropped:
+            log.info(
+                "%s: uncommitted disk epoch(s) %s dropped (never applied)",
+                self.who(),
+                ", ".join(map(str, dropped)),
+            )
 
     def _linger(self) -> None:
         """Close our side first and drain what the peer still sends, briefly:
@@ -296,7 +315,12 @@ class Connection:
         backup = ProtectionBackup(prot, self.who, self._closed_by)
         # the ACCEPT says "witness": true when this receiver fails over under the key
         self.core.rs.accept_witness = self.daemon.cfg.witness is not None
-        actions = self.core.accept(round(prot.failover_timeout * 1000), backup, time.monotonic())
+        actions = self.core.accept(
+            round(prot.failover_timeout * 1000),
+            backup,
+            time.monotonic(),
+            disk_hashes=prot.disk_hashes if prot.disks is not None else None,
+        )
         prot.life()  # the stall and failover clocks start now, not at the HELLO
         try:
             backup.open()

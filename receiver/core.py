@@ -50,6 +50,17 @@ then, so the common case is one gather per COMPRESSED_DATA chunk).
 daemon's ERROR it carries, if the daemon closed the session meanwhile);
 ``DomainError`` ends it ``corrupt``.
 
+Disks (a HELLO that names them, docs/disk.md): the DISK chunks' bytes are
+the disk mirror stream, read here by a ``xenbind.diskstream`` decoder and
+handed to the Backup: ``disk_open`` at its header, ``disk_write`` for each
+WRITE/ZERO (``direct`` in epoch 0, the initial sync, which goes straight to
+the paused backup's disks as checkpoint 0's pages do; buffered in its epoch
+after), ``disk_seal`` at each SEAL. Checkpoint N commits only once SEAL(N)
+arrived (``CommitRequest.disk_epoch``: the Backup journals and applies disk
+epoch N with checkpoint N's memory); a SEAL for any epoch but the
+checkpoint being read, a tail before its SEAL, or a broken disk stream ends
+the session ``violation``.
+
 Save records: the VCPU_INFO, HVM parameter and TOOLSTACK chunks Xen's sender
 writes in every checkpoint; the core keeps the last value of each for the
 checkpoint being read and hands them to ``commit`` (``CommitRequest.records``,
@@ -81,6 +92,8 @@ from typing import Protocol
 
 import numpy as np
 
+from xenbind import diskstream as ds
+from xenbind.blockhash import HashesMessage
 from xenbind.errors import DomainError, ProtocolError, RemusError, StreamError
 from xenbind.session import (
     ERR_INTERNAL,
@@ -97,6 +110,7 @@ from xenbind.stream import (
     CheckpointEnd,
     CodecAnnounce,
     Decoder,
+    DiskData,
     EnableCompression,
     Header,
     Heartbeat,
@@ -174,6 +188,8 @@ class Limits:
     handshake_timeout: float  # seconds
     stall_timeout: float  # seconds
     software: str = ""
+    max_disk_write: int = ds.DEFAULT_MAX_WRITE  # one disk WRITE's data
+    max_disk_epoch_bytes: int = 1 << 30  # one disk epoch, records and heads
 
     def accept_limits(self) -> dict[str, int]:
         return {
@@ -183,6 +199,8 @@ class Limits:
             "max_context": self.max_context,
             "max_device_model": self.max_device_model,
             "max_cache_pages": self.max_cache_pages,
+            "max_disk_write": self.max_disk_write,
+            "max_disk_epoch_bytes": self.max_disk_epoch_bytes,
         }
 
 
@@ -212,6 +230,8 @@ class CommitRequest:
     digest: MemoryDigest | None  # verify mode: compare the backup's memory after
     pages: int  # checkpoint 0: the pages written by ``write``
     records: SaveRecords = SaveRecords()  # the checkpoint's save records (last of each)
+    #: the sealed disk epoch that commits with it (a session with disks), else None
+    disk_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -231,8 +251,21 @@ class Backup(Protocol):
         zeros (a fresh page, as Xen's restore would allocate)."""
 
     def commit(self, req: CommitRequest) -> Committed:
-        """Staged pages, save records and context, whole; then the digest
-        check if asked."""
+        """Staged pages, save records and context, whole, with the disk epoch
+        ``req.disk_epoch`` (journaled, then applied); then the digest check
+        if asked."""
+
+    def disk_open(self, header: ds.Header) -> None:
+        """The session's disk stream begins (its header, checked against the
+        HELLO's disks)."""
+
+    def disk_write(self, record: ds.Write | ds.Zero, direct: bool) -> None:
+        """One disk record: ``direct`` (epoch 0) onto the backup's disks now,
+        else kept in the open epoch until its checkpoint commits."""
+
+    def disk_seal(self, seal: ds.Seal) -> None:
+        """The open disk epoch is whole (epoch 0: the direct writes are made
+        durable)."""
 
 
 # --- actions ----------------------------------------------------------------------
@@ -294,6 +327,9 @@ class ReceiverCore:
         self.staging: Staging | None = None
         self.backup: Backup | None = None
         self.last_committed: int | None = None
+        self.disk: ds.Decoder | None = None  # a session with disks, from ACCEPT to the End
+        self._disk_epoch = 0  # the disk epoch the next SEAL closes
+        self._disk_sealed: int | None = None  # the last disk epoch sealed
         self._now = now
         self._started = now
         self._last_sent = now
@@ -397,9 +433,17 @@ class ReceiverCore:
             return self._end("link-lost", f"connection lost: {why}")
         return []
 
-    def accept(self, failover_timeout_ms: int, backup: Backup, now: float) -> list[Action]:
+    def accept(
+        self,
+        failover_timeout_ms: int,
+        backup: Backup,
+        now: float,
+        disk_hashes: list[HashesMessage] | None = None,
+    ) -> list[Action]:
         """The daemon admitted the HELLO and made the backup (which may have
-        taken seconds, hence ``now``): ACCEPT."""
+        taken seconds, hence ``now``): ACCEPT. A HELLO with disks needs
+        ``disk_hashes``: the backup disks' block hashes (DISK_HASHES frames
+        after the ACCEPT, for the sender's initial sync)."""
         hello = self.hello
         if self.state != ADMITTING or hello is None:
             raise ProtocolError(f"receiver core: accept in state {self.state!r}")
@@ -412,9 +456,14 @@ class ReceiverCore:
                 limits=lim.accept_limits(),
                 software=lim.software,
                 switchover=True,  # this receiver resumes at a SWITCHOVER checkpoint
+                disks=bool(hello.domain.disks),
             )
         )
+        if hello.domain.disks and disk_hashes is None:
+            raise ProtocolError("receiver core: a HELLO with disks is accepted with their hashes")
         self._move("accept")
+        if hello.domain.disks:
+            self.disk = ds.Decoder(max_write=lim.max_disk_write)
         self.decoder = Decoder(
             max_p2m_size=hello.domain.pages,
             max_compressed=lim.max_compressed,
@@ -429,7 +478,10 @@ class ReceiverCore:
         self._now = now
         self._last_life = now  # the stall clock starts now, not at the HELLO
         self._early = True
-        return [self._send(frame, "connection lost sending ACCEPT")]
+        out: list[Action] = [self._send(frame, "connection lost sending ACCEPT")]
+        for msg in disk_hashes or ():
+            out.append(self._send(self.rs.disk_hashes(msg), "connection lost sending DISK_HASHES"))
+        return out
 
     def refuse(self, code: str, reason: str) -> list[Action]:
         """REFUSE the HELLO (the daemon's decision, or the TLS check's)."""
@@ -541,6 +593,7 @@ class ReceiverCore:
         self._digest = None
         self._reset_records()
         self.backup = None
+        self.disk = None
 
     def _reset_records(self) -> None:
         self._params = {}
@@ -676,6 +729,8 @@ class ReceiverCore:
                         raise _End("violation", str(e)) from None
             elif isinstance(ev, Heartbeat):
                 beat = True
+            elif isinstance(ev, DiskData):
+                self._disk_data(ev.data, backup)
             elif isinstance(ev, Header):
                 if ev.p2m_size != hello.domain.pages:
                     raise _End(
@@ -709,10 +764,58 @@ class ReceiverCore:
         if beat and self.state != HANDOVER:  # (Handover stays the last action)
             self._out.append(HeartbeatSeen())
 
+    def _disk_data(self, data: bytes, backup: Backup) -> None:
+        """A DISK chunk: its records to the Backup (module docstring, Disks)."""
+        hello = self.hello
+        if self.disk is None or hello is None:
+            raise _End("violation", "DISK chunk in a session whose HELLO named no disks")
+        try:
+            records = self.disk.feed(data)
+        except ds.DiskStreamError as e:
+            raise _End("violation", f"disk stream error at {e}") from None
+        reading = 0 if self.last_committed is None else self.last_committed + 1
+        try:
+            for rec in records:
+                if isinstance(rec, ds.Header):
+                    if rec.disk_sizes != hello.domain.disks or rec.first_epoch != 0:
+                        raise _End(
+                            "violation",
+                            f"disk stream header names disks {list(rec.disk_sizes)} from "
+                            f"epoch {rec.first_epoch}; the HELLO said {list(hello.domain.disks)} "
+                            "from epoch 0",
+                        )
+                    backup.disk_open(rec)
+                elif isinstance(rec, ds.Seal):
+                    if rec.epoch != reading:
+                        raise _End(
+                            "violation",
+                            f"disk SEAL({rec.epoch}) while checkpoint {reading} is being read "
+                            "(a checkpoint's disk epoch is sealed before its body)",
+                        )
+                    backup.disk_seal(rec)
+                    self._disk_sealed = rec.epoch
+                    self._disk_epoch = rec.epoch + 1
+                else:
+                    backup.disk_write(rec, self._disk_epoch == 0)
+        except BackupClosed as e:
+            raise self._closed(e, str(e)) from None
+        except RemusError as e:  # the disk buffer's rules (count, CRC, epoch bound)
+            raise _End("violation", f"disk stream: {e}") from None
+        except OSError as e:
+            raise _End("corrupt", f"cannot keep the disk stream: {e}") from None
+
     def _commit(self, end: CheckpointEnd, backup: Backup, staging: Staging) -> None:
         context = self._context
         if context is None:  # the decoder yields a Tail before every CheckpointEnd
             raise _End("violation", f"checkpoint {end.index} ended without a tail")
+        disk_epoch = None
+        if self.disk is not None:
+            if self._disk_sealed != end.index:
+                raise _End(
+                    "violation",
+                    f"checkpoint {end.index} ended before its disk epoch's SEAL({end.index})",
+                )
+            disk_epoch = end.index
         first = self.state == INITIAL_COPY
         vcpus = self._vcpus
         records = SaveRecords(
@@ -722,14 +825,21 @@ class ReceiverCore:
             toolstack=self._toolstack,
         )
         req = CommitRequest(
-            end.index, first, staging, context, self._digest, self._initial_pages, records
+            end.index,
+            first,
+            staging,
+            context,
+            self._digest,
+            self._initial_pages,
+            records,
+            disk_epoch,
         )
         try:
             done = backup.commit(req)
         except BackupClosed as e:
             staging.discard()
             raise self._closed(e, f"{e}; checkpoint {end.index} dropped") from None
-        except DomainError as e:
+        except (DomainError, OSError) as e:
             raise _End(
                 "corrupt", f"commit of checkpoint {end.index} failed half-way: {e}"
             ) from None

@@ -131,6 +131,7 @@ from xenbind.session import (
 from xenbind.types import DomainConfig, DomainInfo
 
 from . import policy
+from .backupdisks import BackupDisks, recover_all
 from .config import ReceiverConfig
 from .core import Refusal
 from .protection import Protection
@@ -289,7 +290,10 @@ class ReceiverDaemon:
                         f"{prot.label()}: a newer session of the domain "
                         "replaced this one during admission",
                     )
-            created = self.hv.create_backup(bd)  # seconds, maybe: no lock held
+            if d.disks:
+                self._prepare_disks(prot)  # reads every image: no lock held
+            paths = prot.disks.paths if prot.disks is not None else ()
+            created = self.hv.create_backup(bd, paths)  # seconds, maybe: no lock held
             backup: Domain | None = created
             with prot.lock:
                 if prot.state == policy.INITIAL_COPY:
@@ -513,6 +517,49 @@ class ReceiverDaemon:
                     raise
                 time.sleep(0.02)
         return []
+
+    def _prepare_disks(self, prot: Protection) -> None:
+        """The backup's disk images for a HELLO with disks: made (sparse) or
+        reused, then hashed for the sender's initial sync (docs/disk.md)."""
+        cfg = self.cfg
+        disks = BackupDisks(
+            cfg.disk_dir,
+            prot.hello,
+            mem_limit=cfg.disk_buffer_bytes,
+            max_epoch_bytes=cfg.max_disk_epoch_bytes,
+        )
+        t0 = time.monotonic()
+        try:
+            prot.disk_hashes = disks.prepare()
+        except OSError as e:
+            raise Refusal(
+                "internal", f"cannot prepare the backup's disk images in {disks.dir}: {e}"
+            ) from None
+        prot.disks = disks
+        log.info(
+            "%s: %d backup disk image(s) in %s (%s), %.0f MiB hashed in %.2f s",
+            prot.label(),
+            len(disks.paths),
+            disks.dir,
+            ", ".join("reused" if r else "new" for r in disks.reused),
+            disks.hashed_bytes / (1 << 20),
+            time.monotonic() - t0,
+        )
+
+    def recover_disks(self) -> None:
+        """At start-up, before the listener: disk epochs a dead receiver had
+        committed are applied, uncommitted ones dropped (docs/disk.md)."""
+        for r in recover_all(self.cfg.disk_dir):
+            rec = r.recovery
+            log.warning(
+                "domain %s: start-up recovery of its backup disks: committed epoch(s) %s "
+                "finished applying (%d records, %d bytes); uncommitted epoch(s) %s dropped",
+                r.uuid,
+                ", ".join(map(str, rec.applied)) or "none",
+                rec.records,
+                rec.nbytes,
+                ", ".join(map(str, rec.discarded)) or "none",
+            )
 
     def _check_host(self, d: DomainConfig) -> None:
         """Fence against a domain with this UUID already on the host."""

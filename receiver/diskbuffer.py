@@ -11,6 +11,7 @@ when, and only when, its checkpoint commits (docs/disk.md).
     buf.commit(epoch)                     checkpoint `epoch` commits: journal, apply
     buf.discard()                         the session ended: drop what is not committed
     buf.write_direct(ev) / flush_direct() epoch 0 of a session (initial sync): straight to disk
+    buf.seal_direct(seal)                 epoch 0's SEAL: made durable, epoch 1 opens
 
 Files in ``directory`` (one directory per domain, the receiver's own):
 
@@ -366,6 +367,19 @@ class DiskBuffer:
     def flush_direct(self) -> None:
         for fd in self._fds:
             os.fdatasync(fd)
+
+    def seal_direct(self, ev: ds.Seal) -> None:
+        """The SEAL of the direct epoch (its count and CRC were checked by the
+        stream's decoder): its writes are made durable and the next epoch,
+        buffered, opens."""
+        ep = self._open
+        if ev.epoch != ep.index or ep.total or self._sealed is not None:
+            raise DiskBufferError(
+                f"SEAL of direct epoch {ev.epoch}: the open epoch is {ep.index} "
+                f"and holds {ep.total} buffered bytes"
+            )
+        self.flush_direct()
+        self._open = self._new_epoch(ev.epoch + 1)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

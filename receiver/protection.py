@@ -44,10 +44,12 @@ import xxhash
 
 from daemonkit.metrics import Histogram
 from xenbind import PAGE_SIZE
+from xenbind.blockhash import HashesMessage
 from xenbind.hypervisor import Domain
 from xenbind.session import Hello
 from xenbind.types import DomainConfig
 
+from .backupdisks import BackupDisks
 from .policy import COMMIT_STATES, FAILOVER_STATES, INITIAL_COPY
 
 if TYPE_CHECKING:
@@ -89,6 +91,10 @@ class Protection:
     #: key we hold since, and while a challenge waits: why, and when to retry
     fencing_revision: int | None = None
     witness_key: Any = None  # daemonkit.witness.OwnerKey, once won
+    #: the backup's disk images and this session's epoch buffer (a HELLO with disks)
+    disks: BackupDisks | None = None
+    #: the images' block hashes, sent after ACCEPT for the sender's initial sync
+    disk_hashes: list[HashesMessage] = field(default_factory=list)
     witness_wait: str | None = None
     challenge_at: float = 0.0
     last_error: str | None = None

@@ -4,6 +4,8 @@ and ticks in, actions out, pages into an in-memory backup."""
 from __future__ import annotations
 
 import errno
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,12 +23,16 @@ from receiver.core import (
     Send,
 )
 from xenbind import PAGE_SIZE
+from xenbind import diskstream as ds
+from xenbind.blockhash import HashesMessage
 from xenbind.session import (
+    DISK_HASH_BLOCK,
     ERR_FAILED_OVER,
     REPLY_MAGIC,
     Accept,
     Accepted,
     Ack,
+    DiskHashes,
     Error,
     Goodbye,
     Heartbeat,
@@ -36,7 +42,7 @@ from xenbind.session import (
     encode_accept,
     encode_hello,
 )
-from xenbind.stream import StreamWriter
+from xenbind.stream import StreamWriter, encode_disk
 from xenbind.types import Context, DomainConfig
 
 PAGES = 64
@@ -129,9 +135,10 @@ def _accepted(backup: MemoryBackup | None = None) -> tuple[ReceiverCore, MemoryB
     return core, backup, acts
 
 
-def _initial(w: StreamWriter) -> bytes:
+def _initial(w: StreamWriter, first: bytes = b"") -> bytes:
+    """The stream's header and checkpoint 0; ``first``: chunks after the header."""
     pfns = np.arange(PAGES, dtype=np.uint64)
-    return w.header() + _join(w.pages(pfns, _page(1, PAGES))) + _join(w.end_checkpoint(CTX))
+    return w.header() + first + _join(w.pages(pfns, _page(1, PAGES))) + _join(w.end_checkpoint(CTX))
 
 
 def _end(acts: list[Action]) -> End:
@@ -321,3 +328,126 @@ def test_a_failed_ack_ends_link_lost() -> None:
     assert core.send_failed(ack, reset) == [
         End("link-lost", "connection lost sending ACK(0): Connection reset by peer")
     ]
+
+
+# --- disks (issue 13) -------------------------------------------------------------
+
+DISK = 1 << 20
+
+
+class DiskMemoryBackup(MemoryBackup):
+    """MemoryBackup with one disk: epoch 0 written at once, later epochs kept
+    until their checkpoint commits with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.disk = bytearray(DISK)
+        self.header = None
+        self.pending: dict[int, list] = {}
+        self.open_epoch = 0
+        self.disk_epochs: list[int | None] = []  # CommitRequest.disk_epoch of each commit
+
+    def _apply(self, rec) -> None:
+        if isinstance(rec, ds.Write):
+            self.disk[rec.offset : rec.offset + len(rec.data)] = rec.data
+        else:
+            self.disk[rec.offset : rec.offset + rec.length] = bytes(rec.length)
+
+    def disk_open(self, header) -> None:
+        self.header = header
+
+    def disk_write(self, rec, direct: bool) -> None:
+        assert direct == (self.open_epoch == 0)
+        if direct:
+            self._apply(rec)
+        else:
+            self.pending.setdefault(self.open_epoch, []).append(rec)
+
+    def disk_seal(self, seal) -> None:
+        assert seal.epoch == self.open_epoch
+        self.open_epoch += 1
+
+    def commit(self, req: CommitRequest) -> Committed:
+        self.disk_epochs.append(req.disk_epoch)
+        if req.disk_epoch is not None:
+            for rec in self.pending.pop(req.disk_epoch, []):
+                self._apply(rec)
+        return super().commit(req)
+
+
+def _disk_hello() -> Hello:
+    h = _hello()
+    return Hello(h.session_id, h.options, replace(h.domain, disks=(DISK,)), h.generation)
+
+
+def _disk_session() -> tuple[ReceiverCore, DiskMemoryBackup, list]:
+    core = ReceiverCore(LIMITS, now=0.0)
+    assert core.receive_data(encode_hello(_disk_hello())) == [Admit(_disk_hello())]
+    backup = DiskMemoryBackup()
+    hashes = [HashesMessage(0, DISK_HASH_BLOCK, 0, np.zeros(16, np.uint64))]
+    acts = core.accept(900, backup, now=1.0, disk_hashes=hashes)
+    return core, backup, acts
+
+
+def test_disk_epochs_commit_with_their_checkpoints_and_never_before():
+    core, backup, acts = _disk_session()
+    ss = SenderSession(_disk_hello())
+    ss.hello()
+    got = [e for a in acts if isinstance(a, Send) for e in ss.feed(a.data)]
+    assert isinstance(got[0], Accepted) and got[0].accept.disks
+    assert isinstance(got[1], DiskHashes) and len(got[1].message.hashes) == 16
+    enc = ds.Encoder([DISK])
+    w = StreamWriter(PAGES, codec="none")
+    sync = enc.header() + b"".join(enc.write(0, 0, b"S" * 512, sync=True)) + enc.seal()
+    stream = _initial(w, encode_disk(sync))
+    core.receive_data(stream)
+    assert backup.committed == [0] and bytes(backup.disk[:512]) == b"S" * 512
+    # epoch 1: written during checkpoint 1's epoch, sealed at its pause
+    e1 = b"".join(enc.write(0, 4096, b"1" * 1024)) + enc.zero(0, 0, 512)
+    core.receive_data(encode_disk(e1))
+    assert bytes(backup.disk[4096:5120]) == bytes(1024)  # not before its commit
+    body = _join(w.pages(np.array([3], np.uint64), _page(7))) + _join(w.end_checkpoint(CTX))
+    acts = core.receive_data(encode_disk(enc.seal()) + body[:-1])
+    assert backup.committed == [0]
+    acts = core.receive_data(body[-1:])
+    assert backup.committed == [0, 1] and backup.disk_epochs == [0, 1]
+    assert bytes(backup.disk[4096:5120]) == b"1" * 1024 and bytes(backup.disk[:512]) == bytes(512)
+    assert any(isinstance(e, Ack) and e.index == 1 for e in _frames(acts))
+    # epoch 2's writes arrive, its checkpoint never does: nothing of it is applied
+    core.receive_data(encode_disk(b"".join(enc.write(0, 8192, b"2" * 512))))
+    _end(core.receive_eof())
+    assert bytes(backup.disk[8192:8704]) == bytes(512)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("tail-before-seal", "ended before its disk epoch's SEAL"),
+        ("early-seal", r"disk SEAL\(2\) while checkpoint 1"),
+        ("header", "disk stream header names disks"),
+        ("garbage", "disk stream error"),
+    ],
+)
+def test_disk_stream_rules_end_the_session_as_violations(case, match):
+    core, backup, _ = _disk_session()
+    sizes = [DISK * 2] if case == "header" else [DISK]
+    enc = ds.Encoder(sizes)
+    w = StreamWriter(PAGES, codec="none")
+    acts = core.receive_data(_initial(w, encode_disk(enc.header() + enc.seal())))
+    body = _join(w.pages(np.array([3], np.uint64), _page(7))) + _join(w.end_checkpoint(CTX))
+    if case == "tail-before-seal":
+        acts += core.receive_data(body)
+    elif case == "early-seal":
+        acts += core.receive_data(encode_disk(enc.seal() + enc.seal()))
+    elif case == "garbage":
+        acts += core.receive_data(encode_disk(b"\xff" * 64))
+    end = _end(acts)
+    assert end.kind == "violation" and re.search(match, end.message), end
+    assert backup.committed == ([] if case == "header" else [0])
+
+
+def test_a_disk_chunk_in_a_session_without_disks_is_a_violation():
+    core, backup, _ = _accepted()
+    w = StreamWriter(PAGES, codec="none")
+    end = _end(core.receive_data(_initial(w, encode_disk(b"x"))))
+    assert end.kind == "violation" and "named no disks" in end.message
