@@ -392,7 +392,7 @@ def _check_journal(
         return [f"disk journal: {len(journal)} bytes hold no {JOURNAL_RECORD}-byte slot"]
     got_raw = np.ascontiguousarray(journal[: slots * JOURNAL_RECORD]).reshape(slots, JOURNAL_RECORD)
     got = got_raw.view(JOURNAL_DTYPE).reshape(slots)
-    nonempty: np.ndarray = got_raw.any(axis=1)
+    nonempty = np.asarray(got_raw.any(axis=1))
     summary["journal_records"] = int(nonempty.sum())
     # slot s must hold txid s + k*S, the largest such txid below count
     idx = np.arange(slots, dtype=np.int64)
