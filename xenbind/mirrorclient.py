@@ -50,6 +50,7 @@ __all__ = [
     "MirrorError",
     "MirrorLost",
     "MirrorRefused",
+    "MirrorTimeout",
     "MirrorStream",
     "SealPoint",
     "command",
@@ -78,6 +79,10 @@ class MirrorLost(MirrorError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"mirror stream lost: {reason}")
         self.reason = reason
+
+
+class MirrorTimeout(MirrorError, TimeoutError):
+    """``MirrorStream.take`` waited ``timeout`` seconds for bytes that did not come."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,8 @@ class MirrorStream:
         """The stream's bytes from the previous take up to offset ``end``,
         exactly, once the reader has reached it. Raises ValueError for an
         ``end`` before what was already taken, MirrorLost if the stream ends
-        before ``end``, TimeoutError after ``timeout`` seconds."""
+        before ``end``, MirrorTimeout (a TimeoutError too) after ``timeout``
+        seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             if end < self._taken:
@@ -164,7 +170,7 @@ class MirrorStream:
                     )
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(
+                    raise MirrorTimeout(
                         f"mirror stream: byte {end} not reached in {timeout:g} s "
                         f"({self._received} received)"
                     )

@@ -32,6 +32,7 @@ from xenbind.mirrorclient import (
     MirrorLost,
     MirrorRefused,
     MirrorStream,
+    MirrorTimeout,
     SealPoint,
 )
 
@@ -57,7 +58,7 @@ def test_take_returns_exactly_the_bytes_up_to_end_splitting_pieces() -> None:
     assert s.take(8, timeout=5) == []
     with pytest.raises(ValueError, match="already taken"):
         s.take(7)
-    with pytest.raises(TimeoutError, match="byte 20 not reached"):
+    with pytest.raises(MirrorTimeout, match="byte 20 not reached"):
         s.take(20, timeout=0.05)
     peer.sendall(b"!")
     s.take(12, timeout=5)
