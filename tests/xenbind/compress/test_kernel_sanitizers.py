@@ -9,7 +9,10 @@ misses), the receiver decoding each blob in place on its own copy of the
 pages (xb_scan, the bases gathered, xb_apply), then each blob mutated (byte
 flips, truncation, garbage) scanned and applied into exactly-sized buffers,
 and xb_apply also given scan results that were tampered with (it must check
-everything itself). Any out-of-bounds read or write, or undefined behaviour,
+everything itself). Every decode is also run fused (xb_apply_from: the bases
+read in place from exact-size sources, committed rows, a staged page and
+zero pages) and must equal gather + xb_apply; a base row past its source
+must be refused with nothing written. Any out-of-bounds read or write, or undefined behaviour,
 aborts the harness.
 """
 
@@ -55,6 +58,10 @@ static void cache_free(xb_cache *c)
 /* the receiver: its page for small index p (pfn = p * mul) */
 static uint8_t rmem[12][XB_PAGE];
 
+static long fused_checked = 0, bad_base = 0;
+static uint8_t *fused_exact(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
+                            const uint8_t *delta, size_t k, const uint32_t *idx, size_t n);
+
 /* decode a copy of blob[0..len) into exactly-sized buffers, on the
  * receiver's pages; *out_pages (malloc'ed, k rows) gets the result. With
  * tamper, the scan results are garbled before xb_apply (which must cope). */
@@ -73,6 +80,8 @@ static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const ui
     int64_t k = xb_scan(codec, in, len, n, rows, starts, delta, &e);
     *code = k < 0 ? e.code : 0;
     if (k >= 0) {
+        int64_t scanned = k;
+        uint8_t *fused = fused_exact(codec, in, len, starts, delta, (size_t)k, idx, n);
         uint8_t *out = malloc(k ? (size_t)k * XB_PAGE : 1);
         size_t m = 0;
         for (int64_t i = 0; i < k; i++)
@@ -89,10 +98,99 @@ static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const ui
         } else {
             *out_pages = out;
         }
+        if (!tamper && (k < 0) != (fused == NULL)) {
+            fprintf(stderr, "fused decode %s where xb_apply %s\n", fused ? "succeeded" : "failed",
+                    k < 0 ? "failed" : "succeeded");
+            exit(1);
+        }
+        if (!tamper && fused && k > 0 && memcmp(fused, out, (size_t)k * XB_PAGE) != 0) {
+            fprintf(stderr, "fused decode differs from gather + xb_apply\n");
+            exit(1);
+        }
+        if (tamper) {   /* the tampered scan given to the fused decode too: memory-safe */
+            free(fused);
+            fused = fused_exact(codec, in, len, starts, delta, (size_t)scanned, idx, n);
+        }
+        free(fused);
     }
     free(in); free(starts); free(delta);
     (void)pfns;
     return k;
+}
+
+/* The fused decode (xb_apply_from) of the same scan, every buffer exact:
+ * the receiver's committed pages as source 0 (row idx[i]), one page staged
+ * over them as source 1 (a copy of the page it replaces), and a pfn whose
+ * page is zero read as the zero page. Then the same call with one base row
+ * past its source: refused with XB_E_BAD_BASE, out untouched. Returns the
+ * k decoded rows (malloc'ed) or NULL if the decode failed. */
+static uint8_t *fused_exact(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
+                            const uint8_t *delta, size_t k, const uint32_t *idx, size_t n)
+{
+    uint8_t *mem = malloc(12 * XB_PAGE), *stg = malloc(XB_PAGE);
+    memcpy(mem, rmem, 12 * XB_PAGE);
+    const uint8_t *srcs[2] = {mem, stg};
+    uint64_t src_rows[2] = {12, 1};
+    uint64_t *pfns = malloc(n ? n * 8 : 8), *row = malloc(n ? n * 8 : 8);
+    uint32_t *seg = malloc(n ? n * 4 : 4);
+    int staged = 0;
+    for (size_t i = 0; i < n; i++) {
+        pfns[i] = idx[i];
+        seg[i] = 0;
+        row[i] = idx[i];
+        uint32_t z = 1;
+        for (uint32_t b = 0; b < XB_PAGE && z; b++) z = rmem[idx[i]][b] == 0;
+        if (z && (rnd() & 1)) {
+            seg[i] = XB_SEG_ZERO;
+        } else if (!staged && (rnd() & 1)) {
+            memcpy(stg, rmem[idx[i]], XB_PAGE);
+            seg[i] = 1;
+            row[i] = 0;
+            staged = 1;
+        }
+    }
+    uint8_t *out = malloc(k ? k * XB_PAGE : 1);
+    xb_error e;
+    /* seg == NULL half the time when nothing is staged or zero: row = pfn */
+    int plain = !staged && (rnd() & 1);
+    for (size_t i = 0; i < n && plain; i++) plain = seg[i] == 0;
+    int64_t rc = xb_apply_from(codec, in, len, starts, delta, k, srcs, src_rows, 2, pfns,
+                               plain ? NULL : seg, plain ? NULL : row, n, out, k, &e);
+    fused_checked++;
+    /* one base row past its source (or a source that is not there) */
+    size_t j = k;
+    for (size_t i = 0; i < k; i++)
+        if (delta[i] == 1) { j = i; break; }
+    if (j < k && j < n) {
+        uint8_t *out2 = malloc(k * XB_PAGE);
+        memset(out2, 0xA5, k * XB_PAGE);
+        uint32_t s0 = seg[j];
+        uint64_t r0 = row[j];
+        switch (rnd() % 3) {
+        case 0: seg[j] = 0; row[j] = 12 + rnd() % 1000; break;
+        case 1: seg[j] = 1; row[j] = 1 + rnd() % 5; break;
+        default: seg[j] = 2 + (uint32_t)(rnd() % 5); row[j] = 0; break;
+        }
+        xb_error e2;
+        int64_t r2 = xb_apply_from(codec, in, len, starts, delta, k, srcs, src_rows, 2, pfns, seg,
+                                   row, n, out2, k, &e2);
+        for (size_t b = 0; b < k * XB_PAGE; b++)
+            if (out2[b] != 0xA5) { fprintf(stderr, "a refused base wrote out\n"); exit(1); }
+        if (r2 >= 0 || e2.code != XB_E_BAD_BASE) {
+            fprintf(stderr, "a base past its source was not refused (%d)\n", e2.code);
+            exit(1);
+        }
+        bad_base++;
+        seg[j] = s0;
+        row[j] = r0;
+        free(out2);
+    }
+    free(mem); free(stg); free(pfns); free(row); free(seg);
+    if (rc < 0) {
+        free(out);
+        return NULL;
+    }
+    return out;
 }
 
 static void mutate_page(uint8_t *p)
@@ -194,8 +292,8 @@ int main(int argc, char **argv)
             free(zk);
         }
     }
-    printf("ok mutated=%ld rejected=%ld zero_base=%ld tampered=%ld\n", mutated, rejected,
-           zero_base, tampered);
+    printf("ok mutated=%ld rejected=%ld zero_base=%ld tampered=%ld fused=%ld bad_base=%ld\n",
+           mutated, rejected, zero_base, tampered, fused_checked, bad_base);
     return 0;
 }
 """
@@ -227,7 +325,12 @@ def test_kernel_under_asan_and_ubsan(tmp_path: Path) -> None:
     res = subprocess.run([str(exe), "150"], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stdout.startswith("ok ")
-    mutated, rejected, zero_base, tampered = (int(x.split("=")[1]) for x in res.stdout.split()[1:5])
+    mutated, rejected, zero_base, tampered, fused, bad_base = (
+        int(x.split("=")[1]) for x in res.stdout.split()[1:7]
+    )
     assert mutated > 1000 and mutated // 10 < rejected < mutated
     assert zero_base > 50  # the zero-base paths ran, under the sanitizers too
     assert tampered > 0  # xb_apply refused scan results it was not given by xb_scan
+    # the fused decode (xb_apply_from) ran beside every decode and agreed with
+    # gather + xb_apply (the harness exits otherwise), and refused bad bases
+    assert fused > 1000 and bad_base > 100
