@@ -17,10 +17,16 @@ use). Files::
     dom-N.dirty      bitmap-mode dirty bitmap (live + snapshot, 1 byte per page)
     dom-N.out        released output of domain N (the outside world)
     dom-N.log        the worker's log
+    dom-N-diskI.img  disk I of domain N, when the host made it (sparse; disks
+                     given as files live where they are: the meta says)
+    dom-N.nbd        domain N's block server: NBD socket (export "I": disk I)
+    dom-N.dctl       domain N's block server: control socket (the daemons')
+    dom-N.disklog    domain N's block server's log (xenbind.sim.disk)
 
-Memory, metadata and output files stay after the host dies (post-mortem:
-``digest``, ``outputs`` and ``ledger-check`` read them); ``destroy`` removes
-the domain's files.
+Memory, metadata, output and disk files stay after the host dies
+(post-mortem: ``digest``, ``outputs``, ``ledger-check`` and ``disk-check``
+read them); ``destroy`` removes the domain's files, and the disk images the
+host made (never given ones).
 
 Status page (``dom-N.ctl``, 4096 bytes, little-endian int64 words, written
 by the worker; word 0 is written last at start so readers see a complete page)::

@@ -157,10 +157,26 @@ def disk_check(
         raise DomainError(
             meta["domid"], "disk-check", f"workload {workload} writes no disk: nothing to check"
         )
-    with _still(sim_dir, meta):
-        step = _step(sim_dir, meta)
-        data = _read_disk(image[0], image[1], meta["domid"], "disk-check")
-    problems, summary = check_disk(data, int(meta["seed"]), int(meta.get("disk_every", 0)), step)
+    try:
+        with open(image[0], "rb") as f:
+            mm = mmap.mmap(f.fileno(), image[1], mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError) as e:
+        raise DomainError(meta["domid"], "disk-check", f"cannot read {image[0]}: {e}") from None
+    try:
+        # checked in place (a disk can be far larger than memory), while still
+        with _still(sim_dir, meta):
+            step = _step(sim_dir, meta)
+            problems, summary = check_disk(
+                np.frombuffer(mm, dtype=np.uint8),
+                int(meta["seed"]),
+                int(meta.get("disk_every", 0)),
+                step,
+            )
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view outlived the check; the GC unmaps it
+            pass
     summary["disk"] = image[0]
     return problems, summary
 
