@@ -320,6 +320,7 @@ class Connection:
             backup,
             time.monotonic(),
             disk_hashes=prot.disk_hashes if prot.disks is not None else None,
+            disks=backup if prot.disks is not None else None,
         )
         prot.life()  # the stall and failover clocks start now, not at the HELLO
         try:

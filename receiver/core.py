@@ -52,7 +52,7 @@ daemon's ERROR it carries, if the daemon closed the session meanwhile);
 
 Disks (a HELLO that names them, docs/disk.md): the DISK chunks' bytes are
 the disk mirror stream, read here by a ``xenbind.diskstream`` decoder and
-handed to the Backup: ``disk_open`` at its header, ``disk_write`` for each
+handed to the DiskSink given to ``accept``: ``disk_open`` at its header, ``disk_write`` for each
 WRITE/ZERO (``direct`` in epoch 0, the initial sync, which goes straight to
 the paused backup's disks as checkpoint 0's pages do; buffered in its epoch
 after), ``disk_seal`` at each SEAL. Checkpoint N commits only once SEAL(N)
@@ -255,6 +255,10 @@ class Backup(Protocol):
         ``req.disk_epoch`` (journaled, then applied); then the digest check
         if asked."""
 
+
+class DiskSink(Protocol):
+    """Where a session's disk stream goes (a HELLO with disks)."""
+
     def disk_open(self, header: ds.Header) -> None:
         """The session's disk stream begins (its header, checked against the
         HELLO's disks)."""
@@ -328,6 +332,7 @@ class ReceiverCore:
         self.backup: Backup | None = None
         self.last_committed: int | None = None
         self.disk: ds.Decoder | None = None  # a session with disks, from ACCEPT to the End
+        self.disk_sink: DiskSink | None = None
         self._disk_epoch = 0  # the disk epoch the next SEAL closes
         self._disk_sealed: int | None = None  # the last disk epoch sealed
         self._now = now
@@ -439,11 +444,13 @@ class ReceiverCore:
         backup: Backup,
         now: float,
         disk_hashes: list[HashesMessage] | None = None,
+        disks: DiskSink | None = None,
     ) -> list[Action]:
         """The daemon admitted the HELLO and made the backup (which may have
         taken seconds, hence ``now``): ACCEPT. A HELLO with disks needs
         ``disk_hashes``: the backup disks' block hashes (DISK_HASHES frames
-        after the ACCEPT, for the sender's initial sync)."""
+        after the ACCEPT, for the sender's initial sync) and ``disks``, where
+        the disk stream goes."""
         hello = self.hello
         if self.state != ADMITTING or hello is None:
             raise ProtocolError(f"receiver core: accept in state {self.state!r}")
@@ -459,11 +466,14 @@ class ReceiverCore:
                 disks=bool(hello.domain.disks),
             )
         )
-        if hello.domain.disks and disk_hashes is None:
-            raise ProtocolError("receiver core: a HELLO with disks is accepted with their hashes")
+        if hello.domain.disks and (disk_hashes is None or disks is None):
+            raise ProtocolError(
+                "receiver core: a HELLO with disks is accepted with their hashes and sink"
+            )
         self._move("accept")
         if hello.domain.disks:
             self.disk = ds.Decoder(max_write=lim.max_disk_write)
+            self.disk_sink = disks
         self.decoder = Decoder(
             max_p2m_size=hello.domain.pages,
             max_compressed=lim.max_compressed,
@@ -594,6 +604,7 @@ class ReceiverCore:
         self._reset_records()
         self.backup = None
         self.disk = None
+        self.disk_sink = None
 
     def _reset_records(self) -> None:
         self._params = {}
@@ -730,7 +741,7 @@ class ReceiverCore:
             elif isinstance(ev, Heartbeat):
                 beat = True
             elif isinstance(ev, DiskData):
-                self._disk_data(ev.data, backup)
+                self._disk_data(ev.data)
             elif isinstance(ev, Header):
                 if ev.p2m_size != hello.domain.pages:
                     raise _End(
@@ -764,10 +775,10 @@ class ReceiverCore:
         if beat and self.state != HANDOVER:  # (Handover stays the last action)
             self._out.append(HeartbeatSeen())
 
-    def _disk_data(self, data: bytes, backup: Backup) -> None:
-        """A DISK chunk: its records to the Backup (module docstring, Disks)."""
-        hello = self.hello
-        if self.disk is None or hello is None:
+    def _disk_data(self, data: bytes) -> None:
+        """A DISK chunk: its records to the DiskSink (module docstring, Disks)."""
+        hello, sink = self.hello, self.disk_sink
+        if self.disk is None or hello is None or sink is None:
             raise _End("violation", "DISK chunk in a session whose HELLO named no disks")
         try:
             records = self.disk.feed(data)
@@ -784,7 +795,7 @@ class ReceiverCore:
                             f"epoch {rec.first_epoch}; the HELLO said {list(hello.domain.disks)} "
                             "from epoch 0",
                         )
-                    backup.disk_open(rec)
+                    sink.disk_open(rec)
                 elif isinstance(rec, ds.Seal):
                     if rec.epoch != reading:
                         raise _End(
@@ -792,11 +803,11 @@ class ReceiverCore:
                             f"disk SEAL({rec.epoch}) while checkpoint {reading} is being read "
                             "(a checkpoint's disk epoch is sealed before its body)",
                         )
-                    backup.disk_seal(rec)
+                    sink.disk_seal(rec)
                     self._disk_sealed = rec.epoch
                     self._disk_epoch = rec.epoch + 1
                 else:
-                    backup.disk_write(rec, self._disk_epoch == 0)
+                    sink.disk_write(rec, self._disk_epoch == 0)
         except BackupClosed as e:
             raise self._closed(e, str(e)) from None
         except RemusError as e:  # the disk buffer's rules (count, CRC, epoch bound)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -132,9 +133,13 @@ class _Epoch:
     """One epoch's records, encoded (so its staging file and journal are plain
     diskstream files, and the encoder's CRC cross-checks the sender's)."""
 
-    def __init__(self, index: int, sizes: list[int], shift: int) -> None:
+    def __init__(self, index: int, sizes: list[int], shift: int, wire_crc: int) -> None:
         self.index = index
         self.enc = ds.Encoder(sizes, sector_shift=shift, first_epoch=index)
+        #: the CRC the sender's SEAL carries: of the records as they came (the
+        #: wire's header first in the wire's first epoch); the journal's own
+        #: SEAL covers the journal's header instead
+        self.wire_crc = wire_crc
         self.mem: list[bytes] = []
         self.mem_bytes = 0
         self.total = 0  # record bytes, heads included
@@ -199,7 +204,12 @@ class DiskBuffer:
         _fsync_dir(self.directory)
 
     def _new_epoch(self, index: int) -> _Epoch:
-        return _Epoch(index, list(self.header.disk_sizes), self.header.sector_shift)
+        h = self.header
+        wire_crc = 0
+        if index == h.first_epoch:  # the wire's first SEAL covers the wire's header
+            wire = ds.Encoder(list(h.disk_sizes), sector_shift=h.sector_shift, first_epoch=index)
+            wire_crc = zlib.crc32(wire.header())
+        return _Epoch(index, list(h.disk_sizes), h.sector_shift, wire_crc)
 
     def close(self) -> None:
         """Close the disks (uncommitted epochs stay as they are: ``discard`` first)."""
@@ -234,6 +244,7 @@ class DiskBuffer:
                 f"epoch {ep.index} past max_epoch_bytes {self.max_epoch_bytes}: "
                 "the sender must take a checkpoint before its epoch grows this large"
             )
+        ep.wire_crc = zlib.crc32(rec, ep.wire_crc)
         self._keep(ep, rec)
         self.stats.open_bytes = ep.enc.pending_bytes
 
@@ -281,9 +292,9 @@ class DiskBuffer:
                 f"SEAL of epoch {ev.epoch} counts {ev.records} records, "
                 f"{ep.enc.pending_records} were kept"
             )
-        if ep.enc.pending_crc != ev.crc:
+        if ep.wire_crc != ev.crc:
             raise DiskBufferError(
-                f"epoch {ev.epoch}: CRC {ep.enc.pending_crc:#x} of the records kept, "
+                f"epoch {ev.epoch}: CRC {ep.wire_crc:#x} of the records kept, "
                 f"the sender's {ev.crc:#x}"
             )
         ep.sealed = ep.enc.seal()

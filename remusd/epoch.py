@@ -5,7 +5,8 @@ The epoch of design.md, split at the line the guest's pause draws::
     capture()   (guest running) read and clear the log-dirty bitmap once
                                 (the pre-scan: most of the epoch's pages)
                 (guest paused)  pause (Domain.checkpoint_stop: on Xen a PV/PVH
-                                guest suspends itself instead); read and clear the log-dirty bitmap
+                                guest suspends itself instead); [disks: SEAL the
+                                disk epoch, remusd.diskmirror]; read and clear the log-dirty bitmap
                                 again (the pages written since the pre-scan)
                                 and merge the two sorted lists;
                                 ONE vectorised gather of the dirty pages into
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,7 @@ import numpy as np
 
 from xenbind import PAGE_SIZE
 from xenbind.hypervisor import Domain
+from xenbind.mirrorclient import SealPoint
 from xenbind.stream.encoder import StreamWriter, memory_digest
 from xenbind.types import Context
 
@@ -67,6 +70,7 @@ class Capture:
     context: Context
     digest: bytes | None  # xxh3-128 of all memory (verify mode)
     pause_ms: float  # paused -> unpaused, wall clock
+    seal: SealPoint | None = None  # the disk epoch's SEAL placed in this pause (disks)
 
 
 #: Rows the checkpoint buffer starts with (32 MiB): an ordinary epoch and a
@@ -154,6 +158,7 @@ def capture(
     extra: np.ndarray | None = None,
     prescan: bool = True,
     hold: bool = False,
+    seal: Callable[[], SealPoint] | None = None,
 ) -> Capture:
     """The paused part of an epoch (see the module docstring).
 
@@ -164,6 +169,7 @@ def capture(
     round passes the pages its last live round left behind).
     ``prescan``: read and clear the dirty log once before the pause (module
     docstring); off, the paused read finds the whole epoch's pages.
+    ``seal``: a domain with disks: SEAL its disk epoch while paused.
     """
     early = strictly_sorted(domain.read_and_clear_dirty()) if prescan else _NONE
     if extra is not None and len(extra):
@@ -171,7 +177,10 @@ def capture(
     t0 = time.perf_counter()
     domain.checkpoint_stop()
     ok = False
+    point = None
     try:
+        if seal is not None:
+            point = seal()
         pfns = merge_sorted(early, strictly_sorted(domain.read_and_clear_dirty()))
         view = cb.view(len(pfns))
         if len(pfns):
@@ -187,7 +196,7 @@ def capture(
         if not (hold and ok):
             domain.checkpoint_go()
     pause_ms = (time.perf_counter() - t0) * 1e3
-    return Capture(pfns, view, ctx, digest, pause_ms)
+    return Capture(pfns, view, ctx, digest, pause_ms, point)
 
 
 def encode(

@@ -26,6 +26,9 @@ Rules:
 - Between slices the link is polled (the receiver's heartbeats, an ERROR).
   Heartbeats of ours come from the session's pacer (remusd.pacer), not
   from here: slices flowing are a sign of life, and the pacer fills a gap.
+- A domain with disks (remusd.diskmirror): after the header, the mirror goes
+  on and the initial sync runs (the disks' epoch 0); the guest's writes are
+  forwarded before every slice; the final pause seals epoch 0.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from xenbind.hypervisor import Domain
 from xenbind.stream.encoder import StreamWriter
 from xenbind.stream.format import TYPE_XTAB
 
+from .diskmirror import SessionDisks
 from .epoch import Capture, CheckpointBuffer, capture, strictly_sorted
 from .link import Link
 
@@ -68,11 +72,14 @@ def _send_pages(
     cb: CheckpointBuffer,
     pfns: np.ndarray,
     stop: Callable[[], bool],
+    disks: SessionDisks | None,
 ) -> int:
     sent = 0
     for s in range(0, len(pfns), SLICE_PAGES):
         if stop():
             break
+        if disks is not None:  # the guest's writes meanwhile, as DISK chunks
+            sent += disks.forward(link)
         part = pfns[s : s + SLICE_PAGES]
         view = cb.view(len(part))
         domain.gather(part, view)
@@ -108,6 +115,8 @@ def initial_copy(
     rounds: int,
     threshold: int,
     stop: Callable[[], bool],
+    disks: SessionDisks | None = None,
+    sync_deadline: float = 0.0,
 ) -> CopyResult:
     """Send checkpoint 0 up to its final paused round (see the module docstring).
 
@@ -120,6 +129,9 @@ def initial_copy(
     domain.enable_logdirty()
     domain.read_and_clear_dirty()  # start from a clean bitmap
     total = link.send([writer.header()])
+    if disks is not None:  # the disks' epoch 0: the initial sync, then the guest's writes
+        disks.start(getattr(getattr(link, "accept", None), "limits", None))
+        total += disks.sync(link, sync_deadline)
     pfns = strictly_sorted(np.asarray(domain.populated_pfns(), dtype=np.uint64))
     holes = holes_of(pages, pfns)
     if len(holes):
@@ -135,7 +147,7 @@ def initial_copy(
     done = 0
     while True:
         done += 1
-        total += _send_pages(link, writer, domain, cb, pfns, stop)
+        total += _send_pages(link, writer, domain, cb, pfns, stop, disks)
         n_pages += len(pfns)
         pfns = strictly_sorted(domain.read_and_clear_dirty())
         log.debug(
@@ -147,6 +159,6 @@ def initial_copy(
         if stop() or done >= rounds or len(pfns) < threshold:
             break
     # the final round, paused: pick up what the last live round left
-    final = capture(domain, cb, extra=pfns)
+    final = capture(domain, cb, extra=pfns, seal=None if disks is None else disks.seal)
     n_pages += len(final.pfns)
     return CopyResult(done, n_pages, total, final)

@@ -8,6 +8,7 @@ Two kinds of link behind one small interface the protector drives::
     link.next_acks(deadline)         block until ACKs arrived (or the deadline): them
     link.take_acks()                 the ACKs read meanwhile (by poll), without waiting
     link.poll()                      consume what the peer sent meanwhile (heartbeats)
+    link.take_disk_hashes()          (network) the DISK_HASHES frames read so far
     link.heartbeat_if(due, data)     send a HEARTBEAT chunk if due() says so and no
                                      send is under way (remusd.pacer's one path)
     link.close()                     end it (after LAST_CHECKPOINT for a clean end)
@@ -46,6 +47,7 @@ from typing import IO
 
 from daemonkit.transport import PlainTransport, Transport
 from xenbind import session as sp
+from xenbind.blockhash import HashesMessage
 from xenbind.errors import ProtocolError, RemusError
 from xenbind.hypervisor import Domain
 
@@ -236,6 +238,7 @@ class NetLink(Link):
         self._send_lock = threading.Lock()
         self._acks: deque[sp.Ack] = deque()
         self._goodbye: str | None = None
+        self._disk_hashes: list[HashesMessage] = []
 
     # -- connection --------------------------------------------------------------
 
@@ -320,6 +323,13 @@ class NetLink(Link):
             )
         elif isinstance(ev, sp.Goodbye):
             self._goodbye = ev.reason  # raised once the ACKs before it are taken
+        elif isinstance(ev, sp.DiskHashes):
+            self._disk_hashes.append(ev.message)
+
+    def take_disk_hashes(self) -> list[HashesMessage]:
+        """The receiver's DISK_HASHES frames read so far (remusd.diskmirror)."""
+        out, self._disk_hashes = self._disk_hashes, []
+        return out
 
     def _check_goodbye(self) -> None:
         if self._goodbye is not None and not self._acks:

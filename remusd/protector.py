@@ -79,7 +79,8 @@ from xenbind.types import DomainConfig, DomainInfo
 
 from .config import ProtectRequest
 from .core import AckViolation, EpochCore, Heartbeats, next_epoch
-from .epoch import CheckpointBuffer, capture, encode
+from .diskmirror import DiskSetupError, SessionDisks
+from .epoch import Capture, CheckpointBuffer, capture, encode
 from .initial_copy import initial_copy
 from .link import Link, LinkDown, Refused, SessionWrap, make_link
 from .owners import Ownership
@@ -241,6 +242,8 @@ class Protector:
         self._guarding = False  # a claim was made: the watchdog watches this guest
         self._wstop = threading.Event()  # ends the renewal and watchdog threads
         self._wthreads: list[threading.Thread] = []
+        #: the current session's disks (remusd.diskmirror), for status; None: none
+        self._disks: SessionDisks | None = None
 
     # -- control -----------------------------------------------------------------
 
@@ -377,6 +380,9 @@ class Protector:
             d = self.stats.as_json(self._ident, history, now=now, mono=mono)
         d["uuid"] = self.info.uuid
         d["generation"] = self.generation
+        disks = self._disks
+        if disks is not None:
+            d["disks"] = disks.status()
         d.update(self.witness_status(mono))
         return d
 
@@ -730,7 +736,7 @@ class Protector:
             self._advance(Event.CRASHED, f"internal error: {e}")
             return None
 
-    def _hello(self) -> sp.Hello:
+    def _hello(self, disks: SessionDisks | None = None) -> sp.Hello:
         i = self.info
         with self._lock:
             ack_ms = self.stats.ack_ms()
@@ -757,6 +763,7 @@ class Protector:
                 vcpus=i.vcpus,
                 hvm=i.hvm,
                 extra=dict(i.extra),
+                disks=() if disks is None else disks.sizes,
             ),
             generation=self.generation,
             software=SOFTWARE,
@@ -772,7 +779,11 @@ class Protector:
         """
         t = self.tuning
         self._witness_claim()  # before the first byte of HELLO
-        hello = self._hello()
+        try:
+            disks = SessionDisks.of(self.domain, self.info.name)
+        except DiskSetupError as e:
+            raise LinkDown(str(e), permanent=True) from None
+        hello = self._hello(disks)
         interval = self.req.interval_ms / 1000.0
         link = make_link(
             self.req.target,
@@ -785,8 +796,17 @@ class Protector:
         domain = self.domain
         if t.wrap is not None:
             link, domain = t.wrap(self.stats.sessions + 1, link, domain)
+        self._disks = disks
         try:
             link.open()
+            peer_disks = getattr(getattr(link, "accept", None), "disks", False)
+            if disks is not None and link.kind == "tcp" and not peer_disks:
+                raise LinkDown(
+                    f"{link.peer} does not replicate disks (an older receiver): domain "
+                    f"{self.info.name} has {len(disks.sizes)} disk(s), and a failover there "
+                    "would resume its memory over a disk it never had",
+                    permanent=True,
+                )
             with self._lock:
                 self.stats.new_session(hello.session_id if link.kind == "tcp" else None)
                 self.stats.failover_timeout_ms = link.failover_timeout_ms
@@ -824,12 +844,14 @@ class Protector:
                 link, writer.heartbeat(), Heartbeats.for_interval(interval), self.info.name
             )
             try:
-                self._protect(link, domain, writer, EpochCore(), pacer, interval)
+                self._protect(link, domain, writer, EpochCore(), pacer, interval, disks)
             finally:
                 pacer.stop()
         finally:
             self._promise = None  # no session, no promise (docs/witness.md, step 4)
             link.close()
+            if disks is not None:
+                disks.close()
 
     def _protect(
         self,
@@ -839,9 +861,11 @@ class Protector:
         core: EpochCore,
         pacer: Pacer,
         interval: float,
+        disks: SessionDisks | None = None,
     ) -> None:
         t = self.tuning
         cb = CheckpointBuffer(self.info.pages, self.req.verify)
+        seal = None if disks is None else disks.seal
         t0 = time.monotonic()
         self._engaged = True
         self._write_record()  # before log-dirty goes on: a successor must know
@@ -853,9 +877,11 @@ class Protector:
             rounds=t.precopy_rounds,
             threshold=t.precopy_threshold,
             stop=self._stop.is_set,
+            disks=disks,
+            sync_deadline=time.monotonic() + t.accept_timeout,
         )
         last = self._stop.is_set()
-        bufs = encode(writer, res.final, last=last)
+        bufs = self._disk_chunks(disks, res.final) + encode(writer, res.final, last=last)
         sent = res.bytes_sent + self._send(link, core, pacer, bufs, last)
         self._acknowledge(link, domain, core, res.final.digest)
         # a receiver now holds a backup it may resume
@@ -886,15 +912,20 @@ class Protector:
                 link.poll()
                 if self._wpaused:
                     raise LinkDown("witness: the guest was paused (no proof it may run)")
+                if disks is not None:
+                    disks.forward(link)  # the open epoch's writes, ahead of its checkpoint
+                    if disks.over_budget():
+                        break  # a large disk epoch: checkpoint now, before the receiver's bound
             last = self._stop.is_set()
             index = core.next_index
             t_cap = time.monotonic()
             if last and self._switching:
-                cap = capture(domain, cb, prescan=t.prescan, hold=True)  # (fails: not held)
-                return self._switchover(link, domain, writer, core, pacer, cap)
-            cap = capture(domain, cb, prescan=t.prescan)
+                # (a capture that fails leaves the guest running, not held)
+                cap = capture(domain, cb, prescan=t.prescan, hold=True, seal=seal)
+                return self._switchover(link, domain, writer, core, pacer, cap, disks)
+            cap = capture(domain, cb, prescan=t.prescan, seal=seal)
             t_enc = time.monotonic()
-            bufs = encode(writer, cap, last=last)
+            bufs = self._disk_chunks(disks, cap) + encode(writer, cap, last=last)
             t_send = time.monotonic()
             n = self._send(link, core, pacer, bufs, last)
             t_ack = time.monotonic()
@@ -927,6 +958,11 @@ class Protector:
             if last:
                 return self._clean_end()
             next_t = next_epoch(next_t, interval, time.monotonic())
+
+    @staticmethod
+    def _disk_chunks(disks: SessionDisks | None, cap: Capture) -> list[Any]:
+        """The disk stream through the capture's SEAL, to go before its body."""
+        return [] if disks is None else list(disks.through(cap.seal))
 
     def _take_acks(self, link: Link, core: EpochCore, acks: list[sp.Ack]) -> bool:
         """Give the ACKs to the core; whether one flagged a digest mismatch."""
@@ -1007,6 +1043,7 @@ class Protector:
         core: EpochCore,
         pacer: Pacer,
         cap: Any,
+        disks: SessionDisks | None = None,
     ) -> None:
         """The last checkpoint of a switchover; the guest is stopped at ``cap``
         and stays so until the receiver's verdict: fenced here once the backup
@@ -1020,7 +1057,7 @@ class Protector:
             self._stop_for_switch = False
         released = False  # the checkpoint's ACK came and its output went
         try:
-            bufs = encode(writer, cap, last=True, switchover=True)
+            bufs = self._disk_chunks(disks, cap) + encode(writer, cap, last=True, switchover=True)
             self._send(link, core, pacer, bufs, True)
         except LinkDown as e:
             if not e.fenced:  # not sent whole: the receiver cannot commit it

@@ -47,21 +47,24 @@ def make_disk(path: Path, size: int = SIZE) -> str:
 
 
 def epoch_events(seed: int, epoch: int, n: int) -> list[ds.Event]:
-    """Epoch ``epoch`` of a sender's stream: n writes/zeroes, then its SEAL."""
-    rng = random.Random(seed * 1000 + epoch)
-    enc = ds.Encoder([SIZE], first_epoch=epoch)
+    """Epoch ``epoch`` of a sender's stream (one stream from epoch 0, as on the
+    wire: only the first SEAL's CRC covers the header): n writes/zeroes, then
+    its SEAL."""
+    enc = ds.Encoder([SIZE])
     dec = ds.Decoder()
     dec.feed(enc.header())
-    out: list[ds.Event] = []
-    for _ in range(n):
-        off = rng.randrange(0, SIZE // 512 - 16) * 512
-        length = rng.randrange(1, 16) * 512
-        if rng.random() < 0.1:
-            out += dec.feed(enc.zero(0, off, length))
-        else:
-            data = bytes([rng.randrange(256)]) * length
-            out += dec.feed(b"".join(bytes(x) for x in enc.write(0, off, data)))
-    out += dec.feed(enc.seal())
+    for e in range(epoch + 1):
+        rng = random.Random(seed * 1000 + e)
+        out: list[ds.Event] = []
+        for _ in range(n):
+            off = rng.randrange(0, SIZE // 512 - 16) * 512
+            length = rng.randrange(1, 16) * 512
+            if rng.random() < 0.1:
+                out += dec.feed(enc.zero(0, off, length))
+            else:
+                data = bytes([rng.randrange(256)]) * length
+                out += dec.feed(b"".join(bytes(x) for x in enc.write(0, off, data)))
+        out += dec.feed(enc.seal())
     return out
 
 
@@ -272,3 +275,33 @@ def test_a_corrupt_journal_is_never_applied(tmp_path: Path) -> None:
         recover(str(tmp_path / "j"))
     assert Path(disk).read_bytes() == bytes(SIZE)
     assert (tmp_path / "j" / "epoch-0.journal").exists()  # kept for an operator
+
+
+def test_a_direct_epoch_0_then_buffered_epochs_check_the_wire_crc(tmp_path: Path) -> None:
+    """As a session runs: epoch 0 (the initial sync) written at once and sealed
+    direct; epochs 1 and 2 buffered, their SEALs' CRCs (which on the wire
+    cover only their records) checked, and applied at their commits."""
+    disk = make_disk(tmp_path / "disk")
+    buf = DiskBuffer(
+        str(tmp_path / "j"), [disk], header(), mem_limit=1 << 20, max_epoch_bytes=1 << 24
+    )
+    for ev in epoch_events(2, 0, 20):
+        if isinstance(ev, ds.Seal):
+            buf.seal_direct(ev)
+        elif isinstance(ev, ds.Write | ds.Zero):
+            buf.write_direct(ev)
+    assert Path(disk).read_bytes() == image_after(2, 1, 20)
+    for e in (1, 2):
+        feed(buf, epoch_events(2, e, 20))
+        assert Path(disk).read_bytes() == image_after(2, e, 20)  # sealed, not committed
+        buf.commit(e)
+        assert Path(disk).read_bytes() == image_after(2, e + 1, 20)
+    bad = epoch_events(2, 3, 5)
+    feed(buf, bad[:-1])
+    seal = bad[-1]
+    assert isinstance(seal, ds.Seal)
+    with pytest.raises(DiskBufferError, match="CRC"):
+        buf.seal(ds.Seal(seal.epoch, seal.records, seal.nbytes, seal.crc ^ 1))
+    with pytest.raises(DiskBufferError, match="direct epoch"):
+        buf.seal_direct(seal)  # epoch 3 holds buffered records: it is not a direct epoch
+    buf.close()
