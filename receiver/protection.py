@@ -190,4 +190,5 @@ class Protection:
             "error": self.last_error,
             "peer_cert_names": self.peer_cert_names,
             "peer_cert_not_after": self.peer_cert_not_after,
+            "disks": None if self.disks is None else self.disks.status(),
         }
