@@ -128,23 +128,22 @@ class _Lib:
         e: XbError,
         /,
     ) -> int: ...
-    def xb_apply_from(
+    def xb_decode_from(
         self,
         codec: int,
         in_: CData,
         len: int,
-        starts: CData,
-        delta: CData,
-        k: int,
+        npfns: int,
+        max_pages: int,
         srcs: CData,
         src_rows: CData,
         nsrc: int,
         pfns: CData,
         seg: CData,
         row: CData,
-        n: int,
         out: CData,
         rows: int,
+        delta: CData,
         e: XbError,
         /,
     ) -> int: ...

@@ -413,28 +413,13 @@ class Decompressor:
                 f"out must be a writeable C-contiguous uint8 array of shape (>= {len(pfns)}, "
                 f"{PAGE_SIZE})"
             )
-        starts = np.empty(rows, np.uint64)
         delta = np.empty(rows, np.uint8)
         err = ffi.new("xb_error *")
-        c_starts = ffi.from_buffer("uint64_t[]", starts)
-        c_delta = ffi.from_buffer("uint8_t[]", delta)
-        k = lib.xb_scan(self._id, src, length, len(pfns), rows, c_starts, c_delta, err)
-        if k < 0:
-            raise CodecError(self._message(err, pfns))
         rows_of = getattr(base, "base_rows", None)
-        if k and rows_of is not None:
-            self._apply_from(src, length, c_starts, c_delta, k, pfns, delta, rows_of(), out, err)
-        elif k:
-            flags = delta[:k] == PAGE_ON_BASE
-            m = int(np.count_nonzero(flags))
-            if m:
-                # the bases of the pages that need one, in blob order, into
-                # out[:m]; the kernel moves each to its own row as it applies
-                # (back to front)
-                base(pfns[:k][flags] if m < k else pfns[:k], out[:m])
-            c_out = ffi.from_buffer("uint8_t[]", out)
-            if lib.xb_apply(self._id, src, length, c_starts, c_delta, k, c_out, len(out), err) < 0:
-                raise CodecError(self._message(err, pfns))
+        if rows_of is not None:
+            k = self._decode_from(src, length, pfns, rows_of(), out, delta, err)
+        else:
+            k = self._decode_gathered(src, length, pfns, base, out, delta, err)
         s = self.stats
         whole = int(np.count_nonzero(delta[:k] == PAGE_WHOLE))
         s.hits += k - whole
@@ -444,57 +429,90 @@ class Decompressor:
         s.bytes_out += k * PAGE_SIZE
         return out[:k]
 
-    def _apply_from(
+    def _decode_gathered(
         self,
         src: CData,
         length: int,
-        c_starts: CData,
-        c_delta: CData,
-        k: int,
         pfns: PfnArray,
+        base: BaseSource,
+        out: PageArray,
         delta: npt.NDArray[np.uint8],
+        err: XbError,
+    ) -> int:
+        """The gather path: xb_scan validates the whole blob, ``base`` fills
+        the first rows with the bases, xb_apply moves them and applies."""
+        rows = len(delta)
+        starts = np.empty(rows, np.uint64)
+        c_starts = ffi.from_buffer("uint64_t[]", starts)
+        c_delta = ffi.from_buffer("uint8_t[]", delta)
+        k = int(lib.xb_scan(self._id, src, length, len(pfns), rows, c_starts, c_delta, err))
+        if k < 0:
+            raise CodecError(self._message(err, pfns))
+        if not k:
+            return 0
+        flags = delta[:k] == PAGE_ON_BASE
+        m = int(np.count_nonzero(flags))
+        if m:
+            # the bases of the pages that need one, in blob order, into
+            # out[:m]; the kernel moves each to its own row as it applies
+            # (back to front)
+            base(pfns[:k][flags] if m < k else pfns[:k], out[:m])
+        c_out = ffi.from_buffer("uint8_t[]", out)
+        if lib.xb_apply(self._id, src, length, c_starts, c_delta, k, c_out, len(out), err) < 0:
+            raise CodecError(self._message(err, pfns))
+        return k
+
+    def _decode_from(
+        self,
+        src: CData,
+        length: int,
+        pfns: PfnArray,
         where: tuple[PageArray | None, Batches],
         out: PageArray,
+        delta: npt.NDArray[np.uint8],
         err: XbError,
-    ) -> None:
-        """The fused decode (xb_apply_from): each base read where it is,
-        source 0 the committed memory (row = PFN), 1.. the staged batches."""
+    ) -> int:
+        """The fused decode (xb_decode_from): one pass, each base read where
+        it is; source 0 the committed memory (row = PFN), 1.. the staged
+        batches (the latest page of each listed PFN)."""
         memory, staged = where
         sources = [] if memory is None else [_rows_arg(memory, "memory")]
         sources += [_rows_arg(data, "staged pages") for _, data in staged]
         for a in sources:
             if np.may_share_memory(a, out):
                 raise ValueError("out overlaps the memory the bases are read from")
+        rows = len(delta)
         seg: npt.NDArray[np.uint32] | None = None
         row: npt.NDArray[np.uint64] | None = None
         if memory is None or staged:
             first = 0 if memory is None else 1  # the source of staged batch 0
-            seg = np.full(k, _SEG_ZERO if memory is None else 0, np.uint32)
-            row = pfns[:k].copy()
-            idx, which, at = staged_refs(staged, pfns[:k])
+            seg = np.full(rows, _SEG_ZERO if memory is None else 0, np.uint32)
+            row = pfns[:rows].copy()
+            idx, which, at = staged_refs(staged, pfns[:rows])
             seg[idx] = which + first
             row[idx] = at
         bufs = [ffi.from_buffer("uint8_t[]", a) for a in sources]
-        rc = lib.xb_apply_from(
-            self._id,
-            src,
-            length,
-            c_starts,
-            c_delta,
-            k,
-            ffi.new("uint8_t *[]", bufs) if bufs else ffi.NULL,
-            ffi.new("uint64_t[]", [len(a) for a in sources]) if bufs else ffi.NULL,
-            len(sources),
-            ffi.from_buffer("uint64_t[]", pfns),
-            ffi.NULL if seg is None else ffi.from_buffer("uint32_t[]", seg),
-            ffi.NULL if row is None else ffi.from_buffer("uint64_t[]", row),
-            len(pfns),
-            ffi.from_buffer("uint8_t[]", out),
-            len(out),
-            err,
+        k = int(
+            lib.xb_decode_from(
+                self._id,
+                src,
+                length,
+                len(pfns),
+                rows,
+                ffi.new("uint8_t *[]", bufs) if bufs else ffi.NULL,
+                ffi.new("uint64_t[]", [len(a) for a in sources]) if bufs else ffi.NULL,
+                len(sources),
+                ffi.from_buffer("uint64_t[]", pfns),
+                ffi.NULL if seg is None else ffi.from_buffer("uint32_t[]", seg),
+                ffi.NULL if row is None else ffi.from_buffer("uint64_t[]", row),
+                ffi.from_buffer("uint8_t[]", out),
+                len(out),
+                ffi.from_buffer("uint8_t[]", delta),
+                err,
+            )
         )
-        if rc >= 0:
-            return
+        if k >= 0:
+            return k
         if err.code == _BAD_BASE:
             i = int(err.page)
             raise ValueError(

@@ -94,7 +94,7 @@ enum {
     XB_E_TRUNC_RUN = 14,        /* xen: RUN's words cut off by the blob's end */
     XB_E_TRUNC_PAGE = 15,       /* xen: blob ended before the page covered 4096 bytes */
     XB_E_OUT_OF_STEP = 16,      /* xb_apply: starts/delta are not what xb_scan found */
-    XB_E_BAD_BASE = 17,         /* xb_apply_from: a base row past its source's rows */
+    XB_E_BAD_BASE = 17,         /* xb_decode_from: a base row past its source's rows */
 };
 
 /* ---------------------------------------------------------------- cache */
@@ -836,77 +836,151 @@ int64_t xb_apply(int codec, const uint8_t *in, size_t len, const uint64_t *start
 }
 
 /*
- * The fused decode: xb_apply with the bases read where they are, not
- * gathered into out first. The base of page i (delta[i] == XB_D_BASE) is
- * row r of source s, where s = seg[i] and r = row[i], or (seg == NULL)
- * s = 0 and r = pfns[i]: source 0 is the receiver's committed memory,
- * indexed by pfn; the others are pages staged after it (the caller says,
- * per page, which holds the latest copy). s == XB_SEG_ZERO is a zero page
- * (a pfn the receiver holds no memory at). srcs[s] holds src_rows[s] rows
- * of 4096 bytes; n is the length of pfns (and of seg and row). Every base
- * is checked against its source before a byte of out is written
- * (XB_E_BAD_BASE, detail the row); then the pages are applied front to
- * back, each base copied into a 4 KiB buffer (L1-resident), the delta
- * applied there and the page streamed to its row, as a covered page is.
- * out must not overlap a source (the caller checks). Returns 0, or -1
- * with *e set (out is then undefined, or untouched for XB_E_BAD_BASE).
+ * The fused decode: one pass over the blob that validates each page and
+ * writes it to its row, reading its base where it is, not gathered into out
+ * first and not scanned beforehand (what xb_scan + xb_apply do for a base
+ * source that is a function). The base of page i is row r of source s,
+ * where s = seg[i] and r = row[i], or (seg == NULL) s = 0 and r = pfns[i]:
+ * source 0 is the receiver's committed memory, indexed by pfn; the others
+ * are pages staged after it (the caller says, per page, which holds the
+ * latest copy); s == XB_SEG_ZERO is a zero page. srcs[s] holds src_rows[s]
+ * rows of 4096 bytes; pfns (and seg, row) hold npfns entries.
+ *
+ * A base is read only where the page keeps words of it: seed BEGIN_PAGE
+ * (copied into a 4 KiB buffer, the deltas applied there), xen 0x00 (the
+ * base streamed to the row) and xen SKIPs (the skipped words copied from the
+ * base into the buffer, the RUNs' words from the blob). A whole page and a
+ * xen page of RUNs only read none. Every page is streamed from the buffer
+ * (or the blob) to its row with non-temporal stores. A base row past its
+ * source fails with XB_E_BAD_BASE (detail the row) when the page needs it.
+ *
+ * Returns the number of pages k and fills delta[i] (XB_D_*) for each, or -1
+ * with *e set. On failure out is undefined (rows before the failing page
+ * are written): the caller discards it, as after any decode error. out must
+ * not overlap a source (the caller checks). Nothing here writes anything
+ * but out, delta and *e.
  */
 #define XB_SEG_ZERO 0xFFFFFFFFu
 
-int64_t xb_apply_from(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
-                      const uint8_t *delta, size_t k, const uint8_t *const *srcs,
-                      const uint64_t *src_rows, size_t nsrc, const uint64_t *pfns,
-                      const uint32_t *seg, const uint64_t *row, size_t n, uint8_t *out,
-                      size_t rows, xb_error *e)
+static const uint8_t xb_zero_page[XB_PAGE];
+
+/* page i's base, or NULL (with *r its row) when it lies past its source */
+static inline const uint8_t *base_of(const uint8_t *const *srcs, const uint64_t *src_rows,
+                                     size_t nsrc, const uint64_t *pfns, const uint32_t *seg,
+                                     const uint64_t *row, size_t i, uint64_t *r)
 {
-    static const uint8_t zero_page[XB_PAGE];
-    page_fn step = codec == XB_SEED ? seed_page : xen_page;
-    e->code = XB_E_OK;
-    if (k > rows)
-        return fail(e, XB_E_TOO_MANY_PAGES, 0, rows, (int64_t)rows);
-    if (k > n)
-        return fail(e, XB_E_OUT_OF_STEP, 0, n, (int64_t)n);
-    for (size_t i = 0; i < k; i++) {
-        if (delta[i] != XB_D_BASE)
-            continue;
-        uint32_t s = seg ? seg[i] : 0;
-        uint64_t r = seg ? row[i] : pfns[i];
-        if (s != XB_SEG_ZERO && (s >= nsrc || r >= src_rows[s]))
-            return fail(e, XB_E_BAD_BASE, (size_t)starts[i], i, (int64_t)r);
+    uint32_t s = seg ? seg[i] : 0;
+    *r = seg ? row[i] : pfns[i];
+    if (s == XB_SEG_ZERO)
+        return xb_zero_page;
+    if (s >= nsrc || *r >= src_rows[s])
+        return NULL;
+    return srcs[s] + (size_t)*r * XB_PAGE;
+}
+
+/* xen page i at in[pos..len) into dst, SKIPs from base (NULL: fails if read) */
+static int64_t xen_page_from(const uint8_t *in, size_t len, size_t pos, size_t i, size_t room,
+                             uint8_t *dst, uint8_t *buf, const uint8_t *base, uint64_t r,
+                             int *delta, xb_error *e)
+{
+    uint8_t m = in[pos];
+    if (i >= room)
+        return fail(e, XB_E_TOO_MANY_PAGES, pos, i, (int64_t)room);
+    if (m == XEN_FULL_PAGE) {
+        if (len - pos < XEN_FULL_SIZE)
+            return fail(e, XB_E_TRUNC_FULL, pos, i, (int64_t)(len - pos - 1));
+        page_out(dst, in + pos + 1);
+        *delta = XB_D_WHOLE;
+        return (int64_t)(pos + XEN_FULL_SIZE);
     }
+    *delta = XB_D_BASE;
+    if (m == XEN_EMPTY_PAGE) {   /* unchanged: the base as it is */
+        if (!base)
+            return fail(e, XB_E_BAD_BASE, pos, i, (int64_t)r);
+        page_out(dst, base);
+        return (int64_t)(pos + 1);
+    }
+    size_t q = pos;
+    uint32_t pp = 0;
+    uint8_t markers = 0;
+    while (pp < XB_PAGE) {
+        if (q >= len)
+            return fail(e, XB_E_TRUNC_PAGE, q, i, pp);
+        uint8_t k = in[q];
+        uint32_t n = 4u * (k & XEN_LENMASK);
+        if (n == 0)
+            return fail(e, XB_E_ZERO_LENGTH, q, i, k);
+        if (pp + n > XB_PAGE)
+            return fail(e, (k & XEN_SKIPFLAG) ? XB_E_SKIP_PAST_END : XB_E_RUN_PAST_END, q, i,
+                        pp + n);
+        if (!(k & XEN_SKIPFLAG)) {
+            if (n > len - q - 1)
+                return fail(e, XB_E_TRUNC_RUN, q, i, n);
+            copy_words(buf + pp, in + q + 1, n / 4);
+            q += n;
+        } else {
+            if (!base)
+                return fail(e, XB_E_BAD_BASE, q, i, (int64_t)r);
+            memcpy(buf + pp, base + pp, n);
+        }
+        markers |= k;
+        q += 1;
+        pp += n;
+    }
+    if (!(markers & XEN_SKIPFLAG))
+        *delta = XB_D_COVERED;
+    page_out(dst, buf);
+    return (int64_t)q;
+}
+
+int64_t xb_decode_from(int codec, const uint8_t *in, size_t len, size_t npfns, size_t max_pages,
+                       const uint8_t *const *srcs, const uint64_t *src_rows, size_t nsrc,
+                       const uint64_t *pfns, const uint32_t *seg, const uint64_t *row,
+                       uint8_t *out, size_t rows, uint8_t *delta, xb_error *e)
+{
+    size_t room = npfns < max_pages ? npfns : max_pages;
+    size_t pos = 0, i = 0;
     int64_t rc = 0;
     _Alignas(64) uint8_t buf[XB_PAGE];
-    for (size_t i = 0; i < k; i++) {
-        size_t pos = (size_t)starts[i];
-        if (pos >= len) {
-            rc = fail(e, XB_E_OUT_OF_STEP, pos, i, 0);
-            break;
+    e->code = XB_E_OK;
+    while (pos < len) {
+        int d = 0;
+        int64_t next;
+        /* room <= rows too: a page past either is "more pages than pfns" */
+        size_t lim = room < rows ? room : rows;
+        uint8_t *dst = out + (i < lim ? i : 0) * (size_t)XB_PAGE;
+        uint64_t r = 0;
+        const uint8_t *base =
+            i < lim ? base_of(srcs, src_rows, nsrc, pfns, seg, row, i, &r) : NULL;
+        if (codec == XB_XEN) {
+            next = xen_page_from(in, len, pos, i, lim, dst, buf, base, r, &d, e);
+        } else if (i < lim && len - pos >= SEED_REC && get16(in + pos) == SEED_BEGIN_PAGE &&
+                   get32(in + pos + 2) == 0) {
+            if (!base) {
+                rc = fail(e, XB_E_BAD_BASE, pos, i, (int64_t)r);
+                break;
+            }
+            memcpy(buf, base, XB_PAGE);
+            next = seed_page(in, len, pos, i, lim, buf, &d, e);
+            if (next >= 0)
+                page_out(dst, buf);
+        } else {   /* FULL_PAGE (streamed to dst) or an error before any write */
+            next = seed_page(in, len, pos, i, lim, dst, &d, e);
         }
-        uint8_t *dst = out + i * (size_t)XB_PAGE;
-        int want = delta[i], got = 0;
-        uint8_t *page = want == XB_D_WHOLE ? dst : buf;
-        if (want == XB_D_BASE) {
-            uint32_t s = seg ? seg[i] : 0;
-            const uint8_t *b = s == XB_SEG_ZERO
-                                   ? zero_page
-                                   : srcs[s] + (size_t)(seg ? row[i] : pfns[i]) * XB_PAGE;
-            memcpy(buf, b, XB_PAGE);
-        }
-        if (step(in, len, pos, i, k, page, &got, e) < 0) {
+        if (next < 0) {
+            if (e->code == XB_E_TOO_MANY_PAGES)
+                e->detail = (int64_t)npfns;
             rc = -1;
             break;
         }
-        if (got != want) {
-            rc = fail(e, XB_E_OUT_OF_STEP, pos, i, 0);
-            break;
-        }
-        if (page == buf)
-            page_out(dst, buf);
+        delta[i] = (uint8_t)d;
+        pos = (size_t)next;
+        i++;
     }
 #if defined(__SSE2__)
     _mm_sfence();
 #endif
-    return rc;
+    return rc < 0 ? rc : (int64_t)i;
 }
 
 /* ------------------------------------------------------------ gather */

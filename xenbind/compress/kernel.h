@@ -39,9 +39,8 @@ int64_t xb_scan(int codec, const uint8_t *in, size_t len, size_t npfns, size_t m
                 uint64_t *starts, uint8_t *delta, xb_error *e);
 int64_t xb_apply(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
                  const uint8_t *delta, size_t k, uint8_t *out, size_t rows, xb_error *e);
-int64_t xb_apply_from(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
-                      const uint8_t *delta, size_t k, const uint8_t *const *srcs,
-                      const uint64_t *src_rows, size_t nsrc, const uint64_t *pfns,
-                      const uint32_t *seg, const uint64_t *row, size_t n, uint8_t *out,
-                      size_t rows, xb_error *e);
+int64_t xb_decode_from(int codec, const uint8_t *in, size_t len, size_t npfns, size_t max_pages,
+                       const uint8_t *const *srcs, const uint64_t *src_rows, size_t nsrc,
+                       const uint64_t *pfns, const uint32_t *seg, const uint64_t *row,
+                       uint8_t *out, size_t rows, uint8_t *delta, xb_error *e);
 int64_t xb_gather(const uint8_t *src, size_t rows, const uint64_t *idx, size_t n, uint8_t *out);

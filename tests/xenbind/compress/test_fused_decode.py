@@ -1,6 +1,6 @@
 """The fused decode: a base source that is memory (``xenbind.compress.Rows``)
-is read in place by the kernel (xb_apply_from), without the gather of the
-bases into the output first (docs/codecs.md, "The receiver").
+is read in place by the kernel (xb_decode_from, one pass), without the
+gather of the bases into the output first (docs/codecs.md, "The receiver").
 
 * Property: for random committed memory, staged batches laid over it (a PFN
   in several, the latest winning) and blobs of delta, zero-base and whole
@@ -8,10 +8,12 @@ bases into the output first (docs/codecs.md, "The receiver").
   answers, PFN by PFN in Python, the latest page held) and the gather path
   (the same Rows called as ``base(pfns, out)``), with memory None (every
   page zero) too.
-* Mutated blobs: the fused decode refuses exactly what the gather path
-  refuses, and decodes the rest to the same pages.
+* Mutated blobs: the fused decode (one pass, no separate scan) refuses
+  exactly what the gather path (xb_scan first) refuses, with the same
+  message, and decodes the rest to the same pages.
 * Bounds: a delta page whose PFN lies past the memory (and is not staged)
-  is refused (ValueError) before a byte of ``out`` is written; a whole page
+  is refused (ValueError naming the page and PFN; ``out`` is then
+  undefined, as after any decode error); a whole page
   or a staged page there needs no row and decodes; ``out`` overlapping the
   memory is refused; staged arrays that are not C-contiguous still decode.
 * Through the stream Decoder: a stream of several checkpoints fed in one
@@ -151,7 +153,7 @@ def test_mutated_blobs_fused_refuses_what_gather_refuses(
         bad[at % len(bad)] = v
     bad = bad[: max(1, len(bad) - trunc % 8)]
     rows = Rows(memory, staged)
-    outcomes = []
+    outcomes: list[np.ndarray | str] = []
     for base in (rows, rows.__call__):
         try:
             outcomes.append(Decompressor(codec).decompress(bytes(bad), pfns, base).copy())
@@ -165,7 +167,7 @@ def test_mutated_blobs_fused_refuses_what_gather_refuses(
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_a_delta_page_past_the_memory_is_refused_before_anything_is_written(codec: str) -> None:
+def test_a_delta_page_past_the_memory_is_refused(codec: str) -> None:
     memory = np.zeros((4, PAGE), np.uint8)
     c = Compressor(codec, 8)
     pfns = np.array([1, 7], np.uint64)
@@ -173,10 +175,8 @@ def test_a_delta_page_past_the_memory_is_refused_before_anything_is_written(code
     c.compress(pfns, pages)  # cached: the next batch is delta pages
     pages[:, 8] = 3
     blob = c.compress(pfns, pages)
-    out = np.full((2, PAGE), 0xA5, np.uint8)
-    with pytest.raises(ValueError, match="pfn 0x7"):
-        Decompressor(codec).decompress(blob, pfns, Rows(memory), out=out)
-    assert (out == 0xA5).all()
+    with pytest.raises(ValueError, match="page 1 .pfn 0x7.: row 0x7"):
+        Decompressor(codec).decompress(blob, pfns, Rows(memory))
     # the same PFN staged: its base is the staged page, no memory row needed
     staged = [(np.array([7], np.uint64), np.zeros((1, PAGE), np.uint8))]
     got = Decompressor(codec).decompress(blob, pfns, Rows(memory, staged))

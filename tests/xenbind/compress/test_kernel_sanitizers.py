@@ -9,10 +9,11 @@ misses), the receiver decoding each blob in place on its own copy of the
 pages (xb_scan, the bases gathered, xb_apply), then each blob mutated (byte
 flips, truncation, garbage) scanned and applied into exactly-sized buffers,
 and xb_apply also given scan results that were tampered with (it must check
-everything itself). Every decode is also run fused (xb_apply_from: the bases
-read in place from exact-size sources, committed rows, a staged page and
-zero pages) and must equal gather + xb_apply; a base row past its source
-must be refused with nothing written. Any out-of-bounds read or write, or undefined behaviour,
+everything itself). Every decode is also run fused (xb_decode_from: one pass, the
+bases read in place from exact-size sources, committed rows, a staged page
+and zero pages): it must refuse what xb_scan refuses and otherwise equal
+gather + xb_apply, page kinds included; a base row past its source must be
+refused (XB_E_BAD_BASE at that page). Any out-of-bounds read or write, or undefined behaviour,
 aborts the harness.
 """
 
@@ -59,8 +60,8 @@ static void cache_free(xb_cache *c)
 static uint8_t rmem[12][XB_PAGE];
 
 static long fused_checked = 0, bad_base = 0;
-static uint8_t *fused_exact(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
-                            const uint8_t *delta, size_t k, const uint32_t *idx, size_t n);
+static uint8_t *fused_exact(int codec, const uint8_t *in, size_t len, const uint8_t *scan_delta,
+                            int64_t k, const uint32_t *idx, size_t n, int *kinds_ok);
 
 /* decode a copy of blob[0..len) into exactly-sized buffers, on the
  * receiver's pages; *out_pages (malloc'ed, k rows) gets the result. With
@@ -79,9 +80,17 @@ static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const ui
     *out_pages = NULL;
     int64_t k = xb_scan(codec, in, len, n, rows, starts, delta, &e);
     *code = k < 0 ? e.code : 0;
+    if (k < 0) {   /* a blob the scan refuses: the fused decode must refuse it too */
+        int kinds_ok = 1;
+        uint8_t *fused = fused_exact(codec, in, len, delta, k, idx, n, &kinds_ok);
+        if (fused || !kinds_ok) {
+            fprintf(stderr, "fused decode accepted a blob xb_scan refuses\n");
+            exit(1);
+        }
+    }
     if (k >= 0) {
-        int64_t scanned = k;
-        uint8_t *fused = fused_exact(codec, in, len, starts, delta, (size_t)k, idx, n);
+        int kinds_ok = 1;
+        uint8_t *fused = fused_exact(codec, in, len, delta, k, idx, n, &kinds_ok);
         uint8_t *out = malloc(k ? (size_t)k * XB_PAGE : 1);
         size_t m = 0;
         for (int64_t i = 0; i < k; i++)
@@ -98,6 +107,10 @@ static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const ui
         } else {
             *out_pages = out;
         }
+        if (!kinds_ok) {
+            fprintf(stderr, "fused decode: page kinds differ from the scan's\n");
+            exit(1);
+        }
         if (!tamper && (k < 0) != (fused == NULL)) {
             fprintf(stderr, "fused decode %s where xb_apply %s\n", fused ? "succeeded" : "failed",
                     k < 0 ? "failed" : "succeeded");
@@ -107,10 +120,6 @@ static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const ui
             fprintf(stderr, "fused decode differs from gather + xb_apply\n");
             exit(1);
         }
-        if (tamper) {   /* the tampered scan given to the fused decode too: memory-safe */
-            free(fused);
-            fused = fused_exact(codec, in, len, starts, delta, (size_t)scanned, idx, n);
-        }
         free(fused);
     }
     free(in); free(starts); free(delta);
@@ -118,14 +127,16 @@ static int64_t decode_exact(int codec, const uint8_t *blob, size_t len, const ui
     return k;
 }
 
-/* The fused decode (xb_apply_from) of the same scan, every buffer exact:
+/* The fused decode (xb_decode_from) of the same blob, every buffer exact:
  * the receiver's committed pages as source 0 (row idx[i]), one page staged
  * over them as source 1 (a copy of the page it replaces), and a pfn whose
- * page is zero read as the zero page. Then the same call with one base row
- * past its source: refused with XB_E_BAD_BASE, out untouched. Returns the
- * k decoded rows (malloc'ed) or NULL if the decode failed. */
-static uint8_t *fused_exact(int codec, const uint8_t *in, size_t len, const uint64_t *starts,
-                            const uint8_t *delta, size_t k, const uint32_t *idx, size_t n)
+ * page is zero read as the zero page. When it decodes, the same call with
+ * the base row of a page that reads its base (scan's delta[j] == 1) past its
+ * source must fail with XB_E_BAD_BASE. Returns the k decoded rows (malloc'ed)
+ * or NULL if the decode failed; *kinds_ok whether it failed exactly when the
+ * scan (k < 0) did, with the scan's page kinds. */
+static uint8_t *fused_exact(int codec, const uint8_t *in, size_t len, const uint8_t *scan_delta,
+                            int64_t k, const uint32_t *idx, size_t n, int *kinds_ok)
 {
     uint8_t *mem = malloc(12 * XB_PAGE), *stg = malloc(XB_PAGE);
     memcpy(mem, rmem, 12 * XB_PAGE);
@@ -149,44 +160,41 @@ static uint8_t *fused_exact(int codec, const uint8_t *in, size_t len, const uint
             staged = 1;
         }
     }
-    uint8_t *out = malloc(k ? k * XB_PAGE : 1);
+    size_t minp = codec == XB_SEED ? 6 : 1;
+    size_t rows = n < len / minp ? n : len / minp;
+    uint8_t *out = malloc(rows ? rows * XB_PAGE : 1), *delta = malloc(rows ? rows : 1);
     xb_error e;
     /* seg == NULL half the time when nothing is staged or zero: row = pfn */
     int plain = !staged && (rnd() & 1);
     for (size_t i = 0; i < n && plain; i++) plain = seg[i] == 0;
-    int64_t rc = xb_apply_from(codec, in, len, starts, delta, k, srcs, src_rows, 2, pfns,
-                               plain ? NULL : seg, plain ? NULL : row, n, out, k, &e);
+    int64_t got = xb_decode_from(codec, in, len, n, rows, srcs, src_rows, 2, pfns,
+                                 plain ? NULL : seg, plain ? NULL : row, out, rows, delta, &e);
     fused_checked++;
-    /* one base row past its source (or a source that is not there) */
-    size_t j = k;
-    for (size_t i = 0; i < k; i++)
+    /* it decodes exactly what the scan accepts, into the same page kinds */
+    *kinds_ok = k < 0 ? got < 0
+                      : got == k && (k == 0 || memcmp(delta, scan_delta, (size_t)k) == 0);
+    size_t j = (size_t)(got < 0 ? 0 : got);
+    for (size_t i = 0; got > 0 && i < (size_t)got; i++)
         if (delta[i] == 1) { j = i; break; }
-    if (j < k && j < n) {
-        uint8_t *out2 = malloc(k * XB_PAGE);
-        memset(out2, 0xA5, k * XB_PAGE);
-        uint32_t s0 = seg[j];
-        uint64_t r0 = row[j];
+    if (got > 0 && j < (size_t)got) {
         switch (rnd() % 3) {
         case 0: seg[j] = 0; row[j] = 12 + rnd() % 1000; break;
         case 1: seg[j] = 1; row[j] = 1 + rnd() % 5; break;
         default: seg[j] = 2 + (uint32_t)(rnd() % 5); row[j] = 0; break;
         }
+        uint8_t *out2 = malloc(rows * XB_PAGE), *delta2 = malloc(rows);
         xb_error e2;
-        int64_t r2 = xb_apply_from(codec, in, len, starts, delta, k, srcs, src_rows, 2, pfns, seg,
-                                   row, n, out2, k, &e2);
-        for (size_t b = 0; b < k * XB_PAGE; b++)
-            if (out2[b] != 0xA5) { fprintf(stderr, "a refused base wrote out\n"); exit(1); }
-        if (r2 >= 0 || e2.code != XB_E_BAD_BASE) {
+        int64_t r2 = xb_decode_from(codec, in, len, n, rows, srcs, src_rows, 2, pfns, seg, row,
+                                    out2, rows, delta2, &e2);
+        if (r2 >= 0 || e2.code != XB_E_BAD_BASE || e2.page != j) {
             fprintf(stderr, "a base past its source was not refused (%d)\n", e2.code);
             exit(1);
         }
         bad_base++;
-        seg[j] = s0;
-        row[j] = r0;
-        free(out2);
+        free(out2); free(delta2);
     }
-    free(mem); free(stg); free(pfns); free(row); free(seg);
-    if (rc < 0) {
+    free(mem); free(stg); free(pfns); free(row); free(seg); free(delta);
+    if (got < 0) {
         free(out);
         return NULL;
     }
@@ -331,6 +339,6 @@ def test_kernel_under_asan_and_ubsan(tmp_path: Path) -> None:
     assert mutated > 1000 and mutated // 10 < rejected < mutated
     assert zero_base > 50  # the zero-base paths ran, under the sanitizers too
     assert tampered > 0  # xb_apply refused scan results it was not given by xb_scan
-    # the fused decode (xb_apply_from) ran beside every decode and agreed with
+    # the fused decode (xb_decode_from) ran beside every decode and agreed with
     # gather + xb_apply (the harness exits otherwise), and refused bad bases
     assert fused > 1000 and bad_base > 100
