@@ -66,3 +66,40 @@ def test_power_cut_leaves_the_backup_disk_at_the_committed_checkpoint(hosts, dae
     backup.cli("pause", "hot")
     r = backup.cli("disk-check", "hot", check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_new_session_copies_only_the_blocks_that_differ(hosts, daemons):
+    """The receiver is SIGKILLed and started again on the same disk directory:
+    the next session reuses its image and the initial sync sends only the
+    blocks written since (hashes), not the whole disk; a power cut after it
+    still leaves the backup's disk at the committed checkpoint."""
+    primary, backup = hosts
+    primary.create("16M", "hotset", seed=8, rate=20000, name="hot", disks=[16 << 20], disk_every=1)
+    # fill the disk unprotected, then slow the guest down: its writes during
+    # the receiver's absence are what the second sync must find
+    wait_until("the disk is written", lambda: _step(primary, "hot") >= 30000, 30)
+    primary.cli("set-rate", "hot", "20")
+    rx = daemons.receiver(backup)
+    remusd = daemons.remusd(primary)
+    remusd.ctl("protect", "hot", "--to", rx.target, "--interval", "30")
+    d = remusd.wait(lambda d: d["state"] == "protected" and d["checkpoints"] >= 10, "hot")
+    first = d["disks"]["disks"][0]["sync"]
+    assert first["done"] and first["differing"] >= first["blocks"] * 0.9, first
+    sessions = d["sessions"]
+    rx.kill()
+    rx2 = daemons.receiver(backup, port=rx.port)
+    d = remusd.wait(
+        lambda d: d["sessions"] > sessions and d["state"] == "protected" and d["checkpoints"] >= 10,
+        "hot",
+        what="a second session",
+    )
+    second = d["disks"]["disks"][0]["sync"]
+    assert second["done"] and 0 < second["differing"] < first["blocks"] // 4, (first, second)
+    assert second["bytes_sent"] < first["bytes_sent"] // 4
+    s = rx2.session("hot")
+    assert s["disks"]["disks"][0]["reused"], s["disks"]
+    power_cut(primary, remusd)
+    wait_until("failover", lambda: rx2.session("hot")["state"] == "failed-over", 20)
+    backup.cli("pause", "hot")
+    r = backup.cli("disk-check", "hot", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
