@@ -400,6 +400,7 @@ def render_status(st: Any) -> str:
         ]
         if reasons:
             out.append("reasons:\n" + "\n".join(reasons))
+        out += _disk_lines(doms, "name", _sender_disk)
         return "\n".join(out)
     # another daemon (the receiver): scalars in the head line, then each list of
     # objects as a table: the receiver's main columns when they are there, else
@@ -420,7 +421,53 @@ def render_status(st: Any) -> str:
             ]
             if errors:
                 out.append("errors:\n" + "\n".join(errors))
+            out += _disk_lines(val, "domain", _receiver_disk)
     return "\n".join(out)
+
+
+def _mib(n: Any) -> str:
+    return f"{(n or 0) / (1 << 20):.1f} MiB"
+
+
+def _sender_disk(i: int, disk: dict[str, Any], block: dict[str, Any]) -> str:
+    sync = disk.get("sync") or {}
+    state = "sync done" if sync.get("done") else f"syncing ({sync.get('hashed', 0)} hashed)"
+    line = (
+        f"disk{i} {_mib(disk.get('size'))}: {state}, {sync.get('differing', 0)} of "
+        f"{sync.get('blocks', 0)} blocks differed, {_mib(sync.get('bytes_sent'))} synced"
+    )
+    if i == 0:  # one stream for all of a domain's disks
+        line += (
+            f"; mirrored {_mib(block.get('mirrored_bytes'))}, open epoch "
+            f"{_mib(block.get('open_epoch_bytes'))}, {block.get('seals', 0)} seals "
+            f"(last {block.get('last_seal_ms', 0)} ms)"
+        )
+    return line
+
+
+def _receiver_disk(i: int, disk: dict[str, Any], block: dict[str, Any]) -> str:
+    line = f"disk{i} {_mib(disk.get('size'))} {disk.get('path')}"
+    line += " (reused)" if disk.get("reused") else " (new)"
+    if i == 0:
+        line += (
+            f": {block.get('epochs_applied', 0)} epochs applied (last "
+            f"{block.get('last_applied_epoch')}), buffer {_mib(block.get('epoch_buffer_bytes'))} "
+            f"in memory, {_mib(block.get('epoch_spilled_bytes'))} spilled, "
+            f"{_mib(block.get('bytes_synced'))} synced"
+        )
+    return line
+
+
+def _disk_lines(items: list[Any], key: str, line: Any) -> list[str]:
+    """A ``disks:`` section for the items whose status has a ``disks`` block."""
+    rows = []
+    for item in items:
+        block = item.get("disks") if isinstance(item, dict) else None
+        if not isinstance(block, dict):
+            continue
+        for i, disk in enumerate(block.get("disks") or []):
+            rows.append(f"  {item.get(key, '?')} {line(i, disk, block)}")
+    return ["disks:\n" + "\n".join(rows)] if rows else []
 
 
 #: The receiver's session fields shown in the human table (remus-receiver's

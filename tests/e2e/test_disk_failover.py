@@ -50,6 +50,8 @@ def test_power_cut_leaves_the_backup_disk_at_the_committed_checkpoint(hosts, dae
         s = rx.session(n)
         assert s["disks"]["epochs_applied"] >= 10, s["disks"]
     assert remusd.domain("hot")["disks"]["mirrored_bytes"] > 0
+    shown = remusd.ctl("status").stdout  # the operator's table says it per disk
+    assert "disks:" in shown and "hot disk0 8.0 MiB: sync done" in shown, shown
     power_cut(primary, remusd)
     for n in ("ledger", "hot"):
         wait_until(f"failover of {n}", lambda n=n: rx.session(n)["state"] == "failed-over", 20)
