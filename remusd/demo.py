@@ -4,8 +4,10 @@ What it does, every step a real process:
 
 1. two simulated Xen hosts, "primary" and "backup" (directories under
    /dev/shm), each ``python -m xenbind.sim host``;
-2. a ``ledger`` guest on the primary (a bank: every transaction moves money
-   and acknowledges itself to the outside world through its output);
+2. a ``ledger`` guest on the primary (a bank: every transaction moves money,
+   is journaled to the guest's disk, and acknowledges itself to the outside
+   world through its output); the disk is served by the mirroring block
+   server (nbdkit, docs/disk.md) and replicated with the memory;
 3. ``remus-receiver`` on the backup and ``remusd`` on the primary, linked
    over loopback by TLS 1.3 with mutual authentication, the default mode:
    a throwaway CA and a certificate per host are made at start with the
@@ -17,7 +19,8 @@ What it does, every step a real process:
    checkpoint it committed;
 7. ``ledger-check --acked`` on the backup checks that every transaction the
    primary acknowledged to the outside world (its released output) is in
-   the backup's ledger, and that no money was created or lost.
+   the backup's ledger, that no money was created or lost, and that the
+   backup's disk journal holds exactly the transactions of its memory.
 
 Exit status 0 only if the check passed. Every process started here is ended
 on the way out (also on Ctrl-C) and the directories are removed (``--keep``
@@ -156,6 +159,15 @@ def run(args: argparse.Namespace) -> int:
     say = print
     try:
         say(f"remus demo: working directory {base}")
+        disk_args: list[str] = []
+        if args.disk not in ("0", ""):
+            from xenbind.mirrorclient import missing
+
+            lack = missing()
+            if lack is None:
+                disk_args = ["--disk", args.disk]
+            else:
+                say(f"   (no disk for the guest: {lack})")
         say("1. two simulated Xen hosts: primary and backup")
         for name, d in (("primary-host", primary), ("backup-host", backup)):
             procs.start(name, [PY, "-m", "xenbind.sim", "host", "--dir", str(d)])
@@ -174,10 +186,13 @@ def run(args: argparse.Namespace) -> int:
             str(args.rate),
             "--name",
             "ledger",
+            *disk_args,
         ).stdout.strip()
         say(
             f"2. guest 'ledger' (domain {domid}, {args.memory}) runs a bank on the primary: "
-            f"{args.rate} transactions/s, each acknowledged to its client"
+            f"{args.rate} transactions/s, each "
+            + (f"journaled to its {args.disk} disk and " if disk_args else "")
+            + "acknowledged to its client"
         )
         tls = base / "tls"
         ca = pki.make_ca(tls, "remus-demo-ca")
@@ -258,6 +273,14 @@ def run(args: argparse.Namespace) -> int:
             )
             prev, prev_t = cur, now
         final = sessions_of(control_request(rsock, "status"))[0]
+        if final.get("disks"):
+            fd = final["disks"]
+            sync = fd["disks"][0]["sync"]
+            say(
+                f"   disk: {sync['differing']} of {sync['blocks']} blocks synced at the start, "
+                f"{fd['mirrored_bytes'] / 1e6:.2f} MB of writes mirrored, one disk epoch "
+                f"sealed in each pause ({fd['seals']} seals, last {fd['last_seal_ms']} ms)"
+            )
         say("5. power cut: SIGKILL to the primary host and remusd")
         t_kill = time.monotonic()
         os.kill(procs.procs["primary-host"].pid, signal.SIGKILL)
@@ -344,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", default="64M", help="guest memory (default 64M)")
     p.add_argument(
         "--rate", type=int, default=2000, help="ledger transactions per second (default 2000)"
+    )
+    p.add_argument(
+        "--disk",
+        default="64M",
+        help="the guest's replicated disk (default 64M; 0: no disk). Needs nbdkit with its "
+        "Python plugin (scripts/install-system-deps); without them the demo runs diskless",
     )
     p.add_argument("--keep", action="store_true", help="keep the working directory and logs")
     args = p.parse_args(argv)
