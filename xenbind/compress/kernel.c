@@ -848,9 +848,9 @@ int64_t xb_apply(int codec, const uint8_t *in, size_t len, const uint64_t *start
  *
  * A base is read only where the page keeps words of it: seed BEGIN_PAGE
  * (copied into a 4 KiB buffer, the deltas applied there), xen 0x00 (the
- * base streamed to the row) and xen SKIPs (the skipped words copied from the
- * base into the buffer, the RUNs' words from the blob). A whole page and a
- * xen page of RUNs only read none. Every page is streamed from the buffer
+ * base streamed to the row) and xen SKIPs (at the first SKIP the rest of
+ * the base is copied into the buffer; the RUNs' words come from the blob).
+ * A whole page and a xen page of RUNs only read none. Every page is streamed from the buffer
  * (or the blob) to its row with non-temporal stores. A base row past its
  * source fails with XB_E_BAD_BASE (detail the row) when the page needs it.
  *
@@ -903,6 +903,7 @@ static int64_t xen_page_from(const uint8_t *in, size_t len, size_t pos, size_t i
     size_t q = pos;
     uint32_t pp = 0;
     uint8_t markers = 0;
+    int based = 0;   /* buf[pp..) holds the base since the first SKIP */
     while (pp < XB_PAGE) {
         if (q >= len)
             return fail(e, XB_E_TRUNC_PAGE, q, i, pp);
@@ -918,10 +919,14 @@ static int64_t xen_page_from(const uint8_t *in, size_t len, size_t pos, size_t i
                 return fail(e, XB_E_TRUNC_RUN, q, i, n);
             copy_words(buf + pp, in + q + 1, n / 4);
             q += n;
-        } else {
+        } else if (!based) {
+            /* the rest of the base at the first SKIP, in one copy: the later
+             * SKIPs cost nothing (one copy per SKIP made a page of 1-word
+             * runs and skips cost half again) and the RUNs overwrite it */
             if (!base)
                 return fail(e, XB_E_BAD_BASE, q, i, (int64_t)r);
-            memcpy(buf + pp, base + pp, n);
+            memcpy(buf + pp, base + pp, XB_PAGE - pp);
+            based = 1;
         }
         markers |= k;
         q += 1;
