@@ -33,7 +33,11 @@ maps the Domain interface onto it:
     get_context (PV)              xc_vcpu_getcontext for vCPUs 0..max_vcpu_id
     set_context (HVM, PVH)        xc_domain_hvm_setcontext + xc_hvm_param_set
     destroy                       xc_domain_destroy
-    create_backup                 libvirt (``REMUS_LIBVIRT_URI``) or ``xl create -p``
+    create_backup                 libvirt (``REMUS_LIBVIRT_URI``) or ``xl create -p``;
+                                  with disks (xl only): the receiver's images as phy
+                                  disks on the primary's vdevs (xenbind.xendisks)
+    disks                         the domain's disks file (xenbind.xendisks:
+                                  $REMUS_XEN_DISKS_DIR/<name>.json); none without one
     output_*                      Linux ``plug`` qdisc over rtnetlink (xenbind.netbuf)
 
 Rules this module keeps:
@@ -64,9 +68,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import PAGE_SIZE
-from .errors import DomainError, HypervisorUnavailable
+from .errors import ConfigError, DomainError, HypervisorUnavailable
 from .hypervisor import Domain, Hypervisor
-from .types import Context, DomainConfig, DomainInfo, SaveRecords
+from .types import Context, DiskInfo, DomainConfig, DomainInfo, SaveRecords
+from .xendisks import read_disks
 
 try:  # the compiled binding exists only where libxen-dev was installed
     from ._xenctrl import ffi as _ffi
@@ -292,7 +297,22 @@ class XenDomain(Domain):
         info = self._hv._to_info(self._raw_info(), self.pages)
         if self.domid != 0:
             info.extra.update(self._build_info())
+            try:
+                vdevs = [v for _, v in read_disks(info.name)] if info.name else []
+            except ConfigError:
+                vdevs = []  # disks() says what is wrong with the file
+            if vdevs:
+                info.extra["disk_vdevs"] = vdevs  # the backup's disks go on the same ones
         return info
+
+    def disks(self) -> list[DiskInfo]:
+        """The disks named by the domain's disks file (xenbind.xendisks:
+        ``$REMUS_XEN_DISKS_DIR/<name>.json``, written by whoever started its
+        mirroring block server); none without one."""
+        if self.domid == 0:
+            return []
+        name = self._hv._name_of(self.domid)
+        return [d for d, _ in read_disks(name)] if name else []
 
     def _build_info(self) -> dict:
         """How libxl built this domain (``xenbind.xl.build_info``: type, memory,
@@ -837,17 +857,18 @@ class XenHypervisor(Hypervisor):
         return dom
 
     def create_backup(self, config: DomainConfig, disks: Sequence[str] = ()) -> XenDomain:
-        if disks:
-            # docs/disk.md: on Xen the backup's disks are attached by the
-            # operator's domain configuration (blkback over the backup's own
-            # block server), which this release does not write yet
-            raise DomainError(
-                config.name,
-                "create_backup",
-                "replicated disks on a Xen backup are not supported by this release "
-                "(docs/disk.md, 'On Xen'); protect the domain without its disks",
-            )
+        """``disks``: the receiver's images of the backup's disks, given to
+        the domain as phy disks (libxl's block script attaches each through a
+        loop device) on the primary's vdevs (xenbind.xendisks)."""
         if self.libvirt_uri:
+            if disks:
+                raise DomainError(
+                    config.name,
+                    "create_backup",
+                    "replicated disks on a Xen backup made through libvirt are not "
+                    "supported by this release (docs/disk.md, 'On Xen'): use xl (no "
+                    "libvirt URI) or protect the domain without its disks",
+                )
             from .virt import Virt
 
             with Virt(self.libvirt_uri) as v:
@@ -855,7 +876,7 @@ class XenHypervisor(Hypervisor):
         else:
             from .xl import create_paused
 
-            domid = create_paused(config)
+            domid = create_paused(config, disks)
         return self.lookup(domid)
 
     def close(self) -> None:

@@ -24,6 +24,11 @@ The generated config (``xl_config``):
     tsc_mode = "<mode>"        from extra["tsc_mode"]
     cpuid = [ "<leaf[,subleaf]>:eax=<32 chars>,..." ... ]   from extra["cpuid"]
                                (a list: libxl's xend-style CPUID policy)
+    disk = [ "format=raw, vdev=<v>, access=rw, backendtype=phy, target=<image>" ... ]
+                               the backup's images, when the receiver keeps disks
+                               for it (xenbind.xendisks.backup_disk_specs: the
+                               vdevs from extra["disk_vdevs"], attached by
+                               libxl's block script through a loop device)
     on_poweroff/on_reboot/on_crash = "destroy"   (a backup never restarts itself)
 
 On the primary, ``build_info(domid)`` reads those extra keys from libxl's own
@@ -44,10 +49,12 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 
 from . import PAGE_SIZE
 from .errors import ConfigError, DomainError
 from .types import DomainConfig
+from .xendisks import backup_disk_specs
 
 #: Seconds ``xl create`` may take (it builds the domain and runs hotplug scripts).
 CREATE_TIMEOUT = 120.0
@@ -77,8 +84,9 @@ def _q(key: str, value: str) -> str:
     return f'{key} = "{value}"'
 
 
-def xl_config(config: DomainConfig) -> str:
-    """The xl domain configuration text for a backup of ``config``."""
+def xl_config(config: DomainConfig, disks: Sequence[str] = ()) -> str:
+    """The xl domain configuration text for a backup of ``config``; ``disks``:
+    the backup's disk images, one per ``config.disks``."""
     if not _NAME.match(config.name):
         raise ConfigError(f"domain name {config.name!r} is not a valid xl name")
     if config.uuid and not _UUID.match(config.uuid):
@@ -112,6 +120,11 @@ def xl_config(config: DomainConfig) -> str:
             lines.append("cpuid = [ " + ", ".join(f'"{c}"' for c in cpuid) + " ]")
     if kind in ("pv", "pvh") and "kernel" not in config.extra:
         raise ConfigError(f"a {kind} backup needs extra['kernel'] (it boots no firmware)")
+    if disks:
+        if config.disks and len(config.disks) != len(disks):
+            raise ConfigError(f"{len(disks)} disk images for {len(config.disks)} disks")
+        specs = backup_disk_specs(list(disks), config.extra.get("disk_vdevs"))
+        lines.append("disk = [ " + ", ".join(f'"{d}"' for d in specs) + " ]")
     lines += ['on_poweroff = "destroy"', 'on_reboot = "destroy"', 'on_crash = "destroy"']
     return "\n".join(lines) + "\n"
 
@@ -130,9 +143,9 @@ def _xl(args: list[str], timeout: float, op: str, who: str) -> str:
     return res.stdout
 
 
-def create_paused(config: DomainConfig) -> int:
-    """``xl create -p`` the backup; return its domid."""
-    text = xl_config(config)
+def create_paused(config: DomainConfig, disks: Sequence[str] = ()) -> int:
+    """``xl create -p`` the backup (with ``disks``, its images); return its domid."""
+    text = xl_config(config, disks)
     fd, path = tempfile.mkstemp(prefix="remus-backup-", suffix=".cfg")
     try:
         with os.fdopen(fd, "w") as f:
