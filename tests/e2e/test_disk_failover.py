@@ -76,11 +76,11 @@ def test_a_new_session_copies_only_the_blocks_that_differ(hosts, daemons):
     blocks written since (hashes), not the whole disk; a power cut after it
     still leaves the backup's disk at the committed checkpoint."""
     primary, backup = hosts
-    primary.create("16M", "hotset", seed=8, rate=20000, name="hot", disks=[16 << 20], disk_every=1)
+    primary.create("16M", "hotset", seed=8, rate=20000, name="hot", disks=[64 << 20], disk_every=1)
     # fill the disk unprotected, then slow the guest down: its writes during
     # the receiver's absence are what the second sync must find
     wait_until("the disk is written", lambda: _step(primary, "hot") >= 30000, 30)
-    primary.cli("set-rate", "hot", "20")
+    primary.cli("set-rate", "hot", "5")  # ~5 blocks/s of the disk's 1024
     rx = daemons.receiver(backup)
     remusd = daemons.remusd(primary)
     remusd.ctl("protect", "hot", "--to", rx.target, "--interval", "30")
