@@ -5,6 +5,7 @@
     d = Decompressor("xen")
     pages = d.decompress(blob, pfns, base)     # (k, 4096), k pages in blob
     # base(pfns, out): fill out[i] with the receiver's copy of page pfns[i]
+    pages = d.decompress(blob, pfns, Rows(memory, staged))  # the fused decode
 
     c.note_sent_raw(pfns, pages)               # pages sent whole in Format A
 
@@ -36,7 +37,12 @@ Rules:
       that PFN is those zeros, and it decodes against its copy.
     - decompress() validates the whole blob before anything is applied
       (kernel xb_scan), then applies it (xb_apply); it returns k <=
-      len(pfns) pages. A blob holding more pages than pfns given, or
+      len(pfns) pages. With a ``Rows`` base (memory the kernel reads in
+      place: committed rows by PFN, staged batches over them) it is one pass
+      instead (xb_decode_from: no gather, no scan first): each page is
+      validated and written in turn, so after an error ``out`` is undefined
+      (as it always was to the caller); a base row past its memory raises
+      ValueError. A blob holding more pages than pfns given, or
       anything malformed, raises CodecError naming the byte offset in the
       blob, the page index and the reason. A Decompressor holds no state
       between blobs: a failure leaves nothing out of step.

@@ -29,8 +29,9 @@
  * bit-packed (bit pfn & 7 of byte pfn >> 3), zbits bits long; pfns >= zbits
  * are unknown (never known zero).
  *
- * The receiver (xb_scan, xb_apply below) keeps no cache and no bitmap: it
- * decodes every delta page in place on its own copy of the page.
+ * The receiver (xb_scan, xb_apply below; xb_decode_from, the fused decode
+ * that reads each base in place) keeps no cache and no bitmap: it decodes
+ * every delta page in place on its own copy of the page.
  * Codec ids: XB_SEED = 1, XB_XEN = 2 (layouts in xenbind/compress/formats.py,
  * repeated beside the functions below).
  *

@@ -66,7 +66,10 @@ module adds:
   user has not seen yet, the decoder lays over that itself. A PFN is listed
   at most once per Format B body, so the base is always the page as of the
   end of the previous checkpoint, as in Xen's restore, which applies a
-  checkpoint only once it arrived whole. Without ``base`` (None) a delta page
+  checkpoint only once it arrived whole. A ``base`` that is memory the codec
+  reads in place (``xenbind.compress.Rows``: it has ``base_rows``) is handed
+  to the codec as it is, the pages of checkpoints completed in the current
+  call laid over it (one pass, no gather). Without ``base`` (None) a delta page
   does not decode (a MalformedStream at its chunk). Whatever ``base`` raises
   (the backup failed over, cannot be read) propagates out of ``feed``
   unchanged, and the decoder is dead from then on (later calls raise a
