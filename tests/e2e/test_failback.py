@@ -30,6 +30,8 @@ import time
 
 import pytest
 
+from xenbind.mirrorclient import missing
+
 from .conftest import Receiver, Remusd, free_port, wait_until
 from .test_failover import acked_outputs, ledger_check, power_cut
 
@@ -77,9 +79,15 @@ def swapped(workdir):
         print(f"----- swapped {d.name} log (last 4000 chars) -----\n{d.log()[-4000:]}")
 
 
-def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, swapped):
+@pytest.mark.parametrize("disk", [0, 8 << 20], ids=["memory", "with-disk"])
+def test_a_to_b_by_failure_then_back_by_switchover(hosts, daemons, workdir, swapped, disk):
+    """``with-disk``: the guest's journal disk goes along (issue 13): B runs it
+    on its receiver's image, protects it back to A's receiver, and the
+    switchover brings it home with the journal matching memory and outputs."""
     a, b = hosts
-    a.create("16M", "ledger", seed=21, rate=3000, name="ledger")
+    if disk and missing() is not None:
+        pytest.skip(f"no block server here: {missing()}")
+    a.create("16M", "ledger", seed=21, rate=3000, name="ledger", disks=[disk] if disk else ())
     rx_b = daemons.receiver(b)
     remusd_a = daemons.remusd(a)
     remusd_a.ctl("protect", "ledger", "--to", rx_b.target, "--interval", "25")
