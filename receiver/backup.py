@@ -78,6 +78,17 @@ class ProtectionBackup:
         with self.prot.lock:
             self.physmap = Physmap(self._domain(), self.prot.config.pages)
 
+    def rows(self) -> np.ndarray | None:
+        """The backup's memory to read delta bases in place (the fused decode),
+        when the domain offers it (the simulator) and every PFN has memory;
+        else None (``read``, the gather path). Only reads go there: every
+        write still goes through the lock and the commit."""
+        with self.prot.lock:
+            domain = self._domain()
+            if self.physmap is not None and not bool(self.physmap.backed.all()):
+                return None
+            return domain.memory_rows()
+
     def write(self, pfns: np.ndarray, data: np.ndarray) -> None:
         with self.prot.lock:
             domain = self._domain()

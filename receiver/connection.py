@@ -325,6 +325,9 @@ class Connection:
         prot.life()  # the stall and failover clocks start now, not at the HELLO
         try:
             backup.open()
+            rows = backup.rows()
+            if rows is not None:
+                self.core.read_in_place(rows)
         except (DomainError, BackupClosed) as e:
             if isinstance(e, BackupClosed) and e.error is not None:
                 actions += self.core.close(*e.error)  # failed over or superseded meanwhile

@@ -94,6 +94,7 @@ import numpy as np
 
 from xenbind import diskstream as ds
 from xenbind.blockhash import HashesMessage
+from xenbind.compress import Rows
 from xenbind.errors import DomainError, ProtocolError, RemusError, StreamError
 from xenbind.session import (
     ERR_INTERNAL,
@@ -492,6 +493,14 @@ class ReceiverCore:
         for msg in disk_hashes or ():
             out.append(self._send(self.rs.disk_hashes(msg), "connection lost sending DISK_HASHES"))
         return out
+
+    def read_in_place(self, rows: np.ndarray) -> None:
+        """The backup's committed memory (``rows``, (pages, 4096)) may be read
+        in place: delta bases decode straight from it (the fused decode,
+        xenbind.compress.Rows) instead of through ``Backup.read``. Only
+        reads; pages still reach the backup only through ``commit``."""
+        if self.decoder is not None:
+            self.decoder.set_base(Rows(rows))
 
     def refuse(self, code: str, reason: str) -> list[Action]:
         """REFUSE the HELLO (the daemon's decision, or the TLS check's)."""

@@ -142,6 +142,12 @@ class Domain(abc.ABC):
     @abc.abstractmethod
     def destroy(self) -> None: ...
 
+    def memory_rows(self) -> PageArray | None:
+        """The whole memory as one (pages, 4096) array the caller may read in
+        place (the receiver's fused delta decode reads its bases there), or
+        None (the default, Xen): read it through ``gather``."""
+        return None
+
     def disks(self) -> list[DiskInfo]:
         """The domain's replicated disks, each served by a mirroring block
         server (docs/disk.md), in the disk stream's order. Default: none."""

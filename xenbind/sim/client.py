@@ -464,6 +464,11 @@ class SimDomain(Domain):
             )
             return np.flatnonzero(snap).astype(np.uint64)
 
+    def memory_rows(self) -> np.ndarray:
+        """The guest's memory mapping itself (pages, 4096): a paused backup's
+        committed pages, read in place by the receiver's decoder."""
+        return self._memory("memory_rows")
+
     def gather(self, pfns, out: np.ndarray) -> None:
         idx = self._check_pfns(pfns, "gather")
         self._check_pages(out, len(idx), "gather")

@@ -816,6 +816,12 @@ class Decoder:
         self._call_pages.append(event)
         self._expect_chunk()
 
+    def set_base(self, base: BaseSource) -> None:
+        """Replace the base source (before the next feed), e.g. with a
+        ``xenbind.compress.Rows`` once the receiver knows its backup's memory
+        can be read in place."""
+        self._base_source = base
+
     def _chunk_base(self) -> BaseSource:
         """The base source for one chunk: the user's own when the codec reads
         it in place (it has ``base_rows``, as ``xenbind.compress.Rows``), the
