@@ -385,7 +385,7 @@ def _disk_session() -> tuple[ReceiverCore, DiskMemoryBackup, list]:
     assert core.receive_data(encode_hello(_disk_hello())) == [Admit(_disk_hello())]
     backup = DiskMemoryBackup()
     hashes = [HashesMessage(0, DISK_HASH_BLOCK, 0, np.zeros(16, np.uint64))]
-    acts = core.accept(900, backup, now=1.0, disk_hashes=hashes)
+    acts = core.accept(900, backup, now=1.0, disk_hashes=hashes, disks=backup)
     return core, backup, acts
 
 
@@ -451,3 +451,40 @@ def test_a_disk_chunk_in_a_session_without_disks_is_a_violation():
     w = StreamWriter(PAGES, codec="none")
     end = _end(core.receive_data(_initial(w, encode_disk(b"x"))))
     assert end.kind == "violation" and "named no disks" in end.message
+
+
+@pytest.mark.parametrize("codec", ["seed", "xen"])
+def test_read_in_place_decodes_as_the_gather_path(codec):
+    """ReceiverCore.read_in_place (the fused decode, bases read from the
+    backup's memory rows) commits the same memory as Backup.read's gather,
+    over checkpoints whose delta pages depend on earlier ones (also within
+    one feed: several checkpoints in one call)."""
+    rng = np.random.default_rng(11)
+    hello = Hello("ab" * 16, Options(codec=codec, cache_pages=1024), _hello().domain, 1)
+    mem = rng.integers(0, 256, (PAGES, PAGE_SIZE), dtype=np.uint8)
+    w = StreamWriter(PAGES, codec=codec, cache_pages=1024)
+    pfns = np.arange(PAGES, dtype=np.uint64)
+    stream = [w.header() + _join(w.pages(pfns, mem)) + _join(w.end_checkpoint(CTX))]
+    for _ in range(6):
+        dirty = np.unique(rng.integers(0, PAGES - 3, 12)).astype(np.uint64)
+        for p in dirty:
+            mem[int(p), rng.integers(0, PAGE_SIZE, 3)] = rng.integers(0, 256, 3, dtype=np.uint8)
+        stream.append(
+            _join(w.pages(dirty, mem[dirty.astype(np.intp)])) + _join(w.end_checkpoint(CTX))
+        )
+    results = []
+    for in_place in (False, True):
+        core = ReceiverCore(LIMITS, now=0.0)
+        core.receive_data(encode_hello(hello))
+        backup = MemoryBackup()
+        core.accept(900, backup, now=1.0)
+        if in_place:
+            core.read_in_place(backup.memory)
+        core.receive_data(stream[0])
+        core.receive_data(b"".join(stream[1:4]))  # three checkpoints in one feed
+        for part in stream[4:]:
+            core.receive_data(part)
+        assert backup.committed == list(range(7)), (in_place, backup.committed)
+        results.append(backup.memory.copy())
+    assert np.array_equal(results[0], results[1])
+    assert np.array_equal(results[1][: PAGES - 3], mem[: PAGES - 3])
