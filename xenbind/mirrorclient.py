@@ -353,14 +353,16 @@ def start_server(
     control: str,
     *,
     stall: float | None = None,
+    queue: int | None = None,
     timeout: float = 10.0,
     stderr: int | IO[Any] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start nbdkit with the mirroring plugin (``nbdmirror.command``) and
-    return once both sockets accept connections. The caller owns the process
+    return once both sockets accept connections (``stall``, ``queue``: the
+    plugin's parameters, None for its defaults). The caller owns the process
     (``terminate()`` + ``wait()``); it also exits with the thread that called
     this. Raises MirrorError if nbdkit exits or is not ready in ``timeout``."""
-    argv = command(disks, nbd_socket, control, stall=stall)
+    argv = command(disks, nbd_socket, control, stall=stall, queue=queue)
     for path in (control, nbd_socket):  # a stale one would read as ready
         if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)

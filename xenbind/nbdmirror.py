@@ -3,7 +3,7 @@ over NBD and appends every write, in order, to the disk mirror stream.
 
     nbdkit --exit-with-parent -f --unix NBD_SOCKET --filter=blocksize \\
         python xenbind/nbdmirror.py disk=PATH [disk=PATH ...] control=SOCKET \\
-        [stall=SECONDS] minblock=512 maxdata=1M
+        [stall=SECONDS] [queue=BYTES] minblock=512 maxdata=1M
 
 (``command()`` below builds exactly that argv; ``xenbind.mirrorclient`` starts
 it and speaks its control protocol.) docs/disk.md says why the guest's disk is
@@ -24,13 +24,16 @@ EXPORTS
 I/O (thread model SERIALIZE_ALL_REQUESTS: one request at a time)
     pread   local, never mirrored.
     pwrite  os.pwrite to the image (FUA: then fdatasync), then, if mirroring,
-            WRITE record(s) (at most MAX_RECORD bytes of data each) appended
-            to the mirror connection, all before returning, so before nbdkit
-            acknowledges the write.
+            WRITE record(s) (at most MAX_RECORD bytes of data each) put in the
+            mirror queue, all before returning, so before nbdkit acknowledges
+            the write. The data is copied with its head into one buffer:
+            nbdkit's buffer (a read-only memoryview) is reused for its next
+            request once pwrite returns (seen: a view kept past the call reads
+            a later write's bytes).
     zero / trim
             the range is made to read as zeros (a hole punched or a zero range
             allocated when the file system can, else zeros written), then one
-            ZERO record.
+            ZERO record queued.
     flush   fdatasync.
     Offsets and lengths must be multiples of SECTOR (else EINVAL): nbdkit's
     blocksize filter in front (``minblock=512``) turns a client's unaligned
@@ -43,11 +46,13 @@ way, one reply line per request: ``{"ok": true, ...}`` or ``{"ok": false,
     {"op": "info"}
         -> {"ok": true, "disks": [{"path": P, "size": S}, ...], "sector_shift": 9,
             "mirroring": bool, "epoch": N | null (the open epoch the next SEAL
-            closes), "sent": bytes of the current mirror stream | null,
-            "stall": seconds, "max_record": bytes, "last_drop": why the last
-            mirror ended | null, "seal_time": {"seals", "median_us", "p99_us",
+            closes), "sent": bytes of the current mirror stream (queued or
+            sent: the offset the next record starts at) | null, "unsent": of
+            those, still in the queue | null, "stall": seconds, "queue": the
+            queue's bound in bytes, "max_record": bytes, "last_drop": why the
+            last mirror ended | null, "seal_time": {"seals", "median_us", "p99_us",
             "max_us"} of the last SEAL_STATS seals in the server (lock wait and
-            append) | null, "python": nbdkit's Python version}
+            queueing) | null, "python": nbdkit's Python version}
     {"op": "mirror", "first_epoch": N}
         -> {"ok": true}, and from then on THIS connection carries only the
         disk stream (server -> client): the header (first_epoch N, the disks'
@@ -55,33 +60,54 @@ way, one reply line per request: ``{"ok": true, ...}`` or ``{"ok": false,
         sees EOF). Nothing more is read from this connection.
     {"op": "seal"}
         -> {"ok": true, "epoch": N, "end": E}: SEAL(N) of the open epoch was
-        appended; E is the number of stream bytes of the mirror connection up
-        to the end of that SEAL, header included. Error if not mirroring (or
-        if the mirror was dropped appending it).
+        queued; E is the number of stream bytes of the mirror connection up
+        to the end of that SEAL, header included (the queue's offset: the
+        reader has every byte up to E once it has read E bytes). Error if not
+        mirroring (or if the mirror was dropped queueing it).
     {"op": "sync", "runs": [[disk, offset, length], ...]}
         -> {"ok": true, "bytes": B}: each run (rounded out to sectors, clipped
-        to its disk's end) was read and appended as WRITE records with
+        to its disk's end) was read and queued as WRITE records with
         FLAG_SYNC, MAX_RECORD bytes at most each (a chunk of zeros as a ZERO
         record instead); B is the bytes covered. Every run is checked before
         anything is appended (a bad disk index, a negative offset or length,
         an offset at or past the disk's end: an error naming the run).
     {"op": "stop"}
-        -> {"ok": true, "was_mirroring": bool}: the mirror is closed.
+        -> {"ok": true, "was_mirroring": bool}: the mirror ends: what is
+        queued is still sent (within ``stall``), then the connection closes.
+
+MIRROR QUEUE (``Mirror``)
+    Records are put, under the write lock, in an in-memory queue bounded by
+    ``queue=`` bytes (default DEFAULT_QUEUE); a sender thread drains it in
+    order: it computes the stream's CRC-32 over every item it takes, packs
+    each SEAL with it, and sends a batch at a time (one sendmsg). Small
+    records linger up to SEND_LINGER_S so one wake-up carries many; a SEAL,
+    or SEND_NOW_BYTES queued, is sent at once. The interpreter's switch
+    interval is SWITCH_INTERVAL, so that a seal or a write waits little for
+    the GIL while the sender and the control thread run.
 
 RULES (kept here)
     * One lock (``Server.lock``) covers every change to an image together with
-      its record's append: a write's pwrite and its WRITE, a zero's and its
-      ZERO, each sync chunk's read and its append, the header and each SEAL.
-      So the stream's order is the images' order, a write the guest saw
-      complete is before the SEAL placed after it, and a sync chunk can never
-      undo a guest write (it is read and appended in one step).
+      its record's append to the queue: a write's pwrite and its WRITE, a
+      zero's and its ZERO, each sync chunk's read and its append, the header
+      and each SEAL. The queue is sent in its order, and the CRC is computed
+      in that order by its one sender. So the stream's order is the images'
+      order, a write the guest saw complete is before the SEAL placed after
+      it, and a sync chunk can never undo a guest write (it is read and
+      appended in one step). A SEAL's ``end`` is the queue's offset.
     * Guest requests and seals go first: a sync releases the lock between
-      chunks and waits while one of them is waiting for it.
-    * The guest never waits for a dead or slow consumer: an append that fails,
-      or would block longer than ``stall`` seconds (default DEFAULT_STALL),
-      drops the mirror (the connection is closed, the reason logged on stderr
-      and kept for ``info``) and the request completes locally. Writes with no
-      mirror are local only; the consumer resyncs by hashes on its next mirror.
+      chunks and waits while one of them is waiting for it, and it waits
+      (before taking the lock) while the queue is over half full.
+    * Memory is bounded: the queue holds at most ``queue=`` bytes (one record
+      larger than that goes into an empty queue); a writer that finds it full
+      waits (the guest slows).
+    * The guest never waits long for a dead or slow consumer: a writer that
+      waits for room longer than ``stall`` seconds (default DEFAULT_STALL), a
+      send that makes no progress for ``stall`` seconds, or a send that fails
+      drops the mirror (the queue is dropped, the connection closed, the
+      reason logged on stderr and kept for ``info``) and requests complete
+      locally. Nothing is dropped silently: the reader sees the stream end,
+      torn, wherever the sender was. Writes with no mirror are local only; the
+      consumer resyncs by hashes on its next mirror.
     * A sync belongs to the mirror it started on: if that mirror ends, the
       sync stops with an error (a new mirror starts with its own sync).
     * The control socket appears (renamed into place) only once it listens,
@@ -104,6 +130,7 @@ import sys
 import threading
 import time
 import types
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -128,6 +155,22 @@ SECTOR = 1 << SECTOR_SHIFT
 MAX_RECORD = 1 << 20
 #: Seconds an append may block before the mirror is dropped.
 DEFAULT_STALL = 10.0
+#: The mirror queue's default bound, bytes (``queue=``), and its least.
+DEFAULT_QUEUE = 64 << 20
+MIN_QUEUE = 64 << 10
+#: Queue items the sender takes (CRCs, sends in one sendmsg) at a time.
+SEND_BATCH = 256
+#: The sender sends small records after lingering this long, seconds (one
+#: wake-up of the sender and of the consumer for many 4 KiB writes, not one
+#: each); at once a SEAL, or SEND_NOW_BYTES queued (a 1 MiB write).
+SEND_LINGER_S = 0.001
+SEND_NOW_BYTES = 256 << 10
+#: The interpreter's switch interval in the plugin, seconds (Python's default
+#: is 5 ms): a thread that wants the GIL (a seal's, a write's) waits at most
+#: about this long for the sender or the control thread to let it go.
+SWITCH_INTERVAL = 0.0005
+#: At exit, how long the queue may take to go out (at most ``stall``), seconds.
+EXIT_FLUSH_S = 2.0
 #: Seals whose time in the server ``info`` summarises (the last ones).
 SEAL_STATS = 1024
 #: The mirror connection's send buffer, bytes: a few records' worth, so that
@@ -145,6 +188,8 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _ZEROS = bytes(MAX_RECORD)
+RECORD_HEAD = diskstream.RECORD_HEAD
+RECORD_HEAD_SIZE = diskstream.RECORD_HEAD_SIZE
 
 
 class ControlError(Exception):
@@ -235,6 +280,18 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     return ctypes.get_errno() or errno.EIO
 
 
+def parse_size(text: str) -> int:
+    """``queue=`` bytes: a whole number, optionally with K, M or G (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t[-1:] in ("K", "M", "G"):
+        mult = 1 << (10 * ("KMG".index(t[-1]) + 1))
+        t = t[:-1]
+    if not t.isdigit():
+        raise RuntimeError(f"queue={text}: not a size (bytes, or a number with K, M or G)")
+    return int(t) * mult
+
+
 def _aligned(offset: int, length: int) -> bool:
     return offset >= 0 and length > 0 and not offset % SECTOR and not length % SECTOR
 
@@ -242,63 +299,285 @@ def _aligned(offset: int, length: int) -> bool:
 # ------------------------------------------------------------------ mirror
 
 
-class Mirror:
-    """The mirror connection and its encoder; appends bounded by ``stall``."""
+_BUSY, _IDLE, _LINGER = 0, 1, 2
 
-    def __init__(self, sock: socket.socket, encoder: diskstream.Encoder, generation: int) -> None:
+
+class _SealMark:
+    """A SEAL in the queue: the sender packs it with the CRC it has computed."""
+
+    __slots__ = ("epoch", "records")
+
+    def __init__(self, epoch: int, records: int) -> None:
+        self.epoch = epoch
+        self.records = records
+
+
+class Mirror:
+    """One mirror connection: its bounded queue and the sender thread that
+    drains it (module docstring, MIRROR QUEUE).
+
+    Writers (``Server.lock`` held) append with ``put``; the sender computes the
+    CRC of every byte it takes, in queue order, packs each SEAL with it and
+    sends. ``appended``: stream bytes put (header included, the reply line
+    not), the offset the next record starts at; ``sent``: of those, sent;
+    ``queued``: put and not yet sent (what the bound limits); ``error``: None
+    while the mirror lives, else why it failed (the sender's send, or a
+    writer's wait for room); the server drops a failed mirror when it next
+    touches it."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        encoder: diskstream.Encoder,
+        generation: int,
+        max_queue: int,
+        stall: float,
+    ) -> None:
         self.sock = sock
-        self.encoder = encoder
         self.generation = generation
-        self.sent = 0  # stream bytes appended (header included, the reply line not)
-        sock.setblocking(False)
+        self.max_queue = max_queue
+        self.stall = stall
+        self.epoch = encoder.epoch  # the open epoch (the next SEAL closes it)
+        self.records = 0  # WRITE/ZERO records put in the open epoch
+        self._sizes = encoder.disk_sizes
+        self._header = encoder.header()
+        self.appended = 0
+        self.sent = 0
+        self.queued = 0
+        self.error: str | None = None
+        self._closing = False  # stop: send what is queued, then close
+        self._queue: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._has_data = threading.Condition(self._lock)
+        self._has_room = threading.Condition(self._lock)
+        self._waits = _BUSY  # the sender: _BUSY, _IDLE (queue empty) or _LINGER
+        self._urgent = False  # a SEAL is queued: send without lingering
+        self._since = 0.0  # when the oldest queued item was put
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, MIRROR_SNDBUF)
         except OSError:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MIRROR_SNDBUF)
             except OSError:
-                pass  # the default buffer: appends wait for the consumer sooner
+                pass  # the default buffer: the sender waits for the consumer sooner
+        self._thread: threading.Thread | None = None
 
-    def send(self, bufs: list[Any], stall: float, count: bool = True) -> None:
-        """Send every byte of ``bufs`` or raise OSError / TimeoutError."""
-        views = [memoryview(b).cast("B") for b in bufs]
+    def start(self, reply: bytes) -> None:
+        """Send the reply line (blocking, at most ``stall`` seconds), queue the
+        header, start the sender. OSError / TimeoutError if the reply fails."""
+        self.sock.settimeout(self.stall)
+        self.sock.sendall(reply, socket.MSG_NOSIGNAL)
+        self.sock.setblocking(False)
+        self._put([self._header], len(self._header), None)
+        self._thread = threading.Thread(target=self._run, name="nbdmirror-sender", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------- the writers' side
+
+    def _put(
+        self, bufs: list[Any], nbytes: int, timeout: float | None, urgent: bool = False
+    ) -> bool:
+        """Queue ``bufs`` (``nbytes`` in all) once there is room; False (and
+        ``error`` set) if the mirror failed or the queue stayed full
+        ``timeout`` seconds. A record larger than the bound goes into an empty
+        queue. ``urgent`` (a SEAL): the sender sends at once, not after
+        SEND_LINGER_S."""
+        with self._lock:
+            if self.error is None and self.queued and self.queued + nbytes > self.max_queue:
+                deadline = time.monotonic() + (timeout or 0.0)
+                while self.error is None and self.queued and self.queued + nbytes > self.max_queue:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._fail_locked(
+                            f"the queue stayed full ({self.queued} of {self.max_queue} bytes) "
+                            f"for {timeout:g} s: the consumer read too little"
+                        )
+                        break
+                    self._has_room.wait(left)
+            if self.error is not None:
+                return False
+            if not self._queue:
+                self._since = time.monotonic()
+            self._queue.extend(bufs)
+            self.queued += nbytes
+            self.appended += nbytes
+            if urgent:
+                self._urgent = True
+            w = self._waits
+            if w == _IDLE or (w == _LINGER and (urgent or self.queued >= SEND_NOW_BYTES)):
+                self._has_data.notify()
+            return True
+
+    def write(self, disk: int, offset: int, data: Any, *, sync: bool = False, copy: bool) -> bool:
+        """Queue a WRITE of ``data``: copied with its head into one buffer
+        (``copy``: nbdkit's buffer, which it reuses once pwrite returns), or
+        queued as it is (bytes nobody changes: a sync's read)."""
+        n = len(data)
+        flags = diskstream.FLAG_SYNC if sync else 0
+        head = RECORD_HEAD.pack(diskstream.WRITE, disk, flags, offset, n, 0)
+        bufs = [head + data] if copy else [head, data]
+        if not self._put(bufs, RECORD_HEAD_SIZE + n, self.stall):
+            return False
+        self.records += 1
+        return True
+
+    def zero(self, disk: int, offset: int, length: int) -> bool:
+        head = RECORD_HEAD.pack(diskstream.ZERO, disk, 0, offset, length, 0)
+        if not self._put([head], RECORD_HEAD_SIZE, self.stall):
+            return False
+        self.records += 1
+        return True
+
+    def seal(self) -> int | None:
+        """Queue SEAL(epoch); the stream offset of its end, or None if the
+        mirror failed."""
+        mark = _SealMark(self.epoch, self.records)
+        if not self._put([mark], RECORD_HEAD_SIZE, self.stall, urgent=True):
+            return None
+        self.epoch += 1
+        self.records = 0
+        return self.appended
+
+    def wait_room(self, nbytes: int, below: int, timeout: float) -> None:
+        """Wait (no lock of the server's held) until ``nbytes`` more would
+        leave the queue at most ``below`` bytes, the mirror fails, or
+        ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.error is None and self.queued and self.queued + nbytes > below:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._has_room.wait(left)
+
+    # -------------------------------------------------- the sender's side
+
+    def _fail_locked(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        self._queue.clear()
+        self.queued = 0
+        self._has_data.notify_all()
+        self._has_room.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the sender's poll; it closes
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        crc = 0
+        pack = RECORD_HEAD.pack
+        try:
+            while True:
+                with self._lock:
+                    while True:
+                        if self.error is not None:
+                            return
+                        if self._queue:
+                            if self._urgent or self._closing or self.queued >= SEND_NOW_BYTES:
+                                break
+                            left = self._since + SEND_LINGER_S - time.monotonic()
+                            if left <= 0:
+                                break
+                            self._waits = _LINGER
+                        elif self._closing:
+                            return  # everything sent
+                        else:
+                            left = None
+                            self._waits = _IDLE
+                        self._has_data.wait(left)
+                        self._waits = _BUSY
+                    self._urgent = False
+                    items: list[Any] = []
+                    q = self._queue
+                    while q and len(items) < SEND_BATCH:
+                        items.append(q.popleft())
+                bufs: list[Any] = []
+                for it in items:
+                    if type(it) is _SealMark:
+                        bufs.append(pack(diskstream.SEAL, 0, 0, it.epoch, it.records, crc))
+                        crc = 0
+                    else:
+                        crc = zlib.crc32(it, crc)
+                        bufs.append(it)
+                n = self._send_all(bufs)
+                with self._lock:
+                    if self.error is not None:
+                        return
+                    self.sent += n
+                    self.queued -= n
+                    self._has_room.notify_all()
+        except (OSError, TimeoutError) as e:
+            with self._lock:
+                self._fail_locked(str(e) if isinstance(e, TimeoutError) else f"send failed: {e}")
+        finally:
+            self._close_socket()
+
+    def _send_all(self, bufs: list[Any]) -> int:
+        """Send every byte of ``bufs``; TimeoutError if nothing could be sent
+        for ``stall`` seconds, OSError if the connection fails."""
+        views = [memoryview(b) for b in bufs]
         total = sum(v.nbytes for v in views)
-        deadline = 0.0
         left = total
+        sock = self.sock
+        deadline = 0.0
         while views:
             try:
-                n = self.sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
+                n = sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
             except BlockingIOError:
                 n = 0
-            left -= n
-            while n and views:
-                if n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-            if not views:
-                break
+            if n:
+                deadline = 0.0
+                left -= n
+                while n:
+                    if n >= views[0].nbytes:
+                        n -= views.pop(0).nbytes
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+                continue
+            if self.error is not None:
+                raise OSError(errno.ECONNABORTED, self.error)
             now = time.monotonic()
             if not deadline:
-                deadline = now + stall
-            if now >= deadline:
+                deadline = now + self.stall
+            elif now >= deadline:
                 raise TimeoutError(
-                    f"the consumer read nothing for {stall:g} s ({left} bytes of an append unsent)"
+                    f"the consumer read nothing for {self.stall:g} s "
+                    f"({self.queued} bytes queued, {left} of them in the send at hand)"
                 )
             p = select.poll()
-            p.register(self.sock, select.POLLOUT)
+            p.register(sock, select.POLLOUT)
             p.poll(max(1, int((deadline - now) * 1000)))
-        if count:
-            self.sent += total
+        return total
 
-    def close(self) -> None:
+    def _close_socket(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+
+    # ------------------------------------------------------------ the end
+
+    def abort(self, reason: str) -> None:
+        """Fail now: the queue is dropped, the connection closed (its reader
+        sees the stream end wherever the sender was)."""
+        with self._lock:
+            self._fail_locked(reason)
+        if self._thread is None:
+            self._close_socket()
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Close after the queue is sent (within ``stall``, else it fails);
+        ``timeout``: wait that long for the sender to be done."""
+        with self._lock:
+            self._closing = True
+            self._has_data.notify_all()
+        if self._thread is None:
+            self._close_socket()
+        elif timeout is not None:
+            self._thread.join(timeout)
 
 
 # ------------------------------------------------------------------ server
@@ -348,6 +627,7 @@ class Server:
         self.disks: list[Disk] = []
         self.control_path = ""
         self.stall = DEFAULT_STALL
+        self.max_queue = DEFAULT_QUEUE
         self.lock = PriorityLock()
         self.mirror: Mirror | None = None
         self.generation = 0
@@ -369,8 +649,12 @@ class Server:
                 raise RuntimeError(f"stall={value}: not a number of seconds") from None
             if not self.stall > 0:
                 raise RuntimeError(f"stall={value}: must be positive")
+        elif key == "queue":
+            self.max_queue = parse_size(value)
+            if self.max_queue < MIN_QUEUE:
+                raise RuntimeError(f"queue={value}: at least {MIN_QUEUE} bytes")
         else:
-            raise RuntimeError(f"unknown parameter {key}={value} (disk=, control=, stall=)")
+            raise RuntimeError(f"unknown parameter {key}={value} (disk=, control=, stall=, queue=)")
 
     def config_complete(self) -> None:
         if not self.disk_paths:
@@ -380,28 +664,35 @@ class Server:
         if not self.control_path:
             raise RuntimeError("no control=SOCKET given")
         self.disks = [Disk(i, p) for i, p in enumerate(self.disk_paths)]
+        sys.setswitchinterval(SWITCH_INTERVAL)
 
     # --------------------------------------------------------- mirror
 
-    def _drop(self, reason: str) -> None:
-        """Lock held: close the mirror, say why."""
+    def _drop(self, reason: str, *, flush: bool = False) -> Mirror | None:
+        """Lock held: end the mirror, say why. ``flush``: its queue is sent
+        first (stop, replace, exit); else it is dropped at once (a failure).
+        Returns the mirror ended, if any."""
         m = self.mirror
         if m is None:
-            return
+            return None
         self.mirror = None
+        if m.error is not None:
+            reason = m.error
         self.last_drop = reason
-        m.close()
-        _log(f"mirror dropped after {m.sent} stream bytes: {reason}")
+        if flush:
+            m.finish()
+        else:
+            m.abort(reason)
+        _log(f"mirror dropped after {m.appended} stream bytes ({m.sent} sent): {reason}")
+        return m
 
-    def _append(self, bufs: list[Any]) -> None:
-        """Lock held: append to the mirror, or drop it."""
+    def _live(self) -> Mirror | None:
+        """Lock held: the mirror, dropped first if its sender failed."""
         m = self.mirror
-        if m is None:
-            return
-        try:
-            m.send(bufs, self.stall)
-        except (OSError, TimeoutError) as e:
-            self._drop(str(e) if isinstance(e, TimeoutError) else f"append failed: {e}")
+        if m is not None and m.error is not None:
+            self._drop(m.error)
+            return None
+        return m
 
     # ------------------------------------------------------ guest I/O
 
@@ -415,12 +706,11 @@ class Server:
             disk.pwrite(buf, offset)
             if fua:
                 os.fdatasync(disk.fd)
-            m = self.mirror
+            m = self._live()
             if m is not None:
                 for at in range(0, n, MAX_RECORD):
-                    piece = buf[at : at + MAX_RECORD]
-                    self._append(m.encoder.write(disk.index, offset + at, piece))
-                    if self.mirror is not m:
+                    if not m.write(disk.index, offset + at, buf[at : at + MAX_RECORD], copy=True):
+                        self._drop(m.error or "the mirror failed")
                         break
 
     def zero(self, disk: Disk, length: int, offset: int, may_trim: bool, fua: bool) -> None:
@@ -432,24 +722,27 @@ class Server:
             disk.zero(offset, length, may_trim)
             if fua:
                 os.fdatasync(disk.fd)
-            m = self.mirror
-            if m is not None:
-                self._append([m.encoder.zero(disk.index, offset, length)])
+            m = self._live()
+            if m is not None and not m.zero(disk.index, offset, length):
+                self._drop(m.error or "the mirror failed")
 
     # --------------------------------------------------------- control
 
     def op_info(self, req: dict[str, Any]) -> dict[str, Any]:
         m = self.mirror
+        live = m is not None and m.error is None
         return {
             "ok": True,
             "disks": [{"path": d.path, "size": d.size} for d in self.disks],
             "sector_shift": SECTOR_SHIFT,
-            "mirroring": m is not None,
-            "epoch": m.encoder.epoch if m is not None else None,
-            "sent": m.sent if m is not None else None,
+            "mirroring": live,
+            "epoch": m.epoch if m is not None and live else None,
+            "sent": m.appended if m is not None and live else None,
+            "unsent": m.queued if m is not None and live else None,
             "stall": self.stall,
+            "queue": self.max_queue,
             "max_record": MAX_RECORD,
-            "last_drop": self.last_drop,
+            "last_drop": m.error if m is not None and not live else self.last_drop,
             "seal_time": self.seal_stats(),
             "python": sys.version.split()[0],
         }
@@ -463,15 +756,13 @@ class Server:
         )
         with self.lock:
             if self.mirror is not None:
-                self._drop("replaced by a new mirror")
+                self._drop("replaced by a new mirror", flush=True)
             self.generation += 1
-            m = Mirror(conn, enc, self.generation)
-            reply = (json.dumps({"ok": True}) + "\n").encode()
+            m = Mirror(conn, enc, self.generation, self.max_queue, self.stall)
             try:
-                m.send([reply], self.stall, count=False)
-                m.send([enc.header()], self.stall)
+                m.start((json.dumps({"ok": True}) + "\n").encode())
             except (OSError, TimeoutError) as e:
-                m.close()
+                m.abort(str(e))
                 self.last_drop = f"the new mirror failed at its start: {e}"
                 _log(self.last_drop)
                 return
@@ -482,19 +773,19 @@ class Server:
     def op_seal(self, req: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter_ns()
         with self.lock:
-            m = self.mirror
+            m = self._live()
             if m is None:
                 raise ControlError(f"seal: not mirroring (last drop: {self.last_drop})")
-            epoch = m.encoder.epoch
-            self._append([m.encoder.seal()])
-            if self.mirror is not m:
+            epoch = m.epoch
+            end = m.seal()
+            if end is None:
+                self._drop(m.error or "the mirror failed")
                 raise ControlError(f"seal of epoch {epoch}: the mirror dropped: {self.last_drop}")
-            end = m.sent
         self.seal_ns.append(time.perf_counter_ns() - t0)
         return {"ok": True, "epoch": epoch, "end": end}
 
     def seal_stats(self) -> dict[str, float] | None:
-        """The last SEAL_STATS seals' time in the server (lock wait + append), us."""
+        """The last SEAL_STATS seals' time in the server (lock wait + queueing), us."""
         ns = sorted(self.seal_ns)
         if not ns:
             return None
@@ -528,7 +819,8 @@ class Server:
 
     def op_sync(self, req: dict[str, Any]) -> dict[str, Any]:
         runs = self._check_runs(req.get("runs"))
-        m = self.mirror
+        with self.lock:
+            m = self._live()
         if m is None:
             raise ControlError(f"sync: not mirroring (last drop: {self.last_drop})")
         gen = m.generation
@@ -537,8 +829,10 @@ class Server:
             at, end = start, start + length
             while at < end:
                 n = min(MAX_RECORD, end - at)
+                # room for the guest's writes: a sync fills at most half the queue
+                m.wait_room(RECORD_HEAD_SIZE + n, m.max_queue // 2, self.stall)
                 with self.lock.after_others():
-                    m = self.mirror
+                    m = self._live()
                     if m is None or m.generation != gen:
                         raise ControlError(
                             f"sync: the mirror it was feeding ended after {total} bytes: "
@@ -546,10 +840,11 @@ class Server:
                         )
                     data = disk.read(at, n)
                     if data == (_ZEROS if n == MAX_RECORD else bytes(n)):
-                        self._append([m.encoder.zero(disk.index, at, n)])
+                        ok = m.zero(disk.index, at, n)
                     else:
-                        self._append(m.encoder.write(disk.index, at, data, sync=True))
-                    if self.mirror is not m:
+                        ok = m.write(disk.index, at, data, sync=True, copy=False)
+                    if not ok:
+                        self._drop(m.error or "the mirror failed")
                         raise ControlError(
                             f"sync: the mirror dropped at disk {disk.index} offset {at}: "
                             f"{self.last_drop}"
@@ -560,8 +855,8 @@ class Server:
 
     def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
-            was = self.mirror is not None
-            self._drop("stopped by the control socket")
+            was = self._live() is not None
+            self._drop("stopped by the control socket", flush=True)
         return {"ok": True, "was_mirroring": was}
 
     # ---------------------------------------------------- control socket
@@ -582,7 +877,9 @@ class Server:
 
     def stop_control(self) -> None:
         with self.lock:
-            self._drop("nbdkit is exiting")
+            m = self._drop("nbdkit is exiting", flush=True)
+        if m is not None:
+            m.finish(timeout=min(self.stall, EXIT_FLUSH_S))  # a consumer still reading gets it
         ls, self._listener = self._listener, None
         if ls is not None:
             try:
@@ -694,7 +991,12 @@ class _Errno(Exception):
 
 
 def command(
-    disks: list[str], nbd_socket: str, control: str, *, stall: float | None = None
+    disks: list[str],
+    nbd_socket: str,
+    control: str,
+    *,
+    stall: float | None = None,
+    queue: int | None = None,
 ) -> list[str]:
     """The argv that starts this plugin on ``disks``, serving NBD on the Unix
     socket ``nbd_socket`` and its control protocol on ``control``.
@@ -704,7 +1006,8 @@ def command(
     parent *thread* that forked it, Linux's PR_SET_PDEATHSIG). Ready when the
     control socket exists (it appears only once both sockets listen; no
     pidfile needed). The blocksize filter makes every request the plugin sees
-    sector-aligned and at most MAX_RECORD bytes of data."""
+    sector-aligned and at most MAX_RECORD bytes of data. ``stall`` and
+    ``queue`` (bytes) are the plugin's parameters (None: its defaults)."""
     if not disks:
         raise ValueError("command: no disks")
     argv = [
@@ -725,6 +1028,10 @@ def command(
         if not stall > 0:
             raise ValueError(f"command: stall {stall} must be positive")
         argv.append(f"stall={stall:g}")
+    if queue is not None:
+        if queue < MIN_QUEUE:
+            raise ValueError(f"command: queue {queue} is below {MIN_QUEUE} bytes")
+        argv.append(f"queue={int(queue)}")
     return argv
 
 

@@ -121,7 +121,9 @@ class Served:
         return [p.read_bytes() for p in self.disks]
 
 
-def _serve(nbd: Any, stall: float | None = None, argv_edit: Any = None) -> Served:
+def _serve(
+    nbd: Any, stall: float | None = None, argv_edit: Any = None, queue: int | None = None
+) -> Served:
     d = Path(tempfile.mkdtemp(prefix="nbdm", dir="/tmp"))  # short: socket paths <= 107
     rng = random.Random(13)
     disks = []
@@ -133,7 +135,7 @@ def _serve(nbd: Any, stall: float | None = None, argv_edit: Any = None) -> Serve
     err = open(d / "nbdkit.log", "wb")  # noqa: SIM115 (closed with the process)
     if argv_edit is None:
         proc = mirrorclient.start_server(
-            [str(p) for p in disks], nbd_socket, control, stall=stall, stderr=err
+            [str(p) for p in disks], nbd_socket, control, stall=stall, queue=queue, stderr=err
         )
     else:
         argv = argv_edit(nbdmirror.command([str(p) for p in disks], nbd_socket, control))
@@ -211,6 +213,17 @@ def _records(events: list[diskstream.Event]) -> list[tuple[Any, ...]]:
         elif isinstance(ev, diskstream.Zero):
             out.append(("Z", ev.disk, ev.offset, ev.length))
     return out
+
+
+def _wait_info(client: MirrorClient, done: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll ``info`` until ``done(info)`` (a generous bound, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.info()
+        if done(info) or time.monotonic() > deadline:
+            assert done(info), info
+            return info
+        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------- tests
@@ -448,11 +461,10 @@ def test_a_consumer_that_stops_reading_is_dropped_and_writes_go_on(served: Any) 
             break
         time.sleep(0.005)
     data = os.urandom(1 << 20)
-    for i in range(48):  # more than the mirror's send buffer: an append stalls, once
+    for i in range(48):  # more than the mirror's send buffer: the sender stalls
         h.pwrite(data, 0)
         h.pwrite(data[: 4 * SECTOR], (i + 1) * 4 * SECTOR)
-    info = s.client.info()
-    assert info["mirroring"] is False
+    info = _wait_info(s.client, lambda i: not i["mirroring"])
     assert "read nothing for 0.3 s" in info["last_drop"]
     assert s.images()[0][:SECTOR] == data[:SECTOR]
     with pytest.raises(MirrorRefused, match="seal: not mirroring"):
@@ -486,3 +498,164 @@ def test_bad_requests_get_clear_errors(served: Any) -> None:
     gone = MirrorClient(str(s.dir / "nothing.sock"), timeout=1)
     with pytest.raises(MirrorError, match="nothing.sock: cannot connect"):
         gone.info()
+
+
+def _tag(data: bytes) -> tuple[int, int]:
+    """A tagged write's (writer, sequence number)."""
+    return int.from_bytes(data[:4], "little"), int.from_bytes(data[4:8], "little")
+
+
+def test_a_full_queue_blocks_the_writer_then_drops_the_mirror_losing_nothing_before(
+    served: Any,
+) -> None:
+    queue = 1 << 20
+    s = served(stall=0.5, queue=queue)
+    h = s.connect("0")
+    replica = Replica(s.images())
+    c = socket.socket(socket.AF_UNIX)  # a consumer that asks for the mirror, then stops reading
+    c.connect(s.control)
+    c.sendall(b'{"op": "mirror", "first_epoch": 0}\n')
+    _wait_info(s.client, lambda i: i["mirroring"])
+    n, count = 64 << 10, 400  # 25 MiB: past the queue and both sockets' buffers
+    rng = random.Random(5)
+    writes = []
+    for i in range(count):
+        off = rng.randrange(0, SIZES[0] - n + 1, SECTOR)
+        writes.append((off, i.to_bytes(4, "little") * 2 + rng.randbytes(n - 8)))
+    done = [0]
+
+    def guest() -> None:
+        for off, data in writes:
+            h.pwrite(data, off)
+            done[0] += 1
+
+    t = threading.Thread(target=guest)
+    t.start()
+    # the writer blocks at the bound: the queue full, writes left, the mirror still on
+    blocked = _wait_info(s.client, lambda i: not i["mirroring"] or i["unsent"] + n + 32 > queue)
+    assert blocked["mirroring"] and blocked["unsent"] <= queue and done[0] < count
+    assert blocked["queue"] == queue
+    t.join(60)  # after ``stall`` the mirror drops and the writes go on, locally
+    assert not t.is_alive() and done[0] == count
+    info = s.client.info()
+    assert info["mirroring"] is False
+    assert any(w in info["last_drop"] for w in ("read nothing for 0.5 s", "queue stayed full"))
+    expect = bytearray(replica.disks[0])
+    for off, data in writes:
+        expect[off : off + n] = data
+    assert s.images()[0] == bytes(expect)  # every write landed locally
+    # what the stream delivered up to the drop decodes, in order: a prefix of the writes
+    c.settimeout(10)
+    got = []
+    while chunk := c.recv(1 << 20):
+        got.append(chunk)
+    raw = b"".join(got)
+    line, _, stream = raw.partition(b"\n")
+    assert json.loads(line) == {"ok": True}
+    events = replica.feed([stream])
+    assert isinstance(events[0], diskstream.Header)
+    decoded = _records(events)
+    assert 0 < len(decoded) < count
+    assert decoded == [("W", 0, off, data, False) for off, data in writes[: len(decoded)]]
+    with pytest.raises(diskstream.TruncatedDiskStream):
+        replica.dec.eof()  # no SEAL: the epoch is torn, never applied
+    c.close()
+
+
+def test_order_under_concurrency_seals_cut_exactly_what_completed(served: Any) -> None:
+    """Writers on several connections race a sealer. Every write that
+    completed before a seal was asked is in its epoch; none asked after the
+    seal's reply is; each connection's writes keep their order; and at the
+    quiet seals (writers parked) the replica equals the disks exactly."""
+    s = served()
+    replica = Replica(s.images())
+    stream = s.client.start(0)
+    writers, rounds, per_round = 4, 6, 40
+    log: list[tuple[Any, ...]] = []  # happens-before, in the order the events were logged
+    log_lock = threading.Lock()
+
+    def note(*ev: Any) -> None:
+        with log_lock:
+            log.append(ev)
+
+    park = threading.Barrier(writers + 1)
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            rng = random.Random(100 + w)
+            h = [s.connect("0"), s.connect("1")]
+            seq = 0
+            for _ in range(rounds):
+                for _ in range(per_round):
+                    d = rng.randrange(2)
+                    n = rng.choice([1, 8, 64]) * SECTOR
+                    off = rng.randrange(0, SIZES[d] - n + 1, SECTOR)
+                    data = w.to_bytes(4, "little") + seq.to_bytes(4, "little")
+                    data += rng.randbytes(n - 8)
+                    note("start", w, seq)
+                    h[d].pwrite(data, off)
+                    note("done", w, seq)
+                    seq += 1
+                park.wait(60)  # the quiet seal
+                park.wait(60)
+        except BaseException as e:
+            errors.append(e)
+            park.abort()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    points: list[tuple[SealPoint, bool]] = []
+    for _ in range(rounds):
+        while True:  # seals racing the writers until they all park
+            note("ask", len(points))
+            points.append((s.client.seal(), False))
+            note("reply", len(points) - 1)
+            if park.n_waiting == writers:
+                break
+        park.wait(60)
+        point = s.client.seal()  # all writers parked: a quiet seal
+        points.append((point, True))
+        replica.seal_at(stream, point)  # exact image check below
+        assert [bytes(b) for b in replica.disks] == s.images()
+        park.wait(60)
+    for t in threads:
+        t.join(60)
+    assert not errors
+    # the stream: which seal each write fell before
+    epoch_of: dict[tuple[int, int], int] = {}
+    order: dict[int, list[int]] = {w: [] for w in range(writers)}
+    seal_events = 0
+    for ev in replica.events:
+        if isinstance(ev, diskstream.Write):
+            w, seq = _tag(ev.data)
+            epoch_of[(w, seq)] = seal_events
+            order[w].append(seq)
+        elif isinstance(ev, diskstream.Seal):
+            seal_events += 1
+    assert len(epoch_of) == writers * rounds * per_round
+    assert all(seqs == sorted(seqs) for seqs in order.values())
+    done_at: dict[tuple[int, int], int] = {}
+    start_at: dict[tuple[int, int], int] = {}
+    ask_at: dict[int, int] = {}
+    reply_at: dict[int, int] = {}
+    for i, entry in enumerate(log):
+        if entry[0] == "start":
+            start_at[(entry[1], entry[2])] = i
+        elif entry[0] == "done":
+            done_at[(entry[1], entry[2])] = i
+        elif entry[0] == "ask":
+            ask_at[entry[1]] = i
+        else:
+            reply_at[entry[1]] = i
+    # points[k] is seal k (epoch k); its epoch holds the writes with epoch_of == k
+    for k, (point, quiet) in enumerate(points):
+        assert point.epoch == k
+        if quiet:
+            continue
+        for key, e in epoch_of.items():
+            if done_at[key] < ask_at[k]:
+                assert e <= k, (key, k)  # completed before the seal was asked: before it
+            if start_at[key] > reply_at[k]:
+                assert e > k, (key, k)  # asked after the seal's reply: after it
