@@ -60,6 +60,21 @@ witness-partition   the primary cut from the link and from etcd: released
                     outputs of both copies sampled every 10 ms; a sample in
                     which both grew is a double-release window (target 0);
                     when the primary's output stopped, when the backup's began
+disk-power-cut      (issue 13) a ledger guest and a hotset guest, each with an
+                    8 MiB disk (the hotset writes a 4 KiB block every 2 steps),
+                    protected every 30 ms; kill -9 of the primary host and
+                    remusd at a random moment 0..1 s after both are protected:
+                    the ledger's memory, disk journal and acknowledged outputs
+                    agree (ledger-check), the hotset's disk holds exactly what
+                    its memory's step implies (disk-check); both guests run on
+                    on the backup and the checks pass again. Figures:
+                    failover_s, disk_differs, ledger_check_failed
+disk-receiver-kill  (issue 13) a receiver of its own killed (-9) at a random
+                    moment and restarted on the same --disk-dir: remusd
+                    reconnects and the new session copies only the 64 KiB
+                    blocks whose hashes differ (no more than the blocks the
+                    guest's writes since the kill could have touched); then a
+                    power cut and the checks of disk-power-cut
 
 After every failover: the backup's memory digest taken by the receiver just
 before it resumed equals the primary's digest of that checkpoint (remusd's
@@ -75,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -97,6 +113,8 @@ from tests.daemonkit.etcd_cluster import EtcdCluster, etcd_binary, start_cluster
 from tests.e2e.conftest import Daemon, Receiver, Remusd, free_port, wait_until
 from tests.e2e.test_witness import Proxy, receiver_config, released, witness_flags
 from tests.simhost import SimHost, sim_dir
+from xenbind.session import DISK_HASH_BLOCK
+from xenbind.sim.workloads import DISK_BLOCK, disk_write
 
 INTERVAL_MS = 30
 MEMORY = "16M"
@@ -120,6 +138,8 @@ WITNESS_SCENARIOS = (
     "witness-link-cut",
     "witness-partition",
 )
+#: the disk scenarios (issue 13)
+DISK_SCENARIOS = ("disk-power-cut", "disk-receiver-kill")
 SCENARIOS = (
     *KILL_POINTS,
     "kill-random",
@@ -129,6 +149,7 @@ SCENARIOS = (
     "remusd-crash",
     "disk-full",
     *WITNESS_SCENARIOS,
+    *DISK_SCENARIOS,
 )
 
 
@@ -252,6 +273,27 @@ def check_failover(
 ) -> str:
     """The backup resumed from the right checkpoint, byte for byte, and holds
     every acknowledged transaction."""
+    k, how = check_resumed(ctx, remusd, name, s, acked, acked_digest, expect)
+    backup = ctx.backup
+    acked_file = ctx.workdir / f"{name}.acked"
+    n = released_outputs(primary, name, acked_file)
+    backup.cli("pause", name)
+    r = backup.cli("ledger-check", name, "--acked", str(acked_file), check=False)
+    check(r.returncode == 0, f"ledger-check failed: {r.stdout}{r.stderr}")
+    return f"resumed from {k} ({how}), {n} released outputs all on the backup"
+
+
+def check_resumed(
+    ctx: Ctx,
+    remusd: Remusd,
+    name: str,
+    s: dict | None,
+    acked: int | None,
+    acked_digest: str | None,
+    expect: int | None = None,
+) -> tuple[int, str]:
+    """The backup runs, resumed from the right checkpoint, its memory the
+    primary's digest of it (or verified by the receiver): (checkpoint, how)."""
     rx, backup = ctx.rx, ctx.backup
     if s is None:  # wait_final: the receiver has no session left, so it did not fail over
         raise Failed(f"no failover: the receiver has no session for domain {name}")
@@ -288,12 +330,7 @@ def check_failover(
     )
     info = backup.lookup(name).info()
     check(info.state == "running", f"backup domain is {info.state}")
-    acked_file = ctx.workdir / f"{name}.acked"
-    n = released_outputs(primary, name, acked_file)
-    backup.cli("pause", name)
-    r = backup.cli("ledger-check", name, "--acked", str(acked_file), check=False)
-    check(r.returncode == 0, f"ledger-check failed: {r.stdout}{r.stderr}")
-    return f"resumed from {k} ({how}), {n} released outputs all on the backup"
+    return k, how
 
 
 def destroy_backup(ctx: Ctx, name: str) -> None:
@@ -887,6 +924,215 @@ def run_witness_partition(ctx: Ctx, scenario: str, run: int) -> str:
     )
 
 
+# --------------------------------------------------------------------- disks (issue 13)
+
+#: the disk scenarios' guests: a ledger (its journal on its disk) and a
+#: hotset writing a 4 KiB block every DISK_HOT_EVERY steps, 8 MiB disks each
+DISK_SIZE = 8 << 20
+DISK_INTERVAL_MS = 30
+DISK_LEDGER_RATE = 2000
+DISK_HOT_RATE = 5000
+DISK_HOT_EVERY = 2  # 2,500 disk writes/s, 10 MB/s
+#: disk-receiver-kill: a larger disk written less often, so that the blocks
+#: written while the receiver is away are a small part of it (100 writes/s)
+RESYNC_DISK_SIZE = 64 << 20
+RESYNC_HOT_EVERY = 50
+#: disk-receiver-kill: how far before the kill the receiver's last committed
+#: epoch may lie (generous: 10 intervals) when bounding the blocks that differ
+RESYNC_MARGIN_S = 0.3
+
+
+def start_disk_primary(
+    ctx: Ctx, led: str, hot: str, disk: int = DISK_SIZE, every: int = DISK_HOT_EVERY
+) -> tuple[SimHost, int]:
+    """A primary host with the two disk guests; (host, the hotset's seed)."""
+    host = SimHost(sim_dir("faults-dprimary-")).start()
+    ctx.cleanups.append(host.cleanup)
+    host.create(
+        MEMORY,
+        "ledger",
+        seed=ctx.rng.randrange(1 << 32),
+        rate=DISK_LEDGER_RATE,
+        name=led,
+        disks=[disk],
+    )
+    seed = ctx.rng.randrange(1 << 32)
+    host.create(
+        MEMORY, "hotset", seed=seed, rate=DISK_HOT_RATE, name=hot, disks=[disk], disk_every=every
+    )
+    return host, seed
+
+
+def guest_step(host: SimHost, name: str) -> int:
+    dom = host.lookup(name)
+    try:
+        return dom.step
+    finally:
+        dom.close()
+
+
+def protect_disks(remusd: Remusd, target: str, names: tuple[str, ...]) -> None:
+    for n in names:
+        remusd.ctl("protect", n, "--to", target, "--interval", str(DISK_INTERVAL_MS), "--verify")
+    for n in names:
+        d = remusd.wait(
+            lambda d: d["state"] == "protected" and d["checkpoints"] >= 3, n, what="protection"
+        )
+        check(d["disks"]["disks"][0]["sync"]["done"], f"{n}: disk sync not done: {d['disks']}")
+
+
+def sim_check(host: SimHost, *args: str) -> tuple[bool, str]:
+    r = host.cli(*args, check=False)
+    return r.returncode == 0, (r.stdout + r.stderr).strip()
+
+
+def disk_cut_and_check(ctx: Ctx, primary: SimHost, remusd: Remusd, led: str, hot: str) -> str:
+    """Power cut; both guests fail over; the backup's memory is the acked
+    checkpoint's, its ledger (memory, journal, released outputs) and hotset
+    disk agree with it; then both guests run on and the checks hold again."""
+    rx, backup = ctx.rx, ctx.backup
+    before = {n: remusd.domain(n) for n in (led, hot)}  # lower bounds of the acked
+    t0 = time.monotonic()
+    power_cut(primary, remusd)
+    states: dict[str, dict | None] = {}
+
+    def settled(n: str) -> dict | None:
+        s = rx_session(rx, n)
+        return {"s": s} if s is None or s["state"] in ("gone", "failed-over") else None
+
+    for n in (led, hot):
+        states[n] = wait_until(
+            f"the receiver to settle domain {n}", functools.partial(settled, n), 20, every=0.01
+        )["s"]
+    ctx.figures["failover_s"] = round(time.monotonic() - t0, 3)
+    resumed = {}
+    for n in (led, hot):
+        logged = acked_digests(remusd, n)
+        acked = max(logged, default=before[n]["acked"])
+        resumed[n] = check_resumed(ctx, remusd, n, states[n], acked, logged.get(acked))
+    acked_file = ctx.workdir / f"{led}.acked"
+    outputs = released_outputs(primary, led, acked_file)
+    check(outputs > 0, "the ledger released no output")
+    for n in (led, hot):
+        backup.cli("pause", n)
+    led_ok, led_out = sim_check(backup, "ledger-check", led, "--acked", str(acked_file))
+    hot_ok, hot_out = sim_check(backup, "disk-check", hot)
+    ctx.figures["ledger_check_failed"] = int(not led_ok)
+    ctx.figures["disk_differs"] = int(not hot_ok)
+    check(led_ok, f"ledger-check: {led_out}")
+    check(hot_ok, f"disk-check: {hot_out}")
+    hs = rx_session(rx, hot)
+    assert hs is not None
+    ctx.figures["hot_epochs_applied"] = hs["disks"]["epochs_applied"]
+    # (c) the guests run on, on the backup's disks
+    at = {n: guest_step(backup, n) for n in (led, hot)}
+    for n in (led, hot):
+        backup.cli("unpause", n)
+
+    def ran_on(n: str, more: int) -> bool:
+        return guest_step(backup, n) > at[n] + more
+
+    for n, more in ((led, 100), (hot, 500)):
+        wait_until(f"{n} to run on", functools.partial(ran_on, n, more), 20)
+    for n in (led, hot):
+        backup.cli("pause", n)
+    led_ok, led_out = sim_check(backup, "ledger-check", led, "--acked", str(acked_file))
+    hot_ok, hot_out = sim_check(backup, "disk-check", hot)
+    ctx.figures["run_on_failed"] = int(not (led_ok and hot_ok))
+    check(led_ok, f"ledger-check after running on: {led_out}")
+    check(hot_ok, f"disk-check after running on: {hot_out}")
+    return (
+        f"failover {ctx.figures['failover_s']:.2f} s; {led} from {resumed[led][0]}, "
+        f"{hot} from {resumed[hot][0]} ({hs['disks']['epochs_applied']} disk epochs applied); "
+        f"ledger-check ({outputs} outputs) and disk-check pass, and again after running on"
+    )
+
+
+def run_disk_power_cut(ctx: Ctx, scenario: str, run: int) -> str:
+    led, hot = f"dled{run}", f"dhot{run}"
+    primary, _ = start_disk_primary(ctx, led, hot)
+    for n in (led, hot):
+        ctx.cleanups.append(functools.partial(destroy_backup, ctx, n))
+    remusd = start_remusd(ctx, primary)
+    protect_disks(remusd, ctx.rx.target, (led, hot))
+    delay = ctx.rng.uniform(0.0, 1.0)
+    time.sleep(delay)
+    return f"killed {delay:.2f} s after protection; " + disk_cut_and_check(
+        ctx, primary, remusd, led, hot
+    )
+
+
+def blocks_written(seed: int, every: int, nblocks: int, lo: int, hi: int) -> set[int]:
+    """The hash blocks (DISK_HASH_BLOCK) the hotset's disk writes of steps
+    [lo, hi) touch."""
+    first = lo + (every - 1 - lo) % every
+    per = DISK_HASH_BLOCK // DISK_BLOCK
+    return {disk_write(seed, i, nblocks)[0] // per for i in range(first, hi, every)}
+
+
+def run_disk_receiver_kill(ctx: Ctx, scenario: str, run: int) -> str:
+    led, hot = f"dled{run}", f"dhot{run}"
+    primary, seed = start_disk_primary(ctx, led, hot, RESYNC_DISK_SIZE, RESYNC_HOT_EVERY)
+    backup = SimHost(sim_dir("faults-dbackup-")).start()
+    ctx.cleanups.append(backup.cleanup)
+    rx = Receiver(ctx.workdir, backup, free_port())  # its disks under the backup's directory
+    ctx.cleanups.append(rx.kill)
+    rx.start()
+    own = Ctx(ctx.workdir, ctx.rng, backup=backup, rx=rx, figures=ctx.figures)
+    remusd = start_remusd(
+        ctx, primary, "--ack-timeout", "1", "--retry-min", "0.2", "--retry-max", "0.5"
+    )
+    protect_disks(remusd, rx.target, (led, hot))
+    time.sleep(ctx.rng.uniform(0.0, 0.5))
+    step0 = guest_step(primary, hot)
+    rx.kill()
+    for n in (led, hot):
+        remusd.wait(lambda d: d["state"] == "unprotected", n, timeout=10, what="unprotected")
+    time.sleep(ctx.rng.uniform(0.0, 0.5))
+    rx.start()  # the same --disk-dir: the images of the first session are there
+    for n in (led, hot):
+        remusd.wait(
+            lambda d: d["state"] == "protected" and d["sessions"] >= 2 and d["checkpoints"] > 0,
+            n,
+            timeout=30,
+            what="re-protection",
+        )
+    step1 = guest_step(primary, hot)
+    sync = {n: remusd.domain(n)["disks"]["disks"][0]["sync"] for n in (led, hot)}
+    for n in (led, hot):
+        s = rx_session(rx, n)
+        assert s is not None, f"no receiver session for {n}"
+        check(s["disks"]["disks"][0]["reused"], f"{n}: the receiver did not reuse its image")
+        check(sync[n]["done"], f"{n}: sync not done: {sync[n]}")
+    hs = sync[hot]
+    margin = int(RESYNC_MARGIN_S * DISK_HOT_RATE)
+    bound = len(
+        blocks_written(
+            seed, RESYNC_HOT_EVERY, RESYNC_DISK_SIZE // DISK_BLOCK, max(0, step0 - margin), step1
+        )
+    )
+    ctx.figures["resync_differing"] = hs["differing"]
+    ctx.figures["resync_bound"] = bound
+    ctx.figures["resync_MB"] = round(hs["bytes_sent"] / 1e6, 3)
+    ctx.figures["ledger_resync_differing"] = sync[led]["differing"]
+    check(
+        hs["differing"] <= bound,
+        f"{hot}: {hs['differing']} of {hs['blocks']} blocks differ, but the guest's writes "
+        f"since the kill touch at most {bound}",
+    )
+    check(
+        sync[led]["differing"] < sync[led]["blocks"] // 2,
+        f"{led}: {sync[led]['differing']} of {sync[led]['blocks']} blocks copied again",
+    )
+    c1 = remusd.domain(hot)["checkpoints"]
+    remusd.wait(lambda d: d["checkpoints"] >= c1 + 5, hot, what="5 more checkpoints")
+    res = disk_cut_and_check(own, primary, remusd, led, hot)
+    return (
+        f"re-synced {hs['differing']} of {hs['blocks']} blocks (bound {bound}; ledger "
+        f"{sync[led]['differing']}); then {res}"
+    )
+
+
 RUNNERS: dict[str, Callable[[Ctx, str, int], str]] = {
     **{k: run_kill_point for k in KILL_POINTS},
     "kill-random": run_kill_random,
@@ -899,6 +1145,8 @@ RUNNERS: dict[str, Callable[[Ctx, str, int], str]] = {
     "witness-power-cut": run_witness_power_cut,
     "witness-link-cut": run_witness_link_cut,
     "witness-partition": run_witness_partition,
+    "disk-power-cut": run_disk_power_cut,
+    "disk-receiver-kill": run_disk_receiver_kill,
 }
 
 
@@ -952,7 +1200,12 @@ class Campaign:
             res = Result(scenario, run, True, time.monotonic() - t0, f"skipped: {e}")
         except Exception as e:  # a failed run: keep its logs, go on
             res = Result(
-                scenario, run, False, time.monotonic() - t0, error=f"{type(e).__name__}: {e}"
+                scenario,
+                run,
+                False,
+                time.monotonic() - t0,
+                error=f"{type(e).__name__}: {e}",
+                figures=ctx.figures,  # what it measured before it failed (disk_differs ...)
             )
         finally:
             for c in ctx.cleanups:
