@@ -27,7 +27,11 @@ wrongly across ``feed`` calls):
                 first and once; nothing follows LAST_CHECKPOINT's checkpoint
     core        receiver.core.ReceiverCore over a connection's bytes: only its
                 documented End comes out, no torn checkpoint is committed, no
-                page past p2m_size is written, staging stays bounded (below)
+                page past p2m_size is written, staging stays bounded; with
+                disks (target core-disk) the disk stream's epochs reach the
+                disks only at their checkpoints' commits, no write outside a
+                disk is handed on, and the disks end as the stream implies
+                (below)
     session     the receiver's stream bytes after ACCEPT are exactly the input
                 after the HELLO; a HELLO is only yielded with fields within the
                 protocol's caps; errors are ProtocolError
@@ -39,6 +43,7 @@ oracles on hypothesis-generated inputs inside the normal suite.
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypedDict
@@ -789,14 +794,47 @@ def check_codec(data: bytes) -> None:
 
 # --- the receiver's core ---------------------------------------------------------
 #
-# Target ``core``: receiver.core.ReceiverCore driven with the input as the
+# Targets ``core`` and ``core-disk`` (one oracle, check_core; core-disk's seeds
+# are sessions whose HELLO names disks, their DISK chunks carrying the disk
+# mirror stream): receiver.core.ReceiverCore driven with the input as the
 # bytes of one connection (a HELLO, then the stream), fed whole, and in pieces
 # through receive_data and the zero-copy get_buffer/buffer_updated path, then
 # EOF and a late tick. Rules: nothing but End comes out as the end (no
 # exception), End comes once and last; every page written lies below the
 # HELLO's p2m_size; a commit happens only for a checkpoint the stream decoder
 # itself completed (never a torn one), with exactly its pages; staged pages
-# stay within max-staged; the ended core holds no decoder nor staging.
+# stay within max-staged; the ended core holds no decoder, staging nor disk
+# decoder. Whole and split runs make the same calls on the backup and its
+# disks.
+#
+# Disks (the DiskSink is RecordingDiskBackup, which keeps the disks as
+# receiver.core's docstring and tests/receiver/test_core.py's DiskMemoryBackup
+# do: epoch 0's writes applied at once, a later epoch's kept until the commit
+# that carries its disk_epoch). Checked on every call:
+#
+#     sink      disk_open once, before any record, with the HELLO's disks from
+#               epoch 0; every WRITE/ZERO lies inside its disk, sector-aligned,
+#               at least a sector, a WRITE at most max-disk-write (checked here,
+#               not trusted to the decoder); ``direct`` exactly in epoch 0; a
+#               SEAL closes the open epoch with its records and bytes; at most
+#               one sealed epoch waits for its commit
+#     commit    a session with disks commits checkpoint N with disk_epoch N,
+#               only after SEAL(N), and applies that epoch then (never before);
+#               one without disks commits with disk_epoch None
+#     memory    the disk decoder buffers at most one record (its ``buffered``
+#               at every sink call and after every input); an epoch keeps at most max-disk-epoch-bytes
+#               (the sink refuses more, as receiver.diskbuffer does, and the
+#               core must end ``violation``)
+#     reference the calls the sink saw are a prefix of those the stream implies
+#               (reference_disk_session: the legacy events decoded apart, their
+#               DISK bytes read by ReferenceDiskStream, which shares no code
+#               with xenbind.diskstream, under the core's rules), all of them
+#               when the session ended on a disk rule, on LAST_CHECKPOINT, a
+#               switchover or EOF; a disk stream the reference finds broken
+#               ends the session ``violation``, and a disk ``violation`` comes
+#               only from one; the disks after the session (and after each
+#               commit) are the image the valid prefix implies at the last
+#               committed checkpoint
 
 #: HELLOs for more pages than this are refused (the daemon's max-pages)
 CORE_MAX_PAGES = 4096
@@ -814,6 +852,8 @@ class CoreLimits(TypedDict):
     heartbeat_ms: int
     handshake_timeout: float
     stall_timeout: float
+    max_disk_write: int
+    max_disk_epoch_bytes: int
 
 
 CORE_LIMITS = CoreLimits(
@@ -826,18 +866,87 @@ CORE_LIMITS = CoreLimits(
     heartbeat_ms=100,
     handshake_timeout=5.0,
     stall_timeout=30.0,
+    # small, so the fuzzer reaches both caps within max_len
+    max_disk_write=4096,
+    max_disk_epoch_bytes=8192,
 )
+
+#: What one kept (not direct) disk record costs the sink's epoch bound: its
+#: head, and a WRITE's data.
+DISK_HEAD_BYTES = 32
+
+#: The most the disk decoder may hold between two inputs: one record (a head,
+#: or a WRITE's data), or a piece of the header.
+DISK_DECODER_MAX = max(24, DISK_HEAD_BYTES, CORE_LIMITS["max_disk_write"])
+
+#: End messages of the core's disk rules (a ``violation`` the disk stream caused).
+DISK_VIOLATION = re.compile(
+    r"^(DISK chunk in a session|disk stream|disk SEAL|checkpoint \d+ ended before its disk)"
+)
+
+
+class DiskImage:
+    """Disks as sparse sectors ((disk, byte offset) -> the sector's bytes, only
+    sectors that are not all zeros): a HELLO may name 16 TiB disks."""
+
+    def __init__(self, sector: int) -> None:
+        self.sector = sector
+        self.sectors: dict[tuple[int, int], bytes] = {}
+
+    def write(self, disk: int, offset: int, data: bytes) -> None:
+        s = self.sector
+        assert len(data) % s == 0 and offset % s == 0
+        zero = bytes(s)
+        for i in range(0, len(data), s):
+            piece = data[i : i + s]
+            if piece == zero:
+                self.sectors.pop((disk, offset + i), None)
+            else:
+                self.sectors[(disk, offset + i)] = piece
+
+    def zero(self, disk: int, offset: int, length: int) -> None:
+        end = offset + length
+        if length // self.sector <= len(self.sectors):
+            for at in range(offset, end, self.sector):
+                self.sectors.pop((disk, at), None)
+        else:  # a huge ZERO: visit what is held instead
+            for key in [k for k in self.sectors if k[0] == disk and offset <= k[1] < end]:
+                del self.sectors[key]
+
+    def apply(self, op: tuple) -> None:
+        """One log entry ("write", disk, offset, data, ...) or ("zero", disk, offset, length, ...)."""
+        if op[0] == "write":
+            self.write(op[1], op[2], op[3])
+        else:
+            self.zero(op[1], op[2], op[3])
+
+    def copy(self) -> DiskImage:
+        out = DiskImage(self.sector)
+        out.sectors = dict(self.sectors)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, DiskImage)
+            and self.sector == other.sector
+            and self.sectors == other.sectors
+        )
+
+    def __repr__(self) -> str:
+        return f"DiskImage(sector={self.sector}, {len(self.sectors)} sectors set)"
 
 
 class RecordingBackup:
     """The core's Backup as a list of what it was asked to do (and zeros for
-    every base it is asked to read)."""
+    every base it is asked to read). ``log``: the commits (and, for disks,
+    every DiskSink call) as comparable tuples."""
 
     def __init__(self, p2m_size: int, max_staged: int) -> None:
         self.p2m_size = p2m_size
         self.max_staged = max_staged
         self.pending: list[int] = []  # checkpoint 0's pages written so far
         self.commits: list[tuple[int, list[int]]] = []
+        self.log: list[tuple] = []
 
     def write(self, pfns, data) -> None:
         assert (pfns < self.p2m_size).all(), "an initial-copy page past p2m_size"
@@ -849,6 +958,9 @@ class RecordingBackup:
         assert out.shape[0] >= len(pfns) and out.shape[1:] == (4096,)
         out[: len(pfns)] = 0
 
+    def _commit_disks(self, req) -> None:
+        assert req.disk_epoch is None, "a disk epoch committed in a session without disks"
+
     def commit(self, req):
         from receiver.core import Committed
 
@@ -857,19 +969,342 @@ class RecordingBackup:
         assert all(p < self.p2m_size for p in staged), "a staged page past p2m_size"
         pages = self.pending if req.first else staged
         assert req.first == (not self.commits)
+        self._commit_disks(req)
         self.commits.append((req.index, pages))
+        self.log.append(("commit", req.index, req.disk_epoch))
         self.pending = []
         req.staging.discard()
         return Committed(len(pages))
 
 
-def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> tuple:
+class RecordingDiskBackup(RecordingBackup):
+    """RecordingBackup and the session's DiskSink (see the rules above)."""
+
+    def __init__(self, p2m_size: int, max_staged: int, disks: tuple[int, ...]) -> None:
+        super().__init__(p2m_size, max_staged)
+        self.disks = disks
+        self.header = None
+        self.image: DiskImage | None = None  # the applied disks (from disk_open)
+        self.open_epoch = 0  # the epoch the next SEAL closes
+        self.epoch_records = 0  # WRITE/ZERO of the open epoch
+        self.epoch_bytes = 0
+        self.kept = 0  # bytes the open epoch keeps (not direct)
+        self.waiting: dict[int, list[tuple]] = {}  # epoch -> its records, kept to its commit
+        self.images: list[DiskImage] = []  # the applied disks after each commit
+        self.core: object = (
+            None  # the ReceiverCore it serves: its disk decoder is checked at each call
+        )
+
+    def _check_held(self) -> None:
+        """Between two feeds (the sink is called after one), the disk decoder
+        holds at most one record."""
+        held = getattr(self.core, "disk", None)
+        if held is not None:
+            assert held.buffered <= DISK_DECODER_MAX, f"the disk decoder holds {held.buffered} B"
+
+    def disk_open(self, header) -> None:
+        self._check_held()
+        assert self.header is None, "disk_open twice"
+        assert header.disk_sizes == self.disks, "disk_open with other disks than the HELLO's"
+        assert header.first_epoch == 0, "disk_open from an epoch but 0"
+        self.header = header
+        self.image = DiskImage(header.sector)
+        self.log.append(("open", header.disk_sizes, header.sector_shift))
+
+    def disk_write(self, rec, direct: bool) -> None:
+        self._check_held()
+        from receiver.diskbuffer import EpochTooLarge
+        from xenbind import diskstream as ds
+
+        h, image = self.header, self.image
+        assert h is not None and image is not None, "a disk record before the disk header"
+        assert isinstance(rec, ds.Write | ds.Zero), f"disk_write({rec!r})"
+        if isinstance(rec, ds.Write):
+            assert isinstance(rec.data, bytes)
+            length = len(rec.data)
+            assert length <= CORE_LIMITS["max_disk_write"], "a WRITE past max-disk-write"
+            op: tuple = ("write", rec.disk, rec.offset, rec.data, rec.sync, direct)
+        else:
+            length = rec.length
+            op = ("zero", rec.disk, rec.offset, rec.length, direct)
+        assert 0 <= rec.disk < len(h.disk_sizes), "a record on a disk the stream does not have"
+        assert rec.offset % h.sector == 0 and length % h.sector == 0, "an unaligned disk record"
+        assert length >= h.sector, "a disk record of less than a sector"
+        assert 0 <= rec.offset and rec.offset + length <= h.disk_sizes[rec.disk], (
+            "a disk record outside its disk"
+        )
+        assert direct == (self.open_epoch == 0), (
+            f"direct={direct} in disk epoch {self.open_epoch} (only epoch 0 is direct)"
+        )
+        if not direct:
+            cost = DISK_HEAD_BYTES + (length if op[0] == "write" else 0)
+            if self.kept + cost > CORE_LIMITS["max_disk_epoch_bytes"]:
+                raise EpochTooLarge(f"disk epoch {self.open_epoch} past the fuzz bound")
+            self.kept += cost
+            self.waiting.setdefault(self.open_epoch, []).append(op)
+        else:
+            image.apply(op)
+        self.epoch_records += 1
+        self.epoch_bytes += length
+        self.log.append(op)
+
+    def disk_seal(self, seal) -> None:
+        self._check_held()
+        assert self.header is not None, "a SEAL before the disk header"
+        assert seal.epoch == self.open_epoch, (
+            f"SEAL({seal.epoch}) with epoch {self.open_epoch} open"
+        )
+        assert (seal.records, seal.nbytes) == (self.epoch_records, self.epoch_bytes), (
+            "a SEAL that does not count its epoch"
+        )
+        self.open_epoch += 1
+        self.epoch_records = self.epoch_bytes = self.kept = 0
+        assert len(self.waiting) <= 1, "two sealed disk epochs wait for their commits"
+        self.log.append(("seal", seal.epoch, seal.records, seal.nbytes, seal.crc))
+
+    def _commit_disks(self, req) -> None:
+        assert req.disk_epoch == req.index, (
+            f"checkpoint {req.index} committed with disk epoch {req.disk_epoch}"
+        )
+        assert self.open_epoch > req.index, f"checkpoint {req.index} committed before its SEAL"
+        assert all(e >= req.index for e in self.waiting), "a sealed disk epoch never committed"
+        assert self.image is not None
+        for op in self.waiting.pop(req.index, []):
+            self.image.apply(op)
+        self.images.append(self.image.copy())
+
+
+class _Broken(Exception):
+    """A rule of the disk stream broken (ReferenceDiskStream, internal)."""
+
+
+class ReferenceDiskStream:
+    """A slow, obvious reader of the disk mirror stream, written from
+    xenbind/diskstream.py's layout and rules and sharing no code with its
+    Decoder. ``feed`` returns (records, broken): the records whose last byte
+    arrived, as log-like tuples ("header", sizes, shift, first_epoch),
+    ("write", disk, offset, data, sync), ("zero", disk, offset, length),
+    ("seal", epoch, records, bytes, crc); ``broken`` once a rule is broken,
+    from then on. An item is judged as soon as its bytes are in: the header's
+    fixed part, each disk size, a record's head (a WRITE's length against
+    max_write too), a WRITE's data."""
+
+    MAGIC = b"\x89RMD\r\n\x1a\n"
+
+    def __init__(self, max_write: int, max_disk_bytes: int = 1 << 44) -> None:
+        self.max_write = max_write
+        self.max_disk_bytes = max_disk_bytes
+        self.buf = bytearray()
+        self.pos = 0
+        self.state = "fixed"
+        self.broken = False
+        self.header_bytes = b""
+        self.sector = 0
+        self.count = 0
+        self.sizes: list[int] = []
+        self.epoch = 0
+        self.crc = 0
+        self.records = 0
+        self.nbytes = 0
+        self.head = b""
+        self.write_at = (0, 0, 0, False)  # disk, offset, length, sync
+
+    def feed(self, data: bytes) -> tuple[list[tuple], bool]:
+        if self.broken:
+            return [], True
+        self.buf += data
+        out: list[tuple] = []
+        try:
+            while self._step(out):
+                pass
+        except _Broken:
+            self.broken = True
+            self.buf = bytearray()
+            return out, True
+        del self.buf[: self.pos]
+        self.pos = 0
+        return out, False
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self.buf) - self.pos < n:
+            return None
+        item = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return item
+
+    @staticmethod
+    def _rule(ok: bool) -> None:
+        if not ok:
+            raise _Broken
+
+    def _step(self, out: list[tuple]) -> bool:
+        """Read one item if its bytes are in (False: they are not)."""
+        import struct
+
+        if self.state == "fixed":
+            item = self._take(24)
+            if item is None:
+                return False
+            magic, version, shift, count, first = struct.unpack("<8sHHIQ", item)
+            self._rule(magic == self.MAGIC and version == 1)
+            self._rule(9 <= shift <= 12 and 1 <= count <= 64)
+            self.header_bytes, self.sector, self.count = item, 1 << shift, count
+            self.epoch = first
+            self.state = "size"
+        elif self.state == "size":
+            item = self._take(8)
+            if item is None:
+                return False
+            (size,) = struct.unpack("<Q", item)
+            self._rule(self.sector <= size <= self.max_disk_bytes and size % self.sector == 0)
+            self.header_bytes += item
+            self.sizes.append(size)
+            if len(self.sizes) == self.count:
+                shift = self.sector.bit_length() - 1
+                out.append(("header", tuple(self.sizes), shift, self.epoch))
+                self.crc = zlib.crc32(self.header_bytes)
+                self.state = "head"
+        elif self.state == "head":
+            item = self._take(32)
+            if item is None:
+                return False
+            kind, disk, flags, a, b, c = struct.unpack("<IHHQQQ", item)
+            if kind == 3:  # SEAL
+                self._rule(disk == 0 and flags == 0)
+                self._rule(a == self.epoch and b == self.records and c == self.crc)
+                out.append(("seal", a, b, self.nbytes, c))
+                self.epoch += 1
+                self.crc = self.records = self.nbytes = 0
+                return True
+            self._rule(kind in (1, 2) and disk < self.count and c == 0)
+            self._rule(flags & ~(1 if kind == 1 else 0) == 0)
+            self._rule(a % self.sector == 0 and b % self.sector == 0 and b > 0)
+            self._rule(a + b <= self.sizes[disk])
+            if kind == 2:  # ZERO
+                self.crc = zlib.crc32(item, self.crc)
+                self.records += 1
+                self.nbytes += b
+                out.append(("zero", disk, a, b))
+                return True
+            self._rule(b <= self.max_write)
+            self.head = item
+            self.write_at = (disk, a, b, bool(flags & 1))
+            self.state = "data"
+        else:
+            disk, a, b, sync = self.write_at
+            item = self._take(b)
+            if item is None:
+                return False
+            self.crc = zlib.crc32(item, zlib.crc32(self.head, self.crc))
+            self.records += 1
+            self.nbytes += b
+            out.append(("write", disk, a, item, sync))
+            self.state = "head"
+        return True
+
+
+class DiskReference:
+    """What the core must hand the DiskSink for a stream (reference_disk_session)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []  # as RecordingBackup.log
+        self.images: list[DiskImage] = []  # the disks after each commit
+        self.fault: str | None = None  # the disk rule that ends the session, if one does
+
+
+def reference_disk_session(events: list, disks: tuple[int, ...]) -> DiskReference:
+    """The DiskSink calls (and commits) the core's rules (receiver/core.py,
+    "Disks") imply for the legacy stream's ``events`` in a session whose HELLO
+    named ``disks``, read with ReferenceDiskStream and kept as
+    RecordingDiskBackup keeps them. It stops at the first broken disk rule
+    (``fault``), or after the LAST_CHECKPOINT checkpoint's commit; the core's
+    other rules (staging, codec, header) are not modelled: the core may end
+    before."""
+    from xenbind.stream import CheckpointEnd, DiskData, LastCheckpoint
+
+    ref = DiskReference()
+    reader = ReferenceDiskStream(CORE_LIMITS["max_disk_write"])
+    image: DiskImage | None = None
+    waiting: dict[int, list[tuple]] = {}
+    open_epoch, sealed, reading, kept, last = 0, None, 0, 0, False
+    for e in events:
+        if isinstance(e, DiskData):
+            if not disks:
+                ref.fault = "a DISK chunk without disks"
+                return ref
+            records, broken = reader.feed(e.data)
+            if broken:  # the core hands none of the chunk's records
+                ref.fault = "a broken disk stream"
+                return ref
+            for rec in records:
+                kind = rec[0]
+                if kind == "header":
+                    if rec[1] != disks or rec[3] != 0:
+                        ref.fault = "disk header against the HELLO"
+                        return ref
+                    image = DiskImage(1 << rec[2])
+                    ref.log.append(("open", rec[1], rec[2]))
+                elif kind == "seal":
+                    if rec[1] != reading:
+                        ref.fault = f"SEAL({rec[1]}) while checkpoint {reading} is read"
+                        return ref
+                    sealed, open_epoch, kept = rec[1], rec[1] + 1, 0
+                    ref.log.append(rec)
+                else:
+                    assert image is not None  # (the reader yields the header first)
+                    op = (*rec, open_epoch == 0)
+                    if open_epoch == 0:
+                        image.apply(op)
+                    else:
+                        kept += DISK_HEAD_BYTES + (len(rec[3]) if kind == "write" else 0)
+                        if kept > CORE_LIMITS["max_disk_epoch_bytes"]:
+                            ref.fault = f"disk epoch {open_epoch} past the sink's bound"
+                            return ref
+                        waiting.setdefault(open_epoch, []).append(op)
+                    ref.log.append(op)
+        elif isinstance(e, LastCheckpoint):
+            last = True
+        elif isinstance(e, CheckpointEnd):
+            if disks and sealed != e.index:
+                ref.fault = f"checkpoint {e.index} ended before SEAL({e.index})"
+                return ref
+            if disks:
+                assert image is not None  # (SEAL(0) came, after the header)
+                for op in waiting.pop(e.index, []):
+                    image.apply(op)
+                ref.images.append(image.copy())
+            ref.log.append(("commit", e.index, e.index if disks else None))
+            reading = e.index + 1
+            if last:
+                return ref
+    return ref
+
+
+class CoreRun:
+    """One run of the core over an input: its End, what its backup saw."""
+
+    def __init__(self, kind: str, message: str, backup: RecordingBackup | None, hello) -> None:
+        self.kind = kind
+        self.message = message
+        self.backup = backup
+        self.hello = hello
+
+    @property
+    def commits(self) -> list[tuple[int, list[int]]]:
+        return self.backup.commits if self.backup is not None else []
+
+    @property
+    def log(self) -> list[tuple]:
+        return self.backup.log if self.backup is not None else []
+
+
+def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> CoreRun:
     from receiver.core import Admit, End, Handover, Limits, ReceiverCore, Send
     from xenbind.session import ERR_FAILED_OVER
 
     core = ReceiverCore(Limits(**CORE_LIMITS), now=0.0)
     backup: RecordingBackup | None = None
-    ends: list = []
+    ends: list[End] = []
 
     def run(actions: list) -> None:
         nonlocal backup
@@ -879,8 +1314,15 @@ def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> tuple:
                 if p2m > CORE_MAX_PAGES:
                     run(core.refuse("limit", "too big"))
                     continue
-                backup = RecordingBackup(p2m, CORE_LIMITS["max_staged_bytes"])
-                run(core.accept(1000, backup, 0.0))
+                disks = a.hello.domain.disks
+                if disks:
+                    sink = RecordingDiskBackup(p2m, CORE_LIMITS["max_staged_bytes"], disks)
+                    sink.core = core
+                    backup = sink
+                    run(core.accept(1000, sink, 0.0, disk_hashes=[], disks=sink))
+                else:
+                    backup = RecordingBackup(p2m, CORE_LIMITS["max_staged_bytes"])
+                    run(core.accept(1000, backup, 0.0))
             elif isinstance(a, Handover):
                 # a switchover's checkpoint: the daemon resumes, then closes with its verdict
                 assert i == len(actions) - 1 and backup is not None, "Handover not last"
@@ -888,9 +1330,12 @@ def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> tuple:
                 run(core.close(ERR_FAILED_OVER, "switched over"))
             elif isinstance(a, End):
                 assert i == len(actions) - 1 and not ends, "End not last, or twice"
-                ends.append(a.kind)
+                ends.append(a)
             else:
                 assert isinstance(a, Send) or type(a).__name__ == "HeartbeatSeen"
+        held = core.disk
+        if held is not None:  # the disk decoder holds at most one record
+            assert held.buffered <= DISK_DECODER_MAX, f"the disk decoder holds {held.buffered} B"
 
     run(core.tick(0.0))
     for piece in cuts if cuts is not None else [data]:
@@ -910,21 +1355,25 @@ def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> tuple:
     run(core.tick(1e6))
     assert len(ends) == 1, f"ends {ends}"
     assert core.decoder is None and core.staging is None, "an ended core holds its buffers"
-    commits = backup.commits if backup is not None else []
-    return ends[0], commits, core.hello
+    assert core.disk is None and core.disk_sink is None, "an ended core holds its disk stream"
+    return CoreRun(ends[0].kind, ends[0].message, backup, core.hello)
 
 
 def check_core(data: bytes) -> None:
-    """Target ``core``: the receiver's ReceiverCore over one connection's bytes."""
+    """Targets ``core`` and ``core-disk``: the receiver's ReceiverCore over one
+    connection's bytes (the disk rules when the HELLO names disks)."""
     from xenbind.session import PREFIX
     from xenbind.stream import CheckpointEnd, Pages
 
     whole = _core_run(data, None, False)
     split = _core_run(data, pieces(data), True)
-    assert whole[:2] == split[:2], f"whole {whole[:2]!r} != split {split[:2]!r}"
-    kind, commits, hello = whole
-    if not commits:
-        return
+    assert (whole.kind, whole.commits) == (split.kind, split.commits), (
+        f"whole {whole.kind, whole.commits!r} != split {split.kind, split.commits!r}"
+    )
+    assert whole.log == split.log, "the backup saw other calls whole and split"
+    hello = whole.hello
+    if whole.backup is None:
+        return  # refused, or no HELLO
     # every commit is a checkpoint the decoder completed, with exactly its pages
     body = data[PREFIX.size + PREFIX.unpack_from(data)[3] :]
     caps = dict(
@@ -936,15 +1385,47 @@ def check_core(data: bytes) -> None:
         max_toolstack=CORE_LIMITS["max_context"],
     )
     events, _ = decode_all([body], caps)
-    whole_ckpts: list[tuple[int, list[int]]] = []
-    pages: list[int] = []
-    for e in events:
-        if isinstance(e, Pages):
-            pages.extend(int(p) for p in e.pfns)
-        elif isinstance(e, CheckpointEnd):
-            whole_ckpts.append((e.index, pages))
-            pages = []
-    assert commits == whole_ckpts[: len(commits)], "a commit that is not a whole checkpoint"
+    commits = whole.commits
+    if commits:
+        whole_ckpts: list[tuple[int, list[int]]] = []
+        pages: list[int] = []
+        for e in events:
+            if isinstance(e, Pages):
+                pages.extend(int(p) for p in e.pfns)
+            elif isinstance(e, CheckpointEnd):
+                whole_ckpts.append((e.index, pages))
+                pages = []
+        assert commits == whole_ckpts[: len(commits)], "a commit that is not a whole checkpoint"
+    check_disks(whole, events)
+
+
+def check_disks(run: CoreRun, events: list) -> None:
+    """The disk rules of one accepted session's run (see above)."""
+    hello, backup = run.hello, run.backup
+    assert backup is not None
+    disks = hello.domain.disks
+    ref = reference_disk_session(events, disks)
+    log = backup.log
+    assert log == ref.log[: len(log)], "the disk sink saw calls the stream does not imply"
+    disk_end = run.kind == "violation" and DISK_VIOLATION.match(run.message) is not None
+    if ref.fault is not None:
+        assert run.kind == "violation", (
+            f"{ref.fault}: the session ended {run.kind!r} ({run.message}), not 'violation'"
+        )
+    if disk_end:
+        assert ref.fault is not None, f"a disk violation of a sound disk stream: {run.message}"
+        assert log == ref.log, "a disk violation before the stream's disk fault"
+    if run.kind in ("clean", "link-lost", "closed"):
+        assert log == ref.log, f"the session ended {run.kind!r} short of the stream's disk calls"
+    if not disks:
+        return
+    assert isinstance(backup, RecordingDiskBackup)
+    n = len(run.commits)
+    assert backup.images == ref.images[:n], "the disks at a commit are not the stream's"
+    if n:
+        assert backup.image == ref.images[n - 1], (
+            "the disks after the session are not the last committed checkpoint's"
+        )
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -954,6 +1435,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "reply": check_sender_session,
     "codec": check_codec,
     "core": check_core,
+    "core-disk": check_core,
 }
 
 

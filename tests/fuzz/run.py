@@ -15,6 +15,9 @@ Targets (tests/fuzz/oracles.py has each one's rules):
     chunks   streams written chunk by chunk from a program (structure-aware)
     core     receiver.core.ReceiverCore (the receiver's session: handshake,
              initial copy, staging, commits) over one connection's bytes
+    core-disk  the same oracle over sessions whose HELLO names disks: the
+             disk mirror stream in DISK chunks (epochs, seals, the DiskSink,
+             the disks' image at the last commit)
 
 The seed corpus (tests/fuzz/seeds.py, written by the project's encoders) is
 generated into ``<corpus>/seeds`` on each start; libFuzzer adds what it finds
@@ -50,7 +53,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         extra = []
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.run", description=__doc__.split("\n")[0])
     p.add_argument(
-        "--target", default="stream", help="stream | chunks | codec | session | reply | core"
+        "--target",
+        default="stream",
+        help="stream | chunks | codec | session | reply | core | core-disk",
     )
     p.add_argument("--runs", type=int, default=100_000, help="inputs to run (libFuzzer -runs)")
     p.add_argument(

@@ -17,7 +17,9 @@ Stream seeds (all small enough for the fuzzer's max_len):
 Codec seeds: header (tests/fuzz/oracles.py) + blobs of both formats against a
 primed cache. Session seeds: HELLOs of every codec followed by stream bytes.
 Reply seeds: ACCEPT or REFUSE followed by frames. Core seeds: each stream
-seed behind a HELLO that matches it (pages, codec, cache).
+seed behind a HELLO that matches it (pages, codec, cache). Core-disk seeds:
+sessions whose HELLO names disks, the disk mirror stream in DISK chunks among
+the checkpoints (core_disk_sessions lists them).
 """
 
 from __future__ import annotations
@@ -411,8 +413,176 @@ def core_seeds() -> dict[str, bytes]:
     return out
 
 
+#: The disks of most core-disk seeds: small, so a mutated offset lands outside one.
+SEED_DISKS = (64 << 10, 32 << 10)
+
+
+def _disk_hello(
+    pages: int, disks: tuple[int, ...], codec: str = "none", cache: int = 8192
+) -> bytes:
+    from xenbind.session import Hello, Options, encode_hello
+    from xenbind.types import DomainConfig
+
+    hello = Hello(
+        session_id="de" * 16,
+        options=Options(codec=codec, cache_pages=cache),
+        domain=DomainConfig(
+            "fuzz-disk", "12345678-9abc-def0-1234-56789abcdef0", pages, 1, disks=disks
+        ),
+        generation=1,
+    )
+    return encode_hello(hello)
+
+
+def _fill(n: int, seed: int) -> bytes:
+    return bytes((seed * 31 + i * 7) & 0xFF for i in range(n))
+
+
+def core_disk_sessions() -> dict[str, list[bytes]]:
+    """Target ``core-disk``: sessions whose HELLO names disks, as items (the
+    HELLO, then the legacy stream's chunks, DISK chunks among them), so a test
+    can drop, repeat or swap whole chunks.
+
+    disk-epochs        epoch 0 (the initial sync: WRITEs with FLAG_SYNC, a
+                       ZERO) and SEAL(0) before checkpoint 0's body; epoch 1's
+                       writes while checkpoint 1 runs, SEAL(1) before its body;
+                       epoch 2's writes inside checkpoint 1's body (the guest
+                       runs on), SEAL(2), checkpoint 2 with LAST_CHECKPOINT
+    disk-switchover    the same shape ending in a SWITCHOVER checkpoint
+    disk-split-records one disk stream cut across DISK chunks mid-head and
+                       mid-data, sector 4 KiB, a ZERO of the whole disk
+    disk-xen           Format B (codec xen, a 2-page cache, one-page sender
+                       buffer): DISK chunks between PFN and COMPRESSED_DATA chunks
+    disk-torn          epoch 2's writes never sealed: EOF (the torn epoch dropped)
+    disk-outside       a WRITE past its disk's end in epoch 1 (a violation)
+    disk-tail-early    checkpoint 1's tail before SEAL(1) (a violation)
+    disk-epoch-full    epoch 1 keeps more than max-disk-epoch-bytes (a violation)
+    disk-no-disks      DISK chunks in a session whose HELLO named none (a violation)
+    """
+    import struct
+
+    from xenbind import diskstream as ds
+    from xenbind.stream import StreamWriter, encode_disk
+
+    u64 = np.uint64
+    none = np.zeros(0, u64)
+    empty = _pages([])
+
+    def j(x) -> bytes:
+        """A chunk (bytes or a view), or a list of them, as bytes."""
+        return b"".join(bytes(b) for b in x) if isinstance(x, list) else bytes(x)
+
+    def epochs(last: bool, switchover: bool) -> list[bytes]:
+        enc = ds.Encoder(list(SEED_DISKS))
+        w = StreamWriter(8, codec="none")
+        sync = (
+            enc.header()
+            + j(enc.write(0, 0, _fill(1024, 1), sync=True))
+            + j(enc.write(1, 4096, _fill(512, 2), sync=True))
+            + enc.zero(0, 8192, 4096)
+            + enc.seal()
+        )
+        items = [w.header(), encode_disk(sync)]
+        items += [j(x) for x in w.checkpoint(np.array([1], u64), _pages([1]), CTX)]
+        items.append(encode_disk(j(enc.write(0, 512, _fill(512, 3)))))
+        items.append(w.heartbeat())
+        items.append(encode_disk(enc.zero(1, 4096, 512) + j(enc.write(1, 0, _fill(1024, 4)))))
+        items.append(encode_disk(enc.seal()))
+        body = [j(x) for x in w.pages(np.array([2], u64), _pages([2]))]
+        items += body
+        items.append(encode_disk(j(enc.write(0, 2048, _fill(512, 5))) + enc.zero(0, 0, 512)))
+        items += [j(x) for x in w.end_checkpoint(CTX)]
+        items.append(encode_disk(j(enc.write(1, 8192, _fill(512, 6))) + enc.seal()))
+        items += [j(x) for x in w.checkpoint(none, empty, CTX, last=last, switchover=switchover)]
+        return items
+
+    out: dict[str, list[bytes]] = {}
+    hello = _disk_hello(8, SEED_DISKS)
+    out["disk-epochs"] = [hello, *epochs(True, False)]
+    out["disk-switchover"] = [hello, *epochs(True, True)]
+
+    # one stream cut across DISK chunks at awkward points, 4 KiB sectors
+    size = 64 << 10
+    enc = ds.Encoder([size], sector_shift=12)
+    w = StreamWriter(4, codec="none")
+    e0 = enc.header() + j(enc.write(0, 4096, _fill(4096, 7), sync=True)) + enc.seal()
+    e1 = enc.zero(0, 0, size) + j(enc.write(0, 8192, _fill(4096, 8))) + enc.seal()
+    items = [w.header()]
+    items += [encode_disk(e0[:10]), encode_disk(e0[10:50]), encode_disk(e0[50:])]
+    items += [j(x) for x in w.checkpoint(none, empty, CTX)]
+    items += [encode_disk(e1[:40]), encode_disk(e1[40:2000]), encode_disk(e1[2000:])]
+    items += [j(x) for x in w.checkpoint(none, empty, CTX, last=True)]
+    out["disk-split-records"] = [_disk_hello(4, (size,)), *items]
+
+    # Format B with DISK chunks among its chunks
+    enc = ds.Encoder(list(SEED_DISKS))
+    w = StreamWriter(8, codec="xen", cache_pages=2, buffer_pages=1)
+    items = [w.header(), encode_disk(enc.header() + j(enc.write(1, 0, _fill(512, 9))))]
+    items.append(encode_disk(enc.seal()))
+    items += [j(x) for x in w.checkpoint(np.array([3], u64), _pages([3]), CTX)]
+    items.append(encode_disk(j(enc.write(0, 1024, _fill(1024, 10))) + enc.seal()))
+    rows = _touch(_pages([3, 3])[:1], [5, 9]).repeat(1, 0)
+    body = [j(x) for x in w.pages(np.array([3], u64), rows)]
+    for chunk in body:
+        items += [chunk, encode_disk(enc.zero(1, 512, 512))]
+    items += [j(x) for x in w.end_checkpoint(CTX)]
+    items.append(encode_disk(enc.seal()))
+    items += [j(x) for x in w.checkpoint(none, empty, CTX, last=True)]
+    out["disk-xen"] = [_disk_hello(8, SEED_DISKS, "xen", 2), *items]
+
+    # torn: epoch 2's writes, no SEAL(2), no checkpoint 2
+    torn = epochs(False, False)
+    tag = encode_disk(b"x")[:4]
+    cut = next(i for i in range(len(torn) - 1, 0, -1) if torn[i].startswith(tag))
+    out["disk-torn"] = [hello, *torn[:cut], encode_disk(torn[cut][8:-32])]
+
+    # a WRITE head past its disk's end (hand-made: the encoder refuses it)
+    enc = ds.Encoder(list(SEED_DISKS))
+    w = StreamWriter(8, codec="none")
+    items = [w.header(), encode_disk(enc.header() + enc.seal())]
+    items += [j(x) for x in w.checkpoint(none, empty, CTX)]
+    bad = struct.pack("<IHHQQQ", ds.WRITE, 1, 0, SEED_DISKS[1] - 512, 1024, 0) + _fill(1024, 11)
+    items.append(encode_disk(bad))
+    items += [j(x) for x in w.checkpoint(none, empty, CTX, last=True)]
+    out["disk-outside"] = [hello, *items]
+
+    # checkpoint 1's tail before SEAL(1)
+    enc = ds.Encoder(list(SEED_DISKS))
+    w = StreamWriter(8, codec="none")
+    items = [w.header(), encode_disk(enc.header() + enc.seal())]
+    items += [j(x) for x in w.checkpoint(none, empty, CTX)]
+    items.append(encode_disk(j(enc.write(0, 0, _fill(512, 12)))))
+    items += [j(x) for x in w.checkpoint(none, empty, CTX)]
+    items.append(encode_disk(enc.seal()))
+    out["disk-tail-early"] = [hello, *items]
+
+    # epoch 1 keeps three 4 KiB writes (past the fuzz bound of 8 KiB)
+    enc = ds.Encoder(list(SEED_DISKS))
+    w = StreamWriter(8, codec="none")
+    items = [w.header(), encode_disk(enc.header() + enc.seal())]
+    items += [j(x) for x in w.checkpoint(none, empty, CTX)]
+    for k in range(3):
+        items.append(encode_disk(j(enc.write(0, 4096 * k, _fill(4096, 13 + k)))))
+    items.append(encode_disk(enc.seal()))
+    items += [j(x) for x in w.checkpoint(none, empty, CTX, last=True)]
+    out["disk-epoch-full"] = [hello, *items]
+
+    # a HELLO without disks, DISK chunks all the same
+    enc = ds.Encoder([SEED_DISKS[0]])
+    w = StreamWriter(8, codec="none")
+    items = [w.header(), encode_disk(enc.header() + enc.seal())]
+    items += [j(x) for x in w.checkpoint(none, empty, CTX, last=True)]
+    out["disk-no-disks"] = [_disk_hello(8, ()), *items]
+    return out
+
+
+def core_disk_seeds() -> dict[str, bytes]:
+    return {name: b"".join(items) for name, items in core_disk_sessions().items()}
+
+
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "core": core_seeds,
+    "core-disk": core_disk_seeds,
     "stream": stream_seeds,
     "chunks": chunks_seeds,
     "codec": codec_seeds,

@@ -18,6 +18,8 @@ small enough that COMPRESSED_DATA interleaves with the PFN chunks), then:
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import struct
 
 import numpy as np
@@ -318,6 +320,223 @@ def test_core_oracle_catches_a_torn_commit(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(oracles.RecordingBackup, "commit", commit_twice)
     with pytest.raises(AssertionError, match="whole checkpoint"):
         oracles.check_core(raw)
+
+
+# --- the core with disks (issue 13) ----------------------------------------------
+
+DISK_TAG = struct.pack("<i", -1005)
+
+
+@SETTINGS
+@given(
+    st.sampled_from(sorted(seeds.core_disk_sessions().items())),
+    st.lists(st.sampled_from(["flip-disk", "length", "drop", "duplicate", "swap"]), max_size=3),
+    st.data(),
+)
+def test_core_disk_oracle_on_mutated_sessions(seed_item, muts: list[str], data) -> None:
+    """Target ``core-disk``: sessions with disks, whole chunks dropped, repeated
+    or swapped, DISK payloads and lengths changed, then bytes flipped and cut."""
+    _, items = seed_item
+    items = list(items)
+    for m in muts:
+        n = len(items)
+        i = data.draw(st.integers(1, n - 1))  # (item 0 is the HELLO)
+        disk_at = [k for k, it in enumerate(items) if k and it.startswith(DISK_TAG)]
+        if m == "drop" and n > 2:
+            del items[i]
+        elif m == "duplicate":
+            items.insert(i, items[i])
+        elif m == "swap" and i + 1 < n:
+            items[i], items[i + 1] = items[i + 1], items[i]
+        elif disk_at:
+            k = data.draw(st.sampled_from(disk_at))
+            it = bytearray(items[k])
+            if m == "flip-disk":
+                for _ in range(data.draw(st.integers(1, 3))):
+                    j = data.draw(st.integers(8, len(it) - 1))
+                    it[j] = data.draw(st.integers(0, 255))
+            else:  # a DISK length a little off, or huge
+                (length,) = struct.unpack_from("<I", it, 4)
+                delta = data.draw(st.sampled_from([-1, 1, 32, 1 << 24]))
+                struct.pack_into("<I", it, 4, max(0, min(length + delta, 2**32 - 1)))
+            items[k] = bytes(it)
+    raw = bytearray(b"".join(items))
+    for _ in range(data.draw(st.integers(0, 2))):
+        j = data.draw(st.integers(0, len(raw) - 1))
+        raw[j] ^= 1 << data.draw(st.integers(0, 7))
+    if data.draw(st.booleans()):
+        del raw[data.draw(st.integers(0, len(raw))) :]
+    oracles.check_core(bytes(raw))
+
+
+def _image(ops: list[tuple], sector: int = 512) -> oracles.DiskImage:
+    img = oracles.DiskImage(sector)
+    for op in ops:
+        img.apply(op)
+    return img
+
+
+def test_core_disk_seeds_end_as_the_stream_says() -> None:
+    """The disk seeds' sessions, against what their encoders wrote (by hand)."""
+    f = seeds._fill
+    found = seeds.core_disk_seeds()
+    runs = {name: oracles._core_run(raw, None, False) for name, raw in found.items()}
+    epoch0 = [("write", 0, 0, f(1024, 1)), ("write", 1, 4096, f(512, 2)), ("zero", 0, 8192, 4096)]
+    epoch1 = [("write", 0, 512, f(512, 3)), ("zero", 1, 4096, 512), ("write", 1, 0, f(1024, 4))]
+    epoch2 = [("write", 0, 2048, f(512, 5)), ("zero", 0, 0, 512), ("write", 1, 8192, f(512, 6))]
+    for name in ("disk-epochs", "disk-switchover", "disk-torn"):
+        r = runs[name]
+        assert isinstance(r.backup, oracles.RecordingDiskBackup)
+        want = [_image(epoch0), _image(epoch0 + epoch1), _image(epoch0 + epoch1 + epoch2)]
+        n = 2 if name == "disk-torn" else 3
+        assert (r.kind, [c[0] for c in r.commits]) == (
+            {"disk-epochs": "clean", "disk-switchover": "closed", "disk-torn": "link-lost"}[name],
+            list(range(n)),
+        )
+        assert [e for kind, _, e in (x for x in r.log if x[0] == "commit")] == list(range(n))
+        assert r.backup.images == want[:n] and r.backup.image == want[n - 1]
+    for name, match in (
+        ("disk-outside", "outside the disk"),
+        ("disk-tail-early", r"ended before its disk epoch's SEAL\(1\)"),
+        ("disk-epoch-full", "disk stream: disk epoch 1"),
+        ("disk-no-disks", "named no disks"),
+    ):
+        r = runs[name]
+        assert r.kind == "violation" and re.search(match, r.message), (name, r.message)
+        assert oracles.DISK_VIOLATION.match(r.message)
+    r = runs["disk-outside"]
+    assert isinstance(r.backup, oracles.RecordingDiskBackup) and r.backup.image == _image([])
+
+
+def test_core_disk_oracle_catches_broken_disk_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk oracle is not vacuous: each rule broken by a patched core is a finding."""
+    import receiver.core
+    from xenbind import diskstream as ds
+
+    found = seeds.core_disk_seeds()
+    for raw in found.values():
+        oracles.check_core(raw)
+    with monkeypatch.context() as m:  # every write direct, as if epoch 0 never sealed
+        real_data = receiver.core.ReceiverCore._disk_data
+
+        def all_direct(self, data):
+            self._disk_epoch = 0
+            return real_data(self, data)
+
+        m.setattr(receiver.core.ReceiverCore, "_disk_data", all_direct)
+        with pytest.raises(AssertionError, match="only epoch 0 is direct"):
+            oracles.check_core(found["disk-epochs"])
+    with monkeypatch.context() as m:  # commits that carry no disk epoch
+        real_req = receiver.core.CommitRequest
+
+        def no_epoch(*args: object) -> receiver.core.CommitRequest:
+            return dataclasses.replace(real_req(*args), disk_epoch=None)  # type: ignore[arg-type]
+
+        m.setattr(receiver.core, "CommitRequest", no_epoch)
+        with pytest.raises(AssertionError, match="with disk epoch None"):
+            oracles.check_core(found["disk-epochs"])
+    with monkeypatch.context() as m:  # a decoder that forgets the disk's end
+        real_head = ds.Decoder._record_head
+
+        def unbounded(self, buf, at, out):
+            h = self.header
+            self.header = ds.Header(h.sector_shift, (1 << 40,) * len(h.disk_sizes), h.first_epoch)
+            try:
+                return real_head(self, buf, at, out)
+            finally:
+                self.header = h
+
+        m.setattr(ds.Decoder, "_record_head", unbounded)
+        with pytest.raises(AssertionError, match="outside its disk"):
+            oracles.check_core(found["disk-outside"])
+    with monkeypatch.context() as m:  # a decoder that keeps the whole stream
+        m.setattr(ds.Decoder, "buffered", property(lambda self: self.received))
+        with pytest.raises(AssertionError, match="disk decoder holds"):
+            oracles.check_core(found["disk-epoch-full"])
+    with monkeypatch.context() as m:  # a checkpoint committed without its SEAL
+        real_commit = receiver.core.ReceiverCore._commit
+
+        def unsealed(self, end, backup, staging):
+            self._disk_sealed = end.index
+            return real_commit(self, end, backup, staging)
+
+        m.setattr(receiver.core.ReceiverCore, "_commit", unsealed)
+        with pytest.raises(AssertionError, match="committed before its SEAL"):
+            oracles.check_core(found["disk-tail-early"])
+
+
+@st.composite
+def disk_streams(draw) -> tuple[bytes, int]:
+    """A valid disk mirror stream (xenbind.diskstream.Encoder) and its max_write."""
+    from xenbind import diskstream as ds
+
+    shift = draw(st.sampled_from([9, 9, 12]))
+    sector = 1 << shift
+    sizes = draw(st.lists(st.integers(1, 16).map(lambda k: k * sector), min_size=1, max_size=3))
+    enc = ds.Encoder(sizes, sector_shift=shift)
+    out = [enc.header()]
+    for _ in range(draw(st.integers(0, 12))):
+        op = draw(st.sampled_from(["write", "write", "zero", "seal"]))
+        if op == "seal":
+            out.append(enc.seal())
+            continue
+        disk = draw(st.integers(0, len(sizes) - 1))
+        n = sizes[disk] // sector
+        start = draw(st.integers(0, n - 1))
+        length = draw(st.integers(1, min(n - start, 4)))
+        if op == "write":
+            data = bytes(draw(st.binary(min_size=1, max_size=8))) * sector
+            sync = draw(st.booleans())
+            out += [
+                bytes(b)
+                for b in enc.write(disk, start * sector, data[: length * sector], sync=sync)
+            ]
+        else:
+            out.append(enc.zero(disk, start * sector, length * sector))
+    return b"".join(out), 4 * sector
+
+
+def _as_tuple(e) -> tuple:
+    from xenbind import diskstream as ds
+
+    if isinstance(e, ds.Header):
+        return ("header", e.disk_sizes, e.sector_shift, e.first_epoch)
+    if isinstance(e, ds.Write):
+        return ("write", e.disk, e.offset, e.data, e.sync)
+    if isinstance(e, ds.Zero):
+        return ("zero", e.disk, e.offset, e.length)
+    return ("seal", e.epoch, e.records, e.nbytes, e.crc)
+
+
+@SETTINGS
+@given(
+    disk_streams(),
+    st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), max_size=3),
+    st.integers(0, 2**32 - 1),
+)
+def test_reference_disk_reader_agrees_with_the_decoder(stream, flips, cut_seed) -> None:
+    """The oracle's ReferenceDiskStream and xenbind.diskstream.Decoder, fed the
+    same pieces of a valid or mutated disk stream, yield the same records and
+    refuse in the same feed (the oracle's reference is only as good as this)."""
+    from xenbind import diskstream as ds
+
+    raw, max_write = stream
+    raw = bytearray(raw)
+    for at, value in flips:
+        raw[at % len(raw)] = value
+    dec = ds.Decoder(max_write=max_write)
+    ref = oracles.ReferenceDiskStream(max_write)
+    for piece in oracles.pieces(bytes(raw), seed=cut_seed):
+        want, broken = ref.feed(piece)
+        try:
+            got = [_as_tuple(e) for e in dec.feed(piece)]
+        except ds.DiskStreamError:
+            assert broken, "the decoder refused what the reference reads"
+            return
+        assert not broken, "the decoder read what the reference refuses"
+        assert got == want
+    if not flips:
+        assert not ref.broken
 
 
 @pytest.mark.parametrize("target", sorted(seeds.SEEDS))
