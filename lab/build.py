@@ -6,7 +6,7 @@
     lab/cache/xen-4.17-amd64     Xen, unzipped: a multiboot ELF QEMU's -kernel loads
     lab/cache/vmlinuz            the Debian kernel, used for dom0 and for the guest
     lab/cache/dom0-initrd.gz     busybox, lab/dom0/init, the modules dom0 needs
-    lab/cache/guest-initrd.gz    busybox, lab/guest/init, labguest (static C)
+    lab/cache/guest-initrd.gz    busybox, lab/guest/init, labguest (static C), xen-blkfront
 
 Rules: every step is skipped when its output is newer than its inputs, so a
 second run does no work and needs no network; nothing here needs root except
@@ -48,7 +48,15 @@ DOM0_MODULES = [
     "xen_gntdev",
     "xen_gntalloc",
     "xenfs",
+    # disks (docs/disk.md, "On Xen"): blkback serves guests' vbds; nbd gives
+    # /dev/nbdN over the mirroring block server; loop is what Xen's block
+    # hotplug script attaches a backup's image file with
+    "xen_blkback",
+    "nbd",
+    "loop",
 ]
+#: Modules the guest's initramfs loads: blkfront, for the disk step's /dev/xvda.
+GUEST_MODULES = ["xen_blkfront"]
 MODINFO_DEPENDS = re.compile(rb"\0depends=([^\0]*)\0")
 
 
@@ -197,10 +205,15 @@ def build_guest_initrd() -> None:
         )
     init = LAB / "guest" / "init"
     out = CACHE / "guest-initrd.gz"
-    if _fresh(out, [init, binary, Path(BUSYBOX), Path(__file__)]):
+    index = module_index(kernel_version())
+    order = module_order(GUEST_MODULES, index)
+    mods = [index[m] for m in order]
+    if _fresh(out, [init, binary, Path(BUSYBOX), Path(__file__), *mods]):
         return
-    log("guest initramfs")
-    entries = tree(["bin", "dev", "proc", "sys"])
+    log(f"guest initramfs with modules {' '.join(order)}")
+    entries = tree(["bin", "dev", "proc", "sys", "modules"])
+    entries += [Entry("modules/order", "file", 0o644, ("\n".join(order) + "\n").encode())]
+    entries += [Entry(f"modules/{m}.ko", "file", 0o644, index[m].read_bytes()) for m in order]
     entries += [
         Entry("dev/console", "chardev", 0o600, rdev=(5, 1)),
         Entry("bin/busybox", "file", 0o755, Path(BUSYBOX).read_bytes()),

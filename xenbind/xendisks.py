@@ -30,7 +30,8 @@ access=rw, backendtype=phy, target=IMAGE`` in the backup's xl config, V being
 the primary's vdev for that disk (DomainConfig.extra ``disk_vdevs``, which the
 primary sends from its disks file): libxl's phy backend accepts a regular
 file on Linux and its ``block`` hotplug script attaches it to a loop device
-(``losetup``; detached again when the domain goes). A buffered loop device
+(``losetup``; detached again when the domain goes; ``$REMUS_XEN_BLOCK_SCRIPT`` names another hotplug script,
+``script=`` in the spec). A buffered loop device
 reads and writes through the image's page cache, the same one the receiver's
 ``pwrite``/``fdatasync`` go through, and nothing else writes it: the backup
 domain stays paused (its blkfront never connects) until the failover, when
@@ -53,6 +54,9 @@ from .errors import ConfigError
 from .types import DiskInfo
 
 DISKS_DIR_ENV = "REMUS_XEN_DISKS_DIR"
+#: A vbd hotplug script for the backup's disks instead of libxl's ``block``
+#: (the lab's, whose sharing checks ran past libxl's timeout under TCG).
+BLOCK_SCRIPT_ENV = "REMUS_XEN_BLOCK_SCRIPT"
 DISKS_DIR = "/run/remus/xen-disks"
 SECTOR = 512
 MAX_DISKS = 26
@@ -147,8 +151,10 @@ def backup_disk_specs(images: list[str] | tuple[str, ...], vdevs: Any) -> list[s
         vdevs
     ):
         raise ConfigError(f"disk_vdevs {vdevs!r}: each must be xvd + 1-3 letters, none twice")
+    script = os.environ.get(BLOCK_SCRIPT_ENV)
+    opt = f"script={_path('backup disks', BLOCK_SCRIPT_ENV, script)}, " if script else ""
     specs = []
     for i, (img, vdev) in enumerate(zip(images, vdevs, strict=True)):
         img = _path(f"backup disk {i}", "image", os.path.abspath(img))
-        specs.append(f"format=raw, vdev={vdev}, access=rw, backendtype=phy, target={img}")
+        specs.append(f"format=raw, vdev={vdev}, access=rw, backendtype=phy, {opt}target={img}")
     return specs

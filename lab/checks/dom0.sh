@@ -200,11 +200,16 @@ run_step() {  # run_step step mod part: one check step, its results into $OUT
 #    most MAX_CRASH_RETRIES per boot; a step that fails on a healthy guest
 #    fails.
 [ -n "$GUEST_OK" ] && export LAB_GUEST_DOMID=$(xl domid "$GUEST" 2>/dev/null)
-STEPS="xenctrl_checks dom0_pytest remus_checks:file xenstore_checks:names xenstore_checks:suspend remus_checks:failover xenstore_checks:lifecycle"
-# remus_checks:switchover is not in the default run (docs/lab.md): ./lab/run --only remus_checks:switchover
+STEPS="xenctrl_checks dom0_pytest remus_checks:file xenstore_checks:names xenstore_checks:suspend remus_checks:failover remus_checks:switchover remus_checks:disk xenstore_checks:lifecycle"
+# Not in the default run (docs/lab.md), only when named exactly, e.g.
+# ./lab/run --only remus_checks:disk
+OPTIONAL_STEPS=",remus_checks:switchover,remus_checks:disk,"
 for step in $STEPS; do
     mod=${step%%:*} part=""
     [ "$mod" != "$step" ] && part=${step#*:}
+    case "$OPTIONAL_STEPS" in
+        *",$step,"*) case ",$ONLY," in *",$step,"*) ;; *) continue ;; esac ;;
+    esac
     case ",$ONLY," in ",,"|*",$mod,"*|*",$step,"*) ;; *) continue ;; esac
     if [ -z "$RUN_OK" ]; then
         result FAIL "$step" "skipped: the lab guest is not running"

@@ -30,8 +30,10 @@ daemon logs in $LAB_RESULTS (remusd*.log, receiver.log).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from lab.checks import labdisk
 from lab.checks.guestlog import PAGE_SIZE, counter_value, expected_pattern_page, read_layout
 from lab.checks.report import emit, require, run_check
 from xenbind.xenstore import XenStore
@@ -59,6 +62,22 @@ GUEST_RAM_PAGES = 128 * 256  # the lab guest's memory = 128 MiB
 BATCH = 1024
 BACKUP_SUFFIX = "-backup"
 SHARED_INFO_BELOW = 256  # PFNs below 1 MiB: where a PVH Linux puts Xen's shared-info page
+# the disk step (docs/lab.md, "remus-disk")
+DISK_GUEST = "labdisk"
+DISK_MIB = 16
+DISK_IMAGE = "/tmp/labdisk.img"  # tmpfs in dom0
+DISK_CTL = "/run/remus/labdisk.ctl"
+DISK_NBD = "/run/remus/labdisk.nbd"
+DISK_CFG = "/tmp/labdisk.cfg"
+DISK_BACKUP_DIR = "/tmp/remus-backup-disks"
+NBD_DEV = "/dev/nbd0"
+# the lab's vbd hotplug script, for the primary's and (REMUS_XEN_BLOCK_SCRIPT,
+# xenbind.xendisks) the backup's disks: libxl's own timed out under TCG
+BLOCK_SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dom0", "block-fast"
+)
+# long enough to compare the backup's image with its memory before it runs
+DISK_FAILOVER_MS = 30000
 
 
 def wait_for(cond, timeout: float, what: str, step: float = 0.5):
@@ -108,11 +127,11 @@ def ctl(sock: str, *args: str, timeout: float = 90) -> subprocess.CompletedProce
     )
 
 
-def domain_status(sock: str) -> dict | None:
+def domain_status(sock: str, name: str = GUEST) -> dict | None:
     out = ctl(sock, "status", "--json")
     if out.returncode != 0:
         return None
-    doms = [d for d in json.loads(out.stdout).get("domains", []) if d.get("name") == GUEST]
+    doms = [d for d in json.loads(out.stdout).get("domains", []) if d.get("name") == name]
     return doms[0] if doms else None
 
 
@@ -120,6 +139,134 @@ def read_pages(dom, pfns) -> np.ndarray:
     out = np.zeros((len(pfns), PAGE_SIZE), dtype=np.uint8)
     dom.gather(np.asarray(pfns, dtype=np.uint64), out)
     return out
+
+
+def state_of(hv, domid: int) -> str | None:
+    return next((i.state for i in hv.list() if i.domid == domid), None)
+
+
+class DiskLab:
+    """The disk step's primary side in this dom0 (docs/disk.md, "On Xen"):
+    an image on tmpfs, the mirroring block server (host's nbdkit, its Python
+    plugin, xenbind/nbdmirror.py) on a Unix socket, nbd-client attaching it
+    as /dev/nbd0, the domain's disks file for remusd, and the guest labdisk
+    (the lab guest's config plus disk = phy:/dev/nbd0,xvda,w)."""
+
+    def __init__(self) -> None:
+        self.nbdkit: Daemon | None = None
+        self.attached = False
+        self.console = f"/var/log/xen/console/guest-{DISK_GUEST}.log"
+
+    def start(self):
+        from xenbind.nbdmirror import command
+        from xenbind.xendisks import disks_file
+
+        for p in (DISK_IMAGE, DISK_CTL, DISK_NBD):
+            if os.path.exists(p):
+                os.unlink(p)
+        with open(DISK_IMAGE, "wb") as f:
+            f.truncate(DISK_MIB << 20)
+        os.makedirs(os.path.dirname(DISK_CTL), exist_ok=True)
+        self.nbdkit = Daemon(command([DISK_IMAGE], DISK_NBD, DISK_CTL), "nbdkit-disk.log")
+        wait_for(
+            lambda: os.path.exists(DISK_CTL) or self.nbdkit.proc.poll() is not None,
+            120,
+            "the block server's control socket",
+        )
+        require(self.nbdkit.proc.poll() is None, f"nbdkit exited: {self.nbdkit.tail(5)}")
+        # Debian 12's nbd-client 3.24: -u SOCKET (the host is a Unix socket);
+        # netlink by default, the ioctl interface (-L) if that fails
+        tries = []
+        for extra in ([], ["-L"]):
+            cmd = ["nbd-client", "-u", DISK_NBD, NBD_DEV, "-b", "4096", "-t", "600", *extra]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            tries.append(f"{' '.join(cmd)}: rc {out.returncode} {out.stderr.strip()[-200:]}")
+            if out.returncode == 0:
+                break
+        with open(os.path.join(RESULTS, "nbd-client.log"), "w") as f:
+            f.write("\n".join(tries) + "\n")
+        require(out.returncode == 0, f"nbd-client: {' | '.join(tries)}")
+        self.attached = True
+        dev = os.path.basename(NBD_DEV)
+        wait_for(
+            lambda: int(open(f"/sys/block/{dev}/size").read()) * 512 == DISK_MIB << 20,
+            60,
+            f"{NBD_DEV} to have the image's size",
+        )
+        path = disks_file(DISK_GUEST)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            disk = {"path": DISK_IMAGE, "control": DISK_CTL, "nbd": DISK_NBD, "vdev": "xvda"}
+            json.dump({"disks": [disk]}, f)
+        with open(f"/tmp/{GUEST}.cfg") as f:
+            cfg = f.read().replace(f'name = "{GUEST}"', f'name = "{DISK_GUEST}"')
+        cfg += (
+            f"disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=phy, "
+            f"script={BLOCK_SCRIPT}, target={NBD_DEV}' ]\n"
+        )
+        with open(DISK_CFG, "w") as f:
+            f.write(cfg)
+        os.environ["REMUS_XEN_BLOCK_SCRIPT"] = BLOCK_SCRIPT  # the receiver's backup
+        out = subprocess.run(
+            ["xl", "-vvv", "create", DISK_CFG], capture_output=True, text=True, timeout=180
+        )
+        with open(os.path.join(RESULTS, "xl-create-disk.log"), "w") as f:
+            f.write(out.stdout + out.stderr)
+        require(out.returncode == 0, f"xl create {DISK_GUEST}: {out.stderr.strip()[-400:]}")
+        from lab.checks.guestlog import read_layout
+
+        wait_for(
+            lambda: "LABGUEST DISK " in self._console() and "LABGUEST READY" in self._console(),
+            300,
+            f"{DISK_GUEST} to report its disk (console: {self.console_tail(DISK_GUEST)})",
+        )
+        from xenbind.factory import open_hypervisor
+
+        hv = open_hypervisor(None)
+        dom = hv.lookup(DISK_GUEST)
+        self.layout = read_layout(self.console)
+        wait_for(lambda: self.seq(dom)[0] > 10, 120, f"{DISK_GUEST}'s first disk writes")
+        return dom, self.layout
+
+    def _console(self, name: str = DISK_GUEST) -> str:
+        try:
+            with open(f"/var/log/xen/console/guest-{name}.log", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def console_tail(self, name: str) -> str:
+        return " | ".join(self._console(name).splitlines()[-4:])[-400:]
+
+    def seq(self, dom) -> tuple[int, int]:
+        """(last completed disk write, disk blocks) from ``dom``'s memory."""
+        return labdisk.disk_state(read_pages(dom, [self.layout.counter_pfn])[0])
+
+    def backup_image(self) -> str:
+        imgs = glob.glob(os.path.join(DISK_BACKUP_DIR, "*", "disk0.img"))
+        require(len(imgs) == 1, f"backup images {imgs}")
+        return imgs[0]
+
+    def close(self, hv) -> None:
+        from xenbind.xendisks import disks_file
+
+        for name in (DISK_GUEST + BACKUP_SUFFIX, DISK_GUEST):
+            subprocess.run(["xl", "destroy", name], capture_output=True, timeout=60)
+        for src in ("/var/log/xen/xen-hotplug.log", "/var/log/xen/xl-disk.log"):
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(RESULTS, os.path.basename(src)))
+        for name in (DISK_GUEST, DISK_GUEST + BACKUP_SUFFIX):
+            src = f"/var/log/xen/console/guest-{name}.log"
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(RESULTS, f"guest-{name}-console.log"))
+        if self.attached:
+            subprocess.run(["nbd-client", "-d", NBD_DEV], capture_output=True, timeout=60)
+        if self.nbdkit is not None:
+            self.nbdkit.stop()
+        for p in (disks_file(DISK_GUEST), DISK_IMAGE):
+            if os.path.exists(p):
+                os.unlink(p)
+        shutil.rmtree(DISK_BACKUP_DIR, ignore_errors=True)
 
 
 class Checks:
@@ -335,7 +482,9 @@ class Checks:
             xs.close()
 
     # -- step 5: a backup domain and a failover ---------------------------------
-    def start_receiver(self, port: int, log: str = "receiver.log") -> Daemon:
+    def start_receiver(
+        self, port: int, log: str = "receiver.log", failover_ms: int = 5000, *extra: str
+    ) -> Daemon:
         """remus-receiver in this dom0, its backups renamed (see the module docstring)."""
         if os.path.exists(RSOCK):
             os.unlink(RSOCK)  # a receiver's of an earlier step: wait for this one's
@@ -356,12 +505,13 @@ class Checks:
                 "--log-level",
                 "info",
                 "--failover-timeout",
-                "5000",
+                str(failover_ms),
                 "--stall-timeout",
                 "300",
                 "--handshake-timeout",
                 "60",
                 f"--backup-rename={BACKUP_SUFFIX}",
+                *extra,
             ],
             log,
         )
@@ -373,23 +523,23 @@ class Checks:
         require(recv.proc.poll() is None, f"receiver exited: {recv.tail()}")
         return recv
 
-    def protect_tcp(self, port: int, recv: Daemon, log: str) -> Daemon:
-        """remusd protects the guest to the receiver on ``port``: 3 checkpoints."""
+    def protect_tcp(self, port: int, recv: Daemon, log: str, name: str = GUEST) -> Daemon:
+        """remusd protects ``name`` to the receiver on ``port``: 3 checkpoints."""
         # xl create of the backup takes 30-60 s under TCG: the handshake waits for it
         remusd = self.start_remusd(
             log, "--insecure", "--connect-timeout", "300", "--ack-timeout", "120"
         )
-        adopted = domain_status(SOCK)
+        adopted = domain_status(SOCK, name)
         if adopted is not None and adopted["state"] != "stopped":
             # the remusd an earlier step killed left its record: this one adopted
             # the guest (reconnecting to that step's receiver); end it cleanly
-            out = ctl(SOCK, "unprotect", GUEST)
+            out = ctl(SOCK, "unprotect", name)
             require(out.returncode == 0, f"remusctl unprotect (adopted): {out.stderr.strip()}")
-        out = ctl(SOCK, "protect", GUEST, "--to", f"127.0.0.1:{port}")
+        out = ctl(SOCK, "protect", name, "--to", f"127.0.0.1:{port}")
         require(out.returncode == 0, f"remusctl protect: {out.stderr.strip()}")
         st = wait_for(
             lambda: (
-                (s := domain_status(SOCK))
+                (s := domain_status(SOCK, name))
                 and s["state"] != "initial-copy"
                 and (s["checkpoints"] >= 3 or s["state"] != "protected")
                 and s
@@ -522,14 +672,150 @@ class Checks:
                 remusd.stop()
             recv.stop()
 
+    # -- step 7: a guest with a disk, protected, failed over -----------------
+    def disk(self) -> str:
+        """docs/lab.md, "remus-disk": labdisk (the lab guest plus /dev/xvda,
+        served by the mirroring block server through /dev/nbd0) is protected
+        with its disk, the primary dies, the backup's image is the primary's
+        disk at the last committed checkpoint, and the guest writes on."""
+        d = DiskLab()
+        self.dom.pause()  # labguest idles meanwhile: two guests under TCG are slow
+        self.paused_by_us = True
+        remusd = recv = None
+        try:
+            dom, layout = d.start()
+            port = 7790
+            recv = self.start_receiver(
+                port,
+                "receiver-disk.log",
+                DISK_FAILOVER_MS,
+                "--disk-dir",
+                DISK_BACKUP_DIR,
+            )
+            remusd = self.protect_tcp(port, recv, "remusd-disk.log", DISK_GUEST)
+            # a few epochs of writes after the initial sync
+            st0 = domain_status(SOCK, DISK_GUEST)
+            require(st0 is not None, "no status of the disk guest")
+            cp0 = st0["checkpoints"] if st0 else 0
+            seq0 = d.seq(dom)[0]
+            wait_for(
+                lambda: (
+                    (s := domain_status(SOCK, DISK_GUEST))
+                    and s["state"] == "protected"
+                    and s["checkpoints"] >= cp0 + 3
+                    and d.seq(dom)[0] > seq0 + 20
+                ),
+                300,
+                "3 more checkpoints and 20 more disk writes",
+            )
+            st = domain_status(SOCK, DISK_GUEST) or {}
+            require(st.get("state") == "protected", f"state {st.get('state')}: {st.get('reason')}")
+            mirrored = json.dumps(st.get("disks"))[:300]
+            bname = DISK_GUEST + BACKUP_SUFFIX
+            backup_id = [i.domid for i in self.hv.list() if i.name == bname]
+            require(backup_id, f"no backup domain {bname}")
+            backup = self.hv.lookup(backup_id[0])
+            # the primary dies: paused (a dead host runs nothing), remusd killed
+            dom.pause()
+            primary_seq = d.seq(dom)[0]
+            remusd.stop(signal.SIGKILL)
+            remusd = None
+            t_kill = time.monotonic()
+            time.sleep(3)  # a commit in flight when the link went finishes
+            # before the failover the backup is paused at the last committed
+            # checkpoint: its memory says which writes had completed then
+            require(
+                state_of(self.hv, backup.domid) == "paused",
+                "the backup runs already: the failover came before the comparison",
+            )
+            c_seq, blocks = d.seq(backup)
+            img = d.backup_image()
+            snap = np.fromfile(img, dtype=np.uint8)
+            c_seq2 = d.seq(backup)[0]
+            require(c_seq == c_seq2, f"the backup's memory changed while read: {c_seq} {c_seq2}")
+            require(
+                time.monotonic() - t_kill < DISK_FAILOVER_MS / 1000 - 1,
+                "the comparison took longer than the failover timeout",
+            )
+            prim = np.fromfile(DISK_IMAGE, dtype=np.uint8)
+            sc = labdisk.scan(snap, blocks)
+            # a write in flight at the checkpoint's pause may be on either side
+            prefix = sc.top
+            require(
+                prefix in (c_seq, c_seq + 1),
+                f"the backup's image holds writes up to {prefix}, its memory at the last "
+                f"committed checkpoint says {c_seq} completed (primary at {primary_seq})",
+            )
+            errs = labdisk.prefix_errors(sc, prefix, blocks)
+            require(not errs, f"the backup's image is not writes 1..{prefix}: {errs}")
+            ps = labdisk.scan(prim, blocks)
+            require(
+                not ps.malformed, f"the primary's image has malformed blocks {ps.malformed[:4]}"
+            )
+            unchanged = [b for b in range(blocks) if int(ps.seqs[b]) <= prefix]
+            differ = labdisk.same_blocks(snap, prim, blocks, unchanged)
+            require(
+                not differ,
+                f"{len(differ)} blocks the primary has not written since write {prefix} "
+                f"differ on the backup: {differ[:4]}",
+            )
+            # the failover: the backup runs, and goes on writing to its disk
+            wait_for(
+                lambda: state_of(self.hv, backup.domid) == "running",
+                DISK_FAILOVER_MS / 1000 + 120,
+                f"{bname} running after the failover ({recv.tail()})",
+            )
+            t_run = time.monotonic()
+            after = wait_for(
+                lambda: (s := d.seq(backup)[0]) > prefix + 20 and s,
+                240,
+                f"the backup's guest to write on past {prefix} (console: {d.console_tail(bname)})",
+            )
+            took = time.monotonic() - t_run
+            backup.pause()
+            try:
+                time.sleep(1)
+                done = d.seq(backup)[0]
+                now = np.fromfile(img, dtype=np.uint8)
+            finally:
+                backup.unpause()
+            sn = labdisk.scan(now, blocks)
+            require(
+                sn.top in (done, done + 1),
+                f"after the failover the image holds writes up to {sn.top}, the guest says {done}",
+            )
+            errs = labdisk.prefix_errors(sn, sn.top, blocks)
+            require(not errs, f"after the failover the image is not writes 1..{sn.top}: {errs}")
+            return (
+                f"{DISK_GUEST} ({blocks} blocks of 4 KiB via /dev/nbd0) protected with its disk "
+                f"(disks: {mirrored}); primary stopped at write {primary_seq}; the backup's "
+                f"image at the last committed checkpoint = writes 1..{prefix} (its memory: "
+                f"{c_seq} completed), {len(unchanged)} of its blocks byte-equal to the "
+                f"primary's; after the failover {bname} wrote on to {done} ({after} "
+                f"{took:.0f} s after it ran), image = writes 1..{sn.top}"
+            )
+        finally:
+            if remusd is not None:
+                remusd.stop()
+            if recv is not None:
+                recv.stop()
+            d.close(self.hv)
+            self.dom.unpause()
+            self.paused_by_us = False
+
 
 def main(argv: list[str]) -> int:
-    """``file``: remus-protect, remus-capture, remus-pages; ``failover``; ``switchover``."""
+    """``file``: remus-protect, remus-capture, remus-pages; ``failover``;
+    ``switchover``; ``disk``."""
     part = argv[0] if argv else "file"
     try:
         c = Checks()
     except Exception as e:  # noqa: BLE001 - reported as this module's FAIL
-        first = {"failover": "remus-failover", "switchover": "remus-switchover"}
+        first = {
+            "failover": "remus-failover",
+            "switchover": "remus-switchover",
+            "disk": "remus-disk",
+        }
         emit("FAIL", first.get(part, "remus-protect"), f"setup: {type(e).__name__}: {e}")
         return 1
     if part == "failover":
@@ -538,6 +824,10 @@ def main(argv: list[str]) -> int:
         return 0
     if part == "switchover":
         run_check("remus-switchover", c.switchover)
+        c.release()
+        return 0
+    if part == "disk":
+        run_check("remus-disk", c.disk)
         c.release()
         return 0
     ok = run_check("remus-protect", c.protect)
