@@ -12,10 +12,11 @@ The control protocol is described at the top of ``xenbind/nbdmirror.py``.
 Rules kept here:
 
 * A ``MirrorStream`` never stops reading: its thread drains the mirror
-  connection into memory as fast as it arrives, because the block server
-  appends under the lock the guest's writes take (a consumer that stalls
-  stalls the guest, until the server's ``stall`` drops the mirror). Memory is
-  bounded by the caller, who reads ``buffered`` and takes the bytes out.
+  connection into memory as fast as it arrives, because the block server's
+  queue is bounded (``queue=``): once it is full the guest's writes wait for
+  the consumer, until the server's ``stall`` drops the mirror. Memory is
+  bounded by the caller, who reads ``buffered`` and takes the bytes out. A
+  seal's ``end`` may be ahead of what has arrived: ``take(end)`` waits.
 * The buffer's lock is held only to hand pieces over, never across a
   ``recv``; the control connection's lock only across one request and its
   reply (a sync runs on a connection of its own, so a seal never waits

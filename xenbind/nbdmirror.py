@@ -174,8 +174,9 @@ EXIT_FLUSH_S = 2.0
 #: Seals whose time in the server ``info`` summarises (the last ones).
 SEAL_STATS = 1024
 #: The mirror connection's send buffer, bytes: a few records' worth, so that
-#: a 1 MiB write is appended without waiting for the consumer to read the one
-#: before (SO_SNDBUFFORCE as root; else SO_SNDBUF, capped by net.core.wmem_max).
+#: the sender hands a batch to the kernel without waiting for the consumer to
+#: read the one before (SO_SNDBUFFORCE as root; else SO_SNDBUF, capped by
+#: net.core.wmem_max).
 MIRROR_SNDBUF = 8 << 20
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 #: Longest control request line (a sync's run list), bytes.
@@ -510,6 +511,7 @@ class Mirror:
         except (OSError, TimeoutError) as e:
             with self._lock:
                 self._fail_locked(str(e) if isinstance(e, TimeoutError) else f"send failed: {e}")
+            _log(f"mirror failed after {self.sent} stream bytes sent: {self.error}")
         finally:
             self._close_socket()
 
