@@ -172,9 +172,11 @@ class ProtectionBackup:
             prot.checkpoints += 1
             prot.pages_committed += n
             prot.last_checkpoint_pages = n
-            prot.life()
             if req.digest is not None:
                 verified, mismatch = self._verify(req.index, req.digest)
+            # after the digest: the receiver's own work (it may take a while on a
+            # loaded host) is not the primary's silence; the sender waits for this ACK
+            prot.life()
         took = time.monotonic() - t0
         prot.commit_seconds.observe(took)
         commit_ms = took * 1000

@@ -127,6 +127,7 @@ from xenbind.stream import (
 )
 from xenbind.stream.decoder import MalformedStream, TruncatedStream
 from xenbind.stream.events import Event
+from xenbind.stream.format import DEFAULT_MAX_DISK_CHUNK
 from xenbind.types import Context, SaveRecords
 
 from .staging import Staging
@@ -190,6 +191,7 @@ class Limits:
     stall_timeout: float  # seconds
     software: str = ""
     max_disk_write: int = ds.DEFAULT_MAX_WRITE  # one disk WRITE's data
+    max_disk_chunk: int = DEFAULT_MAX_DISK_CHUNK  # one DISK chunk of the legacy stream
     max_disk_epoch_bytes: int = 1 << 30  # one disk epoch, records and heads
 
     def accept_limits(self) -> dict[str, int]:
@@ -482,6 +484,7 @@ class ReceiverCore:
             max_device_model=lim.max_device_model,
             max_cache_pages=lim.max_cache_pages,
             max_toolstack=lim.max_context,  # a toolstack record is bounded as a context is
+            max_disk_chunk=lim.max_disk_chunk,
             base=self._base,
         )
         self.staging = Staging(hello.domain.pages, lim.max_staged_bytes)

@@ -987,6 +987,18 @@ class ReceiverDaemon:
                     target=self._expire, args=(prot,), name=f"expire-{prot.name}", daemon=True
                 ).start()
 
+    @staticmethod
+    def _input_waiting(prot: Protection) -> bool:
+        """Bytes (or an EOF) wait unread on the session's connection. A peek
+        (select, or the TLS buffer's count): the session thread reads them."""
+        conn = prot.connection
+        if conn is None or prot.state != policy.RECEIVING:
+            return False
+        try:
+            return bool(conn.t.wait_readable(0))
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+
     def _expire(self, prot: Protection) -> None:
         try:
             with prot.lock:
@@ -994,6 +1006,16 @@ class ReceiverDaemon:
                 if prot.state not in policy.FAILOVER_STATES or silence < prot.failover_timeout:
                     return  # a sign of life, a new session or a failover came first
                 if not prot.armed and prot.state != policy.RECEIVING:
+                    return
+                if self._input_waiting(prot):
+                    # the primary sent something this receiver has not read yet
+                    # (its session thread is busy): not silence, ours is the delay
+                    log.debug(
+                        "%s: %.0f ms since the last sign of life read, but input waits "
+                        "unread on the session: no failover",
+                        prot.label(),
+                        silence * 1000,
+                    )
                     return
                 witness = self.cfg.witness is not None
                 actions = policy.advance(prot, policy.silence_event(prot.state, self.cfg, witness))
