@@ -105,3 +105,38 @@ def test_with_a_witness_silence_challenges_before_any_failover() -> None:
             state,
             event,
         )
+
+
+def test_input_waiting_unread_is_not_the_primarys_silence():
+    """The failover timer's peek (ReceiverDaemon._input_waiting): bytes the
+    session thread has not read yet (it is busy, e.g. in a slow commit) are a
+    sign of life; nothing waiting, a closed connection or a session that is no
+    longer receiving are not."""
+    import socket
+    from types import SimpleNamespace
+
+    from daemonkit.transport import PlainTransport
+    from receiver.daemon import ReceiverDaemon
+    from receiver.protection import Protection
+    from xenbind.session import Hello, Options
+    from xenbind.types import DomainConfig
+
+    hello = Hello(
+        "ab" * 16, Options(), DomainConfig("g", "12345678-9abc-def0-1234-56789abcdef0", 4, 1)
+    )
+    prot = Protection(hello=hello, peer="test", failover_timeout=0.5)
+    prot.state = policy.RECEIVING
+    a, b = socket.socketpair()
+    try:
+        prot.connection = SimpleNamespace(t=PlainTransport(a))  # type: ignore[assignment]
+        assert not ReceiverDaemon._input_waiting(prot)
+        b.sendall(b"\xfd\xfc\xff\xff")  # a HEARTBEAT chunk, unread
+        assert ReceiverDaemon._input_waiting(prot)
+        prot.state = policy.LINK_LOST
+        assert not ReceiverDaemon._input_waiting(prot)
+        prot.state = policy.RECEIVING
+        a.close()
+        assert not ReceiverDaemon._input_waiting(prot)
+    finally:
+        a.close()
+        b.close()
