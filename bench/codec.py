@@ -53,6 +53,7 @@ import lz4.frame
 import numpy as np
 import zstandard
 
+from bench import load_average, save_json
 from xenbind import PAGE_SIZE
 from xenbind.compress import Compressor, Decompressor, Rows, gather
 from xenbind.compress.zero import KnownZero
@@ -535,20 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     res = run(pages, reps, generic_pages=min(pages, 1024 if args.quick else 2048), bases=args.base)
     res["zero_test"] = bench_zero_test(zero_pages, reps)
     res["zero_test_receiver"] = bench_zero_test(zero_pages, reps, "receiver")
-    try:
-        res["loadavg_1min_after"] = os.getloadavg()[0]
-    except OSError:
-        res["loadavg_1min_after"] = None
+    res["loadavg_1min_after"] = load_average()
     print_table(res)
     print_zero_test(res["zero_test"])
     print_zero_test(res["zero_test_receiver"])
     print(
         f"\nload average (1 min) at the end: {res['loadavg_1min_after']} on {os.cpu_count()} cpus"
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
-    print(f"JSON: {args.json}")
+    save_json(res, args.json)
     return 0
 
 

@@ -40,7 +40,6 @@ nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -54,6 +53,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from bench import load_average, save_json
 from xenbind import mirrorclient, nbdmirror
 from xenbind.mirrorclient import MirrorClient
 
@@ -465,15 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "median": median_of(runs),
     }
-    try:
-        res["loadavg_1min_after"] = os.getloadavg()[0]
-    except OSError:
-        res["loadavg_1min_after"] = None
+    res["loadavg_1min_after"] = load_average()
     print_table(res)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
-    print(f"JSON: {args.json}")
+    save_json(res, args.json)
     return 0
 
 

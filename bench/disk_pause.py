@@ -42,7 +42,6 @@ bench/results/disk_pause.json). Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -55,6 +54,7 @@ from pathlib import Path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench import save_json  # noqa: E402
 from bench.e2e import (  # noqa: E402
     HOTSET_WSS,
     MEASURE_FAILOVER_MS,
@@ -371,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     result["stop_probes"] = probes
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     print_table(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nJSON: {args.json}")
+    save_json(result, args.json)
     return 0
 
 

@@ -31,7 +31,6 @@ bench/results/netbuf.json). Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,8 @@ import time
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
+
+from bench import load_average, save_json
 
 INNER_ENV = "REMUS_BENCH_NETBUF_INNER"
 VIF = "vif7.0"
@@ -214,15 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(cmd, env=env, check=False).returncode
     epochs = args.epochs or (2000 if args.quick else 20000)
     res = run_inner(epochs, max(100, epochs // 10), max(50, epochs // 50))
-    try:
-        res["loadavg_1min_after"] = os.getloadavg()[0]
-    except OSError:
-        res["loadavg_1min_after"] = None
+    res["loadavg_1min_after"] = load_average()
     print_table(res)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
-    print(f"JSON: {args.json}")
+    save_json(res, args.json)
     return 0
 
 
