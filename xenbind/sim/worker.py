@@ -24,7 +24,17 @@ on success, ``b"\\1" + utf-8 message`` on error::
     S  set context           <- registers + device model (domain must be paused)
     B  output barrier        O  output release      X  output unplug
     T  stop at step          <- u64 (2**64-1: no stop): run up to that step, then idle
-    A  set rate              <- float64 steps per second
+    A  set rate              <- float64 steps per second; inf: max rate (a batch
+                             after another, the control socket polled between
+                             them, as fast as this process gets the CPU)
+    L  output timing log     <- path (utf-8; empty: stop): append the timing
+                             of every released output burst to that file
+                             (xenbind.sim.outputs.TIMING_DTYPE)
+
+Output timestamps: each batch's output is handed to the output buffer with
+CLOCK_MONOTONIC (ns) read just before and just after the batch ran, so the
+commit of its k-th of n records lies between the two (the buffer keeps the
+pair per burst, not per record); the buffer stamps barriers and releases.
 
 Disks (meta ``disks``, xenbind.sim.disk): at start the worker connects to
 each disk's export on the domain's block server with libnbd; the workload's
@@ -201,7 +211,7 @@ class Worker:
         return (
             self.pause_count == 0
             and not self.crash_reason
-            and self.regs.rate > 0
+            and (self.regs.rate > 0 or self.regs.max_rate)
             and self.regs.kind_name != "idle"
             and self.regs.step < self.stop_at
             and not getattr(self.workload, "full", False)
@@ -216,15 +226,18 @@ class Worker:
         os.close(self.ready_fd)
         log(
             f"domain {self.domid} ({self.meta['name']}): {self.pages} pages, workload "
-            f"{self.regs.kind_name} seed {self.regs.seed} rate {self.regs.rate}/s, "
+            f"{self.regs.kind_name} seed {self.regs.seed} rate "
+            f"{'max' if self.regs.max_rate else self.regs.rate}/s, "
             f"dirty tracking {self.mode}, {'paused' if self.pause_count else 'running'}"
             + "".join(f", disk {d.index} {d.size} bytes on {d.sock}" for d in self.disks)
         )
         while True:
-            timeout = None
+            timeout: float | None = None
             due = 0
             run = self.runnable()
-            if run:
+            if run and self.regs.max_rate:
+                due, timeout = self.workload.max_batch, 0.0
+            elif run:
                 now = time.monotonic()
                 if not self.was_runnable:
                     self.t0, self.base_step = now, self.regs.step
@@ -237,7 +250,7 @@ class Worker:
                         0.0, self.t0 + (self.regs.step + 1 - self.base_step) / self.regs.rate - now
                     )
                 else:
-                    timeout = 0
+                    timeout = 0.0
             self.was_runnable = run
             for key, _ in self.sel.select(timeout):
                 if key.data is None:
@@ -249,8 +262,10 @@ class Worker:
                 self._run(n)
 
     def _run(self, n: int) -> None:
+        t0 = time.monotonic_ns()
         out = self.workload.run(self.mem64, n, self.mark)
-        self.outputs.emit(out)
+        if out:
+            self.outputs.emit(out, t0, time.monotonic_ns())
         if self.workload.disk_failure and not self.crash_reason:
             self.crash_reason = f"the guest's disk failed: {self.workload.disk_failure}"
             log(f"guest crashed at step {self.regs.step}: {self.crash_reason}")
@@ -345,10 +360,11 @@ class Worker:
             return b""
         if op == b"A":
             (rate,) = struct.unpack("<d", arg)
-            if not rate >= 0 or rate == float("inf"):
-                raise ValueError(f"rate must be a finite non-negative number, got {rate}")
-            self.regs.rate = rate
+            self.regs.set_rate(rate)  # inf: max rate
             self.was_runnable = False  # restart the rate clock
+            return b""
+        if op == b"L":
+            self.outputs.log_timing(arg.decode() or None)
             return b""
         raise ValueError(f"unknown request {op!r}")
 

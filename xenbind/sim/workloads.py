@@ -8,8 +8,9 @@ exactly where the primary stopped. How many steps run per batch (a matter of
 timing) never changes the result.
 
 The registers' format is that of version 1 (``SIMREGS1``) unchanged: the
-disk rate lives in bits of ``flags`` that were always zero, so a register
-set of a guest without a disk packs to the same 64 bytes as before.
+disk rate and the max-rate mode live in bits of ``flags`` that were always
+zero, so a register set of a guest without a disk, at a set rate, packs to
+the same 64 bytes as before.
 
 Registers = ``Context.hvm_context`` (64 bytes, little-endian)::
 
@@ -17,6 +18,9 @@ Registers = ``Context.hvm_context`` (64 bytes, little-endian)::
      0      8    magic  b"SIMREGS1"
      8      4    kind   0 idle, 1 random, 2 hotset, 3 scan, 4 ledger
     12      4    flags  bit 0: crashed (the guest found its memory unusable);
+                        bit 1: max rate (run as fast as the vCPU can, no rate
+                        cap; ``rate`` keeps the last set rate, which a reader
+                        that predates the bit runs at);
                         bits 8..31: disk_every K (random, hotset: every K-th
                         step writes a disk block; 0: no disk writes)
     16      8    seed
@@ -69,6 +73,8 @@ REGS_MAGIC = b"SIMREGS1"
 REGS_FORMAT = "<8sIIQQdQdQ"
 REGS_SIZE = struct.calcsize(REGS_FORMAT)  # 64
 FLAG_CRASHED = 1 << 0
+#: run without a rate cap (set_rate(inf)): as many steps as the vCPU runs
+FLAG_MAX_RATE = 1 << 1
 #: flags bits 8..31: every how many steps a page workload writes a disk block
 DISK_EVERY_SHIFT = 8
 MAX_DISK_EVERY = (1 << 24) - 1
@@ -133,6 +139,26 @@ class Registers:
         self.flags = (self.flags & ~(MAX_DISK_EVERY << DISK_EVERY_SHIFT)) | (
             every << DISK_EVERY_SHIFT
         )
+
+    @property
+    def max_rate(self) -> bool:
+        """Whether the guest runs as fast as it can (``rate`` is then not a cap)."""
+        return bool(self.flags & FLAG_MAX_RATE)
+
+    @max_rate.setter
+    def max_rate(self, on: bool) -> None:
+        self.flags = (self.flags | FLAG_MAX_RATE) if on else (self.flags & ~FLAG_MAX_RATE)
+
+    def set_rate(self, rate: float) -> None:
+        """A rate in steps per second; ``inf``: the max-rate mode (the rate
+        field keeps the last finite rate)."""
+        if rate == math.inf:
+            self.max_rate = True
+            return
+        if not (math.isfinite(rate) and rate >= 0):
+            raise RegistersError(f"rate must be a non-negative number or inf, got {rate}")
+        self.rate = float(rate)
+        self.max_rate = False
 
     def pack(self) -> bytes:
         return struct.pack(
