@@ -1120,7 +1120,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="copy,pause,rate,cache,failover",
         help="phases to run, comma-separated (copy, pause, rate, cache, failover; "
-        "rate includes ratio)",
+        "rate includes ratio); 'overhead' alone runs bench/overhead.py (what the guest "
+        "feels, issue 16: its own options, JSON and plots)",
     )
     p.add_argument("--memory-mib", type=int, help="guest size (default 1024, --quick 256)")
     p.add_argument(
@@ -1138,7 +1139,19 @@ def main(argv: list[str] | None = None) -> int:
         help="run nothing: print the element-wise median of these runs' JSON "
         "(and write it to --json)",
     )
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.only == "overhead":
+        from bench import overhead
+
+        return overhead.main(
+            rest,
+            quick=args.quick,
+            memory_mib=args.memory_mib,
+            remusd_args=args.remusd_arg,
+            json_path=None if args.json == p.get_default("json") else args.json,
+        )
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.median:
         runs = []
         for path in args.median:
