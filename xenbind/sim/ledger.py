@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import numpy as np
@@ -161,6 +161,12 @@ class LedgerWorkload:
 
     max_batch = 64  # ~5 us per transaction: a batch stays well under 1 ms
     emits_output = True
+    #: asked every SLICE transactions of a batch (set by the worker): a request
+    #: waits for the guest; the batch ends there, so that a pause or an output
+    #: release is answered within ~SLICE transactions, not a whole batch (Xen
+    #: pauses a vCPU at once; dom0 releases output without the guest)
+    interrupted: Callable[[], bool] | None = None
+    SLICE = 16
 
     def __init__(self, regs: Registers, usable: int, disk: GuestDisk | None = None) -> None:
         self.usable = usable
@@ -219,11 +225,14 @@ class LedgerWorkload:
         boff = lay.balances_off
         out: list[bytes] = []
         touched: list[int] = []
-        t = regs.step
+        t = start = regs.step
         stop = min(t + n, lay.log_capacity)
         pack_q = struct.Struct("<q")
         entry = struct.Struct(ENTRY_FORMAT)
+        check = self.interrupted
         while t < stop:
+            if check is not None and t != start and not (t - start) % self.SLICE and check():
+                break
             src = h64(seed, t, 0) % accounts
             dst = h64(seed, t, 1) % (accounts - 1)
             if dst >= src:

@@ -6,7 +6,11 @@ file, owns the userfaultfd that tracks its writes, runs the workload, and
 serves its control socket ``dom-N.sock`` (SOCK_SEQPACKET, one request per
 packet, one reply per request) in the same single thread: when it answers a
 pause, the workload is by construction not writing. A workload batch is
-kept well under a millisecond so requests wait little.
+kept well under a millisecond so requests wait little, and the ledger asks
+every 16 transactions whether one waits (one poll(2) of the selector's fd)
+and ends its batch there: at its max rate a request waited ~0.15 ms more on
+average for the 64-transaction batch to end, in a pause and in every
+output release, where Xen pauses at once and dom0 releases without the guest.
 
 Requests (first byte = opcode, rest = payload); replies: ``b"\\0" + payload``
 on success, ``b"\\1" + utf-8 message`` on error::
@@ -55,6 +59,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import select
 import selectors
 import signal
 import socket
@@ -180,6 +185,11 @@ class Worker:
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
+        # the selector's own fd is readable when a socket it watches is: one
+        # poll(2) (~0.5 us) tells a running batch that a request waits
+        self._waiting = select.poll()
+        self._waiting.register(self.sel.fileno(), select.POLLIN)
+        self.workload.interrupted = self._request_waiting
 
     # --- status page ---------------------------------------------------------------
 
@@ -260,6 +270,9 @@ class Worker:
             if due > 0 and self.runnable():
                 n = min(due, self.workload.max_batch, self.stop_at - self.regs.step)
                 self._run(n)
+
+    def _request_waiting(self) -> bool:
+        return bool(self._waiting.poll(0))
 
     def _run(self, n: int) -> None:
         t0 = time.monotonic_ns()

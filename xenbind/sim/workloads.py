@@ -236,6 +236,8 @@ class PageWorkload:
     #: steps per batch, so a batch (and so a pause) takes well under a millisecond
     max_batch = 2048
     emits_output = False
+    #: (the ledger's early end of a batch; a page batch is one numpy pass: unused)
+    interrupted: Callable[[], bool] | None = None
 
     def __init__(self, regs: Registers, usable: int, disk: GuestDisk | None = None) -> None:
         if usable < 1:

@@ -180,3 +180,23 @@ def test_max_rate_ledger_runs_uncapped_and_its_timing_log_covers_every_output(si
     assert problems == []
     dom.set_rate(5.0)  # a rate again: the flag goes
     assert not Registers.unpack(dom.get_context().hvm_context).max_rate
+
+
+def test_a_waiting_request_ends_a_ledger_batch_at_a_slice_boundary():
+    from xenbind import PAGE_SIZE
+    from xenbind.sim.ledger import LedgerWorkload, check_ledger
+
+    usable = 64
+    mem = np.zeros(usable * PAGE_SIZE // 8, dtype=np.uint64)
+    w = LedgerWorkload(new_registers("ledger", 3, None), usable)
+    w.init_memory(mem)
+    asked: list[int] = []
+    w.interrupted = lambda: asked.append(w.regs.step) or len(asked) >= 2
+    out = w.run(mem, 64, None)
+    assert len(out) == w.regs.step == 2 * LedgerWorkload.SLICE, "ends after the 2nd ask"
+    assert len(asked) == 2
+    w.interrupted = None
+    w.run(mem, 64, None)
+    assert w.regs.step == 2 * LedgerWorkload.SLICE + 64
+    problems, summary = check_ledger(mem.view(np.uint8), usable)
+    assert problems == [] and summary["transactions"] == w.regs.step
