@@ -447,7 +447,11 @@ def new_registers(
     if rate is None:
         rate = DEFAULT_RATE[kind]
     if not (math.isfinite(rate) and rate >= 0):
-        raise RegistersError(f"rate must be a non-negative number, got {rate}")
+        # (a domain's meta and a HELLO carry the rate as JSON: no inf there)
+        raise RegistersError(
+            f"rate must be a non-negative number, got {rate} (no rate cap: create, then "
+            "set the rate to inf)"
+        )
     if kind == "hotset":
         a = a or DEFAULT_WSS
         b = b or DEFAULT_ZIPF
