@@ -39,7 +39,11 @@ floor         interval/2 + pause (median, remusd's per-checkpoint history) +
               uniformly random moment of the epoch waits at least; the
               latency p50 is reported over it
 CPU           of the guest's own process, remusd, the receiver, the two
-              hosts (the primary's without its guest), % of one core
+              hosts (the primary's without its guest), % of one core; and
+              where the guest's wall time went (/proc/PID/schedstat): on a
+              CPU, runnable but waiting for one, asleep (paused); with the
+              transactions per CPU second, this separates a guest that was
+              paused, one that did not get a CPU and one that ran slower
 
 Targets (issue 16): at 25 ms, protected throughput >= 90% of unprotected,
 and latency p50 <= interval/2 + 2 ms. Prints the tables (median over the
@@ -161,6 +165,16 @@ def _summary(values) -> dict:
 # --- windows ------------------------------------------------------------------------------
 
 
+def schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of a process's main thread."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run, wait, _ = f.read().split()
+        return int(run), int(wait)
+    except (OSError, ValueError):
+        return 0, 0
+
+
 def _cpu(stack: Stack, guest_pid: int) -> dict[str, float]:
     return {
         "guest": cpu_seconds(guest_pid),
@@ -168,6 +182,7 @@ def _cpu(stack: Stack, guest_pid: int) -> dict[str, float]:
         "receiver": cpu_seconds(stack.pid("receiver")),
         "primary_host": tree_cpu(stack.primary.pid) - cpu_seconds(guest_pid),
         "backup_host": tree_cpu(stack.backup.pid),
+        "bench": cpu_seconds(os.getpid()),
     }
 
 
@@ -176,14 +191,14 @@ def measure(stack: Stack, dom, log: TimingLog, seconds: float, protected: bool) 
     remusd's per-checkpoint figures when ``protected``."""
     pid = dom.status()["pid"]
     log.read()  # what was released before the window is not its own
-    c0 = _cpu(stack, pid)
+    c0, q0 = _cpu(stack, pid), schedstat(pid)
     s0, t0, n0 = dom.step, time.monotonic(), time.monotonic_ns()
     if protected:
         w = window(stack, dom.name, seconds)
     else:
         time.sleep(seconds)
     s1, t1, n1 = dom.step, time.monotonic(), time.monotonic_ns()
-    c1 = _cpu(stack, pid)
+    c1, q1 = _cpu(stack, pid), schedstat(pid)
     rows = log.read()
     rows = rows[(rows["released_ns"] >= n0) & (rows["released_ns"] <= n1)]
     elapsed = t1 - t0
@@ -194,6 +209,13 @@ def measure(stack: Stack, dom, log: TimingLog, seconds: float, protected: bool) 
         "seconds": round(elapsed, 3),
         "tx_per_s": round((s1 - s0) / elapsed, 1),
         "cpu_percent": {k: round(100 * (c1[k] - c0[k]) / elapsed, 1) for k in c0},
+        # where the guest's wall time went (schedstat): on a CPU, runnable but
+        # waiting for one (contention), the rest asleep (paused, or waiting)
+        "guest_running_percent": round((q1[0] - q0[0]) / (n1 - n0) * 100, 1),
+        "guest_runqueue_percent": round((q1[1] - q0[1]) / (n1 - n0) * 100, 1),
+        "guest_asleep_percent": round(100 - (q1[0] - q0[0] + q1[1] - q0[1]) / (n1 - n0) * 100, 1),
+        "tx_per_cpu_s": round((s1 - s0) / ((q1[0] - q0[0]) / 1e9), 1) if q1[0] > q0[0] else None,
+        "load_average": load_average(),
         **latencies(rows),
     }
     if protected:
@@ -251,6 +273,12 @@ def one_round(
             ref = (unprot[i]["tx_per_s"] + unprot[i + 1]["tx_per_s"]) / 2
             p["unprotected_tx_per_s"] = round(ref, 1)
             p["ratio"] = round(p["tx_per_s"] / ref, 4) if ref else None
+            eff = [u["tx_per_cpu_s"] for u in unprot[i : i + 2] if u.get("tx_per_cpu_s")]
+            p["unprotected_tx_per_cpu_s"] = round(sum(eff) / len(eff), 1) if eff else None
+            # the share of the window the guest sat paused by remusd
+            p["paused_percent"] = round(
+                p["checkpoints_per_s"] * p["pause_ms"].get("mean", 0) / 10, 2
+            )
             p["floor_ms"] = floor_ms(iv, p)
             lat = p.get("latency_ms", {})
             if p["floor_ms"] is not None and lat.get("n"):
@@ -293,6 +321,9 @@ def combine(rounds: list[dict]) -> dict:
             "tx_per_s": _med([u["tx_per_s"] for u in unprot]),
             "tx_per_s_rounds": [_med([u["tx_per_s"] for u in r["unprotected"]]) for r in rounds],
             "guest_cpu_percent": _med([u["cpu_percent"]["guest"] for u in unprot]),
+            "guest_running_percent": _med([u.get("guest_running_percent") for u in unprot]),
+            "guest_runqueue_percent": _med([u.get("guest_runqueue_percent") for u in unprot]),
+            "tx_per_cpu_s": _med([u.get("tx_per_cpu_s") for u in unprot]),
             "latency_p50_ms": _med([_get(u, "latency_ms", "p50") for u in unprot]),
             "latency_max_ms": _med([_get(u, "latency_ms", "max") for u in unprot]),
         },
@@ -310,6 +341,12 @@ def combine(rounds: list[dict]) -> dict:
             "ratio": m("ratio"),
             "ratio_rounds": [p.get("ratio") for p in ps],
             "checkpoints_per_s": m("checkpoints_per_s"),
+            "guest_running_percent": m("guest_running_percent"),
+            "guest_runqueue_percent": m("guest_runqueue_percent"),
+            "guest_asleep_percent": m("guest_asleep_percent"),
+            "paused_percent": m("paused_percent"),
+            "tx_per_cpu_s": m("tx_per_cpu_s"),
+            "unprotected_tx_per_cpu_s": m("unprotected_tx_per_cpu_s"),
             "pause_ms": m("pause_ms", "median"),
             "pause_p99_ms": m("pause_ms", "p99"),
             "dirty_pages": m("dirty_pages", "median"),
@@ -326,7 +363,7 @@ def combine(rounds: list[dict]) -> dict:
             "p50_over_half_interval_ms": m("p50_over_half_interval_ms"),
             "cpu_percent": {
                 k: m("cpu_percent", k)
-                for k in ("guest", "remusd", "receiver", "primary_host", "backup_host")
+                for k in ("guest", "remusd", "receiver", "primary_host", "backup_host", "bench")
             },
             # the CDF: each quantile's median over the rounds
             "quantiles_ms": [
@@ -370,7 +407,7 @@ def print_tables(res: dict) -> None:
     )
     print(
         f"\n  {'interval':>8} {'tx/s':>8} {'unprot':>8} {'ratio':>6} {'ckpt/s':>7} {'pause':>6} "
-        f"{'dirty':>5} {'guest':>6} {'remusd':>6} {'recv':>5} {'hosts':>6}"
+        f"{'dirty':>5} {'guest':>6} {'remusd':>6} {'recv':>5} {'hosts':>6} {'bench':>6}"
     )
     for iv, p in c["protected"].items():
         cpu = p["cpu_percent"]
@@ -379,7 +416,27 @@ def print_tables(res: dict) -> None:
             f"  {iv:>6}ms {p['tx_per_s']:>8.0f} {p['unprotected_tx_per_s']:>8.0f} "
             f"{p['ratio']:>6.3f} {p['checkpoints_per_s']:>7.1f} {p['pause_ms']:>5.2f}m "
             f"{p['dirty_pages']:>5.0f} {cpu['guest']:>5.0f}% {cpu['remusd']:>5.0f}% "
-            f"{cpu['receiver']:>4.0f}% {hosts:>5.0f}%"
+            f"{cpu['receiver']:>4.0f}% {hosts:>5.0f}% {cpu['bench'] or 0:>5.0f}%"
+        )
+    print(
+        "\n  where the guest's wall time went (schedstat: on a CPU / runnable, waiting for one /"
+        " asleep); remusd's pauses as a share of wall time; transactions per CPU second"
+    )
+    print(
+        f"  {'interval':>8} {'on CPU':>7} {'runq':>6} {'asleep':>7} {'paused':>7} {'tx/CPU-s':>9} "
+        f"{'unprot':>8}"
+    )
+    print(
+        f"  {'unprot.':>8} {u.get('guest_running_percent') or 0:>6.1f}% "
+        f"{u.get('guest_runqueue_percent') or 0:>5.1f}% {'':>7} {'':>7} "
+        f"{u.get('tx_per_cpu_s') or 0:>9.0f}"
+    )
+    for iv, p in c["protected"].items():
+        print(
+            f"  {iv:>6}ms {p['guest_running_percent'] or 0:>6.1f}% "
+            f"{p['guest_runqueue_percent'] or 0:>5.1f}% {p['guest_asleep_percent'] or 0:>6.1f}% "
+            f"{p['paused_percent'] or 0:>6.2f}% {p['tx_per_cpu_s'] or 0:>9.0f} "
+            f"{p['unprotected_tx_per_cpu_s'] or 0:>8.0f}"
         )
     print(
         "\n  output latency, commit -> release (ms); floor = interval/2 + pause + barrier->release"
