@@ -6,7 +6,9 @@
 The real daemons on two simulated hosts, as bench/e2e.py starts them
 (``bench.e2e.Stack``: /dev/shm, ``remus-receiver`` with a 5 s failover
 timeout, ``remusd``, 127.0.0.1 TCP, codec ``xen``). The guest is the
-``ledger`` (1,000 accounts; 1 GiB, 256 MiB with --quick) in its max-rate
+``ledger`` (1,000 accounts; 1 GiB, 256 MiB with --quick; a full round
+writes ~14 million transactions at ~200,000/s, the log of a 256 MiB guest
+holds 8 million) in its max-rate
 mode (``set_rate(inf)``: a batch of 64 transactions after another, as fast
 as its process gets a CPU), so that what protection costs it shows as
 transactions it did not do.
@@ -204,7 +206,12 @@ def measure(stack: Stack, dom, log: TimingLog, seconds: float, protected: bool) 
     elapsed = t1 - t0
     st = dom.status()
     if st["state"] != 1:  # running
-        raise RuntimeError(f"the guest is not running (state {st['state']}: log full?)")
+        why = (
+            "its ledger's log is full: give it more memory (--memory-mib)"
+            if st["state"] == 4
+            else ""
+        )
+        raise RuntimeError(f"the guest is not running (state {st['state']}) {why}")
     r = {
         "seconds": round(elapsed, 3),
         "tx_per_s": round((s1 - s0) / elapsed, 1),
