@@ -143,10 +143,11 @@ class SessionDisks:
         try:
             info = self.client.info()
             have = tuple(int(d["size"]) for d in info["disks"])
-            if have != self.sizes:
-                raise DiskSetupError(
+            if have != self.sizes:  # configuration, not the link: retrying cannot help
+                raise LinkDown(
                     f"domain {self.name}: the block server at {self.client.control_path} "
-                    f"serves disks of {list(have)} bytes, the domain has {list(self.sizes)}"
+                    f"serves disks of {list(have)} bytes, the domain has {list(self.sizes)}",
+                    permanent=True,
                 )
             self.stream = self.client.start(first_epoch=0)
         except MirrorError as e:
