@@ -131,22 +131,22 @@ class ProtectionBackup:
         self._disks().open(header)
 
     def disk_write(self, record: ds.Write | ds.Zero, direct: bool) -> None:
-        disks = self._disks()
+        epochs = self._disks().epochs()
         if not direct:
-            disks.add(record)  # into the epoch buffer: no image is touched
+            epochs.add(record)  # into the epoch buffer: no image is touched
             return
         with self.prot.lock:
             self._domain()
-            disks.write_direct(record)
+            epochs.write_direct(record)
 
     def disk_seal(self, seal: ds.Seal) -> None:
-        disks = self._disks()
+        epochs = self._disks().epochs()
         if seal.epoch:
-            disks.seal(seal)
+            epochs.seal(seal)
             return
         with self.prot.lock:
             self._domain()
-            disks.seal_direct(seal)
+            epochs.seal_direct(seal)
 
     def commit(self, req: CommitRequest) -> Committed:
         prot = self.prot
@@ -158,7 +158,7 @@ class ProtectionBackup:
             if req.disk_epoch is not None and not first:
                 # the disk epoch first: journaled (its commit point) and
                 # applied before the memory, under the same lock hold
-                self._disks().commit(req.disk_epoch)
+                self._disks().epochs().commit(req.disk_epoch)
             if req.records:
                 domain.set_save_records(req.records)
             if first:

@@ -15,10 +15,11 @@ Layout under the receiver's disk directory (``--disk-dir``)::
     disks = BackupDisks(disk_dir, hello, mem_limit=.., max_epoch_bytes=..)
     hashes = disks.prepare()        images made or resized, then hashed (DISK_HASHES)
     disks.open(header)              the session's disk stream began
-    disks.write_direct(rec) / seal_direct(seal)   epoch 0 (the initial sync)
-    disks.add(rec) / seal(seal)     a later epoch, buffered until its commit
-    disks.commit(epoch)             journal, apply, sync (receiver.backup, under
-                                    the Protection's lock, with the memory)
+    disks.epochs()                  its DiskBuffer: write_direct / seal_direct
+                                    (epoch 0, the initial sync), add / seal (a
+                                    later epoch, buffered until its commit),
+                                    commit (journal, apply, sync: receiver.backup,
+                                    under the Protection's lock, with the memory)
     disks.close()                   the session ended: uncommitted epochs dropped
     recover_all(disk_dir)           start-up: finish what a dead receiver committed
 
@@ -132,25 +133,12 @@ class BackupDisks:
         )
         self.stats = self.buffer.stats
 
-    def _buf(self) -> DiskBuffer:
+    def epochs(self) -> DiskBuffer:
+        """The session's epoch buffer (receiver.diskbuffer), once the stream's
+        header opened it."""
         if self.buffer is None:
             raise DiskBufferError("disk records before the disk stream's header")
         return self.buffer
-
-    def write_direct(self, rec: ds.Write | ds.Zero) -> None:
-        self._buf().write_direct(rec)
-
-    def seal_direct(self, seal: ds.Seal) -> None:
-        self._buf().seal_direct(seal)
-
-    def add(self, rec: ds.Write | ds.Zero) -> None:
-        self._buf().add(rec)
-
-    def seal(self, seal: ds.Seal) -> None:
-        self._buf().seal(seal)
-
-    def commit(self, epoch: int) -> int:
-        return self._buf().commit(epoch)
 
     def close(self) -> list[int]:
         """The session is over: drop its uncommitted epochs, close the images,

@@ -204,13 +204,15 @@ class SessionDisks:
         self._epoch_bytes = 0
         return out
 
+    @property
+    def open_epoch_bytes(self) -> int:
+        """Stream bytes of the open epoch: forwarded since its SEAL, and read, not yet sent."""
+        s = self.stream
+        return self._epoch_bytes + (s.buffered if s is not None else 0)
+
     def over_budget(self) -> bool:
         """The open epoch is past the share of the receiver's epoch bound."""
-        if self.early_bytes is None:
-            return False
-        s = self.stream
-        pending = self._epoch_bytes + (s.buffered if s is not None else 0)
-        return pending >= self.early_bytes
+        return self.early_bytes is not None and self.open_epoch_bytes >= self.early_bytes
 
     # ------------------------------------------------------------ initial sync
 
@@ -268,18 +270,18 @@ class SessionDisks:
 
     def _backup_hashes(self, link: Link, deadline: float) -> list[HashArray]:
         """The receiver's DISK_HASHES, whole for every disk (a file link: zeros)."""
-        out = [np.zeros(p.blocks, np.uint64) for p in self.figures.sync]
-        have = [np.zeros(p.blocks, bool) for p in self.figures.sync]
         take = getattr(link, "take_disk_hashes", None)
         if take is None:  # a file capture replays onto a disk of zeros
             return [zero_hashes(d.size, DISK_HASH_BLOCK) for d in self.disks]
-        while not all(h.all() for h in have):
+        out = [np.zeros(p.blocks, np.uint64) for p in self.figures.sync]
+        have = [np.zeros(p.blocks, bool) for p in self.figures.sync]
+        while True:
             msgs: list[HashesMessage] = take()
             for m in msgs:
                 out[m.disk][m.first : m.first + len(m.hashes)] = m.hashes
                 have[m.disk][m.first : m.first + len(m.hashes)] = True
             if all(h.all() for h in have):
-                break
+                return out
             if time.monotonic() > deadline:
                 missing = sum(int((~h).sum()) for h in have)
                 raise LinkDown(
@@ -287,12 +289,10 @@ class SessionDisks:
                 )
             link.poll()
             time.sleep(0.005)
-        return out
 
     # ------------------------------------------------------------ status, end
 
     def status(self) -> dict[str, Any]:
-        s = self.stream
         f = self.figures
         return {
             "disks": [
@@ -310,7 +310,7 @@ class SessionDisks:
                 for d, p in zip(self.disks, f.sync, strict=True)
             ],
             "mirrored_bytes": f.mirrored_bytes,
-            "open_epoch_bytes": self._epoch_bytes + (s.buffered if s is not None else 0),
+            "open_epoch_bytes": self.open_epoch_bytes,
             "seals": f.seals,
             "last_seal_ms": round(f.last_seal_ms, 3),
         }
