@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # The sans-IO modules, type-checked with --strict (the rest of the tree at
 # mypy's default level, [tool.mypy] in pyproject.toml).
 STRICT := xenbind/stream xenbind/compress xenbind/session.py xenbind/types.py xenbind/errors.py \
-          xenbind/diskstream.py xenbind/blockhash.py daemonkit/metrics.py \
+          xenbind/diskstream.py xenbind/blockhash.py xenbind/wirecomp.py remusd/wire.py daemonkit/metrics.py \
           receiver/core.py receiver/policy.py receiver/diskbuffer.py \
           remusd/core.py remusd/policy.py remusd/stats.py remusd/pacer.py
 

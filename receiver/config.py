@@ -139,6 +139,8 @@ class ReceiverConfig:
     disk_buffer_bytes: int = 64 << 20
     #: the largest disk epoch (one checkpoint's disk writes) a session may send
     max_disk_epoch_bytes: int = 1 << 30
+    #: take the wire compression a HELLO offers (--wire-compression on)
+    wire_compression: bool = True
     #: Prometheus metrics address (daemonkit.metrics), None: off
     metrics: str | None = None
     #: the witness (docs/witness.md): fail over only after winning the owner key;
@@ -392,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
         "larger epoch ends the session",
     )
     p.add_argument(
+        "--wire-compression",
+        choices=("on", "off"),
+        default="on",
+        help="take the second-stage compression a sender offers for its stream "
+        '(zstd or lz4 over the legacy stream, docs/protocol.md "Wire compression"; '
+        "default on). With off every ACCEPT picks none and senders send the raw "
+        "stream: the backup's CPU spent decompressing is saved, the link carries more",
+    )
+    p.add_argument(
         "--on-link-loss",
         choices=("failover", "wait"),
         default="failover",
@@ -475,6 +486,7 @@ def load_config(argv: list[str] | None = None) -> ReceiverConfig:
         or (os.path.join(args.sim_dir, SIM_DISK_SUBDIR) if args.sim_dir else DEFAULT_DISK_DIR),
         disk_buffer_bytes=args.disk_buffer_mb << 20,
         max_disk_epoch_bytes=args.max_disk_epoch_mb << 20,
+        wire_compression=args.wire_compression == "on",
         metrics=args.metrics,
         witness=wcfg,
     )

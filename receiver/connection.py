@@ -84,6 +84,7 @@ def limits_of(cfg) -> Limits:  # type: ignore[no-untyped-def]
         stall_timeout=cfg.stall_timeout,
         software=SOFTWARE,
         max_disk_epoch_bytes=cfg.max_disk_epoch_bytes,
+        wire_compression=cfg.wire_compression,
     )
 
 
@@ -323,6 +324,14 @@ class Connection:
             disks=backup if prot.disks is not None else None,
         )
         prot.life()  # the stall and failover clocks start now, not at the HELLO
+        prot.wire = self.core.rs.wire_counts
+        if prot.wire is not None:
+            log.info(
+                "session %s for %s: the stream comes %s-compressed on the wire",
+                hello.session_id[:8],
+                hello.domain.name,
+                prot.wire.codec,
+            )
         try:
             backup.open()
             rows = backup.rows()

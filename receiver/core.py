@@ -105,7 +105,9 @@ from xenbind.session import (
     Hello,
     HelloReceived,
     ReceiverSession,
+    StreamBroken,
     StreamData,
+    pick_wire,
 )
 from xenbind.stream import (
     CheckpointEnd,
@@ -193,6 +195,8 @@ class Limits:
     max_disk_write: int = ds.DEFAULT_MAX_WRITE  # one disk WRITE's data
     max_disk_chunk: int = DEFAULT_MAX_DISK_CHUNK  # one DISK chunk of the legacy stream
     max_disk_epoch_bytes: int = 1 << 30  # one disk epoch, records and heads
+    #: take the second-stage wire compression a HELLO offers (xenbind.wirecomp)
+    wire_compression: bool = True
 
     def accept_limits(self) -> dict[str, int]:
         return {
@@ -409,7 +413,11 @@ class ReceiverCore:
             return None
         if not self.rs.passthrough:
             return None
-        return self.decoder.get_buffer(DIRECT_RECV_MIN)
+        buf = self.decoder.get_buffer(DIRECT_RECV_MIN)
+        limit = self.rs.direct_limit  # wire compression: inside one raw segment only
+        if buf is not None and limit is not None and limit < len(buf):
+            return buf[:limit]
+        return buf
 
     def buffer_updated(self, n: int) -> list[Action]:
         """``n`` bytes were received into ``get_buffer()``'s buffer."""
@@ -467,6 +475,7 @@ class ReceiverCore:
                 software=lim.software,
                 switchover=True,  # this receiver resumes at a SWITCHOVER checkpoint
                 disks=bool(hello.domain.disks),
+                wire=pick_wire(hello.options.wire) if lim.wire_compression else "",
             )
         )
         if hello.domain.disks and (disk_hashes is None or disks is None):
@@ -663,6 +672,12 @@ class ReceiverCore:
             self._last_life = self._now
         try:
             events = self.rs.feed(data)
+        except StreamBroken as e:  # a bad wire segment: what came whole before it counts
+            for broken in e.events:
+                self._decode(broken.data)
+                if self.state == HANDOVER:
+                    return  # the switchover's checkpoint came whole; what follows is ignored
+            raise _End("violation", f"wire compression: {e}") from None
         except ProtocolError as e:  # cannot happen after ACCEPT, but never crash
             raise _End("violation", str(e)) from None
         for sev in events:

@@ -76,7 +76,14 @@ class ReceiverCollector:
             labels=LABELS,
         )
         received = CounterMetricFamily(
-            P + "received_bytes", "Stream bytes received from the primary", labels=LABELS
+            P + "received_bytes",
+            "Bytes received from the primary on the wire (the stream, or its wire-compressed segments)",
+            labels=LABELS,
+        )
+        stream = CounterMetricFamily(
+            P + "stream_bytes",
+            "Stream bytes received from the primary, after wire decompression when the session uses it",
+            labels=LABELS,
         )
         pages = GaugeMetricFamily(
             P + "checkpoint_pages", "Pages written by the last committed checkpoint", labels=LABELS
@@ -109,6 +116,7 @@ class ReceiverCollector:
             lv = [p.name, p.uuid]
             committed.add_metric(lv, p.checkpoints)
             received.add_metric(lv, p.bytes_in)
+            stream.add_metric(lv, p.bytes_in if p.wire is None else p.wire.raw_bytes)
             pages.add_metric(lv, p.last_checkpoint_pages)
             for s in policy.STATES:
                 state.add_metric([*lv, s], 1.0 if p.state == s else 0.0)
@@ -119,7 +127,7 @@ class ReceiverCollector:
             hists.append((lv, p.commit_seconds))
         for (name, uuid), n in sorted(failovers.items()):
             fo.add_metric([name, uuid], n)
-        yield from (committed, received, pages, state, life, timeout, peer_expiry, fo)
+        yield from (committed, received, stream, pages, state, life, timeout, peer_expiry, fo)
         yield histogram_family(
             P + "commit_seconds", "Time to commit one checkpoint into the backup", LABELS, hists
         )

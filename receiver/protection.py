@@ -48,6 +48,7 @@ from xenbind.blockhash import HashesMessage
 from xenbind.hypervisor import Domain
 from xenbind.session import Hello
 from xenbind.types import DomainConfig
+from xenbind.wirecomp import WireCounts
 
 from .backupdisks import BackupDisks
 from .policy import COMMIT_STATES, FAILOVER_STATES, INITIAL_COPY
@@ -79,7 +80,10 @@ class Protection:
     last_committed: int | None = None
     committed_at: float | None = None
     checkpoints: int = 0  # committed, the initial copy included
-    bytes_in: int = 0
+    bytes_in: int = 0  # bytes received (on the wire)
+    #: the session's wire decoder's counts, when the stream comes compressed
+    #: (xenbind.wirecomp; None: the raw stream, bytes_in is the stream)
+    wire: WireCounts | None = None
     pages_committed: int = 0  # page contents written into the backup, all checkpoints
     last_checkpoint_pages: int = 0
     verified: int = 0
@@ -171,6 +175,15 @@ class Protection:
             if self.committed_at is None
             else round(now - self.committed_at, 3),
             "bytes": self.bytes_in,
+            "wire": None
+            if self.wire is None
+            else {
+                "codec": self.wire.codec,
+                "stream_bytes": self.wire.raw_bytes,
+                "segments": self.wire.segments,
+                "compressed_segments": self.wire.compressed_segments,
+                "ratio": round(self.wire.ratio, 2),
+            },
             "pages_committed": self.pages_committed,
             "last_checkpoint_pages": self.last_checkpoint_pages,
             "last_life_age_s": round(now - self.last_life, 3),

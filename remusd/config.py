@@ -29,6 +29,10 @@ from daemonkit.transport import parse_hostport
 from xenbind.compress.formats import CODECS
 from xenbind.errors import ConfigError
 
+from .wire import MODES_HELP as WIRE_MODES_HELP
+from .wire import WireMode
+from .wire import parse_mode as parse_wire_mode
+
 #: seconds remusd waits for the receiver's answer to its HELLO (--accept-timeout)
 DEFAULT_ACCEPT_TIMEOUT = 120.0
 
@@ -50,6 +54,8 @@ DEFAULT_CACHE_PAGES = 8192
 DEFAULT_STATE_DIR = "/run/remus/domains"
 #: seconds a stopped protection stays in the status
 DEFAULT_KEEP_STOPPED = 600.0
+#: --wire-compression: auto, zstd level 1 (docs/performance.md, "A thin link")
+DEFAULT_WIRE = WireMode("zstd", 1, auto=True)
 
 
 @dataclass(frozen=True)
@@ -354,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
         "false). By default it is also read just before each pause, which "
         "shortens the pause (1,000 scattered dirty pages: 2.1 -> 1.3 ms in the "
         "simulator) for more dom0 CPU, most on guests that write without pause",
+    )
+    t.add_argument(
+        "--wire-compression",
+        metavar="MODE",
+        type=parse_wire_mode,
+        default=DEFAULT_WIRE,
+        help="second-stage compression of the stream on the network (TOML: "
+        f'wire-compression = "MODE"): {WIRE_MODES_HELP}. zstd and lz4 compress every '
+        "send; auto (default, zstd level 1) negotiates the codec and compresses only "
+        "while TCP says the network, not the receiver, was what held the data back "
+        "for a quarter of the last second, and stops once the raw stream would need "
+        "less than a tenth (remusd/wire.py). A receiver that does not take it gets "
+        "the raw stream; a file target is always the raw legacy stream. Costs sender "
+        "and receiver CPU; pays on links slower than ~1 Gbit/s (docs/performance.md, "
+        '"A thin link")',
     )
     t.add_argument(
         "--buffer-pages",

@@ -354,6 +354,15 @@ def _peer(d: dict) -> str:
     return f"{names[0]}" + ("" if days is None else f" ({days:g} d)")
 
 
+def _wire(d: dict) -> str:
+    """The WIRE column: the session's wire compression and its ratio."""
+    w = d.get("wire")
+    if not w:
+        return "off" if d.get("wire_compression", "off") == "off" else "raw"
+    state = "" if w.get("compressing") else " raw now"
+    return f"{w.get('codec')} {w.get('ratio', 1.0):.1f}:1{state}"
+
+
 REMUSD_COLUMNS = [
     ("DOMAIN", lambda d: f"{d['name']} ({d['domid']})"),
     ("STATE", lambda d: d["state"]),
@@ -368,6 +377,7 @@ REMUSD_COLUMNS = [
         "RATIO",
         lambda d: "-" if d["compression_ratio"] is None else f"{d['compression_ratio']:.1f}:1",
     ),
+    ("WIRE", _wire),
     ("TARGET", lambda d: d["target"]),
     ("PEER", _peer),
     ("FAILOVER ms", lambda d: _cell(d.get("failover_timeout_ms"))),

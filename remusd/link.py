@@ -14,8 +14,12 @@ Two kinds of link behind one small interface the protector drives::
     link.close()                     end it (after LAST_CHECKPOINT for a clean end)
 
 ``NetLink`` speaks the session protocol of ``xenbind.session`` (handshake,
-then the raw legacy stream one way, ACK/HEARTBEAT frames the other) over a
-``daemonkit.transport.Transport``. ``FileLink`` writes the bare legacy stream
+then the legacy stream one way, ACK/HEARTBEAT frames the other) over a
+``daemonkit.transport.Transport``; when the HELLO offered a wire codec
+(``wire``, remusd.wire) and the ACCEPT took it, every send goes out as
+xenbind.wirecomp segments, compressed always, or under ``auto`` only while
+the network is the limit (remusd.wire's rule, fed from TCP_INFO after each
+send). ``FileLink`` writes the bare legacy stream
 (no handshake) like ``xl remus -b`` but kept; a checkpoint counts as
 acknowledged once written and flushed.
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -50,8 +55,10 @@ from xenbind import session as sp
 from xenbind.blockhash import HashesMessage
 from xenbind.errors import ProtocolError, RemusError
 from xenbind.hypervisor import Domain
+from xenbind.wirecomp import Encoder as WireEncoder
 
 from .config import DEFAULT_ACCEPT_TIMEOUT, Target
+from .wire import AUTO_WINDOW_S, OFF, TCP_INFO_LEN, AutoWire, WireMode, network_limited_us
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +157,10 @@ class Link:
     def close(self) -> None:
         raise NotImplementedError
 
+    def wire_status(self) -> dict | None:
+        """The wire compression of this session (None: the raw stream)."""
+        return None
+
 
 class FileLink(Link):
     """The bare legacy stream into a file (``--to file:PATH``)."""
@@ -220,9 +231,15 @@ class NetLink(Link):
         io_timeout: float,
         accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
         connect: Callable[[str, int, float], Transport] | None = None,
+        wire: WireMode = OFF,
     ) -> None:
         self.target = target
         self.hello = hello
+        #: the configured wire compression (offered in the HELLO's options.wire)
+        self.wire = wire
+        self._encoder: WireEncoder | None = None
+        self._auto: AutoWire | None = None
+        self._probe: socket.socket | None = None  # a dup of the socket, for TCP_INFO
         self.connect_timeout = connect_timeout
         #: the receiver answers the HELLO once it has built the backup domain
         self.accept_timeout = accept_timeout
@@ -281,6 +298,62 @@ class NetLink(Link):
         self.peer_not_after = getattr(self.t, "peer_not_after", None)
         self.t.settimeout(self.io_timeout)
         self.last_heard = time.monotonic()
+        self._start_wire()
+
+    def _start_wire(self) -> None:
+        assert self.accept is not None and self.t is not None
+        if not self.accept.wire:
+            if self.wire.codec:
+                log.info(
+                    "%s takes no wire compression (an older receiver, or --wire-compression "
+                    "off there): the stream goes raw",
+                    self.target,
+                )
+            return
+        self._encoder = WireEncoder(self.accept.wire, self.wire.level)
+        if self.wire.auto:
+            self._auto = AutoWire()
+            try:
+                self._probe = socket.socket(fileno=os.dup(self.t.fileno()))
+            except OSError as e:
+                log.warning("%s: no TCP_INFO for wire compression auto (%s): raw", self.target, e)
+                self._auto = None
+                self._encoder = None
+
+    def wire_status(self) -> dict | None:
+        enc = self._encoder
+        if enc is None:
+            return None
+        c, auto = enc.counts, self._auto
+        return {
+            "mode": str(self.wire),
+            "codec": c.codec,
+            "compressing": True if auto is None else auto.compress,
+            "stream_bytes": c.raw_bytes,
+            "wire_bytes": c.wire_bytes,
+            "ratio": round(c.ratio, 2),
+            "network_limited": None if auto is None or auto.share is None else round(auto.share, 3),
+            "switches": 0 if auto is None else auto.switches,
+        }
+
+    def _observe_wire(self, enc: WireEncoder, auto: AutoWire) -> None:
+        """After a send under ``auto``: feed TCP_INFO to its rule."""
+        probe = self._probe
+        if probe is None:
+            return
+        try:
+            info = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+        except OSError:
+            return
+        c = enc.counts
+        if auto.observe(time.monotonic(), network_limited_us(info), c.raw_bytes, c.wire_bytes):
+            log.info(
+                "%s: wire compression %s (the network was the limit %.0f%% of the last %.1f s)",
+                self.target,
+                "on" if auto.compress else "off",
+                100 * (auto.share or 0.0),
+                AUTO_WINDOW_S,
+            )
 
     def _read(self) -> list:
         """One recv (blocking up to the transport's timeout) fed to the session."""
@@ -345,8 +418,14 @@ class NetLink(Link):
         t = self.t
         if t is None:
             raise LinkDown(f"link to {self.target} is closed")
+        enc, auto = self._encoder, self._auto
         try:
-            n = t.send_buffers(buffers)
+            if enc is None:
+                n = t.send_buffers(buffers)
+            else:
+                before = enc.counts.raw_bytes
+                t.send_buffers(enc.encode(buffers, True if auto is None else auto.compress))
+                n = enc.counts.raw_bytes - before  # the stream bytes, as without compression
         except TimeoutError:
             raise LinkDown(f"sending to {self.target} stalled for {self.io_timeout} s") from None
         except OSError as e:
@@ -354,6 +433,8 @@ class NetLink(Link):
             # only the session thread reads the socket (not the pacer)
             raise self._last_words(down) if last_words else down from None
         self.last_sent = time.monotonic()
+        if auto is not None and enc is not None:
+            self._observe_wire(enc, auto)
         return n
 
     def _last_words(self, down: LinkDown) -> LinkDown:
@@ -433,6 +514,9 @@ class NetLink(Link):
         return self.take_acks()
 
     def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
         if self.t is not None:
             self.t.close()
             self.t = None
@@ -451,10 +535,12 @@ def make_link(
     io_timeout: float,
     accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT,
     connect: Callable[[str, int, float], Transport] | None = None,
+    wire: WireMode = OFF,
 ) -> Link:
     """``connect(host, port, timeout)`` makes the transport (remusd's choice at
     start: ``daemonkit.tls.TlsClient.connect`` or, with --insecure,
-    ``daemonkit.tls.plaintext_connect``)."""
+    ``daemonkit.tls.plaintext_connect``). ``wire``: the wire compression to
+    offer (a file target never compresses)."""
     if target.kind == "file":
         return FileLink(os.path.abspath(target.path))
     return NetLink(
@@ -464,4 +550,5 @@ def make_link(
         io_timeout=io_timeout,
         accept_timeout=accept_timeout,
         connect=connect,
+        wire=wire,
     )

@@ -14,6 +14,8 @@ them into metric families. No counter is kept here: nothing can drift from
     remusd_ack_seconds                      histogram  checkpoint sent -> acknowledged
     remusd_dirty_pages                      histogram  pages copied per checkpoint
     remusd_compression_ratio                gauge    page bytes / stream bytes (Format B)
+    remusd_wire_ratio                       gauge    stream bytes / wire bytes, this session
+    remusd_wire_compressing                 gauge    1 while sends are wire-compressed
     remusd_last_ack_age_seconds             gauge    since the last acknowledgement
     remusd_checkpoint_rate                  gauge    checkpoints acknowledged per second (10 s)
     remusd_failover_timeout_seconds         gauge    the receiver's, from the ACCEPT
@@ -98,6 +100,23 @@ def collect(daemon: Daemon) -> Iterable[Metric]:
         "Page bytes per stream byte over the compressed checkpoints",
         "compression_ratio",
     )
+    wire_ratio = GaugeMetricFamily(
+        "remusd_wire_ratio",
+        "Stream bytes per byte on the wire in the current session (wire compression)",
+        labels=L,
+    )
+    wire_on = GaugeMetricFamily(
+        "remusd_wire_compressing",
+        "1 while the session compresses what it sends (auto: the network is the limit)",
+        labels=L,
+    )
+    for n, st in doms:
+        w = st.get("wire")
+        if w:
+            wire_ratio.add_metric([n], float(w["ratio"]))
+            wire_on.add_metric([n], 1.0 if w["compressing"] else 0.0)
+    yield wire_ratio
+    yield wire_on
     yield gauge(
         "remusd_last_ack_age_seconds", "Seconds since the last acknowledgement", "last_ack_age_s"
     )

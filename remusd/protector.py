@@ -87,6 +87,8 @@ from .owners import Ownership
 from .pacer import Pacer
 from .policy import Action, Case, Event, RetryPolicy, State, Step, case_of
 from .stats import HISTORY, DomainStats, Identity
+from .wire import OFF as WIRE_OFF
+from .wire import WireMode
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ class Tuning:
     wrap: SessionWrap | None = None
     #: the witness (docs/witness.md), None: no split-brain protection
     witness: WitnessConfig | None = None
+    #: the wire compression network sessions offer (remusd.wire)
+    wire: WireMode = WIRE_OFF
 
     @classmethod
     def from_args(
@@ -151,6 +155,7 @@ class Tuning:
             connect=connect,
             wrap=wrap,
             witness=getattr(args, "witness_config", None),
+            wire=getattr(args, "wire_compression", WIRE_OFF),
         )
 
 
@@ -244,6 +249,8 @@ class Protector:
         self._wthreads: list[threading.Thread] = []
         #: the current session's disks (remusd.diskmirror), for status; None: none
         self._disks: SessionDisks | None = None
+        #: the current (or last) session's link, for its wire compression status
+        self._link: Link | None = None
 
     # -- control -----------------------------------------------------------------
 
@@ -383,6 +390,9 @@ class Protector:
         disks = self._disks
         if disks is not None:
             d["disks"] = disks.status()
+        link = self._link
+        d["wire_compression"] = str(self.tuning.wire)
+        d["wire"] = None if link is None else link.wire_status()
         d.update(self.witness_status(mono))
         return d
 
@@ -749,6 +759,8 @@ class Protector:
             "heartbeat_ms": self.req.interval_ms,
             "verify": self.req.verify,
         }
+        if self.tuning.wire.codec and self.req.target.kind != "file":
+            opts["wire"] = (self.tuning.wire.codec,)
         if HELLO_HAS_ACK_MS:
             # the median ACK wait of the last session (0: unknown); the receiver
             # refuses (limit) a failover timeout below 2 x interval + ack_ms
@@ -792,11 +804,13 @@ class Protector:
             io_timeout=max(t.ack_timeout, interval),
             accept_timeout=t.accept_timeout,
             connect=t.connect,
+            wire=t.wire,
         )
         domain = self.domain
         if t.wrap is not None:
             link, domain = t.wrap(self.stats.sessions + 1, link, domain)
         self._disks = disks
+        self._link = link
         try:
             link.open()
             peer_disks = getattr(getattr(link, "accept", None), "disks", False)

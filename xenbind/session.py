@@ -63,6 +63,9 @@ from .compress.formats import CODECS as CODECS  # codecs a HELLO may name (re-ex
 from .diskstream import MAX_DISKS, MIN_SECTOR_SHIFT
 from .errors import ProtocolError
 from .types import DomainConfig
+from .wirecomp import CODECS as WIRE_CODECS
+from .wirecomp import Decoder as WireDecoder
+from .wirecomp import WireCounts, WireError
 
 # --- constants -------------------------------------------------------------
 
@@ -160,6 +163,9 @@ MAX_ACK_MS = 60_000
 MAX_WITNESS_KEY_LEN = 512
 #: the largest replicated disk a HELLO may announce (16 TiB)
 MAX_DISK_BYTES = 1 << 44
+#: ``options.wire``: at most this many codec names, each this long at most
+MAX_WIRE_CODECS = 8
+MAX_WIRE_NAME = 16
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
@@ -176,6 +182,16 @@ class HandshakeError(ProtocolError):
         self.code = code
         self.reason = reason
         self.offset = offset
+
+
+class StreamBroken(ProtocolError):
+    """The stream's wire segments broke a rule (xenbind.wirecomp). ``events``:
+    the StreamData the same ``feed`` decoded before the bad segment, to be
+    handled before the session ends."""
+
+    def __init__(self, message: str, events: list[StreamData]) -> None:
+        super().__init__(message)
+        self.events = events
 
 
 # --- the HELLO contents ----------------------------------------------------
@@ -195,6 +211,10 @@ class Options:
     #: unknown); optional on the wire, 0 .. MAX_ACK_MS - 1. The receiver refuses
     #: a session whose failover timeout cannot hold 2 x interval_ms + ack_ms.
     ack_ms: int = 0
+    #: the second-stage wire codecs the sender can write (xenbind.wirecomp),
+    #: in its order of preference; optional on the wire (absent or empty: the
+    #: stream goes uncompressed, as before wire compression existed)
+    wire: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -239,6 +259,10 @@ class Accept:
     #: the receiver replicates the disks the HELLO announced (DISK chunks,
     #: DISK_HASHES; optional on the wire: absent means false)
     disks: bool = False
+    #: the wire codec the receiver picked from the HELLO's ``options.wire``
+    #: (every byte of the stream is then a xenbind.wirecomp segment); optional
+    #: on the wire: absent or "" means the raw stream
+    wire: str = ""
 
 
 @dataclass(frozen=True)
@@ -425,6 +449,7 @@ def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
         verify=_need(o, "verify", bool, "options", offset),
         # optional: a sender that predates it means "unknown"
         ack_ms=_int_in(o, "ack_ms", 0, MAX_ACK_MS - 1, "options", offset) if "ack_ms" in o else 0,
+        wire=_wire_in(o, offset),
     )
     d = _need(obj, "domain", dict, "hello", offset)
     name = _str_max(d, "name", MAX_NAME_LEN, "domain", offset)
@@ -461,6 +486,40 @@ def parse_hello_body(obj: JsonObject, version: int, offset: int = 0) -> Hello:
         version=version,
         witness=witness,
     )
+
+
+def _wire_in(o: JsonObject, offset: int) -> tuple[str, ...]:
+    """The optional ``wire`` list of a HELLO's options: codec names, kept as
+    sent (a receiver picks the first it knows; names it does not know are a
+    newer sender's, not an error)."""
+    if "wire" not in o:
+        return ()
+    raw = _need(o, "wire", list, "options", offset)
+    if len(raw) > MAX_WIRE_CODECS:
+        raise HandshakeError(
+            "bad-hello", f"options: wire lists {len(raw)} codecs, at most {MAX_WIRE_CODECS}", offset
+        )
+    for v in raw:
+        if (
+            type(v) is not str
+            or not v
+            or len(v) > MAX_WIRE_NAME
+            or not v.isascii()
+            or not v.isprintable()
+        ):
+            raise HandshakeError(
+                "bad-hello",
+                f"options: wire codec {str(v)[:32]!r} is not a name of 1..{MAX_WIRE_NAME} "
+                "printable ASCII characters",
+                offset,
+            )
+    return tuple(raw)
+
+
+def pick_wire(offered: tuple[str, ...]) -> str:
+    """The receiver's choice among a HELLO's wire codecs: the first this
+    release can decode ("" for none)."""
+    return next((name for name in offered if name in WIRE_CODECS), "")
 
 
 def _disks_in(d: JsonObject, offset: int) -> tuple[int, ...]:
@@ -504,6 +563,8 @@ def encode_accept(accept: Accept) -> bytes:
         obj["switchover"] = True
     if accept.disks:  # optional: absent means false
         obj["disks"] = True
+    if accept.wire:  # optional: absent means the raw stream
+        obj["wire"] = accept.wire
     body = _dump_json(obj)
     return PREFIX.pack(REPLY_MAGIC, accept.version, REPLY_ACCEPT, len(body)) + body
 
@@ -567,6 +628,13 @@ class ReceiverSession:
         self.hello: Hello | None = None
         self._in = _Buffer()
         self.bytes_in = 0
+        #: the wire decoder once an ACCEPT picked a wire codec (None: raw stream)
+        self._wire: WireDecoder | None = None
+
+    @property
+    def wire_counts(self) -> WireCounts | None:
+        """Segments and bytes the wire decoder carried (None: raw stream)."""
+        return self._wire.counts if self._wire is not None else None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[ReceiverEvent]:
         self.bytes_in += len(data)
@@ -574,6 +642,11 @@ class ReceiverSession:
             if self._in.buf:
                 data = self._in.take(len(self._in.buf)) + bytes(data)
             self._in.offset += len(data)
+            if self._wire is not None:
+                try:
+                    return [StreamData(raw) for raw in self._wire.feed(data)]
+                except WireError as e:
+                    raise StreamBroken(str(e), [StreamData(raw) for raw in e.out]) from None
             return [StreamData(data)] if len(data) else []
         if self.state == "closed":
             if len(data):
@@ -591,16 +664,29 @@ class ReceiverSession:
 
     @property
     def passthrough(self) -> bool:
-        """Streaming with nothing held back: stream bytes may go to the stream
-        decoder without ``feed`` (count them with ``streamed``)."""
-        return self.state == "streaming" and not self._in.buf
+        """Streaming with nothing held back: the next bytes received are
+        stream bytes that may go to the stream decoder without ``feed`` (count
+        them with ``streamed``), at most ``direct_limit`` of them."""
+        if self.state != "streaming" or self._in.buf:
+            return False
+        return self._wire is None or self._wire.raw_left > 0
+
+    @property
+    def direct_limit(self) -> int | None:
+        """How many bytes ``passthrough`` allows (None: no limit; with wire
+        compression, what is left of the raw segment being read)."""
+        return None if self._wire is None else self._wire.raw_left
 
     def streamed(self, n: int) -> None:
         """``n`` stream bytes went to the decoder directly (``passthrough``)."""
-        if not self.passthrough:
+        limit = self.direct_limit
+        if not self.passthrough or (limit is not None and n > limit):
             raise ProtocolError(
-                f"streamed() in state {self.state} with {len(self._in.buf)} bytes held back"
+                f"streamed({n}) in state {self.state} with {len(self._in.buf)} bytes held "
+                f"back, {limit} allowed"
             )
+        if self._wire is not None:
+            self._wire.skip_raw(n)
         self.bytes_in += n
         self._in.offset += n
 
@@ -649,9 +735,19 @@ class ReceiverSession:
     def accept(self, accept: Accept) -> bytes:
         if self.state != "deciding":
             raise ProtocolError(f"accept() in state {self.state}")
+        if accept.wire and (
+            self.hello is None
+            or accept.wire not in self.hello.options.wire
+            or accept.wire not in WIRE_CODECS
+        ):
+            raise ProtocolError(
+                f"accept() picks wire codec {accept.wire!r}, which the HELLO did not offer"
+            )
         self.state = "streaming"
         if self.accept_witness and not accept.witness:
             accept = replace(accept, witness=True)
+        if accept.wire:
+            self._wire = WireDecoder(accept.wire, offset=self._in.offset)
         return encode_accept(accept)
 
     def refuse(self, code: str, reason: str) -> bytes:
@@ -777,7 +873,16 @@ class SenderSession:
                 _need(obj, "switchover", bool, "accept", off) if "switchover" in obj else False
             ),
             disks=_need(obj, "disks", bool, "accept", off) if "disks" in obj else False,
+            wire=_need(obj, "wire", str, "accept", off) if "wire" in obj else "",
         )
+        if accept.wire and (
+            accept.wire not in self._hello.options.wire or accept.wire not in WIRE_CODECS
+        ):
+            raise HandshakeError(
+                "bad-hello",
+                f"accept picks wire codec {accept.wire[:32]!r}, which the HELLO did not offer",
+                off,
+            )
         self.accept = accept
         self.state = "established"
         return Accepted(accept)

@@ -1361,8 +1361,9 @@ def _core_run(data: bytes, cuts: list[bytes] | None, direct: bool) -> CoreRun:
 
 def check_core(data: bytes) -> None:
     """Targets ``core`` and ``core-disk``: the receiver's ReceiverCore over one
-    connection's bytes (the disk rules when the HELLO names disks)."""
-    from xenbind.session import PREFIX
+    connection's bytes (the disk rules when the HELLO names disks; wire
+    segments when it offers a wire codec: target ``core-wire``)."""
+    from xenbind.session import PREFIX, pick_wire
     from xenbind.stream import CheckpointEnd, Pages
 
     whole = _core_run(data, None, False)
@@ -1376,6 +1377,9 @@ def check_core(data: bytes) -> None:
         return  # refused, or no HELLO
     # every commit is a checkpoint the decoder completed, with exactly its pages
     body = data[PREFIX.size + PREFIX.unpack_from(data)[3] :]
+    wire = pick_wire(hello.options.wire)
+    if wire:  # the stream is what the segments decode to, as far as they do
+        body = wire_decoded(body, wire)
     caps = dict(
         max_p2m_size=hello.domain.pages,
         max_compressed=CORE_LIMITS["max_compressed"],
@@ -1428,6 +1432,100 @@ def check_disks(run: CoreRun, events: list) -> None:
         )
 
 
+# --- wire compression (xenbind.wirecomp) -------------------------------------
+
+
+def wire_decoded(data: bytes, codec: str) -> bytes:
+    """The stream bytes of the segments in ``data`` that decode whole, up to
+    the first bad one: an independent reader of the segment layout (not
+    xenbind.wirecomp's), using the codecs' libraries directly."""
+    import lz4.block
+    import zstandard
+
+    from xenbind.wirecomp import CODECS, KIND_RAW, MAX_SEGMENT_RAW, SEGMENT, max_stored
+
+    out = bytearray()
+    at = 0
+    while at + SEGMENT.size <= len(data):
+        kind, reserved, stored, raw = SEGMENT.unpack_from(data, at)
+        if kind not in (KIND_RAW, CODECS[codec]) or reserved != bytes(3):
+            break
+        if not 1 <= raw <= MAX_SEGMENT_RAW or not 1 <= stored <= max_stored(kind, raw):
+            break
+        if kind == KIND_RAW and stored != raw:
+            break
+        payload = data[at + SEGMENT.size : at + SEGMENT.size + stored]
+        if kind == KIND_RAW:
+            out += payload  # a raw segment's bytes count as they arrive, whole or not
+            if len(payload) < stored:
+                break
+        else:
+            if len(payload) < stored:
+                break
+            try:
+                if codec == "zstd":
+                    if zstandard.frame_content_size(payload) != raw:
+                        break
+                    piece = zstandard.ZstdDecompressor().decompress(
+                        payload, max_output_size=raw, allow_extra_data=False
+                    )
+                else:
+                    piece = lz4.block.decompress(payload, uncompressed_size=raw)
+            except (zstandard.ZstdError, lz4.block.LZ4BlockError):
+                break
+            if len(piece) != raw:
+                break
+            out += piece
+        at += SEGMENT.size + stored
+    return bytes(out)
+
+
+def _wire_run(codec: str, chunks: list[bytes]) -> tuple[bytes, str | None, int]:
+    """Feed a wirecomp.Decoder; (stream bytes out, error text, largest buffer held)."""
+    from xenbind.wirecomp import SEGMENT, Decoder, max_stored
+
+    d = Decoder(codec, offset=100)
+    out = bytearray()
+    error = None
+    held = 0
+    try:
+        for c in chunks:
+            for piece in d.feed(c):
+                out += piece
+            held = max(held, len(d._payload) + len(d._head))
+    except ProtocolError as exc:
+        for piece in getattr(exc, "out", []):  # decoded before the bad segment
+            out += piece
+        error = str(exc)
+        assert str(exc).startswith("byte "), f"an error without its offset: {exc}"
+        # dead from then on, with the same error
+        try:
+            d.feed(b"x")
+        except ProtocolError as again:
+            assert str(again) == error, "a dead decoder changed its error"
+        else:
+            raise AssertionError("a decoder fed after an error did not raise")
+    cap = SEGMENT.size + max_stored(1, 1 << 20)
+    assert held <= cap, f"the wire decoder held {held} bytes"
+    return bytes(out), error, d.counts.raw_bytes
+
+
+def check_wire(data: bytes) -> None:
+    """Target ``wire``: xenbind.wirecomp.Decoder alone. The first byte picks
+    the codec; the rest is the wire. Whole and split feeds agree, the output
+    is what an independent reader of the layout decodes, only ProtocolError
+    comes out, and no more than one segment is buffered."""
+    if not data:
+        return
+    codec = ("zstd", "lz4")[data[0] & 1]
+    wire = data[1:]
+    whole = _wire_run(codec, [wire])
+    split = _wire_run(codec, pieces(wire))
+    assert whole == split, f"whole {whole[1:]!r} != split {split[1:]!r}"
+    assert whole[0] == wire_decoded(wire, codec), "the decoder and the reference disagree"
+    assert whole[2] == len(whole[0]), "counts.raw_bytes is not what came out"
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "stream": check_stream,
     "chunks": check_chunks,
@@ -1436,6 +1534,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "codec": check_codec,
     "core": check_core,
     "core-disk": check_core,
+    "core-wire": check_core,
+    "wire": check_wire,
 }
 
 

@@ -580,8 +580,62 @@ def core_disk_seeds() -> dict[str, bytes]:
     return {name: b"".join(items) for name, items in core_disk_sessions().items()}
 
 
+def _wire_encode(stream: bytes, codec: str, seed: int) -> bytes:
+    """``stream`` as wire segments: cut at a few points, each piece compressed
+    or sent raw (as ``auto`` switches), as remusd.link sends it."""
+    import random
+
+    from xenbind.wirecomp import Encoder
+
+    rng = random.Random(seed)
+    enc = Encoder(codec)
+    cuts = sorted({rng.randrange(len(stream) + 1) for _ in range(4)} | {0, len(stream)})
+    out = []
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        if b > a:
+            out += [bytes(x) for x in enc.encode([stream[a:b]], rng.random() < 0.7)]
+    return b"".join(out)
+
+
+def core_wire_seeds() -> dict[str, bytes]:
+    """Target ``core-wire``: each core seed's session with the HELLO offering a
+    wire codec and the stream sent as wire segments (zstd and lz4 in turn)."""
+    import json
+
+    from xenbind.session import PREFIX, Hello, Options, encode_hello, parse_hello_body
+
+    out: dict[str, bytes] = {}
+    for i, (name, data) in enumerate(sorted(core_seeds().items())):
+        length = PREFIX.unpack_from(data)[3]
+        hello = parse_hello_body(json.loads(data[PREFIX.size : PREFIX.size + length]), 1)
+        codec = ("zstd", "lz4")[i % 2]
+        o = hello.options
+        wired = Hello(
+            session_id=hello.session_id,
+            options=Options(codec=o.codec, cache_pages=o.cache_pages, wire=(codec,)),
+            domain=hello.domain,
+            generation=hello.generation,
+        )
+        stream = data[PREFIX.size + length :]
+        out[f"wire-{codec}-{name}"] = encode_hello(wired) + _wire_encode(stream, codec, i)
+    return out
+
+
+def wire_seeds() -> dict[str, bytes]:
+    """Target ``wire``: a codec byte (even zstd, odd lz4), then segments."""
+    out: dict[str, bytes] = {}
+    for i, (name, stream) in enumerate(sorted(stream_seeds().items())):
+        if not stream:
+            continue
+        codec = ("zstd", "lz4")[i % 2]
+        out[f"wire-{name}"] = bytes([i % 2]) + _wire_encode(stream * 8, codec, i)
+    return out
+
+
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "core": core_seeds,
+    "core-wire": core_wire_seeds,
+    "wire": wire_seeds,
     "core-disk": core_disk_seeds,
     "stream": stream_seeds,
     "chunks": chunks_seeds,

@@ -257,6 +257,12 @@ def _hello_with(mutate) -> bytes:
         (lambda o: o["domain"].update(disks=[True]), "bad-hello", "disk 0 size"),
         (lambda o: o["domain"].update(disks=[512] * 65), "bad-hello", "65 disks"),
         (lambda o: o["domain"].update(disks="512"), "bad-hello", "disks"),
+        (lambda o: o["options"].update(wire="zstd"), "bad-hello", "wire"),
+        (lambda o: o["options"].update(wire=[""]), "bad-hello", "wire codec"),
+        (lambda o: o["options"].update(wire=[3]), "bad-hello", "wire codec"),
+        (lambda o: o["options"].update(wire=["z" * 17]), "bad-hello", "wire codec"),
+        (lambda o: o["options"].update(wire=["zst\u00e9"]), "bad-hello", "wire codec"),
+        (lambda o: o["options"].update(wire=["lz4"] * 9), "bad-hello", "9 codecs"),
     ],
 )
 def test_bad_hello_fields(mutate, code, match):
@@ -434,3 +440,69 @@ def test_sender_garbage_never_crashes(data):
             s.eof()
         except ProtocolError:
             pass
+
+
+def test_wire_codec_is_offered_picked_and_then_every_byte_is_a_segment():
+    """Wire compression (issue 16): the HELLO offers codecs in order (names this
+    release does not know are kept, and skipped), the ACCEPT picks one, and from
+    then on the receiver's StreamData is what the segments decode to; a raw
+    segment's bytes may be received directly, within the segment."""
+    from xenbind.session import pick_wire
+    from xenbind.wirecomp import Encoder
+
+    hello = make_hello(options=Options(codec="xen", wire=("brotli", "lz4", "zstd")))
+    s = SenderSession(hello)
+    r = ReceiverSession()
+    (ev,) = r.feed(s.hello())
+    assert ev.hello.options.wire == ("brotli", "lz4", "zstd")
+    assert pick_wire(ev.hello.options.wire) == "lz4" and pick_wire(("brotli",)) == ""
+    reply = r.accept(replace(accept_for(hello), wire="lz4"))
+    (acc,) = s.feed(reply)
+    assert acc.accept.wire == "lz4"
+    assert not r.passthrough and r.direct_limit == 0
+    enc = Encoder("lz4")
+    stream = b"page" * 5000
+    wire = b"".join(bytes(x) for x in enc.encode([stream], True) + enc.encode([b"raw-part"], False))
+    split = len(wire) - 8 + 3  # inside the raw segment
+    got = b"".join(bytes(e.data) for e in r.feed(wire[:split]))
+    assert got == stream + b"raw"
+    assert r.passthrough and r.direct_limit == 5
+    with pytest.raises(ProtocolError, match="streamed"):
+        r.streamed(6)  # past the segment
+    r.streamed(5)  # the rest went straight to the stream decoder
+    assert not r.passthrough and r.wire_counts is not None
+    assert r.wire_counts.raw_bytes == len(stream) + 8
+
+
+def test_wire_codec_absent_or_refused_is_the_raw_stream():
+    """An older receiver's ACCEPT has no "wire": the stream goes raw; an ACCEPT
+    that picks a codec the HELLO did not offer is refused by the sender, and
+    the receiver's own session will not write one."""
+    hello = make_hello(options=Options(codec="xen", wire=("zstd",)))
+    s, r = handshake(hello)
+    assert s.accept is not None and s.accept.wire == ""
+    assert r.feed(b"raw") == [StreamData(b"raw")] and r.passthrough
+    s2 = SenderSession(hello)
+    s2.hello()
+    with pytest.raises(HandshakeError, match="did not offer"):
+        s2.feed(encode_accept(replace(accept_for(hello), wire="lz4")))
+    plain = make_hello()
+    r2 = ReceiverSession()
+    r2.feed(SenderSession(plain).hello())
+    with pytest.raises(ProtocolError, match="did not offer"):
+        r2.accept(replace(accept_for(plain), wire="zstd"))
+
+
+def test_a_bad_segment_ends_the_stream_after_what_came_whole():
+    from xenbind.session import StreamBroken
+    from xenbind.wirecomp import SEGMENT
+
+    hello = make_hello(options=Options(codec="xen", wire=("zstd",)))
+    s = SenderSession(hello)
+    r = ReceiverSession()
+    r.feed(s.hello())
+    r.accept(replace(accept_for(hello), wire="zstd"))
+    good = SEGMENT.pack(0, bytes(3), 4, 4) + b"good"
+    with pytest.raises(StreamBroken, match="unknown kind 9") as e:
+        r.feed(good + SEGMENT.pack(9, bytes(3), 1, 1) + b"x")
+    assert [bytes(ev.data) for ev in e.value.events] == [b"good"]
