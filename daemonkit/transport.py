@@ -165,6 +165,9 @@ class PlainTransport(Transport):
 #: write (one TLS record holds up to 16 KiB; fewer records, fewer syscalls).
 _COALESCE_BELOW = 16384
 _COALESCE_MAX = 65536
+#: TlsTransport.recv_into: a first read this long (a full TLS record's
+#: plaintext) suggests more records behind it, worth reading without waiting
+_FULL_RECORD = 16384
 
 
 class TlsTransport(PlainTransport):
@@ -198,10 +201,38 @@ class TlsTransport(PlainTransport):
             raise ConnectionError(_tls_reason(e)) from None
 
     def recv_into(self, buf: Any) -> int:
+        """Like a TCP socket's: waits (per the timeout) for the first bytes, then
+        returns what is already here, up to ``buf``'s size. A TLS read returns
+        one record (<= 16 KiB) per call, so after the first one the records
+        the kernel already holds are decrypted into the rest of ``buf``
+        without waiting (the socket's timeout at 0 for the while): one call of
+        the caller's loop a buffer, as over plain TCP, not one a record."""
         try:
-            return self.sock.recv_into(buf)
+            n = self.sock.recv_into(buf)
         except ssl.SSLError as e:
             raise ConnectionError(_tls_reason(e)) from None
+        if not n:
+            return 0
+        view = memoryview(buf).cast("B")
+        size = view.nbytes
+        if n >= size or n < _FULL_RECORD:
+            return n  # full, or a short record: most likely nothing behind it
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0.0)
+        try:
+            while n < size:
+                try:
+                    k = self.sock.recv_into(view[n:])
+                except OSError:
+                    # nothing complete waiting (SSLWantReadError), or an error
+                    # or end of stream: the next call sees it, after these bytes
+                    break
+                if not k:
+                    break
+                n += k
+        finally:
+            self.sock.settimeout(timeout)
+        return n
 
     def send_buffers(self, buffers: Sequence[Any]) -> int:
         total = 0
