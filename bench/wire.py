@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     results["load_end"] = os.getloadavg()[0]
     print_table(results)
     save_json(results, a.json)
-    print(f"\nJSON: {a.json}")
     return 0
 
 
