@@ -25,12 +25,14 @@ Rules:
 - The pre-scan loses nothing: a page written after it is marked again and
   read by the paused read-and-clear, and every page of either list is
   copied while paused, so the copy is the memory at the pause. It takes the
-  per-page part of reading and clearing the log (re-protecting each dirty
-  page, in the simulator ~0.45 us a page) out of the pause; the paused
-  read-and-clear then finds only the pages written since. Its price is dom0
-  CPU: a second read of the log each epoch, and on a guest that writes
-  without pause (a CPU-bound writer) the re-protection of its pages while it
-  runs (remusd --no-prescan turns it off; docs/performance.md has both).
+  per-page part of reading and clearing the log (on Xen re-protecting each
+  dirty page) out of the pause; the paused read-and-clear then finds only
+  the pages written since. Its price is dom0 CPU: a second read of the log
+  each epoch, and on a guest that writes without pause (a CPU-bound writer)
+  the re-protection of its pages while it runs (remusd --no-prescan turns it
+  off; docs/performance.md has both). The simulator reads its log from the
+  vCPU's write marks (xenbind.sim.dirty): both reads cost what was marked,
+  not the guest's size, and the pre-scan adds one round trip to the guest.
 - The checkpoint buffer is bounded by what an epoch copies, not by the
   domain's p2m_size (an HVM/PVH guest's p2m_size reaches its special pages
   near 4 GiB: a 128 MiB PVH guest has ~1M PFNs). It starts at

@@ -10,10 +10,18 @@ How each Domain operation reaches the simulated hardware:
                                  it while the stop lasts), the go carries the
                                  output barrier asked meanwhile: 2 round trips
                                  a paused window instead of 4
-    read_and_clear_dirty         uffd-wp mode: PAGEMAP_SCAN on the worker's
-                                 /proc/<pid>/pagemap from this process (no
-                                 round trip); bitmap mode: worker snapshots, we
-                                 read the shared snapshot
+    read_and_clear_dirty         uffd-wp mode: the vCPU's write marks
+                                 (DIR/dom-N.marks, xenbind.sim.dirty): guest
+                                 paused: take both mark sets; running: one
+                                 round trip to swap them, take the one left.
+                                 No walk: the cost follows the marked 256 KiB
+                                 regions, not the guest's size. Every
+                                 MARKS_CHECK_EVERY-th running read also
+                                 walks the worker's /proc/<pid>/pagemap
+                                 (PAGEMAP_SCAN) and checks the marks against
+                                 it; a domain without marks (or after a
+                                 miss): every read walks; bitmap mode:
+                                 worker snapshots, we read the shared snapshot
     gather/scatter               this process's MAP_SHARED mapping of
                                  DIR/dom-N.mem: one numpy take / one put, as a
                                  foreign mapping would allow; memory never
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 import socket
@@ -54,8 +63,17 @@ from ..errors import DomainError
 from ..hypervisor import Domain, Hypervisor
 from ..types import Context, DiskInfo, DomainConfig, DomainInfo
 from . import layout as L
-from .dirty import MODE_UFFD, DirtyTrackingError, PagemapScanner
+from .dirty import (
+    MARK_SETS,
+    MODE_UFFD,
+    DirtyTrackingError,
+    PagemapScanner,
+    WriteMarks,
+    marks_file_size,
+)
 from .workloads import MAGIC_PAGES, REGS_SIZE
+
+log = logging.getLogger(__name__)
 
 HOST_TIMEOUT_S = 60.0
 DOMAIN_TIMEOUT_S = 10.0
@@ -63,6 +81,23 @@ NO_STOP = (1 << 64) - 1
 #: scatter writes with pwritev(2) when its PFNs form runs of at least this
 #: many pages on average (64 KiB): an initial copy's batches, not a checkpoint's
 IO_MIN_RUN = 16
+#: every how many running reads of the write marks the marks are checked
+#: against a walk of the whole log, the first one included; env
+#: XENBIND_SIM_MARKS_CHECK overrides (1: every one, 0: never)
+MARKS_CHECK_EVERY = 256
+_NO_PFNS = np.empty(0, dtype=np.uint64)
+
+
+def _union(*parts: np.ndarray) -> np.ndarray:
+    """Sorted unique uint64 PFNs of sorted arrays (most of them empty)."""
+    full = [p for p in parts if len(p)]
+    if not full:
+        return _NO_PFNS
+    if len(full) == 1:
+        return full[0]
+    return np.unique(np.concatenate(full)).astype(np.uint64)
+
+
 _STATE_NAMES = {
     L.ST_RUNNING: "running",
     L.ST_PAUSED: "paused",
@@ -169,6 +204,7 @@ class SimHypervisor(Hypervisor):
         disks: Sequence[int] = (),
         disk_files: Sequence[str | os.PathLike] = (),
         disk_every: int | None = None,
+        write_marks: bool = True,
     ) -> SimDomain:
         """Create a running (or paused) domain of ``memory`` bytes (sim only).
 
@@ -177,7 +213,8 @@ class SimHypervisor(Hypervisor):
         they are and never deleted by the host (``disks`` then, if given,
         must match their sizes). ``disk_every`` (random, hotset with a
         disk): every how many steps the guest writes a 4 KiB disk block
-        (default 16; 0: never)."""
+        (default 16; 0: never). ``write_marks`` False: no write marks
+        (xenbind.sim.dirty), every read of the log walks the guest's mapping."""
         if memory % PAGE_SIZE:
             raise DomainError(name, "create", f"memory {memory} is not a whole number of pages")
         req = {
@@ -197,6 +234,7 @@ class SimHypervisor(Hypervisor):
             "disks": [int(d) for d in disks],
             "disk_files": [os.path.abspath(os.fspath(f)) for f in disk_files],
             "disk_every": disk_every,
+            "write_marks": write_marks,
         }
         meta = self.request(req, "create", name)["meta"]
         return SimDomain(self, meta)
@@ -247,6 +285,20 @@ class SimDomain(Domain):
         self._ctl: np.ndarray | None = None
         self._scanner: PagemapScanner | None = None
         self._bitmap_mm: mmap.mmap | None = None
+        self._marks_mm: mmap.mmap | None = None
+        self._marks: list[WriteMarks] | None = None
+        # pages reads returned since the last walk (1 byte per page: their
+        # PTEs are still unprotected, a check's walk finds them again); None
+        # until this object enabled log-dirty or walked (its baseline)
+        self._since_walk: np.ndarray | None = None
+        self._running_reads = 0
+        self.marks_check_every = int(
+            os.environ.get("XENBIND_SIM_MARKS_CHECK", str(MARKS_CHECK_EVERY))
+        )
+        #: the write marks are used for paused reads (off for good after a miss)
+        self.marks_trusted = True
+        self.marks_checks = 0  # running reads checked against a walk
+        self.marks_misses = 0  # pages a check's walk found that the marks had not
         # between checkpoint_stop and checkpoint_go: the context the stop
         # brought back, and whether output_barrier was asked (sent with the go)
         self._stop_ctx: Context | None = None
@@ -415,6 +467,15 @@ class SimDomain(Domain):
 
     def enable_logdirty(self) -> None:
         self._request("enable_logdirty", b"E")
+        self._new_baseline()  # all protected, no marks: nothing unreported
+
+    def _new_baseline(self) -> None:
+        """Every written page so far was reported: none is owed to a check."""
+        if self.marks_check_every > 0:
+            if self._since_walk is None:
+                self._since_walk = np.zeros(self.pages, dtype=np.uint8)
+            else:
+                self._since_walk.fill(0)
 
     def disable_logdirty(self) -> None:
         self._request("disable_logdirty", b"D")
@@ -447,8 +508,15 @@ class SimDomain(Domain):
                         self._scanner = PagemapScanner(pid, addr, length)
                     except DirtyTrackingError as e:
                         raise self._err("read_and_clear_dirty", str(e)) from None
+                marks = self._write_marks(ctl)
                 try:
-                    return self._scanner.scan()
+                    if marks is None:
+                        return self._scanner.scan()
+                    if int(ctl[L.W_PAUSE]) > 0:  # nothing writes: both sets
+                        pfns = _union(*(m.take() for m in marks))
+                        self._note(pfns)
+                        return pfns
+                    return self._take_running(marks)
                 except DirtyTrackingError as e:
                     self._scanner.close()
                     self._scanner = None
@@ -463,6 +531,72 @@ class SimDomain(Domain):
                 self._bitmap_mm, dtype=np.uint8, count=self.pages, offset=self.pages
             )
             return np.flatnonzero(snap).astype(np.uint64)
+
+    def _write_marks(self, ctl: np.ndarray) -> list[WriteMarks] | None:
+        """The vCPU's mark sets, mapped on first use (None: the worker keeps
+        none, or they missed a page once: walk)."""
+        if not self.marks_trusted or not int(ctl[L.W_MARKS]):
+            return None
+        if self._marks is None:
+            try:
+                fd = os.open(L.path(self.dir, self.domid, "marks"), os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    self._marks_mm = mmap.mmap(fd, marks_file_size(self.pages))
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError) as e:
+                raise self._err(
+                    "read_and_clear_dirty", f"cannot map the write marks: {e}"
+                ) from None
+            self._marks = [WriteMarks(self._marks_mm, self.pages, i) for i in range(MARK_SETS)]
+        return self._marks
+
+    def _swap_marks(self) -> int:
+        """Make the vCPU mark into its other set; the one it left (quiescent now)."""
+        (left,) = struct.unpack("<B", self._request("read_and_clear_dirty", b"M"))
+        return int(left)
+
+    def _note(self, pfns: np.ndarray) -> None:
+        if self._since_walk is not None:
+            self._since_walk[pfns] = 1
+
+    def _take_running(self, marks: list[WriteMarks]) -> np.ndarray:
+        """A read of a running guest: swap the sets, take the one left; every
+        MARKS_CHECK_EVERY-th time also walk and check (xenbind.sim.dirty)."""
+        assert self._scanner is not None  # made by the caller
+        pfns = marks[self._swap_marks()].take()
+        check = False
+        if self.marks_check_every > 0:
+            check = self._running_reads % self.marks_check_every == 0
+            self._running_reads += 1
+        if not check:
+            self._note(pfns)
+            return pfns
+        walked = self._scanner.scan()
+        # the batch that ran during the walk has marked its pages by now
+        pfns = _union(pfns, marks[self._swap_marks()].take())
+        seen = self._since_walk
+        missed = _NO_PFNS
+        if seen is not None:  # a baseline: every walked page was returned since
+            seen[pfns] = 1
+            missed = walked[seen[walked] == 0] if len(walked) else _NO_PFNS
+        self.marks_checks += 1
+        # the new baseline: this walk re-protected what it found; of this
+        # read's pages, those written after the walk passed them stay owed
+        self._new_baseline()
+        self._note(pfns)
+        if not len(missed):
+            return pfns
+        self.marks_misses += len(missed)
+        self.marks_trusted = False
+        log.warning(
+            "domain %d: the write marks missed %d page(s) the log-dirty walk found (first "
+            "PFN %d); this read returns them, and every later read walks the log",
+            self.domid,
+            len(missed),
+            int(missed[0]),
+        )
+        return _union(pfns, walked)
 
     def memory_rows(self) -> np.ndarray:
         """The guest's memory mapping itself (pages, 4096): a paused backup's
@@ -579,7 +713,8 @@ class SimDomain(Domain):
             if self._mem_fd >= 0:
                 os.close(self._mem_fd)
                 self._mem_fd = -1
-            for name in ("_mm", "_ctl_mm", "_bitmap_mm"):
+            self._marks = None
+            for name in ("_mm", "_ctl_mm", "_bitmap_mm", "_marks_mm"):
                 m = getattr(self, name)
                 if m is not None:
                     try:

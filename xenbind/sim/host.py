@@ -12,7 +12,7 @@ one JSON object per line out, then the host closes the connection::
 
     {"op": "ping"}                                -> {"ok": true, "pid", "dir", "dirty_mode"}
     {"op": "create", "pages", "workload", "seed", "rate", "a", "b", "name"?,
-     "uuid"?, "vcpus"?, "paused"?, "backup"?, "dirty_mode"?,
+     "uuid"?, "vcpus"?, "paused"?, "backup"?, "dirty_mode"?, "write_marks"?,
      "disks"?: [bytes, ...], "disk_files"?: [path, ...], "disk_every"?}
                                                   -> {"ok": true, "meta": {...}}
     {"op": "list"}                                -> {"ok": true, "domains": [meta, ...]}
@@ -76,7 +76,19 @@ DISK_SERVER_STOP_TIMEOUT_S = 5.0
 #: a page workload with a disk writes a block every this many steps, unless told
 DEFAULT_DISK_EVERY = 16
 #: the files of a domain besides its disk images (removed at destroy)
-DOMAIN_FILES = ("json", "mem", "ctl", "dirty", "out", "log", "sock", "nbd", "dctl", "disklog")
+DOMAIN_FILES = (
+    "json",
+    "mem",
+    "ctl",
+    "dirty",
+    "marks",
+    "out",
+    "log",
+    "sock",
+    "nbd",
+    "dctl",
+    "disklog",
+)
 
 
 class HostError(Exception):
@@ -330,6 +342,9 @@ class Host:
             "paused": bool(req.get("paused")),
             "backup": bool(req.get("backup")),
             "dirty_mode": mode,
+            # uffd-wp mode: the vCPU marks its writes (xenbind.sim.dirty); off:
+            # every read of the log walks the guest (the reference for bench.scale)
+            "write_marks": bool(req.get("write_marks", True)),
             "created": time.time(),
             "host_pid": self.pid,
         }

@@ -15,6 +15,8 @@ use). Files::
     dom-N.ctl        domain N's status page (written by its worker only)
     dom-N.sock       domain N's control socket (SOCK_SEQPACKET, served by its worker)
     dom-N.dirty      bitmap-mode dirty bitmap (live + snapshot, 1 byte per page)
+    dom-N.marks      uffd-wp mode: the vCPU's write marks, two sets (each 1 byte
+                     per page, then 1 per 256 KiB region; xenbind.sim.dirty.WriteMarks)
     dom-N.out        released output of domain N (the outside world)
     dom-N.log        the worker's log
     dom-N-diskI.img  disk I of domain N, when the host made it (sparse; disks
@@ -36,6 +38,7 @@ by the worker; word 0 is written last at start so readers see a complete page)::
     6 log-dirty enabled   7 dirty mode (1 uffd-wp, 2 bitmap)
     8 state (1 running, 2 paused, 3 crashed, 4 idle: blocked at its stop step or log full)
     9 stop step (-1: none)  10 outputs released  11 outputs buffered  12 barriers pending
+   13 write marks: pages per region of dom-N.marks (0: no marks, read the log by walking)
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ CTL_WORDS = 16
     W_RELEASED,
     W_BUFFERED,
     W_BARRIERS,
-) = range(13)
+    W_MARKS,
+) = range(14)
 MODE_CODES = {1: "uffd-wp", 2: "bitmap"}
 ST_RUNNING, ST_PAUSED, ST_CRASHED, ST_IDLE = 1, 2, 3, 4
 

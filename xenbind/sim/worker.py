@@ -19,6 +19,8 @@ on success, ``b"\\1" + utf-8 message`` on error::
     U  unpause               -> u32 pause count   (error if not paused)
     K  checkpoint stop: pause, then get context   -> u32 pause count + as G
     W  checkpoint go: <- u8 1: output barrier first, 0: none; then unpause -> as U
+    M  swap the write marks  -> u8 the set the workload marked into until now
+                             (quiescent from this reply on: xenbind.sim.dirty)
     E  enable log-dirty      (write-protect all / clear the bitmap); refused when
                              it is on already, as Xen refuses (EINVAL): a second
                              tracker would steal part of the first one's log
@@ -49,9 +51,19 @@ broke) crashes the guest, logged with the disk and the error: the workload
 stops at the step whose write failed, nothing after it is done or
 acknowledged.
 
+Write marks (uffd-wp mode, ``dom-N.marks``, xenbind.sim.dirty.WriteMarks):
+while log-dirty is on, the workload marks each page it wrote, after the
+write (the ``mark`` hook the bitmap mode uses), so that a reader of the log
+whose guest is paused takes the marks instead of walking the whole mapping.
+There are two mark sets: ``M`` makes the workload mark into the other one
+and answers which it left (a reader of a running guest then takes that
+one, no longer written). ``E`` write-protects all and resets both sets, in
+this thread (nothing writes between the two); ``D`` stops marking.
+
 Rules: pauses are counted; the guest runs only at count 0. All guest-memory
 writes of the workload go through this process's mapping, so uffd-wp sees
-them; the registers only change in this thread.
+them, and (log-dirty on) are marked after they are made; the registers only
+change in this thread.
 """
 
 from __future__ import annotations
@@ -72,11 +84,21 @@ import numpy as np
 
 from .. import PAGE_SIZE
 from . import layout as L
-from .dirty import MODE_BITMAP, MODE_UFFD, DirtyTrackingError, SharedBitmap, UffdWriteProtect
+from .dirty import (
+    MARK_REGION_PAGES,
+    MARK_SETS,
+    MODE_BITMAP,
+    MODE_UFFD,
+    DirtyTrackingError,
+    SharedBitmap,
+    UffdWriteProtect,
+    WriteMarks,
+    marks_file_size,
+)
 from .disk import GuestDisk
 from .guest import make_workload
 from .outputs import OutputBuffer
-from .workloads import MAGIC_PAGES, Registers, RegistersError, new_registers
+from .workloads import MAGIC_PAGES, Marker, Registers, RegistersError, new_registers
 
 PR_SET_PDEATHSIG = 1
 NO_STOP = (1 << 64) - 1
@@ -146,7 +168,9 @@ class Worker:
 
         self.uffd: UffdWriteProtect | None = None
         self.bitmap: SharedBitmap | None = None
-        self.mark = None
+        self.marks: list[WriteMarks] = []  # the mark sets (uffd-wp mode)
+        self.markset = 0  # the set the workload marks into
+        self.mark: Marker | None = None
         want = meta.get("dirty_mode", "auto")
         if want in ("auto", MODE_UFFD):
             try:
@@ -156,6 +180,19 @@ class Worker:
                 if want == MODE_UFFD:
                     raise
                 log(f"uffd-wp unavailable ({e}); falling back to the bitmap")
+        if self.uffd is not None and meta.get("write_marks", True):
+            # the vCPU's write marks (xenbind.sim.dirty): set while log-dirty is on
+            mfd = os.open(
+                L.path(sim_dir, domid, "marks"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+            try:
+                size = marks_file_size(self.pages)
+                os.ftruncate(mfd, 0)  # a stale file of a former domain N: zeros
+                os.posix_fallocate(mfd, 0, size)
+                self.marks_mm = mmap.mmap(mfd, size, mmap.MAP_SHARED)
+            finally:
+                os.close(mfd)
+            self.marks = [WriteMarks(self.marks_mm, self.pages, i) for i in range(MARK_SETS)]
         if self.uffd is None:
             self.mode = MODE_BITMAP
             bfd = os.open(
@@ -207,6 +244,7 @@ class Worker:
         c[L.W_RELEASED] = self.outputs.released
         c[L.W_BUFFERED] = self.outputs.buffered
         c[L.W_BARRIERS] = len(self.outputs.barriers)
+        c[L.W_MARKS] = MARK_REGION_PAGES if self.marks else 0
 
     def state_code(self) -> int:
         if self.pause_count:
@@ -343,6 +381,11 @@ class Worker:
                 )
             if self.uffd is not None:
                 self.uffd.protect_all()
+                for m in self.marks:  # nothing writes between the two
+                    m.reset()
+                if self.marks:
+                    self.markset = 0
+                    self.mark = self.marks[0].mark
             else:
                 assert self.bitmap is not None  # made at start when uffd is not
                 self.bitmap.live.fill(0)
@@ -350,7 +393,18 @@ class Worker:
             return b""
         if op == b"D":
             self.logdirty = False
+            if self.marks:
+                self.mark = None  # marks only while log-dirty is on
             return b""
+        if op == b"M":  # swap the write marks: the set left is quiescent from now on
+            if not self.marks:
+                raise ValueError("this domain keeps no write marks: walk the pagemap")
+            if not self.logdirty:
+                raise ValueError("log-dirty mode is not enabled")
+            left = self.markset
+            self.markset = (left + 1) % MARK_SETS
+            self.mark = self.marks[self.markset].mark
+            return struct.pack("<B", left)
         if op == b"R":
             if self.bitmap is None:
                 raise ValueError("dirty mode is uffd-wp: scan the pagemap instead")
