@@ -10,7 +10,9 @@ does not say otherwise. ``protect`` entries in the TOML (or repeated
     protect = ["ledger=backup.example:7788", "web=file:/var/lib/remus/web.stream"]
 
 Rules:
-- Intervals are whole milliseconds, ``MIN_INTERVAL_MS`` (10) or more.
+- Intervals are whole milliseconds, ``MIN_INTERVAL_MS`` (5) or more: on
+  2 cores the pair keeps up with 5 ms epochs of ~200 pages, not with 2 ms
+  (bench.scale, docs/performance.md).
 - Timeouts are seconds, positive; every network wait takes one of them.
 - A target is ``HOST:PORT`` (the receiver) or ``file:PATH`` (a stream file).
 """
@@ -43,7 +45,8 @@ DEFAULT_CODEC = "xen"
 DEFAULT_CONFIG = "/etc/remus/remusd.toml"
 DEFAULT_CONTROL = "/run/remus/remusd.sock"
 DEFAULT_INTERVAL_MS = 200  # like `xl remus`
-MIN_INTERVAL_MS = 10
+#: below it the pair runs checkpoints back to back (~3-4 ms each on 2 cores)
+MIN_INTERVAL_MS = 5
 MAX_INTERVAL_MS = 60_000
 #: The sender's page buffer: pages compressed into one COMPRESSED_DATA chunk (Xen: 8192).
 DEFAULT_BUFFER_PAGES = 8192

@@ -10,6 +10,7 @@ import pytest
 from daemonkit.config import parse_args_with_config
 from remusd import ctl
 from remusd.config import (
+    MIN_INTERVAL_MS,
     ProtectRequest,
     Target,
     build_parser,
@@ -51,8 +52,9 @@ def test_target_parse():
 
 
 def test_interval_bounds():
+    assert check_interval(MIN_INTERVAL_MS) == MIN_INTERVAL_MS
     assert check_interval(10) == 10
-    for bad in (9, 0, -5, 60_001, 1.5, True):
+    for bad in (MIN_INTERVAL_MS - 1, 0, -5, 60_001, 1.5, True):
         with pytest.raises(ConfigError):
             check_interval(bad)
 
@@ -75,7 +77,7 @@ def test_defaults_and_toml(tmp_path):
     reqs = validate(a)
     assert reqs[0] == ProtectRequest("ledger", Target("tcp", "127.0.0.1", 7788), 30, "seed")
     assert reqs[1].target.kind == "file" and reqs[1].domain == "3"
-    cfg.write_text("interval = 5\n")
+    cfg.write_text(f"interval = {MIN_INTERVAL_MS - 1}\n")
     with pytest.raises(ConfigError, match="out of range"):
         validate(_args(cfg=str(cfg)))
     cfg.write_text('protect = ["nodomain"]\n')
@@ -114,7 +116,7 @@ def test_remusctl_parsing(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         p.parse_args(["protect", "ledger", "--to", "nohostport"])
     with pytest.raises(SystemExit):
-        p.parse_args(["protect", "ledger", "--to", "h:1", "--interval", "5"])
+        p.parse_args(["protect", "ledger", "--to", "h:1", "--interval", str(MIN_INTERVAL_MS - 1)])
     with pytest.raises(SystemExit):
         p.parse_args(["status", "--bogus"])
 

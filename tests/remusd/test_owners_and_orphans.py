@@ -27,7 +27,7 @@ import pytest
 
 from daemonkit.control import ControlError, control_request
 from daemonkit.tls import plaintext_connect
-from remusd.config import ProtectRequest, Target, build_parser
+from remusd.config import MIN_INTERVAL_MS, ProtectRequest, Target, build_parser
 from remusd.control import Daemon
 from remusd.owners import Store
 from remusd.protector import Protector, Tuning
@@ -499,7 +499,10 @@ def test_stopped_rows_are_dropped_after_keep_stopped(tmp_path):
         (["--precopy-rounds", "1.5"], "'1.5' is not a whole number of rounds"),
         (["--buffer-pages", "lots"], "'lots' is not a whole number of pages"),
         (["--interval", "fast"], "'fast' is not a whole number of ms"),
-        (["--interval", "5"], "5 ms is out of range (10 to 60000 ms)"),
+        (
+            ["--interval", str(MIN_INTERVAL_MS - 1)],
+            f"{MIN_INTERVAL_MS - 1} ms is out of range ({MIN_INTERVAL_MS} to 60000 ms)",
+        ),
     ],
 )
 def test_option_errors_speak_the_operators_words(argv, says, capsys):
