@@ -20,6 +20,9 @@ Rules:
   coalesces small buffers into one TLS record: encryption copies anyway).
 - ``wait_readable`` is how a caller waits for input (never ``select`` on
   ``fileno()`` alone: TLS may hold decrypted bytes the kernel does not show).
+- One thread may read while another writes (a heartbeat during a read):
+  TlsTransport serializes its calls into OpenSSL, which allows one thread in a
+  connection at a time; a read never holds the lock while it waits for input.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import select
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,6 +181,18 @@ class TlsTransport(PlainTransport):
     ``peer_not_after`` its expiry (seconds since the epoch). An
     ``ssl.SSLError`` while reading (an alert, a bad record) is raised as a
     ``ConnectionError`` whose message says what the peer's TLS reported.
+
+    One thread at a time in the TLS connection: OpenSSL forbids two threads
+    in one ``SSL`` object, and Python's ``ssl`` (3.11) does not prevent it (it
+    lets go of the GIL inside SSL_read and SSL_write). remusd's pacer writes a
+    heartbeat while its session thread reads; unserialized, the read can come
+    back with a false end of stream. Every call into OpenSSL holds the
+    transport's lock; a read waits for input *outside* it (``select`` on the
+    socket, per the timeout), so a heartbeat never waits for a read that
+    waits for the peer. ``pending()`` answers from a count kept by the reads
+    (what SSL_pending said after the last one: only a read changes it), so a
+    peek from another thread (the receiver's failover timer) never waits for
+    the lock.
     """
 
     kind = "tls"
@@ -193,12 +209,40 @@ class TlsTransport(PlainTransport):
         self.version = sock.version()
         cipher = sock.cipher()
         self.cipher = cipher[0] if cipher else None
+        self._lock = threading.Lock()  # held for every call into the SSL object
+        self._pending = self._ssl_pending()  # decoded bytes not yet read (reads keep it)
+
+    def _ssl_pending(self) -> int:
+        try:
+            return self.sock.pending()
+        except (OSError, ValueError):
+            return 0
+
+    def _wait_input(self) -> None:
+        """Wait, per the socket's timeout, until a read has something to
+        return (decoded bytes, or input on the socket); TimeoutError if none
+        came. A timeout of 0 does not wait (the read then says it would block)."""
+        if self._pending:
+            return
+        timeout = self.sock.gettimeout()
+        if timeout == 0.0:
+            return
+        try:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+        except ValueError:  # closed meanwhile
+            raise OSError(9, "the TLS connection is closed") from None
+        if not ready:
+            raise TimeoutError("timed out")
 
     def recv(self, n: int) -> bytes:
-        try:
-            return self.sock.recv(n)
-        except ssl.SSLError as e:
-            raise ConnectionError(_tls_reason(e)) from None
+        self._wait_input()
+        with self._lock:
+            try:
+                return self.sock.recv(n)
+            except ssl.SSLError as e:
+                raise ConnectionError(_tls_reason(e)) from None
+            finally:
+                self._pending = self._ssl_pending()
 
     def recv_into(self, buf: Any) -> int:
         """Like a TCP socket's: waits (per the timeout) for the first bytes, then
@@ -207,6 +251,14 @@ class TlsTransport(PlainTransport):
         the kernel already holds are decrypted into the rest of ``buf``
         without waiting (the socket's timeout at 0 for the while): one call of
         the caller's loop a buffer, as over plain TCP, not one a record."""
+        self._wait_input()
+        with self._lock:
+            try:
+                return self._recv_into(buf)
+            finally:
+                self._pending = self._ssl_pending()
+
+    def _recv_into(self, buf: Any) -> int:
         try:
             n = self.sock.recv_into(buf)
         except ssl.SSLError as e:
@@ -234,6 +286,13 @@ class TlsTransport(PlainTransport):
             self.sock.settimeout(timeout)
         return n
 
+    def _sendall(self, data: Any) -> None:
+        with self._lock:
+            self.sock.sendall(data)
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        self._sendall(data)
+
     def send_buffers(self, buffers: Sequence[Any]) -> int:
         total = 0
         small = bytearray()
@@ -246,22 +305,19 @@ class TlsTransport(PlainTransport):
             if n < _COALESCE_BELOW:
                 small += mv
                 if len(small) >= _COALESCE_MAX:
-                    self.sock.sendall(small)
+                    self._sendall(small)
                     small.clear()
                 continue
             if small:
-                self.sock.sendall(small)
+                self._sendall(small)
                 small.clear()
-            self.sock.sendall(mv)
+            self._sendall(mv)
         if small:
-            self.sock.sendall(small)
+            self._sendall(small)
         return total
 
     def pending(self) -> int:
-        try:
-            return self.sock.pending()
-        except (OSError, ValueError):
-            return 0
+        return self._pending
 
     def describe(self) -> str:
         return f"{self.version} {self.cipher}, peer {', '.join(self.peer_names) or '?'}"

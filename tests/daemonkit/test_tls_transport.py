@@ -5,12 +5,16 @@ the records already received without waiting, up to the buffer, as a TCP
 socket's recv does. Checked here: one call returns several records when they
 are there, never waits for more than the first, keeps the bytes exact and in
 order, restores the socket's timeout, and reports the end of the stream after
-the last bytes.
+the last bytes. And one thread writing while another reads, at both ends (a
+heartbeat during a read): OpenSSL allows one thread in a connection at a
+time; unserialized, a read came back with a false end of stream within
+milliseconds.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -33,9 +37,8 @@ def contexts(tmp_path_factory):
     return server, client
 
 
-@pytest.fixture
-def pair(contexts) -> Iterator[tuple[TlsTransport, socket.socket]]:
-    """(the receiving TlsTransport, the sending SSLSocket), handshake done."""
+def _connect(contexts) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """(server side, client side) of a TLS connection on loopback, handshake done."""
     server_ctx, client_ctx = contexts
     lsock = socket.create_server(("127.0.0.1", 0))
     port = lsock.getsockname()[1]
@@ -51,7 +54,14 @@ def pair(contexts) -> Iterator[tuple[TlsTransport, socket.socket]]:
     sender = client_ctx.wrap_socket(raw, server_hostname="backup.test")
     th.join(10)
     lsock.close()
-    rx = TlsTransport(out["server"], ["primary.test"])
+    return out["server"], sender
+
+
+@pytest.fixture
+def pair(contexts) -> Iterator[tuple[TlsTransport, socket.socket]]:
+    """(the receiving TlsTransport, the sending SSLSocket), handshake done."""
+    server, sender = _connect(contexts)
+    rx = TlsTransport(server, ["primary.test"])
     try:
         yield rx, sender
     finally:
@@ -120,3 +130,59 @@ def test_end_of_stream_comes_after_the_last_bytes(pair):
             break
         got += n
     assert bytes(buf[:got]) == data
+
+
+def test_a_write_during_a_read_at_both_ends(contexts):
+    server, client = _connect(contexts)
+    ends = {"A": TlsTransport(client, ["backup.test"]), "B": TlsTransport(server, ["primary.test"])}
+    stop = threading.Event()
+    errors: list[str] = []
+    got = {"A": 0, "B": 0}
+
+    def write(me: str) -> None:
+        frame = me.encode() * (60 if me == "A" else 40)
+        try:
+            while not stop.is_set():
+                ends[me].send_buffers([frame])
+        except OSError as e:
+            errors.append(f"{me} write: {e!r}")
+
+    def read(me: str, other: str) -> None:
+        t = ends[me]
+        try:
+            while not stop.is_set():
+                try:
+                    data = t.recv(65536)  # blocks in the read while the other thread writes
+                except TimeoutError:
+                    continue
+                if not data:
+                    errors.append(f"{me} read: end of stream, the peer never closed")
+                    return
+                if data.strip(other.encode()):
+                    errors.append(f"{me} read: bytes that {other} never sent")
+                    return
+                got[me] += len(data)
+        except OSError as e:
+            if not stop.is_set():
+                errors.append(f"{me} read: {e!r}")
+
+    for t in ends.values():
+        t.settimeout(0.5)
+    threads = [
+        threading.Thread(target=write, args=("A",)),
+        threading.Thread(target=write, args=("B",)),
+        threading.Thread(target=read, args=("A", "B")),
+        threading.Thread(target=read, args=("B", "A")),
+    ]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
+    stop.set()
+    for th in threads:
+        th.join(10)
+    for t in ends.values():
+        t.close()
+    assert not errors, errors
+    assert got["A"] > 100_000 and got["B"] > 100_000, got
