@@ -57,7 +57,7 @@ rate      Per codec (seed, xen, none): ``hotset`` (working set 8192 pages,
           checkpoints/s achieved, CPU of remusd and the receiver (and of each
           sim host with its guest workers, for context), bytes on the wire per
           checkpoint, pause distribution, rate over time (for --plot). Then the
-          best codec at the 10 ms minimum interval with the same pages per
+          best codec at a 10 ms interval with the same pages per
           epoch: how far above 40/s the pair goes. Target: 40/s at 25 ms.
 ratio     Compression on the wire (page bytes / bytes sent for the checkpoints,
           chunk headers and tails included) and page-cache hit rate per
