@@ -630,12 +630,13 @@ def socket_copy(
             if tls is not None:
                 c = tls[1].wrap_socket(raw, server_hostname="127.0.0.1")
                 cipher = c.cipher()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             for off in range(0, nbytes, SOCKET_SLICE):
                 c.sendall(mv[off : off + SOCKET_SLICE])
             c.shutdown(socket.SHUT_WR)
             th.join(120)
             secs = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0  # both threads: sender and receiver
     finally:
         mv.release()
         mm.close()
@@ -644,7 +645,11 @@ def socket_copy(
         raise RuntimeError(f"socket copy: the receiving side failed: {failed[0]!r}")
     if got[0] != nbytes:
         raise RuntimeError(f"socket copy moved {got[0]} of {nbytes} bytes")
-    out: dict = {"s": round(secs, 3), "MBps": round(nbytes / secs / 1e6, 1)}
+    out: dict = {
+        "s": round(secs, 3),
+        "MBps": round(nbytes / secs / 1e6, 1),
+        "cpu_s_per_GiB": round(cpu / (nbytes / 2**30), 3),
+    }
     if cipher is not None:
         out["tls"] = f"{cipher[1]} {cipher[0]}"
     return out
@@ -659,6 +664,28 @@ def order(i: int, transports: list[str]) -> list[str]:
 def _median_of(items: list[dict], key: str) -> dict:
     """The item with the median ``key`` (the middle one of an odd count)."""
     return sorted(items, key=lambda c: c[key])[len(items) // 2]
+
+
+def protect_with_cpu(stack: Stack, name: str) -> dict:
+    """``stack.protect`` (codec xen, 200 ms) and the CPU time each process
+    spent from the request to protected (remusd, the receiver, each sim host
+    with its domain workers: the backup host builds the backup's memory), in
+    seconds per GiB of guest copied: beside the wall time, where it went."""
+    procs = {"remusd": stack.pid("remusd"), "receiver": stack.pid("receiver")}
+    hosts = {"primary_host": stack.primary.pid, "backup_host": stack.backup.pid}
+
+    def now() -> dict[str, float]:
+        return {k: cpu_seconds(p) for k, p in procs.items()} | {
+            k: tree_cpu(p) for k, p in hosts.items()
+        }
+
+    c0 = now()
+    ic = stack.protect(name, "xen", 200)
+    c1 = now()
+    gib = ic["pages"] * PAGE_SIZE / 2**30
+    per = {k: round((c1[k] - c0[k]) / gib, 3) for k in c0}
+    ic["cpu_s_per_GiB"] = per | {"total": round(sum(per.values()), 3)}
+    return ic
 
 
 def phase_copy(stacks: dict[str, Stack], memory: int) -> dict:
@@ -685,7 +712,7 @@ def phase_copy(stacks: dict[str, Stack], memory: int) -> dict:
     copies: dict[str, list[dict]] = {t: [] for t in ts}  # each protect: a new backup domain
     for i in range(COPY_REPEATS):
         for t in order(i, ts):
-            copies[t].append(stacks[t].protect(name, "xen", 200))
+            copies[t].append(protect_with_cpu(stacks[t], name))
             stacks[t].unprotect(name)
     after = references()
     into = socket_copy(mem_path, memory, into_tmpfs=first.backup.dir)
@@ -1193,6 +1220,10 @@ def figures(r: dict, t: str) -> dict[str, float | None]:
         f["protect -> protected, s (median session)"] = float(
             np.median([x["protect_to_protected_s"] for x in c["initial_copies"]])
         )
+        for k in ("total", "remusd", "receiver", "backup_host"):
+            per = [x["cpu_s_per_GiB"][k] for x in c["initial_copies"] if "cpu_s_per_GiB" in x]
+            if per:
+                f[f"initial copy CPU s/GiB: {k} (median session)"] = float(np.median(per))
     for want, lv in (_get(r, "pause", t, "levels") or {}).items():
         f[f"pause median, ms: {want} pages/epoch"] = lv["pause_ms"].get("median")
         f[f"pause p99, ms: {want} pages/epoch"] = lv["pause_ms"].get("p99")
@@ -1289,9 +1320,17 @@ def print_copy(c: dict, label: str) -> None:
         f"round(s), {ic['s']:.2f} s; median of {len(c.get('initial_copies', [ic]))} sessions)"
     )
     for i, one in enumerate(c.get("initial_copies", [])):
+        cpu = one.get("cpu_s_per_GiB")
+        where = (
+            f"; CPU s/GiB {cpu['total']:.2f} (remusd {cpu['remusd']:.2f}, receiver "
+            f"{cpu['receiver']:.2f}, backup host {cpu['backup_host']:.2f}, primary host "
+            f"{cpu['primary_host']:.2f})"
+            if cpu
+            else ""
+        )
         print(
             f"  session {i + 1}: {one['MBps']:>8.1f} MB/s, copy {one['s']:.2f} s, protect request "
-            f"-> protected {one['protect_to_protected_s']:.2f} s"
+            f"-> protected {one['protect_to_protected_s']:.2f} s{where}"
         )
     print(f"  / plain socket copy {c['vs_socket']:.2f} (target >= 0.5 without TLS)")
     if "vs_tls_socket" in c:
@@ -1303,17 +1342,20 @@ def print_copy(c: dict, label: str) -> None:
         print(f"  target: {'met' if c['met'] else 'MISSED'}")
 
 
+def _cpu(x: dict) -> str:
+    return f", CPU {x['cpu_s_per_GiB']:.2f} s/GiB" if "cpu_s_per_GiB" in x else ""
+
+
 def print_copy_references(c: dict) -> None:
+    b, a = c["socket_copy_before"], c["socket_copy_after"]
     print(
-        f"plain socket copy     {c['socket_copy_before']['MBps']:>8.1f} / "
-        f"{c['socket_copy_after']['MBps']:.1f} MB/s (before / after)"
+        f"plain socket copy     {b['MBps']:>8.1f} / {a['MBps']:.1f} MB/s (before / after{_cpu(b)})"
     )
     if "tls_socket_copy_before" in c:
+        b, a = c["tls_socket_copy_before"], c["tls_socket_copy_after"]
         print(
-            f"TLS socket copy       {c['tls_socket_copy_before']['MBps']:>8.1f} / "
-            f"{c['tls_socket_copy_after']['MBps']:.1f} MB/s (before / after; "
-            f"{c['tls_socket_copy_before'].get('tls')}); / plain socket copy "
-            f"{c['tls_socket_vs_socket']:.2f}"
+            f"TLS socket copy       {b['MBps']:>8.1f} / {a['MBps']:.1f} MB/s (before / after; "
+            f"{b.get('tls')}{_cpu(b)}); / plain socket copy {c['tls_socket_vs_socket']:.2f}"
         )
     print(
         f"socket copy into fresh tmpfs memory {c['socket_copy_into_fresh_tmpfs']['MBps']:>6.1f} MB/s"
