@@ -516,6 +516,12 @@ def _wire_in(o: JsonObject, offset: int) -> tuple[str, ...]:
     return tuple(raw)
 
 
+def wire_offered(hello: Hello, wire: str) -> bool:
+    """Whether an ACCEPT may pick ``wire``: the HELLO offered it and this
+    release can carry it (one rule for both ends)."""
+    return wire in hello.options.wire and wire in WIRE_CODECS
+
+
 def pick_wire(offered: tuple[str, ...]) -> str:
     """The receiver's choice among a HELLO's wire codecs: the first this
     release can decode ("" for none)."""
@@ -735,11 +741,7 @@ class ReceiverSession:
     def accept(self, accept: Accept) -> bytes:
         if self.state != "deciding":
             raise ProtocolError(f"accept() in state {self.state}")
-        if accept.wire and (
-            self.hello is None
-            or accept.wire not in self.hello.options.wire
-            or accept.wire not in WIRE_CODECS
-        ):
+        if accept.wire and (self.hello is None or not wire_offered(self.hello, accept.wire)):
             raise ProtocolError(
                 f"accept() picks wire codec {accept.wire!r}, which the HELLO did not offer"
             )
@@ -875,9 +877,7 @@ class SenderSession:
             disks=_need(obj, "disks", bool, "accept", off) if "disks" in obj else False,
             wire=_need(obj, "wire", str, "accept", off) if "wire" in obj else "",
         )
-        if accept.wire and (
-            accept.wire not in self._hello.options.wire or accept.wire not in WIRE_CODECS
-        ):
+        if accept.wire and not wire_offered(self._hello, accept.wire):
             raise HandshakeError(
                 "bad-hello",
                 f"accept picks wire codec {accept.wire[:32]!r}, which the HELLO did not offer",

@@ -78,6 +78,13 @@ MIN_ZSTD_LEVEL, MAX_ZSTD_LEVEL = -7, 19
 MIN_COMPRESS = 512
 
 
+def kind_of(codec: str) -> int:
+    """The segment kind of a negotiated codec name; ValueError for another name."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown wire codec {codec!r} (known: {', '.join(CODECS)})")
+    return CODECS[codec]
+
+
 def max_stored(kind: int, raw: int) -> int:
     """The longest payload a segment of ``raw`` stream bytes may have."""
     if kind == KIND_RAW:
@@ -113,12 +120,10 @@ class Encoder:
     """
 
     def __init__(self, codec: str, level: int = 1, threads: int = 0) -> None:
-        if codec not in CODECS:
-            raise ValueError(f"unknown wire codec {codec!r} (known: {', '.join(CODECS)})")
+        self.kind = kind_of(codec)
         if codec == "zstd" and not MIN_ZSTD_LEVEL <= level <= MAX_ZSTD_LEVEL:
             raise ValueError(f"zstd level {level} outside {MIN_ZSTD_LEVEL}..{MAX_ZSTD_LEVEL}")
         self.codec = codec
-        self.kind = CODECS[codec]
         self.level = level
         self.threads = threads
         self.counts = WireCounts(codec)
@@ -197,10 +202,8 @@ class Decoder:
     """
 
     def __init__(self, codec: str, offset: int = 0) -> None:
-        if codec not in CODECS:
-            raise ValueError(f"unknown wire codec {codec!r} (known: {', '.join(CODECS)})")
         self.codec = codec
-        self.kinds = frozenset({KIND_RAW, CODECS[codec]})
+        self.kinds = frozenset({KIND_RAW, kind_of(codec)})
         self.counts = WireCounts(codec)
         self._head = bytearray()  # the open segment's header, until it is whole
         self._seg: tuple[int, int, int] | None = None  # kind, stored, raw of the open segment
