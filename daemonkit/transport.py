@@ -22,7 +22,8 @@ Rules:
   ``fileno()`` alone: TLS may hold decrypted bytes the kernel does not show).
 - One thread may read while another writes (a heartbeat during a read):
   TlsTransport serializes its calls into OpenSSL, which allows one thread in a
-  connection at a time; a read never holds the lock while it waits for input.
+  connection at a time; neither a read nor a write holds the lock while it
+  waits for the peer.
 """
 
 from __future__ import annotations
@@ -172,6 +173,9 @@ _COALESCE_MAX = 65536
 #: TlsTransport.recv_into: a first read this long (a full TLS record's
 #: plaintext) suggests more records behind it, worth reading without waiting
 _FULL_RECORD = 16384
+#: What one SSL_write is given: a few records, so that a reader waiting for
+#: the lock gets it between chunks, and the syscalls stay few.
+_WRITE_CHUNK = 262144
 
 
 class TlsTransport(PlainTransport):
@@ -187,9 +191,10 @@ class TlsTransport(PlainTransport):
     lets go of the GIL inside SSL_read and SSL_write). remusd's pacer writes a
     heartbeat while its session thread reads; unserialized, the read can come
     back with a false end of stream. Every call into OpenSSL holds the
-    transport's lock; a read waits for input *outside* it (``select`` on the
-    socket, per the timeout), so a heartbeat never waits for a read that
-    waits for the peer. ``pending()`` answers from a count kept by the reads
+    transport's lock; a read waits for input and a write for room in the
+    send buffer *outside* it (``select`` on the socket, per the timeout), so a
+    heartbeat never waits for a read that waits for the peer, and two ends
+    that both write a lot never wait on each other's reader. ``pending()`` answers from a count kept by the reads
     (what SSL_pending said after the last one: only a read changes it), so a
     peek from another thread (the receiver's failover timer) never waits for
     the lock.
@@ -287,8 +292,44 @@ class TlsTransport(PlainTransport):
         return n
 
     def _sendall(self, data: Any) -> None:
-        with self._lock:
-            self.sock.sendall(data)
+        """Write all of ``data``, holding the lock only while OpenSSL runs.
+
+        Each chunk goes to SSL_write with the socket non-blocking; when the
+        kernel's send buffer is full, the wait for room (per the timeout)
+        happens outside the lock, so that this end's reader can go on taking
+        the peer's bytes meanwhile. Held across the wait, two ends writing at
+        once would each wait for the other to read: a deadlock until the
+        timeout. OpenSSL asks that a write that would block be repeated with
+        the same bytes: a chunk is retried whole until it is taken."""
+        view = memoryview(data).cast("B")
+        timeout = self.sock.gettimeout()
+        for off in range(0, view.nbytes, _WRITE_CHUNK):
+            chunk = view[off : off + _WRITE_CHUNK]
+            while True:
+                with self._lock:
+                    self.sock.settimeout(0.0)
+                    try:
+                        self.sock.send(chunk)
+                        break
+                    except ssl.SSLWantWriteError:
+                        want: tuple[list[Any], list[Any]] = ([], [self.sock])
+                    except ssl.SSLWantReadError:  # a TLS 1.3 post-handshake message
+                        want = ([self.sock], [])
+                    except ssl.SSLError as e:
+                        raise ConnectionError(_tls_reason(e)) from None
+                    finally:
+                        self.sock.settimeout(timeout)
+                self._wait_room(want, timeout)
+
+    def _wait_room(self, want: tuple[list[Any], list[Any]], timeout: float | None) -> None:
+        if timeout == 0.0:
+            raise BlockingIOError(11, "the TLS connection's send buffer is full")
+        try:
+            r, w, _ = select.select(want[0], want[1], [], timeout)
+        except ValueError:  # closed meanwhile
+            raise OSError(9, "the TLS connection is closed") from None
+        if not r and not w:
+            raise TimeoutError("timed out")
 
     def sendall(self, data: bytes | memoryview) -> None:
         self._sendall(data)
