@@ -10,9 +10,10 @@ does not say otherwise. ``protect`` entries in the TOML (or repeated
     protect = ["ledger=backup.example:7788", "web=file:/var/lib/remus/web.stream"]
 
 Rules:
-- Intervals are whole milliseconds, ``MIN_INTERVAL_MS`` (5) or more: on
-  2 cores the pair keeps up with 5 ms epochs of ~200 pages, not with 2 ms
-  (bench.scale, docs/performance.md).
+- Intervals are whole milliseconds, ``MIN_INTERVAL_MS`` (4) or more: on
+  2 cores the pair keeps up with 4 ms epochs of ~200 pages (242 of 250
+  checkpoints/s), not with 3 ms (285 of 333) or 2 ms, where checkpoints run
+  back to back (bench.scale, docs/performance.md "Scale").
 - Timeouts are seconds, positive; every network wait takes one of them.
 - A target is ``HOST:PORT`` (the receiver) or ``file:PATH`` (a stream file).
 """
@@ -45,8 +46,8 @@ DEFAULT_CODEC = "xen"
 DEFAULT_CONFIG = "/etc/remus/remusd.toml"
 DEFAULT_CONTROL = "/run/remus/remusd.sock"
 DEFAULT_INTERVAL_MS = 200  # like `xl remus`
-#: below it the pair runs checkpoints back to back (~3-4 ms each on 2 cores)
-MIN_INTERVAL_MS = 5
+#: below it the pair no longer keeps the interval (checkpoints ~3-4 ms each on 2 cores)
+MIN_INTERVAL_MS = 4
 MAX_INTERVAL_MS = 60_000
 #: The sender's page buffer: pages compressed into one COMPRESSED_DATA chunk (Xen: 8192).
 DEFAULT_BUFFER_PAGES = 8192

@@ -163,6 +163,16 @@ class Heartbeats:
 
 def next_epoch(next_t: float, interval_s: float, now: float) -> float:
     """When the epoch after the one planned at ``next_t`` starts: one interval
-    later, or ``now`` when the epoch overran (no catching up)."""
+    later, on the schedule.
+
+    An epoch that overran its slot by less than an interval (a late wake-up,
+    a slow ACK on a busy host) keeps the schedule: the next checkpoint starts
+    at once (the time returned is already past) and the one after it on time,
+    so jitter does not cost checkpoints (with 4 guests on 2 cores, 38 a
+    second instead of 40 at 25 ms, bench.scale). One that overran by a whole
+    interval or more restarts the schedule from ``now``: the lag never
+    exceeds one interval, so there is never a run of back-to-back
+    checkpoints to catch up; a pair that cannot keep the interval runs at
+    its own pace."""
     t = next_t + interval_s
-    return now if t < now else t
+    return now if now - t >= interval_s else t

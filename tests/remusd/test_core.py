@@ -102,6 +102,20 @@ def test_heartbeat_period_has_a_floor():
     assert Heartbeats.for_interval(2.0).period_s == pytest.approx(0.5)
 
 
-def test_next_epoch_does_not_catch_up():
-    assert next_epoch(10.0, 0.1, 10.05) == pytest.approx(10.1)
-    assert next_epoch(10.0, 0.1, 10.3) == 10.3  # overran: start now
+def test_next_epoch_keeps_the_schedule_but_never_catches_up_more_than_an_interval():
+    assert next_epoch(10.0, 0.1, 10.05) == pytest.approx(10.1)  # on time: the next slot
+    # overran its slot by 0.05 s (< an interval): start at once, the one after on time
+    assert next_epoch(10.0, 0.1, 10.15) == pytest.approx(10.1)
+    assert next_epoch(10.1, 0.1, 10.16) == pytest.approx(10.2)
+    assert next_epoch(10.0, 0.1, 10.3) == 10.3  # overran by an interval or more: restart
+    # an overloaded pair (every checkpoint takes 0.13 s at 0.1 s): the lag stays under
+    # one interval and the checkpoints run at their own pace, never faster
+    t, now, starts = 0.0, 0.0, []
+    for _ in range(20):
+        start = max(t, now)
+        starts.append(start)
+        now = start + 0.13
+        t = next_epoch(t, 0.1, now)
+        assert now - t < 0.1 + 1e-9
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) == pytest.approx(0.13)  # at its own pace, no burst
