@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -208,7 +207,7 @@ class DiskBuffer:
         wire_crc = 0
         if index == h.first_epoch:  # the wire's first SEAL covers the wire's header
             wire = ds.Encoder(list(h.disk_sizes), sector_shift=h.sector_shift, first_epoch=index)
-            wire_crc = zlib.crc32(wire.header())
+            wire_crc = ds.crc32(wire.header())
         return _Epoch(index, list(h.disk_sizes), h.sector_shift, wire_crc)
 
     def close(self) -> None:
@@ -244,7 +243,7 @@ class DiskBuffer:
                 f"epoch {ep.index} past max_epoch_bytes {self.max_epoch_bytes}: "
                 "the sender must take a checkpoint before its epoch grows this large"
             )
-        ep.wire_crc = zlib.crc32(rec, ep.wire_crc)
+        ep.wire_crc = ds.crc32(rec, ep.wire_crc)
         self._keep(ep, rec)
         self.stats.open_bytes = ep.enc.pending_bytes
 

@@ -32,10 +32,11 @@ RECORD = a 32-byte head, then (WRITE only) ``length`` bytes of data
                                            SEAL: number of WRITE + ZERO records in
                                            the epoch
     uint64    c                            WRITE/ZERO: 0
-                                           SEAL: CRC-32 (zlib) of every byte of the
-                                           epoch's records, heads and data, in
-                                           stream order, the header's bytes first
-                                           for the first epoch (high 32 bits 0)
+                                           SEAL: CRC-32 (zlib's; ``crc32``) of
+                                           every byte of the epoch's records,
+                                           heads and data, in stream order, the
+                                           header's bytes first for the first
+                                           epoch (high 32 bits 0)
 
     WRITE   the guest (or, FLAG_SYNC, the initial synchronisation) wrote
             ``data`` at ``offset``. 1 sector <= length <= max_write.
@@ -65,14 +66,59 @@ else grows with the stream: an epoch's size is the consumer's bound to keep
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import StreamError
 
 MAGIC = b"\x89RMD\r\n\x1a\n"
 VERSION = 1
+
+
+def _isal_crc32() -> Callable[[int, Any, int], int] | None:
+    """ISA-L's ``crc32_gzip_refl`` (Debian's libisal2), or None without it."""
+    try:
+        lib = ctypes.CDLL("libisal.so.2")
+    except OSError:
+        return None
+    fn = lib.crc32_gzip_refl
+    fn.restype = ctypes.c_uint32
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint64]
+    ok: bool = fn(0, b"123456789", 9) == zlib.crc32(b"123456789")
+    return fn if ok else None
+
+
+_ISAL = _isal_crc32()
+
+
+def crc32(data: Any, value: int = 0) -> int:
+    """The stream's checksum: zlib's CRC-32 of ``data`` continued from ``value``.
+
+    The same function as ``zlib.crc32``, computed by ISA-L where Debian's
+    libisal2 is installed (folding with carry-less multiplies: 21 against
+    zlib 1.2.13's 283 us per MiB here, and the disk stream is checksummed up
+    to three times on each side) and by zlib otherwise. ctypes lets the GIL
+    go for the call. Only ``bytes`` and writable contiguous buffers go to
+    ISA-L (ctypes needs an address; anything else goes to zlib): the value
+    never depends on which computed it."""
+    if _ISAL is not None:
+        if type(data) is bytes:
+            return int(_ISAL(value, data, len(data)))
+        if isinstance(data, bytearray | memoryview) and not memoryview(data).readonly:
+            view = memoryview(data)
+            if not view.c_contiguous:
+                return zlib.crc32(data, value)
+            view = view.cast("B")
+            n = view.nbytes
+            if n:
+                return int(_ISAL(value, (ctypes.c_char * n).from_buffer(view), n))
+            return value
+    return zlib.crc32(data, value)
+
 
 #: Sector sizes a stream may declare: 512 B (what blkback and the kernel's
 #: nbd driver send) up to 4 KiB.
@@ -183,7 +229,7 @@ class Encoder:
         self.disk_sizes = list(disk_sizes)
         self.epoch = first_epoch  # the epoch being written
         self._first_epoch = first_epoch
-        self._crc = zlib.crc32(self.header())  # the first SEAL covers the header too
+        self._crc = crc32(self.header())  # the first SEAL covers the header too
         self._records = 0
         self._nbytes = 0
 
@@ -210,7 +256,7 @@ class Encoder:
         n = memoryview(data).nbytes
         self._check(disk, offset, n)
         head = self._head(WRITE, disk, FLAG_SYNC if sync else 0, offset, n, 0)
-        self._crc = zlib.crc32(data, zlib.crc32(head, self._crc))
+        self._crc = crc32(data, crc32(head, self._crc))
         self._records += 1
         self._nbytes += n
         return [head, data]
@@ -218,7 +264,7 @@ class Encoder:
     def zero(self, disk: int, offset: int, length: int) -> bytes:
         self._check(disk, offset, length)
         head = self._head(ZERO, disk, 0, offset, length, 0)
-        self._crc = zlib.crc32(head, self._crc)
+        self._crc = crc32(head, self._crc)
         self._records += 1
         self._nbytes += length
         return head
@@ -367,16 +413,14 @@ class Decoder:
                 self._next(_ST_DISKS, DISK_SIZE.size)
             else:
                 self.header = Header(self._shift, tuple(self._sizes), self.epoch)
-                self._crc = zlib.crc32(
-                    self._header_bytes + b"".join(map(DISK_SIZE.pack, self._sizes))
-                )
+                self._crc = crc32(self._header_bytes + b"".join(map(DISK_SIZE.pack, self._sizes)))
                 out.append(self.header)
                 self._next(_ST_HEAD, RECORD_HEAD_SIZE)
         elif self._state == _ST_HEAD:
             self._record_head(buf, at, out)
         else:
             kind, disk, flags, a, b, _ = self._head
-            self._crc = zlib.crc32(buf, zlib.crc32(self._head_bytes, self._crc))
+            self._crc = crc32(buf, crc32(self._head_bytes, self._crc))
             self._count(b)
             out.append(Write(disk, a, buf, bool(flags & FLAG_SYNC)))
             self._next(_ST_HEAD, RECORD_HEAD_SIZE)
@@ -431,7 +475,7 @@ class Decoder:
         if kind == WRITE and b > self.max_write:
             raise self._fail(at + 16, f"WRITE of {b} bytes: larger than max_write {self.max_write}")
         if kind == ZERO:
-            self._crc = zlib.crc32(buf, self._crc)
+            self._crc = crc32(buf, self._crc)
             self._count(b)
             out.append(Zero(disk, a, b))
             self._next(_ST_HEAD, RECORD_HEAD_SIZE)

@@ -133,7 +133,6 @@ import sys
 import threading
 import time
 import types
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -311,12 +310,12 @@ _BUSY, _IDLE, _LINGER = 0, 1, 2
 
 def _crc_joined(items: list[Any], crc: int, bufs: list[Any]) -> int:
     """Append ``items`` to ``bufs`` as one buffer; the CRC continued over
-    them. One zlib.crc32 over the joined bytes lets the GIL go (CPython does
-    past 5 KiB), where one call per 4 KiB record holds it all along: the
+    them. One CRC call over the joined bytes lets the GIL go (diskstream.crc32),
+    where one call per 4 KiB record holds it for most of the time: the
     writers' callbacks then wait for it."""
     data = items[0] if len(items) == 1 else b"".join(items)
     bufs.append(data)
-    return zlib.crc32(data, crc)
+    return diskstream.crc32(data, crc)
 
 
 class _SealMark:
@@ -522,7 +521,7 @@ class Mirror:
                         bufs.append(pack(diskstream.SEAL, 0, 0, it.epoch, it.records, crc))
                         crc = 0
                     else:
-                        crc = zlib.crc32(it, crc)
+                        crc = diskstream.crc32(it, crc)
                         bufs.append(it)
                 if small:
                     crc = _crc_joined(small, crc, bufs)

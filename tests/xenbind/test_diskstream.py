@@ -158,3 +158,46 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
             enc.write(*args)
     with pytest.raises(ValueError):
         ds.Encoder([1000])
+
+
+# -- the checksum --------------------------------------------------------------
+
+
+def test_crc32_is_zlibs_for_every_kind_of_buffer():
+    import os
+    import zlib
+
+    import numpy as np
+
+    data = os.urandom(3 * 4096 + 17)
+    arr = np.frombuffer(bytearray(data), dtype=np.uint8)
+    cases = [
+        data,
+        bytearray(data),
+        memoryview(data),  # read-only: zlib's own
+        memoryview(bytearray(data))[5:],
+        arr.reshape(-1, 1)[:4096],
+        b"",
+        bytearray(),
+    ]
+    for value in (0, 1, 0xFFFFFFFF, 0x12345678):
+        for c in cases:
+            assert ds.crc32(c, value) == zlib.crc32(c, value), (type(c), value)
+    strided = memoryview(bytearray(data))[::2]  # zlib refuses it; so does crc32
+    with pytest.raises(BufferError):
+        zlib.crc32(strided)
+    with pytest.raises(BufferError):
+        ds.crc32(strided)
+    # continued over parts: the SEAL's CRC of a stream sent in pieces
+    crc = 0
+    for k in range(0, len(data), 1000):
+        crc = ds.crc32(data[k : k + 1000], crc)
+    assert crc == zlib.crc32(data)
+
+
+def test_crc32_takes_isal_where_debian_installs_it():
+    import ctypes.util
+
+    if ctypes.util.find_library("isal") is None:
+        pytest.skip("libisal2 is not installed (scripts/install-system-deps installs it)")
+    assert ds._ISAL is not None
