@@ -194,7 +194,8 @@ class TlsTransport(PlainTransport):
     transport's lock; a read waits for input and a write for room in the
     send buffer *outside* it (``select`` on the socket, per the timeout), so a
     heartbeat never waits for a read that waits for the peer, and two ends
-    that both write a lot never wait on each other's reader. ``pending()`` answers from a count kept by the reads
+    that both write a lot never wait on each other's reader. ``pending()``
+    answers from a count kept by the reads
     (what SSL_pending said after the last one: only a read changes it), so a
     peek from another thread (the receiver's failover timer) never waits for
     the lock.
@@ -300,26 +301,26 @@ class TlsTransport(PlainTransport):
         the peer's bytes meanwhile. Held across the wait, two ends writing at
         once would each wait for the other to read: a deadlock until the
         timeout. OpenSSL asks that a write that would block be repeated with
-        the same bytes: a chunk is retried whole until it is taken."""
+        the same bytes: after a wait the chunk at the same offset is given
+        again; what a write took (its return value) is never given twice."""
         view = memoryview(data).cast("B")
         timeout = self.sock.gettimeout()
-        for off in range(0, view.nbytes, _WRITE_CHUNK):
-            chunk = view[off : off + _WRITE_CHUNK]
-            while True:
-                with self._lock:
-                    self.sock.settimeout(0.0)
-                    try:
-                        self.sock.send(chunk)
-                        break
-                    except ssl.SSLWantWriteError:
-                        want: tuple[list[Any], list[Any]] = ([], [self.sock])
-                    except ssl.SSLWantReadError:  # a TLS 1.3 post-handshake message
-                        want = ([self.sock], [])
-                    except ssl.SSLError as e:
-                        raise ConnectionError(_tls_reason(e)) from None
-                    finally:
-                        self.sock.settimeout(timeout)
-                self._wait_room(want, timeout)
+        pos = 0
+        while pos < view.nbytes:
+            with self._lock:
+                self.sock.settimeout(0.0)
+                try:
+                    pos += self.sock.send(view[pos : pos + _WRITE_CHUNK])
+                    continue
+                except ssl.SSLWantWriteError:
+                    want: tuple[list[Any], list[Any]] = ([], [self.sock])
+                except ssl.SSLWantReadError:  # a TLS 1.3 post-handshake message
+                    want = ([self.sock], [])
+                except ssl.SSLError as e:
+                    raise ConnectionError(_tls_reason(e)) from None
+                finally:
+                    self.sock.settimeout(timeout)
+            self._wait_room(want, timeout)
 
     def _wait_room(self, want: tuple[list[Any], list[Any]], timeout: float | None) -> None:
         if timeout == 0.0:
