@@ -11,7 +11,7 @@ does not say otherwise. ``protect`` entries in the TOML (or repeated
 
 Rules:
 - Intervals are whole milliseconds, ``MIN_INTERVAL_MS`` (4) or more: on
-  2 cores the pair keeps up with 4 ms epochs of ~200 pages (242 of 250
+  2 cores the pair keeps up with 4 ms epochs of ~200 pages (248.5 of 250
   checkpoints/s), not with 3 ms (285 of 333) or 2 ms, where checkpoints run
   back to back (bench.scale, docs/performance.md "Scale").
 - Timeouts are seconds, positive; every network wait takes one of them.

@@ -108,15 +108,11 @@ def crc32(data: Any, value: int = 0) -> int:
     if _ISAL is not None:
         if type(data) is bytes:
             return int(_ISAL(value, data, len(data)))
-        if isinstance(data, bytearray | memoryview) and not memoryview(data).readonly:
+        if isinstance(data, bytearray | memoryview):
             view = memoryview(data)
-            if not view.c_contiguous:
-                return zlib.crc32(data, value)
-            view = view.cast("B")
-            n = view.nbytes
-            if n:
-                return int(_ISAL(value, (ctypes.c_char * n).from_buffer(view), n))
-            return value
+            if not view.readonly and view.c_contiguous and view.nbytes:
+                n = view.nbytes
+                return int(_ISAL(value, (ctypes.c_char * n).from_buffer(view.cast("B")), n))
     return zlib.crc32(data, value)
 
 
